@@ -1,0 +1,224 @@
+"""Settings: ROOT/dropkiln.toml, then DROPKILN_* environment variables, then CLI flags.
+
+Nested tables map to environment variables with a double underscore:
+``[train] steps = 500`` is ``DROPKILN_TRAIN__STEPS=500``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+DEFAULT_ROOT = Path("dropkiln-home")
+CONFIG_NAME = "dropkiln.toml"
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class BucketSettings(Section):
+    resolution: int = Field(1024, ge=64, le=4096, description="bucket area is at most resolution²")
+    bucket_step: Literal[32, 64] = 64
+    min_side: int = Field(256, ge=32)
+    max_side: int = Field(2048, ge=64)
+    random_crop: bool = False
+    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard, per image")
+    max_caption_bytes: int = Field(64_000, ge=16)
+    workers: int = Field(0, ge=0, description="decode processes; 0 means one per core")
+
+
+class TrainSettings(Section):
+    steps: int = Field(2000, ge=1, le=10_000_000)
+    checkpoint_every: int = Field(250, ge=1)
+    batch_size: int = Field(1, ge=1)
+    gradient_accumulation: int = Field(1, ge=1)
+    rank: int = Field(16, ge=1, le=1024)
+    alpha: float | None = None
+    learning_rate: float = Field(1e-4, gt=0, le=1.0)
+    text_encoder_learning_rate: float | None = None
+    train_text_encoder: bool = False
+    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
+    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
+    zero_terminal_snr: bool = False
+    min_snr_gamma: float | None = Field(None, gt=0)
+    noise_offset: float = Field(0.0, ge=0)
+    input_perturbation: float = Field(0.0, ge=0)
+    timestep_min: int = Field(0, ge=0)
+    timestep_max: int = Field(1000, ge=1)
+    ema_decay: float | None = Field(None, gt=0, lt=1)
+    gradient_checkpointing: bool = False
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    flip_augment: bool = False
+    shuffle_tags: bool = False
+    keep_tokens: int = Field(0, ge=0)
+    tag_dropout: float = Field(0.0, ge=0, le=1)
+    caption_dropout: float = Field(0.0, ge=0, le=1)
+    tag_weights: dict[str, float] = Field(default_factory=dict)
+    validation_prompts: list[str] = Field(default_factory=list)
+    seed: int = 1
+
+
+class GenerateSettings(Section):
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(5.0, ge=0, le=50)
+    width: int = Field(1024, ge=8)
+    height: int = Field(1024, ge=8)
+    scheduler: str = "euler"
+    seed: int = 1
+    max_pixels: int = Field(4096 * 4096, ge=64)
+    preview_every: int = Field(0, ge=0, description="write a small preview every N steps (0: off)")
+
+
+class Settings(BaseSettings):
+    """Everything the daemon and the CLI read from dropkiln.toml and the environment."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DROPKILN_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        validate_assignment=True,
+    )
+
+    root: Path = DEFAULT_ROOT
+    model: str = "tiny-sdxl"
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    settle_seconds: float = Field(2.0, ge=0)
+    poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
+    cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
+    preempt_after_s: float = Field(60.0, ge=0)
+    ram_budget_gb: float = Field(8.0, gt=0, description="warm pipelines kept in memory")
+    telemetry_every_s: float = Field(1.0, gt=0)
+    telemetry_retention_s: float = Field(3600.0, gt=0)
+    faults: str = Field("", description="fault injection, e.g. oom@train.step:5,kill@cache.shard:2")
+    log_level: str = "INFO"
+    bucket: BucketSettings = Field(default_factory=BucketSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    generate: GenerateSettings = Field(default_factory=GenerateSettings)
+
+    @field_validator("root")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml_file = _config_file_for(init_settings, env_settings)
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        if toml_file is not None and toml_file.is_file():
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml_file))
+        return tuple(sources)
+
+    @classmethod
+    def load(cls, root: Path | str | None = None, **overrides: Any) -> Settings:
+        """Settings for ROOT (flag, else DROPKILN_ROOT, else ./dropkiln-home)."""
+        if root is not None:
+            overrides["root"] = Path(root)
+        return cls(**overrides)
+
+    @property
+    def paths(self) -> Paths:
+        return Paths(self.root)
+
+
+def _config_file_for(
+    init_settings: PydanticBaseSettingsSource, env_settings: PydanticBaseSettingsSource
+) -> Path | None:
+    init = init_settings()
+    root = init.get("root") or os.environ.get("DROPKILN_ROOT") or DEFAULT_ROOT
+    return Path(root).expanduser() / CONFIG_NAME
+
+
+class Paths:
+    """The folder layout under ROOT (see README: 'Folders')."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.config = root / CONFIG_NAME
+        self.drop = root / "drop"
+        self.datasets = self.drop / "datasets"
+        self.prompts = self.drop / "prompts"
+        self.processed = self.drop / "processed"
+        self.failed = self.drop / "failed"
+        self.outputs = root / "outputs"
+        self.loras = self.outputs / "loras"
+        self.images = self.outputs / "images"
+        self.videos = self.outputs / "videos"
+        self.bench = self.outputs / "bench"
+        self.state = root / "state"
+        self.db = self.state / "dropkiln.db"
+        self.cache = self.state / "cache"
+        self.checkpoints = self.state / "checkpoints"
+        self.models = self.state / "models"
+        self.work = self.state / "work"
+        self.lock = self.state / "daemon.lock"
+
+    def folders(self) -> list[Path]:
+        return [
+            self.datasets,
+            self.prompts,
+            self.processed,
+            self.failed,
+            self.loras,
+            self.images,
+            self.videos,
+            self.cache,
+            self.checkpoints,
+            self.models,
+            self.work,
+        ]
+
+    def create(self) -> None:
+        for folder in self.folders():
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+DEFAULT_CONFIG_TEXT = """\
+# dropkiln settings. Every key can also be set as DROPKILN_<KEY> (nested: DROPKILN_TRAIN__STEPS).
+model = "tiny-sdxl"          # tiny-sdxl, tiny-sd15, a local diffusers folder or a .safetensors file
+device = "auto"              # auto, cpu, cuda, cuda:1
+settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long
+cpu_workers = 2              # concurrent CPU-lane jobs (bucketing, video encode)
+preempt_after_s = 60         # a training job yields the GPU to generation within this time
+ram_budget_gb = 8            # warm pipelines kept in memory between jobs
+
+[bucket]
+resolution = 1024
+bucket_step = 64
+min_side = 256
+max_side = 2048
+
+[train]
+steps = 2000
+checkpoint_every = 250
+rank = 16
+learning_rate = 1e-4
+seed = 1
+
+[generate]
+steps = 20
+guidance = 5.0
+width = 1024
+height = 1024
+scheduler = "euler"
+seed = 1
+"""

@@ -1,0 +1,121 @@
+"""What a stage is and what it may see: its spec and a StageContext. Nothing else.
+
+A stage never imports ``dropkiln.store`` or ``dropkiln.daemon``; the daemon gives it a
+context and the stage reports through it, so a stage can be run and tested alone.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from pydantic import BaseModel, ConfigDict
+
+Lane = Literal["cpu", "gpu"]
+
+
+class StageSpec(BaseModel):
+    """Base of every stage's validated input."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageStopped(Exception):
+    """Raised by a stage that saw ``should_stop()``, after its checkpoint was saved."""
+
+
+class StageError(Exception):
+    """A failure with a reason meant for the user (bad input, impossible request)."""
+
+
+class StageContext(Protocol):
+    """The stage's window on the daemon."""
+
+    job_id: str
+    attempt: int
+    memory_rung: int
+    device: str
+    work_dir: Path
+    """Private scratch and checkpoint folder of this job; survives restarts."""
+    root: Path
+    """The dropkiln ROOT, for outputs/ and state/models/."""
+
+    def progress(self, done: int, total: int, **metrics: Any) -> None:
+        """Report progress; cheap, may be called every step (the daemon coalesces)."""
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        """Record a checkpoint (small JSON: a step and the files already written atomically).
+
+        Returns once the record is durable: after a kill, ``resume_state()`` returns it.
+        """
+
+    def resume_state(self) -> dict[str, Any] | None:
+        """The last checkpoint recorded for this job, or None for a fresh start."""
+
+    def artifact(self, path: Path, kind: str) -> None:
+        """Record an output file (already written atomically)."""
+
+    def should_stop(self) -> bool:
+        """True once the job is cancelled or preempted: checkpoint and raise StageStopped."""
+
+    def upstream(self, stage: str) -> dict[str, Any]:
+        """The result of the dependency job of that stage (e.g. the bucket manifest path)."""
+
+    def fault(self, point: str) -> None:
+        """A named fault-injection point (``DROPKILN_FAULTS``); does nothing unless armed."""
+
+
+RunFn = Callable[[Any, StageContext], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class MemoryRung:
+    """One step of a stage's out-of-memory ladder."""
+
+    name: str
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """A stage as the daemon sees it: name, lane, spec type, run function, memory ladder."""
+
+    name: str
+    lane: Lane
+    spec: type[StageSpec]
+    run: RunFn
+    ladder: tuple[MemoryRung, ...] = (MemoryRung("default"),)
+    priority: int = 0
+
+    def rung(self, index: int) -> MemoryRung:
+        return self.ladder[min(index, len(self.ladder) - 1)]
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``target``; on success it is fsynced and renamed over it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def write_atomic(target: Path, data: bytes | str) -> Path:
+    """Write bytes or text to ``target`` atomically (temp file + fsync + rename)."""
+    payload = data.encode() if isinstance(data, str) else data
+    with atomic_path(target) as tmp:
+        tmp.write_bytes(payload)
+    return target

@@ -1,0 +1,92 @@
+"""Fault injection at named points, so every recovery path runs on machines without a GPU.
+
+``DROPKILN_FAULTS`` is a comma-separated list of ``KIND@POINT[:WHEN]``:
+
+- KIND: ``oom`` raises the real ``torch.OutOfMemoryError``; ``enospc`` raises
+  ``OSError(ENOSPC)`` (a full disk); ``kill`` sends SIGKILL to this process.
+- POINT: a name a stage passes to ``ctx.fault()``, e.g. ``train.step``, ``cache.batch``,
+  ``generate.step``, ``generate.decode``, ``bucket.image``, ``video.frame``.
+- WHEN: ``N`` fires on the N-th time the point is reached in this process (once);
+  ``*`` (or nothing) fires every time; ``N+`` fires every time from the N-th on.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import threading
+from dataclasses import dataclass
+
+KINDS = ("oom", "enospc", "kill")
+
+
+class FaultSpecError(ValueError):
+    """The fault string cannot be parsed."""
+
+
+@dataclass(frozen=True)
+class Fault:
+    kind: str
+    point: str
+    first: int  # 1-based hit number it first fires on
+    repeat: bool  # keep firing after ``first``
+
+    def fires_on(self, hit: int) -> bool:
+        return hit >= self.first if self.repeat else hit == self.first
+
+
+def parse_faults(text: str) -> list[Fault]:
+    faults = []
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        kind, at, rest = item.partition("@")
+        if not at or kind not in KINDS or not rest:
+            raise FaultSpecError(
+                f"bad fault {item!r}: expected KIND@POINT[:N|:N+|:*], KIND in {KINDS}"
+            )
+        point, _, when = rest.partition(":")
+        if when in ("", "*"):
+            faults.append(Fault(kind, point, 1, True))
+            continue
+        repeat = when.endswith("+")
+        number = when.removesuffix("+")
+        if not number.isdigit() or int(number) < 1:
+            raise FaultSpecError(f"bad fault {item!r}: WHEN must be N, N+ or *")
+        faults.append(Fault(kind, point, int(number), repeat))
+    return faults
+
+
+class FaultInjector:
+    """Counts hits per point across the whole process and fires armed faults."""
+
+    def __init__(self, spec: str = "") -> None:
+        self.faults = parse_faults(spec)
+        self.hits: dict[str, int] = {}
+        self.fired: list[tuple[str, str, int]] = []
+        self._lock = threading.Lock()
+
+    def __bool__(self) -> bool:
+        return bool(self.faults)
+
+    def hit(self, point: str) -> None:
+        if not self.faults:
+            return
+        with self._lock:
+            count = self.hits.get(point, 0) + 1
+            self.hits[point] = count
+            due = [f for f in self.faults if f.point == point and f.fires_on(count)]
+            if due:
+                self.fired.append((due[0].kind, point, count))
+        if due:
+            _fire(due[0], count)
+
+
+def _fire(fault: Fault, hit: int) -> None:
+    where = f"injected at {fault.point} (hit {hit})"
+    if fault.kind == "oom":
+        import torch
+
+        raise torch.OutOfMemoryError(f"CUDA out of memory: {where}")
+    if fault.kind == "enospc":
+        raise OSError(errno.ENOSPC, f"No space left on device: {where}")
+    os.kill(os.getpid(), signal.SIGKILL)

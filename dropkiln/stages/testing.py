@@ -1,0 +1,53 @@
+"""A StageContext for running a stage alone: in tests, benchmarks and the REPL."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dropkiln.stages.faults import FaultInjector
+
+
+@dataclass
+class LocalContext:
+    """Records what a stage reports; ``stop_after`` makes ``should_stop`` turn true."""
+
+    root: Path
+    work_dir: Path
+    job_id: str = "local"
+    attempt: int = 1
+    memory_rung: int = 0
+    device: str = "cpu"
+    upstream_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    faults: FaultInjector = field(default_factory=FaultInjector)
+    saved: dict[str, Any] | None = None
+    stop_after: int | None = None
+    """``should_stop`` returns True from its N-th call on."""
+    progress_log: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)
+    checkpoints: list[dict[str, Any]] = field(default_factory=list)
+    artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    _stop_calls: int = 0
+
+    def progress(self, done: int, total: int, **metrics: Any) -> None:
+        self.progress_log.append((done, total, metrics))
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        self.checkpoints.append(state)
+        self.saved = state
+
+    def resume_state(self) -> dict[str, Any] | None:
+        return self.saved
+
+    def artifact(self, path: Path, kind: str) -> None:
+        self.artifacts.append((Path(path), kind))
+
+    def should_stop(self) -> bool:
+        self._stop_calls += 1
+        return self.stop_after is not None and self._stop_calls >= self.stop_after
+
+    def upstream(self, stage: str) -> dict[str, Any]:
+        return self.upstream_results[stage]
+
+    def fault(self, point: str) -> None:
+        self.faults.hit(point)
