@@ -1,0 +1,47 @@
+"""The only code that speaks SQL: events, projections, tail, rebuild, migrations.
+
+Never imports torch: the CLI's read commands and the TUI start from here.
+"""
+
+from dropkiln.store import events
+from dropkiln.store.engine import ConcurrencyError, StoreError
+from dropkiln.store.eventstore import EventStore
+from dropkiln.store.projections import StoredEvent
+from dropkiln.store.queries import (
+    DaemonState,
+    JobView,
+    daemon_state,
+    drop_by_hash,
+    find_job,
+    job_artifacts,
+    list_drops,
+    list_jobs,
+    queue_paused,
+    recent_telemetry,
+    record_telemetry,
+    remembered_rung,
+)
+from dropkiln.store.rebuild import CheckReport, check, rebuild
+
+__all__ = [
+    "CheckReport",
+    "ConcurrencyError",
+    "DaemonState",
+    "EventStore",
+    "JobView",
+    "StoreError",
+    "StoredEvent",
+    "check",
+    "daemon_state",
+    "drop_by_hash",
+    "events",
+    "find_job",
+    "job_artifacts",
+    "list_drops",
+    "list_jobs",
+    "queue_paused",
+    "rebuild",
+    "recent_telemetry",
+    "record_telemetry",
+    "remembered_rung",
+]

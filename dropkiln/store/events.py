@@ -1,0 +1,240 @@
+"""One pydantic model per event type. Facts are past tense; commands are requests."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Event(BaseModel):
+    """Base of every event; ``type`` is the class name."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    command: ClassVar[bool] = False
+
+    @classmethod
+    def type_name(cls) -> str:
+        return cls.__name__
+
+
+# Drops ------------------------------------------------------------------------------------
+
+
+class Dropped(Event):
+    drop_id: str
+    kind: str  # dataset | prompts
+    name: str
+    source: str
+    stored: str
+    hash: str
+    files: int
+    bytes: int
+
+
+class DropRejected(Event):
+    drop_id: str
+    kind: str
+    name: str
+    source: str
+    stored: str
+    reason: str
+
+
+class DropRecognised(Event):
+    """Same content as an earlier drop: kept in processed/, no new work."""
+
+    drop_id: str
+    kind: str
+    name: str
+    source: str
+    stored: str
+    hash: str
+    duplicate_of: str
+
+
+# Jobs ---------------------------------------------------------------------------------------
+
+
+class JobSubmitted(Event):
+    job_id: str
+    stage: str
+    name: str
+    lane: str
+    priority: int
+    spec: dict[str, Any]
+    depends_on: list[str] = Field(default_factory=list)
+    drop_id: str | None = None
+    rung_key: str | None = None
+    memory_rung: int = 0
+
+
+class JobQueued(Event):
+    reason: str = "submitted"
+
+
+class JobStarted(Event):
+    attempt: int
+    memory_rung: int
+    rung_name: str = "default"
+
+
+class JobProgress(Event):
+    done: int
+    total: int
+    metrics: dict[str, Any] = Field(default_factory=dict)
+
+
+class CheckpointSaved(Event):
+    state: dict[str, Any]
+
+
+class ArtifactWritten(Event):
+    path: str
+    kind: str
+    bytes: int | None = None
+    sha256: str | None = None
+
+
+class JobSucceeded(Event):
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
+class JobFailed(Event):
+    reason: str
+
+
+class JobCancelled(Event):
+    reason: str = "cancelled by request"
+
+
+class OutOfMemory(Event):
+    memory_rung: int
+    rung_name: str
+    snapshot: dict[str, Any]
+    message: str
+
+
+class RetryScheduled(Event):
+    next_rung: int
+    rung_name: str
+    resume_from: dict[str, Any] | None = None
+
+
+class JobPreempted(Event):
+    by: str | None = None
+
+
+class JobInterrupted(Event):
+    """Found running when the daemon started: its process died with it."""
+
+    previous_attempt: int
+
+
+# Daemon -------------------------------------------------------------------------------------
+
+
+class DaemonStarted(Event):
+    pid: int
+    host: str
+    version: str
+    device: str
+    root: str
+
+
+class DaemonStopping(Event):
+    reason: str
+
+
+class DaemonStopped(Event):
+    requeued: list[str] = Field(default_factory=list)
+
+
+# Commands (written by the CLI or the TUI; the daemon obeys) ---------------------------------
+
+
+class CancelRequested(Event):
+    command: ClassVar[bool] = True
+    by: str = "cli"
+
+
+class RetryRequested(Event):
+    command: ClassVar[bool] = True
+    by: str = "cli"
+
+
+class QueuePaused(Event):
+    command: ClassVar[bool] = True
+    by: str = "cli"
+
+
+class QueueResumed(Event):
+    command: ClassVar[bool] = True
+    by: str = "cli"
+
+
+class SubmitRequested(Event):
+    """``dropkiln submit PATH``: the daemon ingests PATH as if it had been dropped."""
+
+    command: ClassVar[bool] = True
+    path: str
+    kind: str
+    by: str = "cli"
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type_name(): cls
+    for cls in (
+        Dropped,
+        DropRejected,
+        DropRecognised,
+        JobSubmitted,
+        JobQueued,
+        JobStarted,
+        JobProgress,
+        CheckpointSaved,
+        ArtifactWritten,
+        JobSucceeded,
+        JobFailed,
+        JobCancelled,
+        OutOfMemory,
+        RetryScheduled,
+        JobPreempted,
+        JobInterrupted,
+        DaemonStarted,
+        DaemonStopping,
+        DaemonStopped,
+        CancelRequested,
+        RetryRequested,
+        QueuePaused,
+        QueueResumed,
+        SubmitRequested,
+    )
+}
+
+TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
+
+
+def parse_event(type_name: str, data: dict[str, Any]) -> Event:
+    """The typed event for a stored row."""
+    try:
+        cls = EVENT_TYPES[type_name]
+    except KeyError:
+        raise ValueError(f"unknown event type {type_name!r}") from None
+    return cls.model_validate(data)
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def job_stream(job_id: str) -> str:
+    return f"job:{job_id}"
+
+
+def drop_stream(drop_id: str) -> str:
+    return f"drop:{drop_id}"
+
+
+DAEMON_STREAM = "daemon"

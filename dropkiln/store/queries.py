@@ -1,0 +1,213 @@
+"""Read models over the projections: what `status`, the TUI and the scheduler ask."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import delete, insert, select
+
+from dropkiln.store.engine import StoreError
+from dropkiln.store.events import DAEMON_STREAM, TERMINAL_STATES
+from dropkiln.store.eventstore import EventStore
+from dropkiln.store.schema import artifacts, drops, jobs, telemetry
+
+DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
+
+
+@dataclass(frozen=True)
+class JobView:
+    """A job row as readers see it; ``state`` is ``waiting`` while dependencies are unfinished."""
+
+    id: str
+    stage: str
+    name: str
+    lane: str
+    priority: int
+    state: str
+    attempt: int
+    memory_rung: int
+    done: int
+    total: int
+    metrics: dict[str, Any]
+    depends_on: list[str]
+    spec: dict[str, Any]
+    result: dict[str, Any] | None
+    checkpoint: dict[str, Any] | None
+    error: str | None
+    requested: str | None
+    drop_id: str | None
+    rung_key: str | None
+    submitted_seq: int
+    version: int
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    updated_at: str
+
+    @property
+    def progress(self) -> float:
+        if self.state == "succeeded":
+            return 1.0
+        return self.done / self.total if self.total else 0.0
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    def summary(self) -> dict[str, Any]:
+        """The ``status --json`` shape."""
+        return {
+            "id": self.id,
+            "stage": self.stage,
+            "name": self.name,
+            "state": self.state,
+            "progress": round(self.progress, 4),
+            "attempt": self.attempt,
+            "memory_rung": self.memory_rung,
+            "done": self.done,
+            "total": self.total,
+            "metrics": self.metrics,
+            "depends_on": self.depends_on,
+            "error": self.error,
+            "created_at": self.created_at,
+            "finished_at": self.finished_at,
+        }
+
+
+def _job_view(row: Any, states: dict[str, str]) -> JobView:
+    values = dict(row._mapping)
+    if values["state"] == "queued" and any(
+        states.get(dep) != "succeeded" for dep in values["depends_on"]
+    ):
+        values["state"] = "waiting"
+    return JobView(**values)
+
+
+async def list_jobs(
+    store: EventStore, *, limit: int | None = None, active_only: bool = False
+) -> list[JobView]:
+    """Jobs newest first."""
+    query = select(jobs).order_by(jobs.c.submitted_seq.desc())
+    if active_only:
+        query = query.where(jobs.c.state.not_in(list(TERMINAL_STATES)))
+    if limit is not None:
+        query = query.limit(limit)
+    async with store.reader.connect() as conn:
+        rows = (await conn.execute(query)).all()
+        deps = {dep for row in rows for dep in row.depends_on}
+        states = {row.id: row.state for row in rows}
+        missing = deps - states.keys()
+        if missing:
+            found = await conn.execute(
+                select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(list(missing)))
+            )
+            states.update({r.id: r.state for r in found})
+    return [_job_view(row, states) for row in rows]
+
+
+async def find_job(store: EventStore, ref: str) -> JobView:
+    """A job by id or unambiguous id prefix; StoreError otherwise."""
+    async with store.reader.connect() as conn:
+        rows = (
+            await conn.execute(select(jobs).where(jobs.c.id.startswith(ref, autoescape=True)))
+        ).all()
+        if not rows:
+            raise StoreError(f"no job {ref!r}")
+        if len(rows) > 1 and not any(r.id == ref for r in rows):
+            raise StoreError(f"job id {ref!r} is ambiguous: {', '.join(r.id for r in rows[:5])}")
+        row = next((r for r in rows if r.id == ref), rows[0])
+        deps = await conn.execute(
+            select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(list(row.depends_on)))
+        )
+        states = {r.id: r.state for r in deps}
+    return _job_view(row, states)
+
+
+async def job_artifacts(store: EventStore, job_id: str) -> list[dict[str, Any]]:
+    query = select(artifacts).where(artifacts.c.job_id == job_id).order_by(artifacts.c.seq)
+    async with store.reader.connect() as conn:
+        return [dict(r._mapping) for r in (await conn.execute(query)).all()]
+
+
+async def list_drops(store: EventStore, limit: int = 100) -> list[dict[str, Any]]:
+    query = select(drops).order_by(drops.c.at.desc()).limit(limit)
+    async with store.reader.connect() as conn:
+        return [dict(r._mapping) for r in (await conn.execute(query)).all()]
+
+
+async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> dict[str, Any] | None:
+    """The first ingested drop with this content, if any."""
+    query = (
+        select(drops)
+        .where(drops.c.hash == content_hash, drops.c.kind == kind, drops.c.state == "ingested")
+        .order_by(drops.c.at)
+        .limit(1)
+    )
+    async with store.reader.connect() as conn:
+        row = (await conn.execute(query)).first()
+    return dict(row._mapping) if row else None
+
+
+async def remembered_rung(store: EventStore, rung_key: str) -> int:
+    """The memory rung that last worked for this (model, stage, resolution), else 0."""
+    query = (
+        select(jobs.c.memory_rung)
+        .where(jobs.c.rung_key == rung_key, jobs.c.state == "succeeded")
+        .order_by(jobs.c.finished_at.desc())
+        .limit(1)
+    )
+    async with store.reader.connect() as conn:
+        value = (await conn.execute(query)).scalar()
+    return int(value or 0)
+
+
+async def queue_paused(store: EventStore) -> bool:
+    last = await store.last(DAEMON_STREAM, types=("QueuePaused", "QueueResumed"))
+    return bool(last) and last[0].type == "QueuePaused"
+
+
+@dataclass(frozen=True)
+class DaemonState:
+    running: bool
+    last_event: str | None
+    pid: int | None
+    device: str | None
+    seen_ago: float | None
+    """Seconds since the daemon's last heartbeat (telemetry sample), if any."""
+
+
+async def daemon_state(store: EventStore, heartbeat_timeout: float = 5.0) -> DaemonState:
+    """Up or down, from the lifecycle events and the telemetry heartbeat."""
+    lifecycle = await store.last(DAEMON_STREAM, types=DAEMON_LIFECYCLE)
+    started = await store.last(DAEMON_STREAM, types=("DaemonStarted",))
+    async with store.reader.connect() as conn:
+        beat = (
+            await conn.execute(select(telemetry.c.at).order_by(telemetry.c.id.desc()).limit(1))
+        ).scalar()
+    seen_ago = time.time() - beat if beat is not None else None
+    last_type = lifecycle[0].type if lifecycle else None
+    running = last_type in ("DaemonStarted", "DaemonStopping") and (
+        seen_ago is not None and seen_ago < heartbeat_timeout
+    )
+    info = started[0].data if started else {}
+    return DaemonState(running, last_type, info.get("pid"), info.get("device"), seen_ago)
+
+
+async def record_telemetry(store: EventStore, sample: dict[str, Any], retention_s: float) -> None:
+    """Store one device-memory sample and drop samples older than the retention window."""
+    now = sample.get("at", time.time())
+    columns = {c.name for c in telemetry.columns} - {"id"}
+    values = {k: v for k, v in sample.items() if k in columns}
+    values["at"] = now
+    async with store.writer.begin() as conn:
+        await conn.execute(insert(telemetry).values(**values))
+        await conn.execute(delete(telemetry).where(telemetry.c.at < now - retention_s))
+
+
+async def recent_telemetry(store: EventStore, seconds: float = 300.0) -> list[dict[str, Any]]:
+    since = time.time() - seconds
+    query = select(telemetry).where(telemetry.c.at >= since).order_by(telemetry.c.id)
+    async with store.reader.connect() as conn:
+        return [dict(r._mapping) for r in (await conn.execute(query)).all()]

@@ -1,0 +1,117 @@
+"""The tables. Events are the truth; jobs, drops and artifacts are projections of them."""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+)
+
+SCHEMA_VERSION = 1
+
+metadata = MetaData()
+
+events = Table(
+    "events",
+    metadata,
+    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("stream", String, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("type", String, nullable=False),
+    Column("data", JSON, nullable=False),
+    Column("at", String, nullable=False),
+    UniqueConstraint("stream", "version", name="uq_events_stream_version"),
+)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("stage", String, nullable=False),
+    Column("name", String, nullable=False),
+    Column("drop_id", String),
+    Column("lane", String, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("depends_on", JSON, nullable=False),
+    Column("spec", JSON, nullable=False),
+    Column("rung_key", String),
+    Column("state", String, nullable=False),
+    Column("attempt", Integer, nullable=False),
+    Column("memory_rung", Integer, nullable=False),
+    Column("done", Integer, nullable=False),
+    Column("total", Integer, nullable=False),
+    Column("metrics", JSON, nullable=False),
+    Column("checkpoint", JSON),
+    Column("result", JSON),
+    Column("error", Text),
+    Column("requested", String),
+    Column("submitted_seq", Integer, nullable=False),
+    Column("version", Integer, nullable=False),
+    Column("created_at", String, nullable=False),
+    Column("started_at", String),
+    Column("finished_at", String),
+    Column("updated_at", String, nullable=False),
+)
+Index("ix_jobs_state", jobs.c.state, jobs.c.priority, jobs.c.submitted_seq)
+
+drops = Table(
+    "drops",
+    metadata,
+    Column("id", String, primary_key=True),
+    Column("kind", String, nullable=False),
+    Column("name", String, nullable=False),
+    Column("source", String, nullable=False),
+    Column("stored", String),
+    Column("hash", String),
+    Column("state", String, nullable=False),
+    Column("reason", Text),
+    Column("duplicate_of", String),
+    Column("at", String, nullable=False),
+)
+Index("ix_drops_hash", drops.c.hash)
+
+artifacts = Table(
+    "artifacts",
+    metadata,
+    Column("job_id", String, primary_key=True),
+    Column("path", String, primary_key=True),
+    Column("seq", Integer, nullable=False),
+    Column("kind", String, nullable=False),
+    Column("bytes", Integer),
+    Column("sha256", String),
+    Column("at", String, nullable=False),
+)
+
+telemetry = Table(
+    "telemetry",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("at", Float, nullable=False),
+    Column("device", String, nullable=False),
+    Column("allocated", Integer),
+    Column("reserved", Integer),
+    Column("peak", Integer),
+    Column("free", Integer),
+    Column("total", Integer),
+    Column("rss", Integer),
+    Column("job_id", String),
+    Column("memory_rung", Integer),
+)
+Index("ix_telemetry_at", telemetry.c.at)
+
+meta = Table(
+    "meta",
+    metadata,
+    Column("key", String, primary_key=True),
+    Column("value", String, nullable=False),
+)
+
+PROJECTIONS = (jobs, drops, artifacts)
