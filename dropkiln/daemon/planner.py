@@ -1,0 +1,276 @@
+"""From a settled drop to the jobs that turn it into outputs.
+
+A dataset becomes bucket → cache → train; a prompt file becomes generate (→ video).
+Everything a job needs is decided here and frozen into its spec, so a job runs the same
+after a restart. Validation happens here too: a drop that cannot be planned is rejected
+with a reason before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dropkiln.config import Settings
+from dropkiln.stages import StageError, get_stage
+from dropkiln.store import EventStore, list_jobs
+from dropkiln.store.events import JobSubmitted
+
+DATASET = "dataset"
+PROMPTS = "prompts"
+PROMPT_SUFFIXES = (".toml", ".json", ".txt")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+class DropRejection(Exception):
+    """A drop that cannot be used; the message is the reason shown to the user."""
+
+
+@dataclass
+class ParsedDrop:
+    """A drop read and validated, not yet planned."""
+
+    kind: str
+    name: str
+    content_hash: str
+    files: int
+    bytes: int
+    folder: Path
+    """Where the job will read it: processed/ID-NAME, or the extraction of a zip."""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def content_hash(entry: Path) -> tuple[str, int, int]:
+    """sha256 over relative paths and bytes, with file and byte counts. Symlinks are refused."""
+    digest = hashlib.sha256()
+    files = total = 0
+    paths = [entry] if entry.is_file() or entry.is_symlink() else sorted(entry.rglob("*"))
+    for path in paths:
+        if path.is_symlink():
+            raise DropRejection(
+                f"{path.relative_to(entry.parent)} is a symlink; dropkiln reads only real files"
+            )
+        if not path.is_file():
+            continue
+        rel = path.name if path == entry else str(path.relative_to(entry))
+        digest.update(rel.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+                total += len(chunk)
+        files += 1
+    return digest.hexdigest(), files, total
+
+
+def drop_name(entry: Path) -> str:
+    name = entry.name
+    for suffix in (".zip", *PROMPT_SUFFIXES):
+        if name.lower().endswith(suffix) and entry.is_file():
+            return name[: -len(suffix)]
+    return name
+
+
+def stored_path(settings: Settings, drop_id: str, entry: Path) -> Path:
+    return settings.paths.processed / f"{drop_id}-{entry.name}"
+
+
+def parse_drop(settings: Settings, entry: Path, kind: str, drop_id: str) -> ParsedDrop:
+    """Read and validate a settled drop in place (runs in a worker thread)."""
+    digest, files, size = content_hash(entry)
+    if files == 0:
+        raise DropRejection("the drop is empty")
+    name = drop_name(entry)
+    stored = stored_path(settings, drop_id, entry)
+    if kind == DATASET:
+        return _parse_dataset(settings, entry, drop_id, name, stored, digest, files, size)
+    return _parse_prompts(settings, entry, name, stored, digest, files, size)
+
+
+def _parse_dataset(
+    settings: Settings,
+    entry: Path,
+    drop_id: str,
+    name: str,
+    stored: Path,
+    digest: str,
+    files: int,
+    size: int,
+) -> ParsedDrop:
+    from dropkiln.stages.dataset import extract_zip_safely, load_dataset_options
+
+    if entry.is_file():
+        if entry.suffix.lower() != ".zip":
+            raise DropRejection(f"{entry.name}: a dataset is a folder of images or a .zip of one")
+        folder = settings.paths.work / "drops" / drop_id / name
+        try:
+            extract_zip_safely(entry, folder)
+        except StageError as exc:
+            raise DropRejection(str(exc)) from exc
+        read_from = folder
+    else:
+        folder = stored
+        read_from = entry
+    try:
+        model, bucket, train = load_dataset_options(read_from, settings)
+    except StageError as exc:
+        raise DropRejection(str(exc)) from exc
+    return ParsedDrop(
+        DATASET,
+        name,
+        digest,
+        files,
+        size,
+        folder,
+        {"model": model, "bucket": bucket.model_dump(), "train": train.model_dump()},
+    )
+
+
+def _prompt_file_in(entry: Path) -> Path:
+    """The one prompt file of a drop: the file itself, or the only one in a folder."""
+    if entry.is_file():
+        if entry.suffix.lower() not in PROMPT_SUFFIXES:
+            raise DropRejection(f"{entry.name}: not a prompt file (expected .toml, .json or .txt)")
+        return entry
+    candidates = sorted(
+        p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in PROMPT_SUFFIXES
+    )
+    if len(candidates) != 1:
+        raise DropRejection(
+            f"{entry.name}/: a prompt folder holds exactly one .toml, .json or .txt prompt "
+            f"file (found {len(candidates)})"
+        )
+    return candidates[0]
+
+
+def _parse_prompts(
+    settings: Settings,
+    entry: Path,
+    name: str,
+    stored: Path,
+    digest: str,
+    files: int,
+    size: int,
+) -> ParsedDrop:
+    from dropkiln.stages.prompts import load_prompt_file
+
+    prompt_path = _prompt_file_in(entry)
+    try:
+        prompt_file = load_prompt_file(prompt_path, settings)
+    except StageError as exc:
+        raise DropRejection(str(exc)) from exc
+    stored_file = stored if entry.is_file() else stored / prompt_path.relative_to(entry)
+    return ParsedDrop(
+        PROMPTS,
+        name,
+        digest,
+        files,
+        size,
+        stored,
+        {"prompt_file": prompt_file, "stored_file": str(stored_file)},
+    )
+
+
+class Planner:
+    """Turns parsed drops into JobSubmitted events."""
+
+    def __init__(self, settings: Settings, store: EventStore) -> None:
+        self.settings = settings
+        self.store = store
+
+    async def plan(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+        if drop.kind == DATASET:
+            return self._plan_dataset(drop, drop_id)
+        return await self._plan_prompts(drop, drop_id)
+
+    def _job(
+        self,
+        stage: str,
+        name: str,
+        spec: dict[str, Any],
+        drop_id: str,
+        depends_on: list[str] | None = None,
+        rung_key: str | None = None,
+        lane: str | None = None,
+    ) -> JobSubmitted:
+        definition = get_stage(stage)
+        validated = definition.spec.model_validate(spec)
+        return JobSubmitted(
+            job_id=new_id(),
+            stage=stage,
+            name=name,
+            lane=lane or definition.lane,
+            priority=definition.priority,
+            spec=validated.model_dump(mode="json"),
+            depends_on=depends_on or [],
+            drop_id=drop_id,
+            rung_key=rung_key,
+        )
+
+    def _plan_dataset(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+        options = drop.options
+        bucket = self._job(
+            "bucket",
+            drop.name,
+            {
+                "dataset_dir": str(drop.folder),
+                "name": drop.name,
+                "bucket": options["bucket"],
+                "seed": options["train"]["seed"],
+            },
+            drop_id,
+        )
+        return [bucket]
+
+    async def _plan_prompts(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+        raise DropRejection("prompt files are not supported by this build yet")
+
+    async def latest_train_job(self, dataset_name: str) -> str | None:
+        """The newest train job for a dataset name that has not failed, if any."""
+        for job in await list_jobs(self.store):
+            if (
+                job.stage == "train"
+                and job.name == dataset_name
+                and job.state
+                not in (
+                    "failed",
+                    "cancelled",
+                )
+            ):
+                return job.id
+        return None
+
+
+def error_text(name: str, drop_id: str, reason: str, at: str) -> str:
+    return (
+        f"dropkiln could not use the drop {name!r}.\n\n"
+        f"Reason: {reason}\n\n"
+        f"Drop id: {drop_id}\nRejected at: {at}\n"
+        f"Fix the problem and drop it again; this copy is kept here untouched.\n"
+    )
+
+
+def unique_path(path: Path) -> Path:
+    """``path`` or ``path-2``, ``path-3``… whichever does not exist yet."""
+    if not path.exists() and not path.is_symlink():
+        return path
+    stem, suffix = (path.stem, path.suffix) if path.is_file() else (path.name, "")
+    for n in range(2, 10_000):
+        candidate = path.with_name(f"{stem}-{n}{suffix}")
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
