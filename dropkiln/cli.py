@@ -65,12 +65,20 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    import signal
+
+    # A stop asked for while we are still importing and opening the store is honoured
+    # once the daemon is up, instead of killing it half-started.
+    early: list[str] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda n, _frame: early.append(signal.Signals(n).name))
+
     from dropkiln.daemon.logs import setup_logging
     from dropkiln.daemon.service import Daemon
 
     settings = _settings(args)
     setup_logging(settings.log_level)
-    daemon = Daemon(settings)
+    daemon = Daemon(settings, early_stop=early)
     anyio.run(daemon.run)
     return 0
 

@@ -72,6 +72,13 @@ class Ingestor:
                 return drop_id
             await self.reject(entry, kind, drop_id, f"could not read the drop: {exc}")
             return drop_id
+        except Exception as exc:
+            # A bug of ours must not stop the daemon or lose the drop: it is kept in
+            # failed/ with the error, and can be dropped again once fixed.
+            log.exception("could not plan drop %s", entry.name)
+            reason = f"internal error while planning the drop: {type(exc).__name__}: {exc}"
+            await self.reject(entry, kind, drop_id, reason)
+            return drop_id
         stored = stored_path(self.settings, drop_id, entry)
         dropped = Dropped(
             drop_id=drop_id,

@@ -108,9 +108,8 @@ def _parse_dataset(
     if entry.is_file():
         if entry.suffix.lower() != ".zip":
             raise DropRejection(f"{entry.name}: a dataset is a folder of images or a .zip of one")
-        folder = settings.paths.work / "drops" / drop_id / name
         try:
-            extract_zip_safely(entry, folder)
+            folder = extract_zip_safely(entry, settings.paths.work / "drops" / drop_id / name)
         except StageError as exc:
             raise DropRejection(str(exc)) from exc
         read_from = folder
@@ -158,9 +157,9 @@ def _parse_prompts(
     files: int,
     size: int,
 ) -> ParsedDrop:
+    prompt_path = _prompt_file_in(entry)
     from dropkiln.stages.prompts import load_prompt_file
 
-    prompt_path = _prompt_file_in(entry)
     try:
         prompt_file = load_prompt_file(prompt_path, settings)
     except StageError as exc:

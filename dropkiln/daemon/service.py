@@ -53,8 +53,9 @@ STOP_TIMEOUT_EXTENSION_S = 120
 
 
 class Daemon:
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, early_stop: list[str] | None = None) -> None:
         self.settings = settings
+        self._early_stop = early_stop if early_stop is not None else []
         self.paths = settings.paths
         self.notifier = SystemdNotifier()
         self.faults = FaultInjector(settings.faults)
@@ -93,6 +94,8 @@ class Daemon:
                 self.notifier.ready()
                 self.notifier.status(f"serving {self.settings.root} on {self.device}")
                 self.started.set()
+                if self._early_stop:
+                    self.stop(f"received {self._early_stop[0]} while starting")
                 log.info(
                     "dropkiln %s serving %s on %s", __version__, self.settings.root, self.device
                 )

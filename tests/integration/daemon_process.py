@@ -12,7 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 SMALL_CONFIG = """\
 settle_seconds = 0.2
 telemetry_every_s = 0.5
@@ -62,6 +61,12 @@ class DaemonProcess:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
 
+    def wait_serving(self, timeout: float = 30) -> None:
+        """Until this process has recorded DaemonStarted."""
+        assert self.proc is not None
+        pid = self.proc.pid
+        self.wait_for(lambda s: s.get("daemon", {}).get("pid") == pid, timeout)
+
     def terminate(self, timeout: float = 60) -> int:
         assert self.proc is not None
         self.proc.send_signal(signal.SIGTERM)
@@ -90,16 +95,26 @@ class DaemonProcess:
         assert result.returncode == 0, result.stderr
         return [json.loads(line) for line in result.stdout.splitlines()]
 
-    def wait_for(self, condition: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+    def wait_for(
+        self, condition: Callable[[dict[str, Any]], bool], timeout: float
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             status = self.status()
             if condition(status):
                 return status
-            if not self.alive() and self.proc is not None and self.proc.returncode not in (None, -9):
-                raise AssertionError(f"daemon exited {self.proc.returncode}: {self.log.read_text()[-3000:]}")
+            if (
+                not self.alive()
+                and self.proc is not None
+                and self.proc.returncode not in (None, -9)
+            ):
+                raise AssertionError(
+                    f"daemon exited {self.proc.returncode}: {self.log.read_text()[-3000:]}"
+                )
             time.sleep(0.2)
-        raise AssertionError(f"timed out; last status {status}; log: {self.log.read_text()[-3000:]}")
+        raise AssertionError(
+            f"timed out; last status {status}; log: {self.log.read_text()[-3000:]}"
+        )
 
 
 def all_done(expected_jobs: int) -> Callable[[dict[str, Any]], bool]:

@@ -36,9 +36,10 @@ def test_kill_9_at_random_moments_then_restart_finishes_every_job_once(tmp_path:
         daemon.kill()
         kills += 1
     daemon.start()
+    daemon.wait_serving()
     status = daemon.wait_for(
         lambda s: all_done(len(names))(s) and not any((root / "drop" / "datasets").iterdir()),
-        timeout=240,
+        timeout=120,
     )
     assert daemon.terminate() == 0
     jobs = status["jobs"]
