@@ -17,6 +17,7 @@ __all__ = ["JournalFormatter", "journal_priority", "logs_to_journal", "setup_log
 
 HUMAN_FORMAT = "%(asctime)s.%(msecs)03d %(levelname)-7s %(name)s: %(message)s"
 HUMAN_DATE_FORMAT = "%Y-%m-%d %H:%M:%S"
+_HANDLER_NAME = "dropkiln.stderr"
 
 # Libraries that log per file change or per SQL statement: their chatter would bury ours.
 QUIET_LOGGERS = {
@@ -87,9 +88,6 @@ def setup_logging(level: str, stream: TextIO | None = None) -> logging.Handler:
     # Library warnings (torch, diffusers) then reach the journal as warnings, one record each.
     logging.captureWarnings(True)
     return handler
-
-
-_HANDLER_NAME = "dropkiln.stderr"
 
 
 def _parse_level(level: str) -> int:
