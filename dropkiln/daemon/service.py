@@ -19,7 +19,7 @@ from dropkiln.config import Settings
 from dropkiln.daemon.executor import Executor
 from dropkiln.daemon.ingest import Ingestor
 from dropkiln.daemon.lock import DaemonLock
-from dropkiln.daemon.notify import SystemdNotifier, watchdog_loop
+from dropkiln.daemon.notify import SystemdNotifier, keep_extending_timeout, watchdog_loop
 from dropkiln.daemon.planner import Planner
 from dropkiln.daemon.scheduler import Scheduler
 from dropkiln.daemon.watcher import DropWatcher
@@ -49,7 +49,7 @@ COMMANDS = (
     QueuePaused.type_name(),
     QueueResumed.type_name(),
 )
-STOP_TIMEOUT_EXTENSION_S = 120
+STOP_TIMEOUT_EXTENSION_S = 30
 
 
 class Daemon:
@@ -91,8 +91,7 @@ class Daemon:
                 if handle_signals:
                     tg.start_soon(self._signals, name="signals")
                 tg.start_soon(self.scheduler.run, tg, name="scheduler")
-                self.notifier.ready()
-                self.notifier.status(f"serving {self.settings.root} on {self.device}")
+                self.notifier.ready(f"serving {self.settings.root} on {self.device}")
                 self.started.set()
                 if self._early_stop:
                     self.stop(f"received {self._early_stop[0]} while starting")
@@ -137,11 +136,10 @@ class Daemon:
 
     async def _shutdown(self, tg: TaskGroup) -> None:
         log.info("stopping: %s", self._stop_reason)
-        self.notifier.stopping()
-        self.notifier.extend_timeout(STOP_TIMEOUT_EXTENSION_S)
-        self.notifier.status("checkpointing running jobs before stopping")
+        self.notifier.stopping("checkpointing running jobs before stopping")
         await self.store.append(DAEMON_STREAM, [DaemonStopping(reason=self._stop_reason)])
-        requeued = await self.scheduler.drain("daemon shutdown")
+        async with keep_extending_timeout(self.notifier, STOP_TIMEOUT_EXTENSION_S):
+            requeued = await self.scheduler.drain("daemon shutdown")
         await self.store.append(DAEMON_STREAM, [DaemonStopped(requeued=requeued)])
         log.info("stopped cleanly; %d job(s) will resume at next start", len(requeued))
         tg.cancel_scope.cancel()
