@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -21,12 +22,14 @@ from dropkiln.stages.bucket import (
     MANIFEST_NAME,
     BucketManifest,
     BucketSpec,
-    bucket_sizes,
-    choose_bucket,
-    plan_crop,
+    ImageTask,
+    ManifestImage,
+    Rejection,
+    plan_image,
     run_bucket,
 )
 from dropkiln.stages.faults import FaultInjector
+from dropkiln.stages.imaging import bucket_sizes, choose_bucket, plan_crop
 from dropkiln.stages.testing import LocalContext
 
 # -- geometry -------------------------------------------------------------------------------
@@ -343,6 +346,26 @@ def test_fault_point_fires_once_per_image(awkward_dataset: Path, tmp_path: Path)
     result, ctx = run(awkward_dataset, tmp_path, faults="enospc@bucket.image:11")
     assert ctx.faults.hits == {"bucket.image": 10}
     assert result["images"] == 6
+
+
+def plan_or_crash(task: ImageTask) -> ManifestImage | Rejection:
+    """A decoder that kills its process on one file (picklable: workers import this module)."""
+    if task.relative == "crash.png":
+        os._exit(70)
+    return plan_image(task)
+
+
+def test_a_worker_crash_rejects_only_its_file(
+    awkward_dataset: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (awkward_dataset / "crash.png").write_bytes(encode(noise((64, 64)), "PNG"))
+    monkeypatch.setattr(bucket_stage, "plan_image", plan_or_crash)
+    result, ctx = run(awkward_dataset, tmp_path, workers=2)
+    assert result["images"] == 6
+    reasons = {item["path"]: item["reason"] for item in result["rejections"]}
+    assert reasons["crash.png"] == "the decoder crashed on this file"
+    assert len(reasons) == 6
+    assert ctx.progress_log[-1][:2] == (11, 11)
 
 
 def test_stage_definition() -> None:
