@@ -41,6 +41,55 @@ def png_header_only(width: int, height: int) -> bytes:
     )
 
 
+def s15_fixed16(value: float) -> bytes:
+    return struct.pack(">i", round(value * 65536))
+
+
+def xyz_tag(x: float, y: float, z: float) -> bytes:
+    return b"XYZ " + bytes(4) + s15_fixed16(x) + s15_fixed16(y) + s15_fixed16(z)
+
+
+def rgb_icc_profile(description: str, red: tuple, green: tuple, blue: tuple) -> bytes:
+    """A minimal ICC v2 matrix/TRC display profile with the given D50 primaries."""
+    text = description.encode("ascii") + b"\0"
+    desc = b"desc" + bytes(4) + struct.pack(">I", len(text)) + text + bytes(12 + 67)
+    curve = b"curv" + bytes(4) + struct.pack(">IH", 1, 0x0233)  # gamma 2.2
+    tags = [
+        (b"desc", desc),
+        (b"wtpt", xyz_tag(0.9642, 1.0, 0.8249)),
+        (b"rXYZ", xyz_tag(*red)),
+        (b"gXYZ", xyz_tag(*green)),
+        (b"bXYZ", xyz_tag(*blue)),
+        (b"rTRC", curve),
+        (b"gTRC", curve),
+        (b"bTRC", curve),
+    ]
+    offset = 128 + 4 + 12 * len(tags)
+    table = body = b""
+    for signature, data in tags:
+        data += bytes(-len(data) % 4)
+        table += signature + struct.pack(">II", offset + len(body), len(data))
+        body += data
+    header = (
+        struct.pack(">I", offset + len(body))
+        + bytes(4)
+        + struct.pack(">I", 0x02100000)
+        + b"mntrRGB XYZ "
+        + bytes(12)
+        + b"acsp"
+        + bytes(28)
+        + xyz_tag(0.9642, 1.0, 0.8249)[8:]
+        + bytes(48)
+    )
+    return header + struct.pack(">I", len(tags)) + table + body
+
+
+# sRGB's primaries adapted to D50, as an ICC profile stores them.
+SRGB_RED = (0.4361, 0.2225, 0.0139)
+SRGB_GREEN = (0.3851, 0.7169, 0.0971)
+SRGB_BLUE = (0.1431, 0.0606, 0.7141)
+
+
 def pixel(image: Image.Image, xy: tuple[int, int] = (0, 0)) -> tuple[int, ...]:
     value = image.getpixel(xy)
     assert isinstance(value, tuple)
@@ -150,6 +199,19 @@ def test_multipage_tiff_uses_the_first_page() -> None:
     decoded = decode_rgb(encode(pages[0], "TIFF", save_all=True, append_images=pages[1:]), BIG)
     assert pixel(decoded.image) == (0, 255, 0)
     assert decoded.notes == ["2 frames (TIFF): the first frame is used"]
+
+
+def test_icc_profile_colours_are_converted_to_srgb() -> None:
+    # Red and blue primaries swapped: this profile's pure red is sRGB's pure blue.
+    profile = rgb_icc_profile("swapped primaries", SRGB_BLUE, SRGB_GREEN, SRGB_RED)
+    source = Image.new("RGBA", (2, 1), (255, 0, 0, 255))
+    source.putpixel((1, 0), (255, 0, 0, 0))
+    decoded = decode_rgb(encode(source, "PNG", icc_profile=profile), BIG)
+    assert [pixel(decoded.image, (x, 0)) for x in range(2)] == [(0, 0, 255), (255, 255, 255)]
+    assert decoded.notes == [
+        "colours converted from ICC profile 'swapped primaries' to sRGB",
+        "transparent pixels composited over white",
+    ]
 
 
 def test_unreadable_icc_profile_is_ignored_with_a_note() -> None:
