@@ -339,6 +339,14 @@ def test_corrupt_entry_data_is_a_stage_error(tmp_path: Path) -> None:
     assert not (tmp_path / "out").exists()
 
 
+def test_file_and_folder_of_the_same_name_is_a_stage_error(tmp_path: Path) -> None:
+    archive = make_zip(tmp_path / "clash.zip", {"a": b"a file", "a/b.png": png_bytes()})
+    with pytest.raises(StageError, match=r"cannot extract clash\.zip"):
+        extract_zip_safely(archive, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert not list(tmp_path.glob(".out.*"))
+
+
 def test_existing_dest_is_not_overwritten(tmp_path: Path) -> None:
     archive = make_zip(tmp_path / "cats.zip", {"a.png": png_bytes()})
     (tmp_path / "out").mkdir()
