@@ -33,12 +33,11 @@ def bench_bucket(
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         dataset = Path(scratch, "dataset")
         generated_bytes = _write_dataset(dataset, n_images, size)
-        runs: list[dict[str, Any]] = []
-        rates: list[float] = []
+        seconds: dict[int, list[float]] = {count: [] for count in counts}
         manifests = set()
-        for count in counts:
-            seconds = []
-            for attempt in range(repeat):
+        # Interleaved (1, N, 1, N, …) so a change in machine load hits both alike.
+        for attempt in range(repeat):
+            for count in counts:
                 work_dir = Path(scratch, f"work-{count}-{attempt}")
                 ctx = LocalContext(root=Path(scratch), work_dir=work_dir)
                 spec = BucketSpec(
@@ -46,18 +45,18 @@ def bench_bucket(
                 )
                 started = time.perf_counter()
                 result = run_bucket(spec, ctx)
-                seconds.append(time.perf_counter() - started)
+                seconds[count].append(time.perf_counter() - started)
                 manifests.add(Path(result["manifest"]).read_bytes())
-            best = min(seconds)
-            rates.append(n_images / best)
-            runs.append(
-                {
-                    "workers": count,
-                    "seconds": round(best, 3),
-                    "seconds_all": [round(value, 3) for value in seconds],
-                    "images_per_s": round(n_images / best, 1),
-                }
-            )
+    rates = [n_images / min(seconds[count]) for count in counts]
+    runs = [
+        {
+            "workers": count,
+            "seconds": round(min(seconds[count]), 3),
+            "seconds_all": [round(value, 3) for value in seconds[count]],
+            "images_per_s": round(rate, 1),
+        }
+        for count, rate in zip(counts, rates, strict=True)
+    ]
     return {
         "images": n_images,
         "size": list(size),
@@ -67,6 +66,8 @@ def bench_bucket(
         "runs": runs,
         "speedup": round(rates[-1] / rates[0], 2),
         "same_manifest": len(manifests) == 1,
+        # Other work on the machine skews the ratio; the 1-minute load says how much there was.
+        "load_average_after": round(os.getloadavg()[0], 2),
     }
 
 
@@ -102,6 +103,7 @@ def main(argv: Sequence[str] = ()) -> None:
     for run in figures["runs"]:
         print(f"{run['workers']:>8} {run['seconds']:>9.2f} {run['images_per_s']:>9.1f}")
     print(f"speedup {figures['speedup']:.2f}x, identical manifests: {figures['same_manifest']}")
+    print(f"load average after the runs: {figures['load_average_after']} on {os.cpu_count()} CPUs")
     print(json.dumps(figures))
 
 

@@ -20,12 +20,11 @@ from __future__ import annotations
 import hashlib
 import multiprocessing
 import os
-import random
-from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections import Counter, deque
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,7 +40,14 @@ from dropkiln.stages.base import (
     write_atomic,
 )
 from dropkiln.stages.dataset import CaptionError, read_caption, scan_dataset
-from dropkiln.stages.imaging import ImageRejected, decode_rgb
+from dropkiln.stages.imaging import (
+    ImageRejected,
+    Size,
+    bucket_sizes,
+    choose_bucket,
+    decode_rgb,
+    plan_crop,
+)
 
 MANIFEST_NAME = "manifest.json"
 RESULT_REJECTIONS = 50
@@ -49,8 +55,6 @@ STOP_CHECK_EVERY = 16
 """Images between two ``should_stop`` checks; a rerun redoes at most this many (cheaply)."""
 
 WORKER_PRELOAD = ["numpy", "PIL.Image", "PIL.ImageCms", "PIL.PngImagePlugin", "pydantic_settings"]
-
-Size = tuple[int, int]
 
 
 class BucketSpec(StageSpec):
@@ -136,62 +140,6 @@ class BucketManifest(BaseModel):
         return Path(self.dataset_dir, image.path)
 
 
-def bucket_sizes(settings: BucketSettings) -> list[Size]:
-    """Every bucket (width, height) the settings allow, widest aspect ratio last."""
-    step = settings.bucket_step
-    area = settings.resolution**2
-    low = -(-settings.min_side // step) * step
-    high = settings.max_side // step * step
-    sizes = set()
-    for width in range(low, high + 1, step):
-        height = min(area // width // step * step, high)
-        if height >= low:
-            sizes.add((width, height))
-    if not sizes:
-        raise StageError(
-            f"no bucket fits resolution {settings.resolution} with sides from"
-            f" {settings.min_side} to {settings.max_side} in steps of {step}"
-        )
-    return sorted(sizes, key=lambda size: (Fraction(*size), size))
-
-
-def choose_bucket(size: Size, buckets: Sequence[Size]) -> Size:
-    """The bucket nearest in aspect ratio to an image of this (width, height)."""
-    width, height = size
-
-    def distance(bucket: Size) -> tuple[Fraction, int, int]:
-        # |log(bucket ratio) - log(image ratio)|, compared exactly as a ratio ≥ 1.
-        wide, tall = bucket[0] * height, bucket[1] * width
-        return (Fraction(max(wide, tall), min(wide, tall)), -bucket[0] * bucket[1], bucket[0])
-
-    return min(buckets, key=distance)
-
-
-@dataclass(frozen=True)
-class CropPlan:
-    bucket: Size
-    resized_size: Size
-    crop_box: tuple[int, int, int, int]
-
-
-def plan_crop(size: Size, bucket: Size, random_crop: bool, crop_seed: str) -> CropPlan:
-    """Resize (width, height) to cover the bucket; crop the centre or a seeded random box."""
-    width, height = size
-    bucket_w, bucket_h = bucket
-    # Integer rounding (half up) so every machine plans the same pixels.
-    if bucket_w * height >= bucket_h * width:
-        resized = (bucket_w, max(bucket_h, (2 * height * bucket_w + width) // (2 * width)))
-    else:
-        resized = (max(bucket_w, (2 * width * bucket_h + height) // (2 * height)), bucket_h)
-    spare_w, spare_h = resized[0] - bucket_w, resized[1] - bucket_h
-    if random_crop:
-        rng = random.Random(crop_seed)
-        left, top = rng.randint(0, spare_w), rng.randint(0, spare_h)
-    else:
-        left, top = spare_w // 2, spare_h // 2
-    return CropPlan(bucket, resized, (left, top, left + bucket_w, top + bucket_h))
-
-
 @dataclass(frozen=True)
 class ImageTask:
     """One image to plan; picklable, so it can go to a worker process."""
@@ -244,7 +192,7 @@ def plan_image(task: ImageTask) -> ManifestImage | Rejection:
 
 def run_bucket(spec: BucketSpec, ctx: StageContext) -> dict[str, Any]:
     """Plan a dataset folder into buckets and write the manifest."""
-    folder = Path(spec.dataset_dir)
+    folder = Path(spec.dataset_dir).absolute()
     buckets = tuple(bucket_sizes(spec.bucket))
     files = scan_dataset(folder)
     rejected = [
@@ -303,30 +251,83 @@ def _plan_all(
     ctx: StageContext,
     record: Callable[[ManifestImage | Rejection], None],
 ) -> None:
-    stop_checks = _StopCheck(ctx)
+    stop_check = _StopCheck(ctx)
     if workers <= 1:
-        for each in tasks:
-            stop_checks.tick()
+        for task in tasks:
+            stop_check.tick()
             ctx.fault("bucket.image")
-            record(plan_image(each))
+            record(plan_image(task))
         return
+    queue = deque(tasks)
+    while queue:
+        lost = _plan_in_pool(queue, workers, ctx, stop_check, record)
+        _plan_one_by_one(lost, record)
+
+
+def _plan_in_pool(
+    queue: deque[ImageTask],
+    workers: int,
+    ctx: StageContext,
+    stop_check: _StopCheck,
+    record: Callable[[ManifestImage | Rejection], None],
+) -> list[ImageTask]:
+    """Plan queued images in a process pool; if a worker dies, return the images it lost."""
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context())
+    in_flight: dict[Future[ManifestImage | Rejection], ImageTask] = {}
     try:
-        queue: Iterator[ImageTask] = iter(tasks)
-        in_flight: set[Future[ManifestImage | Rejection]] = set()
-        # A short queue per worker keeps cores busy and makes a stop quick.
-        while True:
-            while len(in_flight) < 2 * workers and (task := next(queue, None)) is not None:
-                stop_checks.tick()
+        while queue or in_flight:
+            # A short queue per worker keeps cores busy and makes a stop quick.
+            while queue and len(in_flight) < 2 * workers:
+                stop_check.tick()
                 ctx.fault("bucket.image")
-                in_flight.add(pool.submit(plan_image, task))
-            if not in_flight:
-                break
-            finished, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                task = queue.popleft()
+                in_flight[pool.submit(plan_image, task)] = task
+            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
             for future in finished:
+                if future.exception() is not None:
+                    return _salvage(in_flight, record)
                 record(future.result())
+                del in_flight[future]
+        return []
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _salvage(
+    in_flight: dict[Future[ManifestImage | Rejection], ImageTask],
+    record: Callable[[ManifestImage | Rejection], None],
+) -> list[ImageTask]:
+    """After a worker died: keep what finished, return the rest (the culprit among them)."""
+    wait(in_flight)
+    lost = []
+    for future, task in in_flight.items():
+        error = future.exception()
+        if error is None:
+            record(future.result())
+        elif isinstance(error, BrokenProcessPool):
+            lost.append(task)
+        else:
+            raise error
+    return lost
+
+
+def _plan_one_by_one(
+    tasks: list[ImageTask], record: Callable[[ManifestImage | Rejection], None]
+) -> None:
+    """Plan images one at a time in a one-process pool, so a decoder crash names its file."""
+    pool: ProcessPoolExecutor | None = None
+    try:
+        for task in tasks:
+            pool = pool or ProcessPoolExecutor(max_workers=1, mp_context=_process_context())
+            try:
+                record(pool.submit(plan_image, task).result())
+            except BrokenProcessPool:
+                record(Rejection(path=task.relative, reason="the decoder crashed on this file"))
+                pool.shutdown(wait=True)
+                pool = None
+    finally:
+        if pool is not None:
+            pool.shutdown(wait=True)
 
 
 class _StopCheck:

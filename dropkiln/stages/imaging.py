@@ -1,10 +1,11 @@
-"""Decode one dataset image into plain 8-bit RGB, the same way for every stage.
+"""Dataset pixels: decode an image to plain 8-bit RGB, plan its bucket and crop, apply it.
 
 The bucket stage calls :func:`decode_rgb` to prove an image is readable and to learn its
-size; the cache stage calls it again and then :func:`crop_to_bucket` with the manifest's
-plan, so both see exactly the same pixels.
+size, then plans it with :func:`bucket_sizes`, :func:`choose_bucket` and :func:`plan_crop`;
+the cache stage calls :func:`decode_rgb` again and :func:`crop_to_bucket` with the
+manifest's plan, so both see exactly the same pixels.
 
-Choices, in the order they are applied:
+Decoding choices, in the order they are applied:
 
 - Only still-image formats are opened (``DATASET_FORMATS``); Pillow is never asked to guess
   among all its plugins (EPS would run Ghostscript).
@@ -26,15 +27,24 @@ Choices, in the order they are applied:
 from __future__ import annotations
 
 import io
+import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
+
+from dropkiln.config import BucketSettings
+from dropkiln.stages.base import StageError
 
 DATASET_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "TGA", "PPM")
 """Pillow formats a dataset image may be in (detected from the bytes, not the suffix).
 
 JPEG includes MPO (multi-picture JPEGs from phones and cameras); PNG includes APNG."""
+
+Size = tuple[int, int]
+"""(width, height) in pixels."""
 
 WHITE = (255, 255, 255)
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -89,6 +99,62 @@ def crop_to_bucket(
     if image.size != resized_size:
         image = image.resize(resized_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
     return image.crop(crop_box)
+
+
+def bucket_sizes(settings: BucketSettings) -> list[Size]:
+    """Every bucket (width, height) the settings allow, widest aspect ratio last."""
+    step = settings.bucket_step
+    area = settings.resolution**2
+    low = -(-settings.min_side // step) * step
+    high = settings.max_side // step * step
+    sizes = set()
+    for width in range(low, high + 1, step):
+        height = min(area // width // step * step, high)
+        if height >= low:
+            sizes.add((width, height))
+    if not sizes:
+        raise StageError(
+            f"no bucket fits resolution {settings.resolution} with sides from"
+            f" {settings.min_side} to {settings.max_side} in steps of {step}"
+        )
+    return sorted(sizes, key=lambda size: (Fraction(*size), size))
+
+
+def choose_bucket(size: Size, buckets: Sequence[Size]) -> Size:
+    """The bucket nearest in aspect ratio to an image of this (width, height)."""
+    width, height = size
+
+    def distance(bucket: Size) -> tuple[Fraction, int, int]:
+        # |log(bucket ratio) - log(image ratio)|, compared exactly as a ratio ≥ 1.
+        wide, tall = bucket[0] * height, bucket[1] * width
+        return (Fraction(max(wide, tall), min(wide, tall)), -bucket[0] * bucket[1], bucket[0])
+
+    return min(buckets, key=distance)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    bucket: Size
+    resized_size: Size
+    crop_box: tuple[int, int, int, int]
+
+
+def plan_crop(size: Size, bucket: Size, random_crop: bool, crop_seed: str) -> CropPlan:
+    """Resize (width, height) to cover the bucket; crop the centre or a seeded random box."""
+    width, height = size
+    bucket_w, bucket_h = bucket
+    # Integer rounding (half up) so every machine plans the same pixels.
+    if bucket_w * height >= bucket_h * width:
+        resized = (bucket_w, max(bucket_h, (2 * height * bucket_w + width) // (2 * width)))
+    else:
+        resized = (max(bucket_w, (2 * width * bucket_h + height) // (2 * height)), bucket_h)
+    spare_w, spare_h = resized[0] - bucket_w, resized[1] - bucket_h
+    if random_crop:
+        rng = random.Random(crop_seed)
+        left, top = rng.randint(0, spare_w), rng.randint(0, spare_h)
+    else:
+        left, top = spare_w // 2, spare_h // 2
+    return CropPlan(bucket, resized, (left, top, left + bucket_w, top + bucket_h))
 
 
 def _open_checked(data: bytes, max_pixels: int) -> Image.Image:
