@@ -1,0 +1,18 @@
+"""Shared fixtures for the model, cache and train stage tests: tiny models built once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A models folder with both tiny models built (once per test session)."""
+    from dropkiln.stages.models import ensure_tiny_model
+
+    folder = tmp_path_factory.mktemp("models")
+    ensure_tiny_model("tiny-sdxl", folder)
+    ensure_tiny_model("tiny-sd15", folder)
+    return folder
