@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dropkiln.stages.models.offline import enforce_offline
+from dropkiln.stages.models.offline import enforce_offline, quiet_libraries
 from dropkiln.stages.models.tokenizer import MAX_LENGTH, special_token_ids, write_tokenizer
 
 if TYPE_CHECKING:
@@ -67,6 +67,7 @@ def ensure_tiny_model(name: TinyName, models_dir: Path) -> Path:
 def tiny_components(name: TinyName) -> dict[str, Any]:
     """Build the tiny model's components in memory (deterministic weights)."""
     enforce_offline()
+    quiet_libraries()
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
