@@ -368,6 +368,9 @@ class _Loop:
             "rank": options.rank,
             "alpha": session.models.alpha,
             "repaired_shards": self.dataset.repaired,
+            "memory_rung": STAGE.rung(self.ctx.memory_rung).name,
+            "micro_batch": self.plan.micro_batch,
+            "gradient_checkpointing": self.plan.gradient_checkpointing,
         }
 
 

@@ -21,3 +21,12 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ensure_tiny_model("tiny-sdxl", folder)
     ensure_tiny_model("tiny-sd15", folder)
     return folder
+
+
+@pytest.fixture
+def dropkiln_root(tmp_path: Path, models_dir: Path) -> Path:
+    """A dropkiln ROOT whose state/models is the session's models folder."""
+    root = tmp_path / "root"
+    (root / "state").mkdir(parents=True)
+    (root / "state" / "models").symlink_to(models_dir, target_is_directory=True)
+    return root

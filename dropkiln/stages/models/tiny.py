@@ -45,7 +45,8 @@ def ensure_tiny_model(name: TinyName, models_dir: Path) -> Path:
     """The tiny model's diffusers folder under ``models_dir``, built once, atomically."""
     if name not in TINY_NAMES:
         raise ValueError(f"unknown tiny model {name!r}; expected one of {TINY_NAMES}")
-    target = Path(models_dir) / name
+    # Resolved, so a symlinked models folder names the same warm pipeline.
+    target = Path(models_dir).resolve() / name
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

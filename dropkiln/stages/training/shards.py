@@ -72,7 +72,8 @@ class ShardStore:
         try:
             with safe_open(str(path), framework="pt") as handle:
                 metadata = handle.metadata() or {}
-                tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118
+                # Copied out of the file's memory map: the file may be replaced later.
+                tensors = {name: handle.get_tensor(name).clone() for name in handle.keys()}  # noqa: SIM118
         except FileNotFoundError as exc:
             raise CorruptShard(f"{relative} is missing") from exc
         except Exception as exc:
