@@ -213,7 +213,10 @@ class Planner:
         )
 
     def _plan_dataset(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+        """bucket (CPU) → cache (GPU) → train (GPU), each reading the one before."""
         options = drop.options
+        model, train = options["model"], options["train"]
+        resolution = options["bucket"]["resolution"]
         bucket = self._job(
             "bucket",
             drop.name,
@@ -221,11 +224,32 @@ class Planner:
                 "dataset_dir": str(drop.folder),
                 "name": drop.name,
                 "bucket": options["bucket"],
-                "seed": options["train"]["seed"],
+                "seed": train["seed"],
             },
             drop_id,
         )
-        return [bucket]
+        cache = self._job(
+            "cache",
+            drop.name,
+            {"name": drop.name, "model": model, "flip_augment": train["flip_augment"]},
+            drop_id,
+            depends_on=[bucket.job_id],
+            rung_key=f"cache:{model}:{resolution}",
+        )
+        train_job = self._job(
+            "train",
+            drop.name,
+            {
+                "name": drop.name,
+                "model": model,
+                "options": train,
+                "output_dir": str(self.settings.paths.loras / drop.name),
+            },
+            drop_id,
+            depends_on=[cache.job_id],
+            rung_key=f"train:{model}:{resolution}",
+        )
+        return [bucket, cache, train_job]
 
     async def _plan_prompts(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
         raise DropRejection("prompt files are not supported by this build yet")

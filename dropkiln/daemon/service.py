@@ -25,6 +25,7 @@ from dropkiln.daemon.scheduler import Scheduler
 from dropkiln.daemon.watcher import DropWatcher
 from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
 from dropkiln.stages.faults import FaultInjector
+from dropkiln.stages.models import configure_shared_pipelines
 from dropkiln.store import EventStore, list_jobs, record_telemetry
 from dropkiln.store.events import (
     DAEMON_STREAM,
@@ -79,6 +80,7 @@ class Daemon:
             self.store = await EventStore.open(self.paths.db, create=True)
             stack.push_async_callback(self.store.close)
             self.device = await anyio.to_thread.run_sync(resolve_device, self.settings.device)
+            configure_shared_pipelines(int(self.settings.ram_budget_gb * 2**30))
             executor = Executor(self.settings, self.store, self.device, self.faults)
             self.scheduler = Scheduler(self.settings, self.store, executor)
             self.ingestor = Ingestor(self.settings, self.store, Planner(self.settings, self.store))

@@ -127,10 +127,12 @@ async def test_a_dataset_of_only_broken_images_fails_its_bucket_job_with_reasons
     async with running_daemon(settings) as daemon:
         folder.rename(settings.paths.datasets / "junk")
         await wait_drops(daemon.store, 1)
-        (job,) = await list_jobs(daemon.store)
-        job = await wait_job(daemon.store, job.id, ended)
+        jobs = {j.stage: j for j in await list_jobs(daemon.store)}
+        job = await wait_job(daemon.store, jobs["bucket"].id, ended)
         assert job.state == "failed"
         assert job.error is not None and "no usable image" in job.error
+        train = await wait_job(daemon.store, jobs["train"].id, ended)
+        assert train.state == "failed" and "dependency" in str(train.error)
 
 
 async def test_an_interrupted_move_is_finished_at_the_next_start(settings: Settings) -> None:
