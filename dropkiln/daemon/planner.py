@@ -172,7 +172,7 @@ def _parse_prompts(
         files,
         size,
         stored,
-        {"prompt_file": prompt_file, "stored_file": str(stored_file)},
+        {"prompt_file": prompt_file, "stored_file": str(stored_file), "source": entry},
     )
 
 
@@ -252,22 +252,98 @@ class Planner:
         return [bucket, cache, train_job]
 
     async def _plan_prompts(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
-        raise DropRejection("prompt files are not supported by this build yet")
+        """generate (GPU) → video (when asked); LoRAs still training become dependencies."""
+        from dropkiln.stages.video import video_path
 
-    async def latest_train_job(self, dataset_name: str) -> str | None:
-        """The newest train job for a dataset name that has not failed, if any."""
-        for job in await list_jobs(self.store):
-            if (
-                job.stage == "train"
-                and job.name == dataset_name
-                and job.state
-                not in (
-                    "failed",
-                    "cancelled",
+        prompt_file = drop.options["prompt_file"]
+        model = prompt_file.model or self.settings.model
+        loras: list[dict[str, Any]] = []
+        depends_on: list[str] = []
+        for ref in prompt_file.loras:
+            path, job_id = await self._resolve_lora(ref.name)
+            loras.append({"name": ref.name, "path": str(path), "weight": ref.weight})
+            if job_id is not None and job_id not in depends_on:
+                depends_on.append(job_id)
+        stem = await self._output_stem(drop.name, drop_id)
+        generate_spec = {
+            "name": stem,
+            "model": model,
+            "prompt_file": _rebase_controls(prompt_file, drop).model_dump(mode="json"),
+            "loras": loras,
+            "output_dir": str(self.settings.paths.images / stem),
+            "preview_every": self.settings.generate.preview_every,
+        }
+        largest = max(prompt_file.images, key=lambda image: image.width * image.height)
+        generate = self._job(
+            "generate",
+            stem,
+            generate_spec,
+            drop_id,
+            depends_on=depends_on,
+            rung_key=f"generate:{model}:{largest.width}x{largest.height}",
+        )
+        jobs = [generate]
+        if prompt_file.video is not None:
+            output = video_path(self.settings.paths.videos, stem, prompt_file.video)
+            jobs.append(
+                self._job(
+                    "video",
+                    stem,
+                    {"name": stem, "options": prompt_file.video, "output": str(output)},
+                    drop_id,
+                    depends_on=[generate.job_id],
                 )
-            ):
-                return job.id
-        return None
+            )
+        return jobs
+
+    async def _resolve_lora(self, ref: str) -> tuple[Path, str | None]:
+        """(LoRA file, train job to wait for) for a dataset name, a job id or a path."""
+        from dropkiln.stages.train import lora_path
+
+        looks_like_path = "/" in ref or ref.endswith(".safetensors")
+        if looks_like_path:
+            path = Path(ref).expanduser()
+            if not path.is_file() or path.suffix != ".safetensors":
+                raise DropRejection(f"LoRA {ref!r}: no such .safetensors file")
+            return path.resolve(), None
+        for job in await list_jobs(self.store):
+            if job.stage != "train" or job.state in ("failed", "cancelled"):
+                continue
+            if job.name == ref or job.id == ref:
+                path = lora_path(job.spec["output_dir"], job.name)
+                return path, None if job.state == "succeeded" else job.id
+        existing = lora_path(self.settings.paths.loras / ref, ref)
+        if existing.is_file():
+            return existing, None
+        raise DropRejection(
+            f"LoRA {ref!r} does not exist: no dataset, train job or file by that name "
+            "(drop the dataset first, or give a path to a .safetensors file)"
+        )
+
+    async def _output_stem(self, name: str, drop_id: str) -> str:
+        """The prompt file's name, unless an earlier drop already used that output folder."""
+        taken = (self.settings.paths.images / name).exists() or any(
+            job.stage == "generate" and job.name == name for job in await list_jobs(self.store)
+        )
+        return f"{name}-{drop_id}" if taken else name
+
+
+def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
+    """Control images were checked in drop/prompts/; the job reads them from processed/."""
+    source = drop.options["source"]
+    images = []
+    for image in prompt_file.images:
+        if image.control is not None:
+            if source.is_file():
+                raise DropRejection(
+                    "control images need the prompt file and its images dropped together "
+                    "as one folder"
+                )
+            moved = drop.folder / Path(image.control.image).relative_to(source.resolve())
+            control = image.control.model_copy(update={"image": str(moved)})
+            image = image.model_copy(update={"control": control})
+        images.append(image)
+    return prompt_file.model_copy(update={"images": images})
 
 
 def error_text(name: str, drop_id: str, reason: str, at: str) -> str:
