@@ -33,7 +33,7 @@ _loaded: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
 def controlnet_folder(model: str, base: ModelRef, models_dir: Path) -> Path:
     """The folder of the ControlNet an entry names: ``tiny`` (built once) or a local folder."""
     if model == TINY_CONTROL:
-        if not base.name.startswith("tiny-"):
+        if base.single_file or not (base.path / "dropkiln-tiny.json").is_file():
             raise StageError(
                 f"control model 'tiny' goes with the tiny models, not {base.name}; "
                 "name a local ControlNet folder"
@@ -51,7 +51,7 @@ def controlnet_folder(model: str, base: ModelRef, models_dir: Path) -> Path:
 
 def ensure_tiny_controlnet(base: ModelRef, models_dir: Path) -> Path:
     """A ControlNet made from the tiny model's UNet with a fixed seed, saved once."""
-    target = Path(models_dir) / f"controlnet-{base.name}-{base.fingerprint[:12]}"
+    target = Path(models_dir) / f"controlnet-{base.kind}-tiny-{base.fingerprint[:12]}"
     if (target / "config.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)

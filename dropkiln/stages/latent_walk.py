@@ -59,8 +59,8 @@ def lerp_embeddings(a: dict[str, Any], b: dict[str, Any], mix: float) -> dict[st
         second = b[name]
         if first is None or second is None:
             mixed[name] = None
-        elif mix == 0.0:
-            mixed[name] = first
+        elif mix in (0.0, 1.0):
+            mixed[name] = first if mix == 0.0 else second
         else:
             mixed[name] = first + (second - first) * mix
     return mixed

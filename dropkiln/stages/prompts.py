@@ -236,7 +236,9 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
     top = _checked(_RawFile, raw, label, "", context)
     if not top.image:
         raise StageError(f"{label}: no [[image]] entries")
-    base = _checked(ImageDefaults, _settings_defaults(settings), "dropkiln.toml", "generate.", {})
+    base = _checked(
+        ImageDefaults, _settings_defaults(settings), f"{label}: dropkiln.toml", "generate.", {}
+    )
     merged_defaults = base.model_dump() | top.defaults
     defaults = _checked(ImageDefaults, merged_defaults, label, "defaults.", context)
     images = []
@@ -286,13 +288,13 @@ def _checked(model: type[M], data: Any, label: str, where: str, context: dict[st
 def _describe(exc: ValidationError, model: type[BaseModel], label: str, where: str) -> str:
     problems = []
     for error in exc.errors(include_url=False)[:3]:
-        loc = ".".join(str(part) for part in error["loc"])
-        field = f"{where}{loc}".rstrip(".") or "(top level)"
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        field = f"{where}{loc.lstrip('.')}".rstrip(".") or "(top level)"
         if error["type"] == "extra_forbidden":
             message = f"unknown key{_did_you_mean(str(error['loc'][-1]), model)}"
         else:
             message = error["msg"].removeprefix("Value error, ")
-            if "input" in error and error["type"] not in ("missing", "model_type"):
+            if "input" in error and error["type"] not in ("missing", "model_type", "value_error"):
                 message += f" (got {error['input']!r:.60})"
         problems.append(f"{field}: {message}")
     more = len(exc.errors()) - len(problems)
