@@ -51,6 +51,12 @@ class GenerateSpec(StageSpec):
     """Write a latent preview every N denoising steps (0: never)."""
 
 
+def resolution(spec: GenerateSpec) -> str:
+    """The job's largest image size, ``WxH``: with the model, what its memory rung depends on."""
+    largest = max(spec.prompt_file.images, key=lambda image: image.width * image.height)
+    return f"{largest.width}x{largest.height}"
+
+
 def inference_dtype(device: str) -> torch.dtype:
     """float32 on the CPU (exact and reproducible), float16 on a GPU."""
     import torch

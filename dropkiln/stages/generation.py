@@ -110,6 +110,8 @@ class GenerationRun:
             if task.control is not None:
                 control = load_control_image(task.control.image, f"image[{task.entry}]")
             image = render_image(pipe, task, self._on_step_end("image", task.index), control)
+            if self._stopping:
+                self._stop_now("images", position)
             self._write(image, target, record, a1111_parameters(*self._a1111(task)), "image")
             self.ctx.checkpoint({"phase": "images", "done": position + 1, "last": target.name})
         return paths
@@ -137,6 +139,8 @@ class GenerationRun:
                 slerp(first_noise, second_noise, frame.mix),
                 self._on_step_end("frame", frame.index),
             )
+            if self._stopping:
+                self._stop_now("walk", frame.index)
             parameters = f"latent walk frame {frame.index}: {frame.mix:.3f} from {frame.first}"
             self._write(image, target, record, parameters, None)
             self.ctx.checkpoint({"phase": "walk", "done": frame.index + 1, "last": target.name})
@@ -188,8 +192,6 @@ class GenerationRun:
         parameters: str,
         artifact_kind: str | None,
     ) -> None:
-        if self._stopping:
-            self._stop_now()
         self.ctx.fault("generate.image")
         write_png(image, target, png_info(parameters, record))
         self.rendered += 1
@@ -206,8 +208,10 @@ class GenerationRun:
             self.ctx.checkpoint({"phase": phase, "done": done})
             raise StageStopped(f"generate {self.spec.name} stopped before {phase} {done}")
 
-    def _stop_now(self) -> None:
-        raise StageStopped(f"generate {self.spec.name} stopped during denoising")
+    def _stop_now(self, phase: str, done: int) -> None:
+        """Stopped mid-image: the image is dropped, the job resumes before it."""
+        self.ctx.checkpoint({"phase": phase, "done": done})
+        raise StageStopped(f"generate {self.spec.name} stopped while denoising {phase} {done}")
 
     def _on_step_end(self, label: str, index: int) -> StepCallback:
         preview_every = self.spec.preview_every

@@ -8,11 +8,14 @@ from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.base import StageError
 from dropkiln.stages.prompts import ImageTask
-from dropkiln.stages.schedulers import make_scheduler
+from dropkiln.stages.schedulers import make_scheduler, needs_zero_snr
 
 if TYPE_CHECKING:
     import torch
     from PIL import Image
+
+# Lin et al. 2023 (section 3.4) use 0.7 with their zero-terminal-SNR models.
+ZERO_SNR_GUIDANCE_RESCALE = 0.7
 
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
 
@@ -45,6 +48,9 @@ def call_options(pipe: Any, task: ImageTask, on_step_end: StepCallback | None) -
         "height": task.height,
         "output_type": "pil",
     }
+    if needs_zero_snr(pipe.scheduler.config):
+        # the companion fix to zero terminal SNR: keeps high guidance from overexposing
+        options["guidance_rescale"] = ZERO_SNR_GUIDANCE_RESCALE
     clip_skip = diffusers_clip_skip(pipe, task.clip_skip)
     if clip_skip is not None:
         options["clip_skip"] = clip_skip

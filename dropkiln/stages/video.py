@@ -8,13 +8,22 @@ Frames go to ``work_dir/frames`` as they are made, so a retry continues where it
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from PIL import Image, ImageOps
 
-from dropkiln.stages.base import StageContext, StageDef, StageError, StageSpec, StageStopped
+from dropkiln.stages.base import (
+    StageContext,
+    StageDef,
+    StageError,
+    StageSpec,
+    StageStopped,
+    atomic_path,
+)
 from dropkiln.stages.encode import encode_frames, frame_name
 from dropkiln.stages.pngmeta import write_png
 from dropkiln.stages.prompts import VideoOptions
@@ -30,6 +39,11 @@ class VideoSpec(StageSpec):
     options: VideoOptions
     output: str
     """ROOT/outputs/videos/STEM.mp4 (or .gif / .webp, as ``options.format`` says)."""
+
+
+def video_path(videos_dir: Path, stem: str, options: VideoOptions) -> Path:
+    """Where the video of prompt file ``stem`` goes: ROOT/outputs/videos/STEM.mp4 (.gif, .webp)."""
+    return videos_dir / f"{stem}.{options.format}"
 
 
 @dataclass(frozen=True)
@@ -79,16 +93,23 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
     frames_dir.mkdir(parents=True, exist_ok=True)
     total = len(plan)
     loaded: dict[int, Image.Image] = {}
+    held: dict[int, Path] = {}  # a frame file showing just source N, for the frames that repeat it
     for number, recipe in enumerate(plan):
         target = frames_dir / frame_name(number)
-        if target.exists():
-            continue  # written atomically by an earlier attempt: whole and right
+        if target.exists():  # written atomically by an earlier attempt: whole and right
+            if recipe.second is None:
+                held.setdefault(recipe.first, target)
+            continue
         if ctx.should_stop():
             ctx.checkpoint({"frames_done": number, "frames_dir": str(frames_dir)})
             raise StageStopped(f"video {spec.name} stopped at frame {number}/{total}")
         ctx.fault("video.frame")
-        frame = _compose(recipe, sources, canvas, loaded)
-        write_png(frame, target, compress_level=1)
+        if recipe.second is None and recipe.first in held:
+            _link_or_copy(held[recipe.first], target)
+        else:
+            write_png(_compose(recipe, sources, canvas, loaded), target, compress_level=1)
+            if recipe.second is None:
+                held[recipe.first] = target
         ctx.progress(number + 1, total + 1, phase="frames")
         if (number + 1) % CHECKPOINT_EVERY == 0:
             ctx.checkpoint({"frames_done": number + 1, "frames_dir": str(frames_dir)})
@@ -107,6 +128,15 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
         "height": canvas[1],
         "duration": total / options.fps,
     }
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """A repeated frame costs a hard link, not another PNG encode (a copy where links fail)."""
+    try:
+        os.link(source, target)
+    except OSError:
+        with atomic_path(target) as tmp:
+            shutil.copyfile(source, tmp)
 
 
 def _canvas_size(first: Path) -> tuple[int, int]:

@@ -13,7 +13,7 @@ from PIL import Image
 
 from dropkiln.stages.base import StageError, StageStopped
 from dropkiln.stages.faults import FaultInjector
-from dropkiln.stages.generate import STAGE, GenerateSpec, LoraFile, run_generate
+from dropkiln.stages.generate import STAGE, GenerateSpec, LoraFile, resolution, run_generate
 from dropkiln.stages.inference_memory import GENERATE_LADDER
 from dropkiln.stages.pngmeta import read_dropkiln_record, read_png_text
 from dropkiln.stages.prompts import ImageEntry, PromptFile
@@ -123,7 +123,9 @@ def test_outputs_metadata_and_artifacts(gen_root: Path, tmp_path: Path) -> None:
         ]
     )
     ctx = local(gen_root, tmp_path)
-    result = run_generate(spec_for(tmp_path / "out", prompt_file), ctx)
+    spec = spec_for(tmp_path / "out", prompt_file)
+    assert resolution(spec) == "64x128"
+    result = run_generate(spec, ctx)
     names = [Path(p).name for p in result["images"]]
     assert names == ["000-5-cat.png", "001-6-cat.png", "002-9.png"]
     assert pixels(result["images"][2]).shape == (128, 64, 3)
@@ -306,7 +308,7 @@ def test_stop_during_denoising_writes_no_partial_image(gen_root: Path, tmp_path:
     with pytest.raises(StageStopped):
         run_generate(spec, ctx)
     assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000-1.png"]
-    assert ctx.saved is not None and ctx.saved["done"] == 1
+    assert ctx.saved == {"phase": "images", "done": 1}
     ctx.stop_after = None
     result = run_generate(spec, ctx)
     assert (result["rendered"], result["skipped"]) == (2, 1)

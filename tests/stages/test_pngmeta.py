@@ -131,3 +131,17 @@ def test_v_prediction_models_get_trailing_spacing_and_zero_snr(name: str) -> Non
     assert scheduler.config.rescale_betas_zero_snr is True
     scheduler.set_timesteps(4)
     assert int(scheduler.timesteps[0]) == 999  # trailing spacing starts at the last step
+
+
+def test_zero_snr_models_get_guidance_rescale() -> None:
+    from types import SimpleNamespace
+
+    from dropkiln.stages.render import call_options
+
+    def pipe_with(prediction: str) -> SimpleNamespace:
+        config = {**BASE_CONFIG, "prediction_type": prediction}
+        return SimpleNamespace(scheduler=SimpleNamespace(config=config))
+
+    task = TASK.model_copy(update={"clip_skip": None})
+    assert call_options(pipe_with("v_prediction"), task, None)["guidance_rescale"] == 0.7
+    assert "guidance_rescale" not in call_options(pipe_with("epsilon"), task, None)

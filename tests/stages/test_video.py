@@ -14,7 +14,14 @@ from dropkiln.stages.base import StageError, StageStopped
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.prompts import VideoOptions
 from dropkiln.stages.testing import LocalContext
-from dropkiln.stages.video import STAGE, FrameRecipe, VideoSpec, run_video, slideshow_plan
+from dropkiln.stages.video import (
+    STAGE,
+    FrameRecipe,
+    VideoSpec,
+    run_video,
+    slideshow_plan,
+    video_path,
+)
 
 COLOURS = [(255, 0, 0), (0, 255, 0), (0, 0, 255)]
 
@@ -66,6 +73,8 @@ def spec_for(tmp_path: Path, **options: object) -> VideoSpec:
 
 def test_stage_definition() -> None:
     assert (STAGE.name, STAGE.lane, STAGE.spec, STAGE.priority) == ("video", "cpu", VideoSpec, 10)
+    gif = VideoOptions(format="gif")
+    assert video_path(Path("/r/outputs/videos"), "cats", gif) == Path("/r/outputs/videos/cats.gif")
 
 
 def test_slideshow_plan_cut_and_crossfade() -> None:
