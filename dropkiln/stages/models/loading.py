@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.base import StageError
-from dropkiln.stages.models.offline import enforce_offline
+from dropkiln.stages.models.offline import enforce_offline, quiet_libraries
 from dropkiln.stages.models.refs import ModelRef
 
 if TYPE_CHECKING:
@@ -50,14 +50,3 @@ def pipeline_bytes(pipe: Any) -> int:
             for tensor in [*component.parameters(), *component.buffers()]:
                 total += tensor.numel() * tensor.element_size()
     return total
-
-
-def quiet_libraries() -> None:
-    """No progress bars or info chatter from diffusers/transformers in the daemon's logs."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()

@@ -14,3 +14,15 @@ def enforce_offline() -> None:
     # Telemetry pings are network calls too.
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("DISABLE_TELEMETRY", "1")
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info chatter from diffusers/transformers in the daemon's logs."""
+    enforce_offline()
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()

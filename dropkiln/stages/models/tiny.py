@@ -16,7 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from dropkiln.stages.models.offline import enforce_offline
+from dropkiln.stages.models.offline import enforce_offline, quiet_libraries
 from dropkiln.stages.models.tokenizer import MAX_LENGTH, special_token_ids, write_tokenizer
 
 if TYPE_CHECKING:
@@ -45,7 +45,8 @@ def ensure_tiny_model(name: TinyName, models_dir: Path) -> Path:
     """The tiny model's diffusers folder under ``models_dir``, built once, atomically."""
     if name not in TINY_NAMES:
         raise ValueError(f"unknown tiny model {name!r}; expected one of {TINY_NAMES}")
-    target = Path(models_dir) / name
+    # Resolved, so a symlinked models folder names the same warm pipeline.
+    target = Path(models_dir).resolve() / name
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -67,6 +68,7 @@ def ensure_tiny_model(name: TinyName, models_dir: Path) -> Path:
 def tiny_components(name: TinyName) -> dict[str, Any]:
     """Build the tiny model's components in memory (deterministic weights)."""
     enforce_offline()
+    quiet_libraries()
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
