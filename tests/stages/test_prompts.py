@@ -224,3 +224,31 @@ def test_expansion_counts_and_unique_stems(entries: list[tuple[int, int]]) -> No
     assert len(tasks) == sum(count for count, _ in entries)
     assert len({t.stem for t in tasks}) == len(tasks)
     assert [t.index for t in tasks] == list(range(len(tasks)))
+
+
+def test_specs_survive_json_and_stage_modules_import_without_torch(
+    tmp_path: Path, settings: Settings
+) -> None:
+    import subprocess
+    import sys
+
+    from dropkiln.stages.generate import GenerateSpec, LoraFile
+    from dropkiln.stages.video import VideoSpec
+
+    prompt_file = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings)
+    spec = GenerateSpec(name="p", model="tiny-sdxl", prompt_file=prompt_file,
+                        loras=[LoraFile(name="cats", path="/l/cats.safetensors", weight=0.8)],
+                        output_dir="/r/outputs/images/p")  # fmt: skip
+    assert GenerateSpec.model_validate_json(spec.model_dump_json()) == spec
+    assert GenerateSpec.model_validate(json.loads(spec.model_dump_json())) == spec
+    assert prompt_file.video is not None
+    video = VideoSpec(name="p", options=prompt_file.video, output="/r/outputs/videos/p.mp4")
+    assert VideoSpec.model_validate_json(video.model_dump_json()) == video
+
+    code = (
+        "import sys; from dropkiln.stages import get_stage; "
+        "get_stage('generate'); get_stage('video'); "
+        "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
