@@ -112,7 +112,10 @@ class GenerationRun:
             image = render_image(pipe, task, self._on_step_end("image", task.index), control)
             if self._stopping:
                 self._stop_now("images", position)
-            self._write(image, target, record, a1111_parameters(*self._a1111(task)), "image")
+            parameters = a1111_parameters(
+                task, self._model_label(), self.model.fingerprint, self.lora_records
+            )
+            self._write(image, target, record, parameters, "image")
             self.ctx.checkpoint({"phase": "images", "done": position + 1, "last": target.name})
         return paths
 
@@ -174,15 +177,18 @@ class GenerationRun:
             "version": RECORD_VERSION,
             **content,
             "digest": digest,
+            "model_name": self.model.name,
             "memory_rung": self.rung.name,
         }
 
     def _model_record(self) -> dict[str, str]:
-        m = self.model
-        return {"name": m.name, "kind": m.kind, "fingerprint": m.fingerprint}
+        # the weights, not the name or path they were found under, decide what an image shows
+        return {"kind": self.model.kind, "fingerprint": self.model.fingerprint}
 
-    def _a1111(self, task: ImageTask) -> tuple[ImageTask, str, str, list[dict[str, Any]]]:
-        return task, self.model.name, self.model.fingerprint, self.lora_records
+    def _model_label(self) -> str:
+        """``tiny-sdxl``, or a folder's or file's stem: what A1111's ``Model:`` shows."""
+        name = self.model.name
+        return Path(name).stem if "/" in name or "\\" in name else name
 
     def _write(
         self,

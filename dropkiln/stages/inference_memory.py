@@ -43,17 +43,20 @@ def apply_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
     if options.get("vae_tiling"):
         pipe.vae.enable_tiling()
     offload = options.get("offload")
-    if offload == "model":
+    if offload is None:
+        pipe.to(device)  # back from the CPU, if an offloading job left it there
+    elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":
         _sequential_offload(pipe, device)
 
 
 def undo_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
-    """Leave the pipeline as a fresh load: no hooks, no slicing, every weight on ``device``."""
+    """Leave the pipeline without hooks or slicing; after offloading its weights stay on the
+    CPU (moving them all back now could run out of memory again); the next job moves them."""
     if options.get("offload"):
         pipe.remove_all_hooks()
-        pipe.to(device)
+        pipe.to("cpu", silence_dtype_warnings=True)
     if options.get("attention_slicing"):
         pipe.disable_attention_slicing()
     if options.get("vae_slicing"):

@@ -127,6 +127,12 @@ class ImageEntry(ImageDefaults):
             raise ValueError(f"{value!r} is not a usable file name")
         return value
 
+    @model_validator(mode="after")
+    def _seeds_in_range(self) -> ImageEntry:
+        if self.seed + self.count - 1 > MAX_SEED:
+            raise ValueError(f"seed {self.seed} + count {self.count} runs past {MAX_SEED}")
+        return self
+
 
 class VideoOptions(FileModel):
     """The ``[video]`` table."""
@@ -210,11 +216,11 @@ def load_prompt_file(path: Path, settings: Settings) -> PromptFile:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise StageError(f"{label}: cannot be read: {exc}") from exc
-    raw = _parse_text(text, path.suffix.lower(), label, settings)
+    raw = _parse_text(text, path.suffix.lower(), label)
     return _validate(raw, label, path.parent, settings)
 
 
-def _parse_text(text: str, suffix: str, label: str, settings: Settings) -> Any:
+def _parse_text(text: str, suffix: str, label: str) -> Any:
     if suffix == ".txt":
         prompts = [line.strip() for line in text.splitlines()]
         entries = [{"prompt": p} for p in prompts if p and not p.startswith("#")]

@@ -141,6 +141,7 @@ def test_outputs_metadata_and_artifacts(gen_root: Path, tmp_path: Path) -> None:
     assert record is not None
     assert record["image"]["seed"] == 6 and record["image"]["scheduler"] == "dpm++ 2m karras"
     assert record["model"]["fingerprint"] == result["model"]["fingerprint"]
+    assert record["model_name"] == "tiny-sdxl"
     assert record["memory_rung"] == "default"
     # progress: every denoising step of every image, in order, up to the total
     assert [done for done, _, _ in ctx.progress_log] == list(range(1, 8))
