@@ -114,6 +114,9 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
         if (number + 1) % CHECKPOINT_EVERY == 0:
             ctx.checkpoint({"frames_done": number + 1, "frames_dir": str(frames_dir)})
 
+    for extra in frames_dir.glob("*.png"):
+        if extra.stem.isdigit() and int(extra.stem) >= total:
+            extra.unlink()  # ffmpeg reads the numbered sequence to its end
     output = Path(spec.output)
     encode_frames(frames_dir, options.fps, options.format, output)
     ctx.progress(total + 1, total + 1, phase="encoded")

@@ -180,6 +180,17 @@ def test_latent_walk_frames_start_and_end_on_the_images(gen_root: Path, tmp_path
     again = run(gen_root, tmp_path / "out", PromptFile(images=images, video=video))
     assert (again["rendered"], again["skipped"]) == (0, 6)
 
+    # the video stage encodes the walk's frames, one video frame each
+    from dropkiln.stages.video import VideoSpec, run_video, video_path
+
+    spec = VideoSpec(name="job", options=video, output=str(video_path(tmp_path, "job", video)))
+    ctx = LocalContext(
+        root=gen_root, work_dir=tmp_path / "video", upstream_results={"generate": again}
+    )
+    encoded = run_video(spec, ctx)
+    assert (encoded["frames"], encoded["width"], encoded["height"]) == (4, 64, 64)
+    assert Path(encoded["video"]) == tmp_path / "job.mp4" and Path(encoded["video"]).stat().st_size
+
 
 def test_an_oom_during_the_walk_resumes_at_the_frame(gen_root: Path, tmp_path: Path) -> None:
     from dropkiln.stages.faults import FaultInjector
