@@ -159,6 +159,8 @@ class _Loop:
     order: Any
     scheduler: Any
     on_the_fly: bool
+    _memory: int = 0
+    _memory_at: float = -math.inf
 
     def run(self) -> None:
         options = self.spec.options
@@ -270,11 +272,17 @@ class _Loop:
         return (per_sample_mse(prediction, target) * weights).sum()
 
     def memory(self) -> int:
-        if self.plan.device.startswith("cuda"):
-            import torch
+        """Bytes in use, sampled at most once a second (progress is reported every step)."""
+        now = time.monotonic()
+        if now - self._memory_at >= 1.0:
+            self._memory_at = now
+            if self.plan.device.startswith("cuda"):
+                import torch
 
-            return int(torch.cuda.memory_allocated(self.plan.device))
-        return _process_rss()
+                self._memory = int(torch.cuda.memory_allocated(self.plan.device))
+            else:
+                self._memory = _process_rss()
+        return self._memory
 
     def checkpoint(self, reports: bool) -> None:
         from dropkiln.stages.training.checkpoint import prune_checkpoints
