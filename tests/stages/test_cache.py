@@ -46,9 +46,9 @@ def test_cache_encodes_latents_and_both_text_encoders(dropkiln_root: Path) -> No
     assert latents["latents_flipped"].shape == (4, 8, 12)
     assert not latents["latents"].equal(latents["latents_flipped"])
     text = read_shard(store, wide["text"])
-    assert text["prompt_embeds"].shape == (77, 64)  # both encoders side by side
-    assert text["pooled_prompt_embeds"].shape == (32,)
-    assert read_shard(store, index["empty_text"])["prompt_embeds"].shape == (77, 64)
+    assert text["prompt_embeds"].shape == (77, 80)  # both encoders (32 + 48) side by side
+    assert text["pooled_prompt_embeds"].shape == (48,)
+    assert read_shard(store, index["empty_text"])["prompt_embeds"].shape == (77, 80)
     assert ctx.artifacts == [(Path(result["index"]), "cache-index")]
     assert ctx.progress_log[-1][0] == ctx.progress_log[-1][1]
 

@@ -39,13 +39,13 @@ def _unet_output(pipe: Any, kind: str) -> Any:
     import torch
 
     generator = torch.Generator().manual_seed(5)
-    width = 64 if kind == "sdxl" else 32
+    width = 80 if kind == "sdxl" else 32
     sample = torch.randn((2, 4, 8, 8), generator=generator)
     text = torch.randn((2, 77, width), generator=generator)
     extra: dict[str, Any] = {}
     if kind == "sdxl":
         extra["added_cond_kwargs"] = {
-            "text_embeds": torch.randn((2, 32), generator=generator),
+            "text_embeds": torch.randn((2, 48), generator=generator),
             "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
         }
     with torch.no_grad():

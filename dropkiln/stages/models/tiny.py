@@ -26,6 +26,9 @@ TinyName = Literal["tiny-sdxl", "tiny-sd15"]
 TINY_NAMES: tuple[TinyName, ...] = ("tiny-sdxl", "tiny-sd15")
 TINY_SEED = 20240601
 TEXT_WIDTH = 32
+TEXT_WIDTH_2 = 48
+"""SDXL's second encoder is wider, as bigG (1280) is beside CLIP-L (768); single-file
+loaders tell the two apart by width."""
 
 # Stable Diffusion's training noise schedule; generation uses Euler on the same betas.
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -75,28 +78,31 @@ def tiny_components(name: TinyName) -> dict[str, Any]:
     sdxl = name == "tiny-sdxl"
     bos, eos = special_token_ids()
     vocab_size = eos + 1
-    text_config = CLIPTextConfig(
-        vocab_size=vocab_size,
-        hidden_size=TEXT_WIDTH,
-        intermediate_size=64,
-        projection_dim=TEXT_WIDTH,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        max_position_embeddings=MAX_LENGTH,
-        hidden_act="quick_gelu",
-        bos_token_id=bos,
-        eos_token_id=eos,
-        pad_token_id=eos,
-    )
-    components: dict[str, Any] = {"text_encoder": CLIPTextModel(text_config)}
+
+    def text_config(width: int) -> Any:
+        return CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            projection_dim=width,
+            num_hidden_layers=3,
+            num_attention_heads=4,
+            max_position_embeddings=MAX_LENGTH,
+            hidden_act="quick_gelu",
+            bos_token_id=bos,
+            eos_token_id=eos,
+            pad_token_id=eos,
+        )
+
+    components: dict[str, Any] = {"text_encoder": CLIPTextModel(text_config(TEXT_WIDTH))}
     unet_options: dict[str, Any] = {}
     if sdxl:
-        components["text_encoder_2"] = CLIPTextModelWithProjection(text_config)
+        components["text_encoder_2"] = CLIPTextModelWithProjection(text_config(TEXT_WIDTH_2))
         time_embed_dim = 8
         unet_options = {
             "addition_embed_type": "text_time",
             "addition_time_embed_dim": time_embed_dim,
-            "projection_class_embeddings_input_dim": 6 * time_embed_dim + TEXT_WIDTH,
+            "projection_class_embeddings_input_dim": 6 * time_embed_dim + TEXT_WIDTH_2,
             "use_linear_projection": True,
         }
     components["unet"] = UNet2DConditionModel(
@@ -109,7 +115,7 @@ def tiny_components(name: TinyName) -> dict[str, Any]:
         layers_per_block=1,
         attention_head_dim=(2, 4),
         norm_num_groups=16,
-        cross_attention_dim=TEXT_WIDTH * (2 if sdxl else 1),
+        cross_attention_dim=TEXT_WIDTH + TEXT_WIDTH_2 if sdxl else TEXT_WIDTH,
         **unet_options,
     )
     components["vae"] = AutoencoderKL(
