@@ -79,7 +79,7 @@ def _size(value: Any) -> Size:
 
 def load_bucket_pixels(manifest: Manifest, image: PlannedImage) -> Any:
     """The image resized and cropped to its bucket, upright RGB; checks it did not change."""
-    from PIL import Image, ImageOps
+    from dropkiln.stages.imaging import ImageRejected, crop_to_bucket, decode_rgb
 
     path = manifest.image_path(image)
     try:
@@ -90,13 +90,12 @@ def load_bucket_pixels(manifest: Manifest, image: PlannedImage) -> Any:
         raise StageError(
             f"dataset image {image.path} changed after it was bucketed; drop the dataset again"
         )
-    with Image.open(path) as opened:
-        picture = ImageOps.exif_transpose(opened)
-        if picture.mode != "RGB":
-            # Transparent pixels become white, as the bucket stage composites them.
-            rgba = picture.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            picture = Image.alpha_composite(white, rgba).convert("RGB")
-        if picture.size != image.resized_size:
-            picture = picture.resize(image.resized_size, Image.Resampling.LANCZOS, reducing_gap=3.0)
-        return picture.crop(image.crop_box)
+    # Decoded exactly as the bucket stage decoded it (orientation, colour profile, bit
+    # depth, alpha), so the cached pixels are the pixels that were bucketed. The bytes are
+    # the ones the bucket stage accepted, so their own size is the pixel bound.
+    width, height = image.original_size
+    try:
+        decoded = decode_rgb(data, max_pixels=width * height)
+    except ImageRejected as exc:
+        raise StageError(f"dataset image {image.path} cannot be decoded: {exc}") from exc
+    return crop_to_bucket(decoded.image, image.resized_size, image.crop_box)
