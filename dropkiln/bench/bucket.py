@@ -27,6 +27,7 @@ def bench_bucket(
     size: tuple[int, int] = (2048, 1536),
     workers: Sequence[int] | None = None,
     repeat: int = 2,
+    resolution: int = 1024,
 ) -> dict[str, Any]:
     """Bucket ``n_images`` generated photo-like JPEGs with each worker count; images/s, speedup."""
     counts = list(workers) if workers is not None else [1, os.cpu_count() or 1]
@@ -41,7 +42,9 @@ def bench_bucket(
                 work_dir = Path(scratch, f"work-{count}-{attempt}")
                 ctx = LocalContext(root=Path(scratch), work_dir=work_dir)
                 spec = BucketSpec(
-                    dataset_dir=str(dataset), name="bench", bucket=BucketSettings(workers=count)
+                    dataset_dir=str(dataset),
+                    name="bench",
+                    bucket=BucketSettings(workers=count, resolution=resolution),
                 )
                 started = time.perf_counter()
                 result = run_bucket(spec, ctx)
@@ -60,6 +63,7 @@ def bench_bucket(
     return {
         "images": n_images,
         "size": list(size),
+        "resolution": resolution,
         "dataset_mb": round(generated_bytes / 2**20, 1),
         "cpu_count": os.cpu_count(),
         "repeat": repeat,

@@ -12,15 +12,19 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
+from dropkiln.bench.stats import intervals
 from dropkiln.stages.cache import CacheSpec, run_cache
 from dropkiln.stages.testing import LocalContext
+
+Profiler = Callable[[Callable[[], Any]], dict[str, Any]]
 
 
 def write_bench_dataset(root: Path, name: str, n_images: int, size: int) -> Path:
@@ -83,8 +87,13 @@ def bench_cache(
     model: str = "tiny-sdxl",
     repeat: int = 2,
     models_dir: Path | None = None,
+    vae_batch_size: int = 8,
+    device: str = "cpu",
+    vae_batch_sizes: Sequence[int] = (),
+    profiler: Profiler | None = None,
 ) -> dict[str, Any]:
-    """Seconds to cache ``n_images`` from scratch, and to re-cache after one image changed."""
+    """Seconds to cache ``n_images`` from scratch, and to re-cache after one image changed;
+    images/s for each of ``vae_batch_sizes``."""
     from dropkiln.stages.models import resolve_model, shared_pipelines
     from dropkiln.stages.training.encoding import compute_dtype
 
@@ -94,27 +103,46 @@ def bench_cache(
         manifest = write_bench_dataset(root, "bench", n_images, size)
         started = time.perf_counter()
         ref = resolve_model(model, root / "state" / "models")
-        shared_pipelines().get(ref, "cpu", compute_dtype("cpu"))
+        shared_pipelines().get(ref, device, compute_dtype(device))
         warm_up_s = time.perf_counter() - started
+        run = _CacheRun(root, model, device)
         scratch_s: list[float] = []
         recache_s: list[float] = []
+        batch_s: list[float] = []
         counts: list[tuple[int, int]] = []
         rng = np.random.default_rng(1)
         # Interleaved (scratch, one changed, scratch, …) so machine load hits both alike.
         for _ in range(repeat):
-            shutil.rmtree(root / "state" / "cache", ignore_errors=True)
-            result, seconds = _timed_cache(root, manifest, model)
+            result, seconds, batches = run.from_scratch(manifest, vae_batch_size)
             scratch_s.append(seconds)
+            batch_s += batches
             _write_image(root / "drop" / "datasets" / "bench" / "img_0000.png", rng, size)
             manifest = write_bench_manifest(root, "bench", size)
-            result, seconds = _timed_cache(root, manifest, model)
+            result, seconds, _ = run.timed(manifest, vae_batch_size)
             recache_s.append(seconds)
             counts.append((result["encoded"], result["reused"]))
+        sweep = []
+        for batch in vae_batch_sizes:
+            runs = [run.from_scratch(manifest, batch) for _ in range(repeat)]
+            best = min(seconds for _, seconds, _ in runs)
+            sweep.append(
+                {
+                    "vae_batch_size": batch,
+                    "seconds_all": [round(seconds, 4) for _, seconds, _ in runs],
+                    "images_per_s": round(n_images / best, 2),
+                    "batch_s": [s for _, _, batches in runs for s in batches],
+                }
+            )
+        profile = None
+        if profiler is not None:
+            profile = profiler(lambda: run.from_scratch(manifest, vae_batch_size))
     best_scratch, best_recache = min(scratch_s), min(recache_s)
-    return {
+    figures: dict[str, Any] = {
         "images": n_images,
         "size": [size, size],
         "model": model,
+        "device": device,
+        "vae_batch_size": vae_batch_size,
         "threads": _threads(),
         "warm_up_s": round(warm_up_s, 3),
         "from_scratch_s": round(best_scratch, 3),
@@ -124,19 +152,55 @@ def bench_cache(
         "one_changed_all": [round(s, 3) for s in recache_s],
         "one_changed_encoded_reused": counts[-1],
         "one_changed_ratio": round(best_recache / best_scratch, 4),
+        "vae_batch_s": batch_s,
+        "sweep": sweep,
         "load_average_after": round(os.getloadavg()[0], 2),
     }
+    if profile is not None:
+        figures["profile"] = profile
+    return figures
 
 
-def _timed_cache(root: Path, manifest: Path, model: str) -> tuple[dict[str, Any], float]:
-    ctx = LocalContext(
-        root=root,
-        work_dir=root / "state" / "work" / "bench-cache",
-        upstream_results={"bucket": {"manifest": str(manifest)}},
-    )
-    started = time.perf_counter()
-    result = run_cache(CacheSpec(name="bench", model=model), ctx)
-    return result, time.perf_counter() - started
+@dataclass
+class _StampedContext(LocalContext):
+    """Records when each progress report arrives and how many items were done by then."""
+
+    stamps: list[tuple[float, int]] = field(default_factory=list)
+
+    def progress(self, done: int, total: int, **metrics: Any) -> None:
+        self.stamps.append((time.perf_counter(), done))
+        super().progress(done, total, **metrics)
+
+
+@dataclass(frozen=True)
+class _CacheRun:
+    root: Path
+    model: str
+    device: str
+
+    def from_scratch(
+        self, manifest: Path, vae_batch_size: int
+    ) -> tuple[dict[str, Any], float, list[float]]:
+        shutil.rmtree(self.root / "state" / "cache", ignore_errors=True)
+        return self.timed(manifest, vae_batch_size)
+
+    def timed(
+        self, manifest: Path, vae_batch_size: int
+    ) -> tuple[dict[str, Any], float, list[float]]:
+        """(result, seconds, seconds per VAE batch) of one cache run."""
+        ctx = _StampedContext(
+            root=self.root,
+            work_dir=self.root / "state" / "work" / "bench-cache",
+            device=self.device,
+            upstream_results={"bucket": {"manifest": str(manifest)}},
+        )
+        spec = CacheSpec(name="bench", model=self.model, vae_batch_size=vae_batch_size)
+        started = time.perf_counter()
+        result = run_cache(spec, ctx)
+        elapsed = time.perf_counter() - started
+        # progress(0) comes first, then one report per VAE batch, then per text batch
+        image_stamps = [at for at, done in ctx.stamps if done <= result["encoded"]]
+        return result, elapsed, intervals(image_stamps)
 
 
 def _threads() -> int:
@@ -163,7 +227,7 @@ def main(argv: Sequence[str] = ()) -> None:
         f" = {100 * figures['one_changed_ratio']:.1f}% of from scratch"
     )
     print(f"load average after the runs: {figures['load_average_after']} on {os.cpu_count()} CPUs")
-    print(json.dumps(figures))
+    print(json.dumps({k: v for k, v in figures.items() if k != "vae_batch_s"}))
 
 
 if __name__ == "__main__":

@@ -1,5 +1,5 @@
-"""Generate stage speed: overhead against direct diffusers calls, and warm model against
-one process per prompt file.
+"""Generate stage speed: overhead against direct diffusers calls (with time per phase and a
+sweep of images per call), and a warm model against one process per prompt file.
 
 Run ``python -m dropkiln.bench.generate [--images N] [--size PX] [--steps N] [--files N]``.
 """
@@ -13,24 +13,34 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dropkiln.bench.cache import link_models
+from dropkiln.bench.phases import (
+    GENERATION_PHASES,
+    PhaseTimeline,
+    generation_phase_rows,
+    phase_summary,
+    watch_pipeline,
+)
+from dropkiln.bench.stats import intervals
 from dropkiln.config import Settings
 from dropkiln.stages.generate import GenerateSpec, run_generate
 from dropkiln.stages.prompts import ImageEntry, PromptFile, load_prompt_file
 from dropkiln.stages.testing import LocalContext
 
+Profiler = Callable[[Callable[[], Any]], dict[str, Any]]
+
 # What a script-per-job setup runs for every prompt file: load, generate, save, exit.
 SCRIPT = """
 import sys, torch
-from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+from diffusers import DiffusionPipeline, EulerDiscreteScheduler
 torch.set_num_threads(int(sys.argv[4]))
 folder, out, steps, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
-pipe = StableDiffusionXLPipeline.from_pretrained(
-    folder, use_safetensors=True, local_files_only=True
-)
+pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
 pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
 pipe.set_progress_bar_config(disable=True)
 for number, prompt in enumerate(sys.argv[6:]):
@@ -40,50 +50,104 @@ for number, prompt in enumerate(sys.argv[6:]):
 """
 
 
-def bench_stage_overhead(
-    root: Path, images: int, size: int, steps: int, repeat: int
-) -> dict[str, Any]:
-    """The stage (PNG chunks, resume checks, contact sheet) against bare pipeline calls."""
-    import torch
-    from diffusers import EulerDiscreteScheduler
+@dataclass
+class _ImageClock(LocalContext):
+    """Marks the timeline each time the stage writes an image."""
 
-    from dropkiln.stages.generate import inference_dtype
-    from dropkiln.stages.models import resolve_model, shared_pipelines
+    timeline: PhaseTimeline = field(default_factory=PhaseTimeline)
 
-    prompt_file = PromptFile(
+    def artifact(self, path: Path, kind: str) -> None:
+        super().artifact(path, kind)
+        if kind == "image":
+            self.timeline.mark()
+
+
+def overhead_prompts(images: int, size: int, steps: int) -> PromptFile:
+    """``images`` different prompts, one image each, seeds 1…N."""
+    return PromptFile(
         images=[
             ImageEntry(prompt=f"a lighthouse, study {n}", seed=1 + n, steps=steps, width=size,
                        height=size)
             for n in range(images)
         ]
     )  # fmt: skip
-    ref = resolve_model("tiny-sdxl", root / "state" / "models")
-    pipe = shared_pipelines().get(ref, "cpu", inference_dtype("cpu"))
+
+
+def direct_images(pipe: Any, entries: Sequence[ImageEntry], per_call: int = 1) -> list[Any]:
+    """The entries' images from bare pipeline calls (a fresh Euler scheduler each)."""
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    original = pipe.scheduler
+    images = []
+    try:
+        for entry in entries:
+            pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
+            images += pipe(prompt=entry.prompt, num_inference_steps=entry.steps,
+                           guidance_scale=entry.guidance, width=entry.width, height=entry.height,
+                           num_images_per_prompt=per_call,
+                           generator=torch.Generator().manual_seed(entry.seed)).images  # fmt: skip
+    finally:
+        pipe.scheduler = original
+    return images
+
+
+def bench_stage_overhead(
+    root: Path, images: int, size: int, steps: int, repeat: int, model: str = "tiny-sdxl",
+    device: str = "cpu", per_call: Sequence[int] = (), profiler: Profiler | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """The stage (PNG chunks, resume checks, contact sheet) against bare pipeline calls."""
+    import numpy as np
+    from PIL import Image
+
+    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.models import resolve_model, shared_pipelines
+
+    prompt_file = overhead_prompts(images, size, steps)
+    ref = resolve_model(model, root / "state" / "models")
+    pipe = shared_pipelines().get(ref, device, inference_dtype(device))
+    stage_rows: list[dict[str, float]] = []
+    direct_rows: list[dict[str, float]] = []
+    stage_image_s: list[float] = []
+    direct_image_s: list[float] = []
 
     def through_stage(attempt: int) -> float:
         out = root / "outputs" / "images" / f"stage-{attempt}"
-        spec = GenerateSpec(
-            name="b", model="tiny-sdxl", prompt_file=prompt_file, output_dir=str(out)
-        )
+        spec = GenerateSpec(name="b", model=model, prompt_file=prompt_file, output_dir=str(out))
+        ctx = _ImageClock(root=root, work_dir=root / "state" / "work" / str(attempt),
+                          device=device, timeline=PhaseTimeline(device))  # fmt: skip
+        watch_pipeline(ctx.timeline, pipe)
         started = time.perf_counter()
-        run_generate(spec, LocalContext(root=root, work_dir=root / "state" / "work" / str(attempt)))
-        return time.perf_counter() - started
+        ctx.timeline.mark()
+        try:
+            run_generate(spec, ctx)
+        finally:
+            ctx.timeline.remove()
+        elapsed = time.perf_counter() - started
+        if attempt >= 0:
+            stage_rows.extend(generation_phase_rows(ctx.timeline))
+            stage_image_s.extend(intervals(ctx.timeline.marks))
+        return elapsed
 
     def direct(attempt: int, save: bool) -> float:
         out = root / "outputs" / "direct" / f"{attempt}-{save}"
         out.mkdir(parents=True, exist_ok=True)
-        original = pipe.scheduler
+        timeline = PhaseTimeline(device)
+        watch_pipeline(timeline, pipe)
         started = time.perf_counter()
-        for entry in prompt_file.images:
-            pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
-            image = pipe(prompt=entry.prompt, num_inference_steps=steps, guidance_scale=5.0,
-                         width=size, height=size,
-                         generator=torch.Generator().manual_seed(entry.seed)).images[0]  # fmt: skip
-            if save:
-                image.save(out / f"{entry.seed}.png")
-        elapsed = time.perf_counter() - started
-        pipe.scheduler = original
-        return elapsed
+        timeline.mark()
+        try:
+            for entry in prompt_file.images:
+                (image,) = direct_images(pipe, [entry])
+                if save:
+                    image.save(out / f"{entry.seed}.png")
+                timeline.mark()
+        finally:
+            timeline.remove()
+        if not save:
+            direct_rows.extend(generation_phase_rows(timeline))
+            direct_image_s.extend(intervals(timeline.marks))
+        return time.perf_counter() - started
 
     through_stage(-1)  # warm-up: first-call costs belong to neither side
     stage, bare, saved = [], [], []
@@ -92,18 +156,84 @@ def bench_stage_overhead(
         stage.append(through_stage(attempt))
         bare.append(direct(attempt, save=False))
         saved.append(direct(attempt, save=True))
-    return {
+    first = prompt_file.images[0]
+    stage_png = root / "outputs" / "images" / "stage-0" / f"000-{first.seed}.png"
+    (reference,) = direct_images(pipe, [first])
+    with Image.open(stage_png) as written:
+        same = bool(np.array_equal(np.asarray(written.convert("RGB")), np.asarray(reference)))
+    figures: dict[str, Any] = {
         "images": images,
         "size": size,
         "steps": steps,
         "repeat": repeat,
+        "model": model,
+        "device": device,
+        "dtype": str(inference_dtype(device)).removeprefix("torch."),
         "stage_s": round(min(stage), 3),
         "direct_s": round(min(bare), 3),
         "direct_with_png_save_s": round(min(saved), 3),
         "ratio_vs_direct": round(min(stage) / min(bare), 3),
         "ratio_vs_direct_with_save": round(min(stage) / min(saved), 3),
+        "same_images": same,
         "all_s": {"stage": _rounded(stage), "direct": _rounded(bare), "saved": _rounded(saved)},
+        "stage_image_s": stage_image_s,
+        "direct_image_s": direct_image_s,
+        "stage_phases": phase_summary(stage_rows, GENERATION_PHASES),
+        "direct_phases": phase_summary(direct_rows, GENERATION_PHASES),
+        "per_call": [_per_call(pipe, first, count, repeat) for count in per_call],
     }
+    if profiler is not None:
+        figures["profile"] = profiler(lambda: through_stage(-2))
+    return figures
+
+
+def _per_call(pipe: Any, entry: ImageEntry, count: int, repeat: int) -> dict[str, Any]:
+    """Images per second when one pipeline call makes ``count`` images."""
+    direct_images(pipe, [entry], count)  # warm-up at this batch size
+    seconds = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        direct_images(pipe, [entry], count)
+        seconds.append(time.perf_counter() - started)
+    return {
+        "images_per_call": count,
+        "call_s": seconds,
+        "images_per_s": round(count / min(seconds), 3),
+    }
+
+
+def write_prompt_files(folder: Path, prompt_sets: list[list[str]], steps: int, size: int,
+                       prefix: str = "p") -> list[Path]:  # fmt: skip
+    """One TOML prompt file per prompt set, images seeded 1…N."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for number, prompts in enumerate(prompt_sets):
+        lines = [f"[defaults]\nsteps = {steps}\nwidth = {size}\nheight = {size}\n"]
+        lines += [
+            f'[[image]]\nprompt = "{prompt}"\nseed = {1 + i}\n' for i, prompt in enumerate(prompts)
+        ]
+        path = folder / f"{prefix}{number:02d}.toml"
+        path.write_text("\n".join(lines))
+        paths.append(path)
+    return paths
+
+
+def script_per_job(
+    model_folder: Path, out: Path, prompt_sets: list[list[str]], steps: int, size: int,
+    threads: int,
+) -> list[float]:  # fmt: skip
+    """Seconds of each process that loads the model, renders one prompt set, and exits."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    seconds = []
+    for number, prompts in enumerate(prompt_sets):
+        folder = out / str(number)
+        folder.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-c", SCRIPT, str(model_folder), str(folder), str(steps),
+                   str(threads), str(size), *prompts]  # fmt: skip
+        started = time.perf_counter()
+        subprocess.run(command, check=True, env=environment, capture_output=True)
+        seconds.append(time.perf_counter() - started)
+    return seconds
 
 
 def bench_warm_vs_processes(
@@ -113,18 +243,8 @@ def bench_warm_vs_processes(
     from dropkiln.stages.models import ensure_tiny_model, shared_pipelines
 
     settings = Settings(root=root)
-    prompts_dir = root / "drop" / "prompts"
-    prompts_dir.mkdir(parents=True, exist_ok=True)
     prompt_sets = [[f"file {f} image {n}" for n in range(images)] for f in range(files)]
-    paths = []
-    for number, prompts in enumerate(prompt_sets):
-        lines = [f"[defaults]\nsteps = {steps}\nwidth = {size}\nheight = {size}\n"]
-        lines += [
-            f'[[image]]\nprompt = "{prompt}"\nseed = {1 + i}\n' for i, prompt in enumerate(prompts)
-        ]
-        path = prompts_dir / f"p{number:02d}.toml"
-        path.write_text("\n".join(lines))
-        paths.append(path)
+    paths = write_prompt_files(root / "drop" / "prompts", prompt_sets, steps, size)
 
     shared_pipelines().clear()  # the first file pays for the load, as in a fresh daemon
     started = time.perf_counter()
@@ -138,15 +258,9 @@ def bench_warm_vs_processes(
     warm = time.perf_counter() - started
 
     folder = ensure_tiny_model("tiny-sdxl", root / "state" / "models")
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    started = time.perf_counter()
-    for number, prompts in enumerate(prompt_sets):
-        out = root / "outputs" / "scripts" / str(number)
-        out.mkdir(parents=True, exist_ok=True)
-        command = [sys.executable, "-c", SCRIPT, str(folder), str(out), str(steps), str(threads),
-                   str(size), *prompts]  # fmt: skip
-        subprocess.run(command, check=True, env=environment, capture_output=True)
-    processes = time.perf_counter() - started
+    processes = sum(
+        script_per_job(folder, root / "outputs" / "scripts", prompt_sets, steps, size, threads)
+    )
     return {
         "files": files,
         "images_per_file": images,
@@ -160,7 +274,7 @@ def bench_warm_vs_processes(
 
 def bench_generate(
     images: int = 8, size: int = 128, steps: int = 8, repeat: int = 3, files: int = 10,
-    file_images: int = 2, threads: int = 1,
+    file_images: int = 2, threads: int = 1, models_dir: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Both generate benchmarks in one temporary ROOT."""
     import torch
@@ -170,6 +284,7 @@ def bench_generate(
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         root = Path(scratch)
+        link_models(root, models_dir)
         ensure_tiny_model("tiny-sdxl", root / "state" / "models")
         overhead = bench_stage_overhead(root, images, size, steps, repeat)
         warm = bench_warm_vs_processes(root, files, file_images, size, steps, threads)
@@ -214,6 +329,8 @@ def main(argv: Sequence[str] = ()) -> None:
         f"({w['speedup']:.1f}x)"
     )
     print(f"load average after the runs: {figures['load_average_after']} on {os.cpu_count()} CPUs")
+    for key in ("stage_image_s", "direct_image_s"):
+        o.pop(key)
     print(json.dumps(figures))
 
 

@@ -1,8 +1,8 @@
 """Train stage speed against a minimal diffusers + peft loop on the same cached latents.
 
 Both run in this process on the same warm pipeline, interleaved, best of ``repeat``.
-Only training steps are timed (not setup or export). Run
-``python -m dropkiln.bench.train [STEPS] [SIZE] [BATCH]``.
+Only training steps are timed (not setup or export); the first WARMUP_STEPS of each run
+are left out. Run ``python -m dropkiln.bench.train [STEPS] [SIZE] [BATCH]``.
 """
 
 from __future__ import annotations
@@ -12,18 +12,23 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dropkiln.bench.cache import link_models, write_bench_dataset
+from dropkiln.bench.phases import PhaseTimeline, phase_summary, training_phase_rows
+from dropkiln.bench.stats import intervals
 from dropkiln.config import TrainSettings
 from dropkiln.stages.cache import CacheSpec, run_cache
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import TrainSpec, run_train
 
 WARMUP_STEPS = 3
+PROFILED_STEPS = 6
+
+Profiler = Callable[[Callable[[], Any]], dict[str, Any]]
 
 
 @dataclass
@@ -37,6 +42,24 @@ class _TimedContext(LocalContext):
         super().progress(done, total, **metrics)
 
 
+@dataclass
+class _Run:
+    """One timed run: step end times, (step, loss) pairs and its phase timeline."""
+
+    stamps: list[float]
+    losses: list[tuple[int, float]]
+    timeline: PhaseTimeline
+
+    @property
+    def steps_per_s(self) -> float:
+        timed = self.stamps[WARMUP_STEPS - 1 :]
+        return (len(timed) - 1) / (timed[-1] - timed[0])
+
+    @property
+    def step_seconds(self) -> list[float]:
+        return intervals(self.stamps[WARMUP_STEPS - 1 :])
+
+
 def bench_train(
     steps: int = 60,
     size: int = 64,
@@ -46,8 +69,10 @@ def bench_train(
     model: str = "tiny-sdxl",
     repeat: int = 5,
     models_dir: Path | None = None,
+    device: str = "cpu",
+    profiler: Profiler | None = None,
 ) -> dict[str, Any]:
-    """Steps/s of the train stage and of a hand-written loop; their ratio."""
+    """Steps/s of the train stage and of a hand-written loop; their ratio, phases, losses."""
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         root = Path(scratch)
         link_models(root, models_dir)
@@ -55,17 +80,25 @@ def bench_train(
         cache_ctx = LocalContext(
             root=root,
             work_dir=root / "state" / "work" / "cache",
+            device=device,
             upstream_results={"bucket": {"manifest": str(manifest)}},
         )
         cached = run_cache(CacheSpec(name="bench", model=model), cache_ctx)
-        stage_rates: list[float] = []
-        loop_rates: list[float] = []
+        setup = _Setup(root, cached, model, batch_size, rank, device)
+        stage_runs: list[_Run] = []
+        loop_runs: list[_Run] = []
         for attempt in range(repeat):
-            stage_rates.append(_stage_rate(root, cached, model, steps, batch_size, rank, attempt))
-            loop_rates.append(_loop_rate(root, cached["index"], model, steps, batch_size, rank))
+            stage_runs.append(_stage_run(setup, steps, attempt))
+            loop_runs.append(_loop_run(setup, steps))
+        profile = None
+        if profiler is not None:
+            profile = profiler(lambda: _stage_run(setup, min(steps, PROFILED_STEPS), -1))
+    stage_rates = [run.steps_per_s for run in stage_runs]
+    loop_rates = [run.steps_per_s for run in loop_runs]
     stage, loop = max(stage_rates), max(loop_rates)
-    return {
+    figures: dict[str, Any] = {
         "model": model,
+        "device": device,
         "size": [size, size],
         "batch_size": batch_size,
         "rank": rank,
@@ -76,103 +109,153 @@ def bench_train(
         "minimal_loop_steps_per_s": round(loop, 2),
         "minimal_loop_all": [round(r, 2) for r in loop_rates],
         "ratio": round(stage / loop, 3),
+        "stage_step_s": [s for run in stage_runs for s in run.step_seconds],
+        "minimal_loop_step_s": [s for run in loop_runs for s in run.step_seconds],
+        "stage_phases": _phases(stage_runs),
+        "minimal_loop_phases": _phases(loop_runs),
+        "stage_losses": stage_runs[-1].losses,
+        "minimal_loop_losses": loop_runs[-1].losses,
         "load_average_after": round(os.getloadavg()[0], 2),
     }
+    if profile is not None:
+        figures["profile"] = profile
+    return figures
 
 
-def _stage_rate(
-    root: Path,
-    cached: dict[str, Any],
-    model: str,
-    steps: int,
-    batch_size: int,
-    rank: int,
-    attempt: int,
-) -> float:
+@dataclass(frozen=True)
+class _Setup:
+    root: Path
+    cached: dict[str, Any]
+    model: str
+    batch_size: int
+    rank: int
+    device: str
+
+    def pipe(self) -> Any:
+        """The warm pipeline both sides train on (the stage finds the same one)."""
+        from dropkiln.stages.models import resolve_model, shared_pipelines
+        from dropkiln.stages.training.encoding import compute_dtype
+
+        ref = resolve_model(self.model, self.root / "state" / "models")
+        return shared_pipelines().get(ref, self.device, compute_dtype(self.device))
+
+    def timeline(self) -> PhaseTimeline:
+        timeline = PhaseTimeline(self.device)
+        timeline.watch_module("unet", self.pipe().unet)
+        timeline.watch_optimizer_steps()
+        timeline.mark()
+        return timeline
+
+
+def _phases(runs: Sequence[_Run]) -> dict[str, Any]:
+    rows = [row for run in runs for row in training_phase_rows(run.timeline, WARMUP_STEPS)]
+    return phase_summary(rows, ("data", "forward", "backward", "optimizer"))
+
+
+def _stage_run(setup: _Setup, steps: int, attempt: int) -> _Run:
+    root = setup.root
     options = TrainSettings(
-        steps=steps, checkpoint_every=steps, batch_size=batch_size, rank=rank, learning_rate=1e-4
+        steps=steps,
+        checkpoint_every=steps,
+        batch_size=setup.batch_size,
+        rank=setup.rank,
+        learning_rate=1e-4,
     )
     ctx = _TimedContext(
         root=root,
         work_dir=root / "state" / "work" / f"train-{attempt}",
-        upstream_results={"cache": cached},
+        device=setup.device,
+        upstream_results={"cache": setup.cached},
     )
     spec = TrainSpec(
-        name="bench", model=model, options=options, output_dir=str(root / "out" / str(attempt))
+        name="bench",
+        model=setup.model,
+        options=options,
+        output_dir=str(root / "out" / str(attempt)),
     )
-    run_train(spec, ctx)
-    timed = ctx.stamps[WARMUP_STEPS - 1 :]
-    return (len(timed) - 1) / (timed[-1] - timed[0])
+    with setup.timeline() as timeline:
+        run_train(spec, ctx)
+    losses = [(done, float(metrics["loss"])) for done, _, metrics in ctx.progress_log]
+    return _Run(ctx.stamps, losses, timeline)
 
 
-def _loop_rate(
-    root: Path, index_path: str, model: str, steps: int, batch_size: int, rank: int
-) -> float:
+def _loop_run(setup: _Setup, steps: int) -> _Run:
     """The loop of diffusers' train_text_to_image_lora_sdxl.py, minus accelerate."""
     import torch
     from diffusers import DDPMScheduler
     from diffusers.optimization import get_scheduler
+    from diffusers.training_utils import cast_training_params
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    from dropkiln.stages.models import resolve_model, shared_pipelines
+    from dropkiln.stages.training.encoding import compute_dtype
 
-    index = json.loads(Path(index_path).read_text())
+    device, batch_size = setup.device, setup.batch_size
+    dtype = compute_dtype(device)
+    index = json.loads(Path(setup.cached["index"]).read_text())
     cache_dir = Path(index["cache_dir"])
     latents = torch.stack(
         [load_file(str(cache_dir / e["latents"]["shard"]))["latents"] for e in index["images"]]
-    )
+    ).to(device)
     texts = [load_file(str(cache_dir / e["text"]["shard"])) for e in index["images"]]
-    embeds = torch.stack([t["prompt_embeds"] for t in texts])
+    embeds = torch.stack([t["prompt_embeds"] for t in texts]).to(device)
     pooled = (
-        torch.stack([t["pooled_prompt_embeds"] for t in texts])
+        torch.stack([t["pooled_prompt_embeds"] for t in texts]).to(device)
         if "pooled_prompt_embeds" in texts[0]
         else None
     )
     h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
-    time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(texts), dtype=torch.float32)
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(texts), dtype=torch.float32, device=device)
 
-    pipe = shared_pipelines().get(
-        resolve_model(model, root / "state" / "models"), "cpu", torch.float32
-    )
+    pipe = setup.pipe()
     unet = pipe.unet
     unet.requires_grad_(False)
     targets = ["to_q", "to_k", "to_v", "to_out.0"]
-    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=targets), "baseline")
+    unet.add_adapter(
+        LoraConfig(r=setup.rank, lora_alpha=setup.rank, target_modules=targets), "baseline"
+    )
+    if dtype != torch.float32:
+        cast_training_params(unet, dtype=torch.float32)
     unet.train()
     params = [p for p in unet.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4)
     lr_scheduler = get_scheduler("constant", optimizer)
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(0)
-    stamps = []
+    autocast = device.startswith("cuda") and dtype != torch.float32
+    stamps, losses = [], []
+    timeline = setup.timeline()
     try:
-        for _ in range(steps):
-            rows = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        for step in range(steps):
+            rows = torch.randint(0, len(latents), (batch_size,), generator=generator).to(device)
             clean = latents[rows]
-            noise = torch.randn(clean.shape, generator=generator)
-            timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
+            noise = torch.randn(clean.shape, generator=generator).to(device)
+            timesteps = torch.randint(0, 1000, (batch_size,), generator=generator).to(device)
             noisy = noise_scheduler.add_noise(clean, noise, timesteps)
             extra = {}
             if pooled is not None:
                 extra["added_cond_kwargs"] = {
-                    "text_embeds": pooled[rows],
-                    "time_ids": time_ids[rows],
+                    "text_embeds": pooled[rows].to(dtype),
+                    "time_ids": time_ids[rows].to(dtype),
                 }
-            prediction = unet(noisy, timesteps, encoder_hidden_states=embeds[rows], **extra).sample
+            with torch.autocast(device.split(":")[0], dtype, enabled=autocast):
+                prediction = unet(
+                    noisy.to(dtype), timesteps, encoder_hidden_states=embeds[rows].to(dtype),
+                    **extra,
+                ).sample  # fmt: skip
             loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
             lr_scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-            loss.item()
+            losses.append((step + 1, float(loss.item())))
             stamps.append(time.perf_counter())
     finally:
+        timeline.remove()
         unet.unload_lora()
         unet.eval()
-    timed = stamps[WARMUP_STEPS - 1 :]
-    return (len(timed) - 1) / (timed[-1] - timed[0])
+    return _Run(stamps, losses, timeline)
 
 
 def _threads() -> int:
@@ -199,7 +282,8 @@ def main(argv: Sequence[str] = ()) -> None:
     print(f"minimal loop  {baseline:>7.2f} steps/s  {baseline_all}")
     print(f"ratio {figures['ratio']:.3f} (goal >= 0.95)")
     print(f"load average after the runs: {figures['load_average_after']} on {os.cpu_count()} CPUs")
-    print(json.dumps(figures))
+    summary = {k: v for k, v in figures.items() if not k.endswith(("_step_s", "_losses"))}
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

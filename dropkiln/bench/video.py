@@ -54,6 +54,8 @@ def bench_video(
         "stage_s": round(min(stage), 3),
         "in_memory_s": round(min(direct), 3),
         "ratio": round(min(stage) / min(direct), 3),
+        "stage_all": [round(value, 4) for value in stage],
+        "in_memory_all": [round(value, 4) for value in direct],
         "stage_frames_per_s": round(result["frames"] / min(stage), 1),
         "load_average_after": round(os.getloadavg()[0], 2),
     }

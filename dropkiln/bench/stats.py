@@ -1,0 +1,51 @@
+"""Latency summaries: percentiles with linear interpolation, as numpy's default method."""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Sequence
+from itertools import pairwise
+from typing import Any
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q``-th percentile (0 ≤ q ≤ 100) of ``values``, interpolating between ranks."""
+    if not values:
+        raise ValueError("percentile of no values")
+    if not 0 <= q <= 100:
+        raise ValueError(f"percentile {q} is outside 0..100")
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    below, above = math.floor(rank), math.ceil(rank)
+    if below == above:
+        return float(ordered[below])
+    weight = rank - below
+    return float(ordered[below] * (1 - weight) + ordered[above] * weight)
+
+
+def latency_summary(seconds: Sequence[float]) -> dict[str, Any]:
+    """n, mean, min, max, stdev and p50/p95/p99 of per-iteration times in seconds."""
+    values = [float(value) for value in seconds]
+    if not values:
+        return {"n": 0}
+    return {
+        "n": len(values),
+        "mean": _round(statistics.fmean(values)),
+        "min": _round(min(values)),
+        "p50": _round(percentile(values, 50)),
+        "p95": _round(percentile(values, 95)),
+        "p99": _round(percentile(values, 99)),
+        "max": _round(max(values)),
+        "stdev": _round(statistics.stdev(values)) if len(values) > 1 else 0.0,
+    }
+
+
+def intervals(stamps: Sequence[float]) -> list[float]:
+    """Durations between consecutive time stamps."""
+    return [later - earlier for earlier, later in pairwise(stamps)]
+
+
+def _round(value: float) -> float:
+    # Six significant digits: microseconds on fast appends, milliseconds on long runs.
+    return float(f"{value:.6g}")
