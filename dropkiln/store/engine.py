@@ -53,7 +53,7 @@ def connect(path: Path) -> sqlite3.Connection:
         configure(connection)
     except sqlite3.DatabaseError as exc:
         connection.close()
-        raise StoreError(f"{path} is not a usable SQLite database: {exc}") from exc
+        raise StoreError(f"{path} is not a usable dropkiln database: {exc}") from exc
     return connection
 
 

@@ -6,6 +6,7 @@ import itertools
 import multiprocessing
 from pathlib import Path
 
+import pytest
 from sqlalchemy import Connection, select
 
 from dropkiln.store import EventStore
@@ -17,6 +18,7 @@ from .procs import SHARED, append_many
 COUNT = 120
 
 
+@pytest.mark.slow
 async def test_two_processes_append_concurrently(db_path: Path) -> None:
     store = await EventStore.open(db_path, create=True)
     context = multiprocessing.get_context("spawn")
