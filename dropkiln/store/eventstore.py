@@ -11,13 +11,13 @@ from __future__ import annotations
 import functools
 import json
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-from sqlalchemy import Connection, Engine, Select, func, select
+from sqlalchemy import Connection, Engine, Select, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from dropkiln.store.engine import (
@@ -31,7 +31,7 @@ from dropkiln.store.engine import (
 from dropkiln.store.events import Event, utc_now
 from dropkiln.store.migrate import ensure_schema
 from dropkiln.store.projections import StoredEvent, apply, changes_for
-from dropkiln.store.schema import events
+from dropkiln.store.schema import HIGH_RATE_TYPE, events
 
 T = TypeVar("T")
 Batch = Sequence[tuple[str, Sequence[Event]]]
@@ -183,7 +183,7 @@ class EventStore:
         poll_interval: float = 0.05,
         stream: str | None = None,
         types: Sequence[str] | None = None,
-    ) -> AsyncIterator[StoredEvent]:
+    ) -> AsyncGenerator[StoredEvent, None]:
         """Every event after ``after``, forever: wakes on local appends at once and on other
         processes' commits within ``poll_interval`` (``PRAGMA data_version`` is cheap)."""
         watch = await anyio.to_thread.run_sync(connect, self.path)
@@ -255,26 +255,34 @@ def _append(
 def events_after(
     after: int, stream: str | None, types: Sequence[str] | None, limit: int | None
 ) -> Select[Any]:
+    """Events with ``seq > after``, oldest first."""
     query = select(events).where(events.c.seq > after).order_by(events.c.seq)
     if stream is not None:
         query = query.where(events.c.stream == stream)
-    if types:
-        query = query.where(events.c.type.in_(list(types)))
-    if limit is not None:
-        query = query.limit(limit)
-    return query
+    query = _of_types(query, types, indexed=stream is None)
+    return query if limit is None else query.limit(limit)
 
 
 def newest_events(stream: str | None, types: Sequence[str] | None, limit: int) -> Select[Any]:
+    """The newest events, newest first."""
     if stream is not None:
         # Within a stream, version order is seq order, and walking the (stream, version)
         # index backwards stops at the first match instead of scanning the log.
         query = select(events).where(events.c.stream == stream).order_by(events.c.version.desc())
     else:
         query = select(events).order_by(events.c.seq.desc())
-    if types:
-        query = query.where(events.c.type.in_(list(types)))
-    return query.limit(limit)
+    return _of_types(query, types, indexed=stream is None).limit(limit)
+
+
+def _of_types(query: Select[Any], types: Sequence[str] | None, *, indexed: bool) -> Select[Any]:
+    if not types:
+        return query
+    query = query.where(events.c.type.in_(list(types)))
+    if indexed and HIGH_RATE_TYPE not in types:
+        # Repeats the partial index's condition, inline, so SQLite knows it may use it.
+        high_rate = literal(HIGH_RATE_TYPE, literal_execute=True)
+        query = query.where(events.c.type != high_rate)
+    return query
 
 
 def _tail_batch(

@@ -111,7 +111,7 @@ async def test_a_stale_stream_rolls_back_the_whole_batch(store: EventStore, stal
     await store.append(job_stream("b"), [submitted("b")])
     before = await everything(store)
     expected: dict[str, int | None] = {"job:a": 1, "job:b": 1, stale: 0}
-    batch = [
+    batch: list[tuple[str, list[ev.Event]]] = [
         (job_stream("a"), [ev.JobQueued(), ev.JobStarted(attempt=1, memory_rung=0)]),
         (job_stream("b"), [ev.JobQueued()]),
     ]
