@@ -26,8 +26,9 @@ import anyio
 
 from dropkiln.store import EventStore, daemon_state, list_jobs, queue_paused
 from dropkiln.store import events as ev
-from dropkiln.store.engine import connect
+from dropkiln.store.engine import connect, sync_engine
 from dropkiln.store.events import DAEMON_STREAM, job_stream
+from dropkiln.store.migrate import ensure_schema
 from dropkiln.store.projections import StoredEvent, apply, changes_for
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -85,7 +86,7 @@ async def _writes(path: Path, single: int, batches: int, batch_size: int) -> dic
         await store.close()
     return {
         "single_commits_per_s": round(commits),
-        "single_projected_commits_per_s": round(projected),
+        "projected_commits_per_s": round(projected),
         "batched_events_per_s": round(batched),
     }
 
@@ -112,7 +113,7 @@ def _baseline_commits(path: Path, count: int) -> dict[str, float]:
 
 
 async def _tail_latency(path: Path, samples: int) -> dict[str, float]:
-    """A tail here, the writer in another process: from the append call to delivery."""
+    """A tail here, the writer in another process: from its transaction to delivery."""
     store = await EventStore.open(path, create=True)
     context = multiprocessing.get_context("spawn")
     go = context.Event()
@@ -126,7 +127,7 @@ async def _tail_latency(path: Path, samples: int) -> dict[str, float]:
 
                 async def receive() -> None:
                     async for event in tail:
-                        # ``at`` is stamped in the writer just before its transaction.
+                        # ``at`` is stamped in the writer, inside its transaction.
                         sent = datetime.fromisoformat(event.at).timestamp()
                         latencies.append(time.time() - sent)
                         if len(latencies) == samples:
@@ -237,7 +238,9 @@ class _BulkLog:
 
 def make_big_store(path: Path, total: int, events_per_job: int = 200) -> int:
     """A store of ``total`` events (jobs of about ``events_per_job``), made in bulk."""
-    anyio.run(_create, path)
+    engine = sync_engine(path)
+    ensure_schema(engine, path, create=True)
+    engine.dispose()
     conn = connect(path)
     log = _BulkLog(conn)
     conn.execute("BEGIN IMMEDIATE")
@@ -269,36 +272,51 @@ def make_big_store(path: Path, total: int, events_per_job: int = 200) -> int:
     return log.seq
 
 
-async def _create(path: Path) -> None:
-    await (await EventStore.open(path, create=True)).close()
-
-
-async def _status(path: Path) -> dict[str, float]:
-    """What `dropkiln status` reads: the jobs, the daemon, the queue."""
-    started = time.perf_counter()
-    store = await EventStore.open(path)
-    opened = time.perf_counter() - started
-    try:
-        times = []
-        for _ in range(7):
+async def _status(path: Path, runs: int = 7) -> dict[str, float]:
+    """`dropkiln status`: open, the newest 50 jobs, the daemon, the queue, close."""
+    command, everything = [], []
+    jobs: list[Any] = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        store = await EventStore.open(path)
+        try:
+            await list_jobs(store, limit=50)
+            await daemon_state(store)
+            await queue_paused(store)
+            command.append(time.perf_counter() - started)
+            # The same with every job listed: the most a caller can ask for.
             started = time.perf_counter()
             jobs = await list_jobs(store)
             await daemon_state(store)
             await queue_paused(store)
-            times.append(time.perf_counter() - started)
-        started = time.perf_counter()
-        await list_jobs(store, limit=50)
-        await list_jobs(store, active_only=True)
-        limited = time.perf_counter() - started
-    finally:
-        await store.close()
+            everything.append(time.perf_counter() - started)
+        finally:
+            await store.close()
     return {
-        "status_open_s": round(opened, 4),
-        "status_first_s": round(times[0], 4),
-        "status_s": round(statistics.median(times[1:]), 4),
+        "status_s": round(statistics.median(command), 4),
+        "status_first_s": round(command[0], 4),
+        "status_all_jobs_s": round(statistics.median(everything), 4),
         "status_jobs": len(jobs),
-        "status_recent_and_active_s": round(limited, 4),
     }
+
+
+def report(figures: dict[str, Any], batch_size: int) -> list[tuple[str, str, str]]:
+    """The table rows: what was measured, the figure, the issue's goal."""
+    f = figures
+    return [
+        ("single commits/s (QueuePaused)", f"{f['single_commits_per_s']:,}", ">= 2,000"),
+        ("single commits/s (JobProgress + projection)", f"{f['projected_commits_per_s']:,}", ""),
+        (f"batched events/s ({batch_size} per commit)", f"{f['batched_events_per_s']:,}", ""),
+        ("baseline: bare sqlite3 commits/s", f"{f['sqlite_commits_per_s']:,}", ""),
+        ("  single commits / baseline", f"{f['single_vs_sqlite']:.2f}", ""),
+        ("tail latency, other process, p50 ms", f"{f['tail_p50_ms']}", ""),
+        ("tail latency, other process, p95 ms", f"{f['tail_p95_ms']}", "< 100"),
+        ("tail latency, other process, max ms", f"{f['tail_max_ms']}", ""),
+        (f"status on {f['big_store_events']:,} events s", f"{f['status_s']}", "< 0.2"),
+        ("  first run s", f"{f['status_first_s']}", ""),
+        (f"  listing all {f['status_jobs']:,} jobs s", f"{f['status_all_jobs_s']}", ""),
+        (f"  big store {f['big_store_mb']} MB, made in s", f"{f['big_store_make_s']}", ""),
+    ]
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -318,35 +336,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         status_events=args.status_events,
         workdir=args.workdir,
     )
-    f = figures
-    lines = [
-        ("single commits/s (QueuePaused)", f"{f['single_commits_per_s']:,}", ">= 2,000"),
-        (
-            "single commits/s (JobProgress + projection)",
-            f"{f['single_projected_commits_per_s']:,}",
-            "",
-        ),
-        (f"batched events/s ({args.batch_size} per commit)", f"{f['batched_events_per_s']:,}", ""),
-        ("baseline: raw sqlite3 commits/s, no thread hop", f"{f['sqlite_commits_per_s']:,}", ""),
-        ("  store / baseline", f"{f['single_vs_sqlite']:.3f}", ""),
-        ("tail latency cross-process p50 ms", f"{f['tail_p50_ms']}", ""),
-        ("tail latency cross-process p95 ms", f"{f['tail_p95_ms']}", "< 100"),
-        ("tail latency cross-process max ms", f"{f['tail_max_ms']}", ""),
-        (
-            f"status on {f['big_store_events']:,} events ({f['status_jobs']:,} jobs) s",
-            f"{f['status_s']}",
-            "< 0.2",
-        ),
-        ("  first status after open s", f"{f['status_first_s']}", ""),
-        ("  open s", f"{f['status_open_s']}", ""),
-        ("  newest 50 + active jobs s", f"{f['status_recent_and_active_s']}", ""),
-        (f"  big store: {f['big_store_mb']} MB, made in s", f"{f['big_store_make_s']}", ""),
-    ]
-    width = max(len(name) for name, _, _ in lines)
-    print(f"{'event store':<{width}}  {'figure':>10}  goal")
-    for name, value, goal in lines:
-        print(f"{name:<{width}}  {value:>10}  {goal}")
-    print(f"{f['cpus']} CPUs, load average after the runs: {f['load_average_after']}")
+    rows = report(figures, args.batch_size)
+    width = max(len(name) for name, _, _ in rows)
+    print(f"{'event store':<{width}}  {'figure':>9}  goal")
+    for name, value, goal in rows:
+        print(f"{name:<{width}}  {value:>9}  {goal}")
+    print(f"{figures['cpus']} CPUs, load average after the runs: {figures['load_average_after']}")
     print(json.dumps(figures))
 
 

@@ -139,7 +139,7 @@ class EventStore:
             (stream, [(event.type_name(), event.model_dump(mode="json")) for event in new])
             for stream, new in batch
         ]
-        work = functools.partial(_append, pending, expected or {}, utc_now())
+        work = functools.partial(_append, pending, expected or {})
         stored = await self.transaction(work)
         self._appended.set()
         self._appended = anyio.Event()
@@ -217,9 +217,9 @@ class EventStore:
 def _append(
     pending: list[tuple[str, list[tuple[str, dict[str, Any]]]]],
     expected: dict[str, int | None],
-    at: str,
     conn: sqlite3.Connection,
 ) -> list[StoredEvent]:
+    at = utc_now()  # under the write lock, so ``at`` follows ``seq`` on one machine
     stored: list[StoredEvent] = []
     for stream, new in pending:
         current: int = conn.execute(_STREAM_VERSION, (stream,)).fetchone()[0]
