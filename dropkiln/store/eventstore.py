@@ -47,7 +47,8 @@ class EventStore:
     def __init__(self, path: Path, engine: Engine) -> None:
         self.path = path
         self.engine = engine
-        self._write_connection = connect(path)
+        # Made on the first write, so readers (`status`, the TUI) never hold one.
+        self._write_connection: sqlite3.Connection | None = None
         self._write_lock = anyio.CapacityLimiter(1)
         self._read_limiter = anyio.CapacityLimiter(READ_CONNECTIONS)
         self._appended = anyio.Event()
@@ -74,7 +75,9 @@ class EventStore:
 
     async def close(self) -> None:
         async with self._write_lock:
-            self._write_connection.close()
+            if self._write_connection is not None:
+                self._write_connection.close()
+                self._write_connection = None
         self.engine.dispose()
         for name in ("reader", "writer"):
             if name in self.__dict__:
@@ -103,6 +106,8 @@ class EventStore:
         return await anyio.to_thread.run_sync(self._run_write, work, limiter=self._write_lock)
 
     def _run_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._write_connection is None:
+            self._write_connection = connect(self.path)
         conn = self._write_connection
         conn.execute("BEGIN IMMEDIATE")
         try:
@@ -188,9 +193,10 @@ class EventStore:
         processes' commits within ``poll_interval`` (``PRAGMA data_version`` is cheap)."""
         watch = await anyio.to_thread.run_sync(connect, self.path)
         try:
-            seen_version: int | None = None
             while True:
                 appended = self._appended
+                # Read before the batch: a commit the batch misses changes it afterwards.
+                version = await anyio.to_thread.run_sync(_data_version, watch)
                 batch, scanned_to = await self.snapshot(
                     functools.partial(_tail_batch, after, stream, types)
                 )
@@ -203,12 +209,10 @@ class EventStore:
                 # assigned in commit order, so filtered tails need not scan it again.
                 after = max(after, scanned_to)
                 while True:
-                    version = await anyio.to_thread.run_sync(_data_version, watch)
-                    if version != seen_version:
-                        seen_version = version
-                        break
                     with anyio.move_on_after(poll_interval):
                         await appended.wait()
+                        break
+                    if await anyio.to_thread.run_sync(_data_version, watch) != version:
                         break
         finally:
             watch.close()
