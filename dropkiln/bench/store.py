@@ -43,7 +43,7 @@ def bench_store(
     status_events: int = 1_000_000,
     workdir: Path | None = None,
 ) -> dict[str, Any]:
-    """Measure the store; ``status_events`` sizes the big store that `status` reads."""
+    """Measure the store (runs its own event loops); ``status_events`` sizes the big store."""
     with tempfile.TemporaryDirectory(dir=workdir) as tmp:
         root = Path(tmp)
         figures: dict[str, Any] = {"cpus": os.cpu_count()}

@@ -1,4 +1,4 @@
-"""Fixtures for the store tests: a fresh database file per test and event builders."""
+"""Fixtures for the store tests: a fresh database file per test."""
 
 from __future__ import annotations
 
