@@ -11,9 +11,16 @@ from sqlalchemy.exc import DatabaseError
 from dropkiln.store import schema
 from dropkiln.store.engine import StoreError
 
+
+def _lookup_indexes(conn: Connection) -> None:
+    """Schema 2: events by type (without JobProgress) and jobs by submission order."""
+    for index in (schema.events_by_type, schema.jobs_by_submission):
+        index.create(conn, checkfirst=True)
+
+
 # MIGRATIONS[n] takes a schema n-1 database to schema n, inside the write transaction that
 # records n, so a migration that fails leaves the database at n-1. Schema 1 is the first.
-MIGRATIONS: dict[int, Callable[[Connection], None]] = {}
+MIGRATIONS: dict[int, Callable[[Connection], None]] = {2: _lookup_indexes}
 
 
 def _stored_version(conn: Connection) -> int | None:

@@ -16,7 +16,7 @@ from sqlalchemy import (
     literal,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 metadata = MetaData()
 
@@ -35,7 +35,7 @@ events = Table(
 # index keeps the hottest append cheap. Queries by other types say the same condition
 # (HIGH_RATE_TYPE) so that SQLite may use the index instead of scanning the log.
 HIGH_RATE_TYPE = "JobProgress"
-Index(
+events_by_type = Index(
     "ix_events_type",
     events.c.type,
     events.c.seq,
@@ -72,7 +72,7 @@ jobs = Table(
     Column("updated_at", String, nullable=False),
 )
 Index("ix_jobs_state", jobs.c.state, jobs.c.priority, jobs.c.submitted_seq)
-Index("ix_jobs_submitted", jobs.c.submitted_seq)
+jobs_by_submission = Index("ix_jobs_submitted", jobs.c.submitted_seq)
 
 drops = Table(
     "drops",

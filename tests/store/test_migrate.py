@@ -116,3 +116,18 @@ async def test_a_database_without_our_schema_is_not_adopted_silently(tmp_path: P
         conn.execute("CREATE TABLE something (x)")
     with pytest.raises(StoreError, match="has no dropkiln schema"):
         await EventStore.open(path)
+
+
+async def test_a_schema_1_database_gains_the_lookup_indexes(db_path: Path) -> None:
+    await make_database(db_path)
+    with sqlite3.connect(db_path) as conn:
+        # What the first release wrote: the same tables without the two lookup indexes.
+        conn.execute("DROP INDEX ix_events_type")
+        conn.execute("DROP INDEX ix_jobs_submitted")
+        conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
+    store = await EventStore.open(db_path)
+    await store.close()
+    assert stored_version(db_path) == "2"
+    with sqlite3.connect(db_path) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+    assert {"ix_events_type", "ix_jobs_submitted"} <= names
