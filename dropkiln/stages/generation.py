@@ -32,8 +32,8 @@ from dropkiln.stages.render import (
     prompt_embeddings,
     render_from_embeddings,
     render_image,
-    use_scheduler,
 )
+from dropkiln.stages.schedulers import make_scheduler
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -78,6 +78,7 @@ class GenerationRun:
         self._active: tuple[str | None, Any] | None = None
         self._stopping = False
         self._keyframes: dict[int, tuple[dict[str, Any], Any]] = {}
+        self._schedulers: dict[str, Any] = {}
 
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
@@ -105,7 +106,7 @@ class GenerationRun:
                 continue
             self._stop_point("images", position)
             pipe = self._pipeline_for(task)
-            use_scheduler(pipe, task.scheduler, self._base_scheduler_config)
+            self._use_scheduler(pipe, task.scheduler)
             control = None
             if task.control is not None:
                 control = load_control_image(task.control.image, f"image[{task.entry}]")
@@ -132,7 +133,7 @@ class GenerationRun:
                 continue
             self._stop_point("walk", frame.index)
             pipe = self._pipeline_for(lead)
-            use_scheduler(pipe, lead.scheduler, self._base_scheduler_config)
+            self._use_scheduler(pipe, lead.scheduler)
             first_embeds, first_noise = self._keyframe(pipe, frame.first)
             second_embeds, second_noise = self._keyframe(pipe, frame.second)
             image = render_from_embeddings(
@@ -265,6 +266,13 @@ class GenerationRun:
             pipeline = self._active[1]
             self._active = None
             undo_rung(pipeline, self.rung.options, self.ctx.device)
+
+    def _use_scheduler(self, pipe: Any, name: str) -> None:
+        # one per name and job: every pipeline call starts with set_timesteps, which resets
+        # a scheduler's state, so reusing it is what diffusers itself does between calls
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self._base_scheduler_config)
+        pipe.scheduler = self._schedulers[name]
 
     def _keyframe(self, pipe: Any, index: int) -> tuple[dict[str, Any], Any]:
         if index not in self._keyframes:
