@@ -18,6 +18,7 @@ from dropkiln.stages.control import (
 )
 from dropkiln.stages.inference_memory import apply_rung, undo_rung
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
+from dropkiln.stages.models.refs import file_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
     latent_preview,
@@ -62,7 +63,7 @@ class GenerationRun:
         self.tasks, self.output_dir = tasks, output_dir
         self.dtype = inference_dtype(ctx.device)
         self.lora_records = [
-            {"name": lo.name, "weight": lo.weight, "sha256": _file_sha256(Path(lo.path))}
+            {"name": lo.name, "weight": lo.weight, "sha256": file_sha256(Path(lo.path))}
             for lo in spec.loras
         ]
         video = spec.prompt_file.video
@@ -156,7 +157,7 @@ class GenerationRun:
         if task.control is not None:
             control_file = Path(task.control.image)
             image["control"]["image"] = control_file.name
-            image["control"]["sha256"] = _file_sha256(control_file)
+            image["control"]["sha256"] = file_sha256(control_file)
         content = {"image": image, "model": self._model_record(), "loras": self.lora_records}
         return self._sealed(content)
 
@@ -305,11 +306,3 @@ def _finished(target: Path, digest: str) -> bool:
         return False
     record = read_dropkiln_record(target)
     return record is not None and record.get("digest") == digest
-
-
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
