@@ -1,16 +1,12 @@
 """The train stage: a LoRA on the cached latents, checkpointed, resumable bit for bit.
 
-The loop reads like diffusers' example scripts: batch, noise, predict, loss, step. A
-step is ``gradient_accumulation`` bucket batches of ``batch_size`` images; each batch has
-all its randomness drawn up front and is then cut into micro-batches, so the memory
-ladder's smaller micro-batches see the same images, noise and timesteps.
+The loop itself (training/loop.py) reads like diffusers' example scripts: batch, noise,
+predict, loss, step.
 """
 
 from __future__ import annotations
 
 import math
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +19,8 @@ from dropkiln.stages.base import (
     StageDef,
     StageError,
     StageSpec,
-    StageStopped,
 )
-
-CHECKPOINTS = "checkpoints"
+from dropkiln.stages.training.loop import Plan, TrainingLoop
 
 
 class TrainSpec(StageSpec):
@@ -35,19 +29,6 @@ class TrainSpec(StageSpec):
     options: TrainSettings = Field(default_factory=TrainSettings)
     output_dir: str
     """ROOT/outputs/loras/NAME; the LoRA is written to OUTPUT_DIR/NAME.safetensors."""
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How this attempt runs, from the settings and the memory rung."""
-
-    micro_batch: int
-    gradient_checkpointing: bool
-    device: str
-    weight_dtype: Any
-    autocast: bool
-    fp16: bool
-    mixed_precision: str
 
 
 def lora_path(output_dir: Path | str, name: str) -> Path:
@@ -79,7 +60,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
         session = TrainingSession.start(models, options, ctx.device, plan.fp16)
         _resume(session, ctx)
-        loop = _Loop(
+        loop = TrainingLoop(
             spec=spec,
             ctx=ctx,
             plan=plan,
@@ -91,7 +72,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             on_the_fly=needs_text_encoder(options),
         )
         loop.run()
-        return loop.finish(ref, pipeline_class(ref.kind))
+        return _finish(loop, ref, pipeline_class(ref.kind))
 
 
 def _check_options(options: TrainSettings) -> None:
@@ -148,238 +129,59 @@ def _resume(session: Any, ctx: StageContext) -> None:
         return
 
 
-@dataclass
-class _Loop:
-    spec: TrainSpec
-    ctx: StageContext
-    plan: Plan
-    pipe: Any
-    session: Any
-    dataset: Any
-    order: Any
-    scheduler: Any
-    on_the_fly: bool
-    _memory: int = 0
-    _memory_at: float = -math.inf
+def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
+    """Export the LoRA (EMA weights when EMA is on) in both formats."""
+    import datetime
 
-    def run(self) -> None:
-        options = self.spec.options
-        total = options.steps
-        started, first_step = time.perf_counter(), self.session.step
-        while self.session.step < total:
-            self.ctx.fault("train.step")
-            loss = self.train_step()
-            step = self.session.step
-            self.session.losses.append((step, loss, self.session.lr))
-            rate = (step - first_step) / max(time.perf_counter() - started, 1e-9)
-            self.ctx.progress(
-                step, total, loss=loss, lr=self.session.lr, it_s=rate, memory=self.memory()
-            )
-            due = step % options.checkpoint_every == 0 or step == total
-            if due:
-                # The final step's reports come from finish(), after the EMA weights are in.
-                self.checkpoint(reports=step < total)
-            if self.ctx.should_stop():
-                if not due:
-                    self.checkpoint(reports=False)
-                raise StageStopped(f"training stopped at step {step} (checkpoint saved)")
+    from dropkiln.stages.training.captions import tag_frequency
+    from dropkiln.stages.training.lora_export import write_diffusers, write_kohya
 
-    def train_step(self) -> float:
-        """One optimizer step: accumulate over bucket batches and their micro-batches."""
-        import torch
-
-        from dropkiln.stages.training.data import assemble_batch
-
-        options, session = self.spec.options, self.session
-        first = session.step * options.gradient_accumulation
-        positions = range(first, first + options.gradient_accumulation)
-        batches = [
-            assemble_batch(
-                self.dataset,
-                self.order.batch(position),
-                session.data_rng,
-                session.noise_generator,
-                options,
-                self.scheduler.config.num_train_timesteps,
-                self.on_the_fly,
-            )
-            for position in positions
-        ]
-        samples = sum(len(batch) for batch in batches)
-        step_loss = 0.0
-        for batch in batches:
-            for start in range(0, len(batch), self.plan.micro_batch):
-                micro = batch.rows(start, start + self.plan.micro_batch)
-                loss = self.micro_batch_loss(micro) / samples
-                if session.scaler is not None:
-                    session.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
-                step_loss += float(loss.detach())
-        params = session.models.parameters()
-        if session.scaler is not None:
-            session.scaler.unscale_(session.optimizer)
-        if options.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
-        if session.scaler is not None:
-            session.scaler.step(session.optimizer)
-            session.scaler.update()
-        else:
-            session.optimizer.step()
-        session.lr_scheduler.step()
-        session.optimizer.zero_grad(set_to_none=True)
-        if session.ema is not None:
-            session.ema.step(params)
-        session.step += 1
-        return step_loss
-
-    def micro_batch_loss(self, batch: Any) -> Any:
-        """Sum over the micro-batch of each image's weighted diffusion loss."""
-        import torch
-
-        from dropkiln.stages.training.encoding import encode_captions
-        from dropkiln.stages.training.losses import (
-            min_snr_weights,
-            noisy_latents_and_target,
-            per_sample_mse,
-        )
-
-        noisy, target = noisy_latents_and_target(self.scheduler, batch.latents, batch.draw)
-        if batch.cached_text is not None:
-            text = batch.cached_text
-        elif self.spec.options.train_text_encoder:
-            text = encode_captions(self.pipe, batch.captions)
-        else:
-            with torch.no_grad():
-                text = encode_captions(self.pipe, batch.captions)
-        dtype = self.plan.weight_dtype
-        conditioning: dict[str, Any] = {}
-        if "pooled_prompt_embeds" in text:
-            conditioning["added_cond_kwargs"] = {
-                "text_embeds": text["pooled_prompt_embeds"].to(dtype),
-                "time_ids": batch.time_ids.to(dtype),
-            }
-        with torch.autocast(self.plan.device.split(":")[0], dtype, enabled=self.plan.autocast):
-            prediction = self.pipe.unet(
-                noisy.to(dtype),
-                batch.draw.timesteps,
-                encoder_hidden_states=text["prompt_embeds"].to(dtype),
-                **conditioning,
-            ).sample
-        weights = batch.weights * min_snr_weights(
-            self.scheduler, batch.draw.timesteps, self.spec.options.min_snr_gamma
-        )
-        return (per_sample_mse(prediction, target) * weights).sum()
-
-    def memory(self) -> int:
-        """Bytes in use, sampled at most once a second (progress is reported every step)."""
-        now = time.monotonic()
-        if now - self._memory_at >= 1.0:
-            self._memory_at = now
-            if self.plan.device.startswith("cuda"):
-                import torch
-
-                self._memory = int(torch.cuda.memory_allocated(self.plan.device))
-            else:
-                self._memory = _process_rss()
-        return self._memory
-
-    def checkpoint(self, reports: bool) -> None:
-        from dropkiln.stages.training.checkpoint import prune_checkpoints
-
-        self.ctx.fault("train.checkpoint")
-        step = self.session.step
-        relative = f"{CHECKPOINTS}/step-{step:07d}"
-        folder = self.session.save(self.ctx.work_dir / relative, self.ctx.device)
-        self.ctx.checkpoint({"checkpoint": relative, "step": step})
-        prune_checkpoints(self.ctx.work_dir / CHECKPOINTS, keep=folder)
-        if reports:
-            self.write_reports(step)
-
-    def write_reports(self, step: int) -> list[Path]:
-        """Loss curve files, and validation images when there are prompts."""
-        from dropkiln.stages.training.losses import generation_scheduler
-        from dropkiln.stages.training.report import (
-            validation_images,
-            write_loss_csv,
-            write_loss_plot,
-        )
-
-        out = Path(self.spec.output_dir)
-        options = self.spec.options
-        written = [
-            write_loss_csv(out / "loss.csv", self.session.losses),
-            write_loss_plot(out / "loss.png", self.session.losses, f"{self.spec.name}: loss"),
-        ]
-        if options.validation_prompts:
-            self.pipe.unet.eval()
-            try:
-                written += validation_images(
-                    self.pipe,
-                    options.validation_prompts,
-                    self.dataset.resolution(),
-                    options.seed,
-                    generation_scheduler(self.pipe.scheduler, options),
-                    out / "validation",
-                    step,
-                )
-            finally:
-                self.pipe.unet.train()
-        return written
-
-    def finish(self, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
-        """Export the LoRA (EMA weights when EMA is on) in both formats."""
-        import datetime
-
-        from dropkiln.stages.training.captions import tag_frequency
-        from dropkiln.stages.training.lora_export import write_diffusers, write_kohya
-
-        session, options = self.session, self.spec.options
-        if session.ema is not None:
-            session.ema.copy_to(session.models.parameters())
-        out = Path(self.spec.output_dir)
-        finished = datetime.datetime.now(datetime.UTC)
-        facts = {
-            "name": self.spec.name,
-            "kind": ref.kind,
-            "model_name": ref.name,
-            "model_fingerprint": ref.fingerprint,
-            "resolution": self.dataset.resolution(),
-            "options": options,
-            "alpha": session.models.alpha,
-            "steps": session.step,
-            "num_images": len(self.dataset.images),
-            "tag_frequency": tag_frequency(image.caption for image in self.dataset.images),
-            "mixed_precision": self.plan.mixed_precision,
-            "gradient_checkpointing": self.plan.gradient_checkpointing,
-            "started_at": session.started_at,
-            "finished_at": finished.timestamp(),
-            "finished_date": finished.date().isoformat(),
-        }
-        kohya = write_kohya(lora_path(out, self.spec.name), session.models, facts)
-        diffusers = write_diffusers(out / "diffusers", pipeline_cls, session.models)
-        reports = self.write_reports(session.step)
-        self.ctx.artifact(kohya, "lora")
-        self.ctx.artifact(diffusers, "lora-diffusers")
-        for path in reports:
-            self.ctx.artifact(path, _report_kind(path))
-        return {
-            "lora": str(kohya),
-            "diffusers_lora": str(diffusers),
-            "loss_csv": str(out / "loss.csv"),
-            "loss_png": str(out / "loss.png"),
-            "validation_images": [str(p) for p in reports if p.parent.name == "validation"],
-            "steps": session.step,
-            "final_loss": session.losses[-1][1] if session.losses else None,
-            "model": ref.name,
-            "kind": ref.kind,
-            "rank": options.rank,
-            "alpha": session.models.alpha,
-            "repaired_shards": self.dataset.repaired,
-            "memory_rung": STAGE.rung(self.ctx.memory_rung).name,
-            "micro_batch": self.plan.micro_batch,
-            "gradient_checkpointing": self.plan.gradient_checkpointing,
-        }
+    session, options = loop.session, loop.spec.options
+    if session.ema is not None:
+        session.ema.copy_to(session.models.parameters())
+    out = Path(loop.spec.output_dir)
+    finished = datetime.datetime.now(datetime.UTC)
+    facts = {
+        "name": loop.spec.name,
+        "kind": ref.kind,
+        "model_name": ref.name,
+        "model_fingerprint": ref.fingerprint,
+        "resolution": loop.dataset.resolution(),
+        "options": options,
+        "alpha": session.models.alpha,
+        "steps": session.step,
+        "num_images": len(loop.dataset.images),
+        "tag_frequency": tag_frequency(image.caption for image in loop.dataset.images),
+        "mixed_precision": loop.plan.mixed_precision,
+        "gradient_checkpointing": loop.plan.gradient_checkpointing,
+        "started_at": session.started_at,
+        "finished_at": finished.timestamp(),
+        "finished_date": finished.date().isoformat(),
+    }
+    kohya = write_kohya(lora_path(out, loop.spec.name), session.models, facts)
+    diffusers = write_diffusers(out / "diffusers", pipeline_cls, session.models)
+    reports = loop.write_reports(session.step)
+    loop.ctx.artifact(kohya, "lora")
+    loop.ctx.artifact(diffusers, "lora-diffusers")
+    for path in reports:
+        loop.ctx.artifact(path, _report_kind(path))
+    return {
+        "lora": str(kohya),
+        "diffusers_lora": str(diffusers),
+        "loss_csv": str(out / "loss.csv"),
+        "loss_png": str(out / "loss.png"),
+        "validation_images": [str(p) for p in reports if p.parent.name == "validation"],
+        "steps": session.step,
+        "final_loss": session.losses[-1][1] if session.losses else None,
+        "model": ref.name,
+        "kind": ref.kind,
+        "rank": options.rank,
+        "alpha": session.models.alpha,
+        "repaired_shards": loop.dataset.repaired,
+        "memory_rung": STAGE.rung(loop.ctx.memory_rung).name,
+        "micro_batch": loop.plan.micro_batch,
+        "gradient_checkpointing": loop.plan.gradient_checkpointing,
+    }
 
 
 def _report_kind(path: Path) -> str:
@@ -388,18 +190,6 @@ def _report_kind(path: Path) -> str:
     if path.parent.name == "validation":
         return "validation-image"
     return "loss-plot"
-
-
-_this_process: Any = None
-
-
-def _process_rss() -> int:
-    global _this_process
-    if _this_process is None:
-        import psutil
-
-        _this_process = psutil.Process()
-    return int(_this_process.memory_info().rss)
 
 
 STAGE = StageDef(

@@ -114,6 +114,11 @@ def test_outputs_metadata_and_progress(cached: dict[str, Any]) -> None:
         "step-000002-00.png",
         "step-000004-00.png",
     ]
+    from PIL import Image
+
+    with Image.open(out / "validation" / "step-000004-00.png") as image:
+        assert image.size == (96, 64)
+        assert image.text["parameters"].startswith("sks cat\nSteps: 20")
     kinds = sorted({kind for _, kind in ctx.artifacts})
     assert kinds == ["lora", "lora-diffusers", "loss-csv", "loss-plot", "validation-image"]
     done, total, metrics = ctx.progress_log[-1]

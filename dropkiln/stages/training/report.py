@@ -58,6 +58,7 @@ def validation_images(
 ) -> list[Path]:
     """One image per validation prompt with the LoRA as it is now; global RNG untouched."""
     import torch
+    from PIL.PngImagePlugin import PngInfo
 
     from dropkiln.stages.training.checkpoint import capture_global_rng, restore_global_rng
 
@@ -78,8 +79,15 @@ def validation_images(
                     guidance_scale=VALIDATION_GUIDANCE,
                     generator=generator,
                 ).images[0]
+            # The parameters chunk A1111 and ComfyUI show for a PNG.
+            info = PngInfo()
+            info.add_text(
+                "parameters",
+                f"{prompt}\nSteps: {VALIDATION_STEPS}, CFG scale: {VALIDATION_GUIDANCE}, "
+                f"Seed: {seed + number}, Size: {size[0]}x{size[1]}, LoRA step: {step}",
+            )
             buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
+            image.save(buffer, format="PNG", pnginfo=info)
             target = folder / f"step-{step:06d}-{number:02d}.png"
             paths.append(write_atomic(target, buffer.getvalue()))
     finally:

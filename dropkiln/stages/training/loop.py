@@ -1,0 +1,226 @@
+"""The training loop: batch, noise, predict, loss, step; checkpoints and progress.
+
+A step is ``gradient_accumulation`` bucket batches of ``batch_size`` images; each batch has
+all its randomness drawn up front and is then cut into micro-batches, so the memory
+ladder's smaller micro-batches see the same images, noise and timesteps.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dropkiln.stages.base import StageContext, StageStopped
+
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How this attempt runs, from the settings and the memory rung."""
+
+    micro_batch: int
+    gradient_checkpointing: bool
+    device: str
+    weight_dtype: Any
+    autocast: bool
+    fp16: bool
+    mixed_precision: str
+
+
+@dataclass
+class TrainingLoop:
+    """One attempt's training: steps, checkpoints, progress and reports."""
+
+    spec: Any
+    """The TrainSpec: name, options (TrainSettings), output_dir."""
+    ctx: StageContext
+    plan: Plan
+    pipe: Any
+    session: Any
+    dataset: Any
+    order: Any
+    scheduler: Any
+    on_the_fly: bool
+    _memory: int = 0
+    _memory_at: float = -math.inf
+
+    def run(self) -> None:
+        options = self.spec.options
+        total = options.steps
+        started, first_step = time.perf_counter(), self.session.step
+        while self.session.step < total:
+            self.ctx.fault("train.step")
+            loss = self.train_step()
+            step = self.session.step
+            self.session.losses.append((step, loss, self.session.lr))
+            rate = (step - first_step) / max(time.perf_counter() - started, 1e-9)
+            self.ctx.progress(
+                step, total, loss=loss, lr=self.session.lr, it_s=rate, memory=self.memory()
+            )
+            due = step % options.checkpoint_every == 0 or step == total
+            if due:
+                # The final step's reports come from finish(), after the EMA weights are in.
+                self.checkpoint(reports=step < total)
+            if self.ctx.should_stop():
+                if not due:
+                    self.checkpoint(reports=False)
+                raise StageStopped(f"training stopped at step {step} (checkpoint saved)")
+
+    def train_step(self) -> float:
+        """One optimizer step: accumulate over bucket batches and their micro-batches."""
+        import torch
+
+        from dropkiln.stages.training.data import assemble_batch
+
+        options, session = self.spec.options, self.session
+        first = session.step * options.gradient_accumulation
+        positions = range(first, first + options.gradient_accumulation)
+        batches = [
+            assemble_batch(
+                self.dataset,
+                self.order.batch(position),
+                session.data_rng,
+                session.noise_generator,
+                options,
+                self.scheduler.config.num_train_timesteps,
+                self.on_the_fly,
+            )
+            for position in positions
+        ]
+        samples = sum(len(batch) for batch in batches)
+        step_loss = 0.0
+        for batch in batches:
+            for start in range(0, len(batch), self.plan.micro_batch):
+                micro = batch.rows(start, start + self.plan.micro_batch)
+                loss = self.micro_batch_loss(micro) / samples
+                if session.scaler is not None:
+                    session.scaler.scale(loss).backward()
+                else:
+                    loss.backward()
+                step_loss += float(loss.detach())
+        params = session.models.parameters()
+        if session.scaler is not None:
+            session.scaler.unscale_(session.optimizer)
+        if options.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+        if session.scaler is not None:
+            session.scaler.step(session.optimizer)
+            session.scaler.update()
+        else:
+            session.optimizer.step()
+        session.lr_scheduler.step()
+        session.optimizer.zero_grad(set_to_none=True)
+        if session.ema is not None:
+            session.ema.step(params)
+        session.step += 1
+        return step_loss
+
+    def micro_batch_loss(self, batch: Any) -> Any:
+        """Sum over the micro-batch of each image's weighted diffusion loss."""
+        import torch
+
+        from dropkiln.stages.training.encoding import encode_captions
+        from dropkiln.stages.training.losses import (
+            min_snr_weights,
+            noisy_latents_and_target,
+            per_sample_mse,
+        )
+
+        noisy, target = noisy_latents_and_target(self.scheduler, batch.latents, batch.draw)
+        if batch.cached_text is not None:
+            text = batch.cached_text
+        elif self.spec.options.train_text_encoder:
+            text = encode_captions(self.pipe, batch.captions)
+        else:
+            with torch.no_grad():
+                text = encode_captions(self.pipe, batch.captions)
+        dtype = self.plan.weight_dtype
+        conditioning: dict[str, Any] = {}
+        if "pooled_prompt_embeds" in text:
+            conditioning["added_cond_kwargs"] = {
+                "text_embeds": text["pooled_prompt_embeds"].to(dtype),
+                "time_ids": batch.time_ids.to(dtype),
+            }
+        with torch.autocast(self.plan.device.split(":")[0], dtype, enabled=self.plan.autocast):
+            prediction = self.pipe.unet(
+                noisy.to(dtype),
+                batch.draw.timesteps,
+                encoder_hidden_states=text["prompt_embeds"].to(dtype),
+                **conditioning,
+            ).sample
+        weights = batch.weights * min_snr_weights(
+            self.scheduler, batch.draw.timesteps, self.spec.options.min_snr_gamma
+        )
+        return (per_sample_mse(prediction, target) * weights).sum()
+
+    def memory(self) -> int:
+        """Bytes in use, sampled at most once a second (progress is reported every step)."""
+        now = time.monotonic()
+        if now - self._memory_at >= 1.0:
+            self._memory_at = now
+            if self.plan.device.startswith("cuda"):
+                import torch
+
+                self._memory = int(torch.cuda.memory_allocated(self.plan.device))
+            else:
+                self._memory = _process_rss()
+        return self._memory
+
+    def checkpoint(self, reports: bool) -> None:
+        from dropkiln.stages.training.checkpoint import prune_checkpoints
+
+        self.ctx.fault("train.checkpoint")
+        step = self.session.step
+        relative = f"{CHECKPOINTS}/step-{step:07d}"
+        folder = self.session.save(self.ctx.work_dir / relative, self.ctx.device)
+        self.ctx.checkpoint({"checkpoint": relative, "step": step})
+        prune_checkpoints(self.ctx.work_dir / CHECKPOINTS, keep=folder)
+        if reports:
+            self.write_reports(step)
+
+    def write_reports(self, step: int) -> list[Path]:
+        """Loss curve files, and validation images when there are prompts."""
+        from dropkiln.stages.training.losses import generation_scheduler
+        from dropkiln.stages.training.report import (
+            validation_images,
+            write_loss_csv,
+            write_loss_plot,
+        )
+
+        out = Path(self.spec.output_dir)
+        options = self.spec.options
+        written = [
+            write_loss_csv(out / "loss.csv", self.session.losses),
+            write_loss_plot(out / "loss.png", self.session.losses, f"{self.spec.name}: loss"),
+        ]
+        if options.validation_prompts:
+            self.pipe.unet.eval()
+            try:
+                written += validation_images(
+                    self.pipe,
+                    options.validation_prompts,
+                    self.dataset.resolution(),
+                    options.seed,
+                    generation_scheduler(self.pipe.scheduler, options),
+                    out / "validation",
+                    step,
+                )
+            finally:
+                self.pipe.unet.train()
+        return written
+
+
+_this_process: Any = None
+
+
+def _process_rss() -> int:
+    global _this_process
+    if _this_process is None:
+        import psutil
+
+        _this_process = psutil.Process()
+    return int(_this_process.memory_info().rss)
