@@ -276,9 +276,10 @@ def bench_generate(
     images: int = 8, size: int = 128, steps: int = 8, repeat: int = 3, files: int = 10,
     file_images: int = 2, threads: int = 1, models_dir: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Both generate benchmarks in one temporary ROOT."""
+    """Both generate benchmarks in a temporary ROOT (tiny models from ``models_dir``, or built)."""
     import torch
 
+    from dropkiln.bench.cache import link_models
     from dropkiln.stages.models import ensure_tiny_model
 
     torch.set_num_threads(threads)

@@ -176,6 +176,23 @@ def _parse_prompts(
     )
 
 
+def check_model(model: str) -> None:
+    """Refuse a ``model`` that names nothing, at drop time rather than when the job runs."""
+    from dropkiln.stages.models import TINY_NAMES
+
+    if model in TINY_NAMES:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return
+    if path.is_file() and path.suffix == ".safetensors":
+        return
+    raise DropRejection(
+        f"model {model!r} is neither {' nor '.join(TINY_NAMES)}, a local diffusers folder "
+        "(with model_index.json) nor a local .safetensors file; nothing is downloaded"
+    )
+
+
 class Planner:
     """Turns parsed drops into JobSubmitted events."""
 
@@ -216,6 +233,7 @@ class Planner:
         """bucket (CPU) → cache (GPU) → train (GPU), each reading the one before."""
         options = drop.options
         model, train = options["model"], options["train"]
+        check_model(model)
         resolution = options["bucket"]["resolution"]
         bucket = self._job(
             "bucket",
@@ -257,6 +275,7 @@ class Planner:
 
         prompt_file = drop.options["prompt_file"]
         model = prompt_file.model or self.settings.model
+        check_model(model)
         loras: list[dict[str, Any]] = []
         depends_on: list[str] = []
         for ref in prompt_file.loras:

@@ -1,31 +1,56 @@
-"""The event store: append with optimistic concurrency, read, and tail across processes."""
+"""The event store: append with optimistic concurrency, read, and tail across processes.
+
+SQLite calls block, so they run in worker threads and the event loop only awaits them:
+one thread hop per write transaction (the whole append, projections included) and one
+per read snapshot. Writes are serialised on one connection that says BEGIN IMMEDIATE,
+so they queue on SQLite's lock (busy timeout) instead of failing with "database is locked".
+"""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import functools
+import json
+import sqlite3
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+import anyio.to_thread
+from sqlalchemy import Connection, Engine, Select, func, literal, select
+from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dropkiln.store.engine import ConcurrencyError, StoreError, ensure_schema, make_engine
+from dropkiln.store.engine import (
+    READ_CONNECTIONS,
+    ConcurrencyError,
+    StoreError,
+    async_engine,
+    connect,
+    sync_engine,
+)
 from dropkiln.store.events import Event, utc_now
-from dropkiln.store.projections import StoredEvent, statements_for
-from dropkiln.store.schema import events
+from dropkiln.store.migrate import ensure_schema
+from dropkiln.store.projections import StoredEvent, apply, changes_for
+from dropkiln.store.schema import HIGH_RATE_TYPE, events
 
+T = TypeVar("T")
 Batch = Sequence[tuple[str, Sequence[Event]]]
+TAIL_BATCH = 500
+
+_STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream = ?"
+_INSERT_EVENT = "INSERT INTO events (stream, version, type, data, at) VALUES (?, ?, ?, ?, ?)"
 
 
 class EventStore:
     """One SQLite database under ``state/``; safe to open from several processes."""
 
-    def __init__(self, path: Path, writer: AsyncEngine, reader: AsyncEngine) -> None:
+    def __init__(self, path: Path, engine: Engine) -> None:
         self.path = path
-        self.writer = writer
-        self.reader = reader
+        self.engine = engine
+        # Made on the first write, so readers (`status`, the TUI) never hold one.
+        self._write_connection: sqlite3.Connection | None = None
+        self._write_lock = anyio.CapacityLimiter(1)
+        self._read_limiter = anyio.CapacityLimiter(READ_CONNECTIONS)
         self._appended = anyio.Event()
 
     @classmethod
@@ -38,24 +63,70 @@ class EventStore:
                     f"no dropkiln database at {path}: run 'dropkiln init' or start the daemon"
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
-        store = cls(path, make_engine(path, writer=True), make_engine(path, writer=False))
+        engine = sync_engine(path)
         try:
-            async with store.writer.begin() as conn:
-                await ensure_schema(conn, create=create)
+            await anyio.to_thread.run_sync(
+                functools.partial(ensure_schema, engine, path, create=create)
+            )
+            return cls(path, engine)
         except BaseException:
-            await store.close()
+            engine.dispose()
             raise
-        return store
 
     async def close(self) -> None:
-        await self.writer.dispose()
-        await self.reader.dispose()
+        async with self._write_lock:
+            if self._write_connection is not None:
+                self._write_connection.close()
+                self._write_connection = None
+        self.engine.dispose()
+        for name in ("reader", "writer"):
+            if name in self.__dict__:
+                await self.__dict__[name].dispose()
 
     async def __aenter__(self) -> EventStore:
         return self
 
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
+
+    @functools.cached_property
+    def reader(self) -> AsyncEngine:
+        """An aiosqlite engine for callers with their own SQLAlchemy asyncio queries."""
+        return async_engine(self.path, writer=False)
+
+    @functools.cached_property
+    def writer(self) -> AsyncEngine:
+        """Like ``reader``, but its transactions take the write lock (BEGIN IMMEDIATE)."""
+        return async_engine(self.path, writer=True)
+
+    # Transactions -----------------------------------------------------------------------
+
+    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """Run ``work`` in one write transaction in a worker thread; rolled back if it raises."""
+        return await anyio.to_thread.run_sync(self._run_write, work, limiter=self._write_lock)
+
+    def _run_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        if self._write_connection is None:
+            self._write_connection = connect(self.path)
+        conn = self._write_connection
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            result = work(conn)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        return result
+
+    async def snapshot(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` on a read connection, in one consistent snapshot, in a worker thread."""
+
+        def run() -> T:
+            with self.engine.connect() as conn:
+                return work(conn)
+
+        return await anyio.to_thread.run_sync(run, limiter=self._read_limiter)
 
     # Writing ----------------------------------------------------------------------------
 
@@ -69,52 +140,15 @@ class EventStore:
         self, batch: Batch, expected: dict[str, int | None] | None = None
     ) -> list[StoredEvent]:
         """Append to several streams in one transaction (all or nothing)."""
-        expected = expected or {}
-        try:
-            async with self.writer.begin() as conn:
-                stored = await self._append_in(conn, batch, expected)
-        except IntegrityError as exc:
-            raise ConcurrencyError(
-                f"another writer appended to {', '.join(s for s, _ in batch)} first"
-            ) from exc
+        pending = [
+            (stream, [(event.type_name(), event.model_dump(mode="json")) for event in new])
+            for stream, new in batch
+        ]
+        work = functools.partial(_append, pending, expected or {})
+        stored = await self.transaction(work)
         self._appended.set()
         self._appended = anyio.Event()
         return stored
-
-    async def _append_in(
-        self, conn: AsyncConnection, batch: Batch, expected: dict[str, int | None]
-    ) -> list[StoredEvent]:
-        stored: list[StoredEvent] = []
-        at = utc_now()
-        for stream, new in batch:
-            current = await self._stream_version(conn, stream)
-            want = expected.get(stream)
-            if want is not None and want != current:
-                raise ConcurrencyError(
-                    f"stream {stream} is at version {current}, expected {want}: "
-                    "another writer appended first; nothing was written"
-                )
-            for event in new:
-                current += 1
-                data = event.model_dump(mode="json")
-                result = await conn.execute(
-                    events.insert().values(
-                        stream=stream, version=current, type=event.type_name(), data=data, at=at
-                    )
-                )
-                seq = result.inserted_primary_key[0] if result.inserted_primary_key else 0
-                row = StoredEvent(int(seq), stream, current, event.type_name(), data, at)
-                for statement in statements_for(row):
-                    await conn.execute(statement)
-                stored.append(row)
-        return stored
-
-    @staticmethod
-    async def _stream_version(conn: AsyncConnection, stream: str) -> int:
-        result = await conn.execute(
-            select(func.coalesce(func.max(events.c.version), 0)).where(events.c.stream == stream)
-        )
-        return int(result.scalar_one())
 
     # Reading ----------------------------------------------------------------------------
 
@@ -127,38 +161,25 @@ class EventStore:
         types: Sequence[str] | None = None,
     ) -> list[StoredEvent]:
         """Events with ``seq > after`` in order, optionally of one stream or some types."""
-        query = select(events).where(events.c.seq > after).order_by(events.c.seq)
-        if stream is not None:
-            query = query.where(events.c.stream == stream)
-        if types:
-            query = query.where(events.c.type.in_(list(types)))
-        if limit is not None:
-            query = query.limit(limit)
-        async with self.reader.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_row_event(row) for row in rows]
+        query = events_after(after, stream, types, limit)
+        return await self.snapshot(lambda conn: _stored(conn.execute(query)))
 
     async def last(
         self, stream: str | None = None, types: Sequence[str] | None = None, limit: int = 1
     ) -> list[StoredEvent]:
         """The newest events (newest first), optionally of one stream or some types."""
-        query = select(events).order_by(events.c.seq.desc()).limit(limit)
-        if stream is not None:
-            query = query.where(events.c.stream == stream)
-        if types:
-            query = query.where(events.c.type.in_(list(types)))
-        async with self.reader.connect() as conn:
-            rows = (await conn.execute(query)).all()
-        return [_row_event(row) for row in rows]
+        query = newest_events(stream, types, limit)
+        return await self.snapshot(lambda conn: _stored(conn.execute(query)))
 
     async def last_seq(self) -> int:
-        async with self.reader.connect() as conn:
-            result = await conn.execute(select(func.coalesce(func.max(events.c.seq), 0)))
-            return int(result.scalar_one())
+        query = select(func.coalesce(func.max(events.c.seq), 0))
+        return await self.snapshot(lambda conn: int(conn.execute(query).scalar_one()))
 
     async def stream_version(self, stream: str) -> int:
-        async with self.reader.connect() as conn:
-            return await self._stream_version(conn, stream)
+        query = select(func.coalesce(func.max(events.c.version), 0)).where(
+            events.c.stream == stream
+        )
+        return await self.snapshot(lambda conn: int(conn.execute(query).scalar_one()))
 
     async def tail(
         self,
@@ -167,27 +188,123 @@ class EventStore:
         poll_interval: float = 0.05,
         stream: str | None = None,
         types: Sequence[str] | None = None,
-    ) -> AsyncIterator[StoredEvent]:
+    ) -> AsyncGenerator[StoredEvent, None]:
         """Every event after ``after``, forever: wakes on local appends at once and on other
         processes' commits within ``poll_interval`` (``PRAGMA data_version`` is cheap)."""
-        async with self.reader.connect() as watch:
-            seen_version: Any = None
+        watch = await anyio.to_thread.run_sync(connect, self.path)
+        try:
             while True:
-                batch = await self.read(after, stream=stream, types=types, limit=500)
+                appended = self._appended
+                # Read before the batch: a commit the batch misses changes it afterwards.
+                version = await anyio.to_thread.run_sync(_data_version, watch)
+                batch, scanned_to = await self.snapshot(
+                    functools.partial(_tail_batch, after, stream, types)
+                )
                 for stored in batch:
-                    after = stored.seq
                     yield stored
-                if len(batch) == 500:
+                if len(batch) == TAIL_BATCH:
+                    after = batch[-1].seq
                     continue
+                # Nothing else matched up to scanned_to in this snapshot, and seqs are
+                # assigned in commit order, so filtered tails need not scan it again.
+                after = max(after, scanned_to)
                 while True:
-                    version = (await watch.exec_driver_sql("PRAGMA data_version")).scalar()
-                    if version != seen_version:
-                        seen_version = version
-                        break
                     with anyio.move_on_after(poll_interval):
-                        await self._appended.wait()
+                        await appended.wait()
                         break
+                    if await anyio.to_thread.run_sync(_data_version, watch) != version:
+                        break
+        finally:
+            watch.close()
 
 
-def _row_event(row: Any) -> StoredEvent:
+def _append(
+    pending: list[tuple[str, list[tuple[str, dict[str, Any]]]]],
+    expected: dict[str, int | None],
+    conn: sqlite3.Connection,
+) -> list[StoredEvent]:
+    at = utc_now()  # under the write lock, so ``at`` follows ``seq`` on one machine
+    stored: list[StoredEvent] = []
+    for stream, new in pending:
+        current: int = conn.execute(_STREAM_VERSION, (stream,)).fetchone()[0]
+        want = expected.get(stream)
+        if want is not None and want != current:
+            raise ConcurrencyError(
+                f"stream {stream} is at version {current}, expected {want}: "
+                "another writer appended first; nothing was written"
+            )
+        for type_name, data in new:
+            current += 1
+            try:
+                cursor = conn.execute(
+                    _INSERT_EVENT, (stream, current, type_name, json.dumps(data), at)
+                )
+            except sqlite3.IntegrityError as exc:
+                raise ConcurrencyError(
+                    f"stream {stream} already has version {current}: "
+                    "another writer appended first; nothing was written"
+                ) from exc
+            event = StoredEvent(cursor.lastrowid or 0, stream, current, type_name, data, at)
+            try:
+                apply(conn, changes_for(event))
+            except sqlite3.IntegrityError as exc:
+                raise StoreError(
+                    f"{type_name} on {stream} contradicts the projections ({exc}); "
+                    "nothing was written"
+                ) from exc
+            stored.append(event)
+    return stored
+
+
+def events_after(
+    after: int, stream: str | None, types: Sequence[str] | None, limit: int | None
+) -> Select[Any]:
+    """Events with ``seq > after``, oldest first."""
+    query = select(events).where(events.c.seq > after).order_by(events.c.seq)
+    if stream is not None:
+        query = query.where(events.c.stream == stream)
+    query = _of_types(query, types, indexed=stream is None)
+    return query if limit is None else query.limit(limit)
+
+
+def newest_events(stream: str | None, types: Sequence[str] | None, limit: int) -> Select[Any]:
+    """The newest events, newest first."""
+    if stream is not None:
+        # Within a stream, version order is seq order, and walking the (stream, version)
+        # index backwards stops at the first match instead of scanning the log.
+        query = select(events).where(events.c.stream == stream).order_by(events.c.version.desc())
+    else:
+        query = select(events).order_by(events.c.seq.desc())
+    return _of_types(query, types, indexed=stream is None).limit(limit)
+
+
+def _of_types(query: Select[Any], types: Sequence[str] | None, *, indexed: bool) -> Select[Any]:
+    if not types:
+        return query
+    query = query.where(events.c.type.in_(list(types)))
+    if indexed and HIGH_RATE_TYPE not in types:
+        # Repeats the partial index's condition, inline, so SQLite knows it may use it.
+        high_rate = literal(HIGH_RATE_TYPE, literal_execute=True)
+        query = query.where(events.c.type != high_rate)
+    return query
+
+
+def _tail_batch(
+    after: int, stream: str | None, types: Sequence[str] | None, conn: Connection
+) -> tuple[list[StoredEvent], int]:
+    batch = _stored(conn.execute(events_after(after, stream, types, TAIL_BATCH)))
+    scanned_to = conn.execute(select(func.coalesce(func.max(events.c.seq), 0))).scalar_one()
+    return batch, int(scanned_to)
+
+
+def _data_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+def _stored(rows: Any) -> list[StoredEvent]:
+    return [row_event(row) for row in rows]
+
+
+def row_event(row: Any) -> StoredEvent:
+    """The StoredEvent for a row of the events table."""
     return StoredEvent(row.seq, row.stream, row.version, row.type, row.data, row.at)

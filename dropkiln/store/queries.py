@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, insert, select
+from sqlalchemy import JSON, Connection, Select, Text, select, type_coerce
 
 from dropkiln.store.engine import StoreError
 from dropkiln.store.events import DAEMON_STREAM, TERMINAL_STATES
-from dropkiln.store.eventstore import EventStore
+from dropkiln.store.eventstore import EventStore, newest_events, row_event
+from dropkiln.store.projections import RowChange, apply
 from dropkiln.store.schema import artifacts, drops, jobs, telemetry
 
 DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
@@ -76,65 +79,83 @@ class JobView:
         }
 
 
-def _job_view(row: Any, states: dict[str, str]) -> JobView:
-    values = dict(row._mapping)
-    if values["state"] == "queued" and any(
-        states.get(dep) != "succeeded" for dep in values["depends_on"]
-    ):
-        values["state"] = "waiting"
-    return JobView(**values)
+_JOB_JSON = frozenset(c.name for c in jobs.columns if isinstance(c.type, JSON))
+_JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobView))
+# Columns in JobView's field order, JSON ones as text decoded here: for `status` listing
+# thousands of jobs that is several times cheaper than SQLAlchemy's result processing.
+_JOB_COLUMNS = [
+    type_coerce(jobs.c[name], Text).label(name) if name in _JOB_JSON else jobs.c[name]
+    for name in _JOB_FIELDS
+]
+_JSON_AT = tuple(i for i, name in enumerate(_JOB_FIELDS) if name in _JOB_JSON)
+_ID_AT = _JOB_FIELDS.index("id")
+_STATE_AT = _JOB_FIELDS.index("state")
+_DEPENDS_AT = _JOB_FIELDS.index("depends_on")
+
+
+def _job_rows(conn: Connection, query: Select[Any]) -> list[list[Any]]:
+    rows = []
+    for row in conn.execute(query):
+        values = list(row)
+        for i in _JSON_AT:
+            if values[i] is not None:
+                values[i] = json.loads(values[i])
+        rows.append(values)
+    return rows
+
+
+def _job_views(conn: Connection, rows: list[list[Any]]) -> list[JobView]:
+    """Views of job rows; ``queued`` becomes ``waiting`` while a dependency is unfinished."""
+    states = {row[_ID_AT]: row[_STATE_AT] for row in rows}
+    deps = {dep for row in rows for dep in row[_DEPENDS_AT]} - states.keys()
+    if deps:
+        found = conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(list(deps))))
+        states.update({r.id: r.state for r in found})
+    for row in rows:
+        if row[_STATE_AT] == "queued" and any(
+            states.get(dep) != "succeeded" for dep in row[_DEPENDS_AT]
+        ):
+            row[_STATE_AT] = "waiting"
+    return [JobView(*row) for row in rows]
 
 
 async def list_jobs(
     store: EventStore, *, limit: int | None = None, active_only: bool = False
 ) -> list[JobView]:
     """Jobs newest first."""
-    query = select(jobs).order_by(jobs.c.submitted_seq.desc())
+    query = select(*_JOB_COLUMNS).order_by(jobs.c.submitted_seq.desc())
     if active_only:
         query = query.where(jobs.c.state.not_in(list(TERMINAL_STATES)))
     if limit is not None:
         query = query.limit(limit)
-    async with store.reader.connect() as conn:
-        rows = (await conn.execute(query)).all()
-        deps = {dep for row in rows for dep in row.depends_on}
-        states = {row.id: row.state for row in rows}
-        missing = deps - states.keys()
-        if missing:
-            found = await conn.execute(
-                select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(list(missing)))
-            )
-            states.update({r.id: r.state for r in found})
-    return [_job_view(row, states) for row in rows]
+    return await store.snapshot(lambda conn: _job_views(conn, _job_rows(conn, query)))
 
 
 async def find_job(store: EventStore, ref: str) -> JobView:
     """A job by id or unambiguous id prefix; StoreError otherwise."""
-    async with store.reader.connect() as conn:
-        rows = (
-            await conn.execute(select(jobs).where(jobs.c.id.startswith(ref, autoescape=True)))
-        ).all()
+    exact = select(*_JOB_COLUMNS).where(jobs.c.id == ref)
+    prefixed = select(*_JOB_COLUMNS).where(jobs.c.id.startswith(ref, autoescape=True)).limit(6)
+
+    def work(conn: Connection) -> JobView:
+        rows = _job_rows(conn, exact) or _job_rows(conn, prefixed)
         if not rows:
             raise StoreError(f"no job {ref!r}")
-        if len(rows) > 1 and not any(r.id == ref for r in rows):
-            raise StoreError(f"job id {ref!r} is ambiguous: {', '.join(r.id for r in rows[:5])}")
-        row = next((r for r in rows if r.id == ref), rows[0])
-        deps = await conn.execute(
-            select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(list(row.depends_on)))
-        )
-        states = {r.id: r.state for r in deps}
-    return _job_view(row, states)
+        if len(rows) > 1:
+            shown = ", ".join(row[_ID_AT] for row in rows[:5])
+            raise StoreError(f"job id {ref!r} is ambiguous: it matches {shown}")
+        return _job_views(conn, rows)[0]
+
+    return await store.snapshot(work)
 
 
 async def job_artifacts(store: EventStore, job_id: str) -> list[dict[str, Any]]:
     query = select(artifacts).where(artifacts.c.job_id == job_id).order_by(artifacts.c.seq)
-    async with store.reader.connect() as conn:
-        return [dict(r._mapping) for r in (await conn.execute(query)).all()]
+    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
 
 
 async def list_drops(store: EventStore, limit: int = 100) -> list[dict[str, Any]]:
     query = select(drops).order_by(drops.c.at.desc()).limit(limit)
-    async with store.reader.connect() as conn:
-        return [dict(r._mapping) for r in (await conn.execute(query)).all()]
+    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
 
 
 async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> dict[str, Any] | None:
@@ -145,9 +166,12 @@ async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> dict[
         .order_by(drops.c.at)
         .limit(1)
     )
-    async with store.reader.connect() as conn:
-        row = (await conn.execute(query)).first()
-    return dict(row._mapping) if row else None
+
+    def work(conn: Connection) -> dict[str, Any] | None:
+        row = conn.execute(query).first()
+        return dict(row._mapping) if row else None
+
+    return await store.snapshot(work)
 
 
 async def remembered_rung(store: EventStore, rung_key: str) -> int:
@@ -158,12 +182,11 @@ async def remembered_rung(store: EventStore, rung_key: str) -> int:
         .order_by(jobs.c.finished_at.desc())
         .limit(1)
     )
-    async with store.reader.connect() as conn:
-        value = (await conn.execute(query)).scalar()
-    return int(value or 0)
+    return await store.snapshot(lambda conn: int(conn.execute(query).scalar() or 0))
 
 
 async def queue_paused(store: EventStore) -> bool:
+    """Whether the last queue command was a pause."""
     last = await store.last(DAEMON_STREAM, types=("QueuePaused", "QueueResumed"))
     return bool(last) and last[0].type == "QueuePaused"
 
@@ -180,34 +203,43 @@ class DaemonState:
 
 async def daemon_state(store: EventStore, heartbeat_timeout: float = 5.0) -> DaemonState:
     """Up or down, from the lifecycle events and the telemetry heartbeat."""
-    lifecycle = await store.last(DAEMON_STREAM, types=DAEMON_LIFECYCLE)
-    started = await store.last(DAEMON_STREAM, types=("DaemonStarted",))
-    async with store.reader.connect() as conn:
-        beat = (
-            await conn.execute(select(telemetry.c.at).order_by(telemetry.c.id.desc()).limit(1))
-        ).scalar()
+    lifecycle_query = newest_events(DAEMON_STREAM, DAEMON_LIFECYCLE, 1)
+    started_query = newest_events(DAEMON_STREAM, ("DaemonStarted",), 1)
+    beat_query = select(telemetry.c.at).order_by(telemetry.c.id.desc()).limit(1)
+
+    def work(conn: Connection) -> tuple[Any, Any, float | None]:
+        lifecycle = conn.execute(lifecycle_query).first()
+        started = conn.execute(started_query).first()
+        return lifecycle, started, conn.execute(beat_query).scalar()
+
+    lifecycle, started, beat = await store.snapshot(work)
     seen_ago = time.time() - beat if beat is not None else None
-    last_type = lifecycle[0].type if lifecycle else None
+    last_type = lifecycle.type if lifecycle else None
     running = last_type in ("DaemonStarted", "DaemonStopping") and (
         seen_ago is not None and seen_ago < heartbeat_timeout
     )
-    info = started[0].data if started else {}
+    info = row_event(started).data if started else {}
     return DaemonState(running, last_type, info.get("pid"), info.get("device"), seen_ago)
+
+
+TELEMETRY_COLUMNS = tuple(c.name for c in telemetry.columns if c.name != "id")
 
 
 async def record_telemetry(store: EventStore, sample: dict[str, Any], retention_s: float) -> None:
     """Store one device-memory sample and drop samples older than the retention window."""
     now = sample.get("at", time.time())
-    columns = {c.name for c in telemetry.columns} - {"id"}
-    values = {k: v for k, v in sample.items() if k in columns}
+    values = {name: sample.get(name) for name in TELEMETRY_COLUMNS}
     values["at"] = now
-    async with store.writer.begin() as conn:
-        await conn.execute(insert(telemetry).values(**values))
-        await conn.execute(delete(telemetry).where(telemetry.c.at < now - retention_s))
+
+    def work(conn: Any) -> None:
+        apply(conn, [RowChange(telemetry, "insert", values)])
+        conn.execute("DELETE FROM telemetry WHERE at < ?", (now - retention_s,))
+
+    await store.transaction(work)
 
 
 async def recent_telemetry(store: EventStore, seconds: float = 300.0) -> list[dict[str, Any]]:
+    """Samples of the last ``seconds``, oldest first."""
     since = time.time() - seconds
     query = select(telemetry).where(telemetry.c.at >= since).order_by(telemetry.c.id)
-    async with store.reader.connect() as conn:
-        return [dict(r._mapping) for r in (await conn.execute(query)).all()]
+    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])

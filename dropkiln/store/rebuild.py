@@ -2,43 +2,50 @@
 
 from __future__ import annotations
 
+import json
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Table, select
-from sqlalchemy.ext.asyncio import AsyncConnection, create_async_engine
+import anyio.to_thread
+from sqlalchemy import JSON, Table
+from sqlalchemy.dialects import sqlite
+from sqlalchemy.schema import CreateIndex, CreateTable
 
-from dropkiln.store.eventstore import EventStore, _row_event
-from dropkiln.store.projections import clear_statements, statements_for
-from dropkiln.store.schema import PROJECTIONS, events, metadata
+from dropkiln.store.engine import connect
+from dropkiln.store.eventstore import EventStore
+from dropkiln.store.projections import StoredEvent, apply, changes_for, clear
+from dropkiln.store.schema import PROJECTIONS
 
 CHUNK = 5000
 
 
-async def _replay(source: AsyncConnection, target: AsyncConnection) -> int:
+def _replay(source: sqlite3.Connection, target: sqlite3.Connection) -> int:
     """Apply every event read from ``source`` to the projections in ``target``."""
     after, count = 0, 0
     while True:
-        rows = (
-            await source.execute(
-                select(events).where(events.c.seq > after).order_by(events.c.seq).limit(CHUNK)
-            )
-        ).all()
+        rows = source.execute(
+            "SELECT seq, stream, version, type, data, at FROM events WHERE seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (after, CHUNK),
+        ).fetchall()
         if not rows:
             return count
-        for row in rows:
-            for statement in statements_for(_row_event(row)):
-                await target.execute(statement)
-        after = rows[-1].seq
+        for seq, stream, version, type_name, data, at in rows:
+            event = StoredEvent(seq, stream, version, type_name, json.loads(data), at)
+            apply(target, changes_for(event))
+        after = rows[-1][0]
         count += len(rows)
 
 
 async def rebuild(store: EventStore) -> int:
     """Replace the projections with a replay of the log; returns the events replayed."""
-    async with store.writer.begin() as conn:
-        for statement in clear_statements():
-            await conn.execute(statement)
-        return await _replay(conn, conn)
+
+    def work(conn: sqlite3.Connection) -> int:
+        clear(conn)
+        return _replay(conn, conn)
+
+    return await store.transaction(work)
 
 
 @dataclass
@@ -52,37 +59,60 @@ class CheckReport:
         return not self.differences
 
 
-async def _rows(conn: AsyncConnection, table: Table) -> dict[tuple[Any, ...], dict[str, Any]]:
+def _scratch() -> sqlite3.Connection:
+    """An in-memory database with the projection tables, to replay into."""
+    scratch = sqlite3.connect(":memory:", isolation_level=None)
+    dialect = sqlite.dialect()
+    for table in PROJECTIONS:
+        scratch.execute(str(CreateTable(table).compile(dialect=dialect)))
+        for index in table.indexes:
+            scratch.execute(str(CreateIndex(index).compile(dialect=dialect)))
+    return scratch
+
+
+def _rows(conn: sqlite3.Connection, table: Table) -> dict[tuple[Any, ...], dict[str, Any]]:
+    names = [c.name for c in table.columns]
     keys = [c.name for c in table.primary_key.columns]
-    result = await conn.execute(select(table))
-    return {tuple(r._mapping[k] for k in keys): dict(r._mapping) for r in result.all()}
+    json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
+    rows: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for values in conn.execute(f"SELECT {', '.join(names)} FROM {table.name}"):
+        row = {
+            name: json.loads(value) if name in json_columns and value is not None else value
+            for name, value in zip(names, values, strict=True)
+        }
+        rows[tuple(row[k] for k in keys)] = row
+    return rows
+
+
+def _check(store: EventStore, max_differences: int) -> CheckReport:
+    live = connect(store.path)
+    scratch = _scratch()
+    try:
+        # One read snapshot for both the replay and the live rows; never the write lock,
+        # so the daemon keeps running while this runs.
+        live.execute("BEGIN")
+        scratch.execute("BEGIN")
+        report = CheckReport(events=_replay(live, scratch))
+        for table in PROJECTIONS:
+            want = _rows(scratch, table)
+            have = _rows(live, table)
+            report.rows[table.name] = len(have)
+            for key in sorted(want.keys() | have.keys(), key=repr):
+                if want.get(key) != have.get(key):
+                    report.differences.append(
+                        _describe(table.name, key, have.get(key), want.get(key))
+                    )
+                    if len(report.differences) >= max_differences:
+                        return report
+        return report
+    finally:
+        live.close()
+        scratch.close()
 
 
 async def check(store: EventStore, max_differences: int = 50) -> CheckReport:
-    """Replay the log into a scratch database and compare it with the live projections.
-
-    Reads one snapshot and never takes the write lock, so the daemon keeps running.
-    """
-    scratch = create_async_engine("sqlite+aiosqlite://")
-    try:
-        async with store.reader.begin() as live, scratch.begin() as replayed:
-            await replayed.run_sync(metadata.create_all)
-            count = await _replay(live, replayed)
-            report = CheckReport(events=count)
-            for table in PROJECTIONS:
-                want = await _rows(replayed, table)
-                have = await _rows(live, table)
-                report.rows[table.name] = len(have)
-                for key in sorted(want.keys() | have.keys(), key=repr):
-                    if want.get(key) != have.get(key):
-                        report.differences.append(
-                            _describe(table.name, key, have.get(key), want.get(key))
-                        )
-                        if len(report.differences) >= max_differences:
-                            return report
-            return report
-    finally:
-        await scratch.dispose()
+    """Replay the log into a scratch database and compare it with the live projections."""
+    return await anyio.to_thread.run_sync(_check, store, max_differences)
 
 
 def _describe(

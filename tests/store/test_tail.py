@@ -1,0 +1,136 @@
+"""Tail: every event in order, woken by local appends and by other processes' commits."""
+
+from __future__ import annotations
+
+import multiprocessing
+import statistics
+import time
+from collections.abc import AsyncIterator
+from datetime import datetime
+from pathlib import Path
+
+import anyio
+import pytest
+
+from dropkiln.store import EventStore, StoredEvent
+from dropkiln.store import events as ev
+from dropkiln.store.events import DAEMON_STREAM, job_stream
+from dropkiln.store.eventstore import TAIL_BATCH
+
+from .builders import submitted
+from .procs import PACED, append_paced
+
+
+async def take(tail: AsyncIterator[StoredEvent], count: int, into: list[StoredEvent]) -> None:
+    while len(into) < count:
+        into.append(await anext(tail))
+
+
+async def test_tail_yields_the_backlog_in_order_then_new_events(store: EventStore) -> None:
+    await store.append(job_stream("a"), [submitted("a"), ev.JobQueued()])
+    await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+    got: list[StoredEvent] = []
+    tail = store.tail(after=1)
+    try:
+        with anyio.fail_after(5):
+            await take(tail, 2, got)
+            assert [e.seq for e in got] == [2, 3]
+            async with anyio.create_task_group() as group:
+                group.start_soon(take, tail, 5, got)
+                await store.append(job_stream("b"), [submitted("b")])
+                await store.append(job_stream("a"), [ev.CancelRequested(), ev.JobCancelled()])
+    finally:
+        await tail.aclose()
+    assert [e.seq for e in got] == [2, 3, 4, 5, 6]
+    assert got == await store.read(1)
+
+
+async def test_a_local_append_wakes_the_tail_without_polling(store: EventStore) -> None:
+    got: list[StoredEvent] = []
+    # A poll interval far longer than the timeout: only the local wake-up can deliver.
+    tail = store.tail(poll_interval=60)
+    try:
+        with anyio.fail_after(2):
+            async with anyio.create_task_group() as group:
+                group.start_soon(take, tail, 1, got)
+                await anyio.sleep(0.2)  # the tail is idle, waiting
+                await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+    finally:
+        await tail.aclose()
+    assert [e.type for e in got] == ["QueuePaused"]
+
+
+@pytest.mark.slow
+async def test_a_commit_in_another_process_wakes_the_tail(db_path: Path) -> None:
+    count = 12
+    store = await EventStore.open(db_path, create=True)
+    context = multiprocessing.get_context("spawn")
+    go = context.Event()
+    writer = context.Process(target=append_paced, args=(str(db_path), count, 0.05, go))
+    latencies: list[float] = []
+    tail = store.tail(stream=PACED)
+    try:
+        writer.start()
+        with anyio.fail_after(60):
+            # This process never appends, so only PRAGMA data_version polling can wake it.
+            async with anyio.create_task_group() as group:
+
+                async def receive() -> None:
+                    async for event in tail:
+                        # ``at`` is stamped in the writer, inside its transaction.
+                        sent = datetime.fromisoformat(event.at).timestamp()
+                        latencies.append(time.time() - sent)
+                        if len(latencies) == count:
+                            return
+
+                group.start_soon(receive)
+                await anyio.sleep(0.1)
+                go.set()
+    finally:
+        await tail.aclose()
+        writer.join(timeout=30)
+        if writer.is_alive():
+            writer.kill()
+        await store.close()
+    assert len(latencies) == count
+    ordered = sorted(latencies)
+    print(
+        f"cross-process tail latency: p50 {statistics.median(ordered) * 1000:.1f} ms, "
+        f"max {ordered[-1] * 1000:.1f} ms"
+    )
+    assert ordered[-1] < 2.0
+
+
+async def test_filtered_tails_miss_nothing(store: EventStore) -> None:
+    wanted_types = ("JobQueued", "CancelRequested")
+    by_stream: list[StoredEvent] = []
+    by_type: list[StoredEvent] = []
+    stream_tail = store.tail(stream=job_stream("a"))
+    type_tail = store.tail(types=wanted_types)
+
+    # One batch larger than a tail read, then many small ones across streams.
+    plan: list[tuple[str, list[ev.Event]]] = [
+        (job_stream("noise"), [ev.JobProgress(done=i, total=1) for i in range(TAIL_BATCH + 37)])
+    ]
+    for i in range(60):
+        plan.append((job_stream("a"), [ev.JobProgress(done=i, total=60), ev.JobQueued()]))
+        plan.append((job_stream("b"), [ev.CancelRequested()] if i % 7 == 0 else [ev.JobQueued()]))
+        plan.append((DAEMON_STREAM, [ev.QueuePaused()]))
+    plan.append((job_stream("noise"), [ev.JobProgress(done=0, total=1)] * (TAIL_BATCH * 2 + 3)))
+    plan.append((job_stream("a"), [ev.CancelRequested()]))
+    want_stream = sum(len(new) for stream, new in plan if stream == job_stream("a"))
+    want_type = sum(1 for _, new in plan for e in new if e.type_name() in wanted_types)
+    try:
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as group:
+                group.start_soon(take, stream_tail, want_stream, by_stream)
+                group.start_soon(take, type_tail, want_type, by_type)
+                for stream, new in plan:
+                    await store.append(stream, new)
+                    if len(new) < 5:
+                        await anyio.sleep(0)  # let the tails interleave with the writes
+    finally:
+        await stream_tail.aclose()
+        await type_tail.aclose()
+    assert by_stream == await store.read(stream=job_stream("a"), limit=None)
+    assert by_type == await store.read(types=wanted_types, limit=None)
