@@ -349,9 +349,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("store", cmd_store, "maintain the event store")
     p.add_argument("action", choices=["rebuild", "check"])
     p = add("bench", cmd_bench, "measure speed against baselines (see README)")
-    p.add_argument("suite", nargs="?", default="store")
-    p.add_argument("--json", dest="json_file", help="also write the results as JSON here")
+    p.add_argument(
+        "suite",
+        nargs="?",
+        default="store",
+        help="store, bucket, cache, train, generate, video, daemon or all (default store); "
+        "or compare A.json B.json",
+    )
+    p.add_argument("files", nargs="*", help="compare only: A.json B.json")
+    p.add_argument("--model", help="model for cache/train/generate/daemon (default: settings)")
+    p.add_argument("--resolution", type=int, help="image size in pixels (suite default)")
+    p.add_argument("--steps", type=int, help="training steps / denoising steps")
+    p.add_argument(
+        "--batch-sizes",
+        help="sweep, e.g. 1,2,4: train micro-batch, generate images per call, cache VAE batch",
+    )
+    p.add_argument("--repeats", type=int, help="timed repetitions (suite default)")
+    p.add_argument("--warmup", type=int, help="untimed warm-up: train steps, generate/daemon runs")
+    p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: settings)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--events", type=int, help="store: events in the status store (1000000)")
+    p.add_argument("--profile", action="store_true", help="torch.profiler trace of the hot loop")
     p.add_argument("--quick", action="store_true", help="small sizes, for a fast look")
+    p.add_argument("--out", help="report folder (default ROOT/outputs/bench/DATE-TIME)")
+    p.add_argument("--json", dest="json_file", help="also write the results as JSON here")
     return parser
 
 

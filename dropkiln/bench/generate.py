@@ -95,6 +95,7 @@ def direct_images(pipe: Any, entries: Sequence[ImageEntry], per_call: int = 1) -
 def bench_stage_overhead(
     root: Path, images: int, size: int, steps: int, repeat: int, model: str = "tiny-sdxl",
     device: str = "cpu", per_call: Sequence[int] = (), profiler: Profiler | None = None,
+    warmup: int = 1,
 ) -> dict[str, Any]:  # fmt: skip
     """The stage (PNG chunks, resume checks, contact sheet) against bare pipeline calls."""
     import numpy as np
@@ -149,7 +150,8 @@ def bench_stage_overhead(
             direct_image_s.extend(intervals(timeline.marks))
         return time.perf_counter() - started
 
-    through_stage(-1)  # warm-up: first-call costs belong to neither side
+    for _ in range(warmup):
+        through_stage(-1)  # first-call costs belong to neither side
     stage, bare, saved = [], [], []
     # Interleaved so a change in machine load hits all three alike.
     for attempt in range(repeat):
@@ -166,6 +168,7 @@ def bench_stage_overhead(
         "size": size,
         "steps": steps,
         "repeat": repeat,
+        "warmup": warmup,
         "model": model,
         "device": device,
         "dtype": str(inference_dtype(device)).removeprefix("torch."),
@@ -279,7 +282,6 @@ def bench_generate(
     """Both generate benchmarks in a temporary ROOT (tiny models from ``models_dir``, or built)."""
     import torch
 
-    from dropkiln.bench.cache import link_models
     from dropkiln.stages.models import ensure_tiny_model
 
     torch.set_num_threads(threads)

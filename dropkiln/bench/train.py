@@ -49,15 +49,21 @@ class _Run:
     stamps: list[float]
     losses: list[tuple[int, float]]
     timeline: PhaseTimeline
+    warmup: int = WARMUP_STEPS
+
+    @property
+    def timed(self) -> list[float]:
+        """Step end times from the end of the last warm-up step on."""
+        return self.stamps[max(self.warmup, 1) - 1 :]
 
     @property
     def steps_per_s(self) -> float:
-        timed = self.stamps[WARMUP_STEPS - 1 :]
+        timed = self.timed
         return (len(timed) - 1) / (timed[-1] - timed[0])
 
     @property
     def step_seconds(self) -> list[float]:
-        return intervals(self.stamps[WARMUP_STEPS - 1 :])
+        return intervals(self.timed)
 
 
 def bench_train(
@@ -71,8 +77,11 @@ def bench_train(
     models_dir: Path | None = None,
     device: str = "cpu",
     profiler: Profiler | None = None,
+    warmup: int = WARMUP_STEPS,
 ) -> dict[str, Any]:
     """Steps/s of the train stage and of a hand-written loop; their ratio, phases, losses."""
+    if steps < warmup + 2:
+        raise ValueError(f"{steps} steps leave fewer than 2 timed steps after {warmup} warm-up")
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         root = Path(scratch)
         link_models(root, models_dir)
@@ -84,7 +93,7 @@ def bench_train(
             upstream_results={"bucket": {"manifest": str(manifest)}},
         )
         cached = run_cache(CacheSpec(name="bench", model=model), cache_ctx)
-        setup = _Setup(root, cached, model, batch_size, rank, device)
+        setup = _Setup(root, cached, model, batch_size, rank, device, warmup)
         stage_runs: list[_Run] = []
         loop_runs: list[_Run] = []
         for attempt in range(repeat):
@@ -103,6 +112,7 @@ def bench_train(
         "batch_size": batch_size,
         "rank": rank,
         "steps": steps,
+        "warmup_steps": warmup,
         "threads": _threads(),
         "stage_steps_per_s": round(stage, 2),
         "stage_all": [round(r, 2) for r in stage_rates],
@@ -130,6 +140,7 @@ class _Setup:
     batch_size: int
     rank: int
     device: str
+    warmup: int
 
     def pipe(self) -> Any:
         """The warm pipeline both sides train on (the stage finds the same one)."""
@@ -148,7 +159,7 @@ class _Setup:
 
 
 def _phases(runs: Sequence[_Run]) -> dict[str, Any]:
-    rows = [row for run in runs for row in training_phase_rows(run.timeline, WARMUP_STEPS)]
+    rows = [row for run in runs for row in training_phase_rows(run.timeline, run.warmup)]
     return phase_summary(rows, ("data", "forward", "backward", "optimizer"))
 
 
@@ -176,7 +187,7 @@ def _stage_run(setup: _Setup, steps: int, attempt: int) -> _Run:
     with setup.timeline() as timeline:
         run_train(spec, ctx)
     losses = [(done, float(metrics["loss"])) for done, _, metrics in ctx.progress_log]
-    return _Run(ctx.stamps, losses, timeline)
+    return _Run(ctx.stamps, losses, timeline, setup.warmup)
 
 
 def _loop_run(setup: _Setup, steps: int) -> _Run:
@@ -255,7 +266,7 @@ def _loop_run(setup: _Setup, steps: int) -> _Run:
         timeline.remove()
         unet.unload_lora()
         unet.eval()
-    return _Run(stamps, losses, timeline)
+    return _Run(stamps, losses, timeline, setup.warmup)
 
 
 def _threads() -> int:

@@ -1,0 +1,187 @@
+"""The suites that run a diffusion model: train, generate, and generation through the daemon."""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dropkiln.bench.record import SuiteRecord
+from dropkiln.bench.suites import BenchOptions, Profiler
+
+
+def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """Train stage steps/s against the minimal diffusers + peft loop, by micro-batch."""
+    from dropkiln.bench.train import WARMUP_STEPS, bench_train
+
+    warmup = options.warmup if options.warmup is not None else WARMUP_STEPS
+    config: dict[str, Any] = {
+        "steps": options.pick(options.steps, 60, warmup + 7),
+        "size": options.pick(options.resolution, 64, 64),
+        "rank": 8,
+        "n_images": 8,
+        "model": options.model,
+        "repeat": options.pick(options.repeats, 3, 1),
+        "device": options.device,
+        "warmup": warmup,
+    }
+    batches = options.sweep((1, 2, 4), (1, 2))
+    record = SuiteRecord("train", config={**config, "batch_sizes": list(batches)})
+    runs = []
+    for number, batch in enumerate(batches):
+        figures = bench_train(
+            **config,
+            batch_size=batch,
+            models_dir=options.models_dir,
+            profiler=profiler if number == 0 else None,
+        )
+        record.profile = record.profile or figures.pop("profile", None)
+        runs.append(figures)
+    head = runs[0]
+    record.latencies("stage_step", head.pop("stage_step_s"), f"one step, batch {batches[0]}")
+    record.latencies(
+        "loop_step", head.pop("minimal_loop_step_s"), f"minimal loop step, batch {batches[0]}"
+    )
+    record.phases = {"stage": head["stage_phases"], "minimal_loop": head["minimal_loop_phases"]}
+    record.series = {
+        "stage_loss": [list(pair) for pair in head.pop("stage_losses")],
+        "minimal_loop_loss": [list(pair) for pair in head.pop("minimal_loop_losses")],
+    }
+    rows = []
+    for batch, figures in zip(batches, runs, strict=True):
+        stage, loop = figures["stage_steps_per_s"], figures["minimal_loop_steps_per_s"]
+        for key in ("stage_step_s", "minimal_loop_step_s", "stage_losses", "minimal_loop_losses"):
+            figures.pop(key, None)
+        record.metric(f"steps_per_s[b={batch}]", stage, "steps/s", "higher", headline=True)
+        record.metric(f"images_per_s[b={batch}]", round(stage * batch, 3), "images/s", "higher")
+        record.metric(f"loop_steps_per_s[b={batch}]", loop, "steps/s", "higher")
+        record.metric(f"ratio[b={batch}]", figures["ratio"], "x", None, ">= 0.95")
+        rows.append(
+            {
+                "batch_size": batch,
+                "steps_per_s": stage,
+                "minimal_loop_steps_per_s": loop,
+                "images_per_s": round(stage * batch, 3),
+                "ratio": figures["ratio"],
+            }
+        )
+    record.swept("batch_size", "images_per_s", rows)
+    record.compared(
+        "minimal hand-written diffusers + peft loop (bench/train.py)",
+        head["ratio"],
+        f"stage steps/s ÷ loop steps/s at batch {batches[0]}",
+        ">= 0.95",
+    )
+    record.raw = {"runs": runs}
+    return record
+
+
+def generate_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """The generate stage against bare diffusers calls; images per call swept on diffusers."""
+    from dropkiln.bench.cache import link_models
+    from dropkiln.bench.generate import bench_stage_overhead
+
+    config: dict[str, Any] = {
+        "images": 8 if not options.quick else 2,
+        "size": options.pick(options.resolution, 128, 64),
+        "steps": options.pick(options.steps, 8, 4),
+        "repeat": options.pick(options.repeats, 3, 1),
+        "model": options.model,
+        "device": options.device,
+        "warmup": options.pick(options.warmup, 1, 1),
+    }
+    per_call = options.sweep((1, 2, 4), (1, 2))
+    with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
+        root = Path(scratch)
+        link_models(root, options.models_dir)
+        figures = bench_stage_overhead(root, **config, per_call=per_call, profiler=profiler)
+    record = SuiteRecord("generate", config={**config, "images_per_call": list(per_call)})
+    record.profile = figures.pop("profile", None)
+    record.latencies("stage_image", figures.pop("stage_image_s"), "one image through the stage")
+    record.latencies("direct_image", figures.pop("direct_image_s"), "one bare diffusers call")
+    record.phases = {"stage": figures["stage_phases"], "direct": figures["direct_phases"]}
+    images = config["images"]
+    record.metric(
+        "images_per_s", round(images / figures["stage_s"], 3), "images/s", "higher", headline=True
+    )
+    record.metric(
+        "direct_images_per_s", round(images / figures["direct_s"], 3), "images/s", "higher"
+    )
+    record.metric(
+        "ratio_vs_direct_with_png_save", figures["ratio_vs_direct_with_save"], "x", None, "<= 1.05"
+    )
+    record.metric("same_images", float(figures["same_images"]), "bool")
+    rows = []
+    for row in figures["per_call"]:
+        count = row["images_per_call"]
+        record.metric(
+            f"direct_images_per_s[per_call={count}]", row["images_per_s"], "images/s", "higher"
+        )
+        rows.append({"images_per_call": count, "images_per_s": row["images_per_s"]})
+    record.swept("images_per_call", "images_per_s", rows)
+    record.compared(
+        "bare diffusers pipeline calls on the same warm pipeline",
+        figures["ratio_vs_direct"],
+        "stage seconds ÷ direct seconds, same images",
+        "<= 1.05",
+    )
+    record.notes.append(
+        "The stage renders one image per call; images per call is swept on diffusers alone."
+    )
+    record.raw = figures
+    return record
+
+
+def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """Prompt files through a running daemon against direct calls and a process per file."""
+    from dropkiln.bench.daemon import bench_daemon
+
+    config: dict[str, Any] = {
+        "images": 4 if not options.quick else 2,
+        "size": options.pick(options.resolution, 128, 64),
+        "steps": options.pick(options.steps, 8, 4),
+        "repeat": options.pick(options.repeats, 5, 2),
+        "files": 10 if not options.quick else 2,
+        "file_images": 1,
+        "model": options.model,
+        "settle_seconds": 0.05,
+        "device": options.device,
+        "warmup": options.pick(options.warmup, 1, 1),
+    }
+    figures = bench_daemon(**config, models_dir=options.models_dir)
+    warm, row = figures["warm"], figures["row"]
+    record = SuiteRecord("daemon", config=config)
+    record.latencies("drop_to_last_png", warm.pop("daemon_s"), "prompt file dropped → last PNG")
+    record.latencies("direct", warm.pop("direct_s"), "same images, direct calls + PNG save")
+    record.latencies("pickup", warm.pop("pickup_s"), "prompt file dropped → job started")
+    warm.pop("run_s")
+    record.metric("ratio_after_pickup", warm["ratio_after_pickup"], "x", None)
+    record.metric("same_images", float(warm["same_images"]), "bool")
+    record.metric("row_daemon_s", row["daemon_s"], "s", "lower", headline=True)
+    record.latencies("row_file", row.pop("daemon_file_s"), "row: drop → that file's last PNG")
+    processes = row.get("processes_s")
+    if processes is not None:
+        record.latencies("process_file", row.pop("process_file_s"), "one process per file")
+        record.metric("row_processes_s", processes, "s", "lower")
+        record.metric(
+            "row_speedup_vs_processes",
+            round(processes / row["daemon_s"], 2),
+            "x",
+            "higher",
+            headline=True,
+        )
+    record.metric("drop_files_per_s", round(row["files"] / row["daemon_s"], 3), "files/s", "higher")
+    record.compared(
+        "direct diffusers calls in the same process (warm pipeline)",
+        warm["ratio"],
+        "drop → last PNG ÷ direct seconds for the same images",
+        "<= 1.05",
+    )
+    record.notes.append(
+        f"settle_seconds is {config['settle_seconds']}; the pickup latency (watcher debounce, "
+        "settling, ingest, planning, scheduling) is part of every drop's time."
+    )
+    if profiler is not None:
+        record.notes.append("--profile: the daemon runs the generate stage; profile generate")
+    record.raw = figures
+    return record

@@ -1,0 +1,203 @@
+"""The suites of ``dropkiln bench``: the options they share, and the store, bucket, cache and
+video suites (train, generate and daemon are in model_suites.py).
+
+Each suite runs the module's ``bench_*`` function and turns its figures into a SuiteRecord.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dropkiln.bench.record import SuiteRecord
+
+Profiler = Callable[[Callable[[], Any]], dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """What the command line asked for; None means the suite's own default."""
+
+    model: str
+    device: str
+    models_dir: Path
+    quick: bool = False
+    resolution: int | None = None
+    steps: int | None = None
+    batch_sizes: tuple[int, ...] | None = None
+    repeats: int | None = None
+    warmup: int | None = None
+    events: int | None = None
+
+    def pick(self, given: int | None, full: int, quick: int) -> int:
+        if given is not None:
+            return given
+        return quick if self.quick else full
+
+    def sweep(self, full: tuple[int, ...], quick: tuple[int, ...]) -> tuple[int, ...]:
+        if self.batch_sizes is not None:
+            return self.batch_sizes
+        return quick if self.quick else full
+
+
+def store_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """Event appends, cross-process tail latency and status time against plain sqlite3."""
+    from dropkiln.bench.store import bench_store
+
+    config: dict[str, Any] = {
+        "single": 3000 if not options.quick else 300,
+        "batches": 100 if not options.quick else 10,
+        "batch_size": 100,
+        "tail_samples": 200 if not options.quick else 40,
+        "status_events": options.pick(options.events, 1_000_000, 20_000),
+    }
+    figures = bench_store(**config)
+    record = SuiteRecord("store", config=config)
+    record.latencies("commit", figures.pop("single_commit_s"), "one single-event append")
+    record.latencies("tail", figures.pop("tail_latency_s"), "commit in another process → tail")
+    record.latencies("status", figures.pop("status_run_s"), "status queries, store opened")
+    record.metric(
+        "single_commits_per_s",
+        figures["single_commits_per_s"],
+        "commits/s",
+        "higher",
+        ">= 2000",
+        headline=True,
+    )
+    record.metric(
+        "projected_commits_per_s", figures["projected_commits_per_s"], "commits/s", "higher"
+    )
+    record.metric(
+        "batched_events_per_s", figures["batched_events_per_s"], "events/s", "higher", headline=True
+    )
+    record.metric(
+        "plain_sqlite_commits_per_s", figures["sqlite_commits_per_s"], "commits/s", "higher"
+    )
+    record.metric("tail_p95_ms", figures["tail_p95_ms"], "ms", "lower", "< 100", headline=True)
+    record.metric("status_s", figures["status_s"], "s", "lower", "< 0.2", headline=True)
+    record.metric("status_all_jobs_s", figures["status_all_jobs_s"], "s", "lower")
+    record.metric("big_store_events", figures["big_store_events"], "events")
+    record.compared(
+        "plain sqlite3 single-row commits (same pragmas)",
+        figures["single_vs_sqlite"],
+        "dropkiln commits/s ÷ sqlite3 commits/s",
+    )
+    record.raw = figures
+    _no_profile(record, profiler)
+    return record
+
+
+def bucket_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """Bucketing throughput with one decode worker and with all cores."""
+    from dropkiln.bench.bucket import bench_bucket
+
+    images = 200 if not options.quick else 48
+    size = (2048, 1536) if not options.quick else (1024, 768)
+    resolution = options.pick(options.resolution, 1024, 256)
+    workers = sorted({1, os.cpu_count() or 1})
+    repeat = options.pick(options.repeats, 2, 1)
+    figures = bench_bucket(
+        n_images=images, size=size, workers=workers, repeat=repeat, resolution=resolution
+    )
+    record = SuiteRecord(
+        "bucket",
+        config={"images": images, "size": list(size), "resolution": resolution, "repeat": repeat},
+    )
+    rows = []
+    for run in figures["runs"]:
+        count = run["workers"]
+        record.latencies(f"run_{count}_workers", run["seconds_all"], f"{images} images")
+        record.metric(
+            f"images_per_s[workers={count}]",
+            run["images_per_s"],
+            "images/s",
+            "higher",
+            headline=True,
+        )
+        rows.append({"workers": count, "images_per_s": run["images_per_s"]})
+    record.swept("workers", "images_per_s", rows)
+    record.compared(
+        "single-process bucketing (one worker)",
+        figures["speedup"],
+        "all cores ÷ one worker, images/s",
+        ">= 1.7 on 2 cores",
+    )
+    record.metric("identical_manifests", float(figures["same_manifest"]), "bool")
+    record.raw = figures
+    _no_profile(record, profiler)
+    return record
+
+
+def cache_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """Cache throughput by VAE batch, and one changed image against caching from scratch."""
+    from dropkiln.bench.cache import bench_cache
+
+    batches = options.sweep((1, 4, 8), (2, 8))
+    config: dict[str, Any] = {
+        "n_images": 200 if not options.quick else 16,
+        "size": options.pick(options.resolution, 64, 64),
+        "model": options.model,
+        "repeat": options.pick(options.repeats, 2, 1),
+        "vae_batch_size": max(batches),
+        "device": options.device,
+    }
+    figures = bench_cache(
+        **config, models_dir=options.models_dir, vae_batch_sizes=batches, profiler=profiler
+    )
+    record = SuiteRecord("cache", config={**config, "vae_batch_sizes": list(batches)})
+    record.profile = figures.pop("profile", None)
+    record.latencies("vae_batch", figures.pop("vae_batch_s"), "one VAE batch, from scratch")
+    record.latencies("from_scratch", figures["from_scratch_all"], "whole dataset")
+    record.latencies("one_changed", figures["one_changed_all"], "whole dataset, one changed")
+    record.metric("images_per_s", figures["images_per_s"], "images/s", "higher", headline=True)
+    record.metric("from_scratch_s", figures["from_scratch_s"], "s", "lower")
+    record.metric("one_changed_s", figures["one_changed_s"], "s", "lower")
+    record.metric("warm_up_s", figures["warm_up_s"], "s", "lower")
+    rows = []
+    for row in figures.pop("sweep"):
+        batch = row["vae_batch_size"]
+        record.metric(f"images_per_s[vae_batch={batch}]", row["images_per_s"], "images/s", "higher")
+        rows.append({"vae_batch_size": batch, "images_per_s": row["images_per_s"]})
+    record.swept("vae_batch_size", "images_per_s", rows)
+    record.compared(
+        "caching the dataset from scratch",
+        figures["one_changed_ratio"],
+        "one image changed ÷ from scratch, seconds",
+        "< 0.05",
+    )
+    record.raw = figures
+    return record
+
+
+def video_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """A slideshow through the stage against the same frames piped to ffmpeg in memory."""
+    from dropkiln.bench.video import bench_video
+
+    config: dict[str, Any] = {
+        "images": 8 if not options.quick else 3,
+        "size": options.pick(options.resolution, 512, 128),
+        "repeat": options.pick(options.repeats, 2, 1),
+    }
+    figures = bench_video(**config)
+    record = SuiteRecord("video", config=config)
+    record.latencies("stage", figures["stage_all"], "whole slideshow through the stage")
+    record.latencies("in_memory", figures["in_memory_all"], "same frames piped to ffmpeg")
+    record.metric(
+        "frames_per_s", figures["stage_frames_per_s"], "frames/s", "higher", headline=True
+    )
+    record.metric("stage_s", figures["stage_s"], "s", "lower")
+    record.metric("in_memory_s", figures["in_memory_s"], "s", "lower")
+    record.compared(
+        "in-memory encode of the same frames", figures["ratio"], "stage seconds ÷ in-memory seconds"
+    )
+    record.raw = figures
+    _no_profile(record, profiler)
+    return record
+
+
+def _no_profile(record: SuiteRecord, profiler: Profiler | None) -> None:
+    if profiler is not None:
+        record.notes.append(f"--profile: the {record.suite} suite runs no torch operators")
