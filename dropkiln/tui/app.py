@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
 from textual import work
@@ -31,6 +32,10 @@ from dropkiln.tui.reads import Overview, read_jobs, read_overview
 from dropkiln.tui.screens import MainScreen
 from dropkiln.tui.widgets import WIDE_AT
 
+TALL_AT = 32
+"""Terminal height from which sparklines get several rows."""
+
+T = TypeVar("T")
 POLL_BATCH = 500
 STATUS_INTERVAL_S = 1.0
 REOPEN_INTERVAL_S = 1.0
@@ -57,6 +62,7 @@ class DropkilnApp(App[None]):
     ENABLE_COMMAND_PALETTE = False
     # Textual types this as an instance attribute, so mypy refuses a ClassVar annotation.
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_AT, "-wide")]  # noqa: RUF012
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (TALL_AT, "-tall")]  # noqa: RUF012
     BINDINGS: ClassVar[list[BindingType]] = [
         Binding("p", "toggle_pause", "Pause/resume", tooltip=PAUSE_HELP),
         Binding("question_mark", "help", "Help", key_display="?", tooltip="This list of keys"),
@@ -87,6 +93,7 @@ class DropkilnApp(App[None]):
         self.new_events: Signal[list[StoredEvent]] = Signal(self, "new-events")
         self._more_waiting = False
         self._daemon_was_up: bool | None = None
+        self._store_tasks: set[asyncio.Future[Any]] = set()
 
     def get_default_screen(self) -> Screen[Any]:
         return MainScreen()
@@ -96,10 +103,27 @@ class DropkilnApp(App[None]):
         self.open_store()
 
     async def on_unmount(self) -> None:
+        if self._store_tasks:
+            await asyncio.gather(*self._store_tasks, return_exceptions=True)
         if self.store is not None:
             await self.store.close()
 
     # Reading --------------------------------------------------------------------------------
+
+    async def _shielded(self, work: Awaitable[T]) -> T:
+        # A query abandoned inside the SQLite driver (its worker cancelled on quit) leaves a
+        # connection behind that later calls into a closed loop: let every store call finish,
+        # and have on_unmount wait for the ones still running before it closes the store.
+        task = asyncio.ensure_future(work)
+        self._store_tasks.add(task)
+        task.add_done_callback(self._store_tasks.discard)
+        return await asyncio.shield(task)
+
+    async def using_store(self, work: Callable[[EventStore], Awaitable[T]]) -> T:
+        """Run ``work`` on the open store; cancelling the caller does not cut it off."""
+        if self.store is None:
+            raise StoreError(f"the store at {self.db_path} is not open")
+        return await self._shielded(work(self.store))
 
     @work(exclusive=True, group="open", exit_on_error=False)
     async def open_store(self) -> None:
@@ -108,19 +132,12 @@ class DropkilnApp(App[None]):
             self.problem = missing_database_text(self.db_path)
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
-        store: EventStore | None = None
         try:
-            store = await EventStore.open(self.db_path)
-            self.events_read = await store.last_seq()
-            jobs = await read_jobs(store)
-            overview = await read_overview(store)
+            jobs, overview = await self._shielded(self._open())
         except (StoreError, SQLAlchemyError, OSError) as exc:
-            if store is not None:
-                await store.close()
             self.problem = f"Cannot read {self.db_path}: {exc}"
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
-        self.store = store
         self.jobs, self.overview, self.now = jobs, overview, self.clock()
         self.problem = None
         self._notice_daemon()
@@ -128,18 +145,32 @@ class DropkilnApp(App[None]):
         self.poll_events()
         self.poll_status()
 
+    async def _open(self) -> tuple[tuple[JobView, ...], Overview]:
+        # The tail starts at the newest event: the log reads its own window, the tables
+        # come from the projections, so nothing here grows with the length of the log.
+        store = await EventStore.open(self.db_path)
+        try:
+            self.events_read = await store.last_seq()
+            jobs = await read_jobs(store)
+            overview = await read_overview(store)
+        except BaseException:
+            await store.close()
+            raise
+        self.store = store
+        return jobs, overview
+
     @work(exclusive=True, group="events", exit_on_error=False)
     async def poll_events(self) -> None:
         """Read what was appended since the last poll and hand it to the screens."""
-        assert self.store is not None
-        batch = await self.store.read(self.events_read, limit=POLL_BATCH)
+        after = self.events_read
+        batch = await self.using_store(lambda store: store.read(after, limit=POLL_BATCH))
         self._more_waiting = len(batch) == POLL_BATCH
         if not batch:
             return
         self.events_read = batch[-1].seq
         self.new_events.publish(batch)
         if any(event.job_id for event in batch):
-            self.jobs = await read_jobs(self.store)
+            self.jobs = await self.using_store(read_jobs)
         if any(event.stream == DAEMON_STREAM for event in batch):
             await self._read_overview()
 
@@ -149,8 +180,7 @@ class DropkilnApp(App[None]):
         await self._read_overview()
 
     async def _read_overview(self) -> None:
-        assert self.store is not None
-        self.overview = await read_overview(self.store)
+        self.overview = await self.using_store(read_overview)
         self.now = self.clock()
         self._notice_daemon()
 
@@ -238,11 +268,8 @@ class DropkilnApp(App[None]):
     @work(group="commands", exit_on_error=False)
     async def send_command(self, stream: str, command: Event, done: str) -> None:
         """Append one command event; the daemon tails the log and obeys it."""
-        if self.store is None:
-            self.notify("The store is not open.", severity="error")
-            return
         try:
-            await self.store.append(stream, [command])
+            await self.using_store(lambda store: store.append(stream, [command]))
         except (StoreError, SQLAlchemyError) as exc:
             self.notify(f"Could not write {command.type_name()}: {exc}", severity="error")
             return

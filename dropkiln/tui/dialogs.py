@@ -71,7 +71,7 @@ class FilterScreen(ModalScreen[FilterRequest | None]):
             yield Label("Filter the event log — enter applies, escape closes")
             yield Label(f"Job id or prefix{hint}", classes="field-label")
             yield Input(self.current.job_id or "", placeholder="all jobs", id="job")
-            yield Label("Event types, e.g. JobFailed, oom, progress", classes="field-label")
+            yield Label("Event types, e.g. JobFailed, oom — or -progress", classes="field-label")
             yield Input(", ".join(self.current.types), placeholder="all types", id="types")
             yield Static(id="filter-error")
 

@@ -106,7 +106,8 @@ def bar(fraction: float, width: int, style: str = "cyan", empty: str = "grey23")
     fraction = min(1.0, max(0.0, fraction))
     eighths = round(fraction * width * 8)
     full, part = divmod(eighths, 8)
-    text = Text("█" * full, style=style)
+    text = Text()
+    text.append("█" * full, style=style)
     if full < width:
         text.append(BAR_EIGHTHS[part], style=f"{style} on {empty}")
         text.append(" " * (width - full - 1), style=f"on {empty}")
@@ -116,8 +117,9 @@ def bar(fraction: float, width: int, style: str = "cyan", empty: str = "grey23")
 def progress_cell(job: JobView, width: int = 6) -> Text:
     if job.state in ("queued", "waiting") and not job.total:
         return Text("")
-    text = bar(job.progress, width, style=STATE_STYLES.get(job.state) or "cyan")
-    text.append(f" {job.progress * 100:3.0f}%")
+    style = STATE_STYLES.get(job.state) or "cyan"
+    text = bar(job.progress, width, style=style)
+    text.append(f" {job.progress * 100:3.0f}%", style=style)
     return text
 
 

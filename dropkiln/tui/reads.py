@@ -39,6 +39,7 @@ class DaemonInfo:
     pid: int | None = None
     host: str | None = None
     device: str | None = None
+    root: str | None = None
     last_seen: float | None = None
 
     def seen_ago(self, now: float) -> float | None:
@@ -97,21 +98,31 @@ class LogFilter:
         parts = []
         if self.job_id:
             parts.append(f"job {self.job_id[:8]}")
-        if self.types:
+        if len(self.types) > len(EVENT_TYPES) // 2:
+            left_out = [name for name in EVENT_TYPES if name not in self.types]
+            parts.append("all but " + ", ".join(left_out))
+        elif self.types:
             parts.append(", ".join(self.types))
         return " · ".join(parts)
 
 
 def event_types_for(words: str) -> tuple[str, ...]:
-    """Event types named by comma- or space-separated words: a name, part of one, or ``oom``."""
-    found: list[str] = []
+    """Event types named by comma- or space-separated words: a name, part of one, or ``oom``;
+    a word starting with ``-`` leaves its types out (``-progress``: everything but progress)."""
+    wanted: list[str] = []
+    unwanted: set[str] = set()
     for word in words.replace(",", " ").split():
-        key = word.lower()
+        key = word.lower().removeprefix("-")
         matches = TYPE_ALIASES.get(key) or tuple(n for n in EVENT_TYPES if key in n.lower())
-        if not matches:
+        if not key or not matches:
             raise ValueError(f"no event type matches {word!r}")
-        found.extend(m for m in matches if m not in found)
-    return tuple(found)
+        if word.startswith("-"):
+            unwanted.update(matches)
+        else:
+            wanted.extend(m for m in matches if m not in wanted)
+    if unwanted:
+        wanted = [n for n in (wanted or EVENT_TYPES) if n not in unwanted]
+    return tuple(wanted)
 
 
 def _sample(row: Any) -> MemorySample:
@@ -146,6 +157,7 @@ async def read_daemon(store: EventStore, last_seen: float | None) -> DaemonInfo:
         pid=info.get("pid"),
         host=info.get("host"),
         device=info.get("device"),
+        root=info.get("root"),
         last_seen=last_seen,
     )
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from rich.text import Text
@@ -93,11 +94,9 @@ class MainScreen(Screen[None]):
     async def resolve_filter(self, request: FilterRequest) -> None:
         job_id = None
         if request.job:
-            store = self.dashboard.store
-            if store is None:
-                return
             try:
-                job_id = (await find_job(store, request.job)).id
+                job = await self.dashboard.using_store(lambda store: find_job(store, request.job))
+                job_id = job.id
             except StoreError as exc:
                 self.notify(str(exc), severity="error")
                 return
@@ -154,11 +153,10 @@ class JobScreen(Screen[None]):
 
     @work(exclusive=True, group="job-detail", exit_on_error=False)
     async def load(self) -> None:
-        store = self.dashboard.store
-        if store is None:
-            return
         try:
-            self.detail = await read_job_detail(store, self.job_id)
+            self.detail = await self.dashboard.using_store(
+                lambda store: read_job_detail(store, self.job_id)
+            )
         except StoreError as exc:
             self.notify(str(exc), severity="error")
             return
@@ -179,7 +177,8 @@ class JobScreen(Screen[None]):
         progress.append(f" {job.progress * 100:3.0f}%  ")
         progress.append(fmt.running_summary(job) if job.state == "running" else fmt.steps(job))
         if detail.progress_updates:
-            progress.append(f"  ({detail.progress_updates} progress updates)", style="dim")
+            progress.append(f" · {detail.progress_updates} updates", style="dim")
+        progress.no_wrap, progress.overflow = True, "ellipsis"
         self.query_one("#job-progress", Static).update(progress)
         error = self.query_one("#job-error", Static)
         error.display = bool(job.error)
@@ -194,7 +193,8 @@ class JobScreen(Screen[None]):
         preview = self.query_one("#job-preview", Static)
         preview.display = detail.preview is not None
         preview.update(Text.assemble(("preview ", "bold green"), detail.preview or ""))
-        self.query_one("#artifact-list", Static).update(_artifacts(detail))
+        root = self.dashboard.overview.daemon.root or str(self.dashboard.db_path.parent.parent)
+        self.query_one("#artifact-list", Static).update(_artifacts(detail, root))
         self._show_events(detail.events)
 
     def _show_events(self, events: tuple[StoredEvent, ...]) -> None:
@@ -235,7 +235,8 @@ def _facts(detail: JobDetail, now: float) -> Text:
     return text
 
 
-def _artifacts(detail: JobDetail) -> Text:
+def _artifacts(detail: JobDetail, root: str) -> Text:
+    """One line each: kind, path under ROOT (absolute if elsewhere), size."""
     if not detail.artifacts:
         return Text("none yet", style="dim")
     text = Text()
@@ -243,7 +244,8 @@ def _artifacts(detail: JobDetail) -> Text:
         if text:
             text.append("\n")
         text.append(f"{artifact['kind']:<10}", style="green")
-        text.append(str(artifact["path"]))
+        path = PurePath(artifact["path"])
+        text.append(str(path.relative_to(root)) if path.is_relative_to(root) else str(path))
         if artifact.get("bytes") is not None:
             text.append(f"  {fmt.size(artifact['bytes'])}", style="dim")
     return text

@@ -40,7 +40,7 @@ class StatusBar(Panel, Static):
 
     def redraw(self) -> None:
         app = self.dashboard
-        line = Text(" dropkiln ", style="bold reverse")
+        line = Text.assemble((" dropkiln ", "bold reverse"))
         line.append("  ")
         if app.problem and not app.loaded:
             line.append("✖ no database", style="bold red")
@@ -76,7 +76,7 @@ def daemon_text(overview: Overview, now: float) -> Text:
         return Text.assemble(
             ("● daemon up", "bold green"), (f" · seen {fmt.age(seen or 0)} ago", "")
         )
-    text = Text("○ daemon not running", style="bold red")
+    text = Text.assemble(("○ daemon not running", "bold red"))
     if seen is not None:
         text.append(f" · last seen {fmt.age(seen)} ago", style="red")
     elif daemon.last_event is None:
@@ -298,12 +298,10 @@ class EventLog(Panel, RichLog):
         self._pending = []
         self.reload()
 
-    @work(exclusive=True, group="log-reload")
+    @work(exclusive=True, group="log-reload", exit_on_error=False)
     async def reload(self) -> None:
-        store = self.dashboard.store
-        if store is None:
-            return
-        window = await read_log(store, self.log_filter)
+        log_filter = self.log_filter
+        window = await self.dashboard.using_store(lambda store: read_log(store, log_filter))
         pending, self._pending = self._pending or [], None
         self.clear()
         self.shown_upto = 0

@@ -8,6 +8,7 @@ import shutil
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from textual.pilot import Pilot
@@ -73,3 +74,26 @@ async def loaded(pilot: Pilot[None]) -> None:
     await wait_for(pilot, lambda: app.loaded)
     await wait_for(pilot, lambda: app.screen.query("#log") and app.screen.query_one("#log").lines)
     await pilot.pause()
+
+
+def text_of(widget: object) -> str:
+    """The plain text a Static shows."""
+    return str(getattr(widget, "content", ""))
+
+
+def log_lines(log: object) -> list[str]:
+    """The plain text of each line a RichLog holds."""
+    return [strip.text.rstrip() for strip in getattr(log, "lines", [])]
+
+
+def record_notifications(app: DropkilnApp) -> list[str]:
+    """Collect the messages of ``app.notify`` (toasts vanish; tests read them here)."""
+    messages: list[str] = []
+    notify = app.notify
+
+    def recording(message: str, **kwargs: Any) -> None:
+        messages.append(message)
+        notify(message, **kwargs)
+
+    app.notify = recording  # type: ignore[method-assign]
+    return messages
