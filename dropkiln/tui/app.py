@@ -28,7 +28,7 @@ from dropkiln.store.events import (
     job_stream,
 )
 from dropkiln.tui.dialogs import ConfirmScreen, HelpScreen
-from dropkiln.tui.reads import Overview, read_jobs, read_overview
+from dropkiln.tui.reads import LogFilter, Overview, read_jobs, read_log, read_overview
 from dropkiln.tui.screens import MainScreen
 from dropkiln.tui.widgets import WIDE_AT
 
@@ -90,6 +90,8 @@ class DropkilnApp(App[None]):
         self.store: EventStore | None = None
         self.events_read = 0
         """Seq of the newest event the tail has read."""
+        self.initial_log: list[StoredEvent] = []
+        """The log's last window as read at start, for the event log to show first."""
         self.new_events: Signal[list[StoredEvent]] = Signal(self, "new-events")
         self._more_waiting = False
         self._daemon_was_up: bool | None = None
@@ -146,17 +148,21 @@ class DropkilnApp(App[None]):
         self.poll_status()
 
     async def _open(self) -> tuple[tuple[JobView, ...], Overview]:
-        # The tail starts at the newest event: the log reads its own window, the tables
-        # come from the projections, so nothing here grows with the length of the log.
+        # Nothing here grows with the length of the log: the tables come from the
+        # projections and the log shows its last window, from whose end the tail goes on.
+        # The reads run side by side; the tail may re-read what the window already holds,
+        # never skip what it does not.
         store = await EventStore.open(self.db_path)
         try:
-            self.events_read = await store.last_seq()
-            jobs = await read_jobs(store)
-            overview = await read_overview(store)
+            jobs, overview, recent = await asyncio.gather(
+                read_jobs(store), read_overview(store), read_log(store, LogFilter())
+            )
         except BaseException:
             await store.close()
             raise
         self.store = store
+        self.events_read = recent[-1].seq if recent else 0
+        self.initial_log = recent
         return jobs, overview
 
     @work(exclusive=True, group="events", exit_on_error=False)

@@ -288,7 +288,9 @@ class EventLog(Panel, RichLog):
         self.watch(self.app, "loaded", self._on_loaded, init=True)
 
     def _on_loaded(self, loaded: bool) -> None:
-        if loaded:
+        if loaded and not self.log_filter.active and self.dashboard.initial_log:
+            self.add_events(self.dashboard.initial_log)
+        elif loaded:
             self.set_filter(self.log_filter)
 
     def set_filter(self, log_filter: LogFilter) -> None:
