@@ -28,7 +28,14 @@ from dropkiln.store.events import (
     job_stream,
 )
 from dropkiln.tui.dialogs import ConfirmScreen, HelpScreen
-from dropkiln.tui.reads import LogFilter, Overview, read_jobs, read_log, read_overview
+from dropkiln.tui.reads import (
+    LogFilter,
+    Overview,
+    read_jobs,
+    read_log,
+    read_overview,
+    refresh_jobs,
+)
 from dropkiln.tui.screens import MainScreen
 from dropkiln.tui.widgets import WIDE_AT
 
@@ -175,8 +182,8 @@ class DropkilnApp(App[None]):
             return
         self.events_read = batch[-1].seq
         self.new_events.publish(batch)
-        if any(event.job_id for event in batch):
-            self.jobs = await self.using_store(read_jobs)
+        jobs = self.jobs
+        self.jobs = await self.using_store(lambda store: refresh_jobs(store, jobs, batch))
         if any(event.stream == DAEMON_STREAM for event in batch):
             await self._read_overview()
 

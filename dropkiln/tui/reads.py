@@ -183,6 +183,30 @@ async def read_jobs(store: EventStore, limit: int = JOB_LIMIT) -> tuple[JobView,
     return tuple(jobs)
 
 
+RESHAPING = frozenset({"JobSubmitted", "JobSucceeded"})
+"""Events after which the whole list is read again: a new job, or one whose dependents may
+stop waiting."""
+REFRESH_ONE_BY_ONE = 4
+
+
+async def refresh_jobs(
+    store: EventStore, jobs: tuple[JobView, ...], batch: list[StoredEvent]
+) -> tuple[JobView, ...]:
+    """``jobs`` updated for ``batch``: the touched jobs alone when that says it all."""
+    touched = {event.job_id for event in batch if event.job_id}
+    if not touched:
+        return jobs
+    shown = {job.id for job in jobs}
+    if (
+        touched - shown
+        or len(touched) > REFRESH_ONE_BY_ONE
+        or any(event.type in RESHAPING for event in batch)
+    ):
+        return await read_jobs(store)
+    fresh = {job_id: await find_job(store, job_id) for job_id in touched}
+    return tuple(fresh.get(job.id, job) for job in jobs)
+
+
 async def read_log(
     store: EventStore, log_filter: LogFilter, limit: int = LOG_WINDOW
 ) -> list[StoredEvent]:

@@ -225,6 +225,8 @@ class JobsTable(Panel, DataTable[Any]):
         super().__init__(cursor_type="row", **kwargs)
         self._wide: bool | None = None
         self._shown: tuple[str, ...] = ()
+        self._drawn: dict[str, JobView] = {}
+        self._drawn_at = 0.0
 
     def on_mount(self) -> None:
         self.watch(self.app, "jobs", self.redraw, init=False)
@@ -255,12 +257,22 @@ class JobsTable(Panel, DataTable[Any]):
         ids = tuple(job.id for job in jobs)
         if ids != self._shown:
             self._rebuild(jobs, columns, now)
-            return
-        for job in jobs:
-            cells = job_cells(job, now)
-            for column in columns:
-                if self.get_cell(job.id, column) != cells[column]:
-                    self.update_cell(job.id, column, cells[column])
+        else:
+            # Only rows whose job changed, or whose age may read differently, are redrawn:
+            # with hundreds of rows this keeps a progress event cheap.
+            aged = now != self._drawn_at
+            for job in jobs:
+                if self._drawn.get(job.id) != job:
+                    cells = job_cells(job, now)
+                    for column in columns:
+                        if self.get_cell(job.id, column) != cells[column]:
+                            self.update_cell(job.id, column, cells[column])
+                elif aged:
+                    age = job_cells(job, now)["age"]
+                    if self.get_cell(job.id, "age") != age:
+                        self.update_cell(job.id, "age", age)
+        self._drawn = {job.id: job for job in jobs}
+        self._drawn_at = now
 
     def _rebuild(self, jobs: tuple[JobView, ...], columns: list[str], now: float) -> None:
         selected = self._shown[self.cursor_row] if self._shown and self.cursor_row >= 0 else None
