@@ -22,8 +22,8 @@ from dropkiln.store.schema import events, telemetry
 DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
 HEARTBEAT_TIMEOUT_S = 5.0
 MEMORY_WINDOW_S = 300.0
-JOB_LIMIT = 200
-LOG_WINDOW = 300
+JOB_LIMIT = 100
+LOG_WINDOW = 150
 DETAIL_EVENTS = 300
 LOSS_POINTS = 2000
 NOT_PROGRESS = tuple(name for name in EVENT_TYPES if name != "JobProgress")
