@@ -59,6 +59,7 @@ class TrainSettings(Section):
     timestep_min: int = Field(0, ge=0)
     timestep_max: int = Field(1000, ge=1)
     ema_decay: float | None = Field(None, gt=0, lt=1)
+    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 turns it off")
     gradient_checkpointing: bool = False
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     flip_augment: bool = False

@@ -1,1 +1,5 @@
-"""Benchmarks: speed figures with ratios against a baseline run in the same process."""
+"""Benchmarks: speed figures with ratios against a baseline run in the same process.
+
+Benchmarks measure; tests assert behaviour. Each module here has a ``bench_*`` function
+returning a JSON-ready dict and runs as ``python -m dropkiln.bench.<name>``.
+"""

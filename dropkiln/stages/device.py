@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import os
+import sys
+from pathlib import Path
 from typing import Any
 
 import psutil
@@ -13,6 +15,8 @@ def resolve_device(requested: str = "auto") -> str:
     """``auto`` becomes ``cuda`` when a GPU is usable, else ``cpu``."""
     if requested != "auto":
         return requested
+    if not any(Path("/dev").glob("nvidia[0-9]*")) and "torch" not in sys.modules:
+        return "cpu"  # no NVIDIA device node: skip the multi-second torch import
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -76,7 +80,5 @@ def release_memory(device: str) -> None:
 
 def is_out_of_memory(exc: BaseException) -> bool:
     """True for torch's OOM error, without importing torch when it was never loaded."""
-    import sys
-
     torch = sys.modules.get("torch")
     return bool(torch is not None and isinstance(exc, torch.OutOfMemoryError))

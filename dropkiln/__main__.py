@@ -1,0 +1,5 @@
+import sys
+
+from dropkiln.cli import main
+
+sys.exit(main())

@@ -1,0 +1,221 @@
+"""Generate stage speed: overhead against direct diffusers calls, and warm model against
+one process per prompt file.
+
+Run ``python -m dropkiln.bench.generate [--images N] [--size PX] [--steps N] [--files N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dropkiln.config import Settings
+from dropkiln.stages.generate import GenerateSpec, run_generate
+from dropkiln.stages.prompts import ImageEntry, PromptFile, load_prompt_file
+from dropkiln.stages.testing import LocalContext
+
+# What a script-per-job setup runs for every prompt file: load, generate, save, exit.
+SCRIPT = """
+import sys, torch
+from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline
+torch.set_num_threads(int(sys.argv[4]))
+folder, out, steps, size = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[5])
+pipe = StableDiffusionXLPipeline.from_pretrained(
+    folder, use_safetensors=True, local_files_only=True
+)
+pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+pipe.set_progress_bar_config(disable=True)
+for number, prompt in enumerate(sys.argv[6:]):
+    image = pipe(prompt=prompt, num_inference_steps=steps, guidance_scale=5.0, width=size,
+                 height=size, generator=torch.Generator().manual_seed(1 + number)).images[0]
+    image.save(f"{out}/{number:03d}.png")
+"""
+
+
+def bench_stage_overhead(
+    root: Path, images: int, size: int, steps: int, repeat: int
+) -> dict[str, Any]:
+    """The stage (PNG chunks, resume checks, contact sheet) against bare pipeline calls."""
+    import torch
+    from diffusers import EulerDiscreteScheduler
+
+    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.models import resolve_model, shared_pipelines
+
+    prompt_file = PromptFile(
+        images=[
+            ImageEntry(prompt=f"a lighthouse, study {n}", seed=1 + n, steps=steps, width=size,
+                       height=size)
+            for n in range(images)
+        ]
+    )  # fmt: skip
+    ref = resolve_model("tiny-sdxl", root / "state" / "models")
+    pipe = shared_pipelines().get(ref, "cpu", inference_dtype("cpu"))
+
+    def through_stage(attempt: int) -> float:
+        out = root / "outputs" / "images" / f"stage-{attempt}"
+        spec = GenerateSpec(
+            name="b", model="tiny-sdxl", prompt_file=prompt_file, output_dir=str(out)
+        )
+        started = time.perf_counter()
+        run_generate(spec, LocalContext(root=root, work_dir=root / "state" / "work" / str(attempt)))
+        return time.perf_counter() - started
+
+    def direct(attempt: int, save: bool) -> float:
+        out = root / "outputs" / "direct" / f"{attempt}-{save}"
+        out.mkdir(parents=True, exist_ok=True)
+        original = pipe.scheduler
+        started = time.perf_counter()
+        for entry in prompt_file.images:
+            pipe.scheduler = EulerDiscreteScheduler.from_config(original.config)
+            image = pipe(prompt=entry.prompt, num_inference_steps=steps, guidance_scale=5.0,
+                         width=size, height=size,
+                         generator=torch.Generator().manual_seed(entry.seed)).images[0]  # fmt: skip
+            if save:
+                image.save(out / f"{entry.seed}.png")
+        elapsed = time.perf_counter() - started
+        pipe.scheduler = original
+        return elapsed
+
+    through_stage(-1)  # warm-up: first-call costs belong to neither side
+    stage, bare, saved = [], [], []
+    # Interleaved so a change in machine load hits all three alike.
+    for attempt in range(repeat):
+        stage.append(through_stage(attempt))
+        bare.append(direct(attempt, save=False))
+        saved.append(direct(attempt, save=True))
+    return {
+        "images": images,
+        "size": size,
+        "steps": steps,
+        "repeat": repeat,
+        "stage_s": round(min(stage), 3),
+        "direct_s": round(min(bare), 3),
+        "direct_with_png_save_s": round(min(saved), 3),
+        "ratio_vs_direct": round(min(stage) / min(bare), 3),
+        "ratio_vs_direct_with_save": round(min(stage) / min(saved), 3),
+        "all_s": {"stage": _rounded(stage), "direct": _rounded(bare), "saved": _rounded(saved)},
+    }
+
+
+def bench_warm_vs_processes(
+    root: Path, files: int, images: int, size: int, steps: int, threads: int
+) -> dict[str, Any]:
+    """Ten prompt files through the stage on one warm model, and as one process each."""
+    from dropkiln.stages.models import ensure_tiny_model, shared_pipelines
+
+    settings = Settings(root=root)
+    prompts_dir = root / "drop" / "prompts"
+    prompts_dir.mkdir(parents=True, exist_ok=True)
+    prompt_sets = [[f"file {f} image {n}" for n in range(images)] for f in range(files)]
+    paths = []
+    for number, prompts in enumerate(prompt_sets):
+        lines = [f"[defaults]\nsteps = {steps}\nwidth = {size}\nheight = {size}\n"]
+        lines += [
+            f'[[image]]\nprompt = "{prompt}"\nseed = {1 + i}\n' for i, prompt in enumerate(prompts)
+        ]
+        path = prompts_dir / f"p{number:02d}.toml"
+        path.write_text("\n".join(lines))
+        paths.append(path)
+
+    shared_pipelines().clear()  # the first file pays for the load, as in a fresh daemon
+    started = time.perf_counter()
+    for number, path in enumerate(paths):
+        out = root / "outputs" / "images" / f"warm-{number}"
+        prompt_file = load_prompt_file(path, settings)
+        spec = GenerateSpec(
+            name=path.stem, model="tiny-sdxl", prompt_file=prompt_file, output_dir=str(out)
+        )
+        run_generate(spec, LocalContext(root=root, work_dir=root / "state" / "work" / path.stem))
+    warm = time.perf_counter() - started
+
+    folder = ensure_tiny_model("tiny-sdxl", root / "state" / "models")
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    started = time.perf_counter()
+    for number, prompts in enumerate(prompt_sets):
+        out = root / "outputs" / "scripts" / str(number)
+        out.mkdir(parents=True, exist_ok=True)
+        command = [sys.executable, "-c", SCRIPT, str(folder), str(out), str(steps), str(threads),
+                   str(size), *prompts]  # fmt: skip
+        subprocess.run(command, check=True, env=environment, capture_output=True)
+    processes = time.perf_counter() - started
+    return {
+        "files": files,
+        "images_per_file": images,
+        "size": size,
+        "steps": steps,
+        "warm_stage_s": round(warm, 2),
+        "process_per_file_s": round(processes, 2),
+        "speedup": round(processes / warm, 2),
+    }
+
+
+def bench_generate(
+    images: int = 8, size: int = 128, steps: int = 8, repeat: int = 3, files: int = 10,
+    file_images: int = 2, threads: int = 1,
+) -> dict[str, Any]:  # fmt: skip
+    """Both generate benchmarks in one temporary ROOT."""
+    import torch
+
+    from dropkiln.stages.models import ensure_tiny_model
+
+    torch.set_num_threads(threads)
+    with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
+        root = Path(scratch)
+        ensure_tiny_model("tiny-sdxl", root / "state" / "models")
+        overhead = bench_stage_overhead(root, images, size, steps, repeat)
+        warm = bench_warm_vs_processes(root, files, file_images, size, steps, threads)
+    return {
+        "overhead": overhead,
+        "warm_vs_processes": warm,
+        "torch_threads": threads,
+        "load_average_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def _rounded(values: list[float]) -> list[float]:
+    return [round(value, 3) for value in values]
+
+
+def main(argv: Sequence[str] = ()) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dropkiln.bench.generate")
+    parser.add_argument("--images", type=int, default=8, help="images in the overhead run")
+    parser.add_argument("--size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--files", type=int, default=10)
+    parser.add_argument("--file-images", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    args = parser.parse_args(list(argv))
+    figures = bench_generate(args.images, args.size, args.steps, args.repeat, args.files,
+                             args.file_images, args.threads)  # fmt: skip
+    o, w = figures["overhead"], figures["warm_vs_processes"]
+    threads = figures["torch_threads"]
+    print(f"tiny-sdxl, {o['size']}x{o['size']}, {o['steps']} steps, {threads} torch thread(s)")
+    print(
+        f"{o['images']} images: stage {o['stage_s']:.3f}s, direct diffusers {o['direct_s']:.3f}s "
+        f"(with PNG save {o['direct_with_png_save_s']:.3f}s)"
+    )
+    print(
+        f"  ratio stage/direct {o['ratio_vs_direct']:.3f}, "
+        f"stage/direct+save {o['ratio_vs_direct_with_save']:.3f} (goal <= 1.05)"
+    )
+    print(
+        f"{w['files']} prompt files x {w['images_per_file']} images: warm stage "
+        f"{w['warm_stage_s']:.2f}s, one process per file {w['process_per_file_s']:.2f}s "
+        f"({w['speedup']:.1f}x)"
+    )
+    print(f"load average after the runs: {figures['load_average_after']} on {os.cpu_count()} CPUs")
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

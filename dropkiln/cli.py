@@ -1,0 +1,386 @@
+"""The ``dropkiln`` command. Read-only commands never import torch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from dropkiln import __version__
+from dropkiln.config import DEFAULT_CONFIG_TEXT, Settings
+
+
+class CommandError(Exception):
+    """A one-line reason; the command exits non-zero."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return Settings.load(root=args.root)
+
+
+def _run(coro_fn: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    return anyio.run(coro_fn) or 0
+
+
+async def _open(settings: Settings) -> Any:
+    from dropkiln.store import EventStore
+
+    return await EventStore.open(settings.paths.db)
+
+
+# init / daemon / demo / tui -------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    root = Path(args.path or args.root or "dropkiln-home")
+    settings = Settings.load(root=root)
+    settings.paths.create()
+    if not settings.paths.config.exists():
+        settings.paths.config.write_text(DEFAULT_CONFIG_TEXT)
+
+    async def create_db() -> None:
+        from dropkiln.store import EventStore
+
+        store = await EventStore.open(settings.paths.db, create=True)
+        await store.close()
+
+    anyio.run(create_db)
+    r = settings.root
+    print(f"dropkiln home ready at {r}")
+    print(f"  settings:        {settings.paths.config}")
+    print(f"  drop datasets:   {settings.paths.datasets}/NAME/  (images + .txt captions)")
+    print(f"  drop prompts:    {settings.paths.prompts}/FILE.toml")
+    print(f"  outputs:         {settings.paths.outputs}")
+    print("next:")
+    print(
+        f"  dropkiln daemon --root {r}      # run in the foreground (or install the systemd unit)"
+    )
+    print(f"  dropkiln tui --root {r}         # watch it work")
+    return 0
+
+
+def cmd_daemon(args: argparse.Namespace) -> int:
+    import signal
+
+    # A stop asked for while we are still importing and opening the store is honoured
+    # once the daemon is up, instead of killing it half-started.
+    early: list[str] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda n, _frame: early.append(signal.Signals(n).name))
+
+    from dropkiln.daemon.logs import setup_logging
+    from dropkiln.daemon.service import Daemon
+
+    settings = _settings(args)
+    setup_logging(settings.log_level)
+    daemon = Daemon(settings, early_stop=early)
+    anyio.run(daemon.run)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from dropkiln.demo import run_demo
+
+    return run_demo(Path(args.root) if args.root else None)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    from dropkiln.tui import run
+
+    settings = _settings(args)
+    if not settings.paths.db.exists():
+        raise CommandError(
+            f"no dropkiln database at {settings.paths.db}: run 'dropkiln init "
+            f"{settings.root}' and start 'dropkiln daemon'"
+        )
+    run(settings.root)
+    return 0
+
+
+# Read commands --------------------------------------------------------------------------------
+
+
+def _age(iso: str | None) -> str:
+    from datetime import UTC, datetime
+
+    if not iso:
+        return "-"
+    seconds = (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def main() -> int:
+        from dropkiln.store import daemon_state, list_jobs, queue_paused
+
+        store = await _open(settings)
+        try:
+            jobs = await list_jobs(store, limit=args.limit)
+            daemon = await daemon_state(store)
+            paused = await queue_paused(store)
+        finally:
+            await store.close()
+        if args.json:
+            print(
+                json.dumps(
+                    {
+                        "daemon": {
+                            "running": daemon.running,
+                            "pid": daemon.pid,
+                            "device": daemon.device,
+                            "seen_ago": daemon.seen_ago,
+                        },
+                        "paused": paused,
+                        "jobs": [job.summary() for job in jobs],
+                    }
+                )
+            )
+            return 0
+        up = f"running (pid {daemon.pid}, {daemon.device})" if daemon.running else "not running"
+        print(f"daemon: {up} · queue: {'paused' if paused else 'running'}")
+        if not jobs:
+            print("no jobs yet: drop a dataset folder or a prompt file into", settings.paths.drop)
+            return 0
+        print(
+            f"{'ID':9} {'STAGE':9} {'NAME':20} {'STATE':10} {'PROGRESS':>8} {'TRY':>3} {'AGE':>5}"
+        )
+        for job in jobs:
+            progress = f"{job.progress * 100:.0f}%"
+            print(
+                f"{job.id:9} {job.stage:9} {job.name[:20]:20} {job.state:10} {progress:>8} "
+                f"{job.attempt:>3} {_age(job.created_at):>5}"
+            )
+            if job.state == "failed" and job.error:
+                print(f"{'':9} └ {job.error.splitlines()[0][:100]}")
+        return 0
+
+    return _run(main)
+
+
+def _event_line(event: Any) -> str:
+    data = " ".join(
+        f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
+        for k, v in event.data.items()
+        if k not in ("spec",)
+    )
+    return f"{event.seq:>7} {event.at[11:23]} {event.stream:16} {event.type:16} {data[:160]}"
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def main() -> int:
+        from dropkiln.store import find_job
+
+        store = await _open(settings)
+        try:
+            stream = None
+            if args.job:
+                stream = f"job:{(await find_job(store, args.job)).id}"
+            since = args.since
+            if since is None:
+                since = (
+                    0 if args.follow is False or args.job else max(0, await store.last_seq() - 20)
+                )
+            printer = (lambda e: json.dumps(e.as_json())) if args.json else _event_line
+            if not args.follow:
+                while batch := await store.read(since, stream=stream, limit=1000):
+                    for event in batch:
+                        print(printer(event))
+                    since = batch[-1].seq
+                return 0
+            async for event in store.tail(since, stream=stream, poll_interval=0.05):
+                print(printer(event), flush=True)
+        finally:
+            await store.close()
+        return 0
+
+    try:
+        return _run(main)
+    except KeyboardInterrupt:
+        return 0
+
+
+# Commands to the daemon -----------------------------------------------------------------------
+
+
+def _append_command(args: argparse.Namespace, stream_of: Callable[[Any], str], event: Any) -> int:
+    settings = _settings(args)
+
+    async def main() -> int:
+        from dropkiln.store import find_job
+
+        store = await _open(settings)
+        try:
+            target = None
+            if args.command in ("cancel", "retry"):
+                target = await find_job(store, args.job)
+            await store.append(stream_of(target), [event])
+        finally:
+            await store.close()
+        what = f" job {target.id} ({target.stage} {target.name}, {target.state})" if target else ""
+        print(f"{args.command}{what}: requested")
+        return 0
+
+    return _run(main)
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    from dropkiln.store.events import CancelRequested
+
+    return _append_command(args, lambda job: f"job:{job.id}", CancelRequested(by="cli"))
+
+
+def cmd_retry(args: argparse.Namespace) -> int:
+    from dropkiln.store.events import RetryRequested
+
+    return _append_command(args, lambda job: f"job:{job.id}", RetryRequested(by="cli"))
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from dropkiln.store.events import QueuePaused
+
+    return _append_command(args, lambda _: "daemon", QueuePaused(by="cli"))
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from dropkiln.store.events import QueueResumed
+
+    return _append_command(args, lambda _: "daemon", QueueResumed(by="cli"))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from dropkiln.submit import submit
+
+    settings = _settings(args)
+    target = submit(Path(args.path), settings, kind=args.kind)
+    print(f"copied to {target}; the daemon takes it once it has settled")
+    return 0
+
+
+def cmd_store(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def main() -> int:
+        from dropkiln.store import check, rebuild
+
+        store = await _open(settings)
+        try:
+            if args.action == "rebuild":
+                count = await rebuild(store)
+                print(f"rebuilt jobs, drops and artifacts from {count} events")
+                return 0
+            report = await check(store)
+        finally:
+            await store.close()
+        rows = ", ".join(f"{n} {t}" for t, n in report.rows.items())
+        if report.ok:
+            print(f"ok: {report.events} events replay to the live projections ({rows})")
+            return 0
+        for line in report.differences:
+            print(line)
+        raise CommandError(
+            f"{len(report.differences)} difference(s) between events and projections"
+        )
+
+    return _run(main)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from dropkiln.bench.cli import run_bench
+
+    return run_bench(args, _settings(args))
+
+
+# Parser --------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--root", help="dropkiln home (default: $DROPKILN_ROOT or ./dropkiln-home)", default=None
+    )
+    parser = argparse.ArgumentParser(
+        prog="dropkiln",
+        description="Drop a dataset, get a LoRA; drop a prompt file, get images and a video.",
+        parents=[common],
+    )
+    parser.add_argument("--version", action="version", version=f"dropkiln {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Callable[[argparse.Namespace], int], help_text: str) -> Any:
+        p = sub.add_parser(name, parents=[common], help=help_text, description=help_text)
+        p.set_defaults(fn=fn)
+        return p
+
+    p = add("init", cmd_init, "create a dropkiln home: settings, folders, database")
+    p.add_argument("path", nargs="?", help="where (default: --root or ./dropkiln-home)")
+    add("daemon", cmd_daemon, "run the daemon in the foreground")
+    add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
+    p = add("status", cmd_status, "the daemon and the jobs")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")
+    p = add("events", cmd_events, "the event log")
+    p.add_argument("--follow", "-f", action="store_true", help="keep printing new events")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
+    p.add_argument("--job", help="only this job's events (id or prefix)")
+    p.add_argument("--since", type=int, help="only events after this seq")
+    p = add("submit", cmd_submit, "drop a dataset folder, zip or prompt file (copies it)")
+    p.add_argument("path")
+    p.add_argument("--kind", choices=["dataset", "prompts"], help="default: guessed from PATH")
+    p = add("cancel", cmd_cancel, "cancel a job (a running one stops at its next check)")
+    p.add_argument("job")
+    p = add("retry", cmd_retry, "requeue a failed or cancelled job")
+    p.add_argument("job")
+    add("pause", cmd_pause, "stop starting new jobs (running ones finish)")
+    add("resume", cmd_resume, "start jobs again")
+    add("tui", cmd_tui, "the dashboard")
+    p = add("store", cmd_store, "maintain the event store")
+    p.add_argument("action", choices=["rebuild", "check"])
+    p = add("bench", cmd_bench, "measure speed against baselines (see README)")
+    p.add_argument("suite", nargs="?", default="store")
+    p.add_argument("--json", dest="json_file", help="also write the results as JSON here")
+    p.add_argument("--quick", action="store_true", help="small sizes, for a fast look")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from pydantic import ValidationError
+
+    from dropkiln.store.engine import StoreError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except (CommandError, StoreError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        if isinstance(exc, ValidationError):
+            first = exc.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            message = f"invalid setting {where}: {first['msg']}"
+        else:
+            message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        print(f"dropkiln: error: {message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from dropkiln.daemon.lock import AlreadyRunning
+
+        if isinstance(exc, AlreadyRunning):
+            print(f"dropkiln: error: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

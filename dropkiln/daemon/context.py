@@ -1,0 +1,141 @@
+"""The StageContext the daemon hands a running stage (the stage runs in a worker thread).
+
+Reports go back to the event loop, which owns the database: checkpoints and artifacts wait
+until their event is committed (so a kill right after never loses a record of a file that
+exists); progress is coalesced to about two events a second.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import anyio.from_thread
+
+from dropkiln.stages.faults import FaultInjector
+from dropkiln.store.events import ArtifactWritten, CheckpointSaved, Event, JobProgress
+
+PROGRESS_EVERY_S = 0.5
+
+AppendFn = Callable[[list[Event]], Coroutine[Any, Any, None]]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class DaemonContext:
+    """One attempt of one job."""
+
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        attempt: int,
+        memory_rung: int,
+        device: str,
+        root: Path,
+        work_dir: Path,
+        resume: dict[str, Any] | None,
+        upstream: dict[str, dict[str, Any]],
+        faults: FaultInjector,
+        append: AppendFn,
+    ) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.memory_rung = memory_rung
+        self.device = device
+        self.root = root
+        self.work_dir = work_dir
+        self._resume = resume
+        self._upstream = upstream
+        self._faults = faults
+        self._append = append
+        self._stop = threading.Event()
+        self.stop_reason: str | None = None
+        self._last_progress = 0.0
+        self._pending_progress: JobProgress | None = None
+        self.latest_metrics: dict[str, Any] = {}
+
+    # Called from the event loop ------------------------------------------------------------
+
+    def request_stop(self, reason: str) -> None:
+        """Ask the stage to checkpoint and stop (cancel, preempt or shutdown)."""
+        if self.stop_reason is None or reason == "cancel":
+            self.stop_reason = reason
+        self._stop.set()
+
+    def take_pending_progress(self) -> JobProgress | None:
+        pending, self._pending_progress = self._pending_progress, None
+        return pending
+
+    # Called from the stage's thread ---------------------------------------------------------
+
+    def _send(self, events: list[Event]) -> None:
+        anyio.from_thread.run(self._append, events)
+
+    def progress(self, done: int, total: int, **metrics: Any) -> None:
+        event = JobProgress(done=done, total=total, metrics=_jsonable(metrics))
+        self.latest_metrics = event.metrics
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_EVERY_S or done >= total:
+            self._last_progress = now
+            self._pending_progress = None
+            self._send([event])
+        else:
+            self._pending_progress = event
+
+    def checkpoint(self, state: dict[str, Any]) -> None:
+        pending = self.take_pending_progress()
+        events: list[Event] = [pending] if pending else []
+        self._send([*events, CheckpointSaved(state=_jsonable(state))])
+        self._resume = state
+
+    def resume_state(self) -> dict[str, Any] | None:
+        return self._resume
+
+    def artifact(self, path: Path, kind: str) -> None:
+        path = Path(path)
+        self._send(
+            [
+                ArtifactWritten(
+                    path=str(path),
+                    kind=kind,
+                    bytes=path.stat().st_size,
+                    sha256=file_sha256(path),
+                )
+            ]
+        )
+
+    def should_stop(self) -> bool:
+        return self._stop.is_set()
+
+    def upstream(self, stage: str) -> dict[str, Any]:
+        try:
+            return self._upstream[stage]
+        except KeyError:
+            raise KeyError(f"job {self.job_id} has no finished {stage} dependency") from None
+
+    def fault(self, point: str) -> None:
+        self._faults.hit(point)
+
+
+def _jsonable(value: Any) -> Any:
+    """Numbers from numpy/torch become plain floats so metrics serialise."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, str | int | float | bool) or value is None:
+        return value
+    if hasattr(value, "item"):
+        return value.item()
+    return str(value)

@@ -1,0 +1,168 @@
+"""Runs one attempt of one job and turns how it ended into events.
+
+The memory ladder lives here: on ``torch.OutOfMemoryError`` the attempt is recorded as
+``OutOfMemory`` with a memory snapshot, memory is released, and the job is requeued one
+rung down (``RetryScheduled``) to resume from its last checkpoint; at the bottom rung it
+fails with a reason that lists what was tried.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from dropkiln.config import Settings
+from dropkiln.daemon.context import DaemonContext
+from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
+from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
+from dropkiln.stages.faults import FaultInjector
+from dropkiln.store import EventStore, JobView, find_job, remembered_rung
+from dropkiln.store.events import (
+    Event,
+    JobCancelled,
+    JobFailed,
+    JobPreempted,
+    JobStarted,
+    JobSucceeded,
+    OutOfMemory,
+    RetryScheduled,
+    job_stream,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunningJob:
+    job: JobView
+    stage: StageDef
+    context: DaemonContext
+
+    @property
+    def id(self) -> str:
+        return self.job.id
+
+
+class Executor:
+    def __init__(
+        self, settings: Settings, store: EventStore, device: str, faults: FaultInjector
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.device = device
+        self.faults = faults
+
+    async def append(self, job_id: str, events: list[Event]) -> None:
+        await self.store.append(job_stream(job_id), events)
+
+    async def prepare(self, job: JobView) -> RunningJob:
+        """Pick the rung, gather upstream results, record JobStarted."""
+        stage = get_stage(job.stage)
+        rung = job.memory_rung
+        if job.rung_key:
+            rung = max(rung, await remembered_rung(self.store, job.rung_key))
+        rung = min(rung, len(stage.ladder) - 1)
+        upstream: dict[str, dict[str, Any]] = {}
+        for dep in job.depends_on:
+            dep_job = await find_job(self.store, dep)
+            upstream[dep_job.stage] = dep_job.result or {}
+        work_dir = self.settings.paths.work / job.id
+        work_dir.mkdir(parents=True, exist_ok=True)
+        attempt = job.attempt + 1
+        context = DaemonContext(
+            job_id=job.id,
+            attempt=attempt,
+            memory_rung=rung,
+            device=self.device,
+            root=self.settings.root,
+            work_dir=work_dir,
+            resume=job.checkpoint,
+            upstream=upstream,
+            faults=self.faults,
+            append=lambda events: self.append(job.id, events),
+        )
+        await self.append(
+            job.id,
+            [JobStarted(attempt=attempt, memory_rung=rung, rung_name=stage.rung(rung).name)],
+        )
+        log.info(
+            "started %s job %s (%s), attempt %d, memory rung %s",
+            job.stage,
+            job.id,
+            job.name,
+            attempt,
+            stage.rung(rung).name,
+        )
+        return RunningJob(job, stage, context)
+
+    async def run(self, running: RunningJob, limiter: anyio.CapacityLimiter) -> str:
+        """Run the attempt in a worker thread; returns the state the job ended in."""
+        job, stage, ctx = running.job, running.stage, running.context
+        oom: OutOfMemory | None = None
+        try:
+            spec = stage.spec.model_validate(job.spec)
+            result = await anyio.to_thread.run_sync(stage.run, spec, ctx, limiter=limiter)
+        except StageStopped:
+            return await self._stopped(running)
+        except StageError as exc:
+            return await self._finish(running, JobFailed(reason=str(exc)), "failed")
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                log.exception("job %s failed", job.id)
+                reason = f"{type(exc).__name__}: {exc}"
+                return await self._finish(running, JobFailed(reason=reason), "failed")
+            rung = stage.rung(ctx.memory_rung)
+            oom = OutOfMemory(
+                memory_rung=ctx.memory_rung,
+                rung_name=rung.name,
+                snapshot=memory_snapshot(self.device),
+                message=str(exc).splitlines()[0][:500],
+            )
+        if oom is not None:
+            # Outside the except block, so the traceback (and the tensors its frames hold)
+            # is gone before memory is released.
+            await anyio.to_thread.run_sync(release_memory, self.device)
+            return await self._out_of_memory(running, oom)
+        return await self._finish(running, JobSucceeded(result=result or {}), "succeeded")
+
+    async def _finish(self, running: RunningJob, final: Event, state: str) -> str:
+        pending = running.context.take_pending_progress()
+        events: list[Event] = [pending] if pending else []
+        await self.append(running.id, [*events, final])
+        log.info("%s job %s %s", running.job.stage, running.id, state)
+        return state
+
+    async def _stopped(self, running: RunningJob) -> str:
+        reason = running.context.stop_reason
+        if reason == "cancel":
+            return await self._finish(running, JobCancelled(), "cancelled")
+        if reason is None:
+            failed = JobFailed(reason="the stage stopped without being asked to")
+            return await self._finish(running, failed, "failed")
+        return await self._finish(running, JobPreempted(by=reason), "queued")
+
+    async def _out_of_memory(self, running: RunningJob, oom: OutOfMemory) -> str:
+        ladder = running.stage.ladder
+        next_rung = oom.memory_rung + 1
+        if next_rung < len(ladder):
+            retry = RetryScheduled(
+                next_rung=next_rung,
+                rung_name=ladder[next_rung].name,
+                resume_from=running.context.resume_state(),
+            )
+            log.warning(
+                "job %s ran out of memory at rung %s; retrying at %s",
+                running.id,
+                oom.rung_name,
+                retry.rung_name,
+            )
+            await self.append(running.id, [oom, retry])
+            return "queued"
+        tried = ", ".join(r.name for r in ladder)
+        reason = f"out of memory on every memory rung (tried: {tried}); last: {oom.message}"
+        await self.append(running.id, [oom, JobFailed(reason=reason)])
+        return "failed"

@@ -1,0 +1,375 @@
+"""From a settled drop to the jobs that turn it into outputs.
+
+A dataset becomes bucket → cache → train; a prompt file becomes generate (→ video).
+Everything a job needs is decided here and frozen into its spec, so a job runs the same
+after a restart. Validation happens here too: a drop that cannot be planned is rejected
+with a reason before anything runs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dropkiln.config import Settings
+from dropkiln.stages import StageError, get_stage
+from dropkiln.store import EventStore, list_jobs
+from dropkiln.store.events import JobSubmitted
+
+DATASET = "dataset"
+PROMPTS = "prompts"
+PROMPT_SUFFIXES = (".toml", ".json", ".txt")
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex[:8]
+
+
+class DropRejection(Exception):
+    """A drop that cannot be used; the message is the reason shown to the user."""
+
+
+@dataclass
+class ParsedDrop:
+    """A drop read and validated, not yet planned."""
+
+    kind: str
+    name: str
+    content_hash: str
+    files: int
+    bytes: int
+    folder: Path
+    """Where the job will read it: processed/ID-NAME, or the extraction of a zip."""
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+def content_hash(entry: Path) -> tuple[str, int, int]:
+    """sha256 over relative paths and bytes, with file and byte counts. Symlinks are refused."""
+    digest = hashlib.sha256()
+    files = total = 0
+    paths = [entry] if entry.is_file() or entry.is_symlink() else sorted(entry.rglob("*"))
+    for path in paths:
+        if path.is_symlink():
+            raise DropRejection(
+                f"{path.relative_to(entry.parent)} is a symlink; dropkiln reads only real files"
+            )
+        if not path.is_file():
+            continue
+        rel = path.name if path == entry else str(path.relative_to(entry))
+        digest.update(rel.encode() + b"\0")
+        with open(path, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(chunk)
+                total += len(chunk)
+        files += 1
+    return digest.hexdigest(), files, total
+
+
+def drop_name(entry: Path) -> str:
+    name = entry.name
+    for suffix in (".zip", *PROMPT_SUFFIXES):
+        if name.lower().endswith(suffix) and entry.is_file():
+            return name[: -len(suffix)]
+    return name
+
+
+def stored_path(settings: Settings, drop_id: str, entry: Path) -> Path:
+    return settings.paths.processed / f"{drop_id}-{entry.name}"
+
+
+def parse_drop(settings: Settings, entry: Path, kind: str, drop_id: str) -> ParsedDrop:
+    """Read and validate a settled drop in place (runs in a worker thread)."""
+    digest, files, size = content_hash(entry)
+    if files == 0:
+        raise DropRejection("the drop is empty")
+    name = drop_name(entry)
+    stored = stored_path(settings, drop_id, entry)
+    if kind == DATASET:
+        return _parse_dataset(settings, entry, drop_id, name, stored, digest, files, size)
+    return _parse_prompts(settings, entry, name, stored, digest, files, size)
+
+
+def _parse_dataset(
+    settings: Settings,
+    entry: Path,
+    drop_id: str,
+    name: str,
+    stored: Path,
+    digest: str,
+    files: int,
+    size: int,
+) -> ParsedDrop:
+    from dropkiln.stages.dataset import extract_zip_safely, load_dataset_options
+
+    if entry.is_file():
+        if entry.suffix.lower() != ".zip":
+            raise DropRejection(f"{entry.name}: a dataset is a folder of images or a .zip of one")
+        try:
+            folder = extract_zip_safely(entry, settings.paths.work / "drops" / drop_id / name)
+        except StageError as exc:
+            raise DropRejection(str(exc)) from exc
+        read_from = folder
+    else:
+        folder = stored
+        read_from = entry
+    try:
+        model, bucket, train = load_dataset_options(read_from, settings)
+    except StageError as exc:
+        raise DropRejection(str(exc)) from exc
+    return ParsedDrop(
+        DATASET,
+        name,
+        digest,
+        files,
+        size,
+        folder,
+        {"model": model, "bucket": bucket.model_dump(), "train": train.model_dump()},
+    )
+
+
+def _prompt_file_in(entry: Path) -> Path:
+    """The one prompt file of a drop: the file itself, or the only one in a folder."""
+    if entry.is_file():
+        if entry.suffix.lower() not in PROMPT_SUFFIXES:
+            raise DropRejection(f"{entry.name}: not a prompt file (expected .toml, .json or .txt)")
+        return entry
+    candidates = sorted(
+        p for p in entry.iterdir() if p.is_file() and p.suffix.lower() in PROMPT_SUFFIXES
+    )
+    if len(candidates) != 1:
+        raise DropRejection(
+            f"{entry.name}/: a prompt folder holds exactly one .toml, .json or .txt prompt "
+            f"file (found {len(candidates)})"
+        )
+    return candidates[0]
+
+
+def _parse_prompts(
+    settings: Settings,
+    entry: Path,
+    name: str,
+    stored: Path,
+    digest: str,
+    files: int,
+    size: int,
+) -> ParsedDrop:
+    prompt_path = _prompt_file_in(entry)
+    from dropkiln.stages.prompts import load_prompt_file
+
+    try:
+        prompt_file = load_prompt_file(prompt_path, settings)
+    except StageError as exc:
+        raise DropRejection(str(exc)) from exc
+    stored_file = stored if entry.is_file() else stored / prompt_path.relative_to(entry)
+    return ParsedDrop(
+        PROMPTS,
+        name,
+        digest,
+        files,
+        size,
+        stored,
+        {"prompt_file": prompt_file, "stored_file": str(stored_file), "source": entry},
+    )
+
+
+class Planner:
+    """Turns parsed drops into JobSubmitted events."""
+
+    def __init__(self, settings: Settings, store: EventStore) -> None:
+        self.settings = settings
+        self.store = store
+
+    async def plan(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+        if drop.kind == DATASET:
+            return self._plan_dataset(drop, drop_id)
+        return await self._plan_prompts(drop, drop_id)
+
+    def _job(
+        self,
+        stage: str,
+        name: str,
+        spec: dict[str, Any],
+        drop_id: str,
+        depends_on: list[str] | None = None,
+        rung_key: str | None = None,
+        lane: str | None = None,
+    ) -> JobSubmitted:
+        definition = get_stage(stage)
+        validated = definition.spec.model_validate(spec)
+        return JobSubmitted(
+            job_id=new_id(),
+            stage=stage,
+            name=name,
+            lane=lane or definition.lane,
+            priority=definition.priority,
+            spec=validated.model_dump(mode="json"),
+            depends_on=depends_on or [],
+            drop_id=drop_id,
+            rung_key=rung_key,
+        )
+
+    def _plan_dataset(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+        """bucket (CPU) → cache (GPU) → train (GPU), each reading the one before."""
+        options = drop.options
+        model, train = options["model"], options["train"]
+        resolution = options["bucket"]["resolution"]
+        bucket = self._job(
+            "bucket",
+            drop.name,
+            {
+                "dataset_dir": str(drop.folder),
+                "name": drop.name,
+                "bucket": options["bucket"],
+                "seed": train["seed"],
+            },
+            drop_id,
+        )
+        cache = self._job(
+            "cache",
+            drop.name,
+            {"name": drop.name, "model": model, "flip_augment": train["flip_augment"]},
+            drop_id,
+            depends_on=[bucket.job_id],
+            rung_key=f"cache:{model}:{resolution}",
+        )
+        train_job = self._job(
+            "train",
+            drop.name,
+            {
+                "name": drop.name,
+                "model": model,
+                "options": train,
+                "output_dir": str(self.settings.paths.loras / drop.name),
+            },
+            drop_id,
+            depends_on=[cache.job_id],
+            rung_key=f"train:{model}:{resolution}",
+        )
+        return [bucket, cache, train_job]
+
+    async def _plan_prompts(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+        """generate (GPU) → video (when asked); LoRAs still training become dependencies."""
+        from dropkiln.stages.video import video_path
+
+        prompt_file = drop.options["prompt_file"]
+        model = prompt_file.model or self.settings.model
+        loras: list[dict[str, Any]] = []
+        depends_on: list[str] = []
+        for ref in prompt_file.loras:
+            path, job_id = await self._resolve_lora(ref.name)
+            loras.append({"name": ref.name, "path": str(path), "weight": ref.weight})
+            if job_id is not None and job_id not in depends_on:
+                depends_on.append(job_id)
+        stem = await self._output_stem(drop.name, drop_id)
+        generate_spec = {
+            "name": stem,
+            "model": model,
+            "prompt_file": _rebase_controls(prompt_file, drop).model_dump(mode="json"),
+            "loras": loras,
+            "output_dir": str(self.settings.paths.images / stem),
+            "preview_every": self.settings.generate.preview_every,
+        }
+        largest = max(prompt_file.images, key=lambda image: image.width * image.height)
+        generate = self._job(
+            "generate",
+            stem,
+            generate_spec,
+            drop_id,
+            depends_on=depends_on,
+            rung_key=f"generate:{model}:{largest.width}x{largest.height}",
+        )
+        jobs = [generate]
+        if prompt_file.video is not None:
+            output = video_path(self.settings.paths.videos, stem, prompt_file.video)
+            jobs.append(
+                self._job(
+                    "video",
+                    stem,
+                    {"name": stem, "options": prompt_file.video, "output": str(output)},
+                    drop_id,
+                    depends_on=[generate.job_id],
+                )
+            )
+        return jobs
+
+    async def _resolve_lora(self, ref: str) -> tuple[Path, str | None]:
+        """(LoRA file, train job to wait for) for a dataset name, a job id or a path."""
+        from dropkiln.stages.train import lora_path
+
+        looks_like_path = "/" in ref or ref.endswith(".safetensors")
+        if looks_like_path:
+            path = Path(ref).expanduser()
+            if not path.is_file() or path.suffix != ".safetensors":
+                raise DropRejection(f"LoRA {ref!r}: no such .safetensors file")
+            return path.resolve(), None
+        for job in await list_jobs(self.store):
+            if job.stage != "train" or job.state in ("failed", "cancelled"):
+                continue
+            if job.name == ref or job.id == ref:
+                path = lora_path(job.spec["output_dir"], job.name)
+                return path, None if job.state == "succeeded" else job.id
+        existing = lora_path(self.settings.paths.loras / ref, ref)
+        if existing.is_file():
+            return existing, None
+        raise DropRejection(
+            f"LoRA {ref!r} does not exist: no dataset, train job or file by that name "
+            "(drop the dataset first, or give a path to a .safetensors file)"
+        )
+
+    async def _output_stem(self, name: str, drop_id: str) -> str:
+        """The prompt file's name, unless an earlier drop already used that output folder."""
+        taken = (self.settings.paths.images / name).exists() or any(
+            job.stage == "generate" and job.name == name for job in await list_jobs(self.store)
+        )
+        return f"{name}-{drop_id}" if taken else name
+
+
+def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
+    """Control images were checked in drop/prompts/; the job reads them from processed/."""
+    source = drop.options["source"]
+    images = []
+    for image in prompt_file.images:
+        if image.control is not None:
+            if source.is_file():
+                raise DropRejection(
+                    "control images need the prompt file and its images dropped together "
+                    "as one folder"
+                )
+            moved = drop.folder / Path(image.control.image).relative_to(source.resolve())
+            control = image.control.model_copy(update={"image": str(moved)})
+            image = image.model_copy(update={"control": control})
+        images.append(image)
+    return prompt_file.model_copy(update={"images": images})
+
+
+def error_text(name: str, drop_id: str, reason: str, at: str) -> str:
+    return (
+        f"dropkiln could not use the drop {name!r}.\n\n"
+        f"Reason: {reason}\n\n"
+        f"Drop id: {drop_id}\nRejected at: {at}\n"
+        f"Fix the problem and drop it again; this copy is kept here untouched.\n"
+    )
+
+
+def unique_path(path: Path) -> Path:
+    """``path`` or ``path-2``, ``path-3``… whichever does not exist yet."""
+    if not path.exists() and not path.is_symlink():
+        return path
+    stem, suffix = (path.stem, path.suffix) if path.is_file() else (path.name, "")
+    for n in range(2, 10_000):
+        candidate = path.with_name(f"{stem}-{n}{suffix}")
+        if not candidate.exists():
+            return candidate
+    raise FileExistsError(path)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,158 @@
+"""Which job runs next: dependencies done, then priority, then FIFO; one GPU job at a time.
+
+The GPU lane runs one job; the CPU lane runs up to ``cpu_workers`` jobs and never waits
+behind the GPU. A runnable GPU job of higher priority than the running one preempts it:
+the running stage is asked to checkpoint and yield, and resumes later.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import anyio
+from anyio.abc import TaskGroup
+
+from dropkiln.config import Settings
+from dropkiln.daemon.executor import Executor, RunningJob
+from dropkiln.store import EventStore, JobView, find_job, list_jobs, queue_paused
+from dropkiln.store.events import Event, JobCancelled, JobFailed, JobQueued, job_stream
+
+log = logging.getLogger(__name__)
+
+
+class Scheduler:
+    def __init__(self, settings: Settings, store: EventStore, executor: Executor) -> None:
+        self.settings = settings
+        self.store = store
+        self.executor = executor
+        self.running: dict[str, RunningJob] = {}
+        self.limiters = {
+            "gpu": anyio.CapacityLimiter(1),
+            "cpu": anyio.CapacityLimiter(settings.cpu_workers),
+        }
+        self.accepting = True
+        self.paused = False
+        self._wake = anyio.Event()
+        self._idle = anyio.Event()
+        self._idle.set()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def lane_jobs(self, lane: str) -> list[RunningJob]:
+        return [r for r in self.running.values() if r.job.lane == lane]
+
+    async def run(self, tg: TaskGroup) -> None:
+        self.paused = await queue_paused(self.store)
+        while self.accepting:
+            await self.schedule(tg)
+            with anyio.move_on_after(1.0):
+                await self._wake.wait()
+            self._wake = anyio.Event()
+
+    async def schedule(self, tg: TaskGroup) -> None:
+        """One pass: settle dependency failures, start what may start, preempt if needed."""
+        jobs = await list_jobs(self.store, active_only=True)
+        runnable: list[JobView] = []
+        for job in jobs:
+            if job.id in self.running:
+                continue
+            if job.state == "waiting":
+                await self._check_dependencies(job)
+            elif job.state == "queued":
+                runnable.append(job)
+        if self.paused or not self.accepting:
+            return
+        runnable.sort(key=lambda j: (-j.priority, j.submitted_seq))
+        for job in runnable:
+            lane = self.lane_jobs(job.lane)
+            capacity = 1 if job.lane == "gpu" else self.settings.cpu_workers
+            if len(lane) < capacity:
+                await self._start(tg, job)
+            elif job.lane == "gpu":
+                self._maybe_preempt(job, lane[0])
+
+    def _maybe_preempt(self, waiting: JobView, current: RunningJob) -> None:
+        if waiting.priority > current.job.priority and current.context.stop_reason is None:
+            log.info(
+                "preempting %s job %s for %s job %s",
+                current.job.stage,
+                current.id,
+                waiting.stage,
+                waiting.id,
+            )
+            current.context.request_stop(f"preempted by {waiting.stage} job {waiting.id}")
+
+    async def _check_dependencies(self, job: JobView) -> None:
+        for dep in job.depends_on:
+            dep_job = await find_job(self.store, dep)
+            if dep_job.state == "failed":
+                reason = f"dependency {dep_job.stage} job {dep} failed: {dep_job.error}"
+                await self.store.append(job_stream(job.id), [JobFailed(reason=reason)])
+                return
+            if dep_job.state == "cancelled":
+                reason = f"dependency {dep_job.stage} job {dep} was cancelled"
+                await self.store.append(job_stream(job.id), [JobCancelled(reason=reason)])
+                return
+
+    async def _start(self, tg: TaskGroup, job: JobView) -> None:
+        running = await self.executor.prepare(job)
+        self.running[job.id] = running
+        self._idle = anyio.Event()
+        tg.start_soon(self._run, running, name=f"job {job.id}")
+
+    async def _run(self, running: RunningJob) -> None:
+        try:
+            await self.executor.run(running, self.limiters[running.job.lane])
+        finally:
+            del self.running[running.id]
+            if not self.running:
+                self._idle.set()
+            self.wake()
+
+    # Commands ------------------------------------------------------------------------------
+
+    async def cancel(self, job_id: str, by: str = "request") -> None:
+        if job_id in self.running:
+            self.running[job_id].context.request_stop("cancel")
+            return
+        job = await find_job(self.store, job_id)
+        if not job.terminal:
+            await self.store.append(
+                job_stream(job_id), [JobCancelled(reason=f"cancelled by {by} before it ran")]
+            )
+            self.wake()
+
+    async def retry(self, job_id: str) -> None:
+        job = await find_job(self.store, job_id)
+        if job.state not in ("failed", "cancelled"):
+            log.info("retry of job %s ignored: it is %s", job_id, job.state)
+            return
+        events: list[tuple[str, list[Event]]] = [
+            (job_stream(job_id), [JobQueued(reason="retry requested")])
+        ]
+        # Dependents that ended only because this job did are requeued with it.
+        for other in await list_jobs(self.store):
+            ended_with_it = other.error is not None and f"job {job_id} " in other.error + " "
+            if (
+                job_id in other.depends_on
+                and other.state in ("failed", "cancelled")
+                and ended_with_it
+            ):
+                requeue = JobQueued(reason=f"dependency {job_id} retried")
+                events.append((job_stream(other.id), [requeue]))
+        await self.store.append_batch(events)
+        self.wake()
+
+    def set_paused(self, paused: bool) -> None:
+        self.paused = paused
+        self.wake()
+
+    async def drain(self, reason: str) -> list[str]:
+        """Stop taking work, ask running jobs to checkpoint and stop, wait for them."""
+        self.accepting = False
+        stopping = list(self.running)
+        for running in self.running.values():
+            running.context.request_stop(reason)
+        await self._idle.wait()
+        return stopping

@@ -1,0 +1,195 @@
+"""The daemon: one task group that owns the database, the watcher, the scheduler and the
+telemetry; GPU work runs in worker threads. SIGTERM/SIGINT stop it cleanly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+from contextlib import AsyncExitStack
+
+import anyio
+import anyio.to_thread
+from anyio.abc import TaskGroup
+
+from dropkiln import __version__
+from dropkiln.config import Settings
+from dropkiln.daemon.executor import Executor
+from dropkiln.daemon.ingest import Ingestor
+from dropkiln.daemon.lock import DaemonLock
+from dropkiln.daemon.notify import SystemdNotifier, keep_extending_timeout, watchdog_loop
+from dropkiln.daemon.planner import Planner
+from dropkiln.daemon.scheduler import Scheduler
+from dropkiln.daemon.watcher import DropWatcher
+from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
+from dropkiln.stages.faults import FaultInjector
+from dropkiln.stages.models import configure_shared_pipelines
+from dropkiln.store import EventStore, list_jobs, record_telemetry
+from dropkiln.store.events import (
+    DAEMON_STREAM,
+    CancelRequested,
+    DaemonStarted,
+    DaemonStopped,
+    DaemonStopping,
+    Event,
+    JobInterrupted,
+    JobQueued,
+    QueuePaused,
+    QueueResumed,
+    RetryRequested,
+    job_stream,
+)
+
+log = logging.getLogger(__name__)
+
+COMMANDS = (
+    CancelRequested.type_name(),
+    RetryRequested.type_name(),
+    QueuePaused.type_name(),
+    QueueResumed.type_name(),
+)
+STOP_TIMEOUT_EXTENSION_S = 30
+
+
+class Daemon:
+    def __init__(self, settings: Settings, early_stop: list[str] | None = None) -> None:
+        self.settings = settings
+        self._early_stop = early_stop if early_stop is not None else []
+        self.paths = settings.paths
+        self.notifier = SystemdNotifier()
+        self.faults = FaultInjector(settings.faults)
+        self.started = anyio.Event()
+        self.device = "cpu"
+        self._stop = anyio.Event()
+        self._stop_reason = "stopped"
+        self.store: EventStore
+        self.scheduler: Scheduler
+        self.ingestor: Ingestor
+
+    def stop(self, reason: str = "stop requested") -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    async def run(self, *, handle_signals: bool = True) -> None:
+        """Serve until stopped; the caller's process may exit with 0 afterwards."""
+        async with AsyncExitStack() as stack:
+            stack.enter_context(DaemonLock(self.paths.lock))
+            self.paths.create()
+            self.store = await EventStore.open(self.paths.db, create=True)
+            stack.push_async_callback(self.store.close)
+            self.device = await anyio.to_thread.run_sync(resolve_device, self.settings.device)
+            configure_shared_pipelines(int(self.settings.ram_budget_gb * 2**30))
+            executor = Executor(self.settings, self.store, self.device, self.faults)
+            self.scheduler = Scheduler(self.settings, self.store, executor)
+            self.ingestor = Ingestor(self.settings, self.store, Planner(self.settings, self.store))
+            start_seq = await self._start()
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(self._watch, name="watcher")
+                tg.start_soon(self._obey_commands, start_seq, name="commands")
+                tg.start_soon(self._telemetry, name="telemetry")
+                tg.start_soon(watchdog_loop, self.notifier, name="watchdog")
+                if handle_signals:
+                    tg.start_soon(self._signals, name="signals")
+                tg.start_soon(self.scheduler.run, tg, name="scheduler")
+                self.notifier.ready(f"serving {self.settings.root} on {self.device}")
+                self.started.set()
+                if self._early_stop:
+                    self.stop(f"received {self._early_stop[0]} while starting")
+                log.info(
+                    "dropkiln %s serving %s on %s", __version__, self.settings.root, self.device
+                )
+                await self._stop.wait()
+                await self._shutdown(tg)
+
+    async def _start(self) -> int:
+        """Record the start, requeue jobs a dead daemon left running, finish drop moves."""
+        started = DaemonStarted(
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            version=__version__,
+            device=await anyio.to_thread.run_sync(device_name, self.device),
+            root=str(self.settings.root),
+        )
+        stored = await self.store.append(DAEMON_STREAM, [started])
+        await self.ingestor.reconcile()
+        batch: list[tuple[str, list[Event]]] = []
+        for job in await list_jobs(self.store, active_only=True):
+            if job.state == "running":
+                log.warning("job %s was running when the daemon died: requeued", job.id)
+                batch.append(
+                    (
+                        job_stream(job.id),
+                        [
+                            JobInterrupted(previous_attempt=job.attempt),
+                            JobQueued(reason="daemon restarted"),
+                        ],
+                    )
+                )
+        if batch:
+            await self.store.append_batch(batch)
+        for job in await list_jobs(self.store):
+            if job.requested == "cancel" and not job.terminal:
+                await self.scheduler.cancel(job.id, by="a request made while the daemon was down")
+            elif job.requested == "retry":
+                await self.scheduler.retry(job.id)
+        return stored[0].seq
+
+    async def _shutdown(self, tg: TaskGroup) -> None:
+        log.info("stopping: %s", self._stop_reason)
+        self.notifier.stopping("checkpointing running jobs before stopping")
+        await self.store.append(DAEMON_STREAM, [DaemonStopping(reason=self._stop_reason)])
+        async with keep_extending_timeout(self.notifier, STOP_TIMEOUT_EXTENSION_S):
+            requeued = await self.scheduler.drain("daemon shutdown")
+        await self.store.append(DAEMON_STREAM, [DaemonStopped(requeued=requeued)])
+        log.info("stopped cleanly; %d job(s) will resume at next start", len(requeued))
+        tg.cancel_scope.cancel()
+
+    async def _watch(self) -> None:
+        folders = [self.paths.datasets, self.paths.prompts]
+        watcher = DropWatcher(folders, self.settings.settle_seconds)
+        async for entry in watcher.settled():
+            if not self.scheduler.accepting:
+                return
+            await self.ingestor.ingest(entry)
+            self.scheduler.wake()
+
+    async def _obey_commands(self, after: int) -> None:
+        async for event in self.store.tail(
+            after, poll_interval=self.settings.poll_interval, types=COMMANDS
+        ):
+            try:
+                if event.type == "CancelRequested" and event.job_id:
+                    await self.scheduler.cancel(event.job_id, by=event.data.get("by", "request"))
+                elif event.type == "RetryRequested" and event.job_id:
+                    await self.scheduler.retry(event.job_id)
+                elif event.type in ("QueuePaused", "QueueResumed"):
+                    self.scheduler.set_paused(event.type == "QueuePaused")
+                    log.info("queue %s", "paused" if self.scheduler.paused else "resumed")
+            except Exception:
+                log.exception("could not carry out command %s #%d", event.type, event.seq)
+
+    async def _telemetry(self) -> None:
+        while True:
+            sample = await anyio.to_thread.run_sync(memory_snapshot, self.device)
+            gpu = self.scheduler.lane_jobs("gpu") if hasattr(self, "scheduler") else []
+            if gpu:
+                sample["job_id"] = gpu[0].id
+                sample["memory_rung"] = gpu[0].context.memory_rung
+            await record_telemetry(self.store, sample, self.settings.telemetry_retention_s)
+            self.notifier.status(self._status_text())
+            await anyio.sleep(self.settings.telemetry_every_s)
+
+    def _status_text(self) -> str:
+        running = list(self.scheduler.running.values())
+        if not running:
+            return "idle, paused" if self.scheduler.paused else "idle"
+        parts = [f"{r.job.stage} {r.job.name} ({r.id})" for r in running]
+        return "running " + ", ".join(parts)
+
+    async def _signals(self) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                self.stop(f"received {signal.Signals(signum).name}")
+                return

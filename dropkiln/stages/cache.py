@@ -1,0 +1,240 @@
+"""The cache stage: VAE latents and text-encoder outputs for a bucketed dataset.
+
+Every latent and caption embedding is a content-addressed shard under ROOT/state/cache:
+its key covers the image bytes, resize, crop, bucket, flip augmentation, model fingerprint
+and dtype (latents) or the caption text, model and dtype (text). Re-dropping a dataset
+with one image changed encodes only that image; a corrupt shard is re-encoded.
+
+Caption augmentation: the exact caption and the empty caption (for caption dropout) are
+cached. Tag shuffling and tag dropout make captions that cannot all be cached, so the
+train stage encodes those on the fly with the frozen text encoders, which the warm
+pipeline holds anyway.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any, Literal
+
+from dropkiln.stages.base import (
+    MemoryRung,
+    StageContext,
+    StageDef,
+    StageError,
+    StageSpec,
+    StageStopped,
+    write_atomic,
+)
+from dropkiln.stages.training.manifest import Manifest, PlannedImage, load_bucket_pixels
+from dropkiln.stages.training.manifest import read_manifest as read_manifest
+from dropkiln.stages.training.shards import CorruptShard, ShardStore, shard_key
+
+INDEX_NAME = "cache-index.json"
+INDEX_FORMAT = "dropkiln.latent-cache"
+TEXT_BATCH = 16
+
+
+class CacheSpec(StageSpec):
+    name: str
+    model: str = "tiny-sdxl"
+    flip_augment: bool = False
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
+    """Weights and shard dtype; auto is fp32 on the CPU, bf16 (else fp16) on CUDA."""
+    vae_batch_size: int = 8
+    """VAE batch at the top rung; each rung down halves it."""
+
+
+def run_cache(spec: CacheSpec, ctx: StageContext) -> dict[str, Any]:
+    """Encode what is not cached yet; write the index the train stage reads."""
+    from dropkiln.stages.models import resolve_model, shared_pipelines
+    from dropkiln.stages.training.encoding import compute_dtype
+
+    rung = STAGE.rung(ctx.memory_rung).options
+    vae_batch = max(1, spec.vae_batch_size // int(rung.get("vae_batch_divisor", 1)))
+    manifest = read_manifest(ctx.upstream("bucket")["manifest"])
+    if not manifest.images:
+        raise StageError(f"dataset {manifest.name} has no usable images to cache")
+    ref = resolve_model(spec.model, ctx.root / "state" / "models")
+    dtype = compute_dtype(ctx.device, spec.dtype)
+    store = ShardStore(ctx.root / "state" / "cache")
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    latent_keys = [
+        shard_key(
+            "latents",
+            image=image.sha256,
+            resized=image.resized_size,
+            crop=image.crop_box,
+            bucket=image.bucket,
+            flip=spec.flip_augment,
+            model=ref.fingerprint,
+            dtype=dtype_name,
+        )
+        for image in manifest.images
+    ]
+    captions = sorted({image.caption for image in manifest.images} | {""})
+    text_keys = {
+        c: shard_key("text", caption=c, model=ref.fingerprint, dtype=dtype_name) for c in captions
+    }
+    todo_images = [
+        (image, key)
+        for image, key in zip(manifest.images, latent_keys, strict=True)
+        if not store.is_intact("latents", key)
+    ]
+    todo_captions = [c for c in captions if not store.is_intact("text", text_keys[c])]
+    total = len(todo_images) + len(todo_captions)
+    ctx.progress(0, total)
+    if total:
+        pipe = shared_pipelines().get(ref, ctx.device, dtype)
+        done = _encode_images(pipe, manifest, todo_images, vae_batch, rung, store, spec, ctx, total)
+        _encode_texts(pipe, todo_captions, text_keys, store, ctx, done, total)
+    index = _index(spec, ref, dtype_name, manifest, store, latent_keys, text_keys)
+    path = write_atomic(ctx.work_dir / INDEX_NAME, json.dumps(index, indent=1))
+    ctx.artifact(path, "cache-index")
+    return {
+        "index": str(path),
+        "images": len(manifest.images),
+        "encoded": len(todo_images),
+        "reused": len(manifest.images) - len(todo_images),
+        "captions_encoded": len(todo_captions),
+    }
+
+
+def _encode_images(
+    pipe: Any,
+    manifest: Manifest,
+    todo: list[tuple[PlannedImage, str]],
+    vae_batch: int,
+    rung: dict[str, Any],
+    store: ShardStore,
+    spec: CacheSpec,
+    ctx: StageContext,
+    total: int,
+) -> int:
+    from PIL import ImageOps
+
+    from dropkiln.stages.training.encoding import encode_latents, pixels_to_tensor, vae_for_encoding
+
+    by_bucket: dict[tuple[int, int], list[tuple[PlannedImage, str]]] = defaultdict(list)
+    for item in todo:
+        by_bucket[item[0].bucket].append(item)
+    done = 0
+    with vae_for_encoding(pipe, tiled=bool(rung.get("vae_tiling"))) as vae:
+        for bucket in sorted(by_bucket):
+            items = by_bucket[bucket]
+            for start in range(0, len(items), vae_batch):
+                _stop_point(ctx, done)
+                ctx.fault("cache.batch")
+                batch = items[start : start + vae_batch]
+                pictures = [load_bucket_pixels(manifest, image) for image, _ in batch]
+                latents = encode_latents(vae, pixels_to_tensor(pictures))
+                flipped = None
+                if spec.flip_augment:
+                    mirrored = [ImageOps.mirror(p) for p in pictures]
+                    flipped = encode_latents(vae, pixels_to_tensor(mirrored))
+                for row, (_, key) in enumerate(batch):
+                    tensors = {"latents": latents[row]}
+                    if flipped is not None:
+                        tensors["latents_flipped"] = flipped[row]
+                    store.write("latents", key, tensors)
+                done += len(batch)
+                ctx.progress(done, total)
+    return done
+
+
+def _encode_texts(
+    pipe: Any,
+    captions: list[str],
+    keys: dict[str, str],
+    store: ShardStore,
+    ctx: StageContext,
+    done: int,
+    total: int,
+) -> None:
+    import torch
+
+    from dropkiln.stages.training.encoding import encode_captions
+
+    for start in range(0, len(captions), TEXT_BATCH):
+        _stop_point(ctx, done)
+        ctx.fault("cache.batch")
+        batch = captions[start : start + TEXT_BATCH]
+        with torch.no_grad():
+            encoded = encode_captions(pipe, batch)
+        for row, caption in enumerate(batch):
+            store.write("text", keys[caption], {k: v[row] for k, v in encoded.items()})
+        done += len(batch)
+        ctx.progress(done, total)
+
+
+def _stop_point(ctx: StageContext, done: int) -> None:
+    # Shards already written are the checkpoint: a resumed run finds them and skips them.
+    if ctx.should_stop():
+        ctx.checkpoint({"encoded": done})
+        raise StageStopped(f"cache stopped after {done} new shards")
+
+
+def _index(
+    spec: CacheSpec,
+    ref: Any,
+    dtype_name: str,
+    manifest: Manifest,
+    store: ShardStore,
+    latent_keys: list[str],
+    text_keys: dict[str, str],
+) -> dict[str, Any]:
+    images = []
+    for image, key in zip(manifest.images, latent_keys, strict=True):
+        caption_key = text_keys[image.caption]
+        images.append(
+            {
+                "path": image.path,
+                "sha256": image.sha256,
+                "caption": image.caption,
+                "bucket": list(image.bucket),
+                "original_size": list(image.original_size),
+                "resized_size": list(image.resized_size),
+                "crop_box": list(image.crop_box),
+                "crop_top_left": list(image.crop_top_left),
+                "flipped_crop_top_left": list(image.flipped_crop_top_left),
+                "latents": {"key": key, "shard": store.relative("latents", key)},
+                "text": {"key": caption_key, "shard": store.relative("text", caption_key)},
+            }
+        )
+    empty = text_keys[""]
+    return {
+        "format": INDEX_FORMAT,
+        "version": 1,
+        "name": spec.name,
+        "model": {"name": ref.name, "kind": ref.kind, "fingerprint": ref.fingerprint},
+        "dtype": dtype_name,
+        "flip_augment": spec.flip_augment,
+        "cache_dir": str(store.root),
+        "dataset_dir": str(manifest.dataset_dir),
+        "empty_text": {"key": empty, "shard": store.relative("text", empty)},
+        "images": images,
+    }
+
+
+def read_shard(store: ShardStore, entry: dict[str, str]) -> dict[str, Any]:
+    """A cached shard named in the index, verified; raises CorruptShard."""
+    return store.read(entry["shard"], entry["key"])
+
+
+STAGE = StageDef(
+    "cache",
+    "gpu",
+    CacheSpec,
+    run_cache,
+    ladder=(
+        MemoryRung("default", {"vae_batch_divisor": 1}),
+        MemoryRung("half-vae-batch", {"vae_batch_divisor": 2}),
+        MemoryRung("quarter-vae-batch", {"vae_batch_divisor": 4}),
+        MemoryRung("vae-batch-1", {"vae_batch_divisor": 1 << 30}),
+        MemoryRung("vae-tiling", {"vae_batch_divisor": 1 << 30, "vae_tiling": True}),
+    ),
+    priority=0,
+)
+
+__all__ = ["STAGE", "CacheSpec", "CorruptShard", "read_manifest", "read_shard", "run_cache"]

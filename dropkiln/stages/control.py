@@ -1,0 +1,148 @@
+"""ControlNet for control images: the tiny built-in one, local folders, and the pipelines."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dropkiln.stages.base import StageError
+
+if TYPE_CHECKING:
+    import torch
+
+    from dropkiln.stages.models import ModelRef
+
+TINY_CONTROLNET_SEED = 20240602
+TINY_CONTROL = "tiny"
+# The parts a ControlNet adds to a UNet copy; from_unet leaves them zeroed or torch-random,
+# and the tiny one overwrites them from a fixed numpy stream so they differ from zero
+# (a zero ControlNet would ignore its control image) and are the same on every machine.
+_OWN_PARTS = ("controlnet_cond_embedding.", "controlnet_down_blocks.", "controlnet_mid_block.")
+_KEEP_LOADED = 2
+
+_lock = threading.Lock()
+_loaded: OrderedDict[tuple[str, str, str], Any] = OrderedDict()
+
+
+def controlnet_folder(model: str, base: ModelRef, models_dir: Path) -> Path:
+    """The folder of the ControlNet an entry names: ``tiny`` (built once) or a local folder."""
+    if model == TINY_CONTROL:
+        if base.single_file or not (base.path / "dropkiln-tiny.json").is_file():
+            raise StageError(
+                f"control model 'tiny' goes with the tiny models, not {base.name}; "
+                "name a local ControlNet folder"
+            )
+        return ensure_tiny_controlnet(base, models_dir)
+    folder = Path(model).expanduser()
+    if not folder.is_absolute():
+        folder = models_dir / folder
+    if not (folder / "config.json").is_file():
+        raise StageError(f"control model {model!r}: no ControlNet folder at {folder}")
+    if not any(folder.glob("*.safetensors")):
+        raise StageError(f"control model {model!r}: {folder} has no .safetensors weights")
+    return folder
+
+
+def ensure_tiny_controlnet(base: ModelRef, models_dir: Path) -> Path:
+    """A ControlNet made from the tiny model's UNet with a fixed seed, saved once."""
+    target = Path(models_dir) / f"controlnet-{base.kind}-tiny-{base.fingerprint[:12]}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        controlnet = _build_tiny_controlnet(base.path)
+        controlnet.save_pretrained(staging, safe_serialization=True)
+        (staging / "dropkiln-tiny.json").write_text(
+            json.dumps({"base": base.name, "base_fingerprint": base.fingerprint})
+        )
+        try:
+            staging.rename(target)
+        except OSError:
+            if not (target / "config.json").is_file():  # not just another builder winning
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return target
+
+
+def _build_tiny_controlnet(base_folder: Path) -> Any:
+    import numpy as np
+    import torch
+    from diffusers import ControlNetModel, UNet2DConditionModel
+
+    # A clean UNet from disk: the warm one may carry LoRA layers.
+    unet = UNet2DConditionModel.from_pretrained(
+        base_folder, subfolder="unet", use_safetensors=True, local_files_only=True
+    )
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    generator = np.random.Generator(np.random.PCG64(TINY_CONTROLNET_SEED))
+    parameters = dict(controlnet.named_parameters())
+    with torch.no_grad():
+        for name in sorted(parameters):
+            if not name.startswith(_OWN_PARTS):
+                continue
+            param = parameters[name]
+            bound = 1.0 / math.sqrt(_fan_in(parameters, name))
+            uniform = generator.random(param.numel(), dtype=np.float64)
+            values = ((uniform * 2.0 - 1.0) * bound).astype(np.float32).reshape(param.shape)
+            param.copy_(torch.from_numpy(values))
+    return controlnet
+
+
+def _fan_in(parameters: dict[str, Any], name: str) -> int:
+    weight = parameters.get(name.rsplit(".", 1)[0] + ".weight", parameters[name])
+    if weight.dim() >= 2:
+        return int(weight.shape[1] * math.prod(weight.shape[2:]))
+    return max(int(weight.shape[-1]), 1)
+
+
+def load_controlnet(folder: Path, device: str, dtype: torch.dtype) -> Any:
+    """A loaded ControlNet (safetensors only); the last few stay warm."""
+    from diffusers import ControlNetModel
+
+    key = (str(folder.resolve()), device, str(dtype))
+    with _lock:
+        if key in _loaded:
+            _loaded.move_to_end(key)
+            return _loaded[key]
+    try:
+        controlnet = ControlNetModel.from_pretrained(
+            folder, use_safetensors=True, local_files_only=True, torch_dtype=dtype
+        ).to(device)
+    except (OSError, ValueError) as exc:
+        raise StageError(f"cannot load ControlNet {folder}: {exc}") from exc
+    with _lock:
+        _loaded[key] = controlnet
+        while len(_loaded) > _KEEP_LOADED:
+            _loaded.popitem(last=False)
+    return controlnet
+
+
+def control_pipeline(pipe: Any, controlnet: Any) -> Any:
+    """The ControlNet pipeline sharing ``pipe``'s components (no copies)."""
+    from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
+
+    is_xl = "XL" in type(pipe).__name__
+    cls = StableDiffusionXLControlNetPipeline if is_xl else StableDiffusionControlNetPipeline
+    control = cls.from_pipe(pipe, controlnet=controlnet)
+    control.set_progress_bar_config(disable=True)
+    return control
+
+
+def load_control_image(path: str, where: str) -> Any:
+    """The control image as RGB, or a StageError naming the entry."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            return img.convert("RGB")
+    except (OSError, UnidentifiedImageError) as exc:
+        raise StageError(f"{where}: control image {Path(path).name} cannot be read: {exc}") from exc

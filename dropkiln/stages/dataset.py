@@ -1,0 +1,347 @@
+"""Reading a dropped dataset folder: its images, captions, dataset.toml and zip form.
+
+Folder rules (the same for listing, hashing and bucketing):
+
+- Images are found at the top level and in subfolders, sorted by relative path, so the
+  order never depends on the filesystem.
+- Hidden files and folders (a leading dot, e.g. ``.DS_Store``, AppleDouble ``._x.jpg``)
+  and ``__MACOSX`` folders are ignored. Symlinked files are read (whoever drops a folder
+  can already read what it links to); symlinked folders are not walked (no cycles).
+- Captions are same-stem ``.txt`` (preferred) or ``.caption`` files in UTF-8 (a BOM is
+  allowed). A caption that is not UTF-8 rejects its image instead of guessing an encoding:
+  tags decoded with the wrong code page would train the wrong tokens without a word.
+  Whitespace and line breaks collapse to single spaces. No caption means an empty one.
+"""
+
+from __future__ import annotations
+
+import difflib
+import errno
+import hashlib
+import os
+import re
+import shutil
+import stat
+import tempfile
+import tomllib
+import zipfile
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from dropkiln.config import BucketSettings, Settings, TrainSettings
+from dropkiln.stages.base import StageError
+
+OPTIONS_FILE = "dataset.toml"
+CAPTION_SUFFIXES = (".txt", ".caption")
+IMAGE_SUFFIXES = frozenset(
+    {".png", ".apng", ".jpg", ".jpeg", ".jpe", ".jfif", ".mpo", ".webp", ".gif", ".bmp"}
+    | {".tif", ".tiff", ".avif", ".tga", ".ppm", ".pgm", ".pbm", ".pnm"}
+)
+IGNORED_FOLDERS = frozenset({"__MACOSX"})
+
+DAEMON_LIMITS = frozenset({"max_pixels", "max_caption_bytes", "workers"})
+"""Bucket settings that guard the daemon; only dropkiln.toml may change them."""
+
+ZIP_MAX_FILES = 20_000
+ZIP_MAX_BYTES = 8 * 2**30
+ZIP_MAX_RATIO = 200
+_RATIO_CHECKED_ABOVE = 2**20  # small entries may compress well; they cannot hurt
+_COPY_CHUNK = 2**20
+
+SectionT = TypeVar("SectionT", bound=BaseModel)
+
+
+class CaptionError(Exception):
+    """The caption file cannot be used; the message is the reason its image is rejected."""
+
+
+@dataclass(frozen=True)
+class DatasetFiles:
+    """What a dataset folder holds, each list sorted by relative path."""
+
+    images: list[Path]
+    others: list[Path]
+    """Neither image, caption nor dataset.toml: not used, reported to the user."""
+
+
+def scan_dataset(folder: Path) -> DatasetFiles:
+    """List a dataset folder's image files and its files that are not used."""
+    images: list[Path] = []
+    others: list[Path] = []
+    for path in _dataset_files(folder):
+        suffix = path.suffix.lower()
+        if suffix in IMAGE_SUFFIXES:
+            images.append(path)
+        elif suffix not in CAPTION_SUFFIXES and path.relative_to(folder) != Path(OPTIONS_FILE):
+            others.append(path)
+    return DatasetFiles(images, others)
+
+
+def find_images(folder: Path) -> list[Path]:
+    """Image files of a dataset folder and its subfolders, sorted by relative path."""
+    return scan_dataset(folder).images
+
+
+def caption_path(image_path: Path) -> Path | None:
+    """The caption file of an image (same stem, .txt before .caption), if there is one."""
+    for suffix in CAPTION_SUFFIXES:
+        candidate = image_path.with_suffix(suffix)
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def read_caption(image_path: Path, max_bytes: int) -> str:
+    """The caption of an image ("" without one); CaptionError if it cannot be used."""
+    path = caption_path(image_path)
+    if path is None:
+        return ""
+    try:
+        with open(path, "rb") as handle:
+            raw = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise CaptionError(f"caption {path.name} is unreadable: {exc.strerror}") from exc
+    if len(raw) > max_bytes:
+        size = path.stat().st_size
+        raise CaptionError(
+            f"caption {path.name} is {size} bytes, over max_caption_bytes={max_bytes}"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise CaptionError(
+            f"caption {path.name} is not UTF-8 (byte 0x{raw[exc.start]:02x} at offset"
+            f" {exc.start}); save it as UTF-8"
+        ) from exc
+    if "\x00" in text:
+        raise CaptionError(f"caption {path.name} contains NUL characters: not a text file")
+    return " ".join(text.split())
+
+
+def load_dataset_options(
+    folder: Path, settings: Settings
+) -> tuple[str, BucketSettings, TrainSettings]:
+    """(model, bucket, train) for a dataset: dropkiln.toml defaults, then its dataset.toml."""
+    path = folder / OPTIONS_FILE
+    if not path.is_file():
+        return settings.model, settings.bucket.model_copy(), settings.train.model_copy()
+    table = _read_toml(path)
+    model = settings.model
+    bucket_overrides: dict[str, Any] = {}
+    train_overrides: dict[str, Any] = {}
+    for key, value in table.items():
+        if key == "model":
+            if not isinstance(value, str) or not value.strip():
+                raise StageError(f"{path}: model should be a non-empty string, got {value!r}")
+            model = value.strip()
+        elif key in DAEMON_LIMITS:
+            raise StageError(
+                f"{path}: {key!r} is a daemon limit; set it in dropkiln.toml [bucket], not here"
+            )
+        elif key in BucketSettings.model_fields:
+            bucket_overrides[key] = value
+        elif key in TrainSettings.model_fields:
+            train_overrides[key] = value
+        else:
+            raise StageError(_unknown_key_message(path, key))
+    bucket = _override(settings.bucket, bucket_overrides, path)
+    train = _override(settings.train, train_overrides, path)
+    if bucket.min_side > bucket.max_side:
+        raise StageError(
+            f"{path}: min_side ({bucket.min_side}) is larger than max_side ({bucket.max_side})"
+        )
+    return model, bucket, train
+
+
+def dataset_hash(folder: Path) -> str:
+    """sha256 over the sorted relative paths and bytes of every file the dataset uses."""
+    digest = hashlib.sha256()
+    for path in _dataset_files(folder):
+        relative = path.relative_to(folder).as_posix().encode()
+        with open(path, "rb") as handle:
+            content = hashlib.file_digest(handle, "sha256").digest()
+        digest.update(len(relative).to_bytes(8, "big") + relative + content)
+    return digest.hexdigest()
+
+
+def extract_zip_safely(
+    zip_path: Path,
+    dest: Path,
+    *,
+    max_files: int = ZIP_MAX_FILES,
+    max_bytes: int = ZIP_MAX_BYTES,
+    max_ratio: float = ZIP_MAX_RATIO,
+) -> Path:
+    """Extract a dataset zip into the new folder ``dest``; return the dataset folder in it.
+
+    Nothing is written outside ``dest``: an entry with an absolute path, a drive letter or
+    ``..`` refuses the whole zip, as do links and other special entries, encrypted entries,
+    too many files, too many bytes, or a compression ratio typical of zip bombs. The files
+    appear in ``dest`` all at once (extracted beside it, then renamed). If everything sits in
+    one top folder (``cats/…``), that folder is returned.
+    """
+    label = zip_path.name
+    if dest.exists():
+        raise StageError(f"cannot extract {label}: {dest} already exists")
+    try:
+        with zipfile.ZipFile(zip_path) as archive:
+            members = _checked_members(archive, label, max_files, max_bytes, max_ratio)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            staging = Path(
+                tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".unzip", dir=dest.parent)
+            )
+            try:
+                _extract(archive, members, staging, max_bytes, label)
+                os.rename(staging, dest)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError) as exc:
+        raise StageError(f"{label} is damaged or not a zip we can read: {exc}") from exc
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise StageError(f"cannot extract {label}: {exc}") from exc
+    return _single_top_folder(dest)
+
+
+def _dataset_files(folder: Path) -> Iterator[Path]:
+    """Every used regular file under folder (hidden and junk skipped), sorted by relative path."""
+    if not folder.is_dir():
+        raise StageError(f"dataset folder {folder} does not exist or is not a folder")
+    found: list[tuple[str, Path]] = []
+    for directory, subfolders, names in os.walk(folder, followlinks=False):
+        subfolders[:] = [
+            name for name in subfolders if not name.startswith(".") and name not in IGNORED_FOLDERS
+        ]
+        for name in names:
+            path = Path(directory, name)
+            if name.startswith(".") or not path.is_file():
+                continue
+            found.append((path.relative_to(folder).as_posix(), path))
+    found.sort()
+    return (path for _, path in found)
+
+
+def _read_toml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise StageError(f"{path}: not UTF-8 (byte offset {exc.start})") from exc
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise StageError(f"{path}: malformed TOML: {exc}") from exc
+
+
+def _unknown_key_message(path: Path, key: str) -> str:
+    if key in ("bucket", "train", "generate"):
+        return f"{path}: unknown key {key!r}: keys are flat (write steps = 2000, not [train])"
+    known = ["model", *BucketSettings.model_fields, *TrainSettings.model_fields]
+    known = [name for name in known if name not in DAEMON_LIMITS]
+    close = difflib.get_close_matches(key, known, n=1)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    return f"{path}: unknown key {key!r}{hint}"
+
+
+def _override(base: SectionT, overrides: dict[str, Any], path: Path) -> SectionT:
+    if not overrides:
+        return base.model_copy()
+    try:
+        # Strict: "1024" for resolution or "yes" for random_crop is a mistake, not a value.
+        return type(base).model_validate({**base.model_dump(), **overrides}, strict=True)
+    except ValidationError as exc:
+        problems = []
+        for error in exc.errors():
+            key = ".".join(str(part) for part in error["loc"])
+            given = overrides.get(str(error["loc"][0]), error.get("input"))
+            problems.append(f"{key}: {error['msg']} (got {given!r})")
+        raise StageError(f"{path}: " + "; ".join(problems)) from exc
+
+
+@dataclass(frozen=True)
+class _Member:
+    info: zipfile.ZipInfo
+    parts: tuple[str, ...]
+
+
+def _checked_members(
+    archive: zipfile.ZipFile, label: str, max_files: int, max_bytes: int, max_ratio: float
+) -> list[_Member]:
+    members: list[_Member] = []
+    seen: set[tuple[str, ...]] = set()
+    total_size = total_compressed = 0
+    for info in archive.infolist():
+        name = info.filename.replace("\\", "/")
+        parts = tuple(part for part in name.split("/") if part not in ("", "."))
+        if name.startswith("/") or re.match(r"[A-Za-z]:", name) or ".." in parts:
+            raise StageError(f"{label}: entry {info.filename!r} would land outside the dataset")
+        if not parts or parts[0] in IGNORED_FOLDERS or info.is_dir():
+            continue
+        file_type = stat.S_IFMT(info.external_attr >> 16) if info.create_system == 3 else 0
+        if stat.S_ISLNK(file_type):
+            raise StageError(f"{label}: entry {info.filename!r} is a symbolic link; not extracted")
+        if file_type not in (0, stat.S_IFREG):
+            raise StageError(f"{label}: entry {info.filename!r} is not a regular file")
+        if info.flag_bits & 0x1:
+            raise StageError(f"{label}: entry {info.filename!r} is encrypted")
+        if parts in seen:
+            raise StageError(f"{label}: entry {info.filename!r} appears twice")
+        seen.add(parts)
+        if info.file_size > _RATIO_CHECKED_ABOVE and (
+            info.file_size > max_ratio * max(info.compress_size, 1)
+        ):
+            raise StageError(
+                f"{label}: entry {info.filename!r} expands {info.file_size} bytes from"
+                f" {info.compress_size} (over {max_ratio:g}:1, a zip bomb?)"
+            )
+        total_size += info.file_size
+        total_compressed += info.compress_size
+        members.append(_Member(info, parts))
+    if len(members) > max_files:
+        raise StageError(f"{label}: {len(members)} files, over the limit of {max_files}")
+    if total_size > max_bytes:
+        raise StageError(f"{label}: {total_size} bytes uncompressed, over the limit of {max_bytes}")
+    if total_size > _RATIO_CHECKED_ABOVE and total_size > max_ratio * max(total_compressed, 1):
+        raise StageError(
+            f"{label}: expands {total_size} bytes from {total_compressed}"
+            f" (over {max_ratio:g}:1, a zip bomb?)"
+        )
+    return members
+
+
+def _extract(
+    archive: zipfile.ZipFile, members: list[_Member], staging: Path, max_bytes: int, label: str
+) -> None:
+    root = staging.resolve()
+    written = 0
+    for member in members:
+        target = staging.joinpath(*member.parts)
+        if not target.resolve().is_relative_to(root):
+            raise StageError(f"{label}: entry {member.info.filename!r} would land outside")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # Declared sizes are only claims: count what really comes out.
+        with archive.open(member.info) as source, open(target, "xb") as sink:
+            entry_bytes = 0
+            while chunk := source.read(_COPY_CHUNK):
+                entry_bytes += len(chunk)
+                written += len(chunk)
+                if entry_bytes > member.info.file_size:
+                    raise StageError(f"{label}: entry {member.info.filename!r} is over its size")
+                if written > max_bytes:
+                    raise StageError(f"{label}: more than {max_bytes} bytes uncompressed")
+                sink.write(chunk)
+            sink.flush()
+            os.fsync(sink.fileno())
+
+
+def _single_top_folder(dest: Path) -> Path:
+    entries = [entry for entry in dest.iterdir() if not entry.name.startswith(".")]
+    if len(entries) == 1 and entries[0].is_dir() and not entries[0].is_symlink():
+        return entries[0]
+    return dest

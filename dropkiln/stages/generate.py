@@ -1,0 +1,105 @@
+"""The generate stage: a validated prompt file → PNGs with their parameters, a contact sheet,
+and, for a latent-walk video, the walk's frames (they need the model, so they are made here
+on the GPU lane; the video stage only encodes).
+
+Resumable per image: every image is written atomically with a digest of what it depicts in
+its ``dropkiln`` chunk, and an image whose file already carries the right digest is never
+rendered again, whether after an OOM retry, a preemption or a kill.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from dropkiln.stages.base import StageContext, StageDef, StageError, StageSpec
+from dropkiln.stages.inference_memory import GENERATE_LADDER
+from dropkiln.stages.pngmeta import contact_sheet
+from dropkiln.stages.prompts import PromptFile, expand_jobs
+
+if TYPE_CHECKING:
+    import torch
+
+CONTACT_SHEET = "contact-sheet.png"
+PREVIEW = "preview.png"
+WALK_FOLDER = "walk"
+
+
+class LoraFile(BaseModel):
+    """A LoRA the planner resolved: its file, the weight asked for, and the name used."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    path: str
+    weight: float = 1.0
+
+
+class GenerateSpec(StageSpec):
+    """Render one prompt file."""
+
+    name: str
+    """The output stem: images go to ``output_dir`` (ROOT/outputs/images/STEM)."""
+    model: str
+    prompt_file: PromptFile
+    """The validated prompt file (control image paths absolute)."""
+    loras: list[LoraFile] = Field(default_factory=list)
+    output_dir: str
+    preview_every: int = Field(0, ge=0)
+    """Write a latent preview every N denoising steps (0: never)."""
+
+
+def resolution(spec: GenerateSpec) -> str:
+    """The job's largest image size, ``WxH``: with the model, what its memory rung depends on."""
+    largest = max(spec.prompt_file.images, key=lambda image: image.width * image.height)
+    return f"{largest.width}x{largest.height}"
+
+
+def inference_dtype(device: str) -> torch.dtype:
+    """float32 on the CPU (exact and reproducible), float16 on a GPU."""
+    import torch
+
+    return torch.float32 if device == "cpu" else torch.float16
+
+
+def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
+    """Render every image not already on disk, then the walk frames and the contact sheet."""
+    from dropkiln.stages.generation import GenerationRun
+    from dropkiln.stages.models import resolve_model, shared_pipelines
+
+    tasks = expand_jobs(spec.prompt_file)
+    output_dir = Path(spec.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model = resolve_model(spec.model, ctx.root / "state" / "models")
+    for lora in spec.loras:
+        if not Path(lora.path).is_file():
+            raise StageError(f"LoRA {lora.name}: file {lora.path} is missing")
+    rung = STAGE.rung(ctx.memory_rung)
+    pipe = shared_pipelines().get(model, ctx.device, inference_dtype(ctx.device))
+    run = GenerationRun(spec, ctx, model, rung, tasks, output_dir)
+    with run.prepared(pipe):
+        images = run.render_images()
+        walk_frames = run.render_walk()
+    sheet = contact_sheet(images, [task.stem for task in tasks], output_dir / CONTACT_SHEET)
+    ctx.artifact(sheet, "contact-sheet")
+    first = tasks[0]
+    return {
+        "name": spec.name,
+        "output_dir": str(output_dir),
+        "images": [str(path) for path in images],
+        "contact_sheet": str(sheet),
+        "walk_frames": [str(path) for path in walk_frames],
+        "video": spec.prompt_file.video.model_dump() if spec.prompt_file.video else None,
+        "model": {"name": model.name, "kind": model.kind, "fingerprint": model.fingerprint},
+        "loras": run.lora_records,
+        "memory_rung": rung.name,
+        "width": first.width,
+        "height": first.height,
+        "rendered": run.rendered,
+        "skipped": run.skipped,
+    }
+
+
+STAGE = StageDef("generate", "gpu", GenerateSpec, run_generate, GENERATE_LADDER, priority=10)

@@ -1,0 +1,307 @@
+"""One run of the generate stage: the pipeline set up for the job, then image after image."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dropkiln.stages.base import MemoryRung, StageContext, StageError, StageStopped
+from dropkiln.stages.control import (
+    control_pipeline,
+    controlnet_folder,
+    load_control_image,
+    load_controlnet,
+)
+from dropkiln.stages.inference_memory import apply_rung, undo_rung
+from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
+from dropkiln.stages.pngmeta import (
+    a1111_parameters,
+    latent_preview,
+    png_info,
+    read_dropkiln_record,
+    write_png,
+)
+from dropkiln.stages.prompts import ImageTask
+from dropkiln.stages.render import (
+    StepCallback,
+    initial_noise,
+    prompt_embeddings,
+    render_from_embeddings,
+    render_image,
+    use_scheduler,
+)
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from dropkiln.stages.generate import GenerateSpec
+    from dropkiln.stages.models import ModelRef
+
+RECORD_VERSION = 1
+
+
+class GenerationRun:
+    """Renders a job's images and walk frames on one warm pipeline, skipping finished ones."""
+
+    def __init__(
+        self,
+        spec: GenerateSpec,
+        ctx: StageContext,
+        model: ModelRef,
+        rung: MemoryRung,
+        tasks: list[ImageTask],
+        output_dir: Path,
+    ) -> None:
+        from dropkiln.stages.generate import inference_dtype
+
+        self.spec, self.ctx, self.model, self.rung = spec, ctx, model, rung
+        self.tasks, self.output_dir = tasks, output_dir
+        self.dtype = inference_dtype(ctx.device)
+        self.lora_records = [
+            {"name": lo.name, "weight": lo.weight, "sha256": _file_sha256(Path(lo.path))}
+            for lo in spec.loras
+        ]
+        video = spec.prompt_file.video
+        self.walk: list[WalkFrame] = []
+        if video is not None and video.kind == "latent-walk":
+            self.walk = walk_plan(len(tasks), video.frames, video.loop)
+        self.total_steps = sum(t.steps for t in tasks) + len(self.walk) * tasks[0].steps
+        self.done_steps = 0
+        self.rendered = 0
+        self.skipped = 0
+        self._base: Any = None
+        self._base_scheduler_config: Any = None
+        self._active: tuple[str | None, Any] | None = None
+        self._stopping = False
+        self._keyframes: dict[int, tuple[dict[str, Any], Any]] = {}
+
+    @contextmanager
+    def prepared(self, pipe: Any) -> Iterator[None]:
+        """LoRAs loaded for the job; afterwards the warm pipeline is as it was."""
+        original_scheduler = pipe.scheduler
+        self._base, self._base_scheduler_config = pipe, original_scheduler.config
+        try:
+            self._load_loras(pipe)
+            yield
+        finally:
+            self._deactivate()
+            pipe.scheduler = original_scheduler
+            if self.spec.loras:
+                pipe.unload_lora_weights()
+
+    def render_images(self) -> list[Path]:
+        """Every image of the prompt file, in order; finished ones are kept, not redone."""
+        paths = []
+        for position, task in enumerate(self.tasks):
+            target = self.output_dir / f"{task.stem}.png"
+            paths.append(target)
+            record = self.image_record(task)
+            if _finished(target, record["digest"]):
+                self._skip(task.steps)
+                continue
+            self._stop_point("images", position)
+            pipe = self._pipeline_for(task)
+            use_scheduler(pipe, task.scheduler, self._base_scheduler_config)
+            control = None
+            if task.control is not None:
+                control = load_control_image(task.control.image, f"image[{task.entry}]")
+            image = render_image(pipe, task, self._on_step_end("image", task.index), control)
+            if self._stopping:
+                self._stop_now("images", position)
+            parameters = a1111_parameters(
+                task, self._model_label(), self.model.fingerprint, self.lora_records
+            )
+            self._write(image, target, record, parameters, "image")
+            self.ctx.checkpoint({"phase": "images", "done": position + 1, "last": target.name})
+        return paths
+
+    def render_walk(self) -> list[Path]:
+        """The latent-walk frames (none unless the prompt file asks for a latent walk)."""
+        paths = []
+        lead = self.tasks[0]
+        for frame in self.walk:
+            target = self.output_dir / "walk" / f"{frame.index:04d}.png"
+            paths.append(target)
+            record = self.walk_record(frame)
+            if _finished(target, record["digest"]):
+                self._skip(lead.steps)
+                continue
+            self._stop_point("walk", frame.index)
+            pipe = self._pipeline_for(lead)
+            use_scheduler(pipe, lead.scheduler, self._base_scheduler_config)
+            first_embeds, first_noise = self._keyframe(pipe, frame.first)
+            second_embeds, second_noise = self._keyframe(pipe, frame.second)
+            image = render_from_embeddings(
+                pipe,
+                lead,
+                lerp_embeddings(first_embeds, second_embeds, frame.mix),
+                slerp(first_noise, second_noise, frame.mix),
+                self._on_step_end("frame", frame.index),
+            )
+            if self._stopping:
+                self._stop_now("walk", frame.index)
+            parameters = f"latent walk frame {frame.index}: {frame.mix:.3f} from {frame.first}"
+            self._write(image, target, record, parameters, None)
+            self.ctx.checkpoint({"phase": "walk", "done": frame.index + 1, "last": target.name})
+        return paths
+
+    def image_record(self, task: ImageTask) -> dict[str, Any]:
+        """The ``dropkiln`` chunk: what the image depicts (digested), and how it was made."""
+        image = task.model_dump(mode="json")
+        if task.control is not None:
+            control_file = Path(task.control.image)
+            image["control"]["image"] = control_file.name
+            image["control"]["sha256"] = _file_sha256(control_file)
+        content = {"image": image, "model": self._model_record(), "loras": self.lora_records}
+        return self._sealed(content)
+
+    def walk_record(self, frame: WalkFrame) -> dict[str, Any]:
+        lead = self.tasks[0]
+        content = {
+            "walk": {"frame": frame.index, "first": frame.first, "second": frame.second,
+                     "mix": frame.mix},
+            "keyframes": [self.image_record(self.tasks[i])["digest"]
+                          for i in (frame.first, frame.second)],
+            "lead": lead.model_dump(mode="json", include={"steps", "guidance", "scheduler",
+                                                          "width", "height", "seed"}),
+        }  # fmt: skip
+        return self._sealed(content)
+
+    def _sealed(self, content: dict[str, Any]) -> dict[str, Any]:
+        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+        return {
+            "version": RECORD_VERSION,
+            **content,
+            "digest": digest,
+            "model_name": self.model.name,
+            "memory_rung": self.rung.name,
+        }
+
+    def _model_record(self) -> dict[str, str]:
+        # the weights, not the name or path they were found under, decide what an image shows
+        return {"kind": self.model.kind, "fingerprint": self.model.fingerprint}
+
+    def _model_label(self) -> str:
+        """``tiny-sdxl``, or a folder's or file's stem: what A1111's ``Model:`` shows."""
+        name = self.model.name
+        return Path(name).stem if "/" in name or "\\" in name else name
+
+    def _write(
+        self,
+        image: Image.Image,
+        target: Path,
+        record: dict[str, Any],
+        parameters: str,
+        artifact_kind: str | None,
+    ) -> None:
+        self.ctx.fault("generate.image")
+        write_png(image, target, png_info(parameters, record))
+        self.rendered += 1
+        if artifact_kind:
+            self.ctx.artifact(target, artifact_kind)
+
+    def _skip(self, steps: int) -> None:
+        self.skipped += 1
+        self.done_steps += steps
+        self.ctx.progress(min(self.done_steps, self.total_steps), self.total_steps)
+
+    def _stop_point(self, phase: str, done: int) -> None:
+        if self.ctx.should_stop():
+            self.ctx.checkpoint({"phase": phase, "done": done})
+            raise StageStopped(f"generate {self.spec.name} stopped before {phase} {done}")
+
+    def _stop_now(self, phase: str, done: int) -> None:
+        """Stopped mid-image: the image is dropped, the job resumes before it."""
+        self.ctx.checkpoint({"phase": phase, "done": done})
+        raise StageStopped(f"generate {self.spec.name} stopped while denoising {phase} {done}")
+
+    def _on_step_end(self, label: str, index: int) -> StepCallback:
+        preview_every = self.spec.preview_every
+
+        def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
+            self.ctx.fault("generate.step")
+            self.done_steps += 1
+            done = min(self.done_steps, self.total_steps)
+            self.ctx.progress(done, self.total_steps, **{label: index}, step=step + 1)
+            if preview_every and (step + 1) % preview_every == 0:
+                self._write_preview(pipe, tensors["latents"])
+            if self.ctx.should_stop():
+                # the pipeline skips its remaining steps; the image is then thrown away
+                pipe._interrupt = True
+                self._stopping = True
+            elif step == pipe.num_timesteps - 1:
+                self.ctx.fault("generate.decode")
+            return {}
+
+        return on_step_end
+
+    def _write_preview(self, pipe: Any, latents: Any) -> None:
+        target = self.output_dir / "preview.png"
+        write_png(latent_preview(latents, "XL" in type(pipe).__name__), target, compress_level=1)
+        self.ctx.artifact(target, "preview")
+
+    def _pipeline_for(self, task: ImageTask) -> Any:
+        """The base or ControlNet pipeline for ``task``, with the memory rung applied."""
+        key = task.control.model if task.control is not None else None
+        if self._active is not None and self._active[0] == key:
+            return self._active[1]
+        self._deactivate()
+        pipeline = self._base
+        if key is not None:
+            models_dir = self.ctx.root / "state" / "models"
+            folder = controlnet_folder(key, self.model, models_dir)
+            controlnet = load_controlnet(folder, self.ctx.device, self.dtype)
+            pipeline = control_pipeline(self._base, controlnet)
+        self._active = (key, pipeline)
+        apply_rung(pipeline, self.rung.options, self.ctx.device)
+        return pipeline
+
+    def _deactivate(self) -> None:
+        if self._active is not None:
+            pipeline = self._active[1]
+            self._active = None
+            undo_rung(pipeline, self.rung.options, self.ctx.device)
+
+    def _keyframe(self, pipe: Any, index: int) -> tuple[dict[str, Any], Any]:
+        if index not in self._keyframes:
+            # the keyframe's own prompt and seed, the walk's guidance (it decides on CFG)
+            task = self.tasks[index].model_copy(update={"guidance": self.tasks[0].guidance})
+            noise = initial_noise(pipe, task, self.dtype)
+            self._keyframes[index] = (prompt_embeddings(pipe, task), noise)
+        return self._keyframes[index]
+
+    def _load_loras(self, pipe: Any) -> None:
+        names = []
+        for number, lora in enumerate(self.spec.loras):
+            path = Path(lora.path)
+            adapter = f"dropkiln_{number}"
+            try:
+                pipe.load_lora_weights(
+                    str(path.parent), weight_name=path.name, adapter_name=adapter,
+                    local_files_only=True,
+                )  # fmt: skip
+            except (ValueError, KeyError, RuntimeError, OSError) as exc:
+                raise StageError(f"LoRA {lora.name} does not fit {self.model.name}: {exc}") from exc
+            names.append(adapter)
+        if names:
+            pipe.set_adapters(names, adapter_weights=[lora.weight for lora in self.spec.loras])
+
+
+def _finished(target: Path, digest: str) -> bool:
+    """True when ``target`` is a complete image of exactly this content (atomic writes)."""
+    if not target.is_file():
+        return False
+    record = read_dropkiln_record(target)
+    return record is not None and record.get("digest") == digest
+
+
+def _file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()

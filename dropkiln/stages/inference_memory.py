@@ -1,0 +1,88 @@
+"""The inference memory ladder: what each rung switches on, and switching it off again.
+
+Rungs are cumulative: each keeps what the rung above did and adds one more saving. A warm
+pipeline is shared between jobs, so whatever a rung changes is undone when the job ends.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from dropkiln.stages.base import MemoryRung
+
+_SLICING = {"attention_slicing": True, "vae_slicing": True}
+_TILING = {**_SLICING, "vae_tiling": True}
+
+GENERATE_LADDER: tuple[MemoryRung, ...] = (
+    MemoryRung("default"),
+    MemoryRung("attention-vae-slicing", _SLICING),
+    MemoryRung("vae-tiling", _TILING),
+    MemoryRung("model-cpu-offload", {**_TILING, "offload": "model"}),
+    MemoryRung("sequential-cpu-offload", {**_TILING, "offload": "sequential"}),
+)
+
+
+@contextmanager
+def rung_applied(pipe: Any, rung: MemoryRung, device: str) -> Iterator[Any]:
+    """Apply a rung's savings to ``pipe`` for the duration of the block, then undo them."""
+    try:
+        apply_rung(pipe, rung.options, device)
+        yield pipe
+    finally:
+        undo_rung(pipe, rung.options, device)
+
+
+def apply_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
+    """Switch on the rung's options through diffusers' own switches."""
+    if options.get("attention_slicing"):
+        pipe.enable_attention_slicing()
+    if options.get("vae_slicing"):
+        pipe.vae.enable_slicing()
+    if options.get("vae_tiling"):
+        pipe.vae.enable_tiling()
+    offload = options.get("offload")
+    if offload is None:
+        pipe.to(device)  # back from the CPU, if an offloading job left it there
+    elif offload == "model":
+        pipe.enable_model_cpu_offload(device=device)
+    elif offload == "sequential":
+        _sequential_offload(pipe, device)
+
+
+def undo_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
+    """Leave the pipeline without hooks or slicing; after offloading its weights stay on the
+    CPU (moving them all back now could run out of memory again); the next job moves them."""
+    if options.get("offload"):
+        pipe.remove_all_hooks()
+        pipe.to("cpu", silence_dtype_warnings=True)
+    if options.get("attention_slicing"):
+        pipe.disable_attention_slicing()
+    if options.get("vae_slicing"):
+        pipe.vae.disable_slicing()
+    if options.get("vae_tiling"):
+        pipe.vae.disable_tiling()
+
+
+def _sequential_offload(pipe: Any, device: str) -> None:
+    import torch
+
+    target = torch.device(device)
+    if target.type != "cpu":
+        pipe.enable_sequential_cpu_offload(device=device)
+        return
+    # diffusers pins the execution device to "cpu:0", which accelerate then treats as
+    # another device than "cpu" and trips over; hooking the components ourselves with
+    # plain "cpu" is the same offload (weights on meta, loaded per submodule call).
+    from accelerate import cpu_offload
+
+    pipe.remove_all_hooks()
+    pipe._offload_device = target
+    for name, component in pipe.components.items():
+        if not isinstance(component, torch.nn.Module):
+            continue
+        if name in pipe._exclude_from_cpu_offload:
+            component.to(target)
+        else:
+            cpu_offload(component, target, offload_buffers=len(component._parameters) > 0)

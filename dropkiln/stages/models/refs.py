@@ -1,0 +1,142 @@
+"""What a ``model`` setting names: a tiny built-in, a diffusers folder or a single file."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, cast
+
+from dropkiln.stages.base import StageError
+from dropkiln.stages.models.tiny import TINY_NAMES, TinyName, ensure_tiny_model
+
+ModelKind = Literal["sdxl", "sd15"]
+CONFIG_FOLDER = "configs"
+"""Single-file checkpoints take their component configs from models_dir/configs/<kind>/."""
+
+# Key prefixes that tell an original (non-diffusers) checkpoint's family apart.
+_SDXL_MARKERS = ("conditioner.embedders.1.", "conditioner.embedders.0.transformer.")
+_SD15_MARKERS = ("cond_stage_model.transformer.", "cond_stage_model.model.")
+
+_memo_lock = threading.Lock()
+_memo: dict[tuple[str, int, int], str] = {}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model: family, where its weights are, and a hash of those weights."""
+
+    name: str
+    kind: ModelKind
+    path: Path
+    fingerprint: str
+    single_file: bool = False
+    config_dir: Path | None = None
+
+    @property
+    def short_fingerprint(self) -> str:
+        return self.fingerprint[:16]
+
+
+def resolve_model(ref: str, models_dir: Path, config_dir: Path | None = None) -> ModelRef:
+    """Turn a ``model`` setting into a ModelRef; raises StageError for anything unknown."""
+    models_dir = Path(models_dir)
+    if ref in TINY_NAMES:
+        folder = ensure_tiny_model(cast(TinyName, ref), models_dir)
+        return _folder_ref(ref, folder)
+    path = Path(ref).expanduser()
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise StageError(f"model folder {path} is not a diffusers folder (no model_index.json)")
+        return _folder_ref(ref, path.resolve())
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise StageError(
+                f"model file {path} is not a .safetensors checkpoint "
+                "(pickled .ckpt/.bin files are never loaded)"
+            )
+        return _single_file_ref(ref, path.resolve(), models_dir, config_dir)
+    raise StageError(
+        f"unknown model {ref!r}: expected {' or '.join(TINY_NAMES)}, a local diffusers folder "
+        "or a local .safetensors file"
+    )
+
+
+def _folder_ref(name: str, folder: Path) -> ModelRef:
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = index.get("_class_name", "")
+    if "XL" in cls or "text_encoder_2" in index:
+        kind: ModelKind = "sdxl"
+    elif cls.startswith("StableDiffusion"):
+        kind = "sd15"
+    else:
+        raise StageError(f"model folder {folder} holds a {cls or 'unknown'} pipeline, not SD/SDXL")
+    files = sorted(
+        p
+        for p in folder.rglob("*")
+        if p.is_file() and (p.suffix in (".safetensors", ".json", ".txt"))
+    )
+    if not any(p.suffix == ".safetensors" for p in files):
+        raise StageError(f"model folder {folder} has no .safetensors weights")
+    return ModelRef(name, kind, folder, _fingerprint(folder, files))
+
+
+def _single_file_ref(name: str, path: Path, models_dir: Path, config_dir: Path | None) -> ModelRef:
+    kind = checkpoint_kind(path)
+    config = config_dir or models_dir / CONFIG_FOLDER / kind
+    if not (config / "model_index.json").is_file():
+        raise StageError(
+            f"single-file checkpoint {path.name} ({kind}) needs a local diffusers config folder "
+            f"at {config} (model_index.json, component config.json files and tokenizer files); "
+            "configs are never fetched"
+        )
+    return ModelRef(name, kind, path, _fingerprint(path.parent, [path]), True, config.resolve())
+
+
+def checkpoint_kind(path: Path) -> ModelKind:
+    """SDXL or SD 1.5, from the tensor names in a single-file checkpoint's header."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            keys = list(handle.keys())
+    except Exception as exc:
+        raise StageError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    if any(k.startswith(_SDXL_MARKERS) for k in keys):
+        return "sdxl"
+    if any(k.startswith(_SD15_MARKERS) for k in keys):
+        return "sd15"
+    raise StageError(f"{path.name} does not look like an SD 1.5 or SDXL checkpoint")
+
+
+def _fingerprint(base: Path, files: list[Path]) -> str:
+    """sha256 over relative names and content hashes; content hashes memoised by size+mtime."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(base)).encode() + b"\0")
+        digest.update(file_sha256(file).encode())
+    return digest.hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """Content hash of a file; a multi-GB checkpoint is hashed once per (size, mtime)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    with _memo_lock:
+        if key in _memo:
+            return _memo[key]
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    value = digest.hexdigest()
+    with _memo_lock:
+        _memo[key] = value
+    return value
+
+
+def clear_fingerprint_memo() -> None:
+    with _memo_lock:
+        _memo.clear()

@@ -1,0 +1,139 @@
+"""PNG files with their parameters embedded, the contact sheet, and latent previews."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
+
+from dropkiln.stages.base import atomic_path
+from dropkiln.stages.prompts import ImageTask
+from dropkiln.stages.schedulers import a1111_sampler
+
+if TYPE_CHECKING:
+    import torch
+
+PARAMETERS_KEY = "parameters"
+DROPKILN_KEY = "dropkiln"
+THUMB_SIDE = 192
+LABEL_HEIGHT = 14
+
+
+def a1111_parameters(
+    task: ImageTask, model_name: str, model_hash: str, loras: Sequence[dict[str, Any]]
+) -> str:
+    """The ``parameters`` text A1111 writes (and A1111, Civitai and others read back)."""
+    prompt = task.prompt + "".join(f" <lora:{lo['name']}:{lo['weight']:g}>" for lo in loras)
+    fields = [
+        ("Steps", task.steps),
+        ("Sampler", a1111_sampler(task.scheduler)),
+        ("CFG scale", f"{task.guidance:g}"),
+        ("Seed", task.seed),
+        ("Size", f"{task.width}x{task.height}"),
+        ("Model hash", model_hash[:10]),
+        ("Model", model_name),
+    ]
+    if task.clip_skip is not None:
+        fields.append(("Clip skip", task.clip_skip))
+    if task.control is not None:
+        fields.append(("ControlNet", _quoted(f"{task.control.model}: {task.control.scale:g}")))
+    if loras:
+        hashes = ", ".join(f"{lo['name']}: {lo['sha256'][:12]}" for lo in loras)
+        fields.append(("Lora hashes", _quoted(hashes)))
+    fields.append(("Version", "dropkiln"))
+    lines = [prompt]
+    if task.negative:
+        lines.append(f"Negative prompt: {task.negative}")
+    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+    return "\n".join(lines)
+
+
+def _quoted(text: str) -> str:
+    return json.dumps(text)
+
+
+def png_info(parameters: str, record: dict[str, Any]) -> PngInfo:
+    """The text chunks: ``parameters`` (tEXt, iTXt if not Latin-1) and ``dropkiln`` (JSON)."""
+    info = PngInfo()
+    info.add_text(PARAMETERS_KEY, parameters)
+    info.add_text(DROPKILN_KEY, json.dumps(record, sort_keys=True, ensure_ascii=True))
+    return info
+
+
+def write_png(
+    image: Image.Image, target: Path, info: PngInfo | None = None, compress_level: int = 6
+) -> Path:
+    """Save a PNG atomically; the same pixels and chunks always give the same bytes."""
+    with atomic_path(target) as tmp:
+        image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
+    return target
+
+
+def read_png_text(path: Path) -> dict[str, str]:
+    """The text chunks of a PNG (``parameters``, ``dropkiln``, …)."""
+    with Image.open(path) as img:
+        img.load()
+        return {str(k): str(v) for k, v in getattr(img, "text", {}).items()}
+
+
+def read_dropkiln_record(path: Path) -> dict[str, Any] | None:
+    """The ``dropkiln`` JSON chunk of a PNG, or None when there is none or it is unreadable."""
+    try:
+        text = read_png_text(path).get(DROPKILN_KEY)
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+def contact_sheet(images: Sequence[Path], labels: Sequence[str], target: Path) -> Path:
+    """A grid of thumbnails (small images scaled up to the cell) with labels, written atomically."""
+    pictures = []
+    for path in images:
+        with Image.open(path) as img:
+            pictures.append(img.convert("RGB"))
+    side = min(THUMB_SIDE, max((max(p.size) for p in pictures), default=THUMB_SIDE))
+    side = max(side, 64)
+    columns = max(1, math.ceil(math.sqrt(len(pictures))))
+    rows = max(1, math.ceil(len(pictures) / columns))
+    cell_w, cell_h = side, side + LABEL_HEIGHT
+    sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (24, 24, 24))
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for number, (picture, label) in enumerate(zip(pictures, labels, strict=True)):
+        x, y = (number % columns) * cell_w, (number // columns) * cell_h
+        thumb = ImageOps.contain(picture, (side, side), Image.Resampling.LANCZOS)
+        sheet.paste(thumb, (x + (side - thumb.width) // 2, y + (side - thumb.height) // 2))
+        draw.text((x + 3, y + side + 1), label[:30], fill=(220, 220, 220), font=font)
+    return write_png(sheet, target)
+
+
+# Linear maps from latent channels to RGB, fitted by the community for quick previews
+# (as in ComfyUI's latent previewer): good enough to see a composition forming.
+SD15_LATENT_RGB = ((0.3512, 0.2297, 0.3227), (0.3250, 0.4974, 0.2350),
+                   (-0.2829, 0.1762, 0.2721), (-0.2120, -0.2616, -0.7177))  # fmt: skip
+SDXL_LATENT_RGB = ((0.3651, 0.4232, 0.4341), (-0.2533, -0.0042, 0.1068),
+                   (0.1076, 0.1111, -0.0362), (-0.3165, -0.2492, -0.2188))  # fmt: skip
+
+
+def latent_preview(latents: torch.Tensor, is_xl: bool, side: int = 128) -> Image.Image:
+    """A small RGB approximation of a latent, without running the VAE."""
+    import torch
+
+    latent = latents[0].detach().to("cpu", torch.float32)
+    if latent.shape[0] == 4:
+        factors = torch.tensor(SDXL_LATENT_RGB if is_xl else SD15_LATENT_RGB)
+        rgb = torch.einsum("chw,cr->rhw", latent, factors)
+        rgb = ((rgb + 1) / 2).clamp(0, 1)
+    else:
+        rgb = latent[:3] if latent.shape[0] >= 3 else latent[:1].repeat(3, 1, 1)
+        low, high = rgb.min(), rgb.max()
+        rgb = (rgb - low) / (high - low + 1e-6)
+    array = (rgb.permute(1, 2, 0).numpy() * 255).round().astype("uint8")
+    image = Image.fromarray(array)
+    scale = max(1, side // max(image.size))
+    return image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST)

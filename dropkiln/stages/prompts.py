@@ -1,0 +1,355 @@
+"""Prompt files (.toml, .json, .txt): validated models, the loader, and expansion into images.
+
+Everything is checked before anything runs, and a problem is reported as a ``StageError``
+naming the file, the entry (``image[2]``, 0-based like the list it is) and the field.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import tomllib
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from dropkiln.config import Settings
+from dropkiln.stages.base import StageError
+from dropkiln.stages.schedulers import SCHEDULER_NAMES
+
+M = TypeVar("M", bound=BaseModel)
+
+PROMPT_SUFFIXES = (".toml", ".json", ".txt")
+MAX_SEED = 2**63 - 1
+MAX_IMAGES = 10_000
+MAX_PROMPT_FILE_BYTES = 4_000_000
+
+
+class FileModel(BaseModel):
+    """A table of a prompt file: unknown keys and coerced types are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class LoraRef(FileModel):
+    """A LoRA asked for by name (a trained dataset, a job id or a path) and its weight."""
+
+    name: Annotated[str, Field(min_length=1, max_length=4096)]
+    weight: float = Field(1.0, ge=-10, le=10)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        # `loras = ["cats"]` means weight 1.0
+        return {"name": value} if isinstance(value, str) else value
+
+
+class ControlRef(FileModel):
+    """A control image for one entry; ``image`` is absolute once the file is loaded."""
+
+    image: Annotated[str, Field(min_length=1)]
+    model: Annotated[str, Field(min_length=1)] = "tiny"
+    scale: float = Field(0.8, ge=0, le=5)
+
+
+def _multiple_of_8(value: int) -> int:
+    if value % 8:
+        raise ValueError(f"must be a multiple of 8 (got {value})")
+    return value
+
+
+Side = Annotated[int, Field(ge=8, le=16384)]
+
+
+class ImageDefaults(FileModel):
+    """The ``[defaults]`` table: every image field except the prompt, all resolved."""
+
+    negative: str = ""
+    seed: int = Field(1, ge=0, le=MAX_SEED)
+    count: int = Field(1, ge=1, le=1000)
+    steps: int = Field(20, ge=1, le=1000)
+    guidance: float = Field(5.0, ge=0, le=50)
+    width: Side = 1024
+    height: Side = 1024
+    scheduler: str = "euler"
+    clip_skip: int | None = Field(None, ge=1, le=12)
+
+    @field_validator("width", "height")
+    @classmethod
+    def _sides(cls, value: int) -> int:
+        return _multiple_of_8(value)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, value: str) -> str:
+        name = value.strip().lower()
+        if name not in SCHEDULER_NAMES:
+            raise ValueError(f"unknown scheduler {value!r}; known: {', '.join(SCHEDULER_NAMES)}")
+        return name
+
+    @model_validator(mode="after")
+    def _within_max_pixels(self, info: ValidationInfo) -> ImageDefaults:
+        max_pixels = (info.context or {}).get("max_pixels")
+        if max_pixels is not None and self.width * self.height > max_pixels:
+            raise ValueError(
+                f"size {self.width}x{self.height} is over max_pixels ({max_pixels:,} pixels)"
+            )
+        return self
+
+
+class ImageEntry(ImageDefaults):
+    """One ``[[image]]`` entry with the defaults filled in."""
+
+    prompt: Annotated[str, Field(min_length=1, max_length=20_000)]
+    name: str | None = None
+    control: ControlRef | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _stays_in_output_folder(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if not value or value.strip() != value:
+            raise ValueError("must be a non-empty name without surrounding spaces")
+        parts = (PurePosixPath(value), PureWindowsPath(value))
+        if any(p.is_absolute() or len(p.parts) != 1 or p.anchor for p in parts):
+            raise ValueError(f"{value!r} would leave the output folder (no paths, just a name)")
+        if value.startswith(".") or "\x00" in value or len(value) > 100:
+            raise ValueError(f"{value!r} is not a usable file name")
+        return value
+
+    @model_validator(mode="after")
+    def _seeds_in_range(self) -> ImageEntry:
+        if self.seed + self.count - 1 > MAX_SEED:
+            raise ValueError(f"seed {self.seed} + count {self.count} runs past {MAX_SEED}")
+        return self
+
+
+class VideoOptions(FileModel):
+    """The ``[video]`` table."""
+
+    kind: Literal["slideshow", "latent-walk"] = "slideshow"
+    fps: int = Field(12, ge=1, le=120)
+    seconds_per_image: float = Field(1.5, gt=0, le=600)
+    transition: Literal["crossfade", "cut"] = "crossfade"
+    frames: int = Field(48, ge=2, le=10_000, description="latent walk: frames in all")
+    loop: bool = False
+    format: Literal["mp4", "gif", "webp"] = "mp4"
+
+
+class PromptFile(FileModel):
+    """A validated prompt file: every entry complete, control images resolved."""
+
+    model: str | None = None
+    loras: list[LoraRef] = Field(default_factory=list)
+    defaults: ImageDefaults = Field(default_factory=ImageDefaults)
+    images: list[ImageEntry] = Field(min_length=1)
+    video: VideoOptions | None = None
+
+
+class ImageTask(FileModel):
+    """One image to render: an entry's n-th image with its own seed and output stem."""
+
+    index: int
+    entry: int
+    stem: str
+    prompt: str
+    negative: str
+    seed: int
+    steps: int
+    guidance: float
+    width: int
+    height: int
+    scheduler: str
+    clip_skip: int | None = None
+    control: ControlRef | None = None
+
+
+def expand_jobs(prompt_file: PromptFile) -> list[ImageTask]:
+    """Entries × count as concrete images: seeds seed, seed+1, …; stems ``NNN-SEED[-NAME]``."""
+    tasks: list[ImageTask] = []
+    for entry_index, entry in enumerate(prompt_file.images):
+        for offset in range(entry.count):
+            seed = entry.seed + offset
+            index = len(tasks)
+            stem = f"{index:03d}-{seed}" + (f"-{entry.name}" if entry.name else "")
+            tasks.append(
+                ImageTask(
+                    index=index,
+                    entry=entry_index,
+                    stem=stem,
+                    seed=seed,
+                    **entry.model_dump(exclude={"count", "name", "seed"}),
+                )
+            )
+    return tasks
+
+
+class _RawFile(FileModel):
+    """The top level as written; entries are checked one by one afterwards."""
+
+    model: Annotated[str, Field(min_length=1)] | None = None
+    loras: list[LoraRef] = Field(default_factory=list)
+    defaults: dict[str, Any] = Field(default_factory=dict)
+    image: list[dict[str, Any]] = Field(default_factory=list)
+    video: VideoOptions | None = None
+
+
+def load_prompt_file(path: Path, settings: Settings) -> PromptFile:
+    """Read and validate a prompt file; a ``StageError`` says what is wrong and where."""
+    path = Path(path)
+    label = path.name
+    if path.suffix.lower() not in PROMPT_SUFFIXES:
+        raise StageError(f"{label}: not a prompt file (expected {', '.join(PROMPT_SUFFIXES)})")
+    try:
+        if path.stat().st_size > MAX_PROMPT_FILE_BYTES:
+            raise StageError(f"{label}: larger than {MAX_PROMPT_FILE_BYTES:,} bytes")
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise StageError(f"{label}: cannot be read: {exc}") from exc
+    raw = _parse_text(text, path.suffix.lower(), label)
+    return _validate(raw, label, path.parent, settings)
+
+
+def _parse_text(text: str, suffix: str, label: str) -> Any:
+    if suffix == ".txt":
+        prompts = [line.strip() for line in text.splitlines()]
+        entries = [{"prompt": p} for p in prompts if p and not p.startswith("#")]
+        if not entries:
+            raise StageError(f"{label}: no prompts (one prompt a line; # starts a comment)")
+        return {"image": entries}
+    try:
+        return tomllib.loads(text) if suffix == ".toml" else json.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise StageError(f"{label}: not valid TOML: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise StageError(f"{label}: not valid JSON: {exc}") from exc
+
+
+def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptFile:
+    if not isinstance(raw, dict):
+        raise StageError(f"{label}: the top level must be a table/object")
+    context = {"max_pixels": settings.generate.max_pixels}
+    top = _checked(_RawFile, raw, label, "", context)
+    if not top.image:
+        raise StageError(f"{label}: no [[image]] entries")
+    base = _checked(
+        ImageDefaults, _settings_defaults(settings), f"{label}: dropkiln.toml", "generate.", {}
+    )
+    merged_defaults = base.model_dump() | top.defaults
+    defaults = _checked(ImageDefaults, merged_defaults, label, "defaults.", context)
+    images = []
+    for number, entry in enumerate(top.image):
+        where = f"image[{number}]."
+        fields = defaults.model_dump() | entry
+        image = _checked(ImageEntry, fields, label, where, context)
+        if image.control is not None:
+            resolved = _resolve_control_image(image.control.image, folder, label, where)
+            image = image.model_copy(
+                update={"control": image.control.model_copy(update={"image": resolved})}
+            )
+        images.append(image)
+    total = sum(image.count for image in images)
+    if total > MAX_IMAGES:
+        raise StageError(f"{label}: {total:,} images in all; at most {MAX_IMAGES:,} per file")
+    prompt_file = PromptFile(
+        model=top.model,
+        loras=top.loras,
+        defaults=defaults,
+        images=images,
+        video=top.video,
+    )
+    _check_video(prompt_file, label)
+    return prompt_file
+
+
+def _settings_defaults(settings: Settings) -> dict[str, Any]:
+    g = settings.generate
+    return {
+        "steps": g.steps,
+        "guidance": g.guidance,
+        "width": g.width,
+        "height": g.height,
+        "scheduler": g.scheduler,
+        "seed": g.seed,
+    }
+
+
+def _checked(model: type[M], data: Any, label: str, where: str, context: dict[str, Any]) -> M:
+    try:
+        return model.model_validate(data, context=context)
+    except ValidationError as exc:
+        raise StageError(_describe(exc, model, label, where)) from None
+
+
+def _describe(exc: ValidationError, model: type[BaseModel], label: str, where: str) -> str:
+    problems = []
+    for error in exc.errors(include_url=False)[:3]:
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        field = f"{where}{loc.lstrip('.')}".rstrip(".") or "(top level)"
+        if error["type"] == "extra_forbidden":
+            message = f"unknown key{_did_you_mean(str(error['loc'][-1]), model)}"
+        else:
+            message = error["msg"].removeprefix("Value error, ")
+            if "input" in error and error["type"] not in ("missing", "model_type", "value_error"):
+                message += f" (got {error['input']!r:.60})"
+        problems.append(f"{field}: {message}")
+    more = len(exc.errors()) - len(problems)
+    suffix = f" (and {more} more)" if more > 0 else ""
+    return f"{label}: " + "; ".join(problems) + suffix
+
+
+def _did_you_mean(key: str, model: type[BaseModel]) -> str:
+    known = list(model.model_fields)
+    if model is _RawFile:
+        known = [*known, *ImageDefaults.model_fields]
+    close = difflib.get_close_matches(key, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _resolve_control_image(image: str, folder: Path, label: str, where: str) -> str:
+    field = f"{label}: {where}control.image"
+    if PurePosixPath(image).is_absolute() or PureWindowsPath(image).anchor:
+        raise StageError(f"{field}: {image!r} must be relative to the prompt file's folder")
+    base = folder.resolve()
+    resolved = (base / image).resolve()
+    if not resolved.is_relative_to(base):
+        raise StageError(f"{field}: {image!r} leaves the prompt file's folder")
+    if not resolved.is_file():
+        raise StageError(f"{field}: {image!r} does not exist beside the prompt file")
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(resolved) as img:
+            img.verify()
+    except (OSError, UnidentifiedImageError, SyntaxError) as exc:
+        raise StageError(f"{field}: {image!r} is not a readable image ({exc})") from exc
+    return str(resolved)
+
+
+def _check_video(prompt_file: PromptFile, label: str) -> None:
+    video = prompt_file.video
+    if video is None or video.kind != "latent-walk":
+        return
+    if sum(image.count for image in prompt_file.images) < 2:
+        raise StageError(f"{label}: video.kind: a latent walk needs at least two images")
+    first = prompt_file.images[0]
+    for number, image in enumerate(prompt_file.images):
+        if (image.width, image.height) != (first.width, first.height):
+            raise StageError(
+                f"{label}: image[{number}].width: a latent walk needs one size for all images "
+                f"({image.width}x{image.height} differs from {first.width}x{first.height})"
+            )
+        if image.control is not None:
+            raise StageError(
+                f"{label}: image[{number}].control: not supported with a latent-walk video"
+            )

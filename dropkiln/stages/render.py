@@ -1,0 +1,141 @@
+"""One diffusers call per image or latent-walk frame, with the parameters of an ImageTask."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+from dropkiln.stages.base import StageError
+from dropkiln.stages.prompts import ImageTask
+from dropkiln.stages.schedulers import make_scheduler, needs_zero_snr
+
+if TYPE_CHECKING:
+    import torch
+    from PIL import Image
+
+# Lin et al. 2023 (section 3.4) use 0.7 with their zero-terminal-SNR models.
+ZERO_SNR_GUIDANCE_RESCALE = 0.7
+
+StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+
+def diffusers_clip_skip(pipe: Any, clip_skip: int | None) -> int | None:
+    """A1111's "Clip skip" (1 = last layer, 2 = the one before) as diffusers counts it."""
+    if clip_skip is None or clip_skip <= 1:
+        return None
+    layers = int(pipe.text_encoder.config.num_hidden_layers)
+    if clip_skip > layers:
+        raise StageError(f"clip_skip {clip_skip} is more than the text encoder's {layers} layers")
+    _text_model_alias(pipe.text_encoder)
+    return clip_skip - 1
+
+
+def _text_model_alias(text_encoder: Any) -> None:
+    # SD 1.5's clip-skip path reads text_encoder.text_model.final_layer_norm, a wrapper
+    # transformers 5 no longer has; point it at the layer norm without registering a module.
+    if "text_model" not in vars(text_encoder) and not hasattr(text_encoder, "text_model"):
+        alias = SimpleNamespace(final_layer_norm=text_encoder.final_layer_norm)
+        vars(text_encoder)["text_model"] = alias
+
+
+def call_options(pipe: Any, task: ImageTask, on_step_end: StepCallback | None) -> dict[str, Any]:
+    """The keyword arguments every call for ``task`` shares (the scheduler is set aside)."""
+    options: dict[str, Any] = {
+        "num_inference_steps": task.steps,
+        "guidance_scale": task.guidance,
+        "width": task.width,
+        "height": task.height,
+        "output_type": "pil",
+    }
+    if needs_zero_snr(pipe.scheduler.config):
+        # the companion fix to zero terminal SNR: keeps high guidance from overexposing
+        options["guidance_rescale"] = ZERO_SNR_GUIDANCE_RESCALE
+    clip_skip = diffusers_clip_skip(pipe, task.clip_skip)
+    if clip_skip is not None:
+        options["clip_skip"] = clip_skip
+    if on_step_end is not None:
+        options["callback_on_step_end"] = on_step_end
+        options["callback_on_step_end_tensor_inputs"] = ["latents"]
+    return options
+
+
+def seeded(seed: int) -> torch.Generator:
+    """A CPU generator: the same noise on every device, so CPU and GPU runs agree."""
+    import torch
+
+    return torch.Generator("cpu").manual_seed(seed)
+
+
+def use_scheduler(pipe: Any, name: str, base_config: Any) -> None:
+    pipe.scheduler = make_scheduler(name, base_config)
+
+
+def render_image(
+    pipe: Any,
+    task: ImageTask,
+    on_step_end: StepCallback | None,
+    control_image: Image.Image | None = None,
+) -> Image.Image:
+    """The image for ``task``: exactly what the pipeline returns for these arguments."""
+    options = call_options(pipe, task, on_step_end)
+    if control_image is not None and task.control is not None:
+        options["image"] = control_image
+        options["controlnet_conditioning_scale"] = task.control.scale
+    result = pipe(
+        prompt=task.prompt,
+        negative_prompt=task.negative or None,
+        generator=seeded(task.seed),
+        **options,
+    )
+    image: Image.Image = result.images[0]
+    return image
+
+
+def prompt_embeddings(pipe: Any, task: ImageTask) -> dict[str, Any]:
+    """The prompt and negative embeddings the pipeline would compute for ``task``."""
+    guided = task.guidance > 1 and pipe.unet.config.time_cond_proj_dim is None
+    encoded = pipe.encode_prompt(
+        prompt=task.prompt,
+        device=pipe._execution_device,
+        num_images_per_prompt=1,
+        do_classifier_free_guidance=guided,
+        negative_prompt=task.negative or None,
+        clip_skip=diffusers_clip_skip(pipe, task.clip_skip),
+    )
+    names = ["prompt_embeds", "negative_prompt_embeds"]
+    if len(encoded) == 4:
+        names += ["pooled_prompt_embeds", "negative_pooled_prompt_embeds"]
+    return dict(zip(names, encoded, strict=True))
+
+
+def initial_noise(pipe: Any, task: ImageTask, dtype: torch.dtype) -> torch.Tensor:
+    """The starting latents the pipeline draws for ``task``'s seed (before sigma scaling)."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    shape = (
+        1,
+        pipe.unet.config.in_channels,
+        task.height // pipe.vae_scale_factor,
+        task.width // pipe.vae_scale_factor,
+    )
+    noise: torch.Tensor = randn_tensor(
+        shape, generator=seeded(task.seed), device=pipe._execution_device, dtype=dtype
+    )
+    return noise
+
+
+def render_from_embeddings(
+    pipe: Any,
+    task: ImageTask,
+    embeddings: dict[str, Any],
+    latents: torch.Tensor,
+    on_step_end: StepCallback | None,
+) -> Image.Image:
+    """An image from given embeddings and starting latents (a latent-walk frame)."""
+    options = call_options(pipe, task, on_step_end)
+    options.pop("clip_skip", None)  # already applied when the embeddings were made
+    present = {name: value for name, value in embeddings.items() if value is not None}
+    result = pipe(latents=latents, generator=seeded(task.seed), **present, **options)
+    image: Image.Image = result.images[0]
+    return image

@@ -1,0 +1,129 @@
+"""LoRA adapters on the warm pipeline's models: add for a training run, remove afterwards.
+
+The pipeline is shared with later jobs, so training leaves it as it found it: adapters
+unloaded, gradient checkpointing off, eval mode, no gradients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+ADAPTER = "dropkiln_train"
+TEXT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+
+
+@dataclass
+class TrainableModels:
+    """The models that carry this run's LoRA, by pipeline component name."""
+
+    models: dict[str, Any]
+    rank: int
+    alpha: float
+    trainable: dict[str, torch.nn.Parameter] = field(default_factory=dict)
+
+    def parameters(self, component: str | None = None) -> list[torch.nn.Parameter]:
+        return [
+            p
+            for name, p in self.trainable.items()
+            if component is None or name.startswith(component + ".")
+        ]
+
+    def lora_state(self, component: str) -> dict[str, torch.Tensor]:
+        """The component's LoRA weights in PEFT key format (no adapter name)."""
+        from peft.utils import get_peft_model_state_dict
+
+        state: dict[str, torch.Tensor] = get_peft_model_state_dict(
+            self.models[component], adapter_name=ADAPTER
+        )
+        return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
+
+    def adapter_config(self, component: str) -> dict[str, Any]:
+        config = self.models[component].peft_config[ADAPTER].to_dict()
+        return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+
+
+@contextmanager
+def lora_adapters(
+    pipe: Any, options: Any, gradient_checkpointing: bool
+) -> Iterator[TrainableModels]:
+    """Add this run's LoRA to the UNet (and text encoders when trained); remove it after."""
+    from peft import LoraConfig
+
+    rank = options.rank
+    alpha = float(options.alpha if options.alpha is not None else options.rank)
+    components = ["unet"]
+    if options.train_text_encoder:
+        components += [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None)]
+    models = {name: getattr(pipe, name) for name in components}
+    for model in _frozen_parts(pipe):
+        model.requires_grad_(False)
+    try:
+        for name, model in models.items():
+            targets = options.target_modules if name == "unet" else TEXT_TARGET_MODULES
+            settings: dict[str, Any] = {"r": rank, "lora_alpha": alpha, "init_lora_weights": True}
+            config = LoraConfig(target_modules=list(targets), **settings)
+            model.add_adapter(config, adapter_name=ADAPTER)
+            # Only this run's adapter may shape the training forward pass.
+            model.set_adapter(ADAPTER)
+            if gradient_checkpointing:
+                _enable_checkpointing(model)
+            model.train()
+        trainable: dict[str, torch.nn.Parameter] = {}
+        for name, model in models.items():
+            for param_name, param in model.named_parameters():
+                if param.requires_grad:
+                    # LoRA weights train in fp32 even when the frozen base is half precision.
+                    param.data = param.data.float()
+                    trainable[f"{name}.{param_name}"] = param
+        if not trainable:
+            raise ValueError(f"no module matched target_modules={options.target_modules}")
+        yield TrainableModels(models, rank, alpha, trainable)
+    finally:
+        for model in models.values():
+            _remove_adapter(model)
+            _disable_checkpointing(model)
+            model.eval()
+            model.requires_grad_(False)
+
+
+def _frozen_parts(pipe: Any) -> list[Any]:
+    import torch
+
+    return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
+
+
+def _enable_checkpointing(model: Any) -> None:
+    if hasattr(model, "enable_gradient_checkpointing"):
+        model.enable_gradient_checkpointing()
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _disable_checkpointing(model: Any) -> None:
+    if hasattr(model, "disable_gradient_checkpointing"):
+        model.disable_gradient_checkpointing()
+    elif getattr(model, "is_gradient_checkpointing", False):
+        model.gradient_checkpointing_disable()
+
+
+def _remove_adapter(model: Any) -> None:
+    from diffusers.utils import recurse_remove_peft_layers
+
+    config = getattr(model, "peft_config", None)
+    if not config or ADAPTER not in config:
+        return
+    if any(name != ADAPTER for name in config):
+        # Other adapters live on this model too: delete only ours.
+        delete = getattr(model, "delete_adapters", None) or model.delete_adapter
+        delete(ADAPTER)
+        return
+    recurse_remove_peft_layers(model)
+    del model.peft_config
+    if hasattr(model, "_hf_peft_config_loaded"):
+        model._hf_peft_config_loaded = False

@@ -1,0 +1,136 @@
+"""Training checkpoints without pickle: tensors in safetensors, everything else in JSON.
+
+A checkpoint folder is built under a temporary name and renamed into place, so a kill
+during the write leaves either the previous checkpoint or the new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+TENSORS = "tensors.safetensors"
+STATE = "state.json"
+
+
+def flatten(value: Any, tensors: dict[str, Any], prefix: str) -> Any:
+    """JSON-safe structure with tensors and arrays moved into ``tensors`` (by name)."""
+    import numpy as np
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        tensors[prefix] = value.detach().cpu().contiguous()
+        return {"__tensor__": prefix}
+    if isinstance(value, np.ndarray):
+        tensors[prefix] = torch.from_numpy(np.ascontiguousarray(value))
+        return {"__ndarray__": prefix}
+    if isinstance(value, dict):
+        if all(isinstance(k, str) for k in value):
+            return {"__dict__": {k: flatten(v, tensors, f"{prefix}.{k}") for k, v in value.items()}}
+        return {"__pairs__": [[k, flatten(v, tensors, f"{prefix}.{k}")] for k, v in value.items()]}
+    if isinstance(value, tuple):
+        return {"__tuple__": [flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [flatten(v, tensors, f"{prefix}.{i}") for i, v in enumerate(value)]
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    raise TypeError(f"cannot checkpoint {type(value).__name__} at {prefix}")
+
+
+def unflatten(value: Any, tensors: dict[str, Any]) -> Any:
+    """Inverse of ``flatten``."""
+    if isinstance(value, list):
+        return [unflatten(v, tensors) for v in value]
+    if not isinstance(value, dict):
+        return value
+    if "__tensor__" in value:
+        return tensors[value["__tensor__"]]
+    if "__ndarray__" in value:
+        return tensors[value["__ndarray__"]].numpy()
+    if "__tuple__" in value:
+        return tuple(unflatten(v, tensors) for v in value["__tuple__"])
+    if "__pairs__" in value:
+        return {k: unflatten(v, tensors) for k, v in value["__pairs__"]}
+    return {k: unflatten(v, tensors) for k, v in value["__dict__"].items()}
+
+
+def capture_global_rng(device: str) -> dict[str, Any]:
+    """torch (CPU and CUDA), Python and numpy global RNG states."""
+    import numpy as np
+    import torch
+
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=False),
+    }
+    if device.startswith("cuda") and torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_global_rng(state: dict[str, Any]) -> None:
+    import numpy as np
+    import torch
+
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
+    """Write ``state`` (nested dicts of tensors and plain values) as a checkpoint folder."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, Any] = {}
+    structure = flatten(state, tensors, "s")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        save_file(tensors, str(staging / TENSORS))
+        (staging / STATE).write_text(json.dumps(structure))
+        for name in (TENSORS, STATE):
+            with open(staging / name, "rb") as handle:
+                os.fsync(handle.fileno())
+        if folder.exists():
+            shutil.rmtree(folder)
+        staging.rename(folder)
+        _fsync_dir(folder.parent)
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging)
+    return folder
+
+
+def read_checkpoint(folder: Path) -> dict[str, Any]:
+    """The state a checkpoint folder holds; raises OSError/ValueError when it is damaged."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / TENSORS))
+    structure = json.loads((folder / STATE).read_text())
+    result: dict[str, Any] = unflatten(structure, tensors)
+    return result
+
+
+def prune_checkpoints(parent: Path, keep: Path) -> None:
+    """Remove every checkpoint folder but ``keep`` (and any half-written staging folder)."""
+    if not parent.is_dir():
+        return
+    for entry in parent.iterdir():
+        if entry.is_dir() and entry != keep:
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

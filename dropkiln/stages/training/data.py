@@ -1,0 +1,260 @@
+"""The cached dataset in memory, the order it is seen in, and one step's batches.
+
+Data order is a pure function of (seed, position): an epoch is a seeded permutation of
+bucket batches, so resuming needs only the position, and it is the same on every rung.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from dropkiln.stages.base import StageError
+from dropkiln.stages.training.captions import augment_caption, tag_loss_weight
+from dropkiln.stages.training.losses import NoiseDraw, draw_noise
+from dropkiln.stages.training.shards import CorruptShard, ShardStore
+
+if TYPE_CHECKING:
+    import torch
+
+Size = tuple[int, int]
+
+
+@dataclass
+class CachedImage:
+    caption: str
+    bucket: Size
+    latents: torch.Tensor
+    flipped: torch.Tensor | None
+    time_ids: torch.Tensor
+    flipped_time_ids: torch.Tensor
+    weight: float
+
+
+@dataclass
+class CachedDataset:
+    name: str
+    kind: str
+    images: list[CachedImage]
+    text: dict[str, dict[str, torch.Tensor]]
+    """Cached text-encoder outputs by caption (the exact captions and the empty one)."""
+    repaired: int = 0
+
+    def buckets(self) -> dict[Size, list[int]]:
+        groups: dict[Size, list[int]] = {}
+        for index, image in enumerate(self.images):
+            groups.setdefault(image.bucket, []).append(index)
+        return groups
+
+    def resolution(self) -> Size:
+        """The most common bucket (for metadata and validation images)."""
+        groups = self.buckets()
+        return max(groups, key=lambda size: (len(groups[size]), size))
+
+
+def read_index(path: Path | str) -> dict[str, Any]:
+    try:
+        index: dict[str, Any] = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise StageError(f"latent cache index {path} is unreadable: {exc}") from exc
+    if index.get("format") != "dropkiln.latent-cache":
+        raise StageError(f"{path} is not a latent cache index")
+    return index
+
+
+def load_cached_dataset(
+    index: dict[str, Any], pipe: Any, device: str, tag_weights: dict[str, float]
+) -> CachedDataset:
+    """Every shard the index names, verified; a damaged shard is re-encoded first."""
+
+    store = ShardStore(Path(index["cache_dir"]))
+    repaired = 0
+    text: dict[str, dict[str, torch.Tensor]] = {}
+    entries = [("", index["empty_text"])] + [(e["caption"], e["text"]) for e in index["images"]]
+    for caption, entry in entries:
+        if caption in text:
+            continue
+        try:
+            tensors = store.read(entry["shard"], entry["key"])
+        except CorruptShard:
+            tensors = _reencode_text(pipe, store, caption, entry)
+            repaired += 1
+        text[caption] = {k: v.to(device) for k, v in tensors.items()}
+    images = []
+    for entry in index["images"]:
+        try:
+            tensors = store.read(entry["latents"]["shard"], entry["latents"]["key"])
+        except CorruptShard:
+            tensors = _reencode_latents(pipe, store, index, entry)
+            repaired += 1
+        if index["flip_augment"] and "latents_flipped" not in tensors:
+            raise StageError(f"cached latents of {entry['path']} lack the flipped variant")
+        flipped = tensors.get("latents_flipped")
+        images.append(
+            CachedImage(
+                caption=entry["caption"],
+                bucket=(entry["bucket"][0], entry["bucket"][1]),
+                latents=tensors["latents"].to(device),
+                flipped=None if flipped is None else flipped.to(device),
+                time_ids=_time_ids(entry, entry["crop_top_left"], device),
+                flipped_time_ids=_time_ids(entry, entry["flipped_crop_top_left"], device),
+                weight=tag_loss_weight(entry["caption"], tag_weights),
+            )
+        )
+    return CachedDataset(index["name"], index["model"]["kind"], images, text, repaired)
+
+
+def _time_ids(entry: dict[str, Any], crop_top_left: list[int], device: str) -> torch.Tensor:
+    """SDXL size conditioning: original (h, w), crop (top, left), target (h, w)."""
+    import torch
+
+    (orig_w, orig_h), (bucket_w, bucket_h) = entry["original_size"], entry["bucket"]
+    values = [orig_h, orig_w, crop_top_left[0], crop_top_left[1], bucket_h, bucket_w]
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+def _reencode_text(
+    pipe: Any, store: ShardStore, caption: str, entry: dict[str, str]
+) -> dict[str, torch.Tensor]:
+    import torch
+
+    from dropkiln.stages.training.encoding import encode_captions
+
+    with torch.no_grad():
+        encoded = encode_captions(pipe, [caption])
+    tensors = {k: v[0].detach().cpu() for k, v in encoded.items()}
+    store.write("text", entry["key"], tensors)
+    return tensors
+
+
+def _reencode_latents(
+    pipe: Any, store: ShardStore, index: dict[str, Any], entry: dict[str, Any]
+) -> dict[str, torch.Tensor]:
+    from PIL import ImageOps
+
+    from dropkiln.stages.training.encoding import encode_latents, pixels_to_tensor, vae_for_encoding
+    from dropkiln.stages.training.manifest import Manifest, PlannedImage, load_bucket_pixels
+
+    planned = PlannedImage(
+        path=entry["path"],
+        sha256=entry["sha256"],
+        caption=entry["caption"],
+        original_size=tuple(entry["original_size"]),
+        resized_size=tuple(entry["resized_size"]),
+        bucket=tuple(entry["bucket"]),
+        crop_box=tuple(entry["crop_box"]),
+    )
+    picture = load_bucket_pixels(Manifest(index["name"], Path(index["dataset_dir"]), []), planned)
+    with vae_for_encoding(pipe, tiled=False) as vae:
+        tensors = {"latents": encode_latents(vae, pixels_to_tensor([picture]))[0].cpu()}
+        if index["flip_augment"]:
+            mirrored = pixels_to_tensor([ImageOps.mirror(picture)])
+            tensors["latents_flipped"] = encode_latents(vae, mirrored)[0].cpu()
+    store.write("latents", entry["latents"]["key"], tensors)
+    return tensors
+
+
+class DataOrder:
+    """Which images form the batch at each position: shuffled bucket batches per epoch."""
+
+    def __init__(self, buckets: dict[Size, list[int]], batch_size: int, seed: int) -> None:
+        self._buckets = {size: list(indices) for size, indices in sorted(buckets.items())}
+        self._batch_size = batch_size
+        self._seed = seed
+        self.batches_per_epoch = sum(
+            -(-len(indices) // batch_size) for indices in self._buckets.values()
+        )
+
+    def batch(self, position: int) -> list[int]:
+        epoch, offset = divmod(position, self.batches_per_epoch)
+        return list(self._epoch(epoch)[offset])
+
+    @lru_cache(maxsize=2)  # noqa: B019 - one order object per training run
+    def _epoch(self, epoch: int) -> tuple[tuple[int, ...], ...]:
+        import numpy as np
+
+        rng = np.random.Generator(np.random.PCG64([self._seed, epoch]))
+        batches: list[tuple[int, ...]] = []
+        for indices in self._buckets.values():
+            order = [indices[i] for i in rng.permutation(len(indices))]
+            for start in range(0, len(order), self._batch_size):
+                batches.append(tuple(order[start : start + self._batch_size]))
+        return tuple(batches[i] for i in rng.permutation(len(batches)))
+
+
+@dataclass
+class Batch:
+    """One bucket batch with its randomness drawn, ready to be cut into micro-batches."""
+
+    latents: torch.Tensor
+    time_ids: torch.Tensor
+    captions: list[str]
+    cached_text: dict[str, torch.Tensor] | None
+    weights: torch.Tensor
+    draw: NoiseDraw
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def rows(self, start: int, stop: int) -> Batch:
+        text = None
+        if self.cached_text is not None:
+            text = {k: v[start:stop] for k, v in self.cached_text.items()}
+        draw = NoiseDraw(
+            self.draw.noise[start:stop],
+            self.draw.timesteps[start:stop],
+            None if self.draw.perturbation is None else self.draw.perturbation[start:stop],
+        )
+        return Batch(
+            self.latents[start:stop],
+            self.time_ids[start:stop],
+            self.captions[start:stop],
+            text,
+            self.weights[start:stop],
+            draw,
+        )
+
+
+def assemble_batch(
+    dataset: CachedDataset,
+    indices: list[int],
+    rng: Any,
+    generator: torch.Generator,
+    options: Any,
+    num_train_timesteps: int,
+    encode_on_the_fly: bool,
+) -> Batch:
+    """Flip choice and caption per image (numpy ``rng``), then the batch's noise draw."""
+    import torch
+
+    latents, time_ids, captions, weights = [], [], [], []
+    for index in indices:
+        image = dataset.images[index]
+        flip = image.flipped is not None and bool(rng.random() < 0.5)
+        latents.append(image.flipped if flip and image.flipped is not None else image.latents)
+        time_ids.append(image.flipped_time_ids if flip else image.time_ids)
+        captions.append(augment_caption(image.caption, rng, options))
+        weights.append(image.weight)
+    stacked = torch.stack(latents).float()
+    cached_text = None
+    if not encode_on_the_fly:
+        parts = [dataset.text[caption] for caption in captions]
+        cached_text = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
+    device = stacked.device
+    draw = draw_noise(stacked, generator, options, num_train_timesteps)
+    draw = NoiseDraw(
+        draw.noise.to(device),
+        draw.timesteps.to(device),
+        None if draw.perturbation is None else draw.perturbation.to(device),
+    )
+    return Batch(
+        stacked,
+        torch.stack(time_ids),
+        captions,
+        cached_text,
+        torch.tensor(weights, dtype=torch.float32, device=device),
+        draw,
+    )

@@ -1,0 +1,88 @@
+"""What a training run shows people: the loss curve and validation images."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from dropkiln.stages.base import write_atomic
+
+VALIDATION_STEPS = 20
+VALIDATION_GUIDANCE = 5.0
+
+
+def write_loss_csv(path: Path, losses: Sequence[tuple[int, float, float]]) -> Path:
+    lines = ["step,loss,lr"] + [f"{step},{loss:.6g},{lr:.6g}" for step, loss, lr in losses]
+    return write_atomic(path, "\n".join(lines) + "\n")
+
+
+def write_loss_plot(path: Path, losses: Sequence[tuple[int, float, float]], title: str) -> Path:
+    """A PNG of the loss per step and its running mean."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    steps = [row[0] for row in losses]
+    values = [row[1] for row in losses]
+    window = max(1, len(values) // 20)
+    smooth = [
+        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
+        for i in range(len(values))
+    ]
+    figure = Figure(figsize=(7, 3.5), dpi=100)
+    axes = figure.add_subplot()
+    axes.plot(steps, values, color="#9ab", linewidth=0.8, label="loss")
+    axes.plot(steps, smooth, color="#c40", linewidth=1.6, label=f"mean of {window}")
+    axes.set_xlabel("step")
+    axes.set_ylabel("loss")
+    axes.set_title(title)
+    axes.legend(loc="upper right")
+    axes.grid(alpha=0.3)
+    figure.tight_layout()
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png")
+    return write_atomic(path, buffer.getvalue())
+
+
+def validation_images(
+    pipe: Any,
+    prompts: Sequence[str],
+    size: tuple[int, int],
+    seed: int,
+    scheduler: Any,
+    folder: Path,
+    step: int,
+) -> list[Path]:
+    """One image per validation prompt with the LoRA as it is now; global RNG untouched."""
+    import torch
+
+    from dropkiln.stages.training.checkpoint import capture_global_rng, restore_global_rng
+
+    device = str(pipe.device)
+    saved_rng = capture_global_rng(device)
+    original_scheduler = pipe.scheduler
+    pipe.scheduler = scheduler
+    paths = []
+    try:
+        for number, prompt in enumerate(prompts):
+            generator = torch.Generator().manual_seed(seed + number)
+            with torch.no_grad():
+                image = pipe(
+                    prompt,
+                    width=size[0],
+                    height=size[1],
+                    num_inference_steps=VALIDATION_STEPS,
+                    guidance_scale=VALIDATION_GUIDANCE,
+                    generator=generator,
+                ).images[0]
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            target = folder / f"step-{step:06d}-{number:02d}.png"
+            paths.append(write_atomic(target, buffer.getvalue()))
+    finally:
+        pipe.scheduler = original_scheduler
+        restore_global_rng(saved_rng)
+    return paths

@@ -1,0 +1,41 @@
+"""``dropkiln submit PATH``: the same as dropping PATH, without a half copy ever in view."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from dropkiln.config import Settings
+
+PROMPT_SUFFIXES = (".toml", ".json", ".txt")
+
+
+def guess_kind(path: Path) -> str:
+    if path.is_file() and path.suffix.lower() in PROMPT_SUFFIXES:
+        return "prompts"
+    if path.is_dir() and not any(
+        p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+        for p in path.iterdir()
+    ):
+        return "prompts"
+    return "dataset"
+
+
+def submit(path: Path, settings: Settings, kind: str | None = None) -> Path:
+    """Copy PATH into the drop folder under a hidden name, then rename it into view."""
+    if not path.exists():
+        raise FileNotFoundError(f"no such file or folder: {path}")
+    kind = kind or guess_kind(path)
+    folder = settings.paths.datasets if kind == "dataset" else settings.paths.prompts
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / path.name
+    if target.exists():
+        raise FileExistsError(f"{target} already exists: the daemon has not taken it yet")
+    hidden = folder / f".{path.name}.part"
+    if path.is_dir():
+        shutil.copytree(path, hidden, symlinks=True)
+    else:
+        shutil.copy2(path, hidden)
+    os.rename(hidden, target)
+    return target

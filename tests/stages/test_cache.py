@@ -1,0 +1,173 @@
+"""The cache stage: content-addressed latents and text embeddings, repair, ladder, stop."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dataset_fixtures import FixtureImage, make_dataset, mixed_images, write_manifest
+
+from dropkiln.stages.base import StageError, StageStopped
+from dropkiln.stages.cache import STAGE, CacheSpec, read_shard
+from dropkiln.stages.faults import FaultInjector
+from dropkiln.stages.testing import LocalContext
+from dropkiln.stages.training.shards import CorruptShard, ShardStore
+
+
+def _context(root: Path, manifest: Path, **kwargs: Any) -> LocalContext:
+    return LocalContext(
+        root=root,
+        work_dir=root / "state" / "work" / "cache",
+        upstream_results={"bucket": {"manifest": str(manifest)}},
+        **kwargs,
+    )
+
+
+def _index(result: dict[str, Any]) -> dict[str, Any]:
+    index: dict[str, Any] = json.loads(Path(result["index"]).read_text())
+    return index
+
+
+def test_cache_encodes_latents_and_both_text_encoders(dropkiln_root: Path) -> None:
+    manifest = make_dataset(dropkiln_root, "cats", mixed_images(4))
+    ctx = _context(dropkiln_root, manifest)
+    result = STAGE.run(CacheSpec(name="cats", flip_augment=True), ctx)
+    assert result["images"] == 4
+    assert (result["encoded"], result["reused"]) == (4, 0)
+    index = _index(result)
+    assert index["model"]["kind"] == "sdxl"
+    store = ShardStore(Path(index["cache_dir"]))
+    assert store.root == dropkiln_root / "state" / "cache"
+    wide = next(e for e in index["images"] if e["bucket"] == [96, 64])
+    latents = read_shard(store, wide["latents"])
+    assert latents["latents"].shape == (4, 8, 12)  # (C, H/8, W/8)
+    assert latents["latents_flipped"].shape == (4, 8, 12)
+    assert not latents["latents"].equal(latents["latents_flipped"])
+    text = read_shard(store, wide["text"])
+    assert text["prompt_embeds"].shape == (77, 80)  # both encoders (32 + 48) side by side
+    assert text["pooled_prompt_embeds"].shape == (48,)
+    assert read_shard(store, index["empty_text"])["prompt_embeds"].shape == (77, 80)
+    assert ctx.artifacts == [(Path(result["index"]), "cache-index")]
+    assert ctx.progress_log[-1][0] == ctx.progress_log[-1][1]
+
+
+def test_sd15_text_shards_have_no_pooled_embedding(dropkiln_root: Path) -> None:
+    manifest = make_dataset(dropkiln_root, "cats", mixed_images(2))
+    result = STAGE.run(CacheSpec(name="cats", model="tiny-sd15"), _context(dropkiln_root, manifest))
+    index = _index(result)
+    text = read_shard(ShardStore(Path(index["cache_dir"])), index["images"][0]["text"])
+    assert set(text) == {"prompt_embeds"}
+    assert text["prompt_embeds"].shape == (77, 32)
+
+
+def test_recache_with_one_image_changed_encodes_only_that_image(dropkiln_root: Path) -> None:
+    images = mixed_images(4)
+    manifest = make_dataset(dropkiln_root, "cats", images)
+    first = _index(STAGE.run(CacheSpec(name="cats"), _context(dropkiln_root, manifest)))
+    again = STAGE.run(CacheSpec(name="cats"), _context(dropkiln_root, manifest))
+    assert (again["encoded"], again["reused"], again["captions_encoded"]) == (0, 4, 0)
+    assert _index(again) == first
+
+    changed = [*images[:3], FixtureImage("img03", (10, 10, 10), images[3].caption)]
+    folder = dropkiln_root / "drop" / "datasets" / "cats"
+    from dataset_fixtures import write_dataset
+
+    write_dataset(folder, changed[3:])
+    manifest = write_manifest(folder, changed, manifest, "cats")
+    third = STAGE.run(CacheSpec(name="cats"), _context(dropkiln_root, manifest))
+    assert (third["encoded"], third["reused"]) == (1, 3)
+    old, new = first["images"], _index(third)["images"]
+    assert [a["latents"] == b["latents"] for a, b in zip(old, new, strict=True)] == [
+        True,
+        True,
+        True,
+        False,
+    ]
+
+
+def test_key_covers_model_dtype_and_flip(dropkiln_root: Path) -> None:
+    manifest = make_dataset(dropkiln_root, "cats", mixed_images(2))
+    keys = set()
+    for spec in (
+        CacheSpec(name="cats"),
+        CacheSpec(name="cats", flip_augment=True),
+        CacheSpec(name="cats", model="tiny-sd15"),
+        CacheSpec(name="cats", dtype="bfloat16"),
+    ):
+        result = STAGE.run(spec, _context(dropkiln_root, manifest))
+        assert result["encoded"] == 2
+        keys.add(_index(result)["images"][0]["latents"]["key"])
+    assert len(keys) == 4
+
+
+@pytest.mark.parametrize("damage", ["truncate", "flip-bits", "delete"])
+def test_corrupt_shard_is_detected_and_reencoded(dropkiln_root: Path, damage: str) -> None:
+    manifest = make_dataset(dropkiln_root, "cats", mixed_images(2))
+    first = STAGE.run(CacheSpec(name="cats"), _context(dropkiln_root, manifest))
+    index = _index(first)
+    store = ShardStore(Path(index["cache_dir"]))
+    entry = index["images"][1]["latents"]
+    good = read_shard(store, entry)["latents"]
+    path = store.root / entry["shard"]
+    data = path.read_bytes()
+    if damage == "truncate":
+        path.write_bytes(data[: len(data) - 20])
+    elif damage == "flip-bits":
+        path.write_bytes(data[:-7] + bytes([data[-7] ^ 0xFF]) + data[-6:])
+    else:
+        path.unlink()
+    with pytest.raises(CorruptShard):
+        read_shard(store, entry)
+    again = STAGE.run(CacheSpec(name="cats"), _context(dropkiln_root, manifest))
+    assert (again["encoded"], again["reused"]) == (1, 1)
+    assert read_shard(store, entry)["latents"].equal(good)
+
+
+def test_image_changed_after_bucketing_is_a_clear_error(dropkiln_root: Path) -> None:
+    manifest = make_dataset(dropkiln_root, "cats", mixed_images(2))
+    (dropkiln_root / "drop" / "datasets" / "cats" / "img00.png").write_bytes(b"not the same")
+    with pytest.raises(StageError, match="changed after it was bucketed"):
+        STAGE.run(CacheSpec(name="cats"), _context(dropkiln_root, manifest))
+
+
+def test_oom_steps_down_the_ladder_and_keeps_finished_shards(dropkiln_root: Path) -> None:
+    assert [rung.name for rung in STAGE.ladder] == [
+        "default",
+        "half-vae-batch",
+        "quarter-vae-batch",
+        "vae-batch-1",
+        "vae-tiling",
+    ]
+    import torch
+
+    images = [FixtureImage(f"i{n}", (40 * n, 90, 20), f"tag {n}", size=(64, 64)) for n in range(6)]
+    manifest = make_dataset(dropkiln_root, "six", images)
+    faults = FaultInjector("oom@cache.batch:2")
+    ctx = _context(dropkiln_root, manifest, faults=faults)
+    spec = CacheSpec(name="six", vae_batch_size=4)
+    with pytest.raises(torch.OutOfMemoryError):
+        STAGE.run(spec, ctx)
+    ctx.memory_rung = 1  # what the executor does next: one rung down, same job
+    result = STAGE.run(spec, ctx)
+    assert (result["encoded"], result["reused"]) == (2, 4)  # the first batch of 4 survived
+    ctx.memory_rung = 4
+    tiled = STAGE.run(CacheSpec(name="six", flip_augment=True), ctx)
+    assert tiled["encoded"] == 6
+
+
+def test_should_stop_checkpoints_and_stops(dropkiln_root: Path) -> None:
+    manifest = make_dataset(dropkiln_root, "cats", mixed_images(4))
+    ctx = _context(dropkiln_root, manifest, stop_after=2)
+    with pytest.raises(StageStopped):
+        STAGE.run(CacheSpec(name="cats", vae_batch_size=1), ctx)
+    assert ctx.checkpoints == [{"encoded": 1}]
+    resumed = STAGE.run(CacheSpec(name="cats", vae_batch_size=1), _context(dropkiln_root, manifest))
+    assert resumed["reused"] == 1
+
+
+def test_unknown_model_fails_with_its_reason(dropkiln_root: Path) -> None:
+    manifest = make_dataset(dropkiln_root, "cats", mixed_images(1))
+    with pytest.raises(StageError, match="unknown model"):
+        STAGE.run(CacheSpec(name="cats", model="nope"), _context(dropkiln_root, manifest))

@@ -1,0 +1,90 @@
+"""LoRA files: the kohya and diffusers formats load in diffusers and reproduce the adapter."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dropkiln.config import TrainSettings
+from dropkiln.stages.models import load_pipeline, pipeline_class, resolve_model
+from dropkiln.stages.training.adapters import lora_adapters
+from dropkiln.stages.training.encoding import encode_captions
+from dropkiln.stages.training.lora_export import DIFFUSERS_WEIGHTS, write_diffusers, write_kohya
+
+
+def _facts(kind: str, options: TrainSettings) -> dict[str, Any]:
+    return {
+        "name": "cats",
+        "kind": kind,
+        "model_name": f"tiny-{kind}",
+        "model_fingerprint": "0" * 64,
+        "resolution": (64, 64),
+        "options": options,
+        "alpha": options.alpha,
+        "steps": 1,
+        "num_images": 1,
+        "tag_frequency": {"sks cat": 1},
+        "mixed_precision": "no",
+        "gradient_checkpointing": False,
+        "started_at": time.time(),
+        "finished_at": time.time(),
+        "finished_date": "2025-01-01",
+    }
+
+
+def _unet_output(pipe: Any, kind: str) -> Any:
+    import torch
+
+    generator = torch.Generator().manual_seed(5)
+    width = 80 if kind == "sdxl" else 32
+    sample = torch.randn((2, 4, 8, 8), generator=generator)
+    text = torch.randn((2, 77, width), generator=generator)
+    extra: dict[str, Any] = {}
+    if kind == "sdxl":
+        extra["added_cond_kwargs"] = {
+            "text_embeds": torch.randn((2, 48), generator=generator),
+            "time_ids": torch.tensor([[64.0, 64, 0, 0, 64, 64]] * 2),
+        }
+    with torch.no_grad():
+        return pipe.unet(
+            sample, torch.tensor([10, 700]), encoder_hidden_states=text, **extra
+        ).sample
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_exported_files_reproduce_the_in_memory_adapter(
+    kind: str, models_dir: Path, tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    pipe = load_pipeline(resolve_model(f"tiny-{kind}", models_dir), "cpu", torch.float32)
+    options = TrainSettings(rank=4, alpha=2.0, train_text_encoder=True)
+    torch.manual_seed(0)
+    kohya = tmp_path / "cats.safetensors"
+    with lora_adapters(pipe, options, gradient_checkpointing=False) as models:
+        with torch.no_grad():
+            for param in models.trainable.values():
+                param.normal_(0.0, 0.2)  # lora_B starts at zero; make the adapter matter
+        for model in models.models.values():
+            model.eval()
+        expected_unet = _unet_output(pipe, kind)
+        with torch.no_grad():
+            expected_text = encode_captions(pipe, ["sks cat, red hair"])
+        write_kohya(kohya, models, _facts(kind, options))
+        folder = write_diffusers(tmp_path / "diffusers", pipeline_class(kind), models).parent
+        prefixes = {key.split("_")[1] for key in load_file(kohya)}
+    assert prefixes == ({"unet", "te1", "te2"} if kind == "sdxl" else {"unet", "te1"})
+    assert not torch.allclose(_unet_output(pipe, kind), expected_unet, atol=1e-4)
+
+    for source, weight_name in ((kohya, None), (folder, DIFFUSERS_WEIGHTS)):
+        pipe.load_lora_weights(str(source), weight_name=weight_name, adapter_name="loaded")
+        torch.testing.assert_close(_unet_output(pipe, kind), expected_unet, atol=1e-5, rtol=1e-4)
+        with torch.no_grad():
+            loaded_text = encode_captions(pipe, ["sks cat, red hair"])
+        for key, value in expected_text.items():
+            torch.testing.assert_close(loaded_text[key], value, atol=1e-5, rtol=1e-4)
+        pipe.unload_lora_weights()

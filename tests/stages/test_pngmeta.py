@@ -1,0 +1,147 @@
+"""PNG parameter chunks (A1111 text and dropkiln JSON), contact sheets, latent previews,
+and the scheduler table."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dropkiln.stages.pngmeta import (
+    a1111_parameters,
+    contact_sheet,
+    latent_preview,
+    png_info,
+    read_dropkiln_record,
+    read_png_text,
+    write_png,
+)
+from dropkiln.stages.prompts import ControlRef, ImageTask
+from dropkiln.stages.schedulers import SCHEDULER_NAMES, make_scheduler, needs_zero_snr
+
+TASK = ImageTask(
+    index=0, entry=0, stem="000-42", prompt="a cat, sitting", negative="blurry", seed=42,
+    steps=20, guidance=5.0, width=64, height=96, scheduler="euler_a", clip_skip=2,
+)  # fmt: skip
+
+
+def test_a1111_parameters_text() -> None:
+    loras = [{"name": "cats", "weight": 0.8, "sha256": "ab" * 32}]
+    text = a1111_parameters(TASK, "tiny-sdxl", "0123456789abcdef", loras)
+    assert text.splitlines() == [
+        "a cat, sitting <lora:cats:0.8>",
+        "Negative prompt: blurry",
+        "Steps: 20, Sampler: Euler a, CFG scale: 5, Seed: 42, Size: 64x96, "
+        "Model hash: 0123456789, Model: tiny-sdxl, Clip skip: 2, "
+        'Lora hashes: "cats: abababababab", Version: dropkiln',
+    ]
+    control = TASK.model_copy(
+        update={"negative": "", "control": ControlRef(image="/x/p.png", scale=0.5)}
+    )
+    plain = a1111_parameters(control, "m", "h" * 10, [])
+    assert "Negative prompt" not in plain and 'ControlNet: "tiny: 0.5"' in plain
+
+
+def test_chunks_round_trip_and_bytes_are_stable(tmp_path: Path) -> None:
+    image = Image.new("RGB", (8, 8), (10, 20, 30))
+    record = {"digest": "d", "image": {"prompt": "ünïcode ✓"}}
+    info = png_info("a prompt ✓\nSteps: 1", record)
+    first = write_png(image, tmp_path / "a.png", info)
+    second = write_png(image, tmp_path / "b.png", png_info("a prompt ✓\nSteps: 1", record))
+    assert first.read_bytes() == second.read_bytes()
+    assert read_png_text(first)["parameters"] == "a prompt ✓\nSteps: 1"
+    assert read_dropkiln_record(first) == record
+    assert not list(tmp_path.glob(".*.part"))
+
+
+def test_unreadable_record_is_none(tmp_path: Path) -> None:
+    write_png(Image.new("RGB", (4, 4)), tmp_path / "plain.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    assert read_dropkiln_record(tmp_path / "plain.png") is None
+    assert read_dropkiln_record(tmp_path / "broken.png") is None
+    assert read_dropkiln_record(tmp_path / "missing.png") is None
+
+
+def test_contact_sheet_grid(tmp_path: Path) -> None:
+    paths = []
+    for number in range(5):
+        path = tmp_path / f"{number}.png"
+        Image.new("RGB", (64, 32), (number * 50, 0, 0)).save(path)
+        paths.append(path)
+    sheet = contact_sheet(paths, [p.stem for p in paths], tmp_path / "sheet.png")
+    with Image.open(sheet) as img:
+        # 5 images: 3 columns, 2 rows of 64-pixel cells with a 14-pixel label strip
+        assert img.size == (3 * 64, 2 * (64 + 14))
+        assert img.getpixel((32, 32))[0] == 0 and img.getpixel((64 + 32, 32))[0] == 50
+
+
+def test_latent_preview_is_small_rgb() -> None:
+    torch = pytest.importorskip("torch")
+    latents = torch.zeros(1, 4, 8, 12)
+    preview = latent_preview(latents, is_xl=True)
+    assert preview.mode == "RGB" and preview.size == (10 * 12, 10 * 8)
+    odd = latent_preview(torch.randn(1, 16, 8, 8), is_xl=False)
+    assert odd.size == (128, 128)
+
+
+BASE_CONFIG = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 1,
+}
+
+
+@pytest.mark.parametrize(
+    ("name", "cls", "karras"),
+    [
+        ("euler", "EulerDiscreteScheduler", False),
+        ("euler_a", "EulerAncestralDiscreteScheduler", None),
+        ("dpm++ 2m", "DPMSolverMultistepScheduler", False),
+        ("dpm++ 2m karras", "DPMSolverMultistepScheduler", True),
+        ("ddim", "DDIMScheduler", None),
+        ("unipc", "UniPCMultistepScheduler", False),
+    ],
+)
+def test_scheduler_names(name: str, cls: str, karras: bool | None) -> None:
+    pytest.importorskip("diffusers")
+    scheduler = make_scheduler(name, BASE_CONFIG)
+    assert type(scheduler).__name__ == cls
+    assert scheduler.config.beta_schedule == "scaled_linear"
+    assert scheduler.config.timestep_spacing == "leading"
+    if karras is not None:
+        assert scheduler.config.use_karras_sigmas is karras
+    if cls == "DPMSolverMultistepScheduler":
+        assert scheduler.config.algorithm_type == "dpmsolver++"
+        assert scheduler.config.solver_order == 2
+
+
+@pytest.mark.parametrize("name", SCHEDULER_NAMES)
+def test_v_prediction_models_get_trailing_spacing_and_zero_snr(name: str) -> None:
+    pytest.importorskip("diffusers")
+    v_config = {**BASE_CONFIG, "prediction_type": "v_prediction"}
+    assert needs_zero_snr(v_config) and not needs_zero_snr(BASE_CONFIG)
+    scheduler = make_scheduler(name, v_config)
+    assert scheduler.config.prediction_type == "v_prediction"
+    assert scheduler.config.timestep_spacing == "trailing"
+    assert scheduler.config.rescale_betas_zero_snr is True
+    scheduler.set_timesteps(4)
+    assert int(scheduler.timesteps[0]) == 999  # trailing spacing starts at the last step
+
+
+def test_zero_snr_models_get_guidance_rescale() -> None:
+    from types import SimpleNamespace
+
+    from dropkiln.stages.render import call_options
+
+    def pipe_with(prediction: str) -> SimpleNamespace:
+        config = {**BASE_CONFIG, "prediction_type": prediction}
+        return SimpleNamespace(scheduler=SimpleNamespace(config=config))
+
+    task = TASK.model_copy(update={"clip_skip": None})
+    assert call_options(pipe_with("v_prediction"), task, None)["guidance_rescale"] == 0.7
+    assert "guidance_rescale" not in call_options(pipe_with("epsilon"), task, None)

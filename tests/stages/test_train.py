@@ -1,0 +1,287 @@
+"""The train stage: outputs, exact resume (stop, OOM), ladder, warm pipeline hygiene."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+from dataset_fixtures import make_dataset, mixed_images
+
+from dropkiln.config import TrainSettings
+from dropkiln.stages.base import StageError, StageStopped
+from dropkiln.stages.cache import STAGE as CACHE
+from dropkiln.stages.cache import CacheSpec
+from dropkiln.stages.faults import FaultInjector
+from dropkiln.stages.testing import LocalContext
+from dropkiln.stages.train import STAGE, TrainSpec, lora_path
+
+# Every option that draws randomness or keeps state, so exact resume covers them all.
+RICH = {
+    "steps": 6,
+    "checkpoint_every": 4,
+    "batch_size": 2,
+    "gradient_accumulation": 2,
+    "rank": 4,
+    "alpha": 2.0,
+    "learning_rate": 5e-3,
+    "lr_scheduler": "cosine",
+    "lr_warmup_steps": 2,
+    "ema_decay": 0.9,
+    "flip_augment": True,
+    "shuffle_tags": True,
+    "keep_tokens": 1,
+    "tag_dropout": 0.3,
+    "caption_dropout": 0.2,
+    "noise_offset": 0.05,
+    "input_perturbation": 0.1,
+    "min_snr_gamma": 5.0,
+    "timestep_min": 10,
+    "timestep_max": 900,
+    "tag_weights": {"red hair": 2.0},
+}
+
+
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[str, Any]:
+    """A ROOT with a 4-image dataset cached for tiny-sdxl (with flips)."""
+    root = tmp_path_factory.mktemp("train") / "root"
+    (root / "state").mkdir(parents=True)
+    (root / "state" / "models").symlink_to(models_dir, target_is_directory=True)
+    manifest = make_dataset(root, "cats", mixed_images(4))
+    ctx = LocalContext(
+        root=root,
+        work_dir=root / "state" / "work" / "cache",
+        upstream_results={"bucket": {"manifest": str(manifest)}},
+    )
+    result = CACHE.run(CacheSpec(name="cats", flip_augment=True), ctx)
+    return {"root": root, "cache": result}
+
+
+def _train(
+    cached: dict[str, Any], run: str, options: dict[str, Any], **ctx_options: Any
+) -> tuple[LocalContext, TrainSpec]:
+    root = cached["root"]
+    spec = TrainSpec(
+        name="cats",
+        model="tiny-sdxl",
+        options=TrainSettings(**options),
+        output_dir=str(root / "outputs" / "loras" / run),
+    )
+    ctx = LocalContext(
+        root=root,
+        work_dir=root / "state" / "work" / run,
+        upstream_results={"cache": cached["cache"]},
+        **ctx_options,
+    )
+    return ctx, spec
+
+
+def _lora_tensors(spec: TrainSpec) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    return load_file(str(lora_path(spec.output_dir, spec.name)))
+
+
+def _assert_identical(a: dict[str, Any], b: dict[str, Any]) -> None:
+    assert sorted(a) == sorted(b)
+    different = [key for key in a if not a[key].equal(b[key])]
+    assert different == []
+
+
+@pytest.fixture(scope="module")
+def reference(cached: dict[str, Any]) -> dict[str, Any]:
+    """An uninterrupted run with RICH options."""
+    ctx, spec = _train(cached, "reference", RICH)
+    result = STAGE.run(spec, ctx)
+    return {"result": result, "tensors": _lora_tensors(spec), "ctx": ctx}
+
+
+def test_outputs_metadata_and_progress(cached: dict[str, Any]) -> None:
+    from safetensors import safe_open
+
+    options = {"steps": 4, "checkpoint_every": 2, "rank": 4, "validation_prompts": ["sks cat"]}
+    ctx, spec = _train(cached, "outputs", options)
+    result = STAGE.run(spec, ctx)
+    out = Path(spec.output_dir)
+    assert result["lora"] == str(out / "cats.safetensors")
+    assert (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
+    rows = (out / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and len(rows) == 5
+    assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in (out / "validation").iterdir()) == [
+        "step-000002-00.png",
+        "step-000004-00.png",
+    ]
+    kinds = sorted({kind for _, kind in ctx.artifacts})
+    assert kinds == ["lora", "lora-diffusers", "loss-csv", "loss-plot", "validation-image"]
+    done, total, metrics = ctx.progress_log[-1]
+    assert (done, total) == (4, 4)
+    assert set(metrics) == {"loss", "lr", "it_s", "memory"}
+    assert metrics["memory"] > 0 and metrics["it_s"] > 0
+    assert [c["step"] for c in ctx.checkpoints] == [2, 4]
+    assert [p.name for p in (ctx.work_dir / "checkpoints").iterdir()] == ["step-0000004"]
+
+    with safe_open(result["lora"], framework="pt") as handle:
+        metadata = handle.metadata()
+        keys = list(handle.keys())
+        alpha = handle.get_tensor(next(k for k in keys if k.endswith(".alpha")))
+    assert all(k.startswith("lora_unet_") for k in keys)
+    assert any(k.endswith(".lora_down.weight") for k in keys)
+    assert float(alpha) == 4.0
+    assert metadata["ss_network_dim"] == "4"
+    assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
+    assert metadata["ss_steps"] == "4"
+    assert metadata["ss_resolution"] == "(96, 64)"  # the most common bucket (ties: larger)
+    assert json.loads(metadata["ss_tag_frequency"])["cats"]["red hair"] == 4
+    assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"
+    assert metadata["modelspec.sai_model_spec"] == "1.0.0"
+
+
+def test_stop_and_resume_is_bit_identical(
+    cached: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    ctx, spec = _train(cached, "stopped", RICH, stop_after=3)
+    with pytest.raises(StageStopped):
+        STAGE.run(spec, ctx)
+    assert ctx.saved == {"checkpoint": "checkpoints/step-0000003", "step": 3}
+    resumed = LocalContext(
+        root=ctx.root, work_dir=ctx.work_dir, upstream_results=ctx.upstream_results, saved=ctx.saved
+    )
+    result = STAGE.run(spec, resumed)
+    assert resumed.progress_log[0][0] == 4  # it went on from step 3, not from the start
+    _assert_identical(_lora_tensors(spec), reference["tensors"])
+    assert result["final_loss"] == reference["result"]["final_loss"]
+    csv = (Path(spec.output_dir) / "loss.csv").read_text()
+    assert csv == (Path(reference["result"]["loss_csv"])).read_text()
+
+
+def test_oom_resumes_on_the_gradient_checkpointing_rung_identically(
+    cached: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    import torch
+
+    ctx, spec = _train(cached, "oom", RICH, faults=FaultInjector("oom@train.step:5"))
+    with pytest.raises(torch.OutOfMemoryError):
+        STAGE.run(spec, ctx)
+    assert ctx.saved is not None and ctx.saved["step"] == 4
+    ctx.memory_rung = 1
+    assert STAGE.rung(1).name == "gradient-checkpointing"
+    result = STAGE.run(spec, ctx)
+    assert result["gradient_checkpointing"] and result["memory_rung"] == "gradient-checkpointing"
+    assert ctx.progress_log[-2][0] == 5  # resumed at step 5 after the step-4 checkpoint
+    _assert_identical(_lora_tensors(spec), reference["tensors"])
+
+
+def test_smaller_micro_batches_keep_the_effective_batch(
+    cached: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    assert [r.name for r in STAGE.ladder] == [
+        "default",
+        "gradient-checkpointing",
+        "half-micro-batch",
+        "quarter-micro-batch",
+        "micro-batch-1",
+    ]
+    ctx, spec = _train(cached, "micro", RICH, memory_rung=4)
+    assert STAGE.run(spec, ctx)["micro_batch"] == 1
+    tensors = _lora_tensors(spec)
+    # Same images, noise and timesteps; only the summation order differs.
+    for key, value in reference["tensors"].items():
+        assert tensors[key].allclose(value, rtol=1e-3, atol=1e-6), key
+
+
+def test_checkpoint_fault_point_and_a_fresh_start_after_a_lost_checkpoint(
+    cached: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    import shutil
+
+    import torch
+
+    ctx, spec = _train(cached, "lost", RICH, faults=FaultInjector("oom@train.checkpoint:2"))
+    with pytest.raises(torch.OutOfMemoryError):
+        STAGE.run(spec, ctx)
+    assert ctx.saved is not None and ctx.saved["step"] == 4
+    shutil.rmtree(ctx.work_dir / "checkpoints")
+    STAGE.run(spec, ctx)  # starts over: same seed, same LoRA
+    _assert_identical(_lora_tensors(spec), reference["tensors"])
+
+
+def test_adafactor_v_prediction_zero_terminal_snr_resume_exactly(cached: dict[str, Any]) -> None:
+    options = {
+        "steps": 4,
+        "checkpoint_every": 10,
+        "rank": 2,
+        "optimizer": "adafactor",
+        "prediction_type": "v_prediction",
+        "zero_terminal_snr": True,
+        "min_snr_gamma": 5.0,
+        "lr_scheduler": "linear",
+        "lr_warmup_steps": 1,
+    }
+    ctx, spec = _train(cached, "adafactor-full", options)
+    STAGE.run(spec, ctx)
+    full = _lora_tensors(spec)
+    ctx, spec = _train(cached, "adafactor-stopped", options, stop_after=2)
+    with pytest.raises(StageStopped):
+        STAGE.run(spec, ctx)
+    ctx.stop_after = None
+    STAGE.run(spec, ctx)
+    _assert_identical(_lora_tensors(spec), full)
+
+
+def test_bad_options_fail_with_reasons(cached: dict[str, Any]) -> None:
+    ctx, spec = _train(cached, "bad", {"steps": 1, "zero_terminal_snr": True})
+    with pytest.raises(StageError, match="v_prediction"):
+        STAGE.run(spec, ctx)
+    ctx, spec = _train(cached, "bad", {"steps": 1, "optimizer": "adamw8bit"})
+    with pytest.raises(StageError, match="adamw8bit needs a CUDA device"):
+        STAGE.run(spec, ctx)
+    ctx, spec = _train(cached, "bad", {"steps": 1, "timestep_min": 900, "timestep_max": 100})
+    with pytest.raises(StageError, match="timestep range"):
+        STAGE.run(spec, ctx)
+    ctx, spec = _train(cached, "bad", {"steps": 1})
+    with pytest.raises(StageError, match="made for model tiny-sdxl"):
+        STAGE.run(spec.model_copy(update={"model": "tiny-sd15"}), ctx)
+
+
+def test_warm_pipeline_is_reused_and_left_clean(cached: dict[str, Any]) -> None:
+    import torch
+
+    from dropkiln.stages.models import resolve_model, shared_pipelines, weights_checksum
+
+    ref = resolve_model("tiny-sdxl", cached["root"] / "state" / "models")
+    cache = shared_pipelines()
+    pipe = cache.get(ref, "cpu", torch.float32)
+    loads = cache.loads
+    before = weights_checksum(pipe.components)
+    options = {"steps": 2, "rank": 2, "train_text_encoder": True, "gradient_checkpointing": True}
+    ctx, spec = _train(cached, "clean", options)
+    STAGE.run(spec, ctx)
+    assert cache.loads == loads
+    assert cache.get(ref, "cpu", torch.float32) is pipe
+    for name in ("unet", "text_encoder", "text_encoder_2"):
+        model = getattr(pipe, name)
+        assert not hasattr(model, "peft_config"), name
+        assert not model.training
+        assert not any(p.requires_grad for p in model.parameters())
+    assert not pipe.unet.is_gradient_checkpointing
+    assert weights_checksum(pipe.components) == before
+
+
+def test_damaged_shard_is_reencoded_before_training(cached: dict[str, Any]) -> None:
+    from dropkiln.stages.cache import read_shard
+    from dropkiln.stages.training.shards import ShardStore
+
+    index = json.loads(Path(cached["cache"]["index"]).read_text())
+    store = ShardStore(Path(index["cache_dir"]))
+    entry = index["images"][0]["latents"]
+    good = read_shard(store, entry)
+    shard = store.root / entry["shard"]
+    shard.write_bytes(shard.read_bytes()[:-16])
+    ctx, spec = _train(cached, "repair", {"steps": 1, "rank": 2})
+    result = STAGE.run(spec, ctx)
+    assert result["repaired_shards"] == 1
+    repaired = read_shard(store, entry)
+    assert all(repaired[k].allclose(good[k], atol=1e-6) for k in good)
