@@ -103,6 +103,12 @@ class DropkilnApp(App[None]):
         self._more_waiting = False
         self._daemon_was_up: bool | None = None
         self._store_tasks: set[asyncio.Future[Any]] = set()
+        self._closing = False
+
+    @property
+    def root(self) -> str:
+        """The dropkiln ROOT: as the daemon announced it, else the one holding the database."""
+        return self.overview.daemon.root or str(self.db_path.parent.parent)
 
     def get_default_screen(self) -> Screen[Any]:
         return MainScreen()
@@ -112,7 +118,8 @@ class DropkilnApp(App[None]):
         self.open_store()
 
     async def on_unmount(self) -> None:
-        if self._store_tasks:
+        self._closing = True
+        while self._store_tasks:
             await asyncio.gather(*self._store_tasks, return_exceptions=True)
         if self.store is not None:
             await self.store.close()
@@ -123,6 +130,10 @@ class DropkilnApp(App[None]):
         # A query abandoned inside the SQLite driver (its worker cancelled on quit) leaves a
         # connection behind that later calls into a closed loop: let every store call finish,
         # and have on_unmount wait for the ones still running before it closes the store.
+        if self._closing:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise StoreError("the dashboard is closing")
         task = asyncio.ensure_future(work)
         self._store_tasks.add(task)
         task.add_done_callback(self._store_tasks.discard)

@@ -133,8 +133,19 @@ def speed(job: JobView) -> str:
     return f"{it_s:.1f} it/s" if it_s is not None else ""
 
 
-def eta(job: JobView) -> str:
+def eta_seconds(job: JobView) -> float | None:
+    """The stage's own estimate, else the steps left at the last reported speed."""
     seconds = metric(job.metrics, "eta_s")
+    if seconds is not None:
+        return seconds
+    it_s = metric(job.metrics, "it_s")
+    if it_s and job.total and job.done < job.total:
+        return (job.total - job.done) / it_s
+    return None
+
+
+def eta(job: JobView) -> str:
+    seconds = eta_seconds(job)
     return f"ETA {duration(seconds)}" if seconds is not None else ""
 
 
@@ -173,6 +184,26 @@ def _progress(d: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
+def _result(result: dict[str, Any]) -> str:
+    """The short facts of a result (counts, sizes, names); paths and lists are left out."""
+    facts = [
+        f"{key}={value}"
+        for key, value in result.items()
+        if isinstance(value, int | float | bool)
+        or (isinstance(value, str) and len(value) <= 24 and "/" not in value)
+    ]
+    return " ".join(facts)
+
+
+def under_root(path: str, root: str | None) -> str:
+    """``path`` relative to the dropkiln ROOT when it lies under it."""
+    if root:
+        prefix = root.rstrip("/") + "/"
+        if path.startswith(prefix):
+            return path[len(prefix) :]
+    return path
+
+
 def _compact(d: dict[str, Any]) -> str:
     return json.dumps(d, separators=(",", ":"), default=str) if d else ""
 
@@ -193,7 +224,7 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
         f"{k} {v}" for k, v in d["state"].items() if isinstance(v, int | float | str)
     )[:80],
     "ArtifactWritten": lambda d: f"{d['kind']} {d['path']}",
-    "JobSucceeded": lambda d: ", ".join(sorted(d.get("result") or {}))[:80],
+    "JobSucceeded": lambda d: _result(d.get("result") or {}),
     "JobFailed": lambda d: d["reason"],
     "JobCancelled": lambda d: d.get("reason", ""),
     "OutOfMemory": lambda d: f"rung {d['memory_rung']} {d['rung_name']}: {d['message']}",
@@ -210,21 +241,24 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
 }
 
 
-def describe(event: StoredEvent) -> str:
-    """What an event says, in one line."""
+def describe(event: StoredEvent, root: str | None = None) -> str:
+    """What an event says, in one line; paths under ``root`` are shown relative to it."""
     describer = DESCRIBERS.get(event.type)
     if describer is None:
         if set(event.data) == {"by"}:
             return f"by {event.data['by']}"
         return _compact(event.data)
+    data = event.data
+    if event.type == "ArtifactWritten" and isinstance(data.get("path"), str):
+        data = {**data, "path": under_root(data["path"], root)}
     try:
-        return describer(event.data)
+        return describer(data)
     except (KeyError, TypeError, ValueError):
         # An event written by another dropkiln version: show it raw rather than hide it.
         return _compact(event.data)
 
 
-def event_line(event: StoredEvent, *, with_stream: bool = True) -> Text:
+def event_line(event: StoredEvent, *, with_stream: bool = True, root: str | None = None) -> Text:
     """``12:03:04 job:1a2b3c4d JobProgress 120/2000 loss 0.12``, coloured by kind."""
     style = EVENT_STYLES.get(event.type, "")
     line = Text(no_wrap=True, overflow="ellipsis")
@@ -234,7 +268,7 @@ def event_line(event: StoredEvent, *, with_stream: bool = True) -> Text:
         line.append(f"{short_stream(event.stream):<13}", style="dim" if style == "dim" else "")
         line.append(" ")
     line.append(event.type, style=style)
-    summary = describe(event)
+    summary = describe(event, root)
     if summary:
         line.append(" ")
         line.append(summary, style="dim" if style == "dim" else "")

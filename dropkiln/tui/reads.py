@@ -27,6 +27,7 @@ LOG_WINDOW = 150
 DETAIL_EVENTS = 300
 LOSS_POINTS = 2000
 NOT_PROGRESS = tuple(name for name in EVENT_TYPES if name != "JobProgress")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 RUNG_EVENTS = ("JobStarted", "RetryScheduled")
 TYPE_ALIASES = {"oom": ("OutOfMemory",), "fail": ("JobFailed", "DropRejected")}
 
@@ -232,9 +233,16 @@ class JobDetail:
     rung_name: str | None
 
     @property
+    def preview_is_preview(self) -> bool:
+        return any(a["kind"] == "preview" for a in self.artifacts)
+
+    @property
     def preview(self) -> str | None:
-        """The newest preview image's path, for generation jobs."""
+        """The newest preview image's path; for a generation job without previews, its
+        newest image."""
         previews = [a for a in self.artifacts if a["kind"] == "preview"]
+        if not previews and self.job.stage == "generate":
+            previews = [a for a in self.artifacts if str(a["path"]).endswith(IMAGE_SUFFIXES)]
         return str(max(previews, key=lambda a: a["seq"])["path"]) if previews else None
 
 

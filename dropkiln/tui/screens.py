@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import PurePath
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from rich.text import Text
@@ -192,9 +191,9 @@ class JobScreen(Screen[None]):
             self.query_one("#loss-label", Label).update(label)
         preview = self.query_one("#job-preview", Static)
         preview.display = detail.preview is not None
-        preview.update(Text.assemble(("preview ", "bold green"), detail.preview or ""))
-        root = self.dashboard.overview.daemon.root or str(self.dashboard.db_path.parent.parent)
-        self.query_one("#artifact-list", Static).update(_artifacts(detail, root))
+        label = "preview " if detail.preview_is_preview else "latest image "
+        preview.update(Text.assemble((label, "bold green"), detail.preview or ""))
+        self.query_one("#artifact-list", Static).update(_artifacts(detail, self.dashboard.root))
         self._show_events(detail.events)
 
     def _show_events(self, events: tuple[StoredEvent, ...]) -> None:
@@ -207,7 +206,7 @@ class JobScreen(Screen[None]):
             log.clear()
             new = list(events)
         for event in new:
-            log.write(fmt.event_line(event, with_stream=False))
+            log.write(fmt.event_line(event, with_stream=False, root=self.dashboard.root))
         self._event_seqs = seqs
 
     def action_cancel(self) -> None:
@@ -236,16 +235,17 @@ def _facts(detail: JobDetail, now: float) -> Text:
 
 
 def _artifacts(detail: JobDetail, root: str) -> Text:
-    """One line each: kind, path under ROOT (absolute if elsewhere), size."""
+    """One line each: kind, size, then the path under ROOT (absolute if elsewhere), which
+    is cut at the panel's edge rather than wrapped."""
     if not detail.artifacts:
         return Text("none yet", style="dim")
-    text = Text()
+    kind_width = max(len(str(a["kind"])) for a in detail.artifacts)
+    text = Text(no_wrap=True, overflow="ellipsis")
     for artifact in detail.artifacts:
         if text:
             text.append("\n")
-        text.append(f"{artifact['kind']:<10}", style="green")
-        path = PurePath(artifact["path"])
-        text.append(str(path.relative_to(root)) if path.is_relative_to(root) else str(path))
-        if artifact.get("bytes") is not None:
-            text.append(f"  {fmt.size(artifact['bytes'])}", style="dim")
+        text.append(f"{artifact['kind']:<{kind_width}} ", style="green")
+        size = fmt.size(artifact["bytes"]) if artifact.get("bytes") is not None else ""
+        text.append(f"{size:>9} ", style="dim")
+        text.append(fmt.under_root(str(artifact["path"]), root))
     return text

@@ -195,7 +195,7 @@ WIDE_COLUMNS = (
 def job_cells(job: JobView, now: float) -> dict[str, Any]:
     """Every column's cell for one job (a narrow table shows some of them)."""
     it_s = fmt.metric(job.metrics, "it_s")
-    eta_s = fmt.metric(job.metrics, "eta_s")
+    eta_s = fmt.eta_seconds(job)
     loss = fmt.metric(job.metrics, "loss")
     running = job.state == "running"
     return {
@@ -327,6 +327,6 @@ class EventLog(Panel, RichLog):
             return
         for event in batch:
             if event.seq > self.shown_upto and self.log_filter.matches(event):
-                self.write(fmt.event_line(event), scroll_end=None)
+                self.write(fmt.event_line(event, root=self.dashboard.root), scroll_end=None)
         if batch:
             self.shown_upto = max(self.shown_upto, batch[-1].seq)

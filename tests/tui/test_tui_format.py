@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dropkiln.store import StoredEvent
+from dropkiln.store import JobView, StoredEvent
 from dropkiln.tui import format as fmt
 from dropkiln.tui.reads import LogFilter, event_types_for
 
@@ -84,3 +84,33 @@ def test_event_types_can_be_left_out() -> None:
     assert event_types_for("job, -progress, -submitted")[:2] == ("JobQueued", "JobStarted")
     with pytest.raises(ValueError, match="no event type matches '-'"):
         event_types_for("-")
+
+
+def test_eta_falls_back_to_steps_left_at_the_last_speed() -> None:
+    from dataclasses import replace
+
+    job = _job(done=100, total=400, metrics={"it_s": 2.0})
+    assert fmt.eta_seconds(job) == 150.0
+    assert fmt.eta_seconds(replace(job, metrics={"it_s": 2.0, "eta_s": 9})) == 9
+    assert fmt.eta_seconds(replace(job, metrics={})) is None
+
+
+def test_results_and_artifact_paths_read_short() -> None:
+    succeeded = stored("JobSucceeded", {"result": {"images": 2, "sheet": "/a/very/long/path/x.png",
+                                                   "loras": [], "name": "cats"}})  # fmt: skip
+    assert fmt.describe(succeeded) == "images=2 name=cats"
+    artifact = stored("ArtifactWritten", {"path": "/srv/dk/outputs/a.png", "kind": "image"})
+    assert fmt.describe(artifact, root="/srv/dk") == "image outputs/a.png"
+    assert fmt.describe(artifact, root="/elsewhere") == "image /srv/dk/outputs/a.png"
+
+
+def _job(**values: object) -> JobView:
+    fields: dict[str, object] = {
+        "id": "j1", "stage": "train", "name": "n", "lane": "gpu", "priority": 1,
+        "state": "running", "attempt": 1, "memory_rung": 0, "done": 0, "total": 0,
+        "metrics": {}, "depends_on": [], "spec": {}, "result": None, "checkpoint": None,
+        "error": None, "requested": None, "drop_id": None, "rung_key": None,
+        "submitted_seq": 1, "version": 1, "created_at": "2025-03-01T12:00:00+00:00",
+        "started_at": None, "finished_at": None, "updated_at": "2025-03-01T12:00:00+00:00",
+    }  # fmt: skip
+    return JobView(**{**fields, **values})  # type: ignore[arg-type]

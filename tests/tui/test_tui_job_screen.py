@@ -66,8 +66,8 @@ async def test_failed_generation_shows_error_and_newest_preview(make_app: MakeAp
         preview = text_of(screen.query_one("#job-preview"))
         assert preview == "preview /srv/dk/outputs/images/spacecats/preview-0008.png"
         assert text_of(screen.query_one("#artifact-list")).splitlines() == [
-            "preview   outputs/images/spacecats/preview-0004.png  20 KiB",
-            "preview   outputs/images/spacecats/preview-0008.png  20 KiB",
+            "preview    20 KiB outputs/images/spacecats/preview-0004.png",
+            "preview    20 KiB outputs/images/spacecats/preview-0008.png",
         ]
         assert not screen.query_one("#job-loss").display
 
@@ -92,11 +92,10 @@ async def test_job_screen_follows_new_events(make_app: MakeApp, history_db: Path
         )
         assert "650/2000" in text_of(screen.query_one("#job-progress"))
         assert (screen.query_one("#loss-sparkline", Sparkline).data or [])[-1] == 0.05
-        assert "lora      outputs/loras/cats/cats.safetensors" in text_of(
-            screen.query_one("#artifact-list")
-        )
+        artifacts = text_of(screen.query_one("#artifact-list")).splitlines()
+        assert artifacts == ["lora           outputs/loras/cats/cats.safetensors"]
         last = log_lines(screen.query_one("#job-events", RichLog))[-1]
-        assert last.endswith("ArtifactWritten lora /srv/dk/outputs/loras/cats/cats.safetensors")
+        assert last.endswith("ArtifactWritten lora outputs/loras/cats/cats.safetensors")
 
 
 async def test_job_screen_keys_act_on_its_job(make_app: MakeApp) -> None:
