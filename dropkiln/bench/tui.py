@@ -29,6 +29,7 @@ from typing import Any
 
 EVENTS_PER_JOB = 100
 POLL_INTERVAL = 0.1
+PROBE_DEADLINE_S = 20.0
 
 
 def bench_tui(
@@ -202,7 +203,10 @@ def probe(db_path: Path, *, bare: bool = False, size: str = "120x40") -> dict[st
     if bare:
         command.append("--bare")
     out = subprocess.run(command, capture_output=True, text=True, timeout=60, check=True)
-    return dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    report = dict(json.loads(out.stdout.strip().splitlines()[-1]))
+    if "error" in report:
+        raise RuntimeError(f"the dashboard did not start on {db_path}: {report['error']}")
+    return report
 
 
 def _since_process_start() -> tuple[float, float]:
@@ -242,7 +246,12 @@ def run_probe(db_path: Path, bare: bool, size: tuple[int, int]) -> dict[str, Any
         app = DropkilnApp(db_path)
 
     async def until_rendered(pilot: Any) -> None:
+        deadline = time.monotonic() + PROBE_DEADLINE_S
         while not (bare or _fully_shown(app)):
+            if time.monotonic() > deadline:
+                report["error"] = getattr(app, "problem", None) or "no full render in time"
+                app.exit()
+                return
             await asyncio.sleep(0.002)
         app.call_after_refresh(rendered, app)
 
@@ -289,7 +298,10 @@ async def _latency(db_path: Path, samples: int) -> dict[str, Any]:
     app = DropkilnApp(db_path, poll_interval=POLL_INTERVAL)
     latencies: list[float] = []
     async with app.run_test(size=(120, 40)) as pilot:
+        deadline = time.monotonic() + PROBE_DEADLINE_S
         while not _fully_shown(app):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the dashboard did not start on {db_path}: {app.problem}")
             await pilot.pause(0.01)
         stream_job = next(job.id for job in app.jobs if job.state == "running")
         appender = await asyncio.create_subprocess_exec(
