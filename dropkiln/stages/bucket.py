@@ -52,9 +52,9 @@ from dropkiln.stages.imaging import (
 MANIFEST_NAME = "manifest.json"
 RESULT_REJECTIONS = 50
 STOP_CHECK_EVERY = 16
+"""Images between two ``should_stop`` checks; a rerun redoes at most this many (cheaply)."""
 IN_FLIGHT_PER_WORKER = 2
 """Images queued per worker: enough to keep cores busy, few enough to stop quickly."""
-"""Images between two ``should_stop`` checks; a rerun redoes at most this many (cheaply)."""
 
 WORKER_PRELOAD = ["numpy", "PIL.Image", "PIL.ImageCms", "PIL.PngImagePlugin", "pydantic_settings"]
 
