@@ -1,0 +1,228 @@
+"""``dropkiln bench``: the report files and their shape (speed is never asserted)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dropkiln.bench.cli import parse_sizes
+from dropkiln.bench.record import SuiteRecord
+from dropkiln.bench.report import compare_text, results_document
+from dropkiln.cli import main
+
+MACHINE_KEYS = {
+    "cpu",
+    "cores_logical",
+    "ram_gb",
+    "gpu",
+    "device",
+    "dtype",
+    "versions",
+    "dropkiln",
+    "git_commit",
+    "date",
+}
+RECORD_KEYS = {
+    "suite",
+    "config",
+    "metrics",
+    "latency",
+    "samples",
+    "phases",
+    "baseline",
+    "sweep",
+    "series",
+    "memory",
+    "profile",
+    "notes",
+    "raw",
+    "seconds",
+}
+
+
+def _bench(root: Path, *args: str) -> tuple[int, Path]:
+    out = root / "report"
+    code = main(["bench", *args, "--root", str(root), "--out", str(out)])
+    return code, out
+
+
+def _check_report(out: Path, suites: list[str]) -> dict:
+    document = json.loads((out / "results.json").read_text())
+    assert document["format"] == "dropkiln-bench/1"
+    assert set(document["machine"]) >= MACHINE_KEYS
+    assert set(document["machine"]["versions"]) >= {"torch", "diffusers", "transformers", "peft"}
+    assert list(document["suites"]) == suites
+    with open(out / "results.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    report = (out / "report.md").read_text()
+    for suite in suites:
+        record = document["suites"][suite]
+        assert set(record) == RECORD_KEYS
+        assert not any(note.startswith("failed") for note in record["notes"]), record["notes"]
+        assert record["baseline"]["ratio"] > 0 and record["baseline"]["name"]
+        assert record["metrics"]["baseline_ratio"]["value"] == record["baseline"]["ratio"]
+        assert record["memory"]["rss_peak_bytes"] >= record["memory"]["rss_start_bytes"] > 0
+        for summary in record["latency"].values():
+            if summary["n"]:
+                assert summary["p50"] <= summary["p95"] <= summary["p99"] <= summary["max"]
+        assert {row["metric"] for row in rows if row["suite"] == suite} == set(record["metrics"])
+        assert f"## {suite}" in report
+        assert (out / f"{suite}-latency.png").read_bytes()[:4] == b"\x89PNG"
+    return document
+
+
+@pytest.mark.slow
+def test_store_and_video_quick_write_every_report_file(tmp_path: Path, capsys) -> None:
+    code, out = _bench(tmp_path / "home", "store", "--quick", "--events", "2000")
+    assert code == 0
+    store = _check_report(out, ["store"])["suites"]["store"]
+    assert {"single_commits_per_s", "batched_events_per_s", "tail_p95_ms", "status_s"} <= set(
+        store["metrics"]
+    )
+    assert store["latency"]["commit"]["n"] == 300
+    assert "store" in capsys.readouterr().out
+
+    code, out = _bench(tmp_path / "again", "video", "--quick", "--repeats", "2")
+    assert code == 0
+    video = _check_report(out, ["video"])["suites"]["video"]
+    assert video["latency"]["stage"]["n"] == 2
+
+
+def test_light_suites_never_import_torch(tmp_path: Path) -> None:
+    script = (
+        "import sys; from dropkiln.cli import main; "
+        f"code = main(['bench', 'video', '--quick', '--root', {str(tmp_path)!r}]); "
+        "print(code, 'torch' in sys.modules)"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).parents[2],
+    )
+    assert done.stdout.strip().splitlines()[-1] == "0 False"
+    assert (tmp_path / "outputs" / "bench").is_dir()
+
+
+@pytest.mark.slow
+def test_train_quick_reports_phases_sweep_and_loss(bench_home: Path) -> None:
+    code, out = _bench(
+        bench_home,
+        "train",
+        "--quick",
+        "--steps",
+        "6",
+        "--batch-sizes",
+        "1,2",
+        "--json",
+        str(bench_home / "copy.json"),
+    )
+    assert code == 0
+    document = _check_report(out, ["train"])
+    train = document["suites"]["train"]
+    assert set(train["phases"]) == {"stage", "minimal_loop"}
+    for phases in train["phases"].values():
+        assert set(phases["mean_s"]) == {"data", "forward", "backward", "optimizer"}
+    assert [row["batch_size"] for row in train["sweep"]["rows"]] == [1, 2]
+    assert len(train["series"]["stage_loss"]) == 6
+    assert (out / "train-loss.png").is_file() and (out / "train-throughput.png").is_file()
+    assert json.loads((bench_home / "copy.json").read_text()) == document
+
+
+@pytest.mark.slow
+def test_profile_writes_a_chrome_trace_with_events(bench_home: Path) -> None:
+    code, out = _bench(
+        bench_home, "cache", "--quick", "--profile", "--batch-sizes", "4", "--repeats", "1"
+    )
+    assert code == 0
+    profile = _check_report(out, ["cache"])["suites"]["cache"]["profile"]
+    trace = json.loads(Path(profile["trace"]).read_text())
+    assert any(event.get("name", "").startswith("aten::") for event in trace["traceEvents"])
+    assert 0 <= profile["python_overhead_share"] <= 1
+    assert 0 < profile["torch_ops_s"] <= profile["wall_s"] * 1.05
+    assert profile["top_operators"][0]["self_cpu_s"] > 0
+    assert "Python overhead share" in (out / "report.md").read_text()
+
+
+def _document(rate: float, p95: float) -> dict:
+    record = SuiteRecord("train")
+    record.metric("steps_per_s", rate, "steps/s", "higher", headline=True)
+    record.latencies("step", [p95 / 2, p95], "one step")
+    record.compared("minimal loop", 0.9, "stage ÷ loop")
+    machine = {"cpu": "test", "device": "cpu"}
+    return results_document([record], machine, {}, 1.0)
+
+
+def test_compare_prints_a_ratio_per_metric(tmp_path: Path, capsys) -> None:
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(_document(10.0, 0.2)))
+    b.write_text(json.dumps(_document(20.0, 0.2)))
+    assert main(["bench", "compare", str(a), str(b)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rate = next(line for line in lines if line.startswith("train.steps_per_s"))
+    assert rate.split()[-2:] == ["2.000", "better"]
+    p95 = next(line for line in lines if line.startswith("train.step_p95_ms"))
+    assert p95.split()[-2:] == ["1.000", "same"]
+    text = compare_text(_document(20.0, 0.4), _document(10.0, 0.2), "A", "B")
+    assert "0.500  worse" in text
+
+
+def test_bench_refuses_bad_arguments(tmp_path: Path, capsys) -> None:
+    root = str(tmp_path)
+    assert main(["bench", "compare", str(tmp_path / "one.json"), "--root", root]) == 1
+    assert "two results files" in capsys.readouterr().err
+    (tmp_path / "x.json").write_text("{}")
+    assert main(["bench", "compare", str(tmp_path / "x.json"), str(tmp_path / "x.json")]) == 1
+    assert "not a dropkiln bench results file" in capsys.readouterr().err
+    assert main(["bench", "nonsense", "--root", root]) == 1
+    assert "unknown suite 'nonsense'" in capsys.readouterr().err
+    assert main(["bench", "store", "--repeats", "0", "--root", root]) == 1
+    assert parse_sizes("1, 2,4") == (1, 2, 4)
+    for text in ("1,x", "0,2", ","):
+        with pytest.raises(ValueError, match="--batch-sizes"):
+            parse_sizes(text)
+
+
+@pytest.mark.slow
+def test_generate_quick_reports_phases_and_images_per_call(bench_home: Path) -> None:
+    code, out = _bench(bench_home, "generate", "--quick", "--batch-sizes", "1,2")
+    assert code == 0
+    generate = _check_report(out, ["generate"])["suites"]["generate"]
+    for side in ("stage", "direct"):
+        phases = generate["phases"][side]
+        assert set(phases["mean_s"]) == {"text_encode", "denoise", "vae_decode", "other"}
+        assert phases["mean_s"]["denoise"] > 0
+    assert generate["metrics"]["same_images"]["value"] == 1
+    assert [row["images_per_call"] for row in generate["sweep"]["rows"]] == [1, 2]
+
+
+@pytest.mark.slow
+def test_daemon_benchmark_times_drops_through_a_running_daemon(tiny_models: Path) -> None:
+    from dropkiln.bench.daemon import bench_daemon
+
+    figures = bench_daemon(
+        images=1,
+        size=32,
+        steps=2,
+        repeat=2,
+        files=2,
+        file_images=1,
+        models_dir=tiny_models,
+        processes=False,
+    )
+    warm, row = figures["warm"], figures["row"]
+    assert len(warm["daemon_s"]) == len(warm["direct_s"]) == 2
+    pairs = zip(warm["pickup_s"], warm["daemon_s"], strict=True)
+    assert all(0 < pickup < total for pickup, total in pairs)
+    assert warm["same_images"] is True
+    assert warm["ratio"] == pytest.approx(warm["daemon_best_s"] / warm["direct_best_s"], rel=0.01)
+    assert len(row["daemon_file_s"]) == 2 and row["daemon_s"] == pytest.approx(
+        max(row["daemon_file_s"]), abs=0.001
+    )
+    assert figures["settle_seconds"] == 0.05

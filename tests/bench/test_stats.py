@@ -1,0 +1,45 @@
+"""Percentiles and latency summaries."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from dropkiln.bench.stats import intervals, latency_summary, percentile
+
+
+def test_percentiles_of_a_known_list() -> None:
+    values = [4.0, 1.0, 3.0, 2.0, 5.0]
+    assert percentile(values, 0) == 1.0
+    assert percentile(values, 50) == 3.0
+    assert percentile(values, 100) == 5.0
+    assert percentile(values, 25) == 2.0
+    assert percentile(values, 95) == pytest.approx(4.8)
+    assert percentile([7.0], 99) == 7.0
+
+
+@given(
+    st.lists(st.floats(-1e6, 1e6, allow_nan=False), min_size=1, max_size=60),
+    st.floats(0, 100),
+)
+def test_percentile_agrees_with_numpy(values: list[float], q: float) -> None:
+    assert percentile(values, q) == pytest.approx(np.percentile(values, q), rel=1e-9, abs=1e-6)
+
+
+def test_percentile_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="no values"):
+        percentile([], 50)
+    with pytest.raises(ValueError, match="outside"):
+        percentile([1.0], 101)
+
+
+def test_latency_summary_and_intervals() -> None:
+    summary = latency_summary([0.1, 0.2, 0.3, 0.4])
+    assert summary["n"] == 4
+    assert summary["p50"] == pytest.approx(0.25)
+    assert summary["min"] == 0.1 and summary["max"] == 0.4
+    assert summary["p95"] <= summary["p99"] <= summary["max"]
+    assert latency_summary([]) == {"n": 0}
+    assert intervals([1.0, 1.5, 3.0]) == [0.5, 1.5]
