@@ -12,7 +12,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,11 +20,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
 from dropkiln.stages.cache import CacheSpec, run_cache
 from dropkiln.stages.testing import LocalContext
-
-Profiler = Callable[[Callable[[], Any]], dict[str, Any]]
 
 
 def write_bench_dataset(root: Path, name: str, n_images: int, size: int) -> Path:

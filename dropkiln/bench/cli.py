@@ -17,6 +17,7 @@ from typing import Any
 
 from dropkiln.bench.machine import machine_info
 from dropkiln.bench.memory import MemoryWatch
+from dropkiln.bench.profile import Profiler, profiler_for
 from dropkiln.bench.record import SuiteRecord
 from dropkiln.bench.report import (
     compare_text,
@@ -25,7 +26,7 @@ from dropkiln.bench.report import (
     summary_table,
     write_results,
 )
-from dropkiln.bench.suites import BenchOptions, Profiler
+from dropkiln.bench.suites import BenchOptions
 from dropkiln.config import Settings
 from dropkiln.stages.base import write_atomic
 
@@ -99,7 +100,9 @@ def parse_sizes(text: str | None) -> tuple[int, ...] | None:
 
 
 def _run_suite(name: str, options: BenchOptions, profile_root: Path | None) -> SuiteRecord:
-    profiler = _profiler(profile_root / f"profile-{name}", options.device) if profile_root else None
+    profiler = (
+        profiler_for(profile_root / f"profile-{name}", options.device) if profile_root else None
+    )
     started = time.perf_counter()
     with MemoryWatch(options.device) as watch:
         try:
@@ -125,12 +128,6 @@ def _suites() -> dict[str, Suite]:
         "video": video_suite,
         "daemon": daemon_suite,
     }
-
-
-def _profiler(folder: Path, device: str) -> Profiler:
-    from dropkiln.bench.profile import profile_call
-
-    return lambda fn: profile_call(fn, folder, device)
 
 
 def _device(requested: str, uses_torch: bool, threads: int | None) -> tuple[str, str | None]:

@@ -13,7 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,13 +26,12 @@ from dropkiln.bench.phases import (
     phase_summary,
     watch_pipeline,
 )
+from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
 from dropkiln.config import Settings
 from dropkiln.stages.generate import GenerateSpec, run_generate
 from dropkiln.stages.prompts import ImageEntry, PromptFile, load_prompt_file
 from dropkiln.stages.testing import LocalContext
-
-Profiler = Callable[[Callable[[], Any]], dict[str, Any]]
 
 # What a script-per-job setup runs for every prompt file: load, generate, save, exit.
 SCRIPT = """

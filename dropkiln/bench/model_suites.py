@@ -6,8 +6,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from dropkiln.bench.profile import Profiler
 from dropkiln.bench.record import SuiteRecord
-from dropkiln.bench.suites import BenchOptions, Profiler
+from dropkiln.bench.suites import BenchOptions
 
 
 def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:

@@ -7,14 +7,12 @@ Each suite runs the module's ``bench_*`` function and turns its figures into a S
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dropkiln.bench.profile import Profiler
 from dropkiln.bench.record import SuiteRecord
-
-Profiler = Callable[[Callable[[], Any]], dict[str, Any]]
 
 
 @dataclass(frozen=True)

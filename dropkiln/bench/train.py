@@ -12,13 +12,14 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from dropkiln.bench.cache import link_models, write_bench_dataset
 from dropkiln.bench.phases import PhaseTimeline, phase_summary, training_phase_rows
+from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
 from dropkiln.config import TrainSettings
 from dropkiln.stages.cache import CacheSpec, run_cache
@@ -26,9 +27,7 @@ from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import TrainSpec, run_train
 
 WARMUP_STEPS = 3
-PROFILED_STEPS = 6
-
-Profiler = Callable[[Callable[[], Any]], dict[str, Any]]
+PROFILED_STEPS = 10
 
 
 @dataclass
@@ -101,7 +100,9 @@ def bench_train(
             loop_runs.append(_loop_run(setup, steps))
         profile = None
         if profiler is not None:
-            profile = profiler(lambda: _stage_run(setup, min(steps, PROFILED_STEPS), -1))
+            # the steps after the warm-up only: not the set-up, checkpoint or export
+            profiled = warmup + PROFILED_STEPS
+            profile = profiler(lambda: _stage_run(setup, profiled, -1), (warmup, profiled))
     stage_rates = [run.steps_per_s for run in stage_runs]
     loop_rates = [run.steps_per_s for run in loop_runs]
     stage, loop = max(stage_rates), max(loop_rates)
