@@ -183,7 +183,8 @@ def _suite_markdown(record: SuiteRecord, plots: list[Path]) -> list[str]:
     if record.profile:
         p = record.profile
         lines += [
-            f"Profile: {p['wall_s']} s wall, {p['torch_ops_s']} s inside torch operators; "
+            f"Profile ({p.get('window', 'whole run')}): {p['wall_s']} s wall, "
+            f"{p['torch_ops_s']} s inside torch operators; "
             f"Python overhead share **{p['python_overhead_share']:.1%}**. "
             f"Chrome trace: `{p['trace']}`.",
             "",
@@ -196,7 +197,8 @@ def _suite_markdown(record: SuiteRecord, plots: list[Path]) -> list[str]:
                 f" | {_number(op['cpu_total_s'] * 1000)} |"
             )
         lines.append("")
-    lines += [f"- {note}" for note in record.notes]
+    if record.notes:
+        lines += [*(f"- {note}" for note in record.notes), ""]
     lines += [f"![{plot.stem}]({plot.name})" for plot in plots]
     return [*lines, ""]
 
