@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -39,38 +40,44 @@ def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord
         record.profile = record.profile or figures.pop("profile", None)
         runs.append(figures)
     head = runs[0]
-    record.latencies("stage_step", head.pop("stage_step_s"), f"one step, batch {batches[0]}")
+    record.latencies("stage_step", head["stage_step_s"], f"one step, batch {batches[0]}")
     record.latencies(
-        "loop_step", head.pop("minimal_loop_step_s"), f"minimal loop step, batch {batches[0]}"
+        "loop_step", head["minimal_loop_step_s"], f"minimal loop step, batch {batches[0]}"
     )
     record.phases = {"stage": head["stage_phases"], "minimal_loop": head["minimal_loop_phases"]}
     record.series = {
-        "stage_loss": [list(pair) for pair in head.pop("stage_losses")],
-        "minimal_loop_loss": [list(pair) for pair in head.pop("minimal_loop_losses")],
+        "stage_loss": [list(pair) for pair in head["stage_losses"]],
+        "minimal_loop_loss": [list(pair) for pair in head["minimal_loop_losses"]],
     }
     rows = []
     for batch, figures in zip(batches, runs, strict=True):
         stage, loop = figures["stage_steps_per_s"], figures["minimal_loop_steps_per_s"]
-        for key in ("stage_step_s", "minimal_loop_step_s", "stage_losses", "minimal_loop_losses"):
-            figures.pop(key, None)
+        # Median step times resist bursts of other load; best-of runs rewards luck.
+        median = statistics.median(figures.pop("minimal_loop_step_s")) / statistics.median(
+            figures.pop("stage_step_s")
+        )
+        figures.pop("stage_losses")
+        figures.pop("minimal_loop_losses")
         record.metric(f"steps_per_s[b={batch}]", stage, "steps/s", "higher", headline=True)
         record.metric(f"images_per_s[b={batch}]", round(stage * batch, 3), "images/s", "higher")
         record.metric(f"loop_steps_per_s[b={batch}]", loop, "steps/s", "higher")
-        record.metric(f"ratio[b={batch}]", figures["ratio"], "x", None, ">= 0.95")
+        record.metric(f"ratio_best_runs[b={batch}]", figures["ratio"], "x", None, ">= 0.95")
+        record.metric(f"ratio_median_step[b={batch}]", round(median, 3), "x", None, ">= 0.95")
         rows.append(
             {
                 "batch_size": batch,
                 "steps_per_s": stage,
                 "minimal_loop_steps_per_s": loop,
                 "images_per_s": round(stage * batch, 3),
-                "ratio": figures["ratio"],
+                "ratio_best_runs": figures["ratio"],
+                "ratio_median_step": round(median, 3),
             }
         )
     record.swept("batch_size", "images_per_s", rows)
     record.compared(
         "minimal hand-written diffusers + peft loop (bench/train.py)",
-        head["ratio"],
-        f"stage steps/s ÷ loop steps/s at batch {batches[0]}",
+        rows[0]["ratio_median_step"],
+        f"loop median step time ÷ stage median step time (= steps/s ratio) at batch {batches[0]}",
         ">= 0.95",
     )
     record.raw = {"runs": runs}
@@ -98,8 +105,11 @@ def generate_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRec
         figures = bench_stage_overhead(root, **config, per_call=per_call, profiler=profiler)
     record = SuiteRecord("generate", config={**config, "images_per_call": list(per_call)})
     record.profile = figures.pop("profile", None)
-    record.latencies("stage_image", figures.pop("stage_image_s"), "one image through the stage")
-    record.latencies("direct_image", figures.pop("direct_image_s"), "one bare diffusers call")
+    stage_image_s, direct_image_s = figures.pop("stage_image_s"), figures.pop("direct_image_s")
+    record.latencies("stage_image", stage_image_s, "one image through the stage")
+    record.latencies("direct_image", direct_image_s, "one bare diffusers call")
+    median = statistics.median(stage_image_s) / statistics.median(direct_image_s)
+    record.metric("ratio_median_image", round(median, 3), "x", None, "<= 1.05")
     record.phases = {"stage": figures["stage_phases"], "direct": figures["direct_phases"]}
     images = config["images"]
     record.metric(

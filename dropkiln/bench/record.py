@@ -54,6 +54,11 @@ class SuiteRecord:
             value = None
         self.metrics[name] = Metric(value, unit, better, goal, headline)
 
+    def flag(self, name: str, goal: str | None = None, headline: bool = True) -> None:
+        """Give an existing metric a goal and show it in the terminal summary."""
+        self.metrics[name].goal = goal
+        self.metrics[name].headline = headline
+
     def latencies(self, name: str, seconds: Sequence[float], what: str) -> None:
         """A latency distribution (seconds) with its p50/p95/p99 in ms as metrics."""
         summary = latency_summary(seconds)

@@ -74,7 +74,7 @@ def store_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord
     record.metric(
         "plain_sqlite_commits_per_s", figures["sqlite_commits_per_s"], "commits/s", "higher"
     )
-    record.metric("tail_p95_ms", figures["tail_p95_ms"], "ms", "lower", "< 100", headline=True)
+    record.flag("tail_p95_ms", "< 100")
     record.metric("status_s", figures["status_s"], "s", "lower", "< 0.2", headline=True)
     record.metric("status_all_jobs_s", figures["status_all_jobs_s"], "s", "lower")
     record.metric("big_store_events", figures["big_store_events"], "events")
