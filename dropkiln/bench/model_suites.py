@@ -18,12 +18,12 @@ def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord
 
     warmup = options.warmup if options.warmup is not None else WARMUP_STEPS
     config: dict[str, Any] = {
-        "steps": options.pick(options.steps, 60, warmup + 7),
+        "steps": options.pick(options.steps, 60, warmup + 20),
         "size": options.pick(options.resolution, 64, 64),
         "rank": 8,
         "n_images": 8,
         "model": options.model,
-        "repeat": options.pick(options.repeats, 3, 1),
+        "repeat": options.pick(options.repeats, 3, 2),
         "device": options.device,
         "warmup": warmup,
     }
@@ -90,10 +90,10 @@ def generate_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRec
     from dropkiln.bench.generate import bench_stage_overhead
 
     config: dict[str, Any] = {
-        "images": 8 if not options.quick else 2,
+        "images": 8 if not options.quick else 4,
         "size": options.pick(options.resolution, 128, 64),
         "steps": options.pick(options.steps, 8, 4),
-        "repeat": options.pick(options.repeats, 3, 1),
+        "repeat": options.pick(options.repeats, 3, 2),
         "model": options.model,
         "device": options.device,
         "warmup": options.pick(options.warmup, 1, 1),
