@@ -32,7 +32,9 @@ from dropkiln.bench.generate import direct_images, script_per_job, write_prompt_
 from dropkiln.config import Settings
 from dropkiln.stages.prompts import ImageEntry
 
-POLL_S = 0.01
+POLL_S = 0.2
+"""How often to ask whether the jobs are done: the times come from the PNGs' mtimes and the
+jobs' start events, so a slow poll loses no precision and takes no CPU from the daemon."""
 
 
 def bench_daemon(
