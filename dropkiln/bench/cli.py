@@ -7,10 +7,13 @@ by ``--threads``; store, bucket and video never import it.
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 import time
 import traceback
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -45,11 +48,9 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         expected = ", ".join([*SUITE_NAMES, "all", "compare"])
         raise ValueError(f"unknown suite {args.suite!r}: expected one of {expected}")
     names = list(SUITE_NAMES) if args.suite == "all" else [args.suite]
-    uses_torch = bool(MODEL_SUITES.intersection(names))
-    device, dtype = _device(args.device or settings.device, uses_torch, args.threads)
     options = BenchOptions(
         model=args.model or settings.model,
-        device=device,
+        device="cpu",
         models_dir=settings.paths.models,
         quick=args.quick,
         resolution=_positive(args.resolution, "--resolution"),
@@ -59,8 +60,14 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         warmup=_at_least_zero(args.warmup, "--warmup"),
         events=_positive(args.events, "--events"),
     )
+    threads = _positive(args.threads, "--threads")
+    device, dtype = _device(
+        args.device or settings.device, bool(MODEL_SUITES & set(names)), threads
+    )
+    options = replace(options, device=device)
     out = Path(args.out) if args.out else settings.paths.bench / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info(device, dtype)
     started = time.perf_counter()
     records, failed = [], []
     for name in names:
@@ -69,14 +76,12 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
         if any(note.startswith("failed:") for note in record.notes):
             failed.append(name)
         records.append(record)
-    machine = machine_info(device, dtype)
+    machine["load_average_after"] = [round(value, 2) for value in os.getloadavg()]
     document = results_document(
         records, machine, _options_json(args, options), time.perf_counter() - started
     )
     written = write_results(document, out)
     if args.json_file:
-        import json
-
         write_atomic(Path(args.json_file), json.dumps(document, indent=1) + "\n")
     print(summary_table(document))
     print(f"\nreport: {out / 'report.md'}  ({len(written)} files in {out})")
@@ -142,7 +147,7 @@ def _device(requested: str, uses_torch: bool, threads: int | None) -> tuple[str,
 
     device = resolve_device(requested)
     if threads is not None:
-        torch.set_num_threads(_positive(threads, "--threads") or 1)
+        torch.set_num_threads(threads)
     elif device == "cpu":
         # With every core busy (other work, or bucketing's processes), torch's per-core
         # thread pool fights for them and runs up to ten times slower, and unevenly.
@@ -165,7 +170,6 @@ def _compare(files: list[str]) -> int:
 def _options_json(args: argparse.Namespace, options: BenchOptions) -> dict[str, Any]:
     return {
         "suite": args.suite,
-        "argv": sys.argv[1:],
         "model": options.model,
         "device": options.device,
         "quick": options.quick,

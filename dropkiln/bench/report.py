@@ -115,6 +115,7 @@ def markdown(document: dict[str, Any], plots: list[Path]) -> str:
         "dropkiln",
         "git_commit",
         "load_average",
+        "load_average_after",
     ):
         lines.append(f"| {key} | {machine.get(key)} |")
     versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items() if v)
