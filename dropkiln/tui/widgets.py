@@ -275,7 +275,7 @@ class JobsTable(Panel, DataTable[Any]):
         self._drawn_at = now
 
     def _rebuild(self, jobs: tuple[JobView, ...], columns: list[str], now: float) -> None:
-        selected = self._shown[self.cursor_row] if self._shown and self.cursor_row >= 0 else None
+        selected = self.selected_job.id if self.selected_job else None
         self.clear()
         for job in jobs:
             cells = job_cells(job, now)
