@@ -325,8 +325,14 @@ class EventLog(Panel, RichLog):
         if self._pending is not None:
             self._pending.extend(batch)
             return
-        for event in batch:
-            if event.seq > self.shown_upto and self.log_filter.matches(event):
-                self.write(fmt.event_line(event, root=self.dashboard.root), scroll_end=None)
+        root = self.dashboard.root
+        lines = [
+            fmt.event_line(event, root=root)
+            for event in batch
+            if event.seq > self.shown_upto and self.log_filter.matches(event)
+        ]
+        if lines:
+            # One write for the batch: RichLog measures and renders per call.
+            self.write(Text("\n", no_wrap=True, overflow="ellipsis").join(lines))
         if batch:
             self.shown_upto = max(self.shown_upto, batch[-1].seq)
