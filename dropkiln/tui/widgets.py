@@ -90,6 +90,9 @@ def job_counts(jobs: tuple[JobView, ...]) -> str:
     return " · ".join(f"{n} {state}" for state, n in counts.items() if n)
 
 
+BAR_WIDTH = 12
+
+
 class MemoryPanel(Panel, Vertical):
     """Device memory now (bar), over the last minutes (sparkline), its peak, and the rung."""
 
@@ -134,9 +137,6 @@ class MemoryPanel(Panel, Vertical):
         usage.append(f" · peak {fmt.size(peak)}", style="magenta")
         bar.update(usage)
         sparkline.data = [float(s.used or 0) for s in overview.memory]
-
-
-BAR_WIDTH = 12
 
 
 class NowRunning(Panel, Static):
