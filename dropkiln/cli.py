@@ -93,13 +93,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_tui(args: argparse.Namespace) -> int:
     from dropkiln.tui import run
 
+    # A missing database is explained on screen, and picked up as soon as it appears.
     settings = _settings(args)
-    if not settings.paths.db.exists():
-        raise CommandError(
-            f"no dropkiln database at {settings.paths.db}: run 'dropkiln init "
-            f"{settings.root}' and start 'dropkiln daemon'"
-        )
-    run(settings.root)
+    run(settings.root, poll_interval=max(settings.poll_interval, 0.1))
     return 0
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import TYPE_CHECKING, ClassVar, cast
 
 from rich.text import Text
 from textual import work
@@ -12,7 +12,7 @@ from textual.containers import Horizontal, Vertical, VerticalScroll
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 
-from dropkiln.store import StoredEvent, StoreError, find_job
+from dropkiln.store import JobView, StoredEvent, StoreError, find_job
 from dropkiln.store.events import job_stream
 from dropkiln.tui import format as fmt
 from dropkiln.tui.dialogs import FilterRequest, FilterScreen
@@ -61,7 +61,7 @@ class MainScreen(Screen[None]):
         notice.update(Text(problem or "", style="bold"))
 
     @property
-    def selected_job(self) -> Any:
+    def selected_job(self) -> JobView | None:
         return self.query_one(JobsTable).selected_job
 
     def on_data_table_row_selected(self, _event: DataTable.RowSelected) -> None:

@@ -90,6 +90,9 @@ def job_counts(jobs: tuple[JobView, ...]) -> str:
     return " · ".join(f"{n} {state}" for state, n in counts.items() if n)
 
 
+BAR_WIDTH = 12
+
+
 class MemoryPanel(Panel, Vertical):
     """Device memory now (bar), over the last minutes (sparkline), its peak, and the rung."""
 
@@ -134,9 +137,6 @@ class MemoryPanel(Panel, Vertical):
         usage.append(f" · peak {fmt.size(peak)}", style="magenta")
         bar.update(usage)
         sparkline.data = [float(s.used or 0) for s in overview.memory]
-
-
-BAR_WIDTH = 12
 
 
 class NowRunning(Panel, Static):
@@ -275,7 +275,7 @@ class JobsTable(Panel, DataTable[Any]):
         self._drawn_at = now
 
     def _rebuild(self, jobs: tuple[JobView, ...], columns: list[str], now: float) -> None:
-        selected = self._shown[self.cursor_row] if self._shown and self.cursor_row >= 0 else None
+        selected = self.selected_job.id if self.selected_job else None
         self.clear()
         for job in jobs:
             cells = job_cells(job, now)
@@ -325,8 +325,14 @@ class EventLog(Panel, RichLog):
         if self._pending is not None:
             self._pending.extend(batch)
             return
-        for event in batch:
-            if event.seq > self.shown_upto and self.log_filter.matches(event):
-                self.write(fmt.event_line(event, root=self.dashboard.root), scroll_end=None)
+        root = self.dashboard.root
+        lines = [
+            fmt.event_line(event, root=root)
+            for event in batch
+            if event.seq > self.shown_upto and self.log_filter.matches(event)
+        ]
+        if lines:
+            # One write for the batch: RichLog measures and renders per call.
+            self.write(Text("\n", no_wrap=True, overflow="ellipsis").join(lines))
         if batch:
             self.shown_upto = max(self.shown_upto, batch[-1].seq)
