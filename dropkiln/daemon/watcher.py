@@ -63,7 +63,8 @@ class DropWatcher:
     def __init__(self, folders: Iterable[Path], settle_seconds: float, tick: float = 0.25) -> None:
         self.folders = list(folders)
         self.settle_seconds = settle_seconds
-        self.tick = tick
+        # Re-check at least twice per settle window, so a drop is taken soon after it settles.
+        self.tick = max(0.02, min(tick, settle_seconds / 2))
         self._pending: dict[Path, _Pending] = {}
         self._handed: set[Path] = set()
 
@@ -109,8 +110,8 @@ class DropWatcher:
             yield entry
         async for _changes in watchfiles.awatch(
             *self.folders,
-            debounce=100,
-            step=50,
+            debounce=min(100, max(10, int(self.tick * 1000))),
+            step=min(50, max(10, int(self.tick * 500))),
             rust_timeout=int(self.tick * 1000),
             yield_on_timeout=True,
             recursive=True,

@@ -56,6 +56,7 @@ STOP_CHECK_EVERY = 16
 IN_FLIGHT_PER_WORKER = 2
 """Images queued per worker: enough to keep cores busy, few enough to stop quickly."""
 
+POOL_PAYS_OFF_AT = 32  # automatic workers: below this, starting a pool costs more than it saves
 WORKER_PRELOAD = ["numpy", "PIL.Image", "PIL.ImageCms", "PIL.PngImagePlugin", "pydantic_settings"]
 
 
@@ -357,6 +358,8 @@ def _process_context() -> multiprocessing.context.BaseContext:
 
 def _worker_count(configured: int, images: int) -> int:
     if configured == 0:
+        if images < POOL_PAYS_OFF_AT:
+            return 1
         configured = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
         configured = configured or os.cpu_count() or 1
     return max(1, min(configured, images))
