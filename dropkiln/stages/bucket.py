@@ -7,12 +7,10 @@ compared exactly; ties go to the larger bucket, then the narrower). The plan res
 cover the bucket and crops the centre, or a random box drawn from ``seed`` and the image's
 path (so a rerun crops the same way).
 
-This stage writes no pixels. It decodes every image once (a truncated file only fails when
-its pixels are read) through :func:`dropkiln.stages.imaging.decode_rgb`, the function the
-cache stage uses too; see that module for how frames, EXIF, ICC profiles, bit depths and
-alpha are handled. Decoding runs in a process pool (forkserver or spawn, never fork: the
-daemon has threads). A file that cannot be used is listed with its reason and never stops
-the dataset; a dataset without one usable image is a StageError.
+It writes no pixels but decodes every image once (truncation shows only then) with
+``imaging.decode_rgb``, as the cache stage does, in a process pool (forkserver or spawn:
+the daemon has threads). A bad file is listed with its reason and never stops the
+dataset; a dataset without one usable image is a StageError.
 """
 
 from __future__ import annotations
