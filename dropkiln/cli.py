@@ -105,13 +105,9 @@ def cmd_tui(args: argparse.Namespace) -> int:
 def _age(iso: str | None) -> str:
     from datetime import UTC, datetime
 
-    if not iso:
-        return "-"
-    seconds = (datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= size:
-            return f"{int(seconds // size)}{unit}"
-    return f"{int(seconds)}s"
+    from dropkiln.tui.format import age
+
+    return age((datetime.now(UTC) - datetime.fromisoformat(iso)).total_seconds()) if iso else "-"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -165,12 +161,9 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _event_line(event: Any) -> str:
-    data = " ".join(
-        f"{k}={json.dumps(v) if not isinstance(v, str) else v}"
-        for k, v in event.data.items()
-        if k not in ("spec",)
-    )
-    return f"{event.seq:>7} {event.at[11:23]} {event.stream:16} {event.type:16} {data[:160]}"
+    from dropkiln.tui.format import describe
+
+    return f"{event.seq:>7} {event.at[11:23]} {event.stream:16} {event.type:16} {describe(event)}"
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -232,28 +225,19 @@ def _append_command(args: argparse.Namespace, stream_of: Callable[[Any], str], e
     return _run(main)
 
 
-def cmd_cancel(args: argparse.Namespace) -> int:
-    from dropkiln.store.events import CancelRequested
+def cmd_command(args: argparse.Namespace) -> int:
+    """cancel / retry a job, pause / resume the queue: a command event the daemon obeys."""
+    from dropkiln.store import events
 
-    return _append_command(args, lambda job: f"job:{job.id}", CancelRequested(by="cli"))
-
-
-def cmd_retry(args: argparse.Namespace) -> int:
-    from dropkiln.store.events import RetryRequested
-
-    return _append_command(args, lambda job: f"job:{job.id}", RetryRequested(by="cli"))
-
-
-def cmd_pause(args: argparse.Namespace) -> int:
-    from dropkiln.store.events import QueuePaused
-
-    return _append_command(args, lambda _: "daemon", QueuePaused(by="cli"))
-
-
-def cmd_resume(args: argparse.Namespace) -> int:
-    from dropkiln.store.events import QueueResumed
-
-    return _append_command(args, lambda _: "daemon", QueueResumed(by="cli"))
+    event_type = {
+        "cancel": events.CancelRequested,
+        "retry": events.RetryRequested,
+        "pause": events.QueuePaused,
+        "resume": events.QueueResumed,
+    }[args.command]
+    on_job = args.command in ("cancel", "retry")
+    stream = (lambda job: f"job:{job.id}") if on_job else (lambda _: events.DAEMON_STREAM)
+    return _append_command(args, stream, event_type(by="cli"))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -335,12 +319,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("submit", cmd_submit, "drop a dataset folder, zip or prompt file (copies it)")
     p.add_argument("path")
     p.add_argument("--kind", choices=["dataset", "prompts"], help="default: guessed from PATH")
-    p = add("cancel", cmd_cancel, "cancel a job (a running one stops at its next check)")
+    p = add("cancel", cmd_command, "cancel a job (a running one stops at its next check)")
     p.add_argument("job")
-    p = add("retry", cmd_retry, "requeue a failed or cancelled job")
+    p = add("retry", cmd_command, "requeue a failed or cancelled job")
     p.add_argument("job")
-    add("pause", cmd_pause, "stop starting new jobs (running ones finish)")
-    add("resume", cmd_resume, "start jobs again")
+    add("pause", cmd_command, "stop starting new jobs (running ones finish)")
+    add("resume", cmd_command, "start jobs again")
     add("tui", cmd_tui, "the dashboard")
     p = add("store", cmd_store, "maintain the event store")
     p.add_argument("action", choices=["rebuild", "check"])

@@ -10,8 +10,7 @@ path (so a rerun crops the same way).
 It writes no pixels but decodes every image once (truncation shows only then) with
 ``imaging.decode_rgb``, as the cache stage does, in a process pool (forkserver or spawn:
 the daemon has threads). A bad file is listed with its reason and never stops the
-dataset; a dataset without one usable image is a StageError.
-"""
+dataset; a dataset without one usable image is a StageError."""
 
 from __future__ import annotations
 
