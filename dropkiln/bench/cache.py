@@ -69,6 +69,7 @@ def write_bench_manifest(root: Path, name: str, size: int) -> Path:
 def link_models(root: Path, models_dir: Path | None) -> None:
     """Use an existing models folder (tiny models already built) as ROOT/state/models."""
     if models_dir is not None:
+        Path(models_dir).mkdir(parents=True, exist_ok=True)  # a first run builds them there
         (root / "state").mkdir(parents=True, exist_ok=True)
         (root / "state" / "models").symlink_to(Path(models_dir).resolve(), target_is_directory=True)
 
