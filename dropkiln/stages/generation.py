@@ -62,7 +62,7 @@ class GenerationRun:
         self.tasks, self.output_dir = tasks, output_dir
         self.dtype = inference_dtype(ctx.device)
         self.lora_records = [
-            {"name": lo.name, "weight": lo.weight, "sha256": _file_sha256(Path(lo.path))}
+            {"name": lo.name, "weight": lo.weight, "sha256": lora_sha256(Path(lo.path))}
             for lo in spec.loras
         ]
         video = spec.prompt_file.video
@@ -299,9 +299,23 @@ def _finished(target: Path, digest: str) -> bool:
     return record is not None and record.get("digest") == digest
 
 
-def _file_sha256(path: Path) -> str:
+def _file_sha256(path: Path, offset: int = 0) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        handle.seek(offset)
         while chunk := handle.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def lora_sha256(path: Path) -> str:
+    """The LoRA hash A1111 and Civitai use: sha256 of the safetensors data, not the header.
+
+    The header holds training timestamps, so the same weights trained twice get one hash
+    and the images made with them the same bytes.
+    """
+    with open(path, "rb") as handle:
+        header = int.from_bytes(handle.read(8), "little")
+    if 8 + header > path.stat().st_size:
+        return _file_sha256(path)  # not safetensors after all; loading it will say so
+    return _file_sha256(path, offset=8 + header)
