@@ -120,6 +120,7 @@ def _parse_dataset(
         model, bucket, train = load_dataset_options(read_from, settings)
     except StageError as exc:
         raise DropRejection(str(exc)) from exc
+    check_model(model)
     return ParsedDrop(
         DATASET,
         name,
@@ -128,6 +129,20 @@ def _parse_dataset(
         size,
         folder,
         {"model": model, "bucket": bucket.model_dump(), "train": train.model_dump()},
+    )
+
+
+def check_model(model: str) -> None:
+    """Refuse a drop whose model cannot be found, before its jobs exist (nothing is loaded:
+    the job checks the weights when it runs)."""
+    from dropkiln.stages.models import TINY_NAMES
+
+    path = Path(model).expanduser()
+    if model in TINY_NAMES or path.is_dir() or path.is_file():
+        return
+    raise DropRejection(
+        f"unknown model {model!r}: expected {' or '.join(TINY_NAMES)}, a local diffusers folder "
+        "or a local .safetensors file"
     )
 
 
@@ -164,6 +179,7 @@ def _parse_prompts(
         prompt_file = load_prompt_file(prompt_path, settings)
     except StageError as exc:
         raise DropRejection(str(exc)) from exc
+    check_model(prompt_file.model or settings.model)
     stored_file = stored if entry.is_file() else stored / prompt_path.relative_to(entry)
     return ParsedDrop(
         PROMPTS,
