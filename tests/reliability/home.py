@@ -53,7 +53,10 @@ class Home:
 
     def __init__(self, root: Path, config: str = CONFIG, env: dict[str, str] | None = None) -> None:
         self.root = root
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})}
+        # One intra-op thread: the suite shares two busy cores, where OpenMP's spinning
+        # threads make tiny-model steps many times slower (and the reference run uses the
+        # same, so outputs compare bit for bit).
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
         self.env.pop("DROPKILN_FAULTS", None)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = root / "daemon.log"

@@ -200,9 +200,11 @@ class PromptDropper:
             self.dropped = True
 
 
-def finish(home: Home, prompts: PromptDropper, timeout: float = 240) -> list[dict[str, Any]]:
+def finish(
+    home: Home, prompts: PromptDropper, timeout: float = 240, faults: str = ""
+) -> list[dict[str, Any]]:
     """Start the daemon once more, let every job end, stop it with SIGTERM (exit 0)."""
-    home.start()
+    home.start(faults=faults)
     home.wait_serving()
 
     def done(h: Home) -> bool:
