@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
@@ -92,13 +93,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_tui(args: argparse.Namespace) -> int:
     from dropkiln.tui import run
 
+    # A missing database is explained on screen, and picked up as soon as it appears.
     settings = _settings(args)
-    if not settings.paths.db.exists():
-        raise CommandError(
-            f"no dropkiln database at {settings.paths.db}: run 'dropkiln init "
-            f"{settings.root}' and start 'dropkiln daemon'"
-        )
-    run(settings.root)
+    run(settings.root, poll_interval=max(settings.poll_interval, 0.1))
     return 0
 
 
@@ -373,6 +370,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # The reader went away (`dropkiln events | head`): stop quietly, like other tools.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except Exception as exc:
         from dropkiln.daemon.lock import AlreadyRunning
 

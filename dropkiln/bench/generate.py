@@ -160,16 +160,18 @@ def bench_warm_vs_processes(
 
 def bench_generate(
     images: int = 8, size: int = 128, steps: int = 8, repeat: int = 3, files: int = 10,
-    file_images: int = 2, threads: int = 1,
+    file_images: int = 2, threads: int = 1, models_dir: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
-    """Both generate benchmarks in one temporary ROOT."""
+    """Both generate benchmarks in a temporary ROOT (tiny models from ``models_dir``, or built)."""
     import torch
 
+    from dropkiln.bench.cache import link_models
     from dropkiln.stages.models import ensure_tiny_model
 
     torch.set_num_threads(threads)
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         root = Path(scratch)
+        link_models(root, models_dir)
         ensure_tiny_model("tiny-sdxl", root / "state" / "models")
         overhead = bench_stage_overhead(root, images, size, steps, repeat)
         warm = bench_warm_vs_processes(root, files, file_images, size, steps, threads)

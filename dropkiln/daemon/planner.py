@@ -120,7 +120,6 @@ def _parse_dataset(
         model, bucket, train = load_dataset_options(read_from, settings)
     except StageError as exc:
         raise DropRejection(str(exc)) from exc
-    check_model(model)
     return ParsedDrop(
         DATASET,
         name,
@@ -129,20 +128,6 @@ def _parse_dataset(
         size,
         folder,
         {"model": model, "bucket": bucket.model_dump(), "train": train.model_dump()},
-    )
-
-
-def check_model(model: str) -> None:
-    """Refuse a drop whose model cannot be found, before its jobs exist (nothing is loaded:
-    the job checks the weights when it runs)."""
-    from dropkiln.stages.models import TINY_NAMES
-
-    path = Path(model).expanduser()
-    if model in TINY_NAMES or path.is_dir() or path.is_file():
-        return
-    raise DropRejection(
-        f"unknown model {model!r}: expected {' or '.join(TINY_NAMES)}, a local diffusers folder "
-        "or a local .safetensors file"
     )
 
 
@@ -179,7 +164,6 @@ def _parse_prompts(
         prompt_file = load_prompt_file(prompt_path, settings)
     except StageError as exc:
         raise DropRejection(str(exc)) from exc
-    check_model(prompt_file.model or settings.model)
     stored_file = stored if entry.is_file() else stored / prompt_path.relative_to(entry)
     return ParsedDrop(
         PROMPTS,
@@ -189,6 +173,23 @@ def _parse_prompts(
         size,
         stored,
         {"prompt_file": prompt_file, "stored_file": str(stored_file), "source": entry},
+    )
+
+
+def check_model(model: str) -> None:
+    """Refuse a ``model`` that names nothing, at drop time rather than when the job runs."""
+    from dropkiln.stages.models import TINY_NAMES
+
+    if model in TINY_NAMES:
+        return
+    path = Path(model).expanduser()
+    if path.is_dir() and (path / "model_index.json").is_file():
+        return
+    if path.is_file() and path.suffix == ".safetensors":
+        return
+    raise DropRejection(
+        f"model {model!r} is neither {' nor '.join(TINY_NAMES)}, a local diffusers folder "
+        "(with model_index.json) nor a local .safetensors file; nothing is downloaded"
     )
 
 
@@ -232,6 +233,7 @@ class Planner:
         """bucket (CPU) → cache (GPU) → train (GPU), each reading the one before."""
         options = drop.options
         model, train = options["model"], options["train"]
+        check_model(model)
         resolution = options["bucket"]["resolution"]
         bucket = self._job(
             "bucket",
@@ -273,6 +275,7 @@ class Planner:
 
         prompt_file = drop.options["prompt_file"]
         model = prompt_file.model or self.settings.model
+        check_model(model)
         loras: list[dict[str, Any]] = []
         depends_on: list[str] = []
         for ref in prompt_file.loras:

@@ -53,6 +53,8 @@ MANIFEST_NAME = "manifest.json"
 RESULT_REJECTIONS = 50
 STOP_CHECK_EVERY = 16
 """Images between two ``should_stop`` checks; a rerun redoes at most this many (cheaply)."""
+IN_FLIGHT_PER_WORKER = 2
+"""Images queued per worker: enough to keep cores busy, few enough to stop quickly."""
 
 WORKER_PRELOAD = ["numpy", "PIL.Image", "PIL.ImageCms", "PIL.PngImagePlugin", "pydantic_settings"]
 
@@ -276,8 +278,7 @@ def _plan_in_pool(
     in_flight: dict[Future[ManifestImage | Rejection], ImageTask] = {}
     try:
         while queue or in_flight:
-            # A short queue per worker keeps cores busy and makes a stop quick.
-            while queue and len(in_flight) < 2 * workers:
+            while queue and len(in_flight) < IN_FLIGHT_PER_WORKER * workers:
                 stop_check.tick()
                 ctx.fault("bucket.image")
                 task = queue.popleft()

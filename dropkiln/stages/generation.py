@@ -18,6 +18,7 @@ from dropkiln.stages.control import (
 )
 from dropkiln.stages.inference_memory import apply_rung, undo_rung
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
+from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
     latent_preview,
@@ -32,8 +33,8 @@ from dropkiln.stages.render import (
     prompt_embeddings,
     render_from_embeddings,
     render_image,
-    use_scheduler,
 )
+from dropkiln.stages.schedulers import make_scheduler
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -62,7 +63,7 @@ class GenerationRun:
         self.tasks, self.output_dir = tasks, output_dir
         self.dtype = inference_dtype(ctx.device)
         self.lora_records = [
-            {"name": lo.name, "weight": lo.weight, "sha256": lora_sha256(Path(lo.path))}
+            {"name": lo.name, "weight": lo.weight, "sha256": safetensors_data_sha256(Path(lo.path))}
             for lo in spec.loras
         ]
         video = spec.prompt_file.video
@@ -78,6 +79,7 @@ class GenerationRun:
         self._active: tuple[str | None, Any] | None = None
         self._stopping = False
         self._keyframes: dict[int, tuple[dict[str, Any], Any]] = {}
+        self._schedulers: dict[str, Any] = {}
 
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
@@ -105,7 +107,7 @@ class GenerationRun:
                 continue
             self._stop_point("images", position)
             pipe = self._pipeline_for(task)
-            use_scheduler(pipe, task.scheduler, self._base_scheduler_config)
+            self._use_scheduler(pipe, task.scheduler)
             control = None
             if task.control is not None:
                 control = load_control_image(task.control.image, f"image[{task.entry}]")
@@ -132,7 +134,7 @@ class GenerationRun:
                 continue
             self._stop_point("walk", frame.index)
             pipe = self._pipeline_for(lead)
-            use_scheduler(pipe, lead.scheduler, self._base_scheduler_config)
+            self._use_scheduler(pipe, lead.scheduler)
             first_embeds, first_noise = self._keyframe(pipe, frame.first)
             second_embeds, second_noise = self._keyframe(pipe, frame.second)
             image = render_from_embeddings(
@@ -155,7 +157,7 @@ class GenerationRun:
         if task.control is not None:
             control_file = Path(task.control.image)
             image["control"]["image"] = control_file.name
-            image["control"]["sha256"] = _file_sha256(control_file)
+            image["control"]["sha256"] = file_sha256(control_file)
         content = {"image": image, "model": self._model_record(), "loras": self.lora_records}
         return self._sealed(content)
 
@@ -266,6 +268,13 @@ class GenerationRun:
             self._active = None
             undo_rung(pipeline, self.rung.options, self.ctx.device)
 
+    def _use_scheduler(self, pipe: Any, name: str) -> None:
+        # one per name and job: every pipeline call starts with set_timesteps, which resets
+        # a scheduler's state, so reusing it is what diffusers itself does between calls
+        if name not in self._schedulers:
+            self._schedulers[name] = make_scheduler(name, self._base_scheduler_config)
+        pipe.scheduler = self._schedulers[name]
+
     def _keyframe(self, pipe: Any, index: int) -> tuple[dict[str, Any], Any]:
         if index not in self._keyframes:
             # the keyframe's own prompt and seed, the walk's guidance (it decides on CFG)
@@ -297,25 +306,3 @@ def _finished(target: Path, digest: str) -> bool:
         return False
     record = read_dropkiln_record(target)
     return record is not None and record.get("digest") == digest
-
-
-def _file_sha256(path: Path, offset: int = 0) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        handle.seek(offset)
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def lora_sha256(path: Path) -> str:
-    """The LoRA hash A1111 and Civitai use: sha256 of the safetensors data, not the header.
-
-    The header holds training timestamps, so the same weights trained twice get one hash
-    and the images made with them the same bytes.
-    """
-    with open(path, "rb") as handle:
-        header = int.from_bytes(handle.read(8), "little")
-    if 8 + header > path.stat().st_size:
-        return _file_sha256(path)  # not safetensors after all; loading it will say so
-    return _file_sha256(path, offset=8 + header)

@@ -36,6 +36,8 @@ def rung_applied(pipe: Any, rung: MemoryRung, device: str) -> Iterator[Any]:
 
 def apply_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
     """Switch on the rung's options through diffusers' own switches."""
+    import torch
+
     if options.get("attention_slicing"):
         pipe.enable_attention_slicing()
     if options.get("vae_slicing"):
@@ -43,8 +45,8 @@ def apply_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
     if options.get("vae_tiling"):
         pipe.vae.enable_tiling()
     offload = options.get("offload")
-    if offload is None:
-        pipe.to(device)  # back from the CPU, if an offloading job left it there
+    if offload is None and pipe.device != torch.device(device):
+        pipe.to(device)  # back from the CPU, where an offloading job left it
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
     elif offload == "sequential":

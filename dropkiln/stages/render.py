@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.base import StageError
 from dropkiln.stages.prompts import ImageTask
-from dropkiln.stages.schedulers import make_scheduler, needs_zero_snr
+from dropkiln.stages.schedulers import needs_zero_snr
 
 if TYPE_CHECKING:
     import torch
@@ -65,10 +65,6 @@ def seeded(seed: int) -> torch.Generator:
     import torch
 
     return torch.Generator("cpu").manual_seed(seed)
-
-
-def use_scheduler(pipe: Any, name: str, base_config: Any) -> None:
-    pipe.scheduler = make_scheduler(name, base_config)
 
 
 def render_image(

@@ -149,7 +149,7 @@ async def wait_until_paused(daemon: object) -> None:
 async def test_cpu_lane_does_not_wait_behind_the_gpu(settings: Settings) -> None:
     async with running_daemon(settings) as daemon:
         store = daemon.store
-        await submit(store, "gpu", steps=100, sleep=0.03)
+        await submit(store, "gpu", steps=300, sleep=0.03)
         await wait_job(store, "gpu", lambda j: j.state == "running")
         await submit(store, "cpu", stage="cpusteps", steps=2)
         assert (await wait_job(store, "cpu", ended)).state == "succeeded"
@@ -161,13 +161,13 @@ async def test_cpu_lane_does_not_wait_behind_the_gpu(settings: Settings) -> None
 async def test_higher_priority_gpu_job_preempts_and_the_other_resumes(settings: Settings) -> None:
     async with running_daemon(settings) as daemon:
         store = daemon.store
-        await submit(store, "train", steps=30, sleep=0.03)
+        await submit(store, "train", steps=150, sleep=0.03)
         await wait_job(store, "train", lambda j: j.done >= 3)
         await submit(store, "gen", stage="urgent", steps=2)
         assert (await wait_job(store, "gen", ended)).state == "succeeded"
         train = await wait_job(store, "train", ended)
         assert train.state == "succeeded"
-        assert train.result is not None and train.result["ran"] == list(range(1, 31))
+        assert train.result is not None and train.result["ran"] == list(range(1, 151))
         types = await types_of(store, "train")
         assert "JobPreempted" in types
         gen_started = [e for e in await store.read(0, limit=None) if e.type == "JobStarted"]

@@ -196,6 +196,6 @@ DATASET_CASES = [
         "toml-unknown-model",
         "dataset",
         _dataset({"dataset.toml": 'model = "no-such-model"\n'}),
-        Rejected(r"unknown model 'no-such-model'"),
+        Rejected(r"model 'no-such-model' is neither tiny-sdxl nor tiny-sd15"),
     ),
 ]

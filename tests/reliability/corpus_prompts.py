@@ -138,7 +138,7 @@ PROMPT_CASES = [
         "prompt-unknown-model",
         "prompts",
         _prompt('model = "no-such-model"\n' + _prompt_image()),
-        Rejected(r"unknown model 'no-such-model'"),
+        Rejected(r"model 'no-such-model' is neither tiny-sdxl nor tiny-sd15"),
     ),
     DropCase(
         "prompt-control-escapes",

@@ -10,8 +10,6 @@ when this process may mount: root in a sandbox; otherwise that test is skipped).
 
 from __future__ import annotations
 
-import time
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +19,6 @@ from tests.reliability.home import TERMINAL, Home
 from tests.reliability.pipeline import (
     JOBS,
     PromptDropper,
-    assert_finished_once,
     drop_dataset,
 )
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from dropkiln.stages.generation import lora_sha256
+from dropkiln.stages.models.refs import safetensors_data_sha256 as lora_sha256
 from dropkiln.stages.training.lora_export import tensor_data_sha256
 
 

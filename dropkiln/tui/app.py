@@ -1,0 +1,321 @@
+"""The dashboard app: opens the store, polls it in workers, writes command events."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from sqlalchemy.exc import SQLAlchemyError
+from textual import work
+from textual.app import App
+from textual.binding import Binding, BindingType
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.signal import Signal
+from textual.worker import Worker, WorkerState
+
+from dropkiln.store import EventStore, JobView, StoredEvent, StoreError
+from dropkiln.store.events import (
+    DAEMON_STREAM,
+    CancelRequested,
+    Event,
+    QueuePaused,
+    QueueResumed,
+    RetryRequested,
+    job_stream,
+)
+from dropkiln.tui.dialogs import ConfirmScreen, HelpScreen
+from dropkiln.tui.reads import (
+    LogFilter,
+    Overview,
+    read_jobs,
+    read_log,
+    read_overview,
+    refresh_jobs,
+)
+from dropkiln.tui.screens import MainScreen
+from dropkiln.tui.widgets import WIDE_AT
+
+TALL_AT = 32
+"""Terminal height from which sparklines get several rows."""
+
+T = TypeVar("T")
+POLL_BATCH = 500
+STATUS_INTERVAL_S = 1.0
+REOPEN_INTERVAL_S = 1.0
+PAUSE_HELP = "Pause or resume the queue (running jobs finish; nothing new starts)"
+CANCELLABLE = frozenset({"queued", "waiting", "running"})
+RETRYABLE = frozenset({"failed", "cancelled"})
+
+
+def missing_database_text(db_path: Path) -> str:
+    root = db_path.parent.parent
+    return (
+        f"No dropkiln database at {db_path}.\n\n"
+        f"Create one with   dropkiln init {root}\n"
+        f"then start        dropkiln daemon --root {root}\n\n"
+        "This screen picks it up as soon as it exists."
+    )
+
+
+class DropkilnApp(App[None]):
+    """Watch and steer dropkiln: jobs, device memory and the event log, live."""
+
+    CSS_PATH = "dropkiln.tcss"
+    TITLE = "dropkiln"
+    ENABLE_COMMAND_PALETTE = False
+    # Textual types this as an instance attribute, so mypy refuses a ClassVar annotation.
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE_AT, "-wide")]  # noqa: RUF012
+    VERTICAL_BREAKPOINTS = [(0, "-short"), (TALL_AT, "-tall")]  # noqa: RUF012
+    BINDINGS: ClassVar[list[BindingType]] = [
+        Binding("p", "toggle_pause", "Pause/resume", tooltip=PAUSE_HELP),
+        Binding("question_mark", "help", "Help", key_display="?", tooltip="This list of keys"),
+        Binding("q", "quit", "Quit", tooltip="Quit the dashboard (the daemon keeps running)"),
+    ]
+
+    overview: reactive[Overview] = reactive(Overview)
+    jobs: reactive[tuple[JobView, ...]] = reactive(tuple)
+    now: reactive[float] = reactive(0.0)
+    problem: reactive[str | None] = reactive(None)
+    """Why the store cannot be read (missing database, read error), if it cannot."""
+    loaded: reactive[bool] = reactive(False)
+    """True once the first full read (jobs, overview) is done and the polls run."""
+
+    def __init__(
+        self,
+        db_path: Path,
+        poll_interval: float = 0.1,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__()
+        self.db_path = Path(db_path)
+        self.poll_interval = poll_interval
+        self.clock = clock
+        self.store: EventStore | None = None
+        self.events_read = 0
+        """Seq of the newest event the tail has read."""
+        self.initial_log: list[StoredEvent] = []
+        """The log's last window as read at start, for the event log to show first."""
+        self.new_events: Signal[list[StoredEvent]] = Signal(self, "new-events")
+        self._more_waiting = False
+        self._daemon_was_up: bool | None = None
+        self._store_tasks: set[asyncio.Future[Any]] = set()
+        self._closing = False
+
+    @property
+    def root(self) -> str:
+        """The dropkiln ROOT: as the daemon announced it, else the one holding the database."""
+        return self.overview.daemon.root or str(self.db_path.parent.parent)
+
+    def get_default_screen(self) -> Screen[Any]:
+        return MainScreen()
+
+    def on_mount(self) -> None:
+        self.now = self.clock()
+        self.open_store()
+
+    async def on_unmount(self) -> None:
+        self._closing = True
+        while self._store_tasks:
+            await asyncio.gather(*self._store_tasks, return_exceptions=True)
+        if self.store is not None:
+            await self.store.close()
+
+    # Reading --------------------------------------------------------------------------------
+
+    async def _shielded(self, work: Awaitable[T]) -> T:
+        # A query abandoned inside the SQLite driver (its worker cancelled on quit) leaves a
+        # connection behind that later calls into a closed loop: let every store call finish,
+        # and have on_unmount wait for the ones still running before it closes the store.
+        if self._closing:
+            if asyncio.iscoroutine(work):
+                work.close()
+            raise StoreError("the dashboard is closing")
+        task = asyncio.ensure_future(work)
+        self._store_tasks.add(task)
+        task.add_done_callback(self._store_tasks.discard)
+        return await asyncio.shield(task)
+
+    async def using_store(self, work: Callable[[EventStore], Awaitable[T]]) -> T:
+        """Run ``work`` on the open store; cancelling the caller does not cut it off."""
+        if self.store is None:
+            raise StoreError(f"the store at {self.db_path} is not open")
+        return await self._shielded(work(self.store))
+
+    @work(exclusive=True, group="open", exit_on_error=False)
+    async def open_store(self) -> None:
+        """Open the store and read the current state; retry while the database is missing."""
+        if not self.db_path.exists():
+            self.problem = missing_database_text(self.db_path)
+            self.set_timer(REOPEN_INTERVAL_S, self.open_store)
+            return
+        try:
+            jobs, overview = await self._shielded(self._open())
+        except (StoreError, SQLAlchemyError, OSError) as exc:
+            self.problem = f"Cannot read {self.db_path}: {exc}"
+            self.set_timer(REOPEN_INTERVAL_S, self.open_store)
+            return
+        self.jobs, self.overview, self.now = jobs, overview, self.clock()
+        self.problem = None
+        self._notice_daemon()
+        self.loaded = True
+        self.poll_events()
+        self.poll_status()
+
+    async def _open(self) -> tuple[tuple[JobView, ...], Overview]:
+        # Nothing here grows with the length of the log: the tables come from the
+        # projections and the log shows its last window, from whose end the tail goes on.
+        # The reads run side by side; the tail may re-read what the window already holds,
+        # never skip what it does not.
+        store = await EventStore.open(self.db_path)
+        try:
+            jobs, overview, recent = await asyncio.gather(
+                read_jobs(store), read_overview(store), read_log(store, LogFilter())
+            )
+        except BaseException:
+            await store.close()
+            raise
+        self.store = store
+        self.events_read = recent[-1].seq if recent else 0
+        self.initial_log = recent
+        return jobs, overview
+
+    @work(exclusive=True, group="events", exit_on_error=False)
+    async def poll_events(self) -> None:
+        """Read what was appended since the last poll and hand it to the screens."""
+        after = self.events_read
+        batch = await self.using_store(lambda store: store.read(after, limit=POLL_BATCH))
+        self._more_waiting = len(batch) == POLL_BATCH
+        if not batch:
+            return
+        self.events_read = batch[-1].seq
+        self.new_events.publish(batch)
+        jobs = self.jobs
+        self.jobs = await self.using_store(lambda store: refresh_jobs(store, jobs, batch))
+        if any(event.stream == DAEMON_STREAM for event in batch):
+            await self._read_overview()
+
+    @work(exclusive=True, group="status", exit_on_error=False)
+    async def poll_status(self) -> None:
+        """Heartbeat, queue state and device memory, about once a second."""
+        await self._read_overview()
+
+    async def _read_overview(self) -> None:
+        self.overview = await self.using_store(read_overview)
+        self.now = self.clock()
+        self._notice_daemon()
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        # Re-arm a poll only once it has finished, so slow reads never pile up.
+        worker = event.worker
+        if event.state not in (WorkerState.SUCCESS, WorkerState.ERROR):
+            return
+        if event.state == WorkerState.ERROR:
+            self.problem = f"Reading {self.db_path} failed: {worker.error}"
+        elif worker.group in ("events", "status") and self.problem:
+            self.problem = None
+        if worker.group == "events":
+            self.set_timer(0.0 if self._more_waiting else self.poll_interval, self.poll_events)
+        elif worker.group == "status":
+            self.set_timer(STATUS_INTERVAL_S, self.poll_status)
+
+    def _notice_daemon(self) -> None:
+        up = self.overview.daemon.running(self.now)
+        if self._daemon_was_up is not None and up != self._daemon_was_up:
+            if up:
+                self.notify(f"The daemon is back (pid {self.overview.daemon.pid}).")
+            else:
+                self.notify(
+                    "The daemon is not running: showing its last state.", severity="warning"
+                )
+        self._daemon_was_up = up
+
+    # Commands -------------------------------------------------------------------------------
+
+    def request_cancel(self, job: JobView | None) -> None:
+        """Ask, then append CancelRequested to the job's stream."""
+        if job is None:
+            self.notify("No job selected.", severity="warning")
+        elif job.state not in CANCELLABLE:
+            self.notify(f"Job {job.id[:8]} is {job.state}: nothing to cancel.", severity="warning")
+        elif job.requested == "cancel":
+            self.notify(f"Cancel of {job.id[:8]} is already requested.")
+        else:
+            self._confirm(
+                f"Cancel {job.stage} job “{job.name}” ({job.id[:8]}, {job.state})?\n"
+                "A running job saves a checkpoint and stops.",
+                "Cancel job",
+                job_stream(job.id),
+                CancelRequested(by="tui"),
+                f"Cancel requested for {job.id[:8]}.",
+            )
+
+    def request_retry(self, job: JobView | None) -> None:
+        """Ask, then append RetryRequested to the job's stream."""
+        if job is None:
+            self.notify("No job selected.", severity="warning")
+        elif job.state not in RETRYABLE:
+            self.notify(
+                f"Job {job.id[:8]} is {job.state}: only failed or cancelled jobs are retried.",
+                severity="warning",
+            )
+        else:
+            self._confirm(
+                f"Retry {job.stage} job “{job.name}” ({job.id[:8]}, {job.state})?\n"
+                "It runs again from its last checkpoint.",
+                "Retry job",
+                job_stream(job.id),
+                RetryRequested(by="tui"),
+                f"Retry requested for {job.id[:8]}.",
+            )
+
+    def _confirm(self, question: str, label: str, stream: str, command: Event, done: str) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.send_command(stream, command, done)
+
+        self.push_screen(ConfirmScreen(question, label), answered)
+
+    def action_toggle_pause(self) -> None:
+        if not self.loaded:
+            return
+        if self.overview.paused:
+            self.send_command(DAEMON_STREAM, QueueResumed(by="tui"), "Queue resumed.")
+        else:
+            self.send_command(
+                DAEMON_STREAM, QueuePaused(by="tui"), "Queue paused: running jobs finish."
+            )
+
+    @work(group="commands", exit_on_error=False)
+    async def send_command(self, stream: str, command: Event, done: str) -> None:
+        """Append one command event; the daemon tails the log and obeys it."""
+        try:
+            await self.using_store(lambda store: store.append(stream, [command]))
+        except (StoreError, SQLAlchemyError) as exc:
+            self.notify(f"Could not write {command.type_name()}: {exc}", severity="error")
+            return
+        self.notify(done)
+
+    def action_help(self) -> None:
+        screen = self.screen
+        if isinstance(screen, HelpScreen):
+            return
+        keys = [
+            (
+                active.binding.key_display or active.binding.key,
+                active.binding.tooltip or active.binding.description,
+            )
+            for active in screen.active_bindings.values()
+            if active.binding.show and active.binding.description
+        ]
+        self.push_screen(HelpScreen(keys))
+
+
+def run(root: Path, poll_interval: float = 0.1) -> None:
+    """Run the dashboard on the dropkiln home at ``root`` until the user quits."""
+    from dropkiln.config import Paths
+
+    DropkilnApp(Paths(Path(root)).db, poll_interval=poll_interval).run()

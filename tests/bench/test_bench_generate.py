@@ -1,0 +1,41 @@
+"""The generate and video benchmarks run end to end on tiny settings (figures not asserted)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dropkiln.bench.generate import bench_generate
+from dropkiln.bench.video import bench_video
+
+
+@pytest.fixture(scope="session")
+def bench_generate_models(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import torch
+
+    from dropkiln.stages.models import ensure_tiny_model
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.getbasetemp() / "bench-models"
+    ensure_tiny_model("tiny-sdxl", folder)
+    return folder
+
+
+@pytest.mark.slow
+def test_bench_generate_reports_ratios(bench_generate_models: Path) -> None:
+    figures = bench_generate(images=1, size=64, steps=2, repeat=1, files=1, file_images=1,
+                             models_dir=bench_generate_models)  # fmt: skip
+    overhead, warm = figures["overhead"], figures["warm_vs_processes"]
+    assert overhead["ratio_vs_direct"] == pytest.approx(
+        overhead["stage_s"] / overhead["direct_s"], rel=0.05
+    )
+    assert warm["speedup"] == pytest.approx(
+        warm["process_per_file_s"] / warm["warm_stage_s"], rel=0.05
+    )
+
+
+def test_bench_video_reports_a_ratio() -> None:
+    figures = bench_video(images=2, size=64, fps=4, seconds_per_image=1.0, repeat=1)
+    assert figures["frames"] == 8
+    assert figures["ratio"] == pytest.approx(figures["stage_s"] / figures["in_memory_s"], rel=0.05)

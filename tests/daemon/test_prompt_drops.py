@@ -1,0 +1,100 @@
+"""Prompt files through a real daemon: planning, LoRA dependencies, control folders, rejects."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from dropkiln.config import Settings
+from dropkiln.store import list_jobs
+from tests.daemon.harness import ended, running_daemon, wait_job
+from tests.daemon.test_ingest import SMALL, drop_dataset, wait_drops
+
+pytestmark = pytest.mark.slow
+
+TINY = """
+[defaults]
+steps = 2
+width = 64
+height = 64
+"""
+
+
+@pytest.fixture
+def small(settings: Settings) -> Settings:
+    settings.train.steps = 2
+    settings.train.checkpoint_every = 1
+    settings.train.rank = 2
+    return settings
+
+
+def place(settings: Settings, name: str, text: str) -> None:
+    staging = settings.root / f".{name}.part"
+    staging.write_text(text)
+    staging.rename(settings.paths.prompts / name)
+
+
+async def test_bad_prompt_files_are_rejected_with_the_field_named(small: Settings) -> None:
+    async with running_daemon(small) as daemon:
+        place(small, "typo.toml", TINY + '[[image]]\nprompt = "x"\nstpes = 3\n')
+        place(small, "nolora.toml", 'loras = ["ghost"]\n' + TINY + '[[image]]\nprompt = "x"\n')
+        place(
+            small, "nomodel.toml", 'model = "/nowhere/model"\n' + TINY + '[[image]]\nprompt = "x"\n'
+        )
+        place(small, "escape.toml", TINY + '[[image]]\nprompt = "x"\nname = "../up"\n')
+        drops = {d["name"]: d for d in await wait_drops(daemon.store, 4)}
+        assert {d["state"] for d in drops.values()} == {"failed"}
+        assert "stpes" in str(drops["typo"]["reason"])
+        assert "ghost" in str(drops["nolora"]["reason"])
+        assert "/nowhere/model" in str(drops["nomodel"]["reason"])
+        assert "name" in str(drops["escape"]["reason"])
+        for name in ("typo", "nolora", "nomodel", "escape"):
+            assert (small.paths.failed / f"{name}.toml").is_file()
+            assert (small.paths.failed / f"{name}.toml.error.txt").is_file()
+        assert await list_jobs(daemon.store) == []
+
+
+async def test_a_prompt_using_a_lora_in_training_waits_for_it_then_renders(
+    small: Settings,
+) -> None:
+    async with running_daemon(small) as daemon:
+        drop_dataset(small, "shapes", toml=SMALL)
+        await wait_drops(daemon.store, 1)
+        prompt = 'loras = [{ name = "shapes", weight = 0.7 }]\n' + TINY
+        prompt += (
+            '[[image]]\nprompt = "shape"\ncount = 2\n[video]\nfps = 4\nseconds_per_image = 0.5\n'
+        )
+        place(small, "use.toml", prompt)
+        await wait_drops(daemon.store, 2)
+        jobs = {j.stage: j for j in await list_jobs(daemon.store)}
+        assert jobs["generate"].depends_on == [jobs["train"].id]
+        assert jobs["video"].depends_on == [jobs["generate"].id]
+        video = await wait_job(daemon.store, jobs["video"].id, ended, timeout=180)
+        assert video.state == "succeeded", video.error
+        generate = await wait_job(daemon.store, jobs["generate"].id, ended)
+        assert generate.result is not None
+        assert [Path(p).name for p in generate.result["images"]] == ["000-1.png", "001-2.png"]
+        assert generate.result["loras"][0]["name"] == "shapes"
+        assert (small.paths.videos / "use.mp4").is_file()
+
+
+async def test_a_prompt_folder_with_a_control_image_renders_from_processed(
+    small: Settings,
+) -> None:
+    folder = small.root / "staging" / "posed"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), "white").save(folder / "pose.png")
+    (folder / "prompts.toml").write_text(
+        TINY + '[[image]]\nprompt = "x"\ncontrol = { image = "pose.png", scale = 0.5 }\n'
+    )
+    async with running_daemon(small) as daemon:
+        folder.rename(small.paths.prompts / "posed")
+        (drop,) = await wait_drops(daemon.store, 1)
+        assert drop["state"] == "ingested", drop["reason"]
+        (job,) = await list_jobs(daemon.store)
+        control = job.spec["prompt_file"]["images"][0]["control"]["image"]
+        assert control.startswith(str(small.paths.processed))
+        job = await wait_job(daemon.store, job.id, ended, timeout=120)
+        assert job.state == "succeeded", job.error

@@ -1,0 +1,147 @@
+"""The `dropkiln` command: exit codes, one-line errors, JSON shapes, no torch for reads."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anyio
+import pytest
+
+from dropkiln.cli import main
+from dropkiln.store import EventStore
+from dropkiln.store.events import JobStarted, JobSubmitted, job_stream
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.fixture
+def home(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Path:
+    root = tmp_path / "home"
+    assert run(capsys, "init", str(root))[0] == 0
+    return root
+
+
+def add_job(root: Path, job_id: str, stage: str = "bucket") -> None:
+    async def write() -> None:
+        async with await EventStore.open(root / "state" / "dropkiln.db") as store:
+            submitted = JobSubmitted(
+                job_id=job_id, stage=stage, name="cats", lane="cpu", priority=5, spec={}
+            )
+            await store.append(
+                job_stream(job_id), [submitted, JobStarted(attempt=1, memory_rung=0)]
+            )
+
+    anyio.run(write)
+
+
+def test_init_makes_the_home_and_says_what_next(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run(capsys, "init", str(tmp_path / "h"))
+    assert code == 0
+    for folder in (
+        "drop/datasets",
+        "drop/prompts",
+        "drop/processed",
+        "drop/failed",
+        "outputs/loras",
+    ):
+        assert (tmp_path / "h" / folder).is_dir()
+    assert (tmp_path / "h" / "dropkiln.toml").is_file()
+    assert (tmp_path / "h" / "state" / "dropkiln.db").is_file()
+    assert "dropkiln daemon --root" in out
+
+
+def test_a_missing_database_is_a_one_line_error(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, err = run(capsys, "status", "--root", str(tmp_path / "nowhere"))
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1 and err.startswith("dropkiln: error: no dropkiln database")
+
+
+def test_status_json_has_the_documented_shape(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    add_job(home, "abc12345")
+    code, out, _ = run(capsys, "status", "--json", "--root", str(home))
+    assert code == 0
+    status = json.loads(out)
+    (job,) = status["jobs"]
+    assert {"id", "stage", "name", "state", "progress", "attempt"} <= job.keys()
+    assert (job["id"], job["stage"], job["state"], job["attempt"]) == (
+        "abc12345",
+        "bucket",
+        "running",
+        1,
+    )
+    assert status["daemon"]["running"] is False and status["paused"] is False
+
+
+def test_events_json_is_one_object_a_line(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    add_job(home, "abc12345")
+    code, out, _ = run(capsys, "events", "--json", "--job", "abc", "--root", str(home))
+    assert code == 0
+    lines = [json.loads(line) for line in out.splitlines()]
+    assert [e["type"] for e in lines] == ["JobSubmitted", "JobStarted"]
+    assert set(lines[0]) >= {"seq", "stream", "type", "at", "data"}
+    code, out, _ = run(
+        capsys, "events", "--json", "--since", str(lines[0]["seq"]), "--root", str(home)
+    )
+    assert [json.loads(line)["type"] for line in out.splitlines()] == ["JobStarted"]
+
+
+def test_commands_append_command_events(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    add_job(home, "abc12345")
+    assert run(capsys, "cancel", "abc", "--root", str(home))[0] == 0
+    assert run(capsys, "pause", "--root", str(home))[0] == 0
+    assert run(capsys, "resume", "--root", str(home))[0] == 0
+    code, out, _ = run(capsys, "events", "--json", "--root", str(home))
+    types = [json.loads(line)["type"] for line in out.splitlines()]
+    assert types[-3:] == ["CancelRequested", "QueuePaused", "QueueResumed"]
+    code, _, err = run(capsys, "retry", "zzz", "--root", str(home))
+    assert code == 1 and "no job 'zzz'" in err
+
+
+def test_submit_copies_under_a_hidden_name_then_renames(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt = tmp_path / "p.toml"
+    prompt.write_text('[[image]]\nprompt = "x"\n')
+    code, _out, _ = run(capsys, "submit", str(prompt), "--root", str(home))
+    assert code == 0
+    assert (home / "drop" / "prompts" / "p.toml").read_text() == prompt.read_text()
+    assert prompt.exists()
+    code, _, err = run(capsys, "submit", str(prompt), "--root", str(home))
+    assert code == 1 and "already exists" in err
+
+
+def test_store_check_and_rebuild(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    add_job(home, "abc12345")
+    code, out, _ = run(capsys, "store", "check", "--root", str(home))
+    assert code == 0 and out.startswith("ok: 2 events")
+    code, out, _ = run(capsys, "store", "rebuild", "--root", str(home))
+    assert code == 0 and "2 events" in out
+
+
+def test_read_commands_never_import_torch(home: Path) -> None:
+    add_job(home, "abc12345")
+    probe = (
+        "import sys; from dropkiln.cli import main\n"
+        f"for args in (['status', '--root', {str(home)!r}], ['events', '--root', {str(home)!r}],"
+        f" ['store', 'check', '--root', {str(home)!r}]):\n"
+        "    assert main(args) == 0\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
