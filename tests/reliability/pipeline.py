@@ -110,6 +110,8 @@ class Outputs:
     """
 
     files: dict[str, Any]
+    root: Path
+    """The ROOT they came from (its state/ too, for sizes)."""
 
     def __repr__(self) -> str:
         return f"Outputs({sorted(self.files)})"
@@ -122,7 +124,7 @@ def collect_outputs(root: Path) -> Outputs:
         for path in sorted(outputs.rglob("*"))
         if path.is_file()
     }
-    return Outputs(files)
+    return Outputs(files, root)
 
 
 def file_content(path: Path) -> Any:
