@@ -131,16 +131,19 @@ class Scheduler:
         events: list[tuple[str, list[Event]]] = [
             (job_stream(job_id), [JobQueued(reason="retry requested")])
         ]
-        # Dependents that ended only because this job did are requeued with it.
-        for other in await list_jobs(self.store):
-            ended_with_it = other.error is not None and f"job {job_id} " in other.error + " "
-            if (
-                job_id in other.depends_on
-                and other.state in ("failed", "cancelled")
-                and ended_with_it
-            ):
-                requeue = JobQueued(reason=f"dependency {job_id} retried")
+        # Dependents that ended only because this job did are requeued with it, and theirs
+        # in turn (a failed cache job also ended the train, generate and video jobs after it).
+        requeued = {job_id}
+        others = await list_jobs(self.store)
+        while True:
+            more = [other for other in others if _ended_with(other, requeued)]
+            if not more:
+                break
+            for other in more:
+                dep = next(d for d in other.depends_on if d in requeued)
+                requeue = JobQueued(reason=f"dependency {dep} retried")
                 events.append((job_stream(other.id), [requeue]))
+                requeued.add(other.id)
         await self.store.append_batch(events)
         self.wake()
 
@@ -156,3 +159,10 @@ class Scheduler:
             running.context.request_stop(reason)
         await self._idle.wait()
         return stopping
+
+
+def _ended_with(job: JobView, retried: set[str]) -> bool:
+    """True for a job that failed or was cancelled because a dependency in ``retried`` did."""
+    if job.id in retried or job.state not in ("failed", "cancelled") or job.error is None:
+        return False
+    return any(dep in retried and f"job {dep} " in job.error + " " for dep in job.depends_on)

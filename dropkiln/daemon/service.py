@@ -22,6 +22,7 @@ from dropkiln.daemon.lock import DaemonLock
 from dropkiln.daemon.notify import SystemdNotifier, keep_extending_timeout, watchdog_loop
 from dropkiln.daemon.planner import Planner
 from dropkiln.daemon.scheduler import Scheduler
+from dropkiln.daemon.sweep import sweep_leftovers
 from dropkiln.daemon.watcher import DropWatcher
 from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
 from dropkiln.stages.faults import FaultInjector
@@ -104,7 +105,8 @@ class Daemon:
                 await self._shutdown(tg)
 
     async def _start(self) -> int:
-        """Record the start, requeue jobs a dead daemon left running, finish drop moves."""
+        """Record the start, clear a dead daemon's unfinished writes, finish drop moves, requeue
+        jobs it left running."""
         started = DaemonStarted(
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -113,6 +115,7 @@ class Daemon:
             root=str(self.settings.root),
         )
         stored = await self.store.append(DAEMON_STREAM, [started])
+        await anyio.to_thread.run_sync(sweep_leftovers, self.paths)
         await self.ingestor.reconcile()
         batch: list[tuple[str, list[Event]]] = []
         for job in await list_jobs(self.store, active_only=True):

@@ -18,7 +18,7 @@ from dropkiln.stages.control import (
 )
 from dropkiln.stages.inference_memory import apply_rung, undo_rung
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
-from dropkiln.stages.models.refs import file_sha256
+from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
     latent_preview,
@@ -63,7 +63,7 @@ class GenerationRun:
         self.tasks, self.output_dir = tasks, output_dir
         self.dtype = inference_dtype(ctx.device)
         self.lora_records = [
-            {"name": lo.name, "weight": lo.weight, "sha256": file_sha256(Path(lo.path))}
+            {"name": lo.name, "weight": lo.weight, "sha256": safetensors_data_sha256(Path(lo.path))}
             for lo in spec.loras
         ]
         video = spec.prompt_file.video

@@ -118,14 +118,17 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
 
 
 def _resume(session: Any, ctx: StageContext) -> None:
+    from safetensors import SafetensorError
+
     saved = ctx.resume_state()
     if not saved or "checkpoint" not in saved:
         return
     try:
         session.restore(ctx.work_dir / saved["checkpoint"], ctx.device)
-    except (OSError, ValueError, KeyError):
-        # Training is a pure function of the seed, so starting over from a fresh session
-        # gives the same LoRA; only time is lost.
+    except (OSError, ValueError, KeyError, SafetensorError):
+        # A missing or damaged checkpoint (safetensors raises its own error for a truncated
+        # file). Training is a pure function of the seed, so starting over from a fresh
+        # session gives the same LoRA; only time is lost.
         return
 
 

@@ -21,7 +21,7 @@ _SDXL_MARKERS = ("conditioner.embedders.1.", "conditioner.embedders.0.transforme
 _SD15_MARKERS = ("cond_stage_model.transformer.", "cond_stage_model.model.")
 
 _memo_lock = threading.Lock()
-_memo: dict[tuple[str, int, int], str] = {}
+_memo: dict[tuple[str, int, int, bool], str] = {}
 
 
 @dataclass(frozen=True)
@@ -122,13 +122,28 @@ def _fingerprint(base: Path, files: list[Path]) -> str:
 
 def file_sha256(path: Path) -> str:
     """Content hash of a file; a multi-GB checkpoint is hashed once per (size, mtime)."""
+    return _memoised_sha256(path, data_only=False)
+
+
+def safetensors_data_sha256(path: Path) -> str:
+    """The hash A1111 and Civitai give a LoRA ("AutoV3"): sha256 of the safetensors data
+    section, not of the header, which holds training times (the same weights trained twice
+    hash alike). Memoised like ``file_sha256``."""
+    return _memoised_sha256(path, data_only=True)
+
+
+def _memoised_sha256(path: Path, data_only: bool) -> str:
     stat = path.stat()
-    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns, data_only)
     with _memo_lock:
         if key in _memo:
             return _memo[key]
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
+        if data_only:
+            header = int.from_bytes(handle.read(8), "little")
+            # Not safetensors after all (loading it will say so): hash all of it.
+            handle.seek(8 + header if 8 + header <= stat.st_size else 0)
         while chunk := handle.read(1 << 22):
             digest.update(chunk)
     value = digest.hexdigest()

@@ -175,12 +175,14 @@ class TrainingLoop:
 
         self.ctx.fault("train.checkpoint")
         step = self.session.step
+        if reports:
+            # Before the checkpoint is recorded: a run resumed from this step would never
+            # come back to write them (after a kill in between, they are made again).
+            self.write_reports(step)
         relative = f"{CHECKPOINTS}/step-{step:07d}"
         folder = self.session.save(self.ctx.work_dir / relative, self.ctx.device)
         self.ctx.checkpoint({"checkpoint": relative, "step": step})
         prune_checkpoints(self.ctx.work_dir / CHECKPOINTS, keep=folder)
-        if reports:
-            self.write_reports(step)
 
     def write_reports(self, step: int) -> list[Path]:
         """Loss curve files, and validation images when there are prompts."""
