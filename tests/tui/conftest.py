@@ -73,7 +73,15 @@ async def loaded(pilot: Pilot[None]) -> None:
     assert isinstance(app, DropkilnApp)
     await wait_for(pilot, lambda: app.loaded)
     await wait_for(pilot, lambda: app.screen.query("#log") and app.screen.query_one("#log").lines)
-    await pilot.pause()
+    # On a loaded machine the first reads land over several frames: wait until what is on
+    # screen stops changing, so snapshots never catch a half-drawn dashboard.
+    previous, stable = None, 0
+    deadline = time.monotonic() + 5.0
+    while stable < 3 and time.monotonic() < deadline:
+        await pilot.pause(0.1)
+        frame = app.export_screenshot()
+        stable = stable + 1 if frame == previous else 0
+        previous = frame
 
 
 def text_of(widget: object) -> str:
