@@ -152,13 +152,14 @@ class Scheduler:
         self.wake()
 
     async def drain(self, reason: str) -> list[str]:
-        """Stop taking work, ask running jobs to checkpoint and stop, wait for them."""
+        """Stop taking work, ask running jobs to checkpoint and stop, wait for them; returns
+        the jobs that stopped to resume later (one that finished meanwhile is not among them)."""
         self.accepting = False
         stopping = list(self.running)
         for running in self.running.values():
             running.context.request_stop(reason)
         await self._idle.wait()
-        return stopping
+        return [job_id for job_id in stopping if not (await find_job(self.store, job_id)).terminal]
 
 
 def _ended_with(job: JobView, retried: set[str]) -> bool:

@@ -218,7 +218,11 @@ class DropkilnApp(App[None]):
         elif worker.group in ("events", "status") and self.problem:
             self.problem = None
         if worker.group == "events":
-            self.set_timer(0.0 if self._more_waiting else self.poll_interval, self.poll_events)
+            if self._more_waiting:
+                # At once; not set_timer(0.0), whose timer task dies dividing by its interval.
+                self.call_later(self.poll_events)
+            else:
+                self.set_timer(self.poll_interval, self.poll_events)
         elif worker.group == "status":
             self.set_timer(STATUS_INTERVAL_S, self.poll_status)
 
