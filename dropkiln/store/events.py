@@ -174,15 +174,6 @@ class QueueResumed(Event):
     by: str = "cli"
 
 
-class SubmitRequested(Event):
-    """``dropkiln submit PATH``: the daemon ingests PATH as if it had been dropped."""
-
-    command: ClassVar[bool] = True
-    path: str
-    kind: str
-    by: str = "cli"
-
-
 EVENT_TYPES: dict[str, type[Event]] = {
     cls.type_name(): cls
     for cls in (
@@ -209,7 +200,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RetryRequested,
         QueuePaused,
         QueueResumed,
-        SubmitRequested,
     )
 }
 

@@ -41,7 +41,6 @@ EVENT_STYLES = {
     "RetryRequested": "bold blue",
     "QueuePaused": "bold blue",
     "QueueResumed": "bold blue",
-    "SubmitRequested": "bold blue",
 }
 
 BAR_EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -237,7 +236,6 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "Dropped": lambda d: f"{d['kind']} {d['name']} · {d['files']} files",
     "DropRejected": lambda d: f"{d['kind']} {d['name']}: {d['reason']}",
     "DropRecognised": lambda d: f"{d['kind']} {d['name']} = {short_id(d['duplicate_of'])}",
-    "SubmitRequested": lambda d: f"{d['kind']} {d['path']} by {d.get('by', '')}",
 }
 
 

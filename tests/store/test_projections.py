@@ -161,7 +161,6 @@ NO_PROJECTION: dict[str, ev.Event] = {
     "DaemonStopped": ev.DaemonStopped(requeued=[JOB]),
     "QueuePaused": ev.QueuePaused(),
     "QueueResumed": ev.QueueResumed(),
-    "SubmitRequested": ev.SubmitRequested(path="/tmp/cats", kind="dataset"),
 }
 
 
