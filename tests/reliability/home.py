@@ -172,6 +172,11 @@ class Home:
         rows = self._query("SELECT coalesce(max(seq), 0) AS seq FROM events")
         return int(rows[0]["seq"]) if rows else 0
 
+    def started_seq(self) -> int:
+        """The seq of the newest DaemonStarted: where the running daemon's life began."""
+        rows = self._query("SELECT max(seq) AS seq FROM events WHERE type = 'DaemonStarted'")
+        return int(rows[0]["seq"] or 0) if rows else 0
+
     def serving_pid(self) -> int | None:
         rows = self._query(
             "SELECT type, data FROM events WHERE stream = 'daemon' AND type LIKE 'Daemon%' "
