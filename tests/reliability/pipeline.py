@@ -10,7 +10,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image, ImageDraw
 
@@ -214,6 +214,12 @@ def png_pixels(data: bytes) -> bytes:
         return image.convert("RGB").tobytes()
 
 
+class DropsPrompts(Protocol):
+    """Drops the prompt file when its time has come (looked at while waiting)."""
+
+    def poll(self, home: Home) -> None: ...
+
+
 class PromptDropper:
     """Drops the prompt file as soon as the dataset's train job exists (the LoRA it names)."""
 
@@ -228,7 +234,7 @@ class PromptDropper:
 
 
 def finish(
-    home: Home, prompts: PromptDropper, timeout: float = 240, faults: str = ""
+    home: Home, prompts: DropsPrompts, timeout: float = 240, faults: str = ""
 ) -> list[dict[str, Any]]:
     """Start the daemon once more, let every job end, stop it with SIGTERM (exit 0)."""
     home.start(faults=faults)
