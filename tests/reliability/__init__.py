@@ -1,0 +1,16 @@
+"""The reliability suite: faults and bad input lose nothing.
+
+Real `dropkiln daemon` subprocesses on real SQLite files, the tiny model at 64×64:
+
+- test_kill9: kill -9 at random points of each stage and at every fault point, through
+  dataset → LoRA → prompt file using it → images → video; the outputs equal an
+  undisturbed run's, bit for bit.
+- test_bad_inputs: the bad-input corpus (corpus*.py), one entry a case.
+- test_oom: out of memory at every GPU fault point, once (one rung down) and at every rung.
+- test_disk_full: ENOSPC injected before each kind of write, and a real full tmpfs.
+- test_contention: a full-speed writer, three followers and the dashboard at once.
+- test_sigterm: systemctl stop mid-training, then resume.
+
+Short form (in CI): ``python -m pytest tests/reliability``. Long form, with two dozen random
+kills and every always-failing OOM run: ``python -m pytest tests/reliability --full``.
+"""

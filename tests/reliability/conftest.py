@@ -7,30 +7,32 @@ from pathlib import Path
 
 import pytest
 
-from tests.reliability.home import CONFIG, Home
+from tests.reliability.home import Home
 from tests.reliability.pipeline import (
+    STANDARD,
     Outputs,
+    Pipeline,
     assert_outputs_whole,
     collect_outputs,
     run_undisturbed,
 )
 
-Reference = Callable[[str], Outputs]
+Reference = Callable[..., Outputs]
 
 
 @pytest.fixture(scope="session")
 def reference_outputs(tmp_path_factory: pytest.TempPathFactory) -> Reference:
-    """outputs of an undisturbed pipeline run with ``config`` (run on first use, then kept)."""
-    made: dict[str, Outputs] = {}
+    """The outputs of an undisturbed run of ``pipeline`` (run on first use, then kept)."""
+    made: dict[Pipeline, Outputs] = {}
 
-    def reference(config: str = CONFIG) -> Outputs:
-        if config not in made:
-            home = Home(tmp_path_factory.mktemp("reference") / "home", config)
-            jobs = run_undisturbed(home)
+    def reference(pipeline: Pipeline = STANDARD) -> Outputs:
+        if pipeline not in made:
+            home = pipeline.home(tmp_path_factory.mktemp("reference") / "home")
+            jobs = run_undisturbed(home, pipeline)
             assert [j["state"] for j in jobs] == ["succeeded"] * len(jobs), jobs
-            assert_outputs_whole(home.root, jobs)
-            made[config] = collect_outputs(home.root)
-        return made[config]
+            assert_outputs_whole(home.root, jobs, pipeline)
+            made[pipeline] = collect_outputs(home.root)
+        return made[pipeline]
 
     return reference
 

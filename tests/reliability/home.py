@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import shutil
 import signal
 import sqlite3
@@ -68,20 +67,12 @@ class Home:
 
     # The daemon --------------------------------------------------------------------------
 
-    def start(self, faults: str = "", file_size_limit: int | None = None) -> None:
+    def start(self, faults: str = "") -> None:
         """Start `dropkiln daemon`; ``faults`` arms DROPKILN_FAULTS for this process only."""
         assert not self.alive(), "the previous daemon is still running"
         env = dict(self.env)
         if faults:
             env["DROPKILN_FAULTS"] = faults
-        preexec = None
-        if file_size_limit is not None:
-
-            def preexec() -> None:
-                # Writes past the limit fail with EFBIG; SIGXFSZ would kill instead.
-                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-                resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))
-
         with open(self.log, "ab") as handle:
             handle.write(f"---- start {self.starts + 1} faults={faults!r}\n".encode())
             handle.flush()
@@ -90,7 +81,6 @@ class Home:
                 env=env,
                 stdout=handle,
                 stderr=subprocess.STDOUT,
-                preexec_fn=preexec,
             )
         self.starts += 1
 
@@ -171,6 +161,11 @@ class Home:
     def last_seq(self) -> int:
         rows = self._query("SELECT coalesce(max(seq), 0) AS seq FROM events")
         return int(rows[0]["seq"]) if rows else 0
+
+    def started_seq(self) -> int:
+        """The seq of the newest DaemonStarted: where the running daemon's life began."""
+        rows = self._query("SELECT max(seq) AS seq FROM events WHERE type = 'DaemonStarted'")
+        return int(rows[0]["seq"] or 0) if rows else 0
 
     def serving_pid(self) -> int | None:
         rows = self._query(

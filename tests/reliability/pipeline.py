@@ -10,35 +10,35 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from PIL import Image, ImageDraw
 
-from tests.reliability.home import TERMINAL, Home, terminal_events
+from tests.reliability.home import CONFIG, TERMINAL, Home, terminal_events
 
 DATASET = "shapes"
 PROMPTS = "pictures"
 LORA_TIME_KEYS = ("ss_training_started_at", "ss_training_finished_at", "modelspec.date")
 """Kohya header keys that record when training ran: the only bytes two runs may differ in."""
 
-PROMPT_FILE = f"""\
-loras = [{{ name = "{DATASET}", weight = 0.8 }}]
+PROMPT_FILE = """\
+loras = [{{ name = "{dataset}", weight = 0.8 }}]
 
 [defaults]
-steps = 3
+steps = {steps}
 width = 64
 height = 64
 seed = 7
 
 [[image]]
 prompt = "shapes, a red circle, plain background"
-count = 2
+count = {count}
 name = "red-circle"
 
 [[image]]
 prompt = "shapes, a blue square, plain background"
 negative = "blurry"
-count = 2
+count = {count}
 name = "blue-square"
 
 [video]
@@ -47,7 +47,29 @@ fps = 4
 seconds_per_image = 1.0
 transition = "crossfade"
 """
-IMAGES = 4
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    """What the pipeline runs with: the home's dropkiln.toml and the prompt file's size."""
+
+    config: str = CONFIG
+    count: int = 2
+    """Images of each of the prompt file's two entries."""
+    image_steps: int = 3
+
+    @property
+    def images(self) -> int:
+        return 2 * self.count
+
+    def prompt_file(self) -> str:
+        return PROMPT_FILE.format(dataset=DATASET, steps=self.image_steps, count=self.count)
+
+    def home(self, root: Path) -> Home:
+        return Home(root, self.config)
+
+
+STANDARD = Pipeline()
 JOBS = 5  # bucket, cache, train, generate, video
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 80, 220)}
@@ -77,9 +99,9 @@ def drop_dataset(home: Home) -> None:
     home.drop(write_dataset(home.staging(DATASET)), "dataset")
 
 
-def drop_prompt_file(home: Home) -> None:
+def drop_prompt_file(home: Home, pipeline: Pipeline = STANDARD) -> None:
     staged = home.staging(f"{PROMPTS}.toml")
-    staged.write_text(PROMPT_FILE)
+    staged.write_text(pipeline.prompt_file())
     home.drop(staged, "prompts")
 
 
@@ -87,11 +109,11 @@ def dataset_planned(home: Home) -> bool:
     return any(job["stage"] == "train" for job in home.jobs())
 
 
-def run_undisturbed(home: Home, timeout: float = 240) -> list[dict[str, Any]]:
+def run_undisturbed(home: Home, pipeline: Pipeline = STANDARD) -> list[dict[str, Any]]:
     """The whole pipeline with nothing in its way; returns the jobs."""
     drop_dataset(home)
     try:
-        return finish(home, PromptDropper(), timeout)
+        return finish(home, PromptDropper(pipeline))
     finally:
         home.stop()
 
@@ -163,7 +185,9 @@ def assert_same_outputs(got: Outputs, reference: Outputs, ignore: tuple[str, ...
     assert not different, f"outputs differ from the undisturbed run: {different}"
 
 
-def assert_outputs_whole(root: Path, jobs: list[dict[str, Any]]) -> None:
+def assert_outputs_whole(
+    root: Path, jobs: list[dict[str, Any]], pipeline: Pipeline = STANDARD
+) -> None:
     """No temp file left as an output; every PNG decodes; images count exactly as planned."""
     outputs = root / "outputs"
     stray = [
@@ -178,7 +202,7 @@ def assert_outputs_whole(root: Path, jobs: list[dict[str, Any]]) -> None:
     generate = next(j for j in jobs if j["stage"] == "generate")
     images = sorted(Path(p).name for p in generate["result"]["images"])
     on_disk = sorted(p.name for p in Path(generate["result"]["output_dir"]).glob("0*.png"))
-    assert on_disk == images and len(images) == IMAGES, (on_disk, images)
+    assert on_disk == images and len(images) == pipeline.images, (on_disk, images)
     video = next(j for j in jobs if j["stage"] == "video")
     data = Path(video["result"]["video"]).read_bytes()
     assert data[4:8] == b"ftyp", "the video is not an MP4"
@@ -190,20 +214,27 @@ def png_pixels(data: bytes) -> bytes:
         return image.convert("RGB").tobytes()
 
 
+class DropsPrompts(Protocol):
+    """Drops the prompt file when its time has come (looked at while waiting)."""
+
+    def poll(self, home: Home) -> None: ...
+
+
 class PromptDropper:
     """Drops the prompt file as soon as the dataset's train job exists (the LoRA it names)."""
 
-    def __init__(self) -> None:
+    def __init__(self, pipeline: Pipeline = STANDARD) -> None:
+        self.pipeline = pipeline
         self.dropped = False
 
     def poll(self, home: Home) -> None:
         if not self.dropped and dataset_planned(home):
-            drop_prompt_file(home)
+            drop_prompt_file(home, self.pipeline)
             self.dropped = True
 
 
 def finish(
-    home: Home, prompts: PromptDropper, timeout: float = 240, faults: str = ""
+    home: Home, prompts: DropsPrompts, timeout: float = 240, faults: str = ""
 ) -> list[dict[str, Any]]:
     """Start the daemon once more, let every job end, stop it with SIGTERM (exit 0)."""
     home.start(faults=faults)
@@ -219,7 +250,9 @@ def finish(
     return home.jobs()
 
 
-def assert_finished_once(home: Home, jobs: list[dict[str, Any]], reference: Outputs) -> None:
+def assert_finished_once(
+    home: Home, jobs: list[dict[str, Any]], reference: Outputs, pipeline: Pipeline = STANDARD
+) -> None:
     """Every job succeeded with exactly one terminal event, every attempt is accounted for,
     both drops were taken once and kept, the store checks out, and the outputs are whole and
     equal to the undisturbed run's."""
@@ -245,5 +278,5 @@ def assert_finished_once(home: Home, jobs: list[dict[str, Any]], reference: Outp
     assert kept == sorted([DATASET, f"{PROMPTS}.toml"]), kept
     check = home.cli("store", "check")
     assert check.returncode == 0, check.stdout + check.stderr
-    assert_outputs_whole(home.root, jobs)
+    assert_outputs_whole(home.root, jobs, pipeline)
     assert_same_outputs(collect_outputs(home.root), reference)

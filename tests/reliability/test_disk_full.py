@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +23,7 @@ from tests.reliability.conftest import Reference
 from tests.reliability.home import TERMINAL, Home
 from tests.reliability.pipeline import (
     JOBS,
+    DropsPrompts,
     PromptDropper,
     assert_outputs_whole,
     assert_same_outputs,
@@ -42,7 +44,7 @@ ENOSPC_POINTS = (
 """The fault points right before a write: a shard batch, a checkpoint, an image, a frame."""
 
 
-def _all_ended(prompts: PromptDropper) -> Any:
+def _all_ended(prompts: DropsPrompts) -> Callable[[Home], bool]:
     def ended(home: Home) -> bool:
         prompts.poll(home)
         jobs = home.jobs()
@@ -52,10 +54,12 @@ def _all_ended(prompts: PromptDropper) -> Any:
     return ended
 
 
-def retry_until_done(home: Home, prompts: PromptDropper, fix: Any = None) -> list[str]:
+def retry_until_done(
+    home: Home, prompts: DropsPrompts, fix: Callable[[dict[str, Any]], None] | None = None
+) -> list[str]:
     """Wait for every job to end; retry the job the full disk failed (after ``fix(job)``
     made room) until none is left; returns the stages retried, in order."""
-    retried = []
+    retried: list[str] = []
     while True:
         home.wait_for(_all_ended(prompts), 240, "every job to end")
         jobs = home.jobs()
@@ -71,11 +75,15 @@ def retry_until_done(home: Home, prompts: PromptDropper, fix: Any = None) -> lis
         before = home.last_seq()
         result = home.cli("retry", job["id"])
         assert result.returncode == 0, result.stderr
-        # the daemon takes the command within its poll interval
-        home.wait_for(
-            lambda h, after=before: any(e["type"] == "JobQueued" for e in h.events(after)), 30
-        )
+        home.wait_for(_requeued_after(before), 30, "the daemon to take the retry")
         retried.append(job["stage"])
+
+
+def _requeued_after(seq: int) -> Callable[[Home], bool]:
+    def requeued(home: Home) -> bool:
+        return any(event["type"] == "JobQueued" for event in home.events(seq))
+
+    return requeued
 
 
 def test_disk_full_at_every_write_point_fails_cleanly_and_retry_resumes(

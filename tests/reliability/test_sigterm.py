@@ -13,6 +13,7 @@ from tests.reliability.conftest import Reference
 from tests.reliability.home import CONFIG, Home
 from tests.reliability.pipeline import (
     Outputs,
+    Pipeline,
     PromptDropper,
     assert_finished_once,
     drop_dataset,
@@ -22,8 +23,10 @@ from tests.reliability.pipeline import (
 pytestmark = pytest.mark.slow
 
 UNIT_STOP_TIMEOUT_S = 120
-LONGER_TRAINING = CONFIG.replace("steps = 8\n", "steps = 200\n").replace(
-    "checkpoint_every = 2\n", "checkpoint_every = 200\n"
+LONGER_TRAINING = Pipeline(
+    CONFIG.replace("steps = 8\n", "steps = 200\n").replace(
+        "checkpoint_every = 2\n", "checkpoint_every = 200\n"
+    )
 )
 """Long enough that the stop lands mid-training, with a checkpoint only at the last step:
 whatever step the stop finds, only the stop itself can have saved it."""
@@ -40,7 +43,7 @@ def test_sigterm_mid_training_checkpoints_and_resumes_after_restart(
 ) -> None:
     assert _stop_timeout_of_the_unit() == UNIT_STOP_TIMEOUT_S
     reference = reference_outputs(LONGER_TRAINING)
-    home = Home(tmp_path / "home", LONGER_TRAINING)
+    home = LONGER_TRAINING.home(tmp_path / "home")
     try:
         stop_and_resume(home, reference)
     finally:
