@@ -96,11 +96,25 @@ class StageDef:
         return self.ladder[min(index, len(self.ladder) - 1)]
 
 
+def _new_file_mode() -> int:
+    """What open() gives a new file (0o666 less the umask): mkstemp's 0600 would hide outputs
+    from the group that the systemd unit's UMask=0027 lets read them."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return 0o666 & ~int(line.split()[1], 8)
+    except OSError:
+        pass
+    return 0o644
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temp path beside ``target``; on success it is fsynced and renamed over it."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".part", dir=target.parent)
+    os.fchmod(fd, _new_file_mode())
     os.close(fd)
     tmp = Path(tmp_name)
     try:
