@@ -49,7 +49,7 @@ def bench_store(
         figures: dict[str, Any] = {"cpus": os.cpu_count()}
         figures.update(anyio.run(_writes, root / "writes.db", single, batches, batch_size))
         figures.update(_baseline_commits(root / "baseline.db", single))
-        figures.update(anyio.run(_tail_latency, root / "tail.db", tail_samples))
+        figures.update(anyio.run(tail_latency, root / "tail.db", tail_samples))
         started = time.perf_counter()
         made = make_big_store(root / "big.db", status_events)
         figures["big_store_events"] = made
@@ -115,7 +115,7 @@ def _baseline_commits(path: Path, count: int) -> dict[str, float]:
         conn.close()
 
 
-async def _tail_latency(path: Path, samples: int) -> dict[str, Any]:
+async def tail_latency(path: Path, samples: int) -> dict[str, Any]:
     """A tail here, the writer in another process: from its transaction to delivery."""
     store = await EventStore.open(path, create=True)
     context = multiprocessing.get_context("spawn")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from multiprocessing.synchronize import Barrier
-from multiprocessing.synchronize import Event as ProcessEvent
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +12,6 @@ from dropkiln.store import events as ev
 from dropkiln.store.events import job_stream
 
 SHARED = job_stream("shared")
-PACED = job_stream("paced")
 
 
 async def _append_many(path: Path, worker: str, count: int, start: Barrier) -> None:
@@ -42,19 +40,3 @@ def append_many(path: str, worker: str, count: int, start: Barrier, errors: Any)
     except BaseException as exc:
         errors.put(f"{worker}: {exc!r}")
         raise
-
-
-async def _append_paced(path: Path, count: int, interval: float) -> None:
-    store = await EventStore.open(path)
-    try:
-        for _ in range(count):
-            await asyncio.sleep(interval)
-            await store.append(PACED, [ev.JobProgress(done=1, total=1)])
-    finally:
-        await store.close()
-
-
-def append_paced(path: str, count: int, interval: float, go: ProcessEvent) -> None:
-    """Wait for ``go``, then append ``count`` events ``interval`` seconds apart."""
-    go.wait()
-    asyncio.run(_append_paced(Path(path), count, interval))

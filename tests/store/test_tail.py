@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import multiprocessing
 import statistics
-import time
 from collections.abc import AsyncIterator
-from datetime import datetime
 from pathlib import Path
 
 import anyio
 import pytest
 
+from dropkiln.bench.store import tail_latency
 from dropkiln.store import EventStore, StoredEvent
 from dropkiln.store import events as ev
 from dropkiln.store.events import DAEMON_STREAM, job_stream
 from dropkiln.store.eventstore import TAIL_BATCH
 
 from .builders import submitted
-from .procs import PACED, append_paced
 
 
 async def take(tail: AsyncIterator[StoredEvent], count: int, into: list[StoredEvent]) -> None:
@@ -62,38 +59,12 @@ async def test_a_local_append_wakes_the_tail_without_polling(store: EventStore) 
 
 @pytest.mark.slow
 async def test_a_commit_in_another_process_wakes_the_tail(db_path: Path) -> None:
+    # The benchmark's measurement: the writer is another process and this one never
+    # appends, so only PRAGMA data_version polling can wake the tail.
     count = 12
-    store = await EventStore.open(db_path, create=True)
-    context = multiprocessing.get_context("spawn")
-    go = context.Event()
-    writer = context.Process(target=append_paced, args=(str(db_path), count, 0.05, go))
-    latencies: list[float] = []
-    tail = store.tail(stream=PACED)
-    try:
-        writer.start()
-        with anyio.fail_after(60):
-            # This process never appends, so only PRAGMA data_version polling can wake it.
-            async with anyio.create_task_group() as group:
-
-                async def receive() -> None:
-                    async for event in tail:
-                        # ``at`` is stamped in the writer, inside its transaction.
-                        sent = datetime.fromisoformat(event.at).timestamp()
-                        latencies.append(time.time() - sent)
-                        if len(latencies) == count:
-                            return
-
-                group.start_soon(receive)
-                await anyio.sleep(0.1)
-                go.set()
-    finally:
-        await tail.aclose()
-        writer.join(timeout=30)
-        if writer.is_alive():
-            writer.kill()
-        await store.close()
-    assert len(latencies) == count
-    ordered = sorted(latencies)
+    figures = await tail_latency(db_path, count)
+    ordered = sorted(figures["tail_latency_s"])
+    assert len(ordered) == count
     print(
         f"cross-process tail latency: p50 {statistics.median(ordered) * 1000:.1f} ms, "
         f"max {ordered[-1] * 1000:.1f} ms"
