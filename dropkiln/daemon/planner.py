@@ -89,46 +89,37 @@ def parse_drop(settings: Settings, entry: Path, kind: str, drop_id: str) -> Pars
     name = drop_name(entry)
     stored = stored_path(settings, drop_id, entry)
     if kind == DATASET:
-        return _parse_dataset(settings, entry, drop_id, name, stored, digest, files, size)
-    return _parse_prompts(settings, entry, name, stored, digest, files, size)
+        folder, options = _read_dataset(
+            settings, entry, settings.paths.work / "drops" / drop_id / name, stored
+        )
+    else:
+        folder, options = stored, _read_prompts(settings, entry)
+    return ParsedDrop(kind, name, digest, files, size, folder, options)
 
 
-def _parse_dataset(
-    settings: Settings,
-    entry: Path,
-    drop_id: str,
-    name: str,
-    stored: Path,
-    digest: str,
-    files: int,
-    size: int,
-) -> ParsedDrop:
+Options = dict[str, Any]
+
+
+def _read_dataset(
+    settings: Settings, entry: Path, unzip_to: Path, stored: Path
+) -> tuple[Path, Options]:
+    """(where the bucket job will read it, its model/bucket/train options)."""
     from dropkiln.stages.dataset import extract_zip_safely, load_dataset_options
 
     if entry.is_file():
         if entry.suffix.lower() != ".zip":
             raise DropRejection(f"{entry.name}: a dataset is a folder of images or a .zip of one")
         try:
-            folder = extract_zip_safely(entry, settings.paths.work / "drops" / drop_id / name)
+            folder = read_from = extract_zip_safely(entry, unzip_to)
         except StageError as exc:
             raise DropRejection(str(exc)) from exc
-        read_from = folder
     else:
-        folder = stored
-        read_from = entry
+        folder, read_from = stored, entry
     try:
         model, bucket, train = load_dataset_options(read_from, settings)
     except StageError as exc:
         raise DropRejection(str(exc)) from exc
-    return ParsedDrop(
-        DATASET,
-        name,
-        digest,
-        files,
-        size,
-        folder,
-        {"model": model, "bucket": bucket.model_dump(), "train": train.model_dump()},
-    )
+    return folder, {"model": model, "bucket": bucket.model_dump(), "train": train.model_dump()}
 
 
 def _prompt_file_in(entry: Path) -> Path:
@@ -148,15 +139,8 @@ def _prompt_file_in(entry: Path) -> Path:
     return candidates[0]
 
 
-def _parse_prompts(
-    settings: Settings,
-    entry: Path,
-    name: str,
-    stored: Path,
-    digest: str,
-    files: int,
-    size: int,
-) -> ParsedDrop:
+def _read_prompts(settings: Settings, entry: Path) -> Options:
+    """The validated prompt file, and where it was dropped (for control image paths)."""
     prompt_path = _prompt_file_in(entry)
     from dropkiln.stages.prompts import load_prompt_file
 
@@ -164,16 +148,7 @@ def _parse_prompts(
         prompt_file = load_prompt_file(prompt_path, settings)
     except StageError as exc:
         raise DropRejection(str(exc)) from exc
-    stored_file = stored if entry.is_file() else stored / prompt_path.relative_to(entry)
-    return ParsedDrop(
-        PROMPTS,
-        name,
-        digest,
-        files,
-        size,
-        stored,
-        {"prompt_file": prompt_file, "stored_file": str(stored_file), "source": entry},
-    )
+    return {"prompt_file": prompt_file, "source": entry}
 
 
 def check_model(model: str) -> None:
