@@ -68,6 +68,15 @@ async def test_dropped_dataset_runs_on_screen_and_cancel_stops_training(tmp_path
             await pilot.press("y")
             await wait_for(pilot, lambda: _state(app, "train") == "cancelled", timeout=60)
             assert str(table.get_cell(train.id, "state")) == "cancelled"
+            # The jobs table and the log refresh in separate steps of a poll: the log line
+            # may land one poll after the row.
+            await wait_for(
+                pilot,
+                lambda: any(
+                    "JobCancelled" in line for line in log_lines(app.screen.query_one(EventLog))
+                ),
+                timeout=10,
+            )
             log = log_lines(app.screen.query_one(EventLog))
             assert any("CancelRequested by tui" in line for line in log)
             assert any("JobCancelled" in line for line in log)
