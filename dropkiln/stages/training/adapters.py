@@ -67,10 +67,7 @@ def lora_adapters(
         for name, model in models.items():
             targets = options.target_modules if name == "unet" else TEXT_TARGET_MODULES
             settings: dict[str, Any] = {"r": rank, "lora_alpha": alpha, "init_lora_weights": True}
-            config = LoraConfig(target_modules=list(targets), **settings)
-            model.add_adapter(config, adapter_name=ADAPTER)
-            # Only this run's adapter may shape the training forward pass.
-            model.set_adapter(ADAPTER)
+            _attach(model, LoraConfig(target_modules=list(targets), **settings))
             if gradient_checkpointing:
                 _enable_checkpointing(model)
             model.train()
@@ -90,6 +87,30 @@ def lora_adapters(
             _disable_checkpointing(model)
             model.eval()
             model.requires_grad_(False)
+
+
+def _attach(model: Any, config: Any) -> None:
+    """Inject this run's adapter with peft itself and make it the only active one.
+
+    transformers' ``add_adapter`` refuses peft releases older than the one it was built
+    against (5.24 wants a peft that does not exist yet), so the models get their layers from
+    peft directly, as diffusers' own loaders do; ``peft_config`` is kept for the exporters.
+    """
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(config, model, adapter_name=ADAPTER)
+    configs = dict(getattr(model, "peft_config", None) or {})
+    configs[ADAPTER] = config
+    model.peft_config = configs
+    for layer in _tuner_layers(model):
+        # Only this run's adapter may shape the training forward pass.
+        layer.set_adapter(ADAPTER)
+
+
+def _tuner_layers(model: Any) -> list[Any]:
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
 def _frozen_parts(pipe: Any) -> list[Any]:
@@ -120,8 +141,9 @@ def _remove_adapter(model: Any) -> None:
         return
     if any(name != ADAPTER for name in config):
         # Other adapters live on this model too: delete only ours.
-        delete = getattr(model, "delete_adapters", None) or model.delete_adapter
-        delete(ADAPTER)
+        for layer in _tuner_layers(model):
+            layer.delete_adapter(ADAPTER)
+        del config[ADAPTER]
         return
     recurse_remove_peft_layers(model)
     del model.peft_config
