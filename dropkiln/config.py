@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -105,6 +105,14 @@ class WebhookSettings(Section):
     timeout_s: float = Field(10.0, gt=0)
     attempts: int = Field(5, ge=1, le=20)
     backoff_s: float = Field(2.0, ge=0, description="first retry delay; doubles each time")
+
+    @model_validator(mode="after")
+    def _signed_http(self) -> WebhookSettings:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} is not an http:// or https:// URL")
+        if self.url and not self.secret:
+            raise ValueError("a webhook url needs a secret (the receiver checks the signature)")
+        return self
 
 
 class Settings(BaseSettings):
