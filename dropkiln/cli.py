@@ -362,7 +362,7 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="store",
-        help="store, bucket, cache, train, generate, video, daemon or all (default store); "
+        help="store, bucket, cache, train, generate, video, daemon, api or all (default store); "
         "or compare A.json B.json",
     )
     p.add_argument("files", nargs="*", help="compare only: A.json B.json")
@@ -377,7 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed warm-up: train steps, generate/daemon runs")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: settings)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--events", type=int, help="store: events in the status store (1000000)")
+    p.add_argument(
+        "--events", type=int, help="store: events in the status store (1000000); api: jobs (10000)"
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler trace of the hot loop")
     p.add_argument("--quick", action="store_true", help="small sizes, for a fast look")
     p.add_argument("--out", help="report folder (default ROOT/outputs/bench/DATE-TIME)")

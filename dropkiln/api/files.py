@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.to_thread
-from fastapi import APIRouter
+from fastapi import APIRouter, Query
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 
@@ -69,13 +69,15 @@ def _metadata(path: Path) -> dict[str, str]:
 
 
 @router.get("/loras", summary="The trained LoRAs with their metadata")
-async def loras(state: State) -> dict[str, Any]:
+async def loras(
+    state: State, limit: int = Query(100, ge=1, le=10_000, description="newest first")
+) -> dict[str, Any]:
     """One entry per finished training: its name (what a prompt file's ``loras`` names),
     the kohya-format file to download, and the ``ss_*`` metadata kohya, ComfyUI and A1111
     read."""
     found = []
     root = state.settings.root
-    for job, artifacts in await trained_loras(state.store):
+    for job, artifacts in await trained_loras(state.store, limit=limit):
         kohya = next((a for a in artifacts if a["kind"] == "lora"), None)
         metadata: dict[str, str] = {}
         if kohya is not None and Path(kohya["path"]).is_file():

@@ -164,12 +164,15 @@ async def artifact_by_seq(store: EventStore, seq: int) -> dict[str, Any] | None:
     return await store.snapshot(work)
 
 
-async def trained_loras(store: EventStore) -> list[tuple[JobView, list[dict[str, Any]]]]:
+async def trained_loras(
+    store: EventStore, limit: int = 100
+) -> list[tuple[JobView, list[dict[str, Any]]]]:
     """Succeeded train jobs, newest first, each with its artifacts."""
     query = (
         select(*_JOB_COLUMNS)
         .where(jobs.c.stage == "train", jobs.c.state == "succeeded")
         .order_by(jobs.c.submitted_seq.desc())
+        .limit(limit)
     )
 
     def work(conn: Connection) -> list[tuple[JobView, list[dict[str, Any]]]]:
