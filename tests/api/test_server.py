@@ -214,3 +214,14 @@ assert not heavy, heavy
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_serve_rotate_token_replaces_it_before_serving(settings: Settings) -> None:
+    from dropkiln.api import read_token, write_token
+
+    old = write_token(settings.paths.api_token)
+    notes = prepare(settings, ServeOptions("127.0.0.1", 1, rotate_token=True))
+    assert notes == [f"new API token in {settings.paths.api_token} (the old one no longer works)"]
+    assert read_token(settings.paths.api_token) not in (None, old)
+    with pytest.raises(ServeRefused, match="both"):
+        prepare(settings, ServeOptions("127.0.0.1", 1, ssl_certfile="cert.pem"))
