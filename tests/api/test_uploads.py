@@ -7,6 +7,7 @@ import io
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -225,3 +226,42 @@ async def test_a_bad_prompt_file_gets_the_daemons_own_message(
     note = (daemon_home.paths.failed / "bad.toml.error.txt").read_text()
     reason = note.split("Reason: ", 1)[1].split("\n\nDrop id:", 1)[0]
     assert response.json()["error"]["message"] == reason
+
+
+async def test_a_full_disk_mid_upload_is_507_and_leaves_nothing(
+    api: Api, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from dropkiln.api import receive
+
+    written: list[int] = []
+
+    class FullDisk(io.BytesIO):
+        def write(self, data: bytes) -> int:  # type: ignore[override]
+            written.append(len(data))
+            if len(written) > 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+            return len(data)
+
+    real_open = open
+
+    def open_on_a_full_disk(path: Any, mode: str = "r", *args: Any, **kwargs: Any) -> Any:
+        if mode == "xb":
+            real_open(path, mode).close()  # the partial file exists, as on a real disk
+            return FullDisk()
+        return real_open(path, mode, *args, **kwargs)
+
+    monkeypatch.setattr(receive, "open", open_on_a_full_disk, raising=False)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    response = await api.client.post(
+        "/v1/datasets?name=cats",
+        content=chunks(),
+        headers=api.auth | {"Content-Type": "application/zip"},
+    )
+    assert error(response) == (507, "insufficient_storage")
+    assert leftovers(api.settings) == []
