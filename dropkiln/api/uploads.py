@@ -133,8 +133,8 @@ async def upload_dataset(
         if _media_type(request) == "multipart/form-data":
 
             def place(field: str, filename: str | None) -> Path:
-                if field != "file" or not filename:
-                    raise ApiError("invalid_request", f"unexpected form field {field!r}")
+                if field != "file" or not filename or any(stage.iterdir()):
+                    raise ApiError("invalid_request", "send one form field 'file': the zip")
                 stem = chosen or plain_name(filename, "file name").removesuffix(".zip")
                 return stage / f"{stem}.zip"
 

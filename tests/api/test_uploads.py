@@ -265,3 +265,14 @@ async def test_a_full_disk_mid_upload_is_507_and_leaves_nothing(
     )
     assert error(response) == (507, "insufficient_storage")
     assert leftovers(api.settings) == []
+
+
+async def test_a_multipart_dataset_upload_takes_one_file_field(api: Api, tmp_path: Path) -> None:
+    body = dataset_zip(tmp_path, "dogs")
+    files = [("file", ("a.zip", body, "application/zip")), ("file", ("b.zip", body, "x/y"))]
+    response = await api.client.post("/v1/datasets", files=files, headers=api.auth)
+    assert error(response) == (422, "invalid_request")
+    other = [("notes", ("a.txt", b"hi", "text/plain"))]
+    response = await api.client.post("/v1/datasets", files=other, headers=api.auth)
+    assert error(response) == (422, "invalid_request")
+    assert leftovers(api.settings) == []
