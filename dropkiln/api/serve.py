@@ -52,6 +52,10 @@ def is_loopback(host: str) -> bool:
 def prepare(settings: Settings, options: ServeOptions) -> list[str]:
     """Check the binding and the token (rotating or making it); returns lines to print."""
     token_path = settings.paths.api_token
+    if not settings.paths.db.exists():
+        raise ServeRefused(
+            f"no dropkiln database at {settings.paths.db}: run 'dropkiln init' or start the daemon"
+        )
     notes = []
     if options.rotate_token:
         write_token(token_path)

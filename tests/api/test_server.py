@@ -45,6 +45,11 @@ async def append_jobs(root: Path, *job_ids: str) -> list[int]:
     return seqs
 
 
+async def make_database(settings: Settings) -> None:
+    async with await EventStore.open(settings.paths.db, create=True):
+        pass
+
+
 async def sse_events(response: httpx.Response) -> AsyncIterator[dict[str, str]]:
     fields: dict[str, str] = {}
     async for line in response.aiter_lines():
@@ -168,6 +173,9 @@ def test_serve_refuses_a_public_address_without_the_flag_and_a_token(
     settings: Settings, capsys: pytest.CaptureFixture[str]
 ) -> None:
     root = str(settings.root)
+    assert main(["serve", "--root", root]) == 1
+    assert "dropkiln init" in capsys.readouterr().err  # no database yet: nothing to serve
+    anyio.run(make_database, settings)
     assert main(["serve", "--root", root, "--host", "0.0.0.0"]) == 1
     assert "--public" in capsys.readouterr().err
     assert not settings.paths.api_token.exists()
@@ -219,6 +227,7 @@ assert not heavy, heavy
 def test_serve_rotate_token_replaces_it_before_serving(settings: Settings) -> None:
     from dropkiln.api import read_token, write_token
 
+    anyio.run(make_database, settings)
     old = write_token(settings.paths.api_token)
     notes = prepare(settings, ServeOptions("127.0.0.1", 1, rotate_token=True))
     assert notes == [f"new API token in {settings.paths.api_token} (the old one no longer works)"]
