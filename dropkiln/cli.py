@@ -51,7 +51,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         await store.close()
 
     anyio.run(create_db)
-    from dropkiln.api.auth import ensure_token
+    from dropkiln.api.token import ensure_token
 
     ensure_token(settings.paths.api_token)
     r = settings.root
@@ -278,7 +278,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def cmd_api_token(args: argparse.Namespace) -> int:
-    from dropkiln.api.auth import read_token, write_token
+    from dropkiln.api.token import read_token, write_token
 
     path = _settings(args).paths.api_token
     if args.action == "rotate":

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
-import secrets
 import time
 from collections import OrderedDict, deque
 from pathlib import Path
@@ -18,44 +16,13 @@ from pathlib import Path
 from fastapi import Request
 
 from dropkiln.api.errors import ApiError
+from dropkiln.api.token import read_token
 from dropkiln.store import EventStore
 from dropkiln.store.events import API_STREAM, ApiAuthFailed
 
 log = logging.getLogger(__name__)
 
-TOKEN_BYTES = 32
 TRACKED_CLIENTS = 10_000  # failure records kept; the oldest client is forgotten first
-
-
-def write_token(path: Path) -> str:
-    """A new random token in ``path`` (mode 0600, replacing any old one in one rename)."""
-    token = secrets.token_urlsafe(TOKEN_BYTES)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    hidden = path.with_name(f".{path.name}.{secrets.token_hex(4)}.part")
-    fd = os.open(hidden, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        os.write(fd, f"{token}\n".encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(hidden, path)
-    return token
-
-
-def ensure_token(path: Path) -> bool:
-    """Make a token unless one exists; True if one was made."""
-    if path.exists():
-        return False
-    write_token(path)
-    return True
-
-
-def read_token(path: Path) -> str | None:
-    try:
-        token = path.read_text().strip()
-    except FileNotFoundError:
-        return None
-    return token or None
 
 
 class TokenFile:

@@ -7,7 +7,7 @@ import logging
 import socket
 from dataclasses import dataclass
 
-from dropkiln.api.auth import ensure_token, read_token, write_token
+from dropkiln.api.token import ensure_token, read_token, write_token
 from dropkiln.config import Settings
 
 log = logging.getLogger(__name__)

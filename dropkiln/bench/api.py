@@ -28,7 +28,7 @@ from typing import IO, Any
 import anyio
 import httpx
 
-from dropkiln.api.auth import write_token
+from dropkiln.api.token import write_token
 from dropkiln.bench.stats import percentile
 from dropkiln.bench.store import append_paced, make_big_store
 from dropkiln.store import EventStore, status_report

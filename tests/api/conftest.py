@@ -12,7 +12,8 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from dropkiln.api import create_app, read_token, write_token
+from dropkiln.api.app import create_app
+from dropkiln.api.token import read_token, write_token
 from dropkiln.config import Settings
 from dropkiln.store import EventStore
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import httpx
 
-from dropkiln.api import read_token
+from dropkiln.api.token import read_token
 
 
 def free_port() -> int:

@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dropkiln.api import create_app, write_token
+from dropkiln.api.app import create_app
 from dropkiln.api.auth import FailureLimiter
+from dropkiln.api.token import write_token
 from dropkiln.cli import main
 from tests.api.conftest import Api, client_for
 

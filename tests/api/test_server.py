@@ -196,7 +196,8 @@ def test_the_api_never_imports_torch(tmp_path: Path) -> None:
 import sys, anyio, httpx
 from dropkiln.cli import main
 from dropkiln.config import Settings
-from dropkiln.api import create_app, read_token
+from dropkiln.api.app import create_app
+from dropkiln.api.token import read_token
 root = {str(tmp_path / "h")!r}
 assert main(["init", root]) == 0
 settings = Settings.load(root=root)
@@ -225,7 +226,7 @@ assert not heavy, heavy
 
 
 def test_serve_rotate_token_replaces_it_before_serving(settings: Settings) -> None:
-    from dropkiln.api import read_token, write_token
+    from dropkiln.api.token import read_token, write_token
 
     anyio.run(make_database, settings)
     old = write_token(settings.paths.api_token)
