@@ -224,6 +224,31 @@ def cmd_submit(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate a prompt file or dataset as the daemon would, without dropping it."""
+    from dropkiln.daemon.planner import DropRejection, check_drop
+    from dropkiln.submit import guess_kind
+
+    settings = _settings(args)
+    path = Path(args.path)
+    if not path.exists():
+        raise CommandError(f"{path}: no such file or folder")
+    kind = args.kind or guess_kind(path)
+
+    async def main() -> int:
+        store = await _open(settings)
+        try:
+            parsed = await check_drop(settings, store, path, kind)
+        except DropRejection as exc:
+            raise CommandError(f"{path.name}: the daemon would reject it: {exc}") from None
+        finally:
+            await store.close()
+        print(f"ok: {path.name} is a valid {kind} drop ({parsed.files} file(s), {parsed.name!r})")
+        return 0
+
+    return _run(main)
+
+
 def cmd_store(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
@@ -332,6 +357,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--job", help="only this job's events (id or prefix)")
     p.add_argument("--since", type=int, help="only events after this seq")
     p = add("submit", cmd_submit, "drop a dataset folder, zip or prompt file (copies it)")
+    p.add_argument("path")
+    p.add_argument("--kind", choices=["dataset", "prompts"], help="default: guessed from PATH")
+    p = add("check", cmd_check, "validate a prompt file or dataset folder without dropping it")
     p.add_argument("path")
     p.add_argument("--kind", choices=["dataset", "prompts"], help="default: guessed from PATH")
     p = add("cancel", cmd_command, "cancel a job (a running one stops at its next check)")

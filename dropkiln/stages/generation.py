@@ -16,7 +16,7 @@ from dropkiln.stages.control import (
     load_control_image,
     load_controlnet,
 )
-from dropkiln.stages.inference_memory import apply_rung, undo_rung
+from dropkiln.stages.inference_memory import apply_rung, batch_limit, undo_rung
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
 from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
@@ -29,10 +29,11 @@ from dropkiln.stages.pngmeta import (
 from dropkiln.stages.prompts import ImageTask
 from dropkiln.stages.render import (
     StepCallback,
+    batch_key,
     initial_noise,
     prompt_embeddings,
+    render_batch,
     render_from_embeddings,
-    render_image,
 )
 from dropkiln.stages.schedulers import make_scheduler
 
@@ -96,30 +97,60 @@ class GenerationRun:
                 pipe.unload_lora_weights()
 
     def render_images(self) -> list[Path]:
-        """Every image of the prompt file, in order; finished ones are kept, not redone."""
-        paths = []
-        for position, task in enumerate(self.tasks):
-            target = self.output_dir / f"{task.stem}.png"
-            paths.append(target)
-            record = self.image_record(task)
-            if _finished(target, record["digest"]):
-                self._skip(task.steps)
+        """Every image of the prompt file, in order; finished ones are kept, not redone.
+
+        Neighbours with the same settings share a call of up to the batch size. The batches
+        are planned over all images, finished or not: on the CPU a matrix product's rounding
+        depends on how many rows it has, so an image is bit-for-bit reproducible only within
+        the same batch. A batch with any image missing is rendered whole again and only the
+        missing images are written.
+        """
+        paths = [self.output_dir / f"{task.stem}.png" for task in self.tasks]
+        records = [self.image_record(task) for task in self.tasks]
+        for batch in self._batches():
+            missing = [p for p in batch if not _finished(paths[p], records[p]["digest"])]
+            for position in batch:
+                if position not in missing:
+                    self._skip(self.tasks[position].steps)
+            if not missing:
                 continue
-            self._stop_point("images", position)
-            pipe = self._pipeline_for(task)
-            self._use_scheduler(pipe, task.scheduler)
+            first, last = missing[0], missing[-1]
+            self._stop_point("images", first)
+            tasks = [self.tasks[position] for position in batch]
+            lead = tasks[0]
+            pipe = self._pipeline_for(lead)
+            self._use_scheduler(pipe, lead.scheduler)
             control = None
-            if task.control is not None:
-                control = load_control_image(task.control.image, f"image[{task.entry}]")
-            image = render_image(pipe, task, self._on_step_end("image", task.index), control)
+            if lead.control is not None:
+                control = load_control_image(lead.control.image, f"image[{lead.entry}]")
+            on_step_end = self._on_step_end("image", self.tasks[first].index, len(missing))
+            images = render_batch(pipe, tasks, on_step_end, control)
             if self._stopping:
-                self._stop_now("images", position)
-            parameters = a1111_parameters(
-                task, self._model_label(), self.model.fingerprint, self.lora_records
-            )
-            self._write(image, target, record, parameters, "image")
-            self.ctx.checkpoint({"phase": "images", "done": position + 1, "last": target.name})
+                self._stop_now("images", first)
+            for position, task, image in zip(batch, tasks, images, strict=True):
+                if position not in missing:
+                    continue
+                parameters = a1111_parameters(
+                    task, self._model_label(), self.model.fingerprint, self.lora_records
+                )
+                self._write(image, paths[position], records[position], parameters, "image")
+            self.ctx.checkpoint({"phase": "images", "done": last + 1, "last": paths[last].name})
         return paths
+
+    def _batches(self) -> Iterator[list[int]]:
+        """Runs of images that can share a call, each at most the rung's batch size."""
+        batch: list[int] = []
+        for position in range(len(self.tasks)):
+            task = self.tasks[position]
+            if batch:
+                lead = self.tasks[batch[0]]
+                limit = batch_limit(lead.batch_size, self.rung, self.ctx.device)
+                if len(batch) >= limit or batch_key(task) != batch_key(lead):
+                    yield batch
+                    batch = []
+            batch.append(position)
+        if batch:
+            yield batch
 
     def render_walk(self) -> list[Path]:
         """The latent-walk frames (none unless the prompt file asks for a latent walk)."""
@@ -153,7 +184,8 @@ class GenerationRun:
 
     def image_record(self, task: ImageTask) -> dict[str, Any]:
         """The ``dropkiln`` chunk: what the image depicts (digested), and how it was made."""
-        image = task.model_dump(mode="json")
+        # a batched image equals the image rendered alone, so the batch size is left out
+        image = task.model_dump(mode="json", exclude={"batch_size"})
         if task.control is not None:
             control_file = Path(task.control.image)
             image["control"]["image"] = control_file.name
@@ -221,12 +253,12 @@ class GenerationRun:
         self.ctx.checkpoint({"phase": phase, "done": done})
         raise StageStopped(f"generate {self.spec.name} stopped while denoising {phase} {done}")
 
-    def _on_step_end(self, label: str, index: int) -> StepCallback:
+    def _on_step_end(self, label: str, index: int, images: int = 1) -> StepCallback:
         preview_every = self.spec.preview_every
 
         def on_step_end(pipe: Any, step: int, timestep: Any, tensors: dict[str, Any]) -> dict:
             self.ctx.fault("generate.step")
-            self.done_steps += 1
+            self.done_steps += images
             done = min(self.done_steps, self.total_steps)
             self.ctx.progress(done, self.total_steps, **{label: index}, step=step + 1)
             if preview_every and (step + 1) % preview_every == 0:

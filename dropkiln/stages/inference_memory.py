@@ -2,6 +2,8 @@
 
 Rungs are cumulative: each keeps what the rung above did and adds one more saving. A warm
 pipeline is shared between jobs, so whatever a rung changes is undone when the job ends.
+The first step down also halves the images per pipeline call; the offload rungs render
+one image a call, since their cost is moving weights, not activations.
 """
 
 from __future__ import annotations
@@ -11,17 +13,31 @@ from contextlib import contextmanager
 from typing import Any
 
 from dropkiln.stages.base import MemoryRung
+from dropkiln.stages.prompts import MAX_BATCH
 
-_SLICING = {"attention_slicing": True, "vae_slicing": True}
+_SLICING = {"attention_slicing": True, "vae_slicing": True, "batch_divisor": 2}
 _TILING = {**_SLICING, "vae_tiling": True}
+_ONE_A_CALL = {**_TILING, "batch_divisor": MAX_BATCH}
 
 GENERATE_LADDER: tuple[MemoryRung, ...] = (
-    MemoryRung("default"),
+    MemoryRung("default", {"batch_divisor": 1}),
     MemoryRung("attention-vae-slicing", _SLICING),
     MemoryRung("vae-tiling", _TILING),
-    MemoryRung("model-cpu-offload", {**_TILING, "offload": "model"}),
-    MemoryRung("sequential-cpu-offload", {**_TILING, "offload": "sequential"}),
+    MemoryRung("model-cpu-offload", {**_ONE_A_CALL, "offload": "model"}),
+    MemoryRung("sequential-cpu-offload", {**_ONE_A_CALL, "offload": "sequential"}),
 )
+
+GPU_BATCH = 4
+"""Images per call when the prompt file does not say, on a GPU at the top rung. On the CPU
+the default is 1: float32 on the CPU is compute-bound, so a batch buys little there and an
+OOM retry or a stop would throw away more finished work."""
+
+
+def batch_limit(asked: int | None, rung: MemoryRung, device: str) -> int:
+    """Images per pipeline call at ``rung``: what was asked (or the device's default),
+    divided by the rung's divisor, at least one."""
+    wanted = asked if asked is not None else (1 if device == "cpu" else GPU_BATCH)
+    return max(1, wanted // int(rung.options.get("batch_divisor", 1)))
 
 
 @contextmanager

@@ -32,6 +32,7 @@ PROMPT_SUFFIXES = (".toml", ".json", ".txt")
 MAX_SEED = 2**63 - 1
 MAX_IMAGES = 10_000
 MAX_PROMPT_FILE_BYTES = 4_000_000
+MAX_BATCH = 64
 
 
 class FileModel(BaseModel):
@@ -82,6 +83,8 @@ class ImageDefaults(FileModel):
     height: Side = 1024
     scheduler: str = "euler"
     clip_skip: int | None = Field(None, ge=1, le=12)
+    batch_size: int | None = Field(None, ge=1, le=MAX_BATCH)
+    """Images of the same settings per pipeline call (unset: the memory rung decides)."""
 
     @field_validator("width", "height")
     @classmethod
@@ -172,6 +175,8 @@ class ImageTask(FileModel):
     scheduler: str
     clip_skip: int | None = None
     control: ControlRef | None = None
+    batch_size: int | None = None
+    """How many images to render per call, not what an image depicts (left out of digests)."""
 
 
 def expand_jobs(prompt_file: PromptFile) -> list[ImageTask]:
@@ -192,6 +197,64 @@ def expand_jobs(prompt_file: PromptFile) -> list[ImageTask]:
                 )
             )
     return tasks
+
+
+VaryKey = Literal[
+    "prompt", "negative", "seed", "steps", "guidance", "width", "height", "scheduler", "clip_skip"
+]
+
+
+class EntryMatrix(FileModel):
+    """An entry's ``prompts`` list and ``vary`` table: one entry written, many rendered."""
+
+    prompts: list[Annotated[str, Field(min_length=1, max_length=20_000)]] | None = Field(
+        None, min_length=1, max_length=MAX_IMAGES
+    )
+    vary: dict[VaryKey, Annotated[list[Any], Field(min_length=1, max_length=1000)]] = Field(
+        default_factory=dict
+    )
+
+    @model_validator(mode="after")
+    def _prompt_once(self) -> EntryMatrix:
+        if self.prompts is not None and "prompt" in self.vary:
+            raise ValueError("give the prompts either as prompts or in vary, not both")
+        return self
+
+
+def expand_entry(entry: dict[str, Any], label: str, where: str) -> list[dict[str, Any]]:
+    """An ``[[image]]`` table as the entries it stands for: one per prompt of ``prompts``
+    and per combination of ``vary`` values (the product, keys in sorted order). A varied
+    entry's name gains ``key-value`` parts, so its outputs keep their names however the
+    table is written."""
+    matrix_keys = {"prompts", "vary"}
+    if not matrix_keys & entry.keys():
+        return [entry]
+    matrix = _checked(EntryMatrix, {k: entry[k] for k in matrix_keys & entry.keys()}, label,
+                      where, {})  # fmt: skip
+    base = {k: v for k, v in entry.items() if k not in matrix_keys}
+    axes: list[tuple[str, list[Any]]] = sorted(matrix.vary.items())
+    if matrix.prompts is not None:
+        if "prompt" in base:
+            raise StageError(f"{label}: {where}prompts: give prompt or prompts, not both")
+        axes.insert(0, ("prompt", list(matrix.prompts)))
+    for key, _ in axes:
+        if key in base and key != "prompt":
+            raise StageError(f"{label}: {where}vary.{key}: also set directly; set it once")
+    entries = [base]
+    for key, values in axes:
+        entries = [{**e, key: value} for e in entries for value in values]
+    named = [key for key, _ in axes if key not in ("prompt", "seed")]
+    if named:
+        for e in entries:
+            parts = [f"{key}-{_name_part(e[key])}" for key in named]
+            e["name"] = "-".join(([base["name"]] if base.get("name") else []) + parts)
+    return entries
+
+
+def _name_part(value: Any) -> str:
+    text = str(value).lower()
+    cleaned = "".join(c if c.isalnum() or c == "." else "-" for c in text).strip("-.")
+    return cleaned[:24] or "x"
 
 
 class _RawFile(FileModel):
@@ -248,7 +311,14 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
     merged_defaults = base.model_dump() | top.defaults
     defaults = _checked(ImageDefaults, merged_defaults, label, "defaults.", context)
     images = []
-    for number, entry in enumerate(top.image):
+    expanded = [
+        (number, one)
+        for number, entry in enumerate(top.image)
+        for one in expand_entry(entry, label, f"image[{number}].")
+    ]
+    if len(expanded) > MAX_IMAGES:
+        raise StageError(f"{label}: {len(expanded):,} entries in all; at most {MAX_IMAGES:,}")
+    for number, entry in expanded:
         where = f"image[{number}]."
         fields = defaults.model_dump() | entry
         image = _checked(ImageEntry, fields, label, where, context)
@@ -294,7 +364,9 @@ def _checked(model: type[M], data: Any, label: str, where: str, context: dict[st
 def _describe(exc: ValidationError, model: type[BaseModel], label: str, where: str) -> str:
     problems = []
     for error in exc.errors(include_url=False)[:3]:
-        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in error["loc"])
+        # a dict key's own error is located at "[key]" below it: the key is enough
+        parts = [p for p in error["loc"] if p != "[key]"]
+        loc = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in parts)
         field = f"{where}{loc.lstrip('.')}".rstrip(".") or "(top level)"
         if error["type"] == "extra_forbidden":
             message = f"unknown key{_did_you_mean(str(error['loc'][-1]), model)}"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -74,18 +75,41 @@ def render_image(
     control_image: Image.Image | None = None,
 ) -> Image.Image:
     """The image for ``task``: exactly what the pipeline returns for these arguments."""
-    options = call_options(pipe, task, on_step_end)
-    if control_image is not None and task.control is not None:
-        options["image"] = control_image
-        options["controlnet_conditioning_scale"] = task.control.scale
+    (image,) = render_batch(pipe, [task], on_step_end, control_image)
+    return image
+
+
+def render_batch(
+    pipe: Any,
+    tasks: list[ImageTask],
+    on_step_end: StepCallback | None,
+    control_image: Image.Image | None = None,
+) -> list[Image.Image]:
+    """The images for ``tasks`` (one ``batch_key``) in one call, each from its own seed."""
+    lead = tasks[0]
+    options = call_options(pipe, lead, on_step_end)
+    if control_image is not None and lead.control is not None:
+        options["image"] = control_image  # one image: the pipeline repeats it for the batch
+        options["controlnet_conditioning_scale"] = lead.control.scale
+    # an empty negative is None, not "": SDXL then uses zero embeddings, as A1111 does
+    negatives = [task.negative for task in tasks] if lead.negative else None
     result = pipe(
-        prompt=task.prompt,
-        negative_prompt=task.negative or None,
-        generator=seeded(task.seed),
+        prompt=[task.prompt for task in tasks],
+        negative_prompt=negatives,
+        generator=[seeded(task.seed) for task in tasks],
         **options,
     )
-    image: Image.Image = result.images[0]
-    return image
+    images: list[Image.Image] = result.images
+    return images
+
+
+def batch_key(task: ImageTask) -> str:
+    """Tasks with equal keys can share a pipeline call: everything but what is per image."""
+    shared = task.model_dump(
+        mode="json", exclude={"index", "entry", "stem", "prompt", "negative", "seed"}
+    )
+    shared["has_negative"] = bool(task.negative)
+    return json.dumps(shared, sort_keys=True)
 
 
 def prompt_embeddings(pipe: Any, task: ImageTask) -> dict[str, Any]:

@@ -144,6 +144,9 @@ def test_file_defaults_override_settings(tmp_path: Path) -> None:
         ('[video]\nkind = "zoom"\n[[image]]\nprompt = "a"\n', "video.kind:"),
         ('[video]\nformat = "avi"\n[[image]]\nprompt = "a"\n', "video.format:"),
         ('[video]\nkind = "latent-walk"\n[[image]]\nprompt = "a"\n', "at least two images"),
+        ('[[image]]\nprompt = "a"\nbatch_size = 0\n', "image[0].batch_size:"),
+        ('[defaults]\nbatch_size = 65\n[[image]]\nprompt = "a"\n', "defaults.batch_size:"),
+        ('[[image]]\nprompt = "a"\nbatch_size = 2.0\n', "image[0].batch_size:"),
         ("model = \n", "not valid TOML"),
         ('model = "x"\n', "no [[image]] entries"),
         ('[[image]]\nprompt = "a"\nwidth = 64\n[[image]]\nprompt = "b"\n'
@@ -215,6 +218,66 @@ def test_expand_jobs_gives_consecutive_seeds_and_stems(tmp_path: Path, settings:
         (2, 1, 99, "002-99"),
     ]
     assert tasks[2].width == 128 and tasks[0].negative == "blurry"
+
+
+def test_prompts_and_vary_expand_to_the_product_with_names_from_the_values(
+    tmp_path: Path, settings: Settings
+) -> None:
+    text = """
+[defaults]
+width = 64
+height = 64
+[[image]]
+prompts = ["a cat", "a dog"]
+[[image]]
+prompt = "a fox"
+name = "fox"
+vary = { seed = [1, 2, 3], guidance = [4, 7.5] }
+"""
+    tasks = expand_jobs(load_prompt_file(write(tmp_path, "m.toml", text), settings))
+    assert [(t.prompt, t.seed) for t in tasks[:2]] == [("a cat", 1), ("a dog", 1)]
+    assert [(t.stem, t.guidance) for t in tasks[2:]] == [
+        ("002-1-fox-guidance-4", 4.0),
+        ("003-2-fox-guidance-4", 4.0),
+        ("004-3-fox-guidance-4", 4.0),
+        ("005-1-fox-guidance-7.5", 7.5),
+        ("006-2-fox-guidance-7.5", 7.5),
+        ("007-3-fox-guidance-7.5", 7.5),
+    ]
+    # the table's key order does not rename anything
+    swapped = text.replace(
+        "{ seed = [1, 2, 3], guidance = [4, 7.5] }", "{ guidance = [4, 7.5], seed = [1, 2, 3] }"
+    )
+    again = expand_jobs(load_prompt_file(write(tmp_path, "s.toml", swapped), settings))
+    assert [t.stem for t in again] == [t.stem for t in tasks]
+    schedulers = '[[image]]\nprompt = "a"\nvary = { scheduler = ["euler", "dpm++ 2m karras"] }\n'
+    stems = [t.stem for t in expand_jobs(load_prompt_file(write(tmp_path, "d.toml", schedulers),
+                                                          settings))]  # fmt: skip
+    assert stems == ["000-1-scheduler-euler", "001-1-scheduler-dpm---2m-karras"]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[[image]]\nprompts = []\n', "image[0].prompts: List should have at least 1 item"),
+        ('[[image]]\nprompts = ["a", ""]\n', "image[0].prompts[1]:"),
+        ('[[image]]\nprompts = "a"\n', "image[0].prompts:"),
+        ('[[image]]\nprompt = "a"\nprompts = ["b"]\n', "image[0].prompts: give prompt or"),
+        ('[[image]]\nprompt = "a"\nvary = { sed = [1] }\n', "image[0].vary.sed:"),
+        ('[[image]]\nprompt = "a"\nvary = { seed = [] }\n', "image[0].vary.seed:"),
+        ('[[image]]\nprompt = "a"\nvary = { seed = 3 }\n', "image[0].vary.seed:"),
+        ('[[image]]\nprompt = "a"\nseed = 2\nvary = { seed = [1] }\n', "also set directly"),
+        ('[[image]]\nprompt = "a"\nvary = { steps = ["x"] }\n', "image[0].steps:"),
+        ('[[image]]\nprompt = "a"\nvary = "x"\n', "image[0].vary:"),
+        ('[[image]]\nprompts = ["a"]\nvary = { prompt = ["b"] }\n', "not both"),
+        ('[[image]]\nprompt = "a"\nvary = { seed = ' + str(list(range(200))) + ', steps = '
+         + str(list(range(1, 101))) + ' }\n', "20,000 entries in all; at most 10,000"),
+    ],
+)  # fmt: skip
+def test_bad_prompts_and_vary_name_the_entry_and_field(
+    tmp_path: Path, settings: Settings, text: str, expected: str
+) -> None:
+    assert expected in load_error(tmp_path, settings, "bad.toml", text)
 
 
 @given(st.lists(st.tuples(st.integers(1, 5), st.integers(0, 2**40)), min_size=1, max_size=6))

@@ -1,0 +1,124 @@
+"""Batched generation: images of the same settings share a pipeline call, each from its own
+seed, and come out pixel-identical to the same image rendered alone or by diffusers."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_generate import direct_pipeline, gen_root, local, one_thread, pixels, spec_for
+
+from dropkiln.stages.faults import FaultInjector
+from dropkiln.stages.generate import run_generate
+from dropkiln.stages.inference_memory import GENERATE_LADDER, batch_limit
+from dropkiln.stages.pngmeta import read_dropkiln_record
+from dropkiln.stages.prompts import ImageEntry, PromptFile
+
+torch = pytest.importorskip("torch")
+__all__ = ["gen_root", "one_thread"]  # test_generate's fixtures: one warm pipeline for both
+
+
+def three_and_one(batch_size: int | None) -> PromptFile:
+    """Three images of one setting (two entries), then one of another size."""
+    options = {"steps": 2, "width": 64, "height": 64, "batch_size": batch_size}
+    return PromptFile(
+        images=[
+            ImageEntry(prompt="a red fox", seed=3, count=2, **options),
+            ImageEntry(prompt="a blue ship", seed=11, **options),
+            ImageEntry(prompt="a tree", seed=5, **{**options, "height": 128}),
+        ]
+    )
+
+
+def steps_per_call(progress_log: list[tuple[int, int, dict]]) -> list[int]:
+    done = [0] + [d for d, _, _ in progress_log]
+    return [b - a for a, b in itertools.pairwise(done)]
+
+
+def test_the_rung_chooses_the_batch_and_the_first_step_down_halves_it() -> None:
+    asked = [batch_limit(8, rung, "cuda") for rung in GENERATE_LADDER]
+    assert asked == [8, 4, 4, 1, 1]
+    assert [batch_limit(None, rung, "cuda") for rung in GENERATE_LADDER] == [4, 2, 2, 1, 1]
+    assert [batch_limit(None, rung, "cpu") for rung in GENERATE_LADDER] == [1] * 5
+    assert batch_limit(1, GENERATE_LADDER[1], "cuda") == 1
+
+
+def test_a_batch_equals_diffusers_batched_call_and_is_within_one_level_of_each_image_alone(
+    gen_root: Path, models_dir: Path, tmp_path: Path
+) -> None:
+    batched_ctx = local(gen_root, tmp_path / "b")
+    batched = run_generate(spec_for(tmp_path / "batched", three_and_one(4)), batched_ctx)
+    alone_ctx = local(gen_root, tmp_path / "a")
+    alone = run_generate(spec_for(tmp_path / "alone", three_and_one(1)), alone_ctx)
+    # one call for the three 64x64 images (two steps, three images a step), one for the tree
+    assert steps_per_call(batched_ctx.progress_log) == [3, 3, 1, 1]
+    assert steps_per_call(alone_ctx.progress_log) == [1] * 8
+
+    pipe = direct_pipeline(models_dir, "tiny-sdxl")
+    direct = pipe(
+        prompt=["a red fox", "a red fox", "a blue ship"],
+        num_inference_steps=2,
+        guidance_scale=5.0,
+        width=64,
+        height=64,
+        generator=[torch.Generator().manual_seed(seed) for seed in (3, 4, 11)],
+    ).images
+    for path, image in zip(batched["images"], direct, strict=False):
+        assert np.array_equal(pixels(path), np.asarray(image))
+
+    for one, two in zip(batched["images"], alone["images"], strict=True):
+        assert Path(one).name == Path(two).name
+        # The CPU's matrix products round differently for 6 rows than for 2 (measured:
+        # latents differ by ~1e-5), so an image in a batch can differ from the image alone
+        # by one level in a few pixels; the same batch gives the same bytes every time.
+        difference = np.abs(pixels(one).astype(int) - pixels(two).astype(int))
+        assert difference.max() <= 1, Path(one).name
+        first, second = read_dropkiln_record(Path(one)), read_dropkiln_record(Path(two))
+        assert first is not None and second is not None
+        assert first["digest"] == second["digest"]
+
+
+def test_a_kill_between_the_writes_of_a_batch_renders_it_again_and_writes_the_rest(
+    gen_root: Path, tmp_path: Path
+) -> None:
+    prompt_file = PromptFile(
+        images=[ImageEntry(prompt="a", count=3, steps=2, width=64, height=64, batch_size=3)]
+    )
+    whole = run_generate(spec_for(tmp_path / "whole", prompt_file), local(gen_root, tmp_path / "w"))
+    spec = spec_for(tmp_path / "out", prompt_file)
+    ctx = local(gen_root, tmp_path, faults=FaultInjector("oom@generate.image:2"))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_generate(spec, ctx)
+    written = tmp_path / "out" / "000-1.png"
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == [written.name]
+    stamp = written.stat().st_mtime_ns
+    resumed = run_generate(spec, local(gen_root, tmp_path / "again"))  # same rung, same batch
+    assert (resumed["rendered"], resumed["skipped"]) == (2, 1)
+    assert written.stat().st_mtime_ns == stamp
+    for one, two in zip(resumed["images"], whole["images"], strict=True):
+        assert Path(one).read_bytes() == Path(two).read_bytes()
+
+
+def test_an_oom_inside_a_batch_resumes_with_half_the_batch_and_nothing_twice(
+    gen_root: Path, tmp_path: Path
+) -> None:
+    prompt_file = PromptFile(
+        images=[ImageEntry(prompt="a", count=4, steps=2, width=64, height=64, batch_size=2)]
+    )
+    spec = spec_for(tmp_path / "out", prompt_file)
+    # two steps a call: the third step is the first of the second batch
+    ctx = local(gen_root, tmp_path, faults=FaultInjector("oom@generate.step:3"))
+    with pytest.raises(torch.OutOfMemoryError):
+        run_generate(spec, ctx)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.png")) == ["000-1.png", "001-2.png"]
+    assert ctx.saved == {"phase": "images", "done": 2, "last": "001-2.png"}
+    stamps = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "out").glob("*.png")}
+
+    retry = local(gen_root, tmp_path / "retry", memory_rung=1)  # batch 2 → 1
+    result = run_generate(spec, retry)
+    assert (result["rendered"], result["skipped"]) == (2, 2)
+    assert steps_per_call(retry.progress_log) == [2, 2, 1, 1, 1, 1]  # two kept, two alone
+    for name, stamp in stamps.items():
+        assert (tmp_path / "out" / name).stat().st_mtime_ns == stamp
