@@ -18,6 +18,7 @@ from dropkiln.stages.control import (
 )
 from dropkiln.stages.inference_memory import apply_rung, undo_rung
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
+from dropkiln.stages.models.hashes import checkpoint_hashes
 from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
@@ -115,7 +116,7 @@ class GenerationRun:
             if self._stopping:
                 self._stop_now("images", position)
             parameters = a1111_parameters(
-                task, self._model_label(), self.model.fingerprint, self.lora_records
+                task, self._model_label(), checkpoint_hashes(self.model).sha256, self.lora_records
             )
             self._write(image, target, record, parameters, "image")
             self.ctx.checkpoint({"phase": "images", "done": position + 1, "last": target.name})
@@ -284,15 +285,13 @@ class GenerationRun:
         return self._keyframes[index]
 
     def _load_loras(self, pipe: Any) -> None:
+        from dropkiln.stages.lora_files import load_lora
+
         names = []
         for number, lora in enumerate(self.spec.loras):
-            path = Path(lora.path)
             adapter = f"dropkiln_{number}"
             try:
-                pipe.load_lora_weights(
-                    str(path.parent), weight_name=path.name, adapter_name=adapter,
-                    local_files_only=True,
-                )  # fmt: skip
+                load_lora(pipe, Path(lora.path), adapter)
             except (ValueError, KeyError, RuntimeError, OSError) as exc:
                 raise StageError(f"LoRA {lora.name} does not fit {self.model.name}: {exc}") from exc
             names.append(adapter)

@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 
 from dropkiln.config import TrainSettings
-from dropkiln.stages.models import load_pipeline, pipeline_class, resolve_model
+from dropkiln.stages.lora_files import load_lora
+from dropkiln.stages.models import CheckpointHashes, load_pipeline, pipeline_class, resolve_model
 from dropkiln.stages.training.adapters import lora_adapters
 from dropkiln.stages.training.encoding import encode_captions
 from dropkiln.stages.training.lora_export import DIFFUSERS_WEIGHTS, write_diffusers, write_kohya
@@ -20,7 +21,12 @@ def _facts(kind: str, options: TrainSettings) -> dict[str, Any]:
         "name": "cats",
         "kind": kind,
         "model_name": f"tiny-{kind}",
-        "model_fingerprint": "0" * 64,
+        "model_hashes": CheckpointHashes("0" * 64, "0" * 8),
+        "session_id": 1,
+        "images": [((64, 64), (80, 64))],
+        "batches_per_epoch": 1,
+        "epoch": 1,
+        "num_epochs": 1,
         "resolution": (64, 64),
         "options": options,
         "alpha": options.alpha,
@@ -77,14 +83,20 @@ def test_exported_files_reproduce_the_in_memory_adapter(
         write_kohya(kohya, models, _facts(kind, options))
         folder = write_diffusers(tmp_path / "diffusers", pipeline_class(kind), models).parent
         prefixes = {key.split("_")[1] for key in load_file(kohya)}
-    assert prefixes == ({"unet", "te1", "te2"} if kind == "sdxl" else {"unet", "te1"})
+    assert prefixes == ({"unet", "te1", "te2"} if kind == "sdxl" else {"unet", "te"})
     assert not torch.allclose(_unet_output(pipe, kind), expected_unet, atol=1e-4)
 
-    for source, weight_name in ((kohya, None), (folder, DIFFUSERS_WEIGHTS)):
-        pipe.load_lora_weights(str(source), weight_name=weight_name, adapter_name="loaded")
+    plain_text = encode_captions(pipe, ["sks cat, red hair"])
+    for source in (kohya, folder / DIFFUSERS_WEIGHTS):
+        # dropkiln's generation loader: diffusers for the UNet, peft for the text encoders
+        load_lora(pipe, source, "loaded")
         torch.testing.assert_close(_unet_output(pipe, kind), expected_unet, atol=1e-5, rtol=1e-4)
         with torch.no_grad():
             loaded_text = encode_captions(pipe, ["sks cat, red hair"])
         for key, value in expected_text.items():
             torch.testing.assert_close(loaded_text[key], value, atol=1e-5, rtol=1e-4)
         pipe.unload_lora_weights()
+        with torch.no_grad():
+            unloaded_text = encode_captions(pipe, ["sks cat, red hair"])
+        for key, value in plain_text.items():
+            torch.testing.assert_close(unloaded_text[key], value, atol=0, rtol=0)
