@@ -79,13 +79,14 @@ def sgm_module_path(module: str, config: Mapping[str, Any]) -> str:
     if match is None:
         raise ValueError(f"no SGM name for UNet module {module!r}")
     side, block, part, index, rest = match[1], int(match[2]), match[3], int(match[4]), match[5]
+    # a down block is its resnets (with attention) then a downsampler: layers + 1 entries;
+    # an up block has one resnet more and its upsampler shares the last entry
+    per_block = layers + 1
     if side == "down_blocks":
-        per_block = layers + 1
         if part == "downsamplers":
             return f"input_blocks.{per_block * (block + 1)}.0.{_sampler_part(rest, 'op')}"
         slot = 1 + per_block * block + index
     else:
-        per_block = layers + 2
         if part == "upsamplers":
             has_attention = "CrossAttn" in config["up_block_types"][block]
             slot = per_block * block + per_block - 1
