@@ -100,3 +100,30 @@ def test_exported_files_reproduce_the_in_memory_adapter(
             unloaded_text = encode_captions(pipe, ["sks cat, red hair"])
         for key, value in plain_text.items():
             torch.testing.assert_close(unloaded_text[key], value, atol=0, rtol=0)
+
+
+def test_text_encoder_weights_that_fit_no_module_are_refused(
+    models_dir: Path, tmp_path: Path
+) -> None:
+    """A LoRA made for a deeper text encoder must not load half-way: diffusers only warns
+    about text-encoder keys that match no module; dropkiln refuses the file."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from dropkiln.stages.lora_files import LoraMismatch
+
+    pipe = load_pipeline(resolve_model("tiny-sd15", models_dir), "cpu", torch.float32)
+    options = TrainSettings(rank=4, alpha=2.0, train_text_encoder=True)
+    kohya = tmp_path / "cats.safetensors"
+    with lora_adapters(pipe, options, gradient_checkpointing=False) as models:
+        write_kohya(kohya, models, _facts("sd15", options))
+    tensors = load_file(kohya)
+    deeper = "lora_te_text_model_encoder_layers_99_self_attn_q_proj"
+    for part in ("lora_down.weight", "lora_up.weight", "alpha"):
+        tensors[f"{deeper}.{part}"] = tensors[f"{deeper.replace('99', '0')}.{part}"].clone()
+    save_file(tensors, str(tmp_path / "deeper.safetensors"))
+    with pytest.raises(LoraMismatch, match="match no module"):
+        load_lora(pipe, tmp_path / "deeper.safetensors", "deeper")
+    pipe.unload_lora_weights()
+    load_lora(pipe, kohya, "fits")  # the pipeline is usable afterwards
+    pipe.unload_lora_weights()
