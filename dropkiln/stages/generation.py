@@ -23,6 +23,7 @@ from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
     latent_preview,
+    model_label,
     png_info,
     read_dropkiln_record,
     write_png,
@@ -189,9 +190,7 @@ class GenerationRun:
         return {"kind": self.model.kind, "fingerprint": self.model.fingerprint}
 
     def _model_label(self) -> str:
-        """``tiny-sdxl``, or a folder's or file's stem: what A1111's ``Model:`` shows."""
-        name = self.model.name
-        return Path(name).stem if "/" in name or "\\" in name else name
+        return model_label(self.model.name)
 
     def _write(
         self,

@@ -73,6 +73,13 @@ def _quoted(value: Any) -> str:
     return text
 
 
+def model_label(name: str) -> str:
+    """``tiny-sdxl``, or a folder's or file's stem: what A1111's ``Model:`` shows."""
+    if "/" in name or "\\" in name:
+        return PureWindowsPath(name).stem if "\\" in name else PurePosixPath(name).stem
+    return name
+
+
 def lora_label(name: str) -> str:
     """A LoRA's name as people see it: a path shows as its file's stem."""
     if "/" in name or "\\" in name or name.endswith(".safetensors"):

@@ -70,6 +70,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             order=DataOrder(dataset.buckets(), options.batch_size, options.seed),
             scheduler=training_scheduler(pipe.scheduler.config, options),
             on_the_fly=needs_text_encoder(options),
+            model=ref,
         )
         loop.run()
         return _finish(loop, ref, pipeline_class(ref.kind), index)
