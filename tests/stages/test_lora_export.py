@@ -65,7 +65,8 @@ def test_exported_files_reproduce_the_in_memory_adapter(
     kind: str, models_dir: Path, tmp_path: Path
 ) -> None:
     import torch
-    from safetensors.torch import load_file
+    from diffusers.utils import convert_state_dict_to_kohya
+    from safetensors.torch import load_file, save_file
 
     pipe = load_pipeline(resolve_model(f"tiny-{kind}", models_dir), "cpu", torch.float32)
     options = TrainSettings(rank=4, alpha=2.0, train_text_encoder=True)
@@ -82,12 +83,20 @@ def test_exported_files_reproduce_the_in_memory_adapter(
             expected_text = encode_captions(pipe, ["sks cat, red hair"])
         write_kohya(kohya, models, _facts(kind, options))
         folder = write_diffusers(tmp_path / "diffusers", pipeline_class(kind), models).parent
+        # the kohya layout other trainers write with diffusers' converter: diffusers names
+        prefixed = {f"{c}.{k}": v for c in models.models for k, v in models.lora_state(c).items()}
+        other = {k: v.contiguous() for k, v in convert_state_dict_to_kohya(prefixed).items()}
+        for key in [k for k in other if k.endswith(".alpha")]:
+            other[key] = torch.tensor(options.alpha)
+        diffusers_names = tmp_path / "diffusers-names.safetensors"
+        save_file(other, str(diffusers_names))
         prefixes = {key.split("_")[1] for key in load_file(kohya)}
     assert prefixes == ({"unet", "te1", "te2"} if kind == "sdxl" else {"unet", "te"})
     assert not torch.allclose(_unet_output(pipe, kind), expected_unet, atol=1e-4)
 
     plain_text = encode_captions(pipe, ["sks cat, red hair"])
-    for source in (kohya, folder / DIFFUSERS_WEIGHTS):
+    assert any(k.startswith("lora_unet_down_blocks_") for k in load_file(diffusers_names))
+    for source in (kohya, diffusers_names, folder / DIFFUSERS_WEIGHTS):
         # dropkiln's generation loader: diffusers for the UNet, peft for the text encoders
         load_lora(pipe, source, "loaded")
         torch.testing.assert_close(_unet_output(pipe, kind), expected_unet, atol=1e-5, rtol=1e-4)
