@@ -66,8 +66,9 @@ def _attach_text_lora(
     from peft import inject_adapter_in_model, set_peft_model_state_dict
 
     state = convert_state_dict_to_peft(convert_state_dict_to_diffusers(state))
-    if not hasattr(model, "text_model"):
-        # transformers 5 flattened CLIPTextModel; files keep the text_model level
+    if "text_model" not in dict(model.named_children()):
+        # transformers 5 flattened CLIPTextModel; files keep the text_model level. (The
+        # module tree decides: render.py gives a flat model a ``text_model`` alias.)
         state = {k.removeprefix("text_model."): v for k, v in state.items()}
     ranks = {k: v.shape[1] for k, v in state.items() if k.endswith(".lora_B.weight")}
     if alphas is not None:

@@ -136,3 +136,22 @@ def test_text_encoder_weights_that_fit_no_module_are_refused(
     pipe.unload_lora_weights()
     load_lora(pipe, kohya, "fits")  # the pipeline is usable afterwards
     pipe.unload_lora_weights()
+
+
+def test_text_encoder_lora_loads_after_a_clip_skip_render(models_dir: Path, tmp_path: Path) -> None:
+    """Clip skip gives transformers 5's flat CLIPTextModel a ``text_model`` alias (not a
+    module); the loader must still see a flat model and drop the files' text_model level."""
+    import torch
+
+    from dropkiln.stages.render import diffusers_clip_skip
+
+    pipe = load_pipeline(resolve_model("tiny-sd15", models_dir), "cpu", torch.float32)
+    options = TrainSettings(rank=4, alpha=2.0, train_text_encoder=True)
+    kohya = tmp_path / "cats.safetensors"
+    with lora_adapters(pipe, options, gradient_checkpointing=False) as models:
+        write_kohya(kohya, models, _facts("sd15", options))
+    diffusers_clip_skip(pipe, 2)
+    try:
+        load_lora(pipe, kohya, "after-clip-skip")
+    finally:
+        pipe.unload_lora_weights()
