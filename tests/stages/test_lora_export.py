@@ -104,6 +104,11 @@ def test_exported_files_reproduce_the_in_memory_adapter(
             loaded_text = encode_captions(pipe, ["sks cat, red hair"])
         for key, value in expected_text.items():
             torch.testing.assert_close(loaded_text[key], value, atol=1e-5, rtol=1e-4)
+        pipe.set_adapters(["loaded"], adapter_weights=[0.0])  # weight 0: the base model
+        with torch.no_grad():
+            silenced = encode_captions(pipe, ["sks cat, red hair"])
+        for key, value in plain_text.items():
+            torch.testing.assert_close(silenced[key], value, atol=1e-6, rtol=0)
         pipe.unload_lora_weights()
         with torch.no_grad():
             unloaded_text = encode_captions(pipe, ["sks cat, red hair"])
