@@ -47,11 +47,16 @@ def checkpoint_files(ref: ModelRef) -> list[Path]:
     if ref.single_file:
         return [ref.path]
     unet = ref.path / "unet"
-    shards = sorted(unet.glob("diffusion_pytorch_model*.safetensors"))
-    if not shards:
-        raise StageError(f"model folder {ref.path} has no unet/*.safetensors weights to hash")
-    # a sharded UNet also has its index; the shards in name order are the weights
-    return shards
+    whole = unet / "diffusion_pytorch_model.safetensors"
+    # one file; else the shards of a sharded UNet in name order; else a variant (fp16, …)
+    for files in (
+        [whole] if whole.is_file() else [],
+        sorted(unet.glob("diffusion_pytorch_model-*-of-*.safetensors")),
+        sorted(unet.glob("diffusion_pytorch_model.*.safetensors"))[:1],
+    ):
+        if files:
+            return files
+    raise StageError(f"model folder {ref.path} has no unet/*.safetensors weights to hash")
 
 
 def checkpoint_hashes(ref: ModelRef) -> CheckpointHashes:
