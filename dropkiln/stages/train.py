@@ -150,8 +150,10 @@ def _finish(
     out = Path(loop.spec.output_dir)
     finished = datetime.datetime.now(datetime.UTC)
     per_epoch = loop.order.batches_per_epoch
-    # kohya's session id tells runs apart; ours survives a resume (started_at is checkpointed)
-    session_digest = hashlib.sha256(f"{loop.spec.name}:{session.started_at!r}".encode())
+    # kohya draws a random session id per run; ours is the job's (name, options, model), so a
+    # resumed or retried run writes the same file as an undisturbed one
+    job = f"{loop.spec.name}\0{options.model_dump_json()}\0{ref.fingerprint}"
+    session_digest = hashlib.sha256(job.encode())
     facts = {
         "name": loop.spec.name,
         "kind": ref.kind,
