@@ -1,0 +1,307 @@
+"""Downloaded single-file checkpoints load with nothing but the file.
+
+Three checks against the outside: the shipped configs give the published parameter counts;
+the locally built tokenizers give CLIP's published token ids; and real-topology miniatures
+written in the original key layout load through the path a real file takes and render the
+pixels of their diffusers twin.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dropkiln.stages.base import StageError
+from dropkiln.stages.models import SHIPPED_CONFIGS, load_pipeline, resolve_model
+
+# ---------------------------------------------------------------- a) parameter counts
+# Published figures, counted by each library's own classes from the released configs:
+# - SD 1.5 UNet 859,520,964: diffusers' ModelMixin.num_parameters docstring example
+#   (runwayml/stable-diffusion-v1-5, subfolder "unet").
+# - SDXL base UNet 2,567,463,684 ("2.6B" in Podell et al. 2023, Table 1); diffusers'
+#   DreamBooth-LoRA training logs print "unet params = 2567463684".
+# - AutoencoderKL 83,653,863 (the same for SD 1.5 and SDXL; "83M" of the SD model card).
+# - CLIP ViT-L/14 text model 123,060,480 (the "123M text encoder" of the SD 1.5 model card;
+#   123,650,304 with SD3's 768×768 text projection).
+# - OpenCLIP ViT-bigG/14 text model with projection 694,659,840 (diffusers' SD3 memory
+#   table lists text_encoder_2 at 694659840).
+PUBLISHED_COUNTS = {
+    ("sd15", "unet"): 859_520_964,
+    ("sdxl", "unet"): 2_567_463_684,
+    ("sd15", "vae"): 83_653_863,
+    ("sdxl", "vae"): 83_653_863,
+    ("sd15", "text_encoder"): 123_060_480,
+    ("sdxl", "text_encoder"): 123_060_480,
+    ("sdxl", "text_encoder_2"): 694_659_840,
+}
+
+
+def _meta_model(folder: Path, component: str) -> Any:
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    path = folder / component
+    with torch.device("meta"):
+        if component == "unet":
+            return UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(path))
+        if component == "vae":
+            return AutoencoderKL.from_config(AutoencoderKL.load_config(path))
+        config = CLIPTextConfig.from_pretrained(path)
+        cls = CLIPTextModelWithProjection if component == "text_encoder_2" else CLIPTextModel
+        return cls(config)
+
+
+@pytest.mark.parametrize(("kind", "component"), list(PUBLISHED_COUNTS))
+def test_shipped_configs_give_the_published_parameter_counts(kind: str, component: str) -> None:
+    model = _meta_model(SHIPPED_CONFIGS / kind, component)
+    assert sum(p.numel() for p in model.parameters()) == PUBLISHED_COUNTS[kind, component]
+
+
+@pytest.mark.parametrize(
+    ("kind", "component", "open_clip_config"),
+    [
+        ("sd15", "text_encoder", "ViT-L-14.json"),
+        ("sdxl", "text_encoder", "ViT-L-14.json"),
+        ("sdxl", "text_encoder_2", "ViT-bigG-14.json"),
+    ],
+)
+def test_text_encoder_configs_match_open_clip(
+    kind: str, component: str, open_clip_config: str
+) -> None:
+    """open-clip-torch ships the text tower shapes of both encoders; ours must agree."""
+    import importlib.metadata
+
+    dist = importlib.metadata.distribution("open-clip-torch")
+    shipped = json.loads(
+        Path(str(dist.locate_file(f"open_clip/model_configs/{open_clip_config}"))).read_text()
+    )
+    text = shipped["text_cfg"]
+    ours = json.loads((SHIPPED_CONFIGS / kind / component / "config.json").read_text())
+    assert ours["hidden_size"] == text["width"]
+    assert ours["num_attention_heads"] == text["heads"]
+    assert ours["num_hidden_layers"] == text["layers"]
+    assert ours["max_position_embeddings"] == text["context_length"]
+    assert ours["vocab_size"] == text["vocab_size"]
+    assert ours["intermediate_size"] == 4 * text["width"]
+    if component == "text_encoder_2":
+        assert ours["projection_dim"] == shipped["embed_dim"]
+
+
+# ---------------------------------------------------------------- b) tokenizer ids
+# CLIP's published ids: "a photo of a cat"/"a photo of a dog" are asserted against the
+# openai/clip-vit-base-patch32 tokenizer in elixir-nx/bumblebee
+# (test/bumblebee/text/clip_tokenizer_test.exs); "Hello, world!" → 3306 267 1002 256 is
+# the same vocabulary's reading, as other CLIP ports assert. 49406/49407 are
+# <|startoftext|>/<|endoftext|>, the last two of the 49,408 tokens.
+PUBLISHED_IDS = {
+    "a photo of a cat": [49406, 320, 1125, 539, 320, 2368, 49407],
+    "a photo of a dog": [49406, 320, 1125, 539, 320, 1929, 49407],
+    "Hello, world!": [49406, 3306, 267, 1002, 256, 49407],
+    "A  PHOTO of a Cat": [49406, 320, 1125, 539, 320, 2368, 49407],
+}
+
+
+@pytest.mark.parametrize("text", list(PUBLISHED_IDS))
+def test_local_tokenizer_gives_clips_published_ids(text: str) -> None:
+    from dropkiln.stages.models.clip_tokenizer import clip_tokenizer
+
+    assert clip_tokenizer()(text).input_ids == PUBLISHED_IDS[text]
+
+
+def test_the_two_sdxl_tokenizers_pad_as_published() -> None:
+    """tokenizer (CLIP ViT-L) pads with <|endoftext|> 49407; tokenizer_2 (OpenCLIP bigG) pads
+    with "!", id 0, as open_clip's tokenizer fills with zeros."""
+    from dropkiln.stages.models.clip_tokenizer import clip_tokenizer
+
+    ids = PUBLISHED_IDS["a photo of a cat"]
+    first = clip_tokenizer("endoftext")("a photo of a cat", padding="max_length").input_ids
+    second = clip_tokenizer("zero")("a photo of a cat", padding="max_length").input_ids
+    assert first == ids + [49407] * (77 - len(ids))
+    assert second == ids + [0] * (77 - len(ids))
+
+
+def test_long_prompts_are_cut_at_77_with_the_end_token_last() -> None:
+    from dropkiln.stages.models.clip_tokenizer import clip_tokenizer
+
+    ids = clip_tokenizer()("cat " * 100, truncation=True, padding="max_length").input_ids
+    assert len(ids) == 77
+    assert ids == [49406] + [2368] * 75 + [49407]
+
+
+# ---------------------------------------------------------------- detection
+def _header_only(path: Path, keys: list[str], metadata: dict[str, str] | None = None) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.zeros(1) for k in keys}, str(path), metadata=metadata)
+    return path
+
+
+SDXL_KEYS = [
+    "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",
+    "conditioner.embedders.1.model.ln_final.weight",
+    "model.diffusion_model.out.2.weight",
+]
+SD15_KEYS = [
+    "cond_stage_model.transformer.text_model.final_layer_norm.weight",
+    "model.diffusion_model.out.2.weight",
+]
+
+
+@pytest.mark.parametrize(
+    ("keys", "metadata", "expected"),
+    [
+        (SDXL_KEYS, None, ("sdxl", "epsilon", False)),
+        (SD15_KEYS, None, ("sd15", "epsilon", False)),
+        ([*SDXL_KEYS, "v_pred"], None, ("sdxl", "v_prediction", False)),
+        ([*SDXL_KEYS, "v_pred", "ztsnr"], None, ("sdxl", "v_prediction", True)),
+        (SD15_KEYS, {"modelspec.prediction_type": "v"}, ("sd15", "v_prediction", False)),
+        (SDXL_KEYS, {"modelspec.prediction_type": "epsilon"}, ("sdxl", "epsilon", False)),
+    ],
+)
+def test_family_and_prediction_are_read_from_the_file(
+    tmp_path: Path, keys: list[str], metadata: dict[str, str] | None, expected: tuple[Any, ...]
+) -> None:
+    from dropkiln.stages.models import checkpoint_family
+
+    family = checkpoint_family(_header_only(tmp_path / "m.safetensors", keys, metadata))
+    assert (family.kind, family.prediction, family.zero_terminal_snr) == expected
+
+
+@pytest.mark.parametrize(
+    ("keys", "message"),
+    [
+        (["cond_stage_model.model.ln_final.weight"], "SD 2.x"),
+        (["conditioner.embedders.0.model.ln_final.weight"], "refiner"),
+        (["model.diffusion_model.out.2.weight"], "no text encoder"),
+        (["lora_unet_down_blocks_0.alpha"], "does not look like"),
+    ],
+)
+def test_other_models_are_refused_by_name(tmp_path: Path, keys: list[str], message: str) -> None:
+    path = _header_only(tmp_path / "other.safetensors", keys)
+    with pytest.raises(StageError, match=message):
+        resolve_model(str(path), tmp_path)
+
+
+@pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth", ".pkl"])
+def test_pickles_are_still_refused(tmp_path: Path, suffix: str) -> None:
+    pickle = tmp_path / f"model{suffix}"
+    pickle.write_bytes(b"\x80\x04not loaded")
+    with pytest.raises(StageError, match="never loaded"):
+        resolve_model(str(pickle), tmp_path)
+
+
+def test_a_single_file_needs_no_config_folder(tmp_path: Path) -> None:
+    ref = resolve_model(str(_header_only(tmp_path / "xl.safetensors", SDXL_KEYS)), tmp_path)
+    assert (ref.kind, ref.single_file, ref.config_dir) == ("sdxl", True, SHIPPED_CONFIGS / "sdxl")
+    assert not (tmp_path / "configs").exists()
+
+
+# ---------------------------------------------------------------- c) miniatures
+@pytest.fixture
+def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*args: Any, **kwargs: Any) -> None:
+        raise OSError("network is unavailable in this test")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+@pytest.fixture(scope="module")
+def miniatures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    import torch
+    from miniatures import build_miniature
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("miniatures")
+    return {kind: build_miniature(kind, folder / kind) for kind in ("sdxl", "sd15")}
+
+
+def _render(pipe: Any, **extra: Any) -> Any:
+    import torch
+
+    return pipe(
+        "a photo of a cat",
+        negative_prompt="blurry",
+        num_inference_steps=2,
+        width=64,
+        height=64,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+        **extra,
+    ).images
+
+
+def _fresh_memory(pipe: Any) -> Any:
+    """Copy every weight into freshly allocated memory. Bit-identical weights read from
+    differently placed buffers (a memory-mapped file vs a fresh load) can make the CPU's
+    BLAS sum in another order, which moves the last float bits."""
+    import torch
+
+    with torch.no_grad():
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for param in component.parameters():
+                    param.data = param.data.clone()
+    return pipe
+
+
+def _state(pipe: Any, name: str) -> dict[str, Any]:
+    return {k: v for k, v in getattr(pipe, name).state_dict().items() if "position_ids" not in k}
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("no_network")
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_miniature_single_file_renders_like_its_diffusers_twin(
+    kind: str, miniatures: dict[str, Any], tmp_path: Path
+) -> None:
+    import numpy as np
+    import torch
+
+    from dropkiln.stages.models import pipeline_class
+
+    mini = miniatures[kind]
+    ref = resolve_model(str(mini.checkpoint), tmp_path, config_root=mini.config_root)
+    assert (ref.kind, ref.single_file) == (kind, True)
+    single = load_pipeline(ref, "cpu", torch.float32)
+    no_checker = {"safety_checker": None} if kind == "sd15" else {}
+    twin = pipeline_class(kind).from_pretrained(str(mini.twin), local_files_only=True, **no_checker)
+    twin.set_progress_bar_config(disable=True)
+    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
+    for name in parts:
+        ours, theirs = _state(single, name), _state(twin, name)
+        assert ours.keys() == theirs.keys(), name
+        for key, value in theirs.items():
+            assert torch.equal(ours[key], value), f"{name}.{key}"
+    image = _render(_fresh_memory(single))
+    assert image.std() > 0.01  # a real picture, not a flat field
+    np.testing.assert_array_equal(image, _render(_fresh_memory(twin)))
+    assert dict(single.scheduler.config) == dict(twin.scheduler.config)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", [["v_pred"], ["v_pred", "ztsnr"]])
+def test_prediction_markers_reach_the_scheduler(
+    variant: list[str], miniatures: dict[str, Any], tmp_path: Path
+) -> None:
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    mini = miniatures["sdxl"]
+    weights = load_file(str(mini.checkpoint))
+    weights.update({marker: torch.zeros(0) for marker in variant})
+    marked = tmp_path / "marked.safetensors"
+    save_file(weights, str(marked))
+    ref = resolve_model(str(marked), tmp_path, config_root=mini.config_root)
+    pipe = load_pipeline(ref, "cpu", torch.float32)
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    zero_snr = "ztsnr" in variant
+    assert ref.zero_terminal_snr is zero_snr
+    assert pipe.scheduler.config.rescale_betas_zero_snr is zero_snr
+    assert (pipe.scheduler.config.timestep_spacing == "trailing") is zero_snr
