@@ -130,3 +130,33 @@ def _spread_norms(parts: dict[str, Any]) -> None:
                 if isinstance(child, torch.nn.GroupNorm | torch.nn.LayerNorm):
                     child.weight.uniform_(0.5, 1.5)
                     child.bias.uniform_(-0.2, 0.2)
+
+
+def render(pipe: Any, **extra: Any) -> Any:
+    """Two Euler steps at 64×64 from a fixed seed, as float pixels."""
+    import torch
+
+    return pipe(
+        "a photo of a cat",
+        negative_prompt="blurry",
+        num_inference_steps=2,
+        width=64,
+        height=64,
+        generator=torch.Generator().manual_seed(3),
+        output_type="np",
+        **extra,
+    ).images
+
+
+def fresh_memory(pipe: Any) -> Any:
+    """Copy every weight into freshly allocated memory. Bit-identical weights read from
+    differently placed buffers (a memory-mapped file vs a fresh load) can make the CPU's
+    BLAS sum in another order, which moves the last float bits."""
+    import torch
+
+    with torch.no_grad():
+        for component in pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                for param in component.parameters():
+                    param.data = param.data.clone()
+    return pipe

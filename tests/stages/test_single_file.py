@@ -212,45 +212,6 @@ def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "create_connection", refuse)
 
 
-@pytest.fixture(scope="module")
-def miniatures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
-    import torch
-    from miniatures import build_miniature
-
-    torch.set_num_threads(1)
-    folder = tmp_path_factory.mktemp("miniatures")
-    return {kind: build_miniature(kind, folder / kind) for kind in ("sdxl", "sd15")}
-
-
-def _render(pipe: Any, **extra: Any) -> Any:
-    import torch
-
-    return pipe(
-        "a photo of a cat",
-        negative_prompt="blurry",
-        num_inference_steps=2,
-        width=64,
-        height=64,
-        generator=torch.Generator().manual_seed(3),
-        output_type="np",
-        **extra,
-    ).images
-
-
-def _fresh_memory(pipe: Any) -> Any:
-    """Copy every weight into freshly allocated memory. Bit-identical weights read from
-    differently placed buffers (a memory-mapped file vs a fresh load) can make the CPU's
-    BLAS sum in another order, which moves the last float bits."""
-    import torch
-
-    with torch.no_grad():
-        for component in pipe.components.values():
-            if isinstance(component, torch.nn.Module):
-                for param in component.parameters():
-                    param.data = param.data.clone()
-    return pipe
-
-
 def _state(pipe: Any, name: str) -> dict[str, Any]:
     return {k: v for k, v in getattr(pipe, name).state_dict().items() if "position_ids" not in k}
 
@@ -263,6 +224,7 @@ def test_miniature_single_file_renders_like_its_diffusers_twin(
 ) -> None:
     import numpy as np
     import torch
+    from miniatures import fresh_memory, render
 
     from dropkiln.stages.models import pipeline_class
 
@@ -279,9 +241,9 @@ def test_miniature_single_file_renders_like_its_diffusers_twin(
         assert ours.keys() == theirs.keys(), name
         for key, value in theirs.items():
             assert torch.equal(ours[key], value), f"{name}.{key}"
-    image = _render(_fresh_memory(single))
+    image = render(fresh_memory(single))
     assert image.std() > 0.01  # a real picture, not a flat field
-    np.testing.assert_array_equal(image, _render(_fresh_memory(twin)))
+    np.testing.assert_array_equal(image, render(fresh_memory(twin)))
     assert dict(single.scheduler.config) == dict(twin.scheduler.config)
 
 

@@ -31,6 +31,10 @@ def load_pipeline(ref: ModelRef, device: str, dtype: torch.dtype) -> Any:
     if ref.kind == "sd15":
         options.update(safety_checker=None, requires_safety_checker=False)
     try:
+        if ref.vae is not None:
+            from dropkiln.stages.models.vae import load_vae
+
+            options["vae"] = load_vae(ref.vae, ref.config_dir or ref.path, dtype)
         if ref.single_file:
             options.update(single_file_parts(ref))
             pipe = cls.from_single_file(str(ref.path), config=str(ref.config_dir), **options)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import cast
 
@@ -35,18 +35,37 @@ class ModelRef:
     """A single file's component configs (shipped with dropkiln)."""
     prediction: Prediction = "epsilon"
     zero_terminal_snr: bool = False
+    vae: Path | None = None
+    """A standalone VAE file used in place of the model's own (the ``vae`` setting)."""
 
     @property
     def short_fingerprint(self) -> str:
         return self.fingerprint[:16]
 
 
-def resolve_model(ref: str, models_dir: Path, config_root: Path | None = None) -> ModelRef:
-    """Turn a ``model`` setting into a ModelRef; raises StageError for anything unknown.
+def resolve_model(
+    ref: str, models_dir: Path, config_root: Path | None = None, vae: str | None = None
+) -> ModelRef:
+    """Turn ``model`` (and ``vae``) settings into a ModelRef; StageError for anything unknown.
 
     ``config_root`` replaces the shipped single-file configs (the miniature checkpoints of
     the tests have the real topology at small widths)."""
-    models_dir = Path(models_dir)
+    model = _resolve_weights(ref, Path(models_dir), config_root)
+    if not vae:
+        return model
+    from dropkiln.stages.models.vae import vae_layout
+
+    path = Path(vae).expanduser()
+    try:
+        vae_layout(path)
+    except StageError as exc:
+        raise StageError(f"vae {vae!r}: {exc}") from None
+    path = path.resolve()
+    digest = hashlib.sha256(f"{model.fingerprint}+vae:{file_sha256(path)}".encode()).hexdigest()
+    return replace(model, fingerprint=digest, vae=path)
+
+
+def _resolve_weights(ref: str, models_dir: Path, config_root: Path | None) -> ModelRef:
     if ref in TINY_NAMES:
         folder = ensure_tiny_model(cast(TinyName, ref), models_dir)
         return _folder_ref(ref, folder)
