@@ -26,6 +26,8 @@ from dropkiln.stages.training.loop import Plan, TrainingLoop
 class TrainSpec(StageSpec):
     name: str
     model: str = "tiny-sdxl"
+    vae: str = ""
+    """A standalone VAE file (validation images decode with it; the cache encoded with it)."""
     options: TrainSettings = Field(default_factory=TrainSettings)
     output_dir: str
     """ROOT/outputs/loras/NAME; the LoRA is written to OUTPUT_DIR/NAME.safetensors."""
@@ -49,7 +51,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     _check_options(options)
     plan = _plan(options, STAGE.rung(ctx.memory_rung).options, ctx.device)
     index = read_index(ctx.upstream("cache")["index"])
-    ref = resolve_model(spec.model, ctx.root / "state" / "models")
+    ref = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
     if index["model"]["fingerprint"] != ref.fingerprint:
         raise StageError(
             f"the latent cache was made for model {index['model']['name']}, not {spec.model}"

@@ -141,6 +141,18 @@ PROMPT_CASES = [
         Rejected(r"model 'no-such-model' is neither tiny-sdxl nor tiny-sd15"),
     ),
     DropCase(
+        "prompt-missing-vae",
+        "prompts",
+        _prompt('vae = "/nowhere/vae.safetensors"\n' + _prompt_image()),
+        Rejected(r"vae '/nowhere/vae\.safetensors': /nowhere/vae\.safetensors does not exist"),
+    ),
+    DropCase(
+        "prompt-pickled-vae",
+        "prompts",
+        _prompt('vae = "/nowhere/vae.ckpt"\n' + _prompt_image()),
+        Rejected(r"vae '/nowhere/vae\.ckpt': vae\.ckpt is not a \.safetensors VAE"),
+    ),
+    DropCase(
         "prompt-control-escapes",
         "prompts",
         _prompt(_prompt_image(control='{ image = "../../../etc/passwd" }')),

@@ -14,6 +14,7 @@ Stability model-spec header ``modelspec.prediction_type = "v"``.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -31,6 +32,7 @@ _SDXL_CLIP_L = ("conditioner.embedders.0.transformer.",)
 _SDXL_REFINER = ("conditioner.embedders.0.model.",)
 _SD15 = ("cond_stage_model.transformer.",)
 _SD2 = ("cond_stage_model.model.",)
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the limit the safetensors format itself sets
 _V_PREDICTION_MARKER = "v_pred"
 _ZERO_SNR_MARKER = "ztsnr"
 _MODELSPEC_PREDICTION = "modelspec.prediction_type"
@@ -46,14 +48,27 @@ class CheckpointFamily:
 
 
 def read_header(path: Path) -> tuple[list[str], dict[str, str]]:
-    """Tensor names and ``__metadata__`` of a safetensors file (no tensor is read)."""
-    from safetensors import safe_open
-
+    """Tensor names and ``__metadata__`` of a safetensors file, from its JSON header alone
+    (no tensor is read and torch is not imported, so the planner can check a drop)."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return list(handle.keys()), dict(handle.metadata() or {})
-    except Exception as exc:
+        with open(path, "rb") as handle:
+            size = int.from_bytes(handle.read(8), "little")
+            if not 2 <= size <= min(MAX_HEADER_BYTES, path.stat().st_size - 8):
+                raise ValueError("no safetensors header")
+            header = json.loads(handle.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("the header is not a JSON object")
+    except (OSError, ValueError) as exc:
         raise StageError(f"{path.name} is not a readable safetensors file: {exc}") from exc
+    metadata = header.pop("__metadata__", None) or {}
+    return list(header), {str(k): str(v) for k, v in dict(metadata).items()}
+
+
+def tensor_shape(path: Path, name: str) -> list[int]:
+    """The shape a safetensors header gives tensor ``name``."""
+    with open(path, "rb") as handle:
+        size = int.from_bytes(handle.read(8), "little")
+        return [int(n) for n in json.loads(handle.read(size))[name]["shape"]]
 
 
 def checkpoint_family(path: Path) -> CheckpointFamily:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropkiln.stages.base import StageError
-from dropkiln.stages.models.single_file import read_header
+from dropkiln.stages.models.single_file import read_header, tensor_shape
 
 if TYPE_CHECKING:
     import torch
@@ -51,13 +51,11 @@ def vae_layout(path: Path) -> VaeLayout:
 
 
 def _latent_channels(path: Path, keys: list[str]) -> int:
-    from safetensors import safe_open
-
     name = next((k for k in keys if k.removeprefix(_LDM_PREFIX) == "post_quant_conv.weight"), None)
     if name is None:
         raise StageError(f"{path.name} has no post_quant_conv: not an SD/SDXL VAE")
-    with safe_open(str(path), framework="pt") as handle:
-        return int(handle.get_slice(name).get_shape()[1])
+    shape = tensor_shape(path, name)
+    return shape[1] if len(shape) > 1 else 0
 
 
 def load_vae(path: Path, config_dir: Path, dtype: torch.dtype) -> Any:
