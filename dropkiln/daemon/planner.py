@@ -162,6 +162,12 @@ def check_model(model: str) -> None:
     if path.is_dir() and (path / "model_index.json").is_file():
         return
     if path.is_file() and path.suffix == ".safetensors":
+        from dropkiln.stages.models.single_file import checkpoint_family
+
+        try:
+            checkpoint_family(path)  # the header alone: SDXL base or SD 1.5, or why not
+        except StageError as exc:
+            raise DropRejection(f"model {model!r}: {exc}") from exc
         return
     raise DropRejection(
         f"model {model!r} is neither {' nor '.join(TINY_NAMES)}, a local diffusers folder "

@@ -188,6 +188,16 @@ def test_other_models_are_refused_by_name(tmp_path: Path, keys: list[str], messa
         resolve_model(str(path), tmp_path)
 
 
+@pytest.mark.parametrize(
+    "content", [b"", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}", b"\xff" * 64]
+)
+def test_a_damaged_safetensors_file_is_refused_as_such(tmp_path: Path, content: bytes) -> None:
+    damaged = tmp_path / "damaged.safetensors"
+    damaged.write_bytes(content)
+    with pytest.raises(StageError, match=r"damaged\.safetensors is not a readable safetensors"):
+        resolve_model(str(damaged), tmp_path)
+
+
 @pytest.mark.parametrize("suffix", [".ckpt", ".bin", ".pt", ".pth", ".pkl"])
 def test_pickles_are_still_refused(tmp_path: Path, suffix: str) -> None:
     pickle = tmp_path / f"model{suffix}"
