@@ -92,6 +92,27 @@ def test_text_encoder_configs_match_open_clip(
         assert ours["projection_dim"] == shipped["embed_dim"]
 
 
+COMPONENTS = {
+    "sdxl": ["unet", "vae", "text_encoder", "text_encoder_2"],
+    "sd15": ["unet", "vae", "text_encoder"],
+}
+
+
+@pytest.mark.parametrize("kind", ["sdxl", "sd15"])
+def test_miniatures_have_every_tensor_of_the_real_model(kind: str, tmp_path: Path) -> None:
+    """Same names and ranks as the full-size model the shipped configs describe; only the
+    widths differ, so the miniature's single file has the real file's tensor names."""
+    from miniatures import miniature_configs
+
+    configs = miniature_configs(kind, tmp_path)
+    for component in COMPONENTS[kind]:
+        real = _meta_model(SHIPPED_CONFIGS / kind, component).state_dict()
+        mini = _meta_model(configs, component).state_dict()
+        assert real.keys() == mini.keys(), component
+        assert all(real[k].dim() == mini[k].dim() for k in real), component
+        assert sum(v.numel() for v in mini.values()) < sum(v.numel() for v in real.values()) / 20
+
+
 # ---------------------------------------------------------------- b) tokenizer ids
 # CLIP's published ids: "a photo of a cat"/"a photo of a dog" are asserted against the
 # openai/clip-vit-base-patch32 tokenizer in elixir-nx/bumblebee
@@ -245,8 +266,7 @@ def test_miniature_single_file_renders_like_its_diffusers_twin(
     no_checker = {"safety_checker": None} if kind == "sd15" else {}
     twin = pipeline_class(kind).from_pretrained(str(mini.twin), local_files_only=True, **no_checker)
     twin.set_progress_bar_config(disable=True)
-    parts = ["unet", "vae", "text_encoder"] + (["text_encoder_2"] if kind == "sdxl" else [])
-    for name in parts:
+    for name in COMPONENTS[kind]:
         ours, theirs = _state(single, name), _state(twin, name)
         assert ours.keys() == theirs.keys(), name
         for key, value in theirs.items():
@@ -277,3 +297,18 @@ def test_prediction_markers_reach_the_scheduler(
     assert ref.zero_terminal_snr is zero_snr
     assert pipe.scheduler.config.rescale_betas_zero_snr is zero_snr
     assert (pipe.scheduler.config.timestep_spacing == "trailing") is zero_snr
+
+
+def test_a_v_prediction_file_is_not_trained_as_epsilon(tmp_path: Path) -> None:
+    from dropkiln.config import TrainSettings
+    from dropkiln.stages.train import check_prediction
+
+    marked = _header_only(tmp_path / "noob.safetensors", [*SDXL_KEYS, "v_pred"])
+    ref = resolve_model(str(marked), tmp_path)
+    with pytest.raises(
+        StageError, match=r'noob\.safetensors.* set prediction_type = "v_prediction"'
+    ):
+        check_prediction(ref, TrainSettings())
+    check_prediction(ref, TrainSettings(prediction_type="v_prediction"))
+    plain = resolve_model(str(_header_only(tmp_path / "xl.safetensors", SDXL_KEYS)), tmp_path)
+    check_prediction(plain, TrainSettings())

@@ -70,7 +70,7 @@ def load_vae(path: Path, config_dir: Path, dtype: torch.dtype) -> Any:
                 str(path),
                 config=str(config_dir),
                 subfolder="vae",
-                torch_dtype=dtype,
+                dtype=dtype,
                 local_files_only=True,
             )
         vae = AutoencoderKL.from_config(AutoencoderKL.load_config(str(config_dir / "vae")))
