@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -22,10 +22,15 @@ from dropkiln.stages.base import (
 )
 from dropkiln.stages.training.loop import Plan, TrainingLoop
 
+if TYPE_CHECKING:
+    from dropkiln.stages.models import ModelRef
+
 
 class TrainSpec(StageSpec):
     name: str
     model: str = "tiny-sdxl"
+    vae: str = ""
+    """A standalone VAE file (validation images decode with it; the cache encoded with it)."""
     options: TrainSettings = Field(default_factory=TrainSettings)
     output_dir: str
     """ROOT/outputs/loras/NAME; the LoRA is written to OUTPUT_DIR/NAME.safetensors."""
@@ -49,11 +54,12 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     _check_options(options)
     plan = _plan(options, STAGE.rung(ctx.memory_rung).options, ctx.device)
     index = read_index(ctx.upstream("cache")["index"])
-    ref = resolve_model(spec.model, ctx.root / "state" / "models")
+    ref = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
     if index["model"]["fingerprint"] != ref.fingerprint:
         raise StageError(
             f"the latent cache was made for model {index['model']['name']}, not {spec.model}"
         )
+    check_prediction(ref, options)
     pipe = shared_pipelines().get(ref, ctx.device, plan.weight_dtype)
     seed_everything(options.seed)
     with lora_adapters(pipe, options, plan.gradient_checkpointing) as models:
@@ -85,6 +91,15 @@ def _check_options(options: TrainSettings) -> None:
         raise StageError(
             'zero_terminal_snr needs prediction_type = "v_prediction": at the last timestep '
             "the latent is pure noise, which an epsilon model cannot sample from"
+        )
+
+
+def check_prediction(ref: ModelRef, options: TrainSettings) -> None:
+    """A LoRA of a v-prediction checkpoint must be trained on v targets too."""
+    if ref.prediction == "v_prediction" and options.prediction_type != "v_prediction":
+        raise StageError(
+            f"model {ref.path.name} is a v-prediction checkpoint (the file says so); "
+            'set prediction_type = "v_prediction" in dataset.toml'
         )
 
 
