@@ -127,6 +127,7 @@ class Settings(BaseSettings):
 
     root: Path = DEFAULT_ROOT
     model: str = "tiny-sdxl"
+    vae: str = Field("", description="a standalone VAE .safetensors; empty: the model's own")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     settle_seconds: float = Field(2.0, ge=0)
     poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
@@ -231,6 +232,7 @@ class Paths:
 DEFAULT_CONFIG_TEXT = """\
 # dropkiln settings. Every key can also be set as DROPKILN_<KEY> (nested: DROPKILN_TRAIN__STEPS).
 model = "tiny-sdxl"          # tiny-sdxl, tiny-sd15, a local diffusers folder or a .safetensors file
+vae = ""                     # a standalone VAE .safetensors in place of the model's own ("": none)
 device = "auto"              # auto, cpu, cuda, cuda:1
 settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long
 cpu_workers = 2              # concurrent CPU-lane jobs (bucketing, video encode)

@@ -88,6 +88,7 @@ def generate_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRec
     """The generate stage against bare diffusers calls; images per call swept on diffusers."""
     from dropkiln.bench.cache import link_models
     from dropkiln.bench.generate import bench_stage_overhead
+    from dropkiln.bench.generate_batch import bench_batched
 
     config: dict[str, Any] = {
         "images": 8 if not options.quick else 4,
@@ -103,6 +104,10 @@ def generate_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRec
         root = Path(scratch)
         link_models(root, options.models_dir)
         figures = bench_stage_overhead(root, **config, per_call=per_call, profiler=profiler)
+        batched = bench_batched(
+            root, config["images"], max(per_call), config["size"], config["steps"],
+            config["repeat"], options.model, options.device,
+        )  # fmt: skip
     record = SuiteRecord("generate", config={**config, "images_per_call": list(per_call)})
     record.profile = figures.pop("profile", None)
     stage_image_s, direct_image_s = figures.pop("stage_image_s"), figures.pop("direct_image_s")
@@ -136,9 +141,26 @@ def generate_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRec
         "stage seconds ÷ direct seconds, same images",
         "<= 1.05",
     )
+    batch = batched["batch"]
+    record.metric(
+        f"batched_images_per_s[batch={batch}]", batched["stage_batched_images_per_s"],
+        "images/s", "higher",
+    )  # fmt: skip
+    record.metric(
+        f"batched_ratio_vs_direct[batch={batch}]", batched["ratio_vs_direct_batched"], "x",
+        "higher", ">= 0.97", headline=True,
+    )  # fmt: skip
+    record.metric(
+        f"batched_speedup_vs_batch_1[batch={batch}]", batched["speedup_batched_vs_single"], "x",
+        "higher", headline=True,
+    )  # fmt: skip
+    record.metric("batched_same_images", float(batched["same_images_as_direct_batched"]), "bool")
     record.notes.append(
-        "The stage renders one image per call; images per call is swept on diffusers alone."
+        "The overhead run renders one image per call; the batched run sets batch_size to the "
+        "largest images-per-call and compares with bare diffusers calls of that many prompts "
+        "(stage images/s ÷ direct images/s) and with the stage at batch 1."
     )
+    figures["batched"] = batched
     record.raw = figures
     return record
 

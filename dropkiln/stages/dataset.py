@@ -29,7 +29,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -123,15 +123,25 @@ def read_caption(image_path: Path, max_bytes: int) -> str:
     return " ".join(text.split())
 
 
-def load_dataset_options(
-    folder: Path, settings: Settings
-) -> tuple[str, BucketSettings, TrainSettings]:
-    """(model, bucket, train) for a dataset: dropkiln.toml defaults, then its dataset.toml."""
+class DatasetOptions(NamedTuple):
+    """What a dataset trains with: dropkiln.toml defaults, then its dataset.toml."""
+
+    model: str
+    bucket: BucketSettings
+    train: TrainSettings
+    vae: str = ""
+
+
+def load_dataset_options(folder: Path, settings: Settings) -> DatasetOptions:
+    """(model, bucket, train, vae) for a dataset: dropkiln.toml defaults, then its dataset.toml."""
     path = folder / OPTIONS_FILE
     if not path.is_file():
-        return settings.model, settings.bucket.model_copy(), settings.train.model_copy()
+        return DatasetOptions(
+            settings.model, settings.bucket.model_copy(), settings.train.model_copy(), settings.vae
+        )
     table = _read_toml(path)
     model = settings.model
+    vae = settings.vae
     bucket_overrides: dict[str, Any] = {}
     train_overrides: dict[str, Any] = {}
     for key, value in table.items():
@@ -139,6 +149,12 @@ def load_dataset_options(
             if not isinstance(value, str) or not value.strip():
                 raise StageError(f"{path}: model should be a non-empty string, got {value!r}")
             model = value.strip()
+        elif key == "vae":
+            if not isinstance(value, str):
+                raise StageError(
+                    f"{path}: vae should be a string (a .safetensors path), got {value!r}"
+                )
+            vae = value.strip()
         elif key in DAEMON_LIMITS:
             raise StageError(
                 f"{path}: {key!r} is a daemon limit; set it in dropkiln.toml [bucket], not here"
@@ -155,7 +171,7 @@ def load_dataset_options(
         raise StageError(
             f"{path}: min_side ({bucket.min_side}) is larger than max_side ({bucket.max_side})"
         )
-    return model, bucket, train
+    return DatasetOptions(model, bucket, train, vae)
 
 
 def dataset_hash(folder: Path) -> str:
@@ -242,7 +258,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _unknown_key_message(path: Path, key: str) -> str:
     if key in ("bucket", "train", "generate"):
         return f"{path}: unknown key {key!r}: keys are flat (write steps = 2000, not [train])"
-    known = ["model", *BucketSettings.model_fields, *TrainSettings.model_fields]
+    known = ["model", "vae", *BucketSettings.model_fields, *TrainSettings.model_fields]
     known = [name for name in known if name not in DAEMON_LIMITS]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
