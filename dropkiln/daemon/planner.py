@@ -371,20 +371,29 @@ async def check_drop(settings: Settings, store: EventStore, entry: Path, kind: s
 
 
 def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
-    """Control images were checked in drop/prompts/; the job reads them from processed/."""
+    """Control, init and mask images were checked in drop/prompts/; the job reads them from
+    processed/."""
     source = drop.options["source"]
+
+    def moved(path: str) -> str:
+        if source.is_file():
+            raise DropRejection(
+                "control, init and mask images need the prompt file and its images dropped "
+                "together as one folder"
+            )
+        return str(drop.folder / Path(path).relative_to(source.resolve()))
+
     images = []
     for image in prompt_file.images:
+        update: dict[str, Any] = {}
         if image.control is not None:
-            if source.is_file():
-                raise DropRejection(
-                    "control images need the prompt file and its images dropped together "
-                    "as one folder"
-                )
-            moved = drop.folder / Path(image.control.image).relative_to(source.resolve())
-            control = image.control.model_copy(update={"image": str(moved)})
-            image = image.model_copy(update={"control": control})
-        images.append(image)
+            update["control"] = image.control.model_copy(
+                update={"image": moved(image.control.image)}
+            )
+        for field_name in ("init_image", "mask"):
+            if getattr(image, field_name) is not None:
+                update[field_name] = moved(getattr(image, field_name))
+        images.append(image.model_copy(update=update) if update else image)
     return prompt_file.model_copy(update={"images": images})
 
 

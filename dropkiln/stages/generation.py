@@ -17,6 +17,7 @@ from dropkiln.stages.control import (
     load_controlnet,
 )
 from dropkiln.stages.inference_memory import apply_rung, batch_limit, undo_rung
+from dropkiln.stages.init_images import image_mode, init_inputs, init_pipeline
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
 from dropkiln.stages.models.hashes import checkpoint_hashes
 from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
@@ -122,11 +123,11 @@ class GenerationRun:
             lead = tasks[0]
             pipe = self._pipeline_for(lead)
             self._use_scheduler(pipe, lead.scheduler)
-            control = None
+            inputs = init_inputs(lead)
             if lead.control is not None:
-                control = load_control_image(lead.control.image, f"image[{lead.entry}]")
+                inputs["image"] = load_control_image(lead.control.image, f"image[{lead.entry}]")
             on_step_end = self._on_step_end("image", self.tasks[first].index, len(missing))
-            images = render_batch(pipe, tasks, on_step_end, control)
+            images = render_batch(pipe, tasks, on_step_end, inputs)
             if self._stopping:
                 self._stop_now("images", first)
             for position, task, image in zip(batch, tasks, images, strict=True):
@@ -190,11 +191,16 @@ class GenerationRun:
     def image_record(self, task: ImageTask) -> dict[str, Any]:
         """The ``dropkiln`` chunk: what the image depicts (digested), and how it was made."""
         # the batch size says how an image was rendered, not what it shows
-        image = task.model_dump(mode="json", exclude={"batch_size"})
+        unused = {"batch_size"} | (set() if task.init_image else {"init_image", "strength", "mask"})
+        image = task.model_dump(mode="json", exclude=unused)
         if task.control is not None:
             control_file = Path(task.control.image)
             image["control"]["image"] = control_file.name
             image["control"]["sha256"] = file_sha256(control_file)
+        for field in ("init_image", "mask"):
+            if image.get(field):
+                source = Path(image[field])
+                image[field] = {"image": source.name, "sha256": file_sha256(source)}
         content = {"image": image, "model": self._model_record(), "loras": self.lora_records}
         return self._sealed(content)
 
@@ -282,17 +288,21 @@ class GenerationRun:
         self.ctx.artifact(target, "preview")
 
     def _pipeline_for(self, task: ImageTask) -> Any:
-        """The base or ControlNet pipeline for ``task``, with the memory rung applied."""
-        key = task.control.model if task.control is not None else None
+        """The base, ControlNet, img2img or inpainting pipeline for ``task``, with the memory
+        rung applied."""
+        mode = image_mode(task)
+        key = f"control:{task.control.model}" if task.control is not None else mode
         if self._active is not None and self._active[0] == key:
             return self._active[1]
         self._deactivate()
         pipeline = self._base
-        if key is not None:
+        if task.control is not None:
             models_dir = self.ctx.root / "state" / "models"
-            folder = controlnet_folder(key, self.model, models_dir)
+            folder = controlnet_folder(task.control.model, self.model, models_dir)
             controlnet = load_controlnet(folder, self.ctx.device, self.dtype)
             pipeline = control_pipeline(self._base, controlnet)
+        elif mode is not None:
+            pipeline = init_pipeline(self._base, mode)
         self._active = (key, pipeline)
         apply_rung(pipeline, self.rung.options, self.ctx.device)
         return pipeline

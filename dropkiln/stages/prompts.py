@@ -115,6 +115,20 @@ class ImageEntry(ImageDefaults):
     prompt: Annotated[str, Field(min_length=1, max_length=20_000)]
     name: str | None = None
     control: ControlRef | None = None
+    init_image: Annotated[str, Field(min_length=1)] | None = None
+    """img2img: the starting image beside the prompt file (absolute once loaded)."""
+    strength: float = Field(0.75, ge=0, le=1)
+    """img2img/inpainting: how much of ``init_image`` is noised away (1: all of it)."""
+    mask: Annotated[str, Field(min_length=1)] | None = None
+    """Inpainting: a single-channel image, white where ``init_image`` is repainted."""
+
+    @model_validator(mode="after")
+    def _image_inputs_fit_together(self) -> ImageEntry:
+        if self.mask is not None and self.init_image is None:
+            raise ValueError("mask: needs an init_image to paint into")
+        if self.init_image is not None and self.control is not None:
+            raise ValueError("init_image: not supported together with control")
+        return self
 
     @field_validator("name")
     @classmethod
@@ -176,6 +190,9 @@ class ImageTask(FileModel):
     scheduler: str
     clip_skip: int | None = None
     control: ControlRef | None = None
+    init_image: str | None = None
+    strength: float = 0.75
+    mask: str | None = None
     batch_size: int | None = None
     """How many images to render per call, not what an image depicts (left out of digests)."""
 
@@ -325,10 +342,12 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
         fields = defaults.model_dump() | entry
         image = _checked(ImageEntry, fields, label, where, context)
         if image.control is not None:
-            resolved = _resolve_control_image(image.control.image, folder, label, where)
+            resolved = _resolve_image(image.control.image, folder, f"{label}: {where}control.image")
             image = image.model_copy(
                 update={"control": image.control.model_copy(update={"image": resolved})}
             )
+        if image.init_image is not None:
+            image = _resolve_img2img(image, folder, f"{label}: {where}")
         images.append(image)
     total = sum(image.count for image in images)
     if total > MAX_IMAGES:
@@ -391,8 +410,41 @@ def _did_you_mean(key: str, model: type[BaseModel]) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
-def _resolve_control_image(image: str, folder: Path, label: str, where: str) -> str:
-    field = f"{label}: {where}control.image"
+def _resolve_img2img(image: ImageEntry, folder: Path, where: str) -> ImageEntry:
+    """``init_image`` and ``mask`` resolved beside the prompt file, and checked to fit: the
+    init image is the entry's size, the mask single-channel and the init image's size."""
+    from PIL import Image
+
+    assert image.init_image is not None
+    init = _resolve_image(image.init_image, folder, f"{where}init_image")
+    with Image.open(init) as img:
+        size = img.size
+    if size != (image.width, image.height):
+        raise StageError(
+            f"{where}init_image: {image.init_image!r} is {size[0]}x{size[1]}, the entry is "
+            f"{image.width}x{image.height} (set width and height to the image's size)"
+        )
+    update = {"init_image": init}
+    if image.mask is not None:
+        mask = _resolve_image(image.mask, folder, f"{where}mask")
+        with Image.open(mask) as img:
+            mode, mask_size = img.mode, img.size
+        if mode not in ("L", "1"):
+            raise StageError(
+                f"{where}mask: {image.mask!r} has {mode} pixels; a mask is single-channel "
+                "(grayscale: white is repainted, black kept)"
+            )
+        if mask_size != size:
+            raise StageError(
+                f"{where}mask: {image.mask!r} is {mask_size[0]}x{mask_size[1]}, the init_image "
+                f"is {size[0]}x{size[1]}"
+            )
+        update["mask"] = mask
+    return image.model_copy(update=update)
+
+
+def _resolve_image(image: str, folder: Path, field: str) -> str:
+    """An image path confined to the prompt file's folder, absolute, and readable."""
     if PurePosixPath(image).is_absolute() or PureWindowsPath(image).anchor:
         raise StageError(f"{field}: {image!r} must be relative to the prompt file's folder")
     base = folder.resolve()
@@ -427,4 +479,8 @@ def _check_video(prompt_file: PromptFile, label: str) -> None:
         if image.control is not None:
             raise StageError(
                 f"{label}: image[{number}].control: not supported with a latent-walk video"
+            )
+        if image.init_image is not None:
+            raise StageError(
+                f"{label}: image[{number}].init_image: not supported with a latent-walk video"
             )

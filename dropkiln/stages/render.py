@@ -68,29 +68,26 @@ def seeded(seed: int) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 
 
-def render_image(
-    pipe: Any,
-    task: ImageTask,
-    on_step_end: StepCallback | None,
-    control_image: Image.Image | None = None,
-) -> Image.Image:
-    """The image for ``task``: exactly what the pipeline returns for these arguments."""
-    (image,) = render_batch(pipe, [task], on_step_end, control_image)
-    return image
-
-
 def render_batch(
     pipe: Any,
     tasks: list[ImageTask],
     on_step_end: StepCallback | None,
-    control_image: Image.Image | None = None,
+    inputs: dict[str, Any] | None = None,
 ) -> list[Image.Image]:
-    """The images for ``tasks`` (one ``batch_key``) in one call, each from its own seed."""
+    """The images for ``tasks`` (one ``batch_key``) in one call, each from its own seed.
+
+    ``inputs`` are the images the call takes (a control image, or an init image and mask):
+    one for the batch, which the pipeline repeats."""
     lead = tasks[0]
     options = call_options(pipe, lead, on_step_end)
-    if control_image is not None and lead.control is not None:
-        options["image"] = control_image  # one image: the pipeline repeats it for the batch
+    options.update(inputs or {})
+    if lead.control is not None:
         options["controlnet_conditioning_scale"] = lead.control.scale
+    if lead.init_image is not None:
+        options["strength"] = lead.strength
+        if lead.mask is None:
+            # img2img takes its size from the image (checked to be the entry's size)
+            del options["width"], options["height"]
     # an empty negative is None, not "": SDXL then uses zero embeddings, as A1111 does
     negatives = [task.negative for task in tasks] if lead.negative else None
     result = pipe(

@@ -100,6 +100,29 @@ async def test_a_prompt_folder_with_a_control_image_renders_from_processed(
         assert job.state == "succeeded", job.error
 
 
+async def test_a_prompt_folder_with_init_image_and_mask_renders_from_processed(
+    small: Settings,
+) -> None:
+    folder = small.root / "staging" / "repaint"
+    (folder / "in").mkdir(parents=True)
+    Image.new("RGB", (64, 64), "white").save(folder / "in" / "start.png")
+    Image.new("L", (64, 64), 255).save(folder / "in" / "mask.png")
+    (folder / "prompts.toml").write_text(
+        TINY + '[[image]]\nprompt = "x"\ninit_image = "in/start.png"\nmask = "in/mask.png"\n'
+    )
+    async with running_daemon(small) as daemon:
+        folder.rename(small.paths.prompts / "repaint")
+        (drop,) = await wait_drops(daemon.store, 1)
+        assert drop["state"] == "ingested", drop["reason"]
+        (job,) = await list_jobs(daemon.store)
+        entry = job.spec["prompt_file"]["images"][0]
+        for field in ("init_image", "mask"):
+            assert entry[field].startswith(str(small.paths.processed)), entry[field]
+            assert Path(entry[field]).is_file()
+        job = await wait_job(daemon.store, job.id, ended, timeout=120)
+        assert job.state == "succeeded", job.error
+
+
 async def test_a_vae_file_is_checked_at_drop_time_and_used_by_the_render(
     small: Settings,
 ) -> None:

@@ -218,6 +218,48 @@ def test_bad_control_images(tmp_path: Path, settings: Settings, image: str, expe
     assert "image[1].control.image" in message and expected in message
 
 
+@pytest.mark.parametrize(
+    ("fields", "expected"),
+    [
+        ('init_image = "start.png"\nstrength = 1.5', "image[1].strength: Input should be less"),
+        ('init_image = "start.png"\nstrength = -0.1', "image[1].strength: Input should be great"),
+        ('init_image = "small.png"', "image[1].init_image: 'small.png' is 32x32, the entry is 64x64"),
+        ('init_image = "start.png"\nmask = "rgb-mask.png"', "image[1].mask: 'rgb-mask.png' has RGB"),
+        ('init_image = "start.png"\nmask = "small-mask.png"', "image[1].mask: 'small-mask.png' is"),
+        ('mask = "mask.png"', "image[1]: mask: needs an init_image"),
+        ('init_image = "../outside.png"', "image[1].init_image: '../outside.png' leaves"),
+        ('init_image = "start.png"\nmask = "/tmp/m.png"', "image[1].mask: '/tmp/m.png' must be"),
+        ('init_image = "nothere.png"', "image[1].init_image: 'nothere.png' does not exist"),
+        ('init_image = "start.png"\ncontrol = { image = "start.png" }', "together with control"),
+    ],
+)  # fmt: skip
+def test_bad_init_images_and_masks_name_the_entry_and_field(
+    tmp_path: Path, settings: Settings, fields: str, expected: str
+) -> None:
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    Image.new("RGB", (64, 64)).save(folder / "start.png")
+    Image.new("RGB", (32, 32)).save(folder / "small.png")
+    Image.new("L", (64, 64)).save(folder / "mask.png")
+    Image.new("RGB", (64, 64)).save(folder / "rgb-mask.png")
+    Image.new("L", (32, 32)).save(folder / "small-mask.png")
+    Image.new("RGB", (64, 64)).save(tmp_path / "outside.png")
+    text = f'[defaults]\nwidth = 64\nheight = 64\n[[image]]\nprompt = "a"\n[[image]]\nprompt = "b"\n{fields}\n'
+    assert expected in load_error(folder, settings, "p.toml", text)
+
+
+def test_init_image_and_mask_are_resolved_beside_the_prompt_file(
+    tmp_path: Path, settings: Settings
+) -> None:
+    Image.new("RGB", (64, 64)).save(tmp_path / "start.png")
+    Image.new("1", (64, 64)).save(tmp_path / "mask.png")
+    text = '[[image]]\nprompt = "a"\nwidth = 64\nheight = 64\ninit_image = "start.png"\nmask = "mask.png"\n'
+    (image,) = load_prompt_file(write(tmp_path, "p.toml", text), settings).images
+    assert image.init_image == str((tmp_path / "start.png").resolve())
+    assert image.mask == str((tmp_path / "mask.png").resolve())
+    assert image.strength == 0.75
+
+
 def test_expand_jobs_gives_consecutive_seeds_and_stems(tmp_path: Path, settings: Settings) -> None:
     prompt_file = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings)
     tasks = expand_jobs(prompt_file)
