@@ -387,9 +387,10 @@ def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
     for image in prompt_file.images:
         update: dict[str, Any] = {}
         if image.control is not None:
-            update["control"] = image.control.model_copy(
-                update={"image": moved(image.control.image)}
-            )
+            update["control"] = [
+                control.model_copy(update={"image": moved(control.image)})
+                for control in image.control
+            ]
         for field_name in ("init_image", "mask"):
             if getattr(image, field_name) is not None:
                 update[field_name] = moved(getattr(image, field_name))

@@ -12,11 +12,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.base import StageError
+from dropkiln.stages.models.refs import file_sha256
 
 if TYPE_CHECKING:
     import torch
 
     from dropkiln.stages.models import ModelRef
+    from dropkiln.stages.prompts import ControlRef
 
 TINY_CONTROLNET_SEED = 20240602
 TINY_CONTROL = "tiny"
@@ -126,23 +128,72 @@ def load_controlnet(folder: Path, device: str, dtype: torch.dtype) -> Any:
     return controlnet
 
 
-def control_pipeline(pipe: Any, controlnet: Any) -> Any:
-    """The ControlNet pipeline sharing ``pipe``'s components (no copies)."""
+def control_pipeline(pipe: Any, controlnets: list[Any]) -> Any:
+    """The ControlNet pipeline sharing ``pipe``'s components (no copies); several
+    ControlNets become diffusers' MultiControlNetModel."""
     from diffusers import StableDiffusionControlNetPipeline, StableDiffusionXLControlNetPipeline
 
     is_xl = "XL" in type(pipe).__name__
     cls = StableDiffusionXLControlNetPipeline if is_xl else StableDiffusionControlNetPipeline
+    controlnet = controlnets[0] if len(controlnets) == 1 else controlnets
     control = cls.from_pipe(pipe, controlnet=controlnet)
     control.set_progress_bar_config(disable=True)
     return control
 
 
-def load_control_image(path: str, where: str) -> Any:
-    """The control image as RGB, or a StageError naming the entry."""
+def control_inputs(controls: list[ControlRef], where: str) -> dict[str, Any]:
+    """The pipeline arguments for an entry's ControlNets: one value each, or a list."""
+    images = [control_image(control, where) for control in controls]
+    columns = {
+        "image": images,
+        "controlnet_conditioning_scale": [control.scale for control in controls],
+        "control_guidance_start": [control.start for control in controls],
+        "control_guidance_end": [control.end for control in controls],
+    }
+    if len(controls) == 1:
+        return {argument: values[0] for argument, values in columns.items()}
+    return columns
+
+
+def control_record(control: ControlRef) -> dict[str, Any]:
+    """What the ``dropkiln`` chunk keeps of a control: the image's name and digest, and the
+    settings that differ from the defaults (so older records keep their digests)."""
+    record = control.model_dump(mode="json", exclude_defaults=True)
+    record.update(
+        model=control.model,
+        scale=control.scale,
+        image=Path(control.image).name,
+        sha256=file_sha256(Path(control.image)),
+    )
+    return record
+
+
+def control_image(control: ControlRef, where: str) -> Any:
+    """The control image as RGB (its Canny edges with ``preprocess = "canny"``), or a
+    StageError naming the entry."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as img:
-            return img.convert("RGB")
+        with Image.open(control.image) as img:
+            image = img.convert("RGB")
     except (OSError, UnidentifiedImageError) as exc:
-        raise StageError(f"{where}: control image {Path(path).name} cannot be read: {exc}") from exc
+        name = Path(control.image).name
+        raise StageError(f"{where}: control image {name} cannot be read: {exc}") from exc
+    if control.preprocess == "canny":
+        image = canny_edges(image)
+    return image
+
+
+CANNY_THRESHOLDS = (100, 200)
+"""A1111's ControlNet extension's defaults for its canny preprocessor."""
+
+
+def canny_edges(image: Any) -> Any:
+    """White Canny edges on black, as RGB: what a canny ControlNet was trained on."""
+    import cv2
+    import numpy as np
+    from PIL import Image
+
+    gray = cv2.cvtColor(np.asarray(image.convert("RGB")), cv2.COLOR_RGB2GRAY)
+    edges = cv2.Canny(gray, *CANNY_THRESHOLDS)
+    return Image.fromarray(np.stack([edges] * 3, axis=-1))

@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.base import MemoryRung, StageContext, StageError, StageStopped
 from dropkiln.stages.control import (
+    control_inputs,
     control_pipeline,
+    control_record,
     controlnet_folder,
-    load_control_image,
     load_controlnet,
 )
 from dropkiln.stages.inference_memory import apply_rung, batch_limit, undo_rung
@@ -125,7 +126,7 @@ class GenerationRun:
             self._use_scheduler(pipe, lead.scheduler)
             inputs = init_inputs(lead)
             if lead.control is not None:
-                inputs["image"] = load_control_image(lead.control.image, f"image[{lead.entry}]")
+                inputs.update(control_inputs(lead.control, f"image[{lead.entry}]"))
             on_step_end = self._on_step_end("image", self.tasks[first].index, len(missing))
             images = render_batch(pipe, tasks, on_step_end, inputs)
             if self._stopping:
@@ -194,9 +195,9 @@ class GenerationRun:
         unused = {"batch_size"} | (set() if task.init_image else {"init_image", "strength", "mask"})
         image = task.model_dump(mode="json", exclude=unused)
         if task.control is not None:
-            control_file = Path(task.control.image)
-            image["control"]["image"] = control_file.name
-            image["control"]["sha256"] = file_sha256(control_file)
+            controls = [control_record(control) for control in task.control]
+            # one ControlNet is recorded as before there could be several: same digest
+            image["control"] = controls[0] if len(controls) == 1 else controls
         for field in ("init_image", "mask"):
             if image.get(field):
                 source = Path(image[field])
@@ -291,16 +292,21 @@ class GenerationRun:
         """The base, ControlNet, img2img or inpainting pipeline for ``task``, with the memory
         rung applied."""
         mode = image_mode(task)
-        key = f"control:{task.control.model}" if task.control is not None else mode
+        models = [control.model for control in task.control or []]
+        key = "control:" + "+".join(models) if models else mode
         if self._active is not None and self._active[0] == key:
             return self._active[1]
         self._deactivate()
         pipeline = self._base
-        if task.control is not None:
+        if models:
             models_dir = self.ctx.root / "state" / "models"
-            folder = controlnet_folder(task.control.model, self.model, models_dir)
-            controlnet = load_controlnet(folder, self.ctx.device, self.dtype)
-            pipeline = control_pipeline(self._base, controlnet)
+            controlnets = [
+                load_controlnet(
+                    controlnet_folder(name, self.model, models_dir), self.ctx.device, self.dtype
+                )
+                for name in models
+            ]
+            pipeline = control_pipeline(self._base, controlnets)
         elif mode is not None:
             pipeline = init_pipeline(self._base, mode)
         self._active = (key, pipeline)

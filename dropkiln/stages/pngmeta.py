@@ -46,8 +46,10 @@ def a1111_parameters(
     ]
     if task.clip_skip is not None:
         fields.append(("Clip skip", task.clip_skip))
-    if task.control is not None:
-        fields.append(("ControlNet", f"{task.control.model}: {task.control.scale:g}"))
+    for number, control in enumerate(task.control or []):
+        # A1111 numbers its units when there are several
+        key = f"ControlNet {number}" if len(task.control or []) > 1 else "ControlNet"
+        fields.append((key, f"{control.model}: {control.scale:g}"))
     if loras:
         hashes = ", ".join(f"{lora_hash_name(lo['name'])}: {lo['sha256'][:12]}" for lo in loras)
         fields.append(("Lora hashes", hashes))

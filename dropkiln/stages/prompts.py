@@ -60,6 +60,21 @@ class ControlRef(FileModel):
     image: Annotated[str, Field(min_length=1)]
     model: Annotated[str, Field(min_length=1)] = "tiny"
     scale: float = Field(0.8, ge=0, le=5)
+    start: float = Field(0.0, ge=0, le=1)
+    """The share of the denoising steps before this ControlNet starts to act."""
+    end: float = Field(1.0, ge=0, le=1)
+    """The share of the denoising steps after which it stops."""
+    preprocess: Literal["none", "canny"] = "none"
+    """``canny``: the control image is a photo; its Canny edges are the control."""
+
+    @model_validator(mode="after")
+    def _starts_before_it_ends(self) -> ControlRef:
+        if self.start >= self.end:
+            raise ValueError(f"start ({self.start:g}) must be before end ({self.end:g})")
+        return self
+
+
+MAX_CONTROLS = 4
 
 
 def _multiple_of_8(value: int) -> int:
@@ -114,13 +129,19 @@ class ImageEntry(ImageDefaults):
 
     prompt: Annotated[str, Field(min_length=1, max_length=20_000)]
     name: str | None = None
-    control: ControlRef | None = None
+    control: Annotated[list[ControlRef], Field(min_length=1, max_length=MAX_CONTROLS)] | None = None
+    """One ControlNet (a table) or several at once (a list of tables)."""
     init_image: Annotated[str, Field(min_length=1)] | None = None
     """img2img: the starting image beside the prompt file (absolute once loaded)."""
     strength: float = Field(0.75, ge=0, le=1)
     """img2img/inpainting: how much of ``init_image`` is noised away (1: all of it)."""
     mask: Annotated[str, Field(min_length=1)] | None = None
     """Inpainting: a single-channel image, white where ``init_image`` is repainted."""
+
+    @field_validator("control", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: Any) -> Any:
+        return [value] if isinstance(value, dict | ControlRef) else value
 
     @model_validator(mode="after")
     def _image_inputs_fit_together(self) -> ImageEntry:
@@ -189,7 +210,7 @@ class ImageTask(FileModel):
     height: int
     scheduler: str
     clip_skip: int | None = None
-    control: ControlRef | None = None
+    control: list[ControlRef] | None = None
     init_image: str | None = None
     strength: float = 0.75
     mask: str | None = None
@@ -342,10 +363,13 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
         fields = defaults.model_dump() | entry
         image = _checked(ImageEntry, fields, label, where, context)
         if image.control is not None:
-            resolved = _resolve_image(image.control.image, folder, f"{label}: {where}control.image")
-            image = image.model_copy(
-                update={"control": image.control.model_copy(update={"image": resolved})}
-            )
+            several = isinstance(entry.get("control"), list)
+            controls = []
+            for position, control in enumerate(image.control):
+                field = f"{label}: {where}control" + (f"[{position}]" if several else "")
+                resolved = _resolve_image(control.image, folder, f"{field}.image")
+                controls.append(control.model_copy(update={"image": resolved}))
+            image = image.model_copy(update={"control": controls})
         if image.init_image is not None:
             image = _resolve_img2img(image, folder, f"{label}: {where}")
         images.append(image)

@@ -81,8 +81,6 @@ def render_batch(
     lead = tasks[0]
     options = call_options(pipe, lead, on_step_end)
     options.update(inputs or {})
-    if lead.control is not None:
-        options["controlnet_conditioning_scale"] = lead.control.scale
     if lead.init_image is not None:
         options["strength"] = lead.strength
         if lead.mask is None:

@@ -39,7 +39,7 @@ def test_a1111_parameters_text() -> None:
         'Lora hashes: "cats: abababababab", Version: dropkiln',
     ]
     control = TASK.model_copy(
-        update={"negative": "", "control": ControlRef(image="/x/p.png", scale=0.5)}
+        update={"negative": "", "control": [ControlRef(image="/x/p.png", scale=0.5)]}
     )
     plain = a1111_parameters(control, "m", "h" * 10, [])
     assert "Negative prompt" not in plain and 'ControlNet: "tiny: 0.5"' in plain

@@ -195,8 +195,9 @@ def test_control_image_is_resolved_beside_the_prompt_file(
     text = '[[image]]\nprompt = "a"\ncontrol = { image = "pose.png", scale = 0.5 }\n'
     (image,) = load_prompt_file(write(folder, "p.toml", text), settings).images
     assert image.control is not None
-    assert image.control.image == str((folder / "pose.png").resolve())
-    assert (image.control.model, image.control.scale) == ("tiny", 0.5)
+    (control,) = image.control
+    assert control.image == str((folder / "pose.png").resolve())
+    assert (control.model, control.scale, control.start, control.end) == ("tiny", 0.5, 0, 1)
 
 
 @pytest.mark.parametrize(
