@@ -1,6 +1,6 @@
 """Runs one attempt of one job and turns how it ended into events.
 
-The memory ladder lives here: on ``torch.OutOfMemoryError`` the attempt is recorded as
+The memory ladder lives here: on an out-of-memory error (``stages/oom.py``) it is recorded as
 ``OutOfMemory`` with a memory snapshot, memory is released, and the job is requeued one
 rung down (``RetryScheduled``) to resume from its last checkpoint; at the bottom rung it
 fails with a reason that lists what was tried.

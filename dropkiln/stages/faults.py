@@ -2,7 +2,9 @@
 
 ``DROPKILN_FAULTS`` is a comma-separated list of ``KIND@POINT[:WHEN]``:
 
-- KIND: ``oom`` raises the real ``torch.OutOfMemoryError``; ``enospc`` raises
+- KIND: ``oom`` raises the real ``torch.OutOfMemoryError``; the ``oom-…`` kinds raise the
+  other forms a real allocation failure takes (``OOM_FORMS``: the exception class and
+  message CUDA, cuBLAS, cuDNN and the CPU allocators really produce); ``enospc`` raises
   ``OSError(ENOSPC)`` (a full disk); ``kill`` sends SIGKILL to this process.
 - POINT: a name a stage passes to ``ctx.fault()``, e.g. ``train.step``, ``cache.batch``,
   ``generate.step``, ``generate.decode``, ``bucket.image``, ``video.frame``.
@@ -18,7 +20,28 @@ import signal
 import threading
 from dataclasses import dataclass
 
-KINDS = ("oom", "enospc", "kill")
+OOM_FORMS: dict[str, tuple[str, str]] = {
+    # kind: (exception class, message as the library words it)
+    "oom-cuda": ("RuntimeError", "CUDA out of memory. Tried to allocate 20.00 MiB"),
+    "oom-cuda-error": ("AcceleratorError", "CUDA error: out of memory"),
+    "oom-cublas": (
+        "RuntimeError",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    ),
+    "oom-cudnn": (
+        "RuntimeError",
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a"
+        " non-contiguous input.",
+    ),
+    "oom-cudnn-alloc": ("RuntimeError", "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    "oom-cpu": (
+        "RuntimeError",
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate"
+        " memory: you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)",
+    ),
+    "oom-python": ("MemoryError", ""),
+}
+KINDS = ("oom", *OOM_FORMS, "enospc", "kill")
 
 
 class FaultSpecError(ValueError):
@@ -87,6 +110,20 @@ def _fire(fault: Fault, hit: int) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"CUDA out of memory: {where}")
+    if fault.kind in OOM_FORMS:
+        raise oom_error(fault.kind, where)
     if fault.kind == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device: {where}")
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def oom_error(kind: str, where: str) -> BaseException:
+    """The exception a real allocation failure of that form raises, naming ``where``."""
+    class_name, message = OOM_FORMS[kind]
+    if class_name == "MemoryError":
+        return MemoryError(where)
+    if class_name == "AcceleratorError":
+        import torch
+
+        return torch.AcceleratorError(f"{message} ({where})")
+    return RuntimeError(f"{message} ({where})")
