@@ -17,7 +17,13 @@ from typing import Any
 import anyio.from_thread
 
 from dropkiln.stages.faults import FaultInjector
-from dropkiln.store.events import ArtifactWritten, CheckpointSaved, Event, JobProgress
+from dropkiln.store.events import (
+    ArtifactWritten,
+    CheckpointSaved,
+    CheckpointUnusable,
+    Event,
+    JobProgress,
+)
 
 PROGRESS_EVERY_S = 0.5
 
@@ -101,6 +107,12 @@ class DaemonContext:
 
     def resume_state(self) -> dict[str, Any] | None:
         return self._resume
+
+    def checkpoint_unusable(self, checkpoint: str, reason: str, resumed_from_step: int) -> None:
+        unusable = CheckpointUnusable(
+            checkpoint=checkpoint, reason=reason[:500], resumed_from_step=resumed_from_step
+        )
+        self._send([unusable])
 
     def artifact(self, path: Path, kind: str) -> None:
         path = Path(path)

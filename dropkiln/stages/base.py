@@ -57,6 +57,9 @@ class StageContext(Protocol):
     def resume_state(self) -> dict[str, Any] | None:
         """The last checkpoint recorded for this job, or None for a fresh start."""
 
+    def checkpoint_unusable(self, checkpoint: str, reason: str, resumed_from_step: int) -> None:
+        """Record that a saved checkpoint could not be restored and where the stage went on."""
+
     def artifact(self, path: Path, kind: str) -> None:
         """Record an output file (already written atomically)."""
 

@@ -27,6 +27,7 @@ class LocalContext:
     progress_log: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    unusable: list[tuple[str, str, int]] = field(default_factory=list)
     _stop_calls: int = 0
 
     def progress(self, done: int, total: int, **metrics: Any) -> None:
@@ -38,6 +39,9 @@ class LocalContext:
 
     def resume_state(self) -> dict[str, Any] | None:
         return self.saved
+
+    def checkpoint_unusable(self, checkpoint: str, reason: str, resumed_from_step: int) -> None:
+        self.unusable.append((checkpoint, reason, resumed_from_step))
 
     def artifact(self, path: Path, kind: str) -> None:
         self.artifacts.append((Path(path), kind))
