@@ -34,6 +34,9 @@ class BucketSettings(Section):
     random_crop: bool = False
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard, per image")
     max_caption_bytes: int = Field(64_000, ge=16)
+    max_file_bytes: int = Field(
+        512 * 2**20, ge=1, description="largest image file read, checked before reading"
+    )
     workers: int = Field(0, ge=0, description="decode processes; 0 means one per core")
 
 

@@ -139,6 +139,9 @@ class DaemonContext:
     def fault(self, point: str) -> None:
         self._faults.hit(point)
 
+    def deferred_fault(self, point: str) -> str | None:
+        return self._faults.deferred(point)
+
 
 def _jsonable(value: Any) -> Any:
     """Numbers from numpy/torch become plain floats so metrics serialise."""

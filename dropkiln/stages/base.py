@@ -72,6 +72,10 @@ class StageContext(Protocol):
     def fault(self, point: str) -> None:
         """A named fault-injection point (``DROPKILN_FAULTS``); does nothing unless armed."""
 
+    def deferred_fault(self, point: str) -> str | None:
+        """A fault point whose fault fires elsewhere (a worker process): the fault due, if
+        any, for ``faults.fire`` there."""
+
 
 RunFn = Callable[[Any, StageContext], dict[str, Any]]
 

@@ -5,7 +5,9 @@
 - KIND: ``oom`` raises the real ``torch.OutOfMemoryError``; the ``oom-…`` kinds raise the
   other forms a real allocation failure takes (``OOM_FORMS``: the exception class and
   message CUDA, cuBLAS, cuDNN and the CPU allocators really produce); ``enospc`` raises
-  ``OSError(ENOSPC)`` (a full disk); ``kill`` sends SIGKILL to this process.
+  ``OSError(ENOSPC)`` (a full disk); ``kill`` sends SIGKILL to this process; ``crash``
+  aborts the process doing the work (``os.abort()``, as a crashing decoder would), which
+  for ``bucket.decode`` is the decode worker, not the daemon.
 - POINT: a name a stage passes to ``ctx.fault()``, e.g. ``train.step``, ``cache.batch``,
   ``generate.step``, ``generate.decode``, ``bucket.image``, ``video.frame``.
 - WHEN: ``N`` fires on the N-th time the point is reached in this process (once);
@@ -41,7 +43,7 @@ OOM_FORMS: dict[str, tuple[str, str]] = {
     ),
     "oom-python": ("MemoryError", ""),
 }
-KINDS = ("oom", *OOM_FORMS, "enospc", "kill")
+KINDS = ("oom", *OOM_FORMS, "enospc", "kill", "crash")
 
 
 class FaultSpecError(ValueError):
@@ -92,16 +94,36 @@ class FaultInjector:
         return bool(self.faults)
 
     def hit(self, point: str) -> None:
+        due = self._due(point)
+        if due is not None:
+            _fire(*due)
+
+    def deferred(self, point: str) -> str | None:
+        """Count a hit like ``hit`` but return the fault due (``KIND@POINT (hit N)``) instead of
+        firing it, for the caller to fire where the work really runs (``fire``)."""
+        due = self._due(point)
+        return None if due is None else f"{due[0].kind}@{point} (hit {due[1]})"
+
+    def _due(self, point: str) -> tuple[Fault, int] | None:
         if not self.faults:
-            return
+            return None
         with self._lock:
             count = self.hits.get(point, 0) + 1
             self.hits[point] = count
             due = [f for f in self.faults if f.point == point and f.fires_on(count)]
-            if due:
-                self.fired.append((due[0].kind, point, count))
-        if due:
-            _fire(due[0], count)
+            if not due:
+                return None
+            self.fired.append((due[0].kind, point, count))
+        return due[0], count
+
+
+def fire(deferred: str | None) -> None:
+    """Fire a fault returned by ``FaultInjector.deferred`` (in this process); None does nothing."""
+    if deferred is None:
+        return
+    kind, _, rest = deferred.partition("@")
+    point, _, hit = rest.partition(" (hit ")
+    _fire(Fault(kind, point, 1, False), int(hit.rstrip(")")))
 
 
 def _fire(fault: Fault, hit: int) -> None:
@@ -114,6 +136,8 @@ def _fire(fault: Fault, hit: int) -> None:
         raise oom_error(fault.kind, where)
     if fault.kind == "enospc":
         raise OSError(errno.ENOSPC, f"No space left on device: {where}")
+    if fault.kind == "crash":
+        os.abort()
     os.kill(os.getpid(), signal.SIGKILL)
 
 

@@ -55,3 +55,6 @@ class LocalContext:
 
     def fault(self, point: str) -> None:
         self.faults.hit(point)
+
+    def deferred_fault(self, point: str) -> str | None:
+        return self.faults.deferred(point)
