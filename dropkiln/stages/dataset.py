@@ -241,10 +241,10 @@ def dataset_hash(folder: Path) -> str:
     """sha256 over the sorted relative paths and bytes of every file the dataset uses."""
     digest = hashlib.sha256()
     for path in _dataset_files(folder):
-        relative = path.relative_to(folder).as_posix()
-        with os.fdopen(open_dataset_file(folder, relative), "rb") as handle:
+        name = path.relative_to(folder).as_posix()
+        with os.fdopen(open_dataset_file(folder, name), "rb") as handle:
             content = hashlib.file_digest(handle, "sha256").digest()
-        relative = relative.encode()
+        relative = name.encode()
         digest.update(len(relative).to_bytes(8, "big") + relative + content)
     return digest.hexdigest()
 
