@@ -53,6 +53,7 @@ class DaemonContext:
         resume: dict[str, Any] | None,
         upstream: dict[str, dict[str, Any]],
         faults: FaultInjector,
+        recorded: dict[str, str | None] | None = None,
         append: AppendFn,
     ) -> None:
         self.job_id = job_id
@@ -63,6 +64,8 @@ class DaemonContext:
         self.work_dir = work_dir
         self._resume = resume
         self._upstream = upstream
+        self._recorded = dict(recorded or {})
+        """path → sha256 of the artifacts already recorded for this job (earlier attempts)."""
         self._faults = faults
         self._append = append
         self._stop = threading.Event()
@@ -116,16 +119,13 @@ class DaemonContext:
 
     def artifact(self, path: Path, kind: str) -> None:
         path = Path(path)
+        digest = file_sha256(path)
+        if self._recorded.get(str(path)) == digest:
+            return  # recorded by an earlier attempt: a stage re-reports what it finds on disk
         self._send(
-            [
-                ArtifactWritten(
-                    path=str(path),
-                    kind=kind,
-                    bytes=path.stat().st_size,
-                    sha256=file_sha256(path),
-                )
-            ]
+            [ArtifactWritten(path=str(path), kind=kind, bytes=path.stat().st_size, sha256=digest)]
         )
+        self._recorded[str(path)] = digest
 
     def should_stop(self) -> bool:
         return self._stop.is_set()

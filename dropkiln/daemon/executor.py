@@ -20,7 +20,7 @@ from dropkiln.daemon.context import DaemonContext
 from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
 from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
 from dropkiln.stages.faults import FaultInjector
-from dropkiln.store import EventStore, JobView, find_job, remembered_rung
+from dropkiln.store import EventStore, JobView, find_job, job_artifacts, remembered_rung
 from dropkiln.store.events import (
     Event,
     JobCancelled,
@@ -82,6 +82,7 @@ class Executor:
             work_dir=work_dir,
             resume=job.checkpoint,
             upstream=upstream,
+            recorded={a["path"]: a["sha256"] for a in await job_artifacts(self.store, job.id)},
             faults=self.faults,
             append=lambda events: self.append(job.id, events),
         )

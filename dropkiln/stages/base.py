@@ -61,7 +61,11 @@ class StageContext(Protocol):
         """Record that a saved checkpoint could not be restored and where the stage went on."""
 
     def artifact(self, path: Path, kind: str) -> None:
-        """Record an output file (already written atomically)."""
+        """Record an output file (already written atomically), with its hash.
+
+        Idempotent: a file already recorded with the same content is not recorded again,
+        so a resumed stage reports every output it finds on disk, and a kill between a
+        write and its record loses nothing."""
 
     def should_stop(self) -> bool:
         """True once the job is cancelled or preempted: checkpoint and raise StageStopped."""

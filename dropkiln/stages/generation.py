@@ -103,6 +103,8 @@ class GenerationRun:
             paths.append(target)
             record = self.image_record(task)
             if _finished(target, record["digest"]):
+                # recorded again from the file: a kill may have come before its record
+                self.ctx.artifact(target, "image")
                 self._skip(task.steps)
                 continue
             self._stop_point("images", position)
@@ -202,6 +204,7 @@ class GenerationRun:
     ) -> None:
         self.ctx.fault("generate.image")
         write_png(image, target, png_info(parameters, record))
+        self.ctx.fault("generate.written")
         self.rendered += 1
         if artifact_kind:
             self.ctx.artifact(target, artifact_kind)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,7 @@ class LocalContext:
     artifacts: list[tuple[Path, str]] = field(default_factory=list)
     unusable: list[tuple[str, str, int]] = field(default_factory=list)
     _stop_calls: int = 0
+    _recorded: dict[Path, str] = field(default_factory=dict)
 
     def progress(self, done: int, total: int, **metrics: Any) -> None:
         self.progress_log.append((done, total, metrics))
@@ -44,7 +46,10 @@ class LocalContext:
         self.unusable.append((checkpoint, reason, resumed_from_step))
 
     def artifact(self, path: Path, kind: str) -> None:
-        self.artifacts.append((Path(path), kind))
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if self._recorded.get(Path(path)) != digest:  # idempotent, as the daemon's
+            self._recorded[Path(path)] = digest
+            self.artifacts.append((Path(path), kind))
 
     def should_stop(self) -> bool:
         self._stop_calls += 1

@@ -157,6 +157,7 @@ KILL_POINTS = (
     "kill@generate.step:5",
     "kill@generate.decode:2",
     "kill@generate.image:1",
+    "kill@generate.written:1",
     "kill@video.frame:5",
 )
 """One kill at every fault point, in pipeline order; each restart resumes from the last."""
