@@ -151,7 +151,8 @@ def test_outputs_metadata_and_progress(cached: dict[str, Any]) -> None:
 def test_stop_and_resume_is_bit_identical(
     cached: dict[str, Any], reference: dict[str, Any]
 ) -> None:
-    ctx, spec = _train(cached, "stopped", RICH, stop_after=3)
+    # two micro-batches a step: should_stop is asked between them and after the step
+    ctx, spec = _train(cached, "stopped", RICH, stop_after=6)
     with pytest.raises(StageStopped):
         STAGE.run(spec, ctx)
     assert ctx.saved == {"checkpoint": "checkpoints/step-0000003", "step": 3}
@@ -382,3 +383,49 @@ def test_defect12_with_no_usable_checkpoint_it_restarts_from_step_one_and_says_s
     assert [(c, step) for c, _, step in again.unusable] == [("checkpoints/step-0000004", 0)]
     assert again.progress_log[0][0] == 1
     _assert_identical(_lora_tensors(spec), steady_reference)
+
+
+# Defect 5: a stop request is obeyed within a micro-batch, and within a validation image ----
+
+
+def test_defect5_a_stop_between_micro_batches_undoes_the_step_and_resumes_identically(
+    cached: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    ctx, spec = _train(cached, "mid-step", RICH, stop_after=5)  # between step 3's micro-batches
+    with pytest.raises(StageStopped, match="during step 3"):
+        STAGE.run(spec, ctx)
+    assert ctx.saved == {"checkpoint": "checkpoints/step-0000002", "step": 2}
+    resumed = LocalContext(
+        root=ctx.root, work_dir=ctx.work_dir, upstream_results=ctx.upstream_results, saved=ctx.saved
+    )
+    STAGE.run(spec, resumed)
+    assert resumed.progress_log[0][0] == 3
+    _assert_identical(_lora_tensors(spec), reference["tensors"])
+
+
+VALIDATED = {"steps": 4, "checkpoint_every": 2, "rank": 2, "validation_prompts": ["a", "b"]}
+
+
+def test_defect5_a_stop_between_validation_images_keeps_the_step_and_makes_them_on_resume(
+    cached: dict[str, Any],
+) -> None:
+    ctx, spec = _train(cached, "validated-whole", VALIDATED)
+    STAGE.run(spec, ctx)
+    whole = _lora_tensors(spec)
+    folder = Path(spec.output_dir) / "validation"
+    expected = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # calls: after step 1, then before each validation image of step 2
+    ctx, spec = _train(cached, "validated-stopped", VALIDATED, stop_after=3)
+    with pytest.raises(StageStopped, match="before validation image 1 of step 2"):
+        STAGE.run(spec, ctx)
+    assert ctx.saved == {"checkpoint": "checkpoints/step-0000002", "step": 2, "reports_due": True}
+    folder = Path(spec.output_dir) / "validation"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000002-00.png"]
+    resumed = LocalContext(
+        root=ctx.root, work_dir=ctx.work_dir, upstream_results=ctx.upstream_results, saved=ctx.saved
+    )
+    STAGE.run(spec, resumed)
+    assert resumed.checkpoints[0] == {"checkpoint": "checkpoints/step-0000002", "step": 2}
+    assert resumed.progress_log[0][0] == 3
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == expected
+    _assert_identical(_lora_tensors(spec), whole)

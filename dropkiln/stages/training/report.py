@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +11,10 @@ from dropkiln.stages.base import write_atomic
 
 VALIDATION_STEPS = 20
 VALIDATION_GUIDANCE = 5.0
+
+
+class ReportsStopped(Exception):
+    """Validation images were cut short by a stop request (cancel, preemption, shutdown)."""
 
 
 def write_loss_csv(path: Path, losses: Sequence[tuple[int, float, float]]) -> Path:
@@ -55,8 +59,12 @@ def validation_images(
     scheduler: Any,
     folder: Path,
     step: int,
+    stop: Callable[[], bool] = lambda: False,
 ) -> list[Path]:
-    """One image per validation prompt with the LoRA as it is now; global RNG untouched."""
+    """One image per validation prompt with the LoRA as it is now; global RNG untouched.
+
+    ``stop`` is asked before each image: a long validation never holds up a preemption by
+    more than one image (ReportsStopped)."""
     import torch
     from PIL.PngImagePlugin import PngInfo
 
@@ -69,6 +77,8 @@ def validation_images(
     paths = []
     try:
         for number, prompt in enumerate(prompts):
+            if stop():
+                raise ReportsStopped(f"stopped before validation image {number} of step {step}")
             generator = torch.Generator().manual_seed(seed + number)
             with torch.no_grad():
                 image = pipe(
