@@ -102,7 +102,11 @@ class Settings(BaseSettings):
     settle_seconds: float = Field(2.0, ge=0)
     poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
-    preempt_after_s: float = Field(60.0, ge=0)
+    preempt_after_s: float = Field(
+        10.0,
+        ge=0,
+        description="least time a GPU job runs before a higher-priority one may preempt it",
+    )
     ram_budget_gb: float = Field(8.0, gt=0, description="warm pipelines kept in memory")
     telemetry_every_s: float = Field(1.0, gt=0)
     telemetry_retention_s: float = Field(3600.0, gt=0)
@@ -202,7 +206,7 @@ model = "tiny-sdxl"          # tiny-sdxl, tiny-sd15, a local diffusers folder or
 device = "auto"              # auto, cpu, cuda, cuda:1
 settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long
 cpu_workers = 2              # concurrent CPU-lane jobs (bucketing, video encode)
-preempt_after_s = 60         # a training job yields the GPU to generation within this time
+preempt_after_s = 10         # least time training keeps the GPU before generation preempts it
 ram_budget_gb = 8            # warm pipelines kept in memory between jobs
 
 [bucket]

@@ -9,7 +9,8 @@ fails with a reason that lists what was tried.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -41,6 +42,8 @@ class RunningJob:
     job: JobView
     stage: StageDef
     context: DaemonContext
+    started: float = field(default_factory=time.monotonic)
+    """When this attempt started (monotonic): ``preempt_after_s`` counts from here."""
 
     @property
     def id(self) -> str:

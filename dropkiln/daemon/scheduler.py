@@ -3,11 +3,18 @@
 The GPU lane runs one job; the CPU lane runs up to ``cpu_workers`` jobs and never waits
 behind the GPU. A runnable GPU job of higher priority than the running one preempts it:
 the running stage is asked to checkpoint and yield, and resumes later.
+
+``preempt_after_s`` is the least time an attempt keeps the GPU before it can be preempted:
+each preemption costs a checkpoint write and a model switch, so a stream of prompt files
+must not keep a training run from ever making progress. A higher-priority job therefore
+waits at most ``preempt_after_s`` plus the time the running stage takes to notice (one
+micro-batch, or one validation image) and save its checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import anyio
 from anyio.abc import TaskGroup
@@ -33,6 +40,7 @@ class Scheduler:
         self.accepting = True
         self.paused = False
         self._wake = anyio.Event()
+        self._next_pass_in = 1.0
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -45,8 +53,9 @@ class Scheduler:
     async def run(self, tg: TaskGroup) -> None:
         self.paused = await queue_paused(self.store)
         while self.accepting:
+            self._next_pass_in = 1.0
             await self.schedule(tg)
-            with anyio.move_on_after(1.0):
+            with anyio.move_on_after(self._next_pass_in):
                 await self._wake.wait()
             self._wake = anyio.Event()
 
@@ -74,6 +83,10 @@ class Scheduler:
 
     def _maybe_preempt(self, waiting: JobView, current: RunningJob) -> None:
         if waiting.priority > current.job.priority and current.context.stop_reason is None:
+            too_soon = self.settings.preempt_after_s - (time.monotonic() - current.started)
+            if too_soon > 0:
+                self._next_pass_in = min(self._next_pass_in, too_soon)
+                return
             log.info(
                 "preempting %s job %s for %s job %s",
                 current.job.stage,
