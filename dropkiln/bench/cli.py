@@ -34,8 +34,8 @@ from dropkiln.config import Settings
 from dropkiln.stages.base import write_atomic
 
 Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
-SUITE_NAMES = ("store", "bucket", "cache", "train", "generate", "video", "daemon")
-MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon"})
+SUITE_NAMES = ("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt")
+MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -122,6 +122,7 @@ def _run_suite(name: str, options: BenchOptions, profile_root: Path | None) -> S
 
 def _suites() -> dict[str, Suite]:
     from dropkiln.bench.model_suites import daemon_suite, generate_suite, train_suite
+    from dropkiln.bench.preempt import preempt_suite
     from dropkiln.bench.suites import bucket_suite, cache_suite, store_suite, video_suite
 
     return {
@@ -132,6 +133,7 @@ def _suites() -> dict[str, Suite]:
         "generate": generate_suite,
         "video": video_suite,
         "daemon": daemon_suite,
+        "preempt": preempt_suite,
     }
 
 
