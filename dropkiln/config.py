@@ -102,6 +102,12 @@ class Settings(BaseSettings):
     settle_seconds: float = Field(2.0, ge=0)
     poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
+    stop_timeout_s: float = Field(
+        300.0, gt=0, description="longest a shutdown waits for running jobs to checkpoint"
+    )
+    stall_after_s: float = Field(
+        900.0, gt=0, description="a running stage silent this long is hung (watchdog, shutdown)"
+    )
     preempt_after_s: float = Field(
         10.0,
         ge=0,

@@ -71,6 +71,9 @@ class DaemonContext:
         self._stop = threading.Event()
         self.stop_reason: str | None = None
         self._last_progress = 0.0
+        self.last_sign_of_life = time.monotonic()
+        """When the stage last called its context: a stage silent for ``stall_after_s`` is
+        taken for hung (the watchdog stops pinging, shutdown stops waiting)."""
         self._pending_progress: JobProgress | None = None
         self.latest_metrics: dict[str, Any] = {}
 
@@ -92,6 +95,7 @@ class DaemonContext:
         anyio.from_thread.run(self._append, events)
 
     def progress(self, done: int, total: int, **metrics: Any) -> None:
+        self.last_sign_of_life = time.monotonic()
         event = JobProgress(done=done, total=total, metrics=_jsonable(metrics))
         self.latest_metrics = event.metrics
         now = time.monotonic()
@@ -103,6 +107,7 @@ class DaemonContext:
             self._pending_progress = event
 
     def checkpoint(self, state: dict[str, Any]) -> None:
+        self.last_sign_of_life = time.monotonic()
         pending = self.take_pending_progress()
         events: list[Event] = [pending] if pending else []
         self._send([*events, CheckpointSaved(state=_jsonable(state))])
@@ -118,6 +123,7 @@ class DaemonContext:
         self._send([unusable])
 
     def artifact(self, path: Path, kind: str) -> None:
+        self.last_sign_of_life = time.monotonic()
         path = Path(path)
         digest = file_sha256(path)
         if self._recorded.get(str(path)) == digest:
@@ -128,6 +134,7 @@ class DaemonContext:
         self._recorded[str(path)] = digest
 
     def should_stop(self) -> bool:
+        self.last_sign_of_life = time.monotonic()
         return self._stop.is_set()
 
     def upstream(self, stage: str) -> dict[str, Any]:
@@ -137,6 +144,7 @@ class DaemonContext:
             raise KeyError(f"job {self.job_id} has no finished {stage} dependency") from None
 
     def fault(self, point: str) -> None:
+        self.last_sign_of_life = time.monotonic()
         self._faults.hit(point)
 
     def deferred_fault(self, point: str) -> str | None:

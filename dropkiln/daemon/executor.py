@@ -109,7 +109,11 @@ class Executor:
         oom: OutOfMemory | None = None
         try:
             spec = stage.spec.model_validate(job.spec)
-            result = await anyio.to_thread.run_sync(stage.run, spec, ctx, limiter=limiter)
+            # Abandoned, not awaited, if the daemon is cancelled: a hung stage must not hold
+            # up a shutdown past stop_timeout_s (its job resumes at the next start).
+            result = await anyio.to_thread.run_sync(
+                stage.run, spec, ctx, limiter=limiter, abandon_on_cancel=True
+            )
         except StageStopped:
             return await self._stopped(running)
         except StageError as exc:

@@ -14,6 +14,7 @@ micro-batch, or one validation image) and save its checkpoint.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
 import anyio
@@ -39,6 +40,8 @@ class Scheduler:
         }
         self.accepting = True
         self.paused = False
+        self.abandoned: list[str] = []
+        """Jobs still running when a shutdown stopped waiting for them."""
         self._wake = anyio.Event()
         self._next_pass_in = 1.0
         self._idle = anyio.Event()
@@ -46,6 +49,11 @@ class Scheduler:
 
     def wake(self) -> None:
         self._wake.set()
+
+    def stalled(self, after_s: float) -> list[RunningJob]:
+        """Running jobs whose stage has not called its context for ``after_s`` seconds."""
+        now = time.monotonic()
+        return [r for r in self.running.values() if now - r.context.last_sign_of_life > after_s]
 
     def lane_jobs(self, lane: str) -> list[RunningJob]:
         return [r for r in self.running.values() if r.job.lane == lane]
@@ -164,14 +172,25 @@ class Scheduler:
         self.paused = paused
         self.wake()
 
-    async def drain(self, reason: str) -> list[str]:
-        """Stop taking work, ask running jobs to checkpoint and stop, wait for them; returns
-        the jobs that stopped to resume later (one that finished meanwhile is not among them)."""
+    async def drain(self, reason: str, timeout_s: float = math.inf) -> list[str]:
+        """Stop taking work, ask running jobs to checkpoint and stop, wait for them (at most
+        ``timeout_s``); returns the jobs to resume later: those that stopped, and those still
+        running when the wait ended (their attempt is abandoned; the next start requeues it
+        from its last checkpoint). One that finished meanwhile is not among them."""
         self.accepting = False
         stopping = list(self.running)
         for running in self.running.values():
             running.context.request_stop(reason)
-        await self._idle.wait()
+        with anyio.move_on_after(timeout_s):
+            await self._idle.wait()
+        self.abandoned = list(self.running)
+        for job_id in self.abandoned:
+            log.error(
+                "job %s did not stop within %g s; it resumes from its last checkpoint at the"
+                " next start",
+                job_id,
+                timeout_s,
+            )
         return [job_id for job_id in stopping if not (await find_job(self.store, job_id)).terminal]
 
 
