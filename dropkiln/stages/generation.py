@@ -84,11 +84,14 @@ class GenerationRun:
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
         """LoRAs loaded for the job; afterwards the warm pipeline is as it was."""
+        from dropkiln.stages.fault_hooks import inside, middle_block
+
         original_scheduler = pipe.scheduler
         self._base, self._base_scheduler_config = pipe, original_scheduler.config
         try:
             self._load_loras(pipe)
-            yield
+            with inside(middle_block(pipe.vae.decoder), self._in_decode):
+                yield
         finally:
             self._deactivate()
             pipe.scheduler = original_scheduler
@@ -238,11 +241,13 @@ class GenerationRun:
                 # the pipeline skips its remaining steps; the image is then thrown away
                 pipe._interrupt = True
                 self._stopping = True
-            elif step == pipe.num_timesteps - 1:
-                self.ctx.fault("generate.decode")
             return {}
 
         return on_step_end
+
+    def _in_decode(self) -> None:
+        # inside the VAE decode, half-way through its decoder: where a decode runs out of memory
+        self.ctx.fault("generate.decode")
 
     def _write_preview(self, pipe: Any, latents: Any) -> None:
         target = self.output_dir / "preview.png"

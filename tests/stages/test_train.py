@@ -429,3 +429,37 @@ def test_defect5_a_stop_between_validation_images_keeps_the_step_and_makes_them_
     assert resumed.progress_log[0][0] == 3
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == expected
     _assert_identical(_lora_tensors(spec), whole)
+
+
+# Faults where allocations really fail: inside the forward and the backward ----------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "inside"),
+    [
+        ("oom-cpu@train.forward:3", "forward"),
+        ("oom-cublas@train.backward:3", "backward"),
+        ("oom@train.backward:2", "backward"),
+    ],
+)
+def test_an_oom_raised_inside_the_forward_or_backward_resumes_one_rung_down(
+    cached: dict[str, Any], reference: dict[str, Any], fault: str, inside: str
+) -> None:
+    import traceback
+
+    from dropkiln.stages.device import is_out_of_memory
+
+    run = "inside-" + fault.split("@")[1].replace(":", "-")
+    ctx, spec = _train(cached, run, RICH, faults=FaultInjector(fault))
+    with pytest.raises(Exception) as raised:
+        STAGE.run(spec, ctx)
+    assert is_out_of_memory(raised.value), raised.value
+    frames = "".join(traceback.format_tb(raised.value.__traceback__))
+    # raised from within the UNet's forward, or from the autograd engine mid-backward
+    assert (
+        ("unet" in frames or "forward" in frames) if inside == "forward" else "backward" in frames
+    )
+    assert "train_step" in frames
+    ctx.memory_rung = 1
+    STAGE.run(spec, ctx)
+    _assert_identical(_lora_tensors(spec), reference["tensors"])

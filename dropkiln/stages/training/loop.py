@@ -56,6 +56,18 @@ class TrainingLoop:
     _memory_at: float = -math.inf
 
     def run(self) -> None:
+        from dropkiln.stages.fault_hooks import inside, middle_block
+
+        with inside(middle_block(self.pipe.unet), self._in_forward, self._in_backward):
+            self._run()
+
+    def _in_forward(self) -> None:
+        self.ctx.fault("train.forward")
+
+    def _in_backward(self) -> None:
+        self.ctx.fault("train.backward")
+
+    def _run(self) -> None:
         options = self.spec.options
         total = options.steps
         self._finish_due_reports()
