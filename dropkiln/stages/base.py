@@ -140,7 +140,24 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 def write_atomic(target: Path, data: bytes | str) -> Path:
     """Write bytes or text to ``target`` atomically (temp file + fsync + rename)."""
-    payload = data.encode() if isinstance(data, str) else data
     with atomic_path(target) as tmp:
-        tmp.write_bytes(payload)
+        write_file(tmp, data)
     return target
+
+
+def write_file(path: Path, data: bytes | str) -> None:
+    """Write a whole file (not atomically: for a temp or staging file).
+
+    Every file a stage writes goes through here, so a fault-injected full or failing disk
+    (``enospc``/``eio``) tears a real write: the file object's write puts half the bytes on
+    disk, then raises, as a write that runs out of room part-way does."""
+    from dropkiln.stages.faults import take_torn_write
+
+    payload = data.encode() if isinstance(data, str) else data
+    with open(path, "wb") as handle:
+        torn = take_torn_write()
+        if torn is not None:
+            handle.write(payload[: len(payload) // 2])
+            handle.flush()
+            raise torn
+        handle.write(payload)

@@ -4,8 +4,10 @@
 
 - KIND: ``oom`` raises the real ``torch.OutOfMemoryError``; the ``oom-…`` kinds raise the
   other forms a real allocation failure takes (``OOM_FORMS``: the exception class and
-  message CUDA, cuBLAS, cuDNN and the CPU allocators really produce); ``enospc`` raises
-  ``OSError(ENOSPC)`` (a full disk); ``kill`` sends SIGKILL to this process; ``crash``
+  message CUDA, cuBLAS, cuDNN and the CPU allocators really produce); ``enospc`` (a full
+  disk) and ``eio`` (a failing disk) tear the next file write this thread makes: half the
+  bytes land, then the write call raises ``OSError(ENOSPC)`` or ``OSError(EIO)``, as a real
+  one does part-way through a file; ``kill`` sends SIGKILL to this process; ``crash``
   aborts the process doing the work (``os.abort()``, as a crashing decoder would), which
   for ``bucket.decode`` is the decode worker, not the daemon.
 - POINT: a name a stage passes to ``ctx.fault()``, e.g. ``train.step``, ``cache.batch``,
@@ -43,7 +45,20 @@ OOM_FORMS: dict[str, tuple[str, str]] = {
     ),
     "oom-python": ("MemoryError", ""),
 }
-KINDS = ("oom", *OOM_FORMS, "enospc", "kill", "crash")
+KINDS = ("oom", *OOM_FORMS, "enospc", "eio", "kill", "crash")
+TORN_WRITES = {
+    "enospc": (errno.ENOSPC, "No space left on device"),
+    "eio": (errno.EIO, "Input/output error"),
+}
+
+_torn = threading.local()
+
+
+def take_torn_write() -> OSError | None:
+    """The error an armed ``enospc``/``eio`` fault makes this thread's next write raise (once)."""
+    error: OSError | None = getattr(_torn, "error", None)
+    _torn.error = None
+    return error
 
 
 class FaultSpecError(ValueError):
@@ -134,8 +149,10 @@ def _fire(fault: Fault, hit: int) -> None:
         raise torch.OutOfMemoryError(f"CUDA out of memory: {where}")
     if fault.kind in OOM_FORMS:
         raise oom_error(fault.kind, where)
-    if fault.kind == "enospc":
-        raise OSError(errno.ENOSPC, f"No space left on device: {where}")
+    if fault.kind in TORN_WRITES:
+        code, text = TORN_WRITES[fault.kind]
+        _torn.error = OSError(code, f"{text}: {where}")
+        return
     if fault.kind == "crash":
         os.abort()
     os.kill(os.getpid(), signal.SIGKILL)

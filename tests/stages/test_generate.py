@@ -395,3 +395,17 @@ def test_generate_decode_fires_inside_the_vae_decode(
     assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000-1.png"]
     ctx.memory_rung = 1
     assert run_generate(spec, ctx)["rendered"] == 1
+
+
+@pytest.mark.parametrize(("kind", "text"), [("eio", "Input/output error"),
+                                            ("enospc", "No space left on device")])  # fmt: skip
+def test_a_torn_png_write_fails_the_image_and_leaves_nothing_half_written(
+    gen_root: Path, tmp_path: Path, kind: str, text: str
+) -> None:
+    spec = spec_for(tmp_path / "out", entries("a", "b"))
+    ctx = local(gen_root, tmp_path, faults=FaultInjector(f"{kind}@generate.image:2"))
+    with pytest.raises(OSError, match=text):
+        run_generate(spec, ctx)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000-1.png"]
+    result = run_generate(spec, ctx)
+    assert (result["rendered"], result["skipped"]) == (1, 1)

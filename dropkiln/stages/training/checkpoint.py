@@ -87,15 +87,17 @@ def restore_global_rng(state: dict[str, Any]) -> None:
 
 def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (nested dicts of tensors and plain values) as a checkpoint folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from dropkiln.stages.base import write_file
 
     tensors: dict[str, Any] = {}
     structure = flatten(state, tensors, "s")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        save_file(tensors, str(staging / TENSORS))
-        (staging / STATE).write_text(json.dumps(structure))
+        write_file(staging / TENSORS, save(tensors))
+        write_file(staging / STATE, json.dumps(structure))
         for name in (TENSORS, STATE):
             with open(staging / name, "rb") as handle:
                 os.fsync(handle.fileno())
