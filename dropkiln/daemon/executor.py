@@ -20,7 +20,7 @@ from dropkiln.config import Settings
 from dropkiln.daemon.context import DaemonContext
 from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
 from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
-from dropkiln.stages.faults import FaultInjector
+from dropkiln.stages.faults import FaultInjector, take_torn_write
 from dropkiln.store import EventStore, JobView, find_job, job_artifacts, remembered_rung
 from dropkiln.store.events import (
     Event,
@@ -112,7 +112,7 @@ class Executor:
             # Abandoned, not awaited, if the daemon is cancelled: a hung stage must not hold
             # up a shutdown past stop_timeout_s (its job resumes at the next start).
             result = await anyio.to_thread.run_sync(
-                stage.run, spec, ctx, limiter=limiter, abandon_on_cancel=True
+                _run_stage, stage, spec, ctx, limiter=limiter, abandon_on_cancel=True
             )
         except StageStopped:
             return await self._stopped(running)
@@ -174,3 +174,10 @@ class Executor:
         reason = f"out of memory on every memory rung (tried: {tried}); last: {oom.message}"
         await self.append(running.id, [oom, JobFailed(reason=reason)])
         return "failed"
+
+
+def _run_stage(stage: StageDef, spec: Any, ctx: DaemonContext) -> dict[str, Any]:
+    try:
+        return stage.run(spec, ctx)
+    finally:
+        take_torn_write()  # a torn write armed by a fault never outlives its job's thread

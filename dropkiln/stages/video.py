@@ -137,6 +137,11 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """A repeated frame costs a hard link, not another PNG encode (a copy where links fail)."""
+    from dropkiln.stages.faults import take_torn_write
+
+    torn = take_torn_write()
+    if torn is not None:
+        raise torn  # the frame's write: a link needs room in the directory too
     try:
         os.link(source, target)
     except OSError:
