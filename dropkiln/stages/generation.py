@@ -15,10 +15,11 @@ from dropkiln.stages.control import (
     controlnet_folder,
     load_control_image,
     load_controlnet,
+    read_control_bytes,
 )
 from dropkiln.stages.inference_memory import apply_rung, undo_rung
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
-from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
+from dropkiln.stages.models.refs import safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
     latent_preview,
@@ -162,7 +163,9 @@ class GenerationRun:
         if task.control is not None:
             control_file = Path(task.control.image)
             image["control"]["image"] = control_file.name
-            image["control"]["sha256"] = file_sha256(control_file)
+            image["control"]["sha256"] = hashlib.sha256(
+                read_control_bytes(control_file)
+            ).hexdigest()
         content = {"image": image, "model": self._model_record(), "loras": self.lora_records}
         return self._sealed(content)
 

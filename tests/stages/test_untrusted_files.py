@@ -119,3 +119,15 @@ def test_defect10_the_cache_stage_does_not_follow_a_link_swapped_in_after_bucket
     )
     with pytest.raises(StageError, match=r"img00\.png.*symbolic link"):
         CACHE.run(CacheSpec(name="cats"), ctx)
+
+
+def test_defect10_a_control_image_swapped_for_a_link_is_not_read(tmp_path: Path) -> None:
+    from dropkiln.stages.control import load_control_image
+
+    outside = tmp_path / "secret.png"
+    outside.write_bytes(png((9, 9, 9)))
+    folder = tmp_path / "processed" / "0001-poses"
+    folder.mkdir(parents=True)
+    (folder / "pose.png").symlink_to(outside)
+    with pytest.raises(StageError, match="pose.png is a symbolic link"):
+        load_control_image(str(folder / "pose.png"), "image[0]")
