@@ -213,6 +213,8 @@ device = "auto"              # auto, cpu, cuda, cuda:1
 settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long
 cpu_workers = 2              # concurrent CPU-lane jobs (bucketing, video encode)
 preempt_after_s = 10         # least time training keeps the GPU before generation preempts it
+stop_timeout_s = 300         # a stop waits at most this long for a running job to checkpoint
+stall_after_s = 900          # a stage silent this long is hung (the systemd watchdog restarts us)
 ram_budget_gb = 8            # warm pipelines kept in memory between jobs
 
 [bucket]
