@@ -238,3 +238,17 @@ def test_preempt_quick_reports_p50_and_max_latency(bench_home: Path) -> None:
     assert len(samples) == 2 and all(value > 0 for value in samples)
     assert record["metrics"]["preempt_max_s"]["value"] == round(max(samples), 3)
     assert record["metrics"]["preempt_p50_s"]["headline"]
+
+
+@pytest.mark.slow
+def test_api_benchmark_serves_a_big_store_and_times_sse_against_the_cli(tmp_path: Path) -> None:
+    code, out = _bench(tmp_path / "home", "api", "--quick", "--events", "300", "--repeats", "20")
+    assert code == 0
+    api = _check_report(out, ["api"])["suites"]["api"]
+    assert api["config"] == {"jobs": 300, "requests": 20, "events": 40}
+    assert api["latency"]["list_jobs"]["n"] == 20
+    assert api["latency"]["sse"]["n"] == api["latency"]["cli_follow"]["n"] == 40
+    assert {"list_jobs_p50_ms", "list_jobs_p99_ms", "sse_p95_ms", "sse_minus_cli_p95_ms"} <= set(
+        api["metrics"]
+    )
+    assert api["raw"] == {} or "store_events" in api["metrics"]
