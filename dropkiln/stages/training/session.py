@@ -168,14 +168,14 @@ class TrainingSession:
             self.data_rng.bit_generator.state = state["data_rng"]
             self.noise_generator.set_state(state["noise_generator"])
             _check_global_rng(global_rng)
+            _restore_global_rng_or_nothing(global_rng, device)
         except CheckpointUnusable:
             raise
         except Exception as exc:  # whatever a damaged file makes a reader raise
             raise CheckpointUnusable(f"{type(exc).__name__}: {exc}") from exc
-        with torch.no_grad():
+        with torch.no_grad():  # shapes and dtypes checked above: this cannot fail half-way
             for name, param in self.models.trainable.items():
                 param.copy_(lora[name])
-        restore_global_rng(global_rng)
         self.step, self.losses, self.started_at = step, losses, started_at
 
 
@@ -216,6 +216,15 @@ def _check_optimizer_state(saved: dict[str, Any], optimizer: Any) -> None:
                 raise CheckpointUnusable(
                     f"optimizer {name} of parameter {key} has shape {tuple(shape)}"
                 )
+
+
+def _restore_global_rng_or_nothing(state: dict[str, Any], device: str) -> None:
+    before = capture_global_rng(device)
+    try:
+        restore_global_rng(state)
+    except Exception:
+        restore_global_rng(before)
+        raise
 
 
 def _check_global_rng(state: dict[str, Any]) -> None:
