@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     root: Path = DEFAULT_ROOT
     model: str = "tiny-sdxl"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
+    )
     settle_seconds: float = Field(2.0, ge=0)
     poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
