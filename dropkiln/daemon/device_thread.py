@@ -30,7 +30,7 @@ class DeviceThread:
         self.threads = threads
         self.ident: int | None = None
         self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix=f"dropkiln-{device}", initializer=self._setup
+            max_workers=1, thread_name_prefix="dropkiln-device", initializer=self._setup
         )
 
     def _setup(self) -> None:

@@ -62,6 +62,6 @@ async def test_every_module_forward_of_a_pipeline_runs_on_the_device_thread(
     # one thread, the daemon's long-lived device thread (not an anyio worker, not the loop)
     assert len(callers) == 1, {t: sorted(m)[:5] for t, m in callers.items()}
     ((_, name), modules), *_ = callers.items()
-    assert name.startswith("dropkiln-cpu"), name
+    assert name.startswith("dropkiln-device"), name
     # cache (VAE, text encoders), train (UNet forward and backward) and generate all ran there
     assert {"Encoder", "Decoder", "UNet2DConditionModel", "CLIPTextModel"} <= modules
