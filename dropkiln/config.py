@@ -132,7 +132,7 @@ class Settings(BaseSettings):
         0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
     )
     settle_seconds: float = Field(2.0, ge=0)
-    poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
+    poll_interval: float = Field(0.05, gt=0, description="how often the dashboard reads the store")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
     preempt_after_s: float = Field(60.0, ge=0)
     ram_budget_gb: float = Field(8.0, gt=0, description="warm pipelines kept in memory")

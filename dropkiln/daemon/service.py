@@ -99,7 +99,7 @@ class Daemon:
                 tg.start_soon(watchdog_loop, self.notifier, name="watchdog")
                 if self.settings.webhooks.url:
                     sender = WebhookSender(self.settings.webhooks, self.store)
-                    tg.start_soon(sender.run, None, self.settings.poll_interval, name="webhooks")
+                    tg.start_soon(sender.run, None, name="webhooks")
                 if handle_signals:
                     tg.start_soon(self._signals, name="signals")
                 tg.start_soon(self.scheduler.run, tg, name="scheduler")
@@ -168,9 +168,7 @@ class Daemon:
             self.scheduler.wake()
 
     async def _obey_commands(self, after: int) -> None:
-        async for event in self.store.tail(
-            after, poll_interval=self.settings.poll_interval, types=COMMANDS
-        ):
+        async for event in self.store.tail(after, types=COMMANDS):
             try:
                 if event.type == "CancelRequested" and event.job_id:
                     await self.scheduler.cancel(event.job_id, by=event.data.get("by", "request"))
