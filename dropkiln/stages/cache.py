@@ -129,7 +129,15 @@ def _encode_images(
     for item in todo:
         by_bucket[item[0].bucket].append(item)
     done = 0
-    with vae_for_encoding(pipe, tiled=bool(rung.get("vae_tiling"))) as vae:
+    from dropkiln.stages.fault_hooks import inside, middle_block
+
+    def in_encode() -> None:
+        ctx.fault("cache.encode")
+
+    with (
+        vae_for_encoding(pipe, tiled=bool(rung.get("vae_tiling"))) as vae,
+        inside(middle_block(vae.encoder), in_encode),
+    ):
         for bucket in sorted(by_bucket):
             items = by_bucket[bucket]
             for start in range(0, len(items), vae_batch):

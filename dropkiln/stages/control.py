@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -12,7 +13,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.base import StageError
-from dropkiln.stages.models.refs import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -141,6 +141,23 @@ def control_pipeline(pipe: Any, controlnets: list[Any]) -> Any:
     return control
 
 
+CONTROL_MAX_BYTES = 256 * 2**20
+
+
+def read_control_bytes(path: str | Path) -> bytes:
+    """A control (or init or mask) image's bytes, read without following a link (the prompt
+    folder sits in ``processed/``, where whoever dropped it may still write)."""
+    from dropkiln.stages.dataset import read_dataset_file
+
+    path = Path(path)
+    return read_dataset_file(path.parent, path.name, CONTROL_MAX_BYTES)
+
+
+def image_digest(path: str | Path) -> str:
+    """sha256 of an input image's bytes, read as ``read_control_bytes`` reads them."""
+    return hashlib.sha256(read_control_bytes(path)).hexdigest()
+
+
 def control_inputs(controls: list[ControlRef], where: str) -> dict[str, Any]:
     """The pipeline arguments for an entry's ControlNets: one value each, or a list."""
     images = [control_image(control, where) for control in controls]
@@ -163,7 +180,7 @@ def control_record(control: ControlRef) -> dict[str, Any]:
         model=control.model,
         scale=control.scale,
         image=Path(control.image).name,
-        sha256=file_sha256(Path(control.image)),
+        sha256=image_digest(control.image),
     )
     return record
 
@@ -171,12 +188,16 @@ def control_record(control: ControlRef) -> dict[str, Any]:
 def control_image(control: ControlRef, where: str) -> Any:
     """The control image as RGB (its Canny edges with ``preprocess = "canny"``), or a
     StageError naming the entry."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
+    from dropkiln.stages.dataset import UnsafeFile
+
     try:
-        with Image.open(control.image) as img:
+        with Image.open(io.BytesIO(read_control_bytes(control.image))) as img:
             image = img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, UnsafeFile) as exc:
         name = Path(control.image).name
         raise StageError(f"{where}: control image {name} cannot be read: {exc}") from exc
     if control.preprocess == "canny":

@@ -15,13 +15,14 @@ from dropkiln.stages.control import (
     control_pipeline,
     control_record,
     controlnet_folder,
+    image_digest,
     load_controlnet,
 )
 from dropkiln.stages.inference_memory import apply_rung, batch_limit, undo_rung
 from dropkiln.stages.init_images import image_mode, init_inputs, init_pipeline
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
 from dropkiln.stages.models.hashes import checkpoint_hashes
-from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
+from dropkiln.stages.models.refs import safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
     latent_preview,
@@ -89,11 +90,14 @@ class GenerationRun:
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
         """LoRAs loaded for the job; afterwards the warm pipeline is as it was."""
+        from dropkiln.stages.fault_hooks import inside, middle_block
+
         original_scheduler = pipe.scheduler
         self._base, self._base_scheduler_config = pipe, original_scheduler.config
         try:
             self._load_loras(pipe)
-            yield
+            with inside(middle_block(pipe.vae.decoder), self._in_decode):
+                yield
         finally:
             self._deactivate()
             pipe.scheduler = original_scheduler
@@ -115,6 +119,8 @@ class GenerationRun:
             missing = [p for p in batch if not _finished(paths[p], records[p]["digest"])]
             for position in batch:
                 if position not in missing:
+                    # recorded again from the file: a kill may have come before its record
+                    self.ctx.artifact(paths[position], "image")
                     self._skip(self.tasks[position].steps)
             if not missing:
                 continue
@@ -201,7 +207,7 @@ class GenerationRun:
         for field in ("init_image", "mask"):
             if image.get(field):
                 source = Path(image[field])
-                image[field] = {"image": source.name, "sha256": file_sha256(source)}
+                image[field] = {"image": source.name, "sha256": image_digest(source)}
         content = {"image": image, "model": self._model_record(), "loras": self.lora_records}
         return self._sealed(content)
 
@@ -244,6 +250,7 @@ class GenerationRun:
     ) -> None:
         self.ctx.fault("generate.image")
         write_png(image, target, png_info(parameters, record))
+        self.ctx.fault("generate.written")
         self.rendered += 1
         if artifact_kind:
             self.ctx.artifact(target, artifact_kind)
@@ -277,11 +284,13 @@ class GenerationRun:
                 # the pipeline skips its remaining steps; the image is then thrown away
                 pipe._interrupt = True
                 self._stopping = True
-            elif step == pipe.num_timesteps - 1:
-                self.ctx.fault("generate.decode")
             return {}
 
         return on_step_end
+
+    def _in_decode(self) -> None:
+        # inside the VAE decode, half-way through its decoder: where a decode runs out of memory
+        self.ctx.fault("generate.decode")
 
     def _write_preview(self, pipe: Any, latents: Any) -> None:
         target = self.output_dir / "preview.png"

@@ -28,16 +28,21 @@ def init_pipeline(pipe: Any, mode: str) -> Any:
 
 def init_inputs(task: ImageTask) -> dict[str, Any]:
     """The ``image`` (RGB) and ``mask_image`` (L) arguments, or a StageError naming the entry."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
+
+    from dropkiln.stages.control import read_control_bytes
+    from dropkiln.stages.dataset import UnsafeFile
 
     inputs: dict[str, Any] = {}
     for argument, path, mode in (("image", task.init_image, "RGB"), ("mask_image", task.mask, "L")):
         if path is None:
             continue
         try:
-            with Image.open(path) as img:
+            with Image.open(io.BytesIO(read_control_bytes(path))) as img:
                 inputs[argument] = img.convert(mode)
-        except (OSError, UnidentifiedImageError) as exc:
+        except (OSError, UnidentifiedImageError, UnsafeFile) as exc:
             field = "init_image" if argument == "image" else "mask"
             raise StageError(
                 f"image[{task.entry}].{field}: {Path(path).name} cannot be read: {exc}"

@@ -7,6 +7,7 @@ predict, loss, step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -64,8 +65,9 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     seed_everything(options.seed)
     with lora_adapters(pipe, options, plan.gradient_checkpointing) as models:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
-        session = TrainingSession.start(models, options, ctx.device, plan.fp16)
-        _resume(session, ctx)
+        session = _resume(
+            lambda: TrainingSession.start(models, options, ctx.device, plan.fp16), ctx
+        )
         loop = TrainingLoop(
             spec=spec,
             ctx=ctx,
@@ -133,19 +135,38 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     )
 
 
-def _resume(session: Any, ctx: StageContext) -> None:
-    from safetensors import SafetensorError
+def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
+    """A session restored from the newest usable checkpoint, or a fresh one.
+
+    A checkpoint that cannot be restored is recorded (CheckpointUnusable, with the step the
+    job goes on from) and the one before it is tried. Training is a pure function of the
+    seed, so going back to an older checkpoint, or to step 0, gives the same LoRA; only
+    time is lost. Each try starts from a fresh session, and a failed restore leaves the
+    LoRA weights untouched, so nothing of a damaged checkpoint is ever used.
+    """
+    from dropkiln.stages.training.checkpoint import fallback_checkpoints
+    from dropkiln.stages.training.loop import CHECKPOINTS
+    from dropkiln.stages.training.session import CheckpointUnusable
 
     saved = ctx.resume_state()
     if not saved or "checkpoint" not in saved:
-        return
-    try:
-        session.restore(ctx.work_dir / saved["checkpoint"], ctx.device)
-    except (OSError, ValueError, KeyError, SafetensorError):
-        # A missing or damaged checkpoint (safetensors raises its own error for a truncated
-        # file). Training is a pure function of the seed, so starting over from a fresh
-        # session gives the same LoRA; only time is lost.
-        return
+        return new_session()
+    unusable: list[tuple[str, str]] = []
+    session = None
+    for relative in fallback_checkpoints(ctx.work_dir / CHECKPOINTS, saved["checkpoint"]):
+        candidate = new_session()
+        try:
+            candidate.restore(ctx.work_dir / relative, ctx.device)
+        except CheckpointUnusable as exc:
+            unusable.append((relative, str(exc)))
+            continue
+        session = candidate
+        break
+    if session is None:
+        session = new_session()
+    for relative, reason in unusable:
+        ctx.checkpoint_unusable(relative, reason, session.step)
+    return session
 
 
 def _finish(

@@ -69,7 +69,7 @@ def test_find_images_walks_subfolders_sorted_and_skips_hidden_and_junk(tmp_path:
     ]
 
 
-def test_find_images_follows_file_links_but_not_folder_links(tmp_path: Path) -> None:
+def test_links_to_files_and_folders_are_listed_apart_and_never_followed(tmp_path: Path) -> None:
     outside = tmp_path / "library"
     write(outside / "kept.png", png_bytes())
     dataset = tmp_path / "dataset"
@@ -77,7 +77,8 @@ def test_find_images_follows_file_links_but_not_folder_links(tmp_path: Path) -> 
     (dataset / "linked.png").symlink_to(outside / "kept.png")
     (dataset / "folder").symlink_to(outside, target_is_directory=True)
 
-    assert [path.name for path in find_images(dataset)] == ["linked.png"]
+    assert find_images(dataset) == []
+    assert [path.name for path in scan_dataset(dataset).links] == ["folder", "linked.png"]
 
 
 def test_missing_folder_is_a_stage_error(tmp_path: Path) -> None:
