@@ -397,7 +397,7 @@ def test_generate_decode_fires_inside_the_vae_decode(
     assert is_out_of_memory(raised.value), raised.value
     frames = [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
     # raised by the VAE's decoder, called from the pipeline's decode, mid-image
-    assert "decode" in frames and frames.index("decode") > frames.index("render_image")
+    assert "decode" in frames and frames.index("decode") > frames.index("render_batch")
     assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000-1.png"]
     ctx.memory_rung = 1
     assert run_generate(spec, ctx)["rendered"] == 1
