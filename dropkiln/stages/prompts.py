@@ -179,6 +179,10 @@ class VideoOptions(FileModel):
     fps: int = Field(12, ge=1, le=120)
     seconds_per_image: float = Field(1.5, gt=0, le=600)
     transition: Literal["crossfade", "cut"] = "crossfade"
+    motion: Literal["none", "ken-burns"] = "none"
+    """slideshow: ``ken-burns`` pans and zooms across each image while it is shown."""
+    zoom: float = Field(1.2, ge=1, le=4)
+    """ken-burns: how far each image is zoomed in by the end of its time on screen."""
     frames: int = Field(48, ge=2, le=10_000, description="latent walk: frames in all")
     loop: bool = False
     format: Literal["mp4", "gif", "webp"] = "mp4"

@@ -53,6 +53,8 @@ class FrameRecipe:
     first: int
     second: int | None = None
     mix: float = 0.0
+    shown: float = 0.0
+    """Ken Burns: how far through its time on screen ``first`` is (0 to 1)."""
 
 
 def slideshow_plan(images: int, options: VideoOptions) -> list[FrameRecipe]:
@@ -61,15 +63,35 @@ def slideshow_plan(images: int, options: VideoOptions) -> list[FrameRecipe]:
     fade = 0
     if options.transition == "crossfade":
         fade = min(per_image // 2, max(1, round(CROSSFADE_SECONDS * options.fps)))
+    moving = options.motion == "ken-burns"
     plan = []
     for image in range(images):
         for frame in range(per_image):
             into_fade = frame - (per_image - fade)
+            shown = frame / max(1, per_image - 1) if moving else 0.0
             if image + 1 < images and into_fade >= 0:
-                plan.append(FrameRecipe(image, image + 1, (into_fade + 1) / (fade + 1)))
+                mix = (into_fade + 1) / (fade + 1)
+                plan.append(FrameRecipe(image, image + 1, mix, shown))
             else:
-                plan.append(FrameRecipe(image))
+                plan.append(FrameRecipe(image, shown=shown))
     return plan
+
+
+Box = tuple[float, float, float, float]
+
+
+def ken_burns_box(index: int, shown: float, zoom: float, size: tuple[int, int]) -> Box:
+    """The part of image ``index`` on screen ``shown`` of the way through: zoomed from the
+    whole image to 1/``zoom`` of it, panning towards the right edge (even images) or the
+    left (odd ones), so neighbours move against each other."""
+    width, height = size
+    scale = 1 + (zoom - 1) * shown
+    box_w, box_h = width / scale, height / scale
+    slack = (width - box_w) / 2
+    direction = 1 if index % 2 == 0 else -1
+    centre_x = width / 2 + direction * slack
+    centre_y = height / 2
+    return (centre_x - box_w / 2, centre_y - box_h / 2, centre_x + box_w / 2, centre_y + box_h / 2)
 
 
 def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
@@ -93,23 +115,25 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
     frames_dir.mkdir(parents=True, exist_ok=True)
     total = len(plan)
     loaded: dict[int, Image.Image] = {}
-    held: dict[int, Path] = {}  # a frame file showing just source N, for the frames that repeat it
+    # a frame file for each recipe seen, for the frames that repeat it (a still hold)
+    held: dict[FrameRecipe, Path] = {}
     for number, recipe in enumerate(plan):
         target = frames_dir / frame_name(number)
         if target.exists():  # written atomically by an earlier attempt: whole and right
             if recipe.second is None:
-                held.setdefault(recipe.first, target)
+                held.setdefault(recipe, target)
             continue
         if ctx.should_stop():
             ctx.checkpoint({"frames_done": number, "frames_dir": str(frames_dir)})
             raise StageStopped(f"video {spec.name} stopped at frame {number}/{total}")
         ctx.fault("video.frame")
-        if recipe.second is None and recipe.first in held:
-            _link_or_copy(held[recipe.first], target)
+        if recipe.second is None and recipe in held:
+            _link_or_copy(held[recipe], target)
         else:
-            write_png(_compose(recipe, sources, canvas, loaded), target, compress_level=1)
+            frame = _compose(recipe, sources, canvas, loaded, options)
+            write_png(frame, target, compress_level=1)
             if recipe.second is None:
-                held[recipe.first] = target
+                held[recipe] = target
         ctx.progress(number + 1, total + 1, phase="frames")
         if (number + 1) % CHECKPOINT_EVERY == 0:
             ctx.checkpoint({"frames_done": number + 1, "frames_dir": str(frames_dir)})
@@ -164,11 +188,23 @@ def _compose(
     sources: list[Path],
     canvas: tuple[int, int],
     loaded: dict[int, Image.Image],
+    options: VideoOptions,
 ) -> Image.Image:
-    frame = _fitted(recipe.first, sources, canvas, loaded)
+    frame = _moved(_fitted(recipe.first, sources, canvas, loaded), recipe.first, recipe.shown,
+                   options)  # fmt: skip
     if recipe.second is not None:
-        frame = Image.blend(frame, _fitted(recipe.second, sources, canvas, loaded), recipe.mix)
+        # the next image comes in at the start of its own move
+        following = _moved(_fitted(recipe.second, sources, canvas, loaded), recipe.second, 0.0,
+                           options)  # fmt: skip
+        frame = Image.blend(frame, following, recipe.mix)
     return frame
+
+
+def _moved(picture: Image.Image, index: int, shown: float, options: VideoOptions) -> Image.Image:
+    if options.motion != "ken-burns":
+        return picture
+    box = ken_burns_box(index, shown, options.zoom, picture.size)
+    return picture.resize(picture.size, Image.Resampling.LANCZOS, box=box)
 
 
 def _fitted(

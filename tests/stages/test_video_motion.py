@@ -1,0 +1,101 @@
+"""Ken Burns pan and zoom in slideshows, and the MP4's index placed first (faststart)."""
+
+from __future__ import annotations
+
+import itertools
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_video import context, decode, spec_for
+
+from dropkiln.stages.video import run_video, slideshow_plan
+
+
+def gradient_images(folder: Path, count: int = 2, size: tuple[int, int] = (64, 48)) -> list[str]:
+    """Images with detail everywhere, so a pan or zoom shows in every pixel."""
+    folder.mkdir(parents=True, exist_ok=True)
+    x = np.linspace(0, 255, size[0])[None, :, None]
+    y = np.linspace(0, 255, size[1])[:, None, None]
+    paths = []
+    for number in range(count):
+        rgb = np.concatenate([np.broadcast_to(x, (*size[::-1], 1)),
+                              np.broadcast_to(y, (*size[::-1], 1)),
+                              np.full((*size[::-1], 1), 80.0 * number)], axis=-1)  # fmt: skip
+        path = folder / f"{number:03d}.png"
+        Image.fromarray(rgb.astype(np.uint8)).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def top_level_boxes(path: Path) -> list[str]:
+    """The MP4's top-level box types in file order (ISO/IEC 14496-12: 32-bit size, type)."""
+    data = path.read_bytes()
+    boxes, offset = [], 0
+    while offset + 8 <= len(data):
+        size, kind = struct.unpack(">I4s", data[offset : offset + 8])
+        if size == 1:
+            size = struct.unpack(">Q", data[offset + 8 : offset + 16])[0]
+        boxes.append(kind.decode("latin-1"))
+        if size < 8:
+            break
+        offset += size
+    return boxes
+
+
+def test_ken_burns_plan_moves_through_each_hold() -> None:
+    plan = slideshow_plan(2, spec_for(Path("."), fps=4, seconds_per_image=1.0, transition="cut",
+                                      motion="ken-burns").options)  # fmt: skip
+    assert [round(r.shown, 3) for r in plan] == [0, 0.333, 0.667, 1.0] * 2
+    still = slideshow_plan(2, spec_for(Path("."), fps=4, seconds_per_image=1.0).options)
+    assert {r.shown for r in still} == {0.0}
+
+
+def test_ken_burns_frames_zoom_and_pan_into_the_image(tmp_path: Path) -> None:
+    images = gradient_images(tmp_path / "images")
+    spec = spec_for(tmp_path, fps=5, seconds_per_image=1.0, transition="cut", motion="ken-burns",
+                    zoom=2.0)  # fmt: skip
+    run_video(spec, context(tmp_path, {"images": images}))
+    frames = [np.asarray(Image.open(p).convert("RGB")).astype(int)
+              for p in sorted((tmp_path / "work" / "frames").glob("*.png"))]  # fmt: skip
+    assert len(frames) == 10
+    with Image.open(images[0]) as first:
+        whole = np.asarray(first.convert("RGB")).astype(int)
+        # the end of the first hold: half the width and height, against the right edge
+        end = first.convert("RGB").crop((32, 12, 64, 36)).resize((64, 48), Image.Resampling.LANCZOS)
+    assert np.abs(frames[0] - whole).max() <= 1
+    assert np.abs(frames[4] - np.asarray(end).astype(int)).mean() < 2
+    # every frame of a hold is new (no still frames), and the second image pans the other way
+    assert all(not np.array_equal(a, b) for a, b in itertools.pairwise(frames[:5]))
+    assert frames[9][:, :, 0].mean() < frames[5][:, :, 0].mean()  # drifts to the darker left
+    assert frames[4][:, :, 0].mean() > frames[0][:, :, 0].mean()  # drifts to the brighter right
+
+
+def test_mp4_is_h264_yuv420p_with_the_index_before_the_media(tmp_path: Path) -> None:
+    images = gradient_images(tmp_path / "images")
+    spec = spec_for(tmp_path, fps=5, seconds_per_image=1.0, motion="ken-burns")
+    run_video(spec, context(tmp_path, {"images": images}))
+    meta, frames = decode(spec.output)
+    assert (meta["codec"], meta["pix_fmt"], len(frames)) == ("h264", "yuv420p", 10)
+    boxes = top_level_boxes(Path(spec.output))
+    assert boxes.index("moov") < boxes.index("mdat"), boxes
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('[video]\nmotion = "zoom"\n[[image]]\nprompt = "a"\n', "video.motion:"),
+        ('[video]\nzoom = 0.5\n[[image]]\nprompt = "a"\n', "video.zoom:"),
+        ('[video]\nzoom = 9\n[[image]]\nprompt = "a"\n', "video.zoom:"),
+    ],
+)
+def test_bad_motion_settings_name_the_field(tmp_path: Path, text: str, expected: str) -> None:
+    from dropkiln.config import Settings
+    from dropkiln.stages.base import StageError
+    from dropkiln.stages.prompts import load_prompt_file
+
+    (tmp_path / "bad.toml").write_text(text)
+    with pytest.raises(StageError, match=expected):
+        load_prompt_file(tmp_path / "bad.toml", Settings(root=tmp_path))
