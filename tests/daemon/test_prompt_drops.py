@@ -94,7 +94,7 @@ async def test_a_prompt_folder_with_a_control_image_renders_from_processed(
         (drop,) = await wait_drops(daemon.store, 1)
         assert drop["state"] == "ingested", drop["reason"]
         (job,) = await list_jobs(daemon.store)
-        control = job.spec["prompt_file"]["images"][0]["control"]["image"]
+        control = job.spec["prompt_file"]["images"][0]["control"][0]["image"]
         assert control.startswith(str(small.paths.processed))
         job = await wait_job(daemon.store, job.id, ended, timeout=120)
         assert job.state == "succeeded", job.error
