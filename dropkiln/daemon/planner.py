@@ -286,11 +286,12 @@ class Planner:
             if job_id is not None and job_id not in depends_on:
                 depends_on.append(job_id)
         stem = await self._output_stem(drop.name, drop_id)
+        rebased = _rebase_controls(prompt_file, drop)
         generate_spec = {
             "name": stem,
             "model": model,
             "vae": vae,
-            "prompt_file": _rebase_controls(prompt_file, drop).model_dump(mode="json"),
+            "prompt_file": rebased.model_dump(mode="json"),
             "loras": loras,
             "output_dir": str(self.settings.paths.images / stem),
             "preview_every": self.settings.generate.preview_every,
@@ -305,13 +306,13 @@ class Planner:
             rung_key=f"generate:{model}:{largest.width}x{largest.height}",
         )
         jobs = [generate]
-        if prompt_file.video is not None:
-            output = video_path(self.settings.paths.videos, stem, prompt_file.video)
+        if rebased.video is not None:
+            output = video_path(self.settings.paths.videos, stem, rebased.video)
             jobs.append(
                 self._job(
                     "video",
                     stem,
-                    {"name": stem, "options": prompt_file.video, "output": str(output)},
+                    {"name": stem, "options": rebased.video, "output": str(output)},
                     drop_id,
                     depends_on=[generate.job_id],
                 )
@@ -395,7 +396,10 @@ def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
             if getattr(image, field_name) is not None:
                 update[field_name] = moved(getattr(image, field_name))
         images.append(image.model_copy(update=update) if update else image)
-    return prompt_file.model_copy(update={"images": images})
+    video = prompt_file.video
+    if video is not None and video.audio is not None:
+        video = video.model_copy(update={"audio": moved(video.audio)})
+    return prompt_file.model_copy(update={"images": images, "video": video})
 
 
 def error_text(name: str, drop_id: str, reason: str, at: str) -> str:

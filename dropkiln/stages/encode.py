@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from dropkiln.stages.base import StageError, StageStopped, atomic_path
@@ -32,6 +33,21 @@ CODEC_ARGS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
+@dataclass(frozen=True)
+class AudioTrack:
+    """A local sound file under the video: ``cut`` ends the video with the sound when the
+    sound is shorter; ``loop`` repeats the sound to the video's end."""
+
+    path: Path
+    fit: str = "cut"
+
+    def ffmpeg_args(self) -> list[str]:
+        loop = ["-stream_loop", "-1"] if self.fit == "loop" else []
+        # -shortest: whichever input ends first ends the file (a looped sound never ends)
+        return [*loop, "-i", str(self.path), "-map", "0:v:0", "-map", "1:a:0",
+                "-c:a", "aac", "-b:a", "192k", "-shortest"]  # fmt: skip
+
+
 def frame_name(index: int) -> str:
     return FRAME_PATTERN % index
 
@@ -50,8 +66,10 @@ def encode_frames(
     target: Path,
     timeout_s: float = 600.0,
     should_stop: Callable[[], bool] = lambda: False,
+    audio: AudioTrack | None = None,
 ) -> Path:
-    """Encode ``frames_dir/000000.png …`` at ``fps`` into ``target``, atomically.
+    """Encode ``frames_dir/000000.png …`` at ``fps`` into ``target``, atomically; with
+    ``audio`` (MP4 only) as an AAC track.
 
     Bounded: ffmpeg is killed after ``timeout_s`` (StageError), or at once when
     ``should_stop`` turns true (StageStopped; the frames stay, a rerun encodes again), so a
@@ -65,6 +83,7 @@ def encode_frames(
             "-y",
             "-framerate", str(fps),
             "-i", str(frames_dir / FRAME_PATTERN),
+            *(audio.ffmpeg_args() if audio is not None else []),
             *CODEC_ARGS[video_format],
             str(tmp),
         ]  # fmt: skip

@@ -183,6 +183,10 @@ class VideoOptions(FileModel):
     """slideshow: ``ken-burns`` pans and zooms across each image while it is shown."""
     zoom: float = Field(1.2, ge=1, le=4)
     """ken-burns: how far each image is zoomed in by the end of its time on screen."""
+    audio: Annotated[str, Field(min_length=1)] | None = None
+    """mp4: a sound file beside the prompt file (absolute once loaded)."""
+    audio_fit: Literal["cut", "loop"] = "cut"
+    """``cut``: the video ends with a shorter sound; ``loop``: the sound repeats to the end."""
     frames: int = Field(48, ge=2, le=10_000, description="latent walk: frames in all")
     loop: bool = False
     format: Literal["mp4", "gif", "webp"] = "mp4"
@@ -380,13 +384,19 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
     total = sum(image.count for image in images)
     if total > MAX_IMAGES:
         raise StageError(f"{label}: {total:,} images in all; at most {MAX_IMAGES:,} per file")
+    video = top.video
+    if video is not None and video.audio is not None:
+        if video.format != "mp4":
+            raise StageError(f"{label}: video.audio: only an mp4 has sound (format {video.format})")
+        audio = _resolve_file(video.audio, folder, f"{label}: video.audio")
+        video = video.model_copy(update={"audio": audio})
     prompt_file = PromptFile(
         model=top.model,
         vae=top.vae,
         loras=top.loras,
         defaults=defaults,
         images=images,
-        video=top.video,
+        video=video,
     )
     _check_video(prompt_file, label)
     return prompt_file
@@ -469,6 +479,19 @@ def _resolve_img2img(image: ImageEntry, folder: Path, where: str) -> ImageEntry:
             )
         update["mask"] = mask
     return image.model_copy(update=update)
+
+
+def _resolve_file(name: str, folder: Path, field: str) -> str:
+    """A file path confined to the prompt file's folder, absolute, and present."""
+    if PurePosixPath(name).is_absolute() or PureWindowsPath(name).anchor:
+        raise StageError(f"{field}: {name!r} must be relative to the prompt file's folder")
+    base = folder.resolve()
+    resolved = (base / name).resolve()
+    if not resolved.is_relative_to(base):
+        raise StageError(f"{field}: {name!r} leaves the prompt file's folder")
+    if not resolved.is_file():
+        raise StageError(f"{field}: {name!r} does not exist beside the prompt file")
+    return str(resolved)
 
 
 def _resolve_image(image: str, folder: Path, field: str) -> str:

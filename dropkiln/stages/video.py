@@ -24,7 +24,7 @@ from dropkiln.stages.base import (
     StageStopped,
     atomic_path,
 )
-from dropkiln.stages.encode import encode_frames, encode_timeout, frame_name
+from dropkiln.stages.encode import AudioTrack, encode_frames, encode_timeout, frame_name
 from dropkiln.stages.pngmeta import write_png
 from dropkiln.stages.prompts import VideoOptions
 
@@ -142,9 +142,15 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
         if extra.stem.isdigit() and int(extra.stem) >= total:
             extra.unlink()  # ffmpeg reads the numbered sequence to its end
     output = Path(spec.output)
+    audio = None
+    if options.audio is not None:
+        if not Path(options.audio).is_file():
+            raise StageError(f"{spec.name}: video.audio: {Path(options.audio).name} is missing")
+        audio = AudioTrack(Path(options.audio), options.audio_fit)
     encode_frames(
-        frames_dir, options.fps, options.format, output, encode_timeout(total), ctx.should_stop
-    )
+        frames_dir, options.fps, options.format, output, encode_timeout(total), ctx.should_stop,
+        audio,
+    )  # fmt: skip
     ctx.progress(total + 1, total + 1, phase="encoded")
     ctx.artifact(output, "video")
     return {

@@ -123,6 +123,31 @@ async def test_a_prompt_folder_with_init_image_and_mask_renders_from_processed(
         assert job.state == "succeeded", job.error
 
 
+async def test_a_prompt_folder_with_an_audio_track_makes_a_video_with_sound(
+    small: Settings,
+) -> None:
+    import wave
+
+    folder = small.root / "staging" / "tune"
+    folder.mkdir(parents=True)
+    with wave.open(str(folder / "tone.wav"), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(b"\x00\x10" * 8000)
+    (folder / "prompts.toml").write_text(
+        TINY + '[[image]]\nprompt = "x"\n[video]\naudio = "tone.wav"\naudio_fit = "loop"\n'
+    )
+    async with running_daemon(small) as daemon:
+        folder.rename(small.paths.prompts / "tune")
+        (drop,) = await wait_drops(daemon.store, 1)
+        assert drop["state"] == "ingested", drop["reason"]
+        (video,) = [job for job in await list_jobs(daemon.store) if job.stage == "video"]
+        assert video.spec["options"]["audio"].startswith(str(small.paths.processed))
+        video = await wait_job(daemon.store, video.id, ended, timeout=120)
+        assert video.state == "succeeded", video.error
+
+
 async def test_a_vae_file_is_checked_at_drop_time_and_used_by_the_render(
     small: Settings,
 ) -> None:

@@ -99,3 +99,70 @@ def test_bad_motion_settings_name_the_field(tmp_path: Path, text: str, expected:
     (tmp_path / "bad.toml").write_text(text)
     with pytest.raises(StageError, match=expected):
         load_prompt_file(tmp_path / "bad.toml", Settings(root=tmp_path))
+
+
+def write_tone(path: Path, seconds: float, rate: int = 16_000) -> None:
+    """A 440 Hz sine as 16-bit mono WAV."""
+    import wave
+
+    t = np.arange(int(seconds * rate)) / rate
+    samples = (np.sin(2 * np.pi * 440 * t) * 12_000).astype("<i2")
+    with wave.open(str(path), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes(samples.tobytes())
+
+
+def streams(video: Path) -> tuple[str, float]:
+    """ffmpeg's own description of the file's streams, and its duration in seconds."""
+    import re
+    import subprocess
+
+    import imageio_ffmpeg
+
+    done = subprocess.run([imageio_ffmpeg.get_ffmpeg_exe(), "-hide_banner", "-i", str(video)],
+                          capture_output=True, text=True)  # fmt: skip
+    found = re.search(r"Duration: (\d+):(\d+):([\d.]+)", done.stderr)
+    assert found is not None, done.stderr
+    hours, minutes, seconds = found.groups()
+    return done.stderr, int(hours) * 3600 + int(minutes) * 60 + float(seconds)
+
+
+@pytest.mark.parametrize(("fit", "tone_s", "expected_s"), [("cut", 1.0, 1.0), ("loop", 0.7, 4.0)])
+def test_an_audio_track_cuts_the_video_or_loops(
+    tmp_path: Path, fit: str, tone_s: float, expected_s: float
+) -> None:
+    images = gradient_images(tmp_path / "images")
+    write_tone(tmp_path / "tone.wav", tone_s)
+    spec = spec_for(tmp_path, fps=5, seconds_per_image=2.0, audio=str(tmp_path / "tone.wav"),
+                    audio_fit=fit)  # fmt: skip
+    run_video(spec, context(tmp_path, {"images": images}))
+    described, duration = streams(Path(spec.output))
+    assert "Audio: aac" in described and "Video: h264" in described
+    assert abs(duration - expected_s) <= 0.25, (duration, described)
+    boxes = top_level_boxes(Path(spec.output))
+    assert boxes.index("moov") < boxes.index("mdat")
+
+
+@pytest.mark.parametrize(
+    ("video", "expected"),
+    [
+        ('audio = "tone.wav"\nformat = "gif"', "video.audio: only an mp4 has sound"),
+        ('audio = "../tone.wav"', "video.audio: '../tone.wav' leaves"),
+        ('audio = "none.wav"', "video.audio: 'none.wav' does not exist"),
+        ('audio = "tone.wav"\naudio_fit = "stretch"', "video.audio_fit:"),
+    ],
+)
+def test_bad_audio_settings_name_the_field(tmp_path: Path, video: str, expected: str) -> None:
+    from dropkiln.config import Settings
+    from dropkiln.stages.base import StageError
+    from dropkiln.stages.prompts import load_prompt_file
+
+    folder = tmp_path / "drop"
+    folder.mkdir()
+    write_tone(folder / "tone.wav", 0.2)
+    write_tone(tmp_path / "tone.wav", 0.2)
+    (folder / "bad.toml").write_text(f'[video]\n{video}\n[[image]]\nprompt = "a"\n')
+    with pytest.raises(StageError, match=expected):
+        load_prompt_file(folder / "bad.toml", Settings(root=tmp_path))
