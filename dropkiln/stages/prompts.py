@@ -183,6 +183,9 @@ class VideoOptions(FileModel):
     """slideshow: ``ken-burns`` pans and zooms across each image while it is shown."""
     zoom: float = Field(1.2, ge=1, le=4)
     """ken-burns: how far each image is zoomed in by the end of its time on screen."""
+    interpolate: int = Field(0, ge=0, le=15)
+    """latent walk: blended frames put between each two rendered ones (a smoother video at a
+    higher fps for the same rendering cost)."""
     audio: Annotated[str, Field(min_length=1)] | None = None
     """mp4: a sound file beside the prompt file (absolute once loaded)."""
     audio_fit: Literal["cut", "loop"] = "cut"

@@ -77,6 +77,17 @@ def slideshow_plan(images: int, options: VideoOptions) -> list[FrameRecipe]:
     return plan
 
 
+def interpolated_plan(frames: int, between: int) -> list[FrameRecipe]:
+    """Every rendered frame, with ``between`` blends of it into the next after each."""
+    plan = []
+    for index in range(frames):
+        plan.append(FrameRecipe(index))
+        if index + 1 < frames:
+            plan += [FrameRecipe(index, index + 1, step / (between + 1))
+                     for step in range(1, between + 1)]  # fmt: skip
+    return plan
+
+
 Box = tuple[float, float, float, float]
 
 
@@ -103,7 +114,7 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
         plan = slideshow_plan(len(sources), options)
     else:
         sources = [Path(p) for p in upstream.get("walk_frames", [])]
-        plan = [FrameRecipe(index) for index in range(len(sources))]
+        plan = interpolated_plan(len(sources), options.interpolate)
     if not sources:
         raise StageError(f"{spec.name}: the generate job produced no frames for a {options.kind}")
     missing = [str(p) for p in sources if not p.is_file()]

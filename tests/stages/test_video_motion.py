@@ -89,6 +89,8 @@ def test_mp4_is_h264_yuv420p_with_the_index_before_the_media(tmp_path: Path) -> 
         ('[video]\nmotion = "zoom"\n[[image]]\nprompt = "a"\n', "video.motion:"),
         ('[video]\nzoom = 0.5\n[[image]]\nprompt = "a"\n', "video.zoom:"),
         ('[video]\nzoom = 9\n[[image]]\nprompt = "a"\n', "video.zoom:"),
+        ('[video]\ninterpolate = 16\n[[image]]\nprompt = "a"\n', "video.interpolate:"),
+        ('[video]\ninterpolate = -1\n[[image]]\nprompt = "a"\n', "video.interpolate:"),
     ],
 )
 def test_bad_motion_settings_name_the_field(tmp_path: Path, text: str, expected: str) -> None:
@@ -166,3 +168,24 @@ def test_bad_audio_settings_name_the_field(tmp_path: Path, video: str, expected:
     (folder / "bad.toml").write_text(f'[video]\n{video}\n[[image]]\nprompt = "a"\n')
     with pytest.raises(StageError, match=expected):
         load_prompt_file(folder / "bad.toml", Settings(root=tmp_path))
+
+
+def test_latent_walk_frames_are_interpolated_by_blending(tmp_path: Path) -> None:
+    from dropkiln.stages.video import FrameRecipe, interpolated_plan
+
+    assert interpolated_plan(3, 1) == [
+        FrameRecipe(0), FrameRecipe(0, 1, 0.5), FrameRecipe(1), FrameRecipe(1, 2, 0.5),
+        FrameRecipe(2),
+    ]  # fmt: skip
+    walk = gradient_images(tmp_path / "walk", count=2)
+    spec = spec_for(tmp_path, kind="latent-walk", fps=8, interpolate=3)
+    result = run_video(spec, context(tmp_path, {"walk_frames": walk}))
+    assert (result["frames"], result["duration"]) == (5, 5 / 8)
+    frames = [np.asarray(Image.open(p).convert("RGB")).astype(float)
+              for p in sorted((tmp_path / "work" / "frames").glob("*.png"))]  # fmt: skip
+    ends = [np.asarray(Image.open(p).convert("RGB")).astype(float) for p in walk]
+    # the middle frame is the half-way blend of the two rendered ones (Pillow rounds)
+    assert np.abs(frames[2] - (ends[0] + ends[1]) / 2).max() <= 1
+    assert np.array_equal(frames[0], ends[0]) and np.array_equal(frames[4], ends[1])
+    _, decoded = decode(spec.output)
+    assert len(decoded) == 5
