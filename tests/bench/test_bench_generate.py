@@ -39,3 +39,18 @@ def test_bench_video_reports_a_ratio() -> None:
     figures = bench_video(images=2, size=64, fps=4, seconds_per_image=1.0, repeat=1)
     assert figures["frames"] == 8
     assert figures["ratio"] == pytest.approx(figures["stage_s"] / figures["in_memory_s"], rel=0.05)
+
+
+@pytest.mark.slow
+def test_bench_batched_renders_the_same_images_as_diffusers_batched(
+    bench_generate_models: Path, tmp_path: Path
+) -> None:
+    from dropkiln.bench.cache import link_models
+    from dropkiln.bench.generate_batch import bench_batched
+
+    link_models(tmp_path, bench_generate_models)
+    figures = bench_batched(tmp_path, images=4, batch=2, size=64, steps=2, repeat=1)
+    assert figures["same_images_as_direct_batched"] is True
+    assert figures["ratio_vs_direct_batched"] == pytest.approx(
+        figures["stage_batched_images_per_s"] / figures["direct_batched_images_per_s"], rel=0.05
+    )
