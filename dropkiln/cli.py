@@ -114,13 +114,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def main() -> int:
-        from dropkiln.store import daemon_state, list_jobs, queue_paused
+        from dropkiln.store import daemon_state, list_jobs, queue_paused, waiting_drops
 
         store = await _open(settings)
         try:
             jobs = await list_jobs(store, limit=args.limit)
             daemon = await daemon_state(store)
             paused = await queue_paused(store)
+            waiting = [w for w in await waiting_drops(store) if Path(w["source"]).exists()]
         finally:
             await store.close()
         if args.json:
@@ -134,6 +135,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                             "seen_ago": daemon.seen_ago,
                         },
                         "paused": paused,
+                        "waiting": waiting,
                         "jobs": [job.summary() for job in jobs],
                     }
                 )
@@ -141,6 +143,14 @@ def cmd_status(args: argparse.Namespace) -> int:
             return 0
         up = f"running (pid {daemon.pid}, {daemon.device})" if daemon.running else "not running"
         print(f"daemon: {up} · queue: {'paused' if paused else 'running'}")
+        for held in waiting:
+            source = Path(held["source"])
+            shown = (
+                source.relative_to(settings.root)
+                if source.is_relative_to(settings.root)
+                else source
+            )
+            print(f"waiting: {shown} {held['reason']} (noticed {_age(held['at'])} ago)")
         if not jobs:
             print("no jobs yet: drop a dataset folder or a prompt file into", settings.paths.drop)
             return 0
@@ -251,30 +261,58 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
 def cmd_store(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.action == "rebuild":
+        return _rebuild(settings)
 
     async def main() -> int:
-        from dropkiln.store import check, rebuild
+        from dropkiln.store import check
 
         store = await _open(settings)
         try:
-            if args.action == "rebuild":
-                count = await rebuild(store)
-                print(f"rebuilt jobs, drops and artifacts from {count} events")
-                return 0
             report = await check(store)
         finally:
             await store.close()
         rows = ", ".join(f"{n} {t}" for t, n in report.rows.items())
         if report.ok:
-            print(f"ok: {report.events} events replay to the live projections ({rows})")
+            print(
+                f"ok: {report.events} events follow the job state machine and replay to "
+                f"the live projections ({rows})"
+            )
             return 0
-        for line in report.differences:
+        for line in [*report.violations, *report.differences]:
             print(line)
         raise CommandError(
+            f"{len(report.violations)} state machine violation(s), "
             f"{len(report.differences)} difference(s) between events and projections"
         )
 
     return _run(main)
+
+
+def _rebuild(settings: Settings) -> int:
+    """Rebuild holding the daemon's lock: a rebuild rewrites every projection row in one
+    write transaction, longer than a running daemon's busy timeout, so its next append
+    would fail. The lock also keeps a daemon from starting until the rebuild is done."""
+    from dropkiln.daemon.lock import AlreadyRunning, DaemonLock
+
+    async def main() -> int:
+        from dropkiln.store import rebuild
+
+        store = await _open(settings)
+        try:
+            count = await rebuild(store)
+        finally:
+            await store.close()
+        print(f"rebuilt jobs, drops and artifacts from {count} events")
+        return 0
+
+    try:
+        with DaemonLock(settings.paths.lock):
+            return _run(main)
+    except AlreadyRunning as exc:
+        raise CommandError(
+            f"{exc}: stop it before 'store rebuild' ('store check' runs beside it)"
+        ) from None
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -287,15 +325,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--root", help="dropkiln home (default: $DROPKILN_ROOT or ./dropkiln-home)", default=None
-    )
+    root_help = "dropkiln home (default: $DROPKILN_ROOT or ./dropkiln-home)"
     parser = argparse.ArgumentParser(
         prog="dropkiln",
         description="Drop a dataset, get a LoRA; drop a prompt file, get images and a video.",
-        parents=[common],
     )
+    parser.add_argument("--root", help=root_help, default=None)
+    # After the command too; SUPPRESS keeps a subcommand from resetting a --root given
+    # before it (`dropkiln --root X status`) to its own default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", help=root_help, default=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"dropkiln {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

@@ -97,6 +97,9 @@ class Settings(BaseSettings):
     model: str = "tiny-sdxl"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     settle_seconds: float = Field(2.0, ge=0)
+    waiting_report_s: float = Field(
+        60.0, gt=0, description="a drop held back this long is reported (DropWaiting)"
+    )
     poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
     preempt_after_s: float = Field(60.0, ge=0)

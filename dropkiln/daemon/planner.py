@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,9 @@ def _read_dataset(
     try:
         model, bucket, train = load_dataset_options(read_from, settings)
     except StageError as exc:
-        raise DropRejection(str(exc)) from exc
+        # The user knows the zip, not where dropkiln unpacked it: "cats.zip/dataset.toml".
+        reason = str(exc).replace(str(unzip_to), entry.name) if entry.is_file() else str(exc)
+        raise DropRejection(reason) from exc
     return folder, {"model": model, "bucket": bucket.model_dump(), "train": train.model_dump()}
 
 
@@ -349,14 +352,14 @@ def error_text(name: str, drop_id: str, reason: str, at: str) -> str:
     )
 
 
-def unique_path(path: Path) -> Path:
-    """``path`` or ``path-2``, ``path-3``… whichever does not exist yet."""
-    if not path.exists() and not path.is_symlink():
+def unique_path(path: Path, taken: Collection[Path] = ()) -> Path:
+    """``path`` or ``path-2``, ``path-3``… whichever does not exist yet and is not taken."""
+    if not os.path.lexists(path) and path not in taken:
         return path
     stem, suffix = (path.stem, path.suffix) if path.is_file() else (path.name, "")
     for n in range(2, 10_000):
         candidate = path.with_name(f"{stem}-{n}{suffix}")
-        if not candidate.exists():
+        if not os.path.lexists(candidate) and candidate not in taken:
             return candidate
     raise FileExistsError(path)
 

@@ -20,6 +20,8 @@ from dropkiln.store.queries import (
     recent_telemetry,
     record_telemetry,
     remembered_rung,
+    unmoved_drops,
+    waiting_drops,
 )
 from dropkiln.store.rebuild import CheckReport, check, rebuild
 
@@ -44,4 +46,6 @@ __all__ = [
     "recent_telemetry",
     "record_telemetry",
     "remembered_rung",
+    "unmoved_drops",
+    "waiting_drops",
 ]

@@ -54,6 +54,38 @@ class DropRecognised(Event):
     duplicate_of: str
 
 
+class DropMoved(Event):
+    """The drop is at ``stored`` now: reconcile never touches its source path again."""
+
+    stored: str
+
+
+class DropMoveFailed(Event):
+    """Moving the drop (or writing its NAME.error.txt) failed; it stays where it is and is
+    tried again in ``retry_in_s``."""
+
+    source: str
+    stored: str
+    reason: str
+    attempt: int
+    retry_in_s: float
+
+
+class DropMoveAbandoned(Event):
+    """Neither the drop nor its stored copy is where it was: nothing is left to move."""
+
+    source: str
+    reason: str
+
+
+class DropWaiting(Event):
+    """A drop is held back (a partial download inside it): says why, so it is not silent."""
+
+    source: str
+    reason: str
+    waiting_s: float
+
+
 # Jobs ---------------------------------------------------------------------------------------
 
 
@@ -180,6 +212,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
         Dropped,
         DropRejected,
         DropRecognised,
+        DropMoved,
+        DropMoveFailed,
+        DropMoveAbandoned,
+        DropWaiting,
         JobSubmitted,
         JobQueued,
         JobStarted,

@@ -8,13 +8,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Select, Text, select, type_coerce
+from sqlalchemy import JSON, Connection, Select, Text, literal, select, type_coerce
 
 from dropkiln.store.engine import StoreError
 from dropkiln.store.events import DAEMON_STREAM, TERMINAL_STATES
 from dropkiln.store.eventstore import EventStore, newest_events, row_event
 from dropkiln.store.projections import RowChange, apply
-from dropkiln.store.schema import artifacts, drops, jobs, telemetry
+from dropkiln.store.schema import HIGH_RATE_TYPE, artifacts, drops, events, jobs, telemetry
 
 DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
 
@@ -156,6 +156,46 @@ async def job_artifacts(store: EventStore, job_id: str) -> list[dict[str, Any]]:
 async def list_drops(store: EventStore, limit: int = 100) -> list[dict[str, Any]]:
     query = select(drops).order_by(drops.c.at.desc()).limit(limit)
     return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
+
+
+async def unmoved_drops(store: EventStore) -> list[dict[str, Any]]:
+    """Drops whose move to processed/ or failed/ was never recorded as done (DropMoved) or
+    given up (DropMoveAbandoned), oldest first: what ``reconcile`` has left to finish."""
+    closed = (
+        select(events.c.stream)
+        .where(events.c.type.in_(["DropMoved", "DropMoveAbandoned"]))
+        .where(events.c.type != literal(HIGH_RATE_TYPE, literal_execute=True))
+    )
+    query = (
+        select(drops)
+        .where(drops.c.stored.is_not(None))
+        .where(("drop:" + drops.c.id).not_in(closed))
+        .order_by(drops.c.at)
+    )
+    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
+
+
+async def waiting_drops(store: EventStore, limit: int = 50) -> list[dict[str, Any]]:
+    """The latest DropWaiting of each source not taken since, newest first: drops the
+    watcher holds back (``source``, ``reason``, ``at``). The caller checks they are still
+    there: a drop removed by hand leaves no event."""
+    recent = newest_events(DAEMON_STREAM, ("DropWaiting",), limit)
+
+    def work(conn: Connection) -> list[dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for row in conn.execute(recent):
+            event = row_event(row)
+            source = event.data["source"]
+            if source in found:
+                continue
+            taken = conn.execute(
+                select(drops.c.id).where(drops.c.source == source, drops.c.at >= event.at)
+            ).first()
+            if taken is None:
+                found[source] = {"source": source, "reason": event.data["reason"], "at": event.at}
+        return list(found.values())
+
+    return await store.snapshot(work)
 
 
 async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> dict[str, Any] | None:

@@ -236,6 +236,13 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "Dropped": lambda d: f"{d['kind']} {d['name']} · {d['files']} files",
     "DropRejected": lambda d: f"{d['kind']} {d['name']}: {d['reason']}",
     "DropRecognised": lambda d: f"{d['kind']} {d['name']} = {short_id(d['duplicate_of'])}",
+    "DropMoved": lambda d: f"now at {d['stored']}",
+    "DropMoveFailed": lambda d: (
+        f"could not move {d['source']} (try {d['attempt']}): {d['reason']}; "
+        f"again in {d['retry_in_s']:.0f} s"
+    ),
+    "DropMoveAbandoned": lambda d: f"{d['source']}: {d['reason']}",
+    "DropWaiting": lambda d: f"waiting: {d['source']} {d['reason']}",
 }
 
 

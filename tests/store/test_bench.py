@@ -15,8 +15,8 @@ async def test_the_bulk_store_matches_a_replay(tmp_path: Path) -> None:
     made = make_big_store(path, 5000, events_per_job=120)
     store = await EventStore.open(path)
     try:
-        report_ = await check(store)
-        assert report_.ok, report_.differences
+        report_ = await check(store, files=False)  # its artifacts are names, not files
+        assert report_.ok, (report_.violations, report_.differences)
         assert report_.events == made
         assert made > 4900
         states = [job.state for job in await list_jobs(store, limit=3)]

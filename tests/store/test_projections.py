@@ -161,6 +161,16 @@ NO_PROJECTION: dict[str, ev.Event] = {
     "DaemonStopped": ev.DaemonStopped(requeued=[JOB]),
     "QueuePaused": ev.QueuePaused(),
     "QueueResumed": ev.QueueResumed(),
+    "DropMoved": ev.DropMoved(stored="drop/processed/d1-cats"),
+    "DropMoveFailed": ev.DropMoveFailed(
+        source="drop/datasets/cats",
+        stored="drop/processed/d1-cats",
+        reason="[Errno 13] Permission denied",
+        attempt=1,
+        retry_in_s=1.0,
+    ),
+    "DropMoveAbandoned": ev.DropMoveAbandoned(source="drop/datasets/cats", reason="gone"),
+    "DropWaiting": ev.DropWaiting(source="drop/datasets/cats", reason="because", waiting_s=60),
 }
 
 
