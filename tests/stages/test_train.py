@@ -192,9 +192,16 @@ def test_smaller_micro_batches_keep_the_effective_batch(
     ctx, spec = _train(cached, "micro", RICH, memory_rung=4)
     assert STAGE.run(spec, ctx)["micro_batch"] == 1
     tensors = _lora_tensors(spec)
-    # Same images, noise and timesteps; only the summation order differs.
+    # Same images, noise and timesteps; only the summation order of the gradient differs,
+    # by float32 rounding. Adam divides each element's step by its own gradient scale, so an
+    # element whose gradient is near zero can move by rounding noise: an element-wise rtol is
+    # the wrong measure (it failed on elements of 1e-3 differing by 1e-7). Measured here:
+    # largest element difference 3.1e-6 (weights up to 2.0), largest relative difference of a
+    # whole tensor 1.0e-5. A wrong effective batch changes the run by orders of magnitude more.
     for key, value in reference["tensors"].items():
-        assert tensors[key].allclose(value, rtol=1e-3, atol=1e-6), key
+        difference = (tensors[key] - value).norm() / value.norm()
+        assert difference < 1e-4, (key, difference.item())
+        assert (tensors[key] - value).abs().max() < 1e-4, key
 
 
 def test_checkpoint_fault_point_and_a_fresh_start_after_a_lost_checkpoint(
