@@ -154,17 +154,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not jobs:
             print("no jobs yet: drop a dataset folder or a prompt file into", settings.paths.drop)
             return 0
+        from dropkiln.tui.format import unique_prefixes
+
+        # Ids are 128-bit; the shortest unambiguous prefix is what `cancel`/`retry` need.
+        short = unique_prefixes(job.id for job in jobs)
+        w = max(9, *(len(prefix) + 1 for prefix in short.values()))
         print(
-            f"{'ID':9} {'STAGE':9} {'NAME':20} {'STATE':10} {'PROGRESS':>8} {'TRY':>3} {'AGE':>5}"
+            f"{'ID':{w}} {'STAGE':9} {'NAME':20} {'STATE':10} {'PROGRESS':>8} {'TRY':>3} {'AGE':>5}"
         )
         for job in jobs:
             progress = f"{job.progress * 100:.0f}%"
             print(
-                f"{job.id:9} {job.stage:9} {job.name[:20]:20} {job.state:10} {progress:>8} "
-                f"{job.attempt:>3} {_age(job.created_at):>5}"
+                f"{short[job.id]:{w}} {job.stage:9} {job.name[:20]:20} {job.state:10} "
+                f"{progress:>8} {job.attempt:>3} {_age(job.created_at):>5}"
             )
             if job.state == "failed" and job.error:
-                print(f"{'':9} └ {job.error.splitlines()[0][:100]}")
+                print(f"{'':{w}} └ {job.error.splitlines()[0][:100]}")
         return 0
 
     return _run(main)

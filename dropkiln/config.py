@@ -83,6 +83,20 @@ class GenerateSettings(Section):
     preview_every: int = Field(0, ge=0, description="write a small preview every N steps (0: off)")
 
 
+class LimitsSettings(Section):
+    """Operator caps: what one drop may ask of the GPU and the disk. Only dropkiln.toml (or
+    the environment) sets them; a dataset.toml or prompt file asking for more is rejected."""
+
+    max_steps: int = Field(100_000, ge=1, description="training steps per dataset")
+    max_batch_size: int = Field(16, ge=1)
+    max_gradient_accumulation: int = Field(64, ge=1)
+    min_checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints, at least")
+    max_resolution: int = Field(2048, ge=64, description="training resolution")
+    max_rank: int = Field(256, ge=1)
+    max_generate_steps: int = Field(150, ge=1, description="denoising steps per image")
+    max_images: int = Field(1000, ge=1, description="images per prompt file")
+
+
 class Settings(BaseSettings):
     """Everything the daemon and the CLI read from dropkiln.toml and the environment."""
 
@@ -111,6 +125,7 @@ class Settings(BaseSettings):
     bucket: BucketSettings = Field(default_factory=BucketSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
 
     @field_validator("root")
     @classmethod

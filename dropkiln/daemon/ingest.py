@@ -38,7 +38,7 @@ from dropkiln.daemon.planner import (
     unique_path,
 )
 from dropkiln.stages import write_atomic
-from dropkiln.store import EventStore, drop_by_hash, unmoved_drops
+from dropkiln.store import EventStore, StoreError, drop_by_hash, unmoved_drops
 from dropkiln.store.events import (
     DropMoveAbandoned,
     DropMoved,
@@ -143,7 +143,16 @@ class Ingestor:
         )
         batch: list[tuple[str, list[Event]]] = [(drop_stream(drop_id), [dropped])]
         batch += [(job_stream(job.job_id), [job]) for job in jobs]
-        await self.store.append_batch(batch)
+        try:
+            await self.store.append_batch(batch)
+        except StoreError as exc:
+            # An id already taken (a collision, or a bug): nothing was written. Kept in
+            # failed/ under a fresh id with the reason, like any drop we could not take.
+            log.exception("could not record drop %s", entry.name)
+            await anyio.to_thread.run_sync(_discard, extracted)
+            reason = f"internal error while recording the drop: {exc}"
+            await self.reject(entry, kind, new_id(), reason, inode)
+            return drop_id
         log.info(
             "took %s %r as drop %s: %d job(s) %s",
             kind,

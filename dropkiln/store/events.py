@@ -13,6 +13,10 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     command: ClassVar[bool] = False
+    durable: ClassVar[bool] = False
+    """Something irreversible follows its commit (a drop moved, older checkpoints pruned,
+    outputs replaced or read by the next job), so the commit must survive a power cut:
+    it is written with synchronous=FULL (the WAL is fsynced before the commit returns)."""
 
     @classmethod
     def type_name(cls) -> str:
@@ -23,6 +27,7 @@ class Event(BaseModel):
 
 
 class Dropped(Event):
+    durable: ClassVar[bool] = True
     drop_id: str
     kind: str  # dataset | prompts
     name: str
@@ -34,6 +39,7 @@ class Dropped(Event):
 
 
 class DropRejected(Event):
+    durable: ClassVar[bool] = True
     drop_id: str
     kind: str
     name: str
@@ -44,6 +50,8 @@ class DropRejected(Event):
 
 class DropRecognised(Event):
     """Same content as an earlier drop: kept in processed/, no new work."""
+
+    durable: ClassVar[bool] = True
 
     drop_id: str
     kind: str
@@ -119,10 +127,12 @@ class JobProgress(Event):
 
 
 class CheckpointSaved(Event):
+    durable: ClassVar[bool] = True
     state: dict[str, Any]
 
 
 class ArtifactWritten(Event):
+    durable: ClassVar[bool] = True
     path: str
     kind: str
     bytes: int | None = None
@@ -130,14 +140,17 @@ class ArtifactWritten(Event):
 
 
 class JobSucceeded(Event):
+    durable: ClassVar[bool] = True
     result: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobFailed(Event):
+    durable: ClassVar[bool] = True
     reason: str
 
 
 class JobCancelled(Event):
+    durable: ClassVar[bool] = True
     reason: str = "cancelled by request"
 
 
