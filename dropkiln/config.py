@@ -240,4 +240,14 @@ width = 1024
 height = 1024
 scheduler = "euler"
 seed = 1
+
+[limits]                     # caps a dataset.toml or prompt file cannot raise
+max_steps = 100000
+max_batch_size = 16
+max_gradient_accumulation = 64
+min_checkpoint_every = 50
+max_resolution = 2048
+max_rank = 256
+max_generate_steps = 150
+max_images = 1000
 """
