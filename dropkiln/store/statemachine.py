@@ -29,6 +29,11 @@ TERMINAL_EVENTS = frozenset({"JobSucceeded", "JobFailed", "JobCancelled"})
 REQUEUES = frozenset({"JobQueued", "RetryScheduled", "JobPreempted", "JobInterrupted"})
 COMMANDS = frozenset({"CancelRequested", "RetryRequested"})
 
+# What a running attempt reports about itself; the job stays running. A new event a stage
+# emits while it runs belongs here (and any other new job event in TRANSITIONS), or
+# `store check` calls it illegal.
+REPORTS_WHILE_RUNNING = frozenset({"JobProgress", "CheckpointSaved", "ArtifactWritten"})
+
 # (state, event type) -> next state. Anything not listed is illegal.
 TRANSITIONS: dict[tuple[str, str], str] = {
     (NEW, "JobSubmitted"): QUEUED,
@@ -36,9 +41,7 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (FAILED, "JobQueued"): QUEUED,  # retried
     (CANCELLED, "JobQueued"): QUEUED,  # retried
     (QUEUED, "JobStarted"): RUNNING,
-    (RUNNING, "JobProgress"): RUNNING,
-    (RUNNING, "CheckpointSaved"): RUNNING,
-    (RUNNING, "ArtifactWritten"): RUNNING,
+    **{(RUNNING, report): RUNNING for report in REPORTS_WHILE_RUNNING},
     (RUNNING, "JobSucceeded"): SUCCEEDED,
     (RUNNING, "JobFailed"): FAILED,
     (QUEUED, "JobFailed"): FAILED,  # a dependency failed before it ran
