@@ -13,9 +13,9 @@ import pytest
 from dropkiln.store import EventStore, check
 
 
-async def _check(db: Path) -> list[str]:
+async def _check(db: Path, files: bool) -> list[str]:
     async with await EventStore.open(db) as store:
-        report = await check(store)
+        report = await check(store, files=files)
     return [*report.violations, *report.differences]
 
 
@@ -24,9 +24,10 @@ def databases_under(folder: Path) -> list[Path]:
 
 
 @pytest.fixture(autouse=True)
-def store_checked_after(tmp_path: Path) -> Iterator[None]:
+def store_checked_after(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[None]:
     """Runs after the test's own fixtures are torn down (daemons stopped)."""
     yield
-    problems = {db: anyio.run(_check, db) for db in databases_under(tmp_path)}
+    files = request.node.get_closest_marker("outputs_gone_after") is None
+    problems = {db: anyio.run(_check, db, files) for db in databases_under(tmp_path)}
     broken = {str(db): found for db, found in problems.items() if found}
     assert not broken, f"store check failed after the test: {broken}"
