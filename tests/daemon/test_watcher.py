@@ -139,3 +139,28 @@ async def test_defect08_a_held_drop_is_recorded_and_status_shows_why(
         assert await anyio.to_thread.run_sync(main, status_json) == 0
         (held,) = json.loads(capsys.readouterr().out)["waiting"]
         assert held["source"] == str(folder)
+
+
+async def test_defect08_the_walks_run_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from dropkiln.daemon import watcher as watcher_module
+
+    walked_on: list[threading.Thread] = []
+    real = watcher_module.signature
+
+    def recording(entry: Path) -> object:
+        walked_on.append(threading.current_thread())
+        return real(entry)
+
+    monkeypatch.setattr(watcher_module, "signature", recording)
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "1.png").write_bytes(b"x")
+    watcher = DropWatcher([tmp_path], settle_seconds=0.1)
+    with anyio.fail_after(10):
+        async for entry in watcher.settled():
+            assert entry == tmp_path / "cats"
+            break
+    assert walked_on and threading.main_thread() not in walked_on
