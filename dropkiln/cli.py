@@ -51,12 +51,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         await store.close()
 
     anyio.run(create_db)
+    from dropkiln.api.token import ensure_token
+
+    ensure_token(settings.paths.api_token)
     r = settings.root
     print(f"dropkiln home ready at {r}")
     print(f"  settings:        {settings.paths.config}")
     print(f"  drop datasets:   {settings.paths.datasets}/NAME/  (images + .txt captions)")
     print(f"  drop prompts:    {settings.paths.prompts}/FILE.toml")
     print(f"  outputs:         {settings.paths.outputs}")
+    print(f"  API token:       {settings.paths.api_token}  (for dropkiln serve)")
     print("next:")
     print(
         f"  dropkiln daemon --root {r}      # run in the foreground (or install the systemd unit)"
@@ -114,33 +118,25 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def main() -> int:
-        from dropkiln.store import daemon_state, list_jobs, queue_paused, waiting_drops
+        from dropkiln.store import (
+            daemon_state,
+            list_jobs,
+            queue_paused,
+            status_report,
+            waiting_drops,
+        )
 
         store = await _open(settings)
         try:
+            if args.json:
+                print(json.dumps(await status_report(store, limit=args.limit)))
+                return 0
             jobs = await list_jobs(store, limit=args.limit)
             daemon = await daemon_state(store)
             paused = await queue_paused(store)
-            waiting = [w for w in await waiting_drops(store) if Path(w["source"]).exists()]
+            waiting = await waiting_drops(store)
         finally:
             await store.close()
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "daemon": {
-                            "running": daemon.running,
-                            "pid": daemon.pid,
-                            "device": daemon.device,
-                            "seen_ago": daemon.seen_ago,
-                        },
-                        "paused": paused,
-                        "waiting": waiting,
-                        "jobs": [job.summary() for job in jobs],
-                    }
-                )
-            )
-            return 0
         up = f"running (pid {daemon.pid}, {daemon.device})" if daemon.running else "not running"
         print(f"daemon: {up} · queue: {'paused' if paused else 'running'}")
         for held in waiting:
@@ -219,18 +215,17 @@ def cmd_events(args: argparse.Namespace) -> int:
 # Commands to the daemon -----------------------------------------------------------------------
 
 
-def _append_command(args: argparse.Namespace, stream_of: Callable[[Any], str], event: Any) -> int:
+def cmd_command(args: argparse.Namespace) -> int:
+    """cancel / retry a job, pause / resume the queue: a command event the daemon obeys."""
     settings = _settings(args)
 
     async def main() -> int:
-        from dropkiln.store import find_job
+        from dropkiln.store import request_command
 
         store = await _open(settings)
         try:
-            target = None
-            if args.command in ("cancel", "retry"):
-                target = await find_job(store, args.job)
-            await store.append(stream_of(target), [event])
+            job = getattr(args, "job", None)
+            target = await request_command(store, args.command, job, by="cli")
         finally:
             await store.close()
         what = f" job {target.id} ({target.stage} {target.name}, {target.state})" if target else ""
@@ -238,21 +233,6 @@ def _append_command(args: argparse.Namespace, stream_of: Callable[[Any], str], e
         return 0
 
     return _run(main)
-
-
-def cmd_command(args: argparse.Namespace) -> int:
-    """cancel / retry a job, pause / resume the queue: a command event the daemon obeys."""
-    from dropkiln.store import events
-
-    event_type = {
-        "cancel": events.CancelRequested,
-        "retry": events.RetryRequested,
-        "pause": events.QueuePaused,
-        "resume": events.QueueResumed,
-    }[args.command]
-    on_job = args.command in ("cancel", "retry")
-    stream = (lambda job: f"job:{job.id}") if on_job else (lambda _: events.DAEMON_STREAM)
-    return _append_command(args, stream, event_type(by="cli"))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -320,6 +300,46 @@ def _rebuild(settings: Settings) -> int:
         ) from None
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dropkiln.api.serve import ServeOptions, ServeRefused, prepare, serve
+    from dropkiln.daemon.logs import setup_logging
+
+    settings = _settings(args)
+    options = ServeOptions(
+        host=args.host or settings.api.host,
+        port=args.port or settings.api.port,
+        public=args.public,
+        rotate_token=args.rotate_token,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        trusted_proxy=args.trusted_proxy,
+    )
+    try:
+        notes = prepare(settings, options)
+    except ServeRefused as exc:
+        raise CommandError(str(exc)) from None
+    setup_logging(settings.log_level)
+    for note in notes:
+        print(note, file=sys.stderr)
+    serve(settings, options)
+    return 0
+
+
+def cmd_api_token(args: argparse.Namespace) -> int:
+    from dropkiln.api.token import read_token, write_token
+
+    path = _settings(args).paths.api_token
+    if args.action == "rotate":
+        write_token(path)
+        print(f"new API token in {path}; the old one no longer works (no restart needed)")
+        return 0
+    token = read_token(path)
+    if token is None:
+        raise CommandError(f"no API token in {path}: run 'dropkiln api-token rotate'")
+    print(token)
+    return 0
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
     from dropkiln.bench.cli import run_bench
 
@@ -370,6 +390,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("pause", cmd_command, "stop starting new jobs (running ones finish)")
     add("resume", cmd_command, "start jobs again")
     add("tui", cmd_tui, "the dashboard")
+    p = add("serve", cmd_serve, "the HTTP API (separate from the daemon; see README)")
+    p.add_argument("--host", help="address to listen on (default: [api] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: [api] port, 8321)")
+    p.add_argument(
+        "--public", action="store_true", help="allow a non-loopback --host (needs a token)"
+    )
+    p.add_argument("--rotate-token", action="store_true", help="make a new token first")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", help="and this private key (PEM)")
+    p.add_argument(
+        "--trusted-proxy", help="a reverse proxy's IP whose X-Forwarded-For names the client"
+    )
+    p = add("api-token", cmd_api_token, "print or rotate the HTTP API's bearer token")
+    p.add_argument("action", choices=["show", "rotate"], nargs="?", default="show")
     p = add("store", cmd_store, "maintain the event store")
     p.add_argument("action", choices=["rebuild", "check"])
     p = add("bench", cmd_bench, "measure speed against baselines (see README)")
@@ -377,7 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="store",
-        help="store, bucket, cache, train, generate, video, daemon or all (default store); "
+        help="store, bucket, cache, train, generate, video, daemon, api or all (default store); "
         "or compare A.json B.json",
     )
     p.add_argument("files", nargs="*", help="compare only: A.json B.json")
@@ -392,7 +426,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed warm-up: train steps, generate/daemon runs")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: settings)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--events", type=int, help="store: events in the status store (1000000)")
+    p.add_argument(
+        "--events", type=int, help="store: events in the status store (1000000); api: jobs (10000)"
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler trace of the hot loop")
     p.add_argument("--quick", action="store_true", help="small sizes, for a fast look")
     p.add_argument("--out", help="report folder (default ROOT/outputs/bench/DATE-TIME)")

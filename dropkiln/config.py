@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -97,6 +97,38 @@ class LimitsSettings(Section):
     max_images: int = Field(1000, ge=1, description="images per prompt file")
 
 
+class ApiSettings(Section):
+    """`dropkiln serve`: where it listens and what it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8321, ge=1, le=65535)
+    max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="a dataset zip, streamed")
+    max_prompt_upload_bytes: int = Field(64 * 2**20, ge=1024, description="prompt file + images")
+    read_timeout_s: float = Field(30.0, gt=0, description="an upload that sends nothing this long")
+    max_streams: int = Field(2000, ge=1, description="concurrent /v1/events clients")
+    stream_buffer: int = Field(256, ge=1, description="events held per slow /v1/events client")
+    auth_failures: int = Field(5, ge=1, description="failed logins per client per window")
+    auth_window_s: float = Field(60.0, gt=0)
+
+
+class WebhookSettings(Section):
+    """A URL the daemon calls when a job succeeds or fails (HMAC-SHA256 signed)."""
+
+    url: str = ""
+    secret: str = ""
+    timeout_s: float = Field(10.0, gt=0)
+    attempts: int = Field(5, ge=1, le=20)
+    backoff_s: float = Field(2.0, ge=0, description="first retry delay; doubles each time")
+
+    @model_validator(mode="after")
+    def _signed_http(self) -> WebhookSettings:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} is not an http:// or https:// URL")
+        if self.url and not self.secret:
+            raise ValueError("a webhook url needs a secret (the receiver checks the signature)")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the daemon and the CLI read from dropkiln.toml and the environment."""
 
@@ -126,6 +158,8 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @field_validator("root")
     @classmethod
@@ -190,6 +224,7 @@ class Paths:
         self.models = self.state / "models"
         self.work = self.state / "work"
         self.lock = self.state / "daemon.lock"
+        self.api_token = self.state / "api-token"
 
     def folders(self) -> list[Path]:
         return [
@@ -250,4 +285,12 @@ max_resolution = 2048
 max_rank = 256
 max_generate_steps = 150
 max_images = 1000
+
+[api]                        # dropkiln serve (the HTTP API); the token is in state/api-token
+host = "127.0.0.1"
+port = 8321
+
+# [webhooks]                 # called on job succeeded/failed, body signed with HMAC-SHA256
+# url = "https://example.org/dropkiln"
+# secret = "a long random string"
 """

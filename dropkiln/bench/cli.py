@@ -34,7 +34,7 @@ from dropkiln.config import Settings
 from dropkiln.stages.base import write_atomic
 
 Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
-SUITE_NAMES = ("store", "bucket", "cache", "train", "generate", "video", "daemon")
+SUITE_NAMES = ("store", "bucket", "cache", "train", "generate", "video", "daemon", "api")
 MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon"})
 
 
@@ -122,7 +122,13 @@ def _run_suite(name: str, options: BenchOptions, profile_root: Path | None) -> S
 
 def _suites() -> dict[str, Suite]:
     from dropkiln.bench.model_suites import daemon_suite, generate_suite, train_suite
-    from dropkiln.bench.suites import bucket_suite, cache_suite, store_suite, video_suite
+    from dropkiln.bench.suites import (
+        api_suite,
+        bucket_suite,
+        cache_suite,
+        store_suite,
+        video_suite,
+    )
 
     return {
         "store": store_suite,
@@ -132,6 +138,7 @@ def _suites() -> dict[str, Suite]:
         "generate": generate_suite,
         "video": video_suite,
         "daemon": daemon_suite,
+        "api": api_suite,
     }
 
 

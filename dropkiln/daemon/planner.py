@@ -8,13 +8,17 @@ with a reason before anything runs.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
+import shutil
 import uuid
 from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+import anyio.to_thread
 
 from dropkiln.config import Settings
 from dropkiln.daemon import limits
@@ -332,6 +336,26 @@ class Planner:
             job.stage == "generate" and job.name == name for job in await list_jobs(self.store)
         )
         return f"{name}-{drop_id}" if taken else name
+
+
+async def check_drop(settings: Settings, store: EventStore, entry: Path, kind: str) -> ParsedDrop:
+    """Everything the daemon decides about a drop before taking it, without taking it.
+
+    The same reading, safe extraction (into a scratch folder removed again) and planning as
+    ``Ingestor.ingest``, so `dropkiln serve` refuses exactly what the daemon would reject,
+    with the same reason; nothing is written to the store.
+    """
+    scratch_id = f"check-{new_id()}"
+    try:
+        parsed = await anyio.to_thread.run_sync(parse_drop, settings, entry, kind, scratch_id)
+        await Planner(settings, store).plan(parsed, scratch_id)
+        return parsed
+    finally:
+        await anyio.to_thread.run_sync(
+            functools.partial(
+                shutil.rmtree, settings.paths.work / "drops" / scratch_id, ignore_errors=True
+            )
+        )
 
 
 def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:

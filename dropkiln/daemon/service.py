@@ -24,6 +24,7 @@ from dropkiln.daemon.planner import Planner
 from dropkiln.daemon.scheduler import DECISION_ATTEMPTS, Scheduler
 from dropkiln.daemon.sweep import sweep_leftovers
 from dropkiln.daemon.watcher import DropWatcher, Waiting
+from dropkiln.daemon.webhooks import WebhookSender
 from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.models import configure_shared_pipelines
@@ -96,6 +97,9 @@ class Daemon:
                 tg.start_soon(self._obey_commands, start_seq, name="commands")
                 tg.start_soon(self._telemetry, name="telemetry")
                 tg.start_soon(watchdog_loop, self.notifier, name="watchdog")
+                if self.settings.webhooks.url:
+                    sender = WebhookSender(self.settings.webhooks, self.store)
+                    tg.start_soon(sender.run, None, self.settings.poll_interval, name="webhooks")
                 if handle_signals:
                     tg.start_soon(self._signals, name="signals")
                 tg.start_soon(self.scheduler.run, tg, name="scheduler")

@@ -18,10 +18,12 @@ from dropkiln.stages.control import (
 )
 from dropkiln.stages.inference_memory import apply_rung, undo_rung
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
+from dropkiln.stages.models.hashes import checkpoint_hashes
 from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
     latent_preview,
+    model_label,
     png_info,
     read_dropkiln_record,
     write_png,
@@ -115,7 +117,7 @@ class GenerationRun:
             if self._stopping:
                 self._stop_now("images", position)
             parameters = a1111_parameters(
-                task, self._model_label(), self.model.fingerprint, self.lora_records
+                task, self._model_label(), checkpoint_hashes(self.model).sha256, self.lora_records
             )
             self._write(image, target, record, parameters, "image")
             self.ctx.checkpoint({"phase": "images", "done": position + 1, "last": target.name})
@@ -188,9 +190,7 @@ class GenerationRun:
         return {"kind": self.model.kind, "fingerprint": self.model.fingerprint}
 
     def _model_label(self) -> str:
-        """``tiny-sdxl``, or a folder's or file's stem: what A1111's ``Model:`` shows."""
-        name = self.model.name
-        return Path(name).stem if "/" in name or "\\" in name else name
+        return model_label(self.model.name)
 
     def _write(
         self,
@@ -284,15 +284,13 @@ class GenerationRun:
         return self._keyframes[index]
 
     def _load_loras(self, pipe: Any) -> None:
+        from dropkiln.stages.lora_files import load_lora
+
         names = []
         for number, lora in enumerate(self.spec.loras):
-            path = Path(lora.path)
             adapter = f"dropkiln_{number}"
             try:
-                pipe.load_lora_weights(
-                    str(path.parent), weight_name=path.name, adapter_name=adapter,
-                    local_files_only=True,
-                )  # fmt: skip
+                load_lora(pipe, Path(lora.path), adapter)
             except (ValueError, KeyError, RuntimeError, OSError) as exc:
                 raise StageError(f"LoRA {lora.name} does not fit {self.model.name}: {exc}") from exc
             names.append(adapter)

@@ -70,9 +70,10 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             order=DataOrder(dataset.buckets(), options.batch_size, options.seed),
             scheduler=training_scheduler(pipe.scheduler.config, options),
             on_the_fly=needs_text_encoder(options),
+            model=ref,
         )
         loop.run()
-        return _finish(loop, ref, pipeline_class(ref.kind))
+        return _finish(loop, ref, pipeline_class(ref.kind), index)
 
 
 def _check_options(options: TrainSettings) -> None:
@@ -132,10 +133,14 @@ def _resume(session: Any, ctx: StageContext) -> None:
         return
 
 
-def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
+def _finish(
+    loop: TrainingLoop, ref: Any, pipeline_cls: Any, index: dict[str, Any]
+) -> dict[str, Any]:
     """Export the LoRA (EMA weights when EMA is on) in both formats."""
     import datetime
+    import hashlib
 
+    from dropkiln.stages.models import checkpoint_hashes
     from dropkiln.stages.training.captions import tag_frequency
     from dropkiln.stages.training.lora_export import write_diffusers, write_kohya
 
@@ -144,11 +149,21 @@ def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
         session.ema.copy_to(session.models.parameters())
     out = Path(loop.spec.output_dir)
     finished = datetime.datetime.now(datetime.UTC)
+    per_epoch = loop.order.batches_per_epoch
+    # kohya draws a random session id per run; ours is the job's (name, options, model), so a
+    # resumed or retried run writes the same file as an undisturbed one
+    job = f"{loop.spec.name}\0{options.model_dump_json()}\0{ref.fingerprint}"
+    session_digest = hashlib.sha256(job.encode())
     facts = {
         "name": loop.spec.name,
         "kind": ref.kind,
-        "model_name": ref.name,
-        "model_fingerprint": ref.fingerprint,
+        "model_name": Path(ref.name).name,
+        "model_hashes": checkpoint_hashes(ref),
+        "session_id": int(session_digest.hexdigest()[:8], 16),
+        "images": [(tuple(e["bucket"]), tuple(e["original_size"])) for e in index["images"]],
+        "batches_per_epoch": per_epoch,
+        "epoch": -(-loop.session.step * options.gradient_accumulation // per_epoch),
+        "num_epochs": -(-options.steps * options.gradient_accumulation // per_epoch),
         "resolution": loop.dataset.resolution(),
         "options": options,
         "alpha": session.models.alpha,

@@ -196,6 +196,43 @@ class DaemonStopped(Event):
     requeued: list[str] = Field(default_factory=list)
 
 
+# The HTTP API and webhooks (streams ``api`` and ``webhooks``; no projection) ------------------
+
+
+class ApiAuthFailed(Event):
+    """A request to `dropkiln serve` without the right token (the token itself is never kept)."""
+
+    client: str
+    reason: str  # missing | malformed | wrong
+    path: str
+
+
+class WebhookAttemptFailed(Event):
+    """One delivery attempt failed; another follows after ``retry_in_s`` unless ``last``."""
+
+    for_seq: int
+    job_id: str | None
+    attempt: int
+    error: str
+    retry_in_s: float | None = None
+
+
+class WebhookDelivered(Event):
+    for_seq: int
+    job_id: str | None
+    attempt: int
+    status: int
+
+
+class WebhookGaveUp(Event):
+    """Every attempt failed; the event is not sent again."""
+
+    for_seq: int
+    job_id: str | None
+    attempts: int
+    error: str
+
+
 # Commands (written by the CLI or the TUI; the daemon obeys) ---------------------------------
 
 
@@ -249,6 +286,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RetryRequested,
         QueuePaused,
         QueueResumed,
+        ApiAuthFailed,
+        WebhookAttemptFailed,
+        WebhookDelivered,
+        WebhookGaveUp,
     )
 }
 
@@ -277,3 +318,5 @@ def drop_stream(drop_id: str) -> str:
 
 
 DAEMON_STREAM = "daemon"
+API_STREAM = "api"
+WEBHOOK_STREAM = "webhooks"

@@ -41,6 +41,9 @@ EVENT_STYLES = {
     "RetryRequested": "bold blue",
     "QueuePaused": "bold blue",
     "QueueResumed": "bold blue",
+    "ApiAuthFailed": "bold red",
+    "WebhookAttemptFailed": "yellow",
+    "WebhookGaveUp": "bold red",
 }
 
 BAR_EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -259,6 +262,13 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     ),
     "DropMoveAbandoned": lambda d: f"{d['source']}: {d['reason']}",
     "DropWaiting": lambda d: f"waiting: {d['source']} {d['reason']}",
+    "ApiAuthFailed": lambda d: f"{d['reason']} token from {d['client']} for {d['path']}",
+    "WebhookAttemptFailed": lambda d: (
+        f"#{d['for_seq']} attempt {d['attempt']}: {d['error']}"
+        + (f" · again in {d['retry_in_s']:g} s" if d.get("retry_in_s") is not None else "")
+    ),
+    "WebhookDelivered": lambda d: f"#{d['for_seq']} HTTP {d['status']} (attempt {d['attempt']})",
+    "WebhookGaveUp": lambda d: f"#{d['for_seq']} after {d['attempts']} attempts: {d['error']}",
 }
 
 

@@ -226,3 +226,17 @@ def test_daemon_benchmark_times_drops_through_a_running_daemon(tiny_models: Path
         max(row["daemon_file_s"]), abs=0.001
     )
     assert figures["settle_seconds"] == 0.05
+
+
+@pytest.mark.slow
+def test_api_benchmark_serves_a_big_store_and_times_sse_against_the_cli(tmp_path: Path) -> None:
+    code, out = _bench(tmp_path / "home", "api", "--quick", "--events", "300", "--repeats", "20")
+    assert code == 0
+    api = _check_report(out, ["api"])["suites"]["api"]
+    assert api["config"] == {"jobs": 300, "requests": 20, "events": 40}
+    assert api["latency"]["list_jobs"]["n"] == 20
+    assert api["latency"]["sse"]["n"] == api["latency"]["cli_follow"]["n"] == 40
+    assert {"list_jobs_p50_ms", "list_jobs_p99_ms", "sse_p95_ms", "sse_minus_cli_p95_ms"} <= set(
+        api["metrics"]
+    )
+    assert api["raw"] == {} or "store_events" in api["metrics"]

@@ -3,6 +3,7 @@ every rung of the memory ladder, stopping, previews and LoRAs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,12 @@ def test_outputs_metadata_and_artifacts(gen_root: Path, tmp_path: Path) -> None:
     parameters = read_png_text(Path(result["images"][1]))["parameters"]
     assert parameters.splitlines()[:2] == ["a cat", "Negative prompt: blurry"]
     assert "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 6, Size: 64x64" in parameters
-    assert f"Model hash: {result['model']['fingerprint'][:10]}, Model: tiny-sdxl" in parameters
+    # AutoV2: the checkpoint file's sha256, first 10 hex (a tiny model's is its UNet file)
+    unet = (
+        gen_root / "state" / "models" / "tiny-sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    autov2 = hashlib.sha256(unet.read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {autov2}, Model: tiny-sdxl" in parameters
     record = read_dropkiln_record(Path(result["images"][1]))
     assert record is not None
     assert record["image"]["seed"] == 6 and record["image"]["scheduler"] == "dpm++ 2m karras"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -118,7 +119,16 @@ def test_outputs_metadata_and_progress(cached: dict[str, Any]) -> None:
 
     with Image.open(out / "validation" / "step-000004-00.png") as image:
         assert image.size == (96, 64)
-        assert image.text["parameters"].startswith("sks cat\nSteps: 20")
+        parameters = image.text["parameters"]
+    from dropkiln.stages.models import resolve_model
+
+    model = resolve_model(spec.model, ctx.root / "state" / "models")
+    unet_file = model.path / "unet" / "diffusion_pytorch_model.safetensors"
+    unet_bytes = unet_file.read_bytes()
+    unet_sha256 = hashlib.sha256(unet_bytes).hexdigest()
+    # A1111's infotext: the prompt line, then the settings of a generated image
+    assert parameters.startswith("sks cat\nSteps: 20, Sampler: ")
+    assert f"Model hash: {unet_sha256[:10]}, Model: tiny-sdxl," in parameters
     kinds = sorted({kind for _, kind in ctx.artifacts})
     assert kinds == ["lora", "lora-diffusers", "loss-csv", "loss-plot", "validation-image"]
     done, total, metrics = ctx.progress_log[-1]
@@ -138,6 +148,23 @@ def test_outputs_metadata_and_progress(cached: dict[str, Any]) -> None:
     assert metadata["ss_network_dim"] == "4"
     assert metadata["ss_base_model_version"] == "sdxl_base_v1-0"
     assert metadata["ss_steps"] == "4"
+    # the checkpoint hashes kohya writes: the file's sha256, and A1111's old hash of the
+    # 64 KiB at offset 1 MiB (a diffusers folder is known by its UNet weights)
+    assert metadata["ss_new_sd_model_hash"] == unet_sha256
+    legacy = hashlib.sha256(unet_bytes[0x100000 : 0x100000 + 0x10000]).hexdigest()[:8]
+    assert metadata["ss_sd_model_hash"] == legacy
+    buckets = json.loads(metadata["ss_bucket_info"])
+    assert sum(b["count"] for b in buckets["buckets"].values()) == int(
+        metadata["ss_num_train_images"]
+    )
+    assert all(len(b["resolution"]) == 2 for b in buckets["buckets"].values())
+    assert isinstance(buckets["mean_img_ar_error"], float)
+    (dataset,) = json.loads(metadata["ss_datasets"])
+    assert dataset["bucket_info"] == buckets and dataset["subsets"][0]["img_count"] >= 1
+    assert metadata["ss_enable_bucket"] == "True" and int(metadata["ss_session_id"]) >= 0
+    assert int(metadata["ss_epoch"]) == int(metadata["ss_num_epochs"]) >= 1
+    assert metadata["ss_clip_skip"] == "None" and metadata["ss_total_batch_size"] == "1"
+    assert len(metadata["sshs_legacy_hash"]) == 8 and len(metadata["sshs_model_hash"]) == 64
     assert metadata["ss_resolution"] == "(96, 64)"  # the most common bucket (ties: larger)
     assert json.loads(metadata["ss_tag_frequency"])["cats"]["red hair"] == 4
     assert metadata["modelspec.architecture"] == "stable-diffusion-xl-v1-base/lora"

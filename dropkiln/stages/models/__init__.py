@@ -8,6 +8,11 @@ from dropkiln.stages.models.offline import enforce_offline
 
 enforce_offline()
 
+from dropkiln.stages.models.hashes import (  # noqa: E402
+    CheckpointHashes,
+    checkpoint_files,
+    checkpoint_hashes,
+)
 from dropkiln.stages.models.loading import load_pipeline, pipeline_bytes, pipeline_class  # noqa: E402
 from dropkiln.stages.models.refs import (  # noqa: E402
     CONFIG_FOLDER,
@@ -32,10 +37,13 @@ from dropkiln.stages.models.warm import (  # noqa: E402
 __all__ = [
     "CONFIG_FOLDER",
     "TINY_NAMES",
+    "CheckpointHashes",
     "ModelKind",
     "ModelRef",
     "PipelineCache",
     "TinyName",
+    "checkpoint_files",
+    "checkpoint_hashes",
     "checkpoint_kind",
     "configure_shared_pipelines",
     "enforce_offline",

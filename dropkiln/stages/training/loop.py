@@ -45,6 +45,8 @@ class TrainingLoop:
     order: Any
     scheduler: Any
     on_the_fly: bool
+    model: Any
+    """The ModelRef trained on (its name and checkpoint hash go into validation PNGs)."""
     _memory: int = 0
     _memory_at: float = -math.inf
 
@@ -186,8 +188,11 @@ class TrainingLoop:
 
     def write_reports(self, step: int) -> list[Path]:
         """Loss curve files, and validation images when there are prompts."""
+        from dropkiln.stages.models import checkpoint_hashes
+        from dropkiln.stages.pngmeta import model_label
         from dropkiln.stages.training.losses import generation_scheduler
         from dropkiln.stages.training.report import (
+            ValidationModel,
             validation_images,
             write_loss_csv,
             write_loss_plot,
@@ -210,7 +215,9 @@ class TrainingLoop:
                     generation_scheduler(self.pipe.scheduler, options),
                     out / "validation",
                     step,
-                )
+                    ValidationModel(model_label(self.model.name),
+                                    checkpoint_hashes(self.model).sha256),
+                )  # fmt: skip
             finally:
                 self.pipe.unet.train()
         return written
