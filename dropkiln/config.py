@@ -94,7 +94,7 @@ class Settings(BaseSettings):
     )
 
     root: Path = DEFAULT_ROOT
-    model: str = "tiny-sdxl"
+    model: str = "tiny-shapes"
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     settle_seconds: float = Field(2.0, ge=0)
     poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
@@ -195,7 +195,7 @@ class Paths:
 
 DEFAULT_CONFIG_TEXT = """\
 # dropkiln settings. Every key can also be set as DROPKILN_<KEY> (nested: DROPKILN_TRAIN__STEPS).
-model = "tiny-sdxl"          # tiny-sdxl, tiny-sd15, a local diffusers folder or a .safetensors file
+model = "tiny-shapes"        # tiny-shapes, tiny-sdxl, tiny-sd15, a diffusers folder, a .safetensors
 device = "auto"              # auto, cpu, cuda, cuda:1
 settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long
 cpu_workers = 2              # concurrent CPU-lane jobs (bucketing, video encode)

@@ -102,7 +102,8 @@ def _train_vae(
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == recipe.vae_steps - 1:
-            print(f"vae {step:5d} reconstruction {error.item():.5f} at {_clock()}", file=log, flush=True)
+            line = f"vae {step:5d} reconstruction {error.item():.5f} at {_clock()}"
+            print(line, file=log, flush=True)
     vae.eval().requires_grad_(False)
 
 
