@@ -74,7 +74,7 @@ AFTER_FILE = (
 [video]
 kind = "latent-walk"
 fps = 12
-frames = 48
+frames = 24
 """
 )
 
@@ -205,6 +205,7 @@ def _outputs(settings: Settings) -> list[str]:
     paths = settings.paths
     lines = [f"LoRA:        {lora}" for lora in sorted(paths.loras.glob("*/*.safetensors"))]
     lines += [f"loss curve:  {plot}" for plot in sorted(paths.loras.glob("*/loss.png"))]
+    lines += [f"validation:  {folder}" for folder in sorted(paths.loras.glob("*/validation"))]
     lines += [f"images:      {sheet}" for sheet in sorted(paths.images.glob("*/contact-sheet.png"))]
     lines += [f"video:       {video}" for video in sorted(paths.videos.glob("*.mp4"))]
     return lines

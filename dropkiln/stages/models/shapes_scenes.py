@@ -182,7 +182,7 @@ def _star_points(cx: float, cy: float, radius: float) -> list[tuple[float, float
 
 
 def _jittered(rgb: tuple[int, int, int], rng: np.random.Generator) -> tuple[int, int, int]:
-    r, g, b = (int(min(255, max(0, c + rng.integers(-12, 13)))) for c in rgb)
+    r, g, b = (min(255, max(0, c + int(rng.integers(-12, 13)))) for c in rgb)
     return (r, g, b)
 
 
