@@ -20,7 +20,7 @@ SHAPES_WORDS = (*CAPTION_WORDS, *WORDS)
 
 SHAPES_SEED = 20261130
 SHAPES_WEIGHTS = Path(__file__).with_name("weights") / "tiny-shapes.safetensors"
-SHAPES_WEIGHTS_SHA256 = "4db9e70ec76e234f93831785963a21819f8d9b487225dd6b6025b749e44da471"
+SHAPES_WEIGHTS_SHA256 = "940a30a917db429866d613d51e2b425e24552bfaf85ec1b96e31e0968fd41b2b"
 """sha256 of the shipped weights file, as ``train_tiny`` wrote it."""
 
 TEXT_WIDTH = 32

@@ -230,6 +230,7 @@ def _warmup_then_cosine(total: int, warmup: int = 100) -> Any:
 
 def save_weights(state: dict[str, torch.Tensor], path: Path, recipe: Recipe) -> str:
     """Write the weights (sorted keys, no timestamps: the same run gives the same bytes)."""
+    import json
     from dataclasses import asdict
 
     from safetensors.torch import save_file
@@ -237,7 +238,8 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, recipe: Recipe) -> 
     from dropkiln.stages.models.refs import file_sha256
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    metadata = {f"recipe.{k}": str(v) for k, v in sorted(asdict(recipe).items())}
+    # One metadata key: safetensors writes several in a per-process random (hash) order.
+    metadata = {"dropkiln.recipe": json.dumps(asdict(recipe), sort_keys=True)}
     save_file(dict(sorted(state.items())), str(path), metadata=metadata)
     return file_sha256(path)
 
