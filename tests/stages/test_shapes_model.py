@@ -77,8 +77,12 @@ def test_tiny_shapes_loads_like_any_built_in(tmp_path: Path) -> None:
     assert isinstance(pipe.vae, AutoencoderKL) and isinstance(pipe.unet, UNet2DConditionModel)
     assert isinstance(pipe.text_encoder, CLIPTextModel)
     assert isinstance(pipe.text_encoder_2, CLIPTextModelWithProjection)
-    # the scene words are whole tokens: "<bos> a red triangle <eos>"
-    assert len(pipe.tokenizer("a red triangle").input_ids) == 5
+    # its own tokenizer: the scene words' merges on top of the common ones, and an encoder
+    # embedding for every token of it
+    ids = pipe.tokenizer("a red triangle").input_ids
+    assert pipe.tokenizer.decode(ids, skip_special_tokens=True).strip() == "a red triangle"
+    assert len(pipe.tokenizer) == pipe.text_encoder.config.vocab_size
+    assert len(pipe.tokenizer) > len(_tiny_sdxl_tokenizer(tmp_path))
 
 
 @pytest.mark.slow
@@ -136,6 +140,15 @@ def test_documented_run_reproduces_the_shipped_weights(tmp_path: Path) -> None:
     target = tmp_path / "tiny-shapes.safetensors"
     assert main(["--out", str(target)]) == 0
     assert hashlib.sha256(target.read_bytes()).hexdigest() == SHIPPED_SHA256
+
+
+def _tiny_sdxl_tokenizer(tmp_path: Path) -> object:
+    from transformers import CLIPTokenizer
+
+    from dropkiln.stages.models.tokenizer import write_tokenizer
+
+    write_tokenizer(tmp_path / "sdxl-tokenizer")
+    return CLIPTokenizer.from_pretrained(str(tmp_path / "sdxl-tokenizer"))
 
 
 def _held_out() -> list[tuple[str, str, str, str, str]]:

@@ -51,7 +51,7 @@ POSITIONS: dict[str, tuple[float, float]] = {
 """Centre (x, y) of the shape for each place a caption can name."""
 
 WORDS = ("circle", "square", "triangle", "star", "top", "bottom", "left", "right", "center")
-"""Caption words tiny-shapes' tokenizer knows whole (besides the common caption words)."""
+"""Caption words tiny-shapes' tokenizer has merges for (besides the common caption words)."""
 
 _SUPERSAMPLE = 4
 _JITTER = 3.0
