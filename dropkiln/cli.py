@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -51,12 +52,16 @@ def cmd_init(args: argparse.Namespace) -> int:
         await store.close()
 
     anyio.run(create_db)
+    from dropkiln.api.token import ensure_token
+
+    ensure_token(settings.paths.api_token)
     r = settings.root
     print(f"dropkiln home ready at {r}")
     print(f"  settings:        {settings.paths.config}")
     print(f"  drop datasets:   {settings.paths.datasets}/NAME/  (images + .txt captions)")
     print(f"  drop prompts:    {settings.paths.prompts}/FILE.toml")
     print(f"  outputs:         {settings.paths.outputs}")
+    print(f"  API token:       {settings.paths.api_token}  (for dropkiln serve)")
     print("next:")
     print(
         f"  dropkiln daemon --root {r}      # run in the foreground (or install the systemd unit)"
@@ -81,6 +86,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level)
     daemon = Daemon(settings, early_stop=early)
     anyio.run(daemon.run)
+    if daemon.abandoned:
+        # A stage thread that never returned (a hung driver call) would keep the interpreter
+        # from exiting; everything is recorded and the job resumes at the next start.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 
@@ -114,31 +124,18 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def main() -> int:
-        from dropkiln.store import daemon_state, list_jobs, queue_paused
+        from dropkiln.store import daemon_state, list_jobs, queue_paused, status_report
 
         store = await _open(settings)
         try:
+            if args.json:
+                print(json.dumps(await status_report(store, limit=args.limit)))
+                return 0
             jobs = await list_jobs(store, limit=args.limit)
             daemon = await daemon_state(store)
             paused = await queue_paused(store)
         finally:
             await store.close()
-        if args.json:
-            print(
-                json.dumps(
-                    {
-                        "daemon": {
-                            "running": daemon.running,
-                            "pid": daemon.pid,
-                            "device": daemon.device,
-                            "seen_ago": daemon.seen_ago,
-                        },
-                        "paused": paused,
-                        "jobs": [job.summary() for job in jobs],
-                    }
-                )
-            )
-            return 0
         up = f"running (pid {daemon.pid}, {daemon.device})" if daemon.running else "not running"
         print(f"daemon: {up} · queue: {'paused' if paused else 'running'}")
         if not jobs:
@@ -189,7 +186,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                         print(printer(event))
                     since = batch[-1].seq
                 return 0
-            async for event in store.tail(since, stream=stream, poll_interval=0.05):
+            async for event in store.tail(since, stream=stream):
                 print(printer(event), flush=True)
         finally:
             await store.close()
@@ -204,18 +201,17 @@ def cmd_events(args: argparse.Namespace) -> int:
 # Commands to the daemon -----------------------------------------------------------------------
 
 
-def _append_command(args: argparse.Namespace, stream_of: Callable[[Any], str], event: Any) -> int:
+def cmd_command(args: argparse.Namespace) -> int:
+    """cancel / retry a job, pause / resume the queue: a command event the daemon obeys."""
     settings = _settings(args)
 
     async def main() -> int:
-        from dropkiln.store import find_job
+        from dropkiln.store import request_command
 
         store = await _open(settings)
         try:
-            target = None
-            if args.command in ("cancel", "retry"):
-                target = await find_job(store, args.job)
-            await store.append(stream_of(target), [event])
+            job = getattr(args, "job", None)
+            target = await request_command(store, args.command, job, by="cli")
         finally:
             await store.close()
         what = f" job {target.id} ({target.stage} {target.name}, {target.state})" if target else ""
@@ -223,21 +219,6 @@ def _append_command(args: argparse.Namespace, stream_of: Callable[[Any], str], e
         return 0
 
     return _run(main)
-
-
-def cmd_command(args: argparse.Namespace) -> int:
-    """cancel / retry a job, pause / resume the queue: a command event the daemon obeys."""
-    from dropkiln.store import events
-
-    event_type = {
-        "cancel": events.CancelRequested,
-        "retry": events.RetryRequested,
-        "pause": events.QueuePaused,
-        "resume": events.QueueResumed,
-    }[args.command]
-    on_job = args.command in ("cancel", "retry")
-    stream = (lambda job: f"job:{job.id}") if on_job else (lambda _: events.DAEMON_STREAM)
-    return _append_command(args, stream, event_type(by="cli"))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -275,6 +256,46 @@ def cmd_store(args: argparse.Namespace) -> int:
         )
 
     return _run(main)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from dropkiln.api.serve import ServeOptions, ServeRefused, prepare, serve
+    from dropkiln.daemon.logs import setup_logging
+
+    settings = _settings(args)
+    options = ServeOptions(
+        host=args.host or settings.api.host,
+        port=args.port or settings.api.port,
+        public=args.public,
+        rotate_token=args.rotate_token,
+        ssl_certfile=args.ssl_certfile,
+        ssl_keyfile=args.ssl_keyfile,
+        trusted_proxy=args.trusted_proxy,
+    )
+    try:
+        notes = prepare(settings, options)
+    except ServeRefused as exc:
+        raise CommandError(str(exc)) from None
+    setup_logging(settings.log_level)
+    for note in notes:
+        print(note, file=sys.stderr)
+    serve(settings, options)
+    return 0
+
+
+def cmd_api_token(args: argparse.Namespace) -> int:
+    from dropkiln.api.token import read_token, write_token
+
+    path = _settings(args).paths.api_token
+    if args.action == "rotate":
+        write_token(path)
+        print(f"new API token in {path}; the old one no longer works (no restart needed)")
+        return 0
+    token = read_token(path)
+    if token is None:
+        raise CommandError(f"no API token in {path}: run 'dropkiln api-token rotate'")
+    print(token)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -326,6 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     add("pause", cmd_command, "stop starting new jobs (running ones finish)")
     add("resume", cmd_command, "start jobs again")
     add("tui", cmd_tui, "the dashboard")
+    p = add("serve", cmd_serve, "the HTTP API (separate from the daemon; see README)")
+    p.add_argument("--host", help="address to listen on (default: [api] host, 127.0.0.1)")
+    p.add_argument("--port", type=int, help="port (default: [api] port, 8321)")
+    p.add_argument(
+        "--public", action="store_true", help="allow a non-loopback --host (needs a token)"
+    )
+    p.add_argument("--rotate-token", action="store_true", help="make a new token first")
+    p.add_argument("--ssl-certfile", help="serve HTTPS with this certificate (PEM)")
+    p.add_argument("--ssl-keyfile", help="and this private key (PEM)")
+    p.add_argument(
+        "--trusted-proxy", help="a reverse proxy's IP whose X-Forwarded-For names the client"
+    )
+    p = add("api-token", cmd_api_token, "print or rotate the HTTP API's bearer token")
+    p.add_argument("action", choices=["show", "rotate"], nargs="?", default="show")
     p = add("store", cmd_store, "maintain the event store")
     p.add_argument("action", choices=["rebuild", "check"])
     p = add("bench", cmd_bench, "measure speed against baselines (see README)")
@@ -333,7 +368,7 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="store",
-        help="store, bucket, cache, train, generate, video, daemon or all (default store); "
+        help="store, bucket, cache, train, generate, video, daemon, api or all (default store); "
         "or compare A.json B.json",
     )
     p.add_argument("files", nargs="*", help="compare only: A.json B.json")
@@ -348,7 +383,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, help="untimed warm-up: train steps, generate/daemon runs")
     p.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: settings)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--events", type=int, help="store: events in the status store (1000000)")
+    p.add_argument(
+        "--events", type=int, help="store: events in the status store (1000000); api: jobs (10000)"
+    )
     p.add_argument("--profile", action="store_true", help="torch.profiler trace of the hot loop")
     p.add_argument("--quick", action="store_true", help="small sizes, for a fast look")
     p.add_argument("--out", help="report folder (default ROOT/outputs/bench/DATE-TIME)")

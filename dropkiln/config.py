@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -34,6 +34,9 @@ class BucketSettings(Section):
     random_crop: bool = False
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard, per image")
     max_caption_bytes: int = Field(64_000, ge=16)
+    max_file_bytes: int = Field(
+        512 * 2**20, ge=1, description="largest image file read, checked before reading"
+    )
     workers: int = Field(0, ge=0, description="decode processes; 0 means one per core")
 
 
@@ -83,6 +86,38 @@ class GenerateSettings(Section):
     preview_every: int = Field(0, ge=0, description="write a small preview every N steps (0: off)")
 
 
+class ApiSettings(Section):
+    """`dropkiln serve`: where it listens and what it accepts."""
+
+    host: str = "127.0.0.1"
+    port: int = Field(8321, ge=1, le=65535)
+    max_upload_bytes: int = Field(2 * 2**30, ge=1024, description="a dataset zip, streamed")
+    max_prompt_upload_bytes: int = Field(64 * 2**20, ge=1024, description="prompt file + images")
+    read_timeout_s: float = Field(30.0, gt=0, description="an upload that sends nothing this long")
+    max_streams: int = Field(2000, ge=1, description="concurrent /v1/events clients")
+    stream_buffer: int = Field(256, ge=1, description="events held per slow /v1/events client")
+    auth_failures: int = Field(5, ge=1, description="failed logins per client per window")
+    auth_window_s: float = Field(60.0, gt=0)
+
+
+class WebhookSettings(Section):
+    """A URL the daemon calls when a job succeeds or fails (HMAC-SHA256 signed)."""
+
+    url: str = ""
+    secret: str = ""
+    timeout_s: float = Field(10.0, gt=0)
+    attempts: int = Field(5, ge=1, le=20)
+    backoff_s: float = Field(2.0, ge=0, description="first retry delay; doubles each time")
+
+    @model_validator(mode="after")
+    def _signed_http(self) -> WebhookSettings:
+        if self.url and not self.url.startswith(("http://", "https://")):
+            raise ValueError(f"url {self.url!r} is not an http:// or https:// URL")
+        if self.url and not self.secret:
+            raise ValueError("a webhook url needs a secret (the receiver checks the signature)")
+        return self
+
+
 class Settings(BaseSettings):
     """Everything the daemon and the CLI read from dropkiln.toml and the environment."""
 
@@ -95,11 +130,25 @@ class Settings(BaseSettings):
 
     root: Path = DEFAULT_ROOT
     model: str = "tiny-shapes"
+    vae: str = Field("", description="a standalone VAE .safetensors; empty: the model's own")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
+    )
     settle_seconds: float = Field(2.0, ge=0)
-    poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
+    poll_interval: float = Field(0.05, gt=0, description="how often the dashboard reads the store")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
-    preempt_after_s: float = Field(60.0, ge=0)
+    stop_timeout_s: float = Field(
+        300.0, gt=0, description="longest a shutdown waits for running jobs to checkpoint"
+    )
+    stall_after_s: float = Field(
+        900.0, gt=0, description="a running stage silent this long is hung (watchdog, shutdown)"
+    )
+    preempt_after_s: float = Field(
+        10.0,
+        ge=0,
+        description="least time a GPU job runs before a higher-priority one may preempt it",
+    )
     ram_budget_gb: float = Field(8.0, gt=0, description="warm pipelines kept in memory")
     telemetry_every_s: float = Field(1.0, gt=0)
     telemetry_retention_s: float = Field(3600.0, gt=0)
@@ -108,6 +157,8 @@ class Settings(BaseSettings):
     bucket: BucketSettings = Field(default_factory=BucketSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
     @field_validator("root")
     @classmethod
@@ -172,6 +223,7 @@ class Paths:
         self.models = self.state / "models"
         self.work = self.state / "work"
         self.lock = self.state / "daemon.lock"
+        self.api_token = self.state / "api-token"
 
     def folders(self) -> list[Path]:
         return [
@@ -196,10 +248,13 @@ class Paths:
 DEFAULT_CONFIG_TEXT = """\
 # dropkiln settings. Every key can also be set as DROPKILN_<KEY> (nested: DROPKILN_TRAIN__STEPS).
 model = "tiny-shapes"        # tiny-shapes, tiny-sdxl, tiny-sd15, a diffusers folder, a .safetensors
+vae = ""                     # a standalone VAE .safetensors in place of the model's own ("": none)
 device = "auto"              # auto, cpu, cuda, cuda:1
 settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long
 cpu_workers = 2              # concurrent CPU-lane jobs (bucketing, video encode)
-preempt_after_s = 60         # a training job yields the GPU to generation within this time
+preempt_after_s = 10         # least time training keeps the GPU before generation preempts it
+stop_timeout_s = 300         # a stop waits at most this long for a running job to checkpoint
+stall_after_s = 900          # a stage silent this long is hung (the systemd watchdog restarts us)
 ram_budget_gb = 8            # warm pipelines kept in memory between jobs
 
 [bucket]
@@ -222,4 +277,12 @@ width = 1024
 height = 1024
 scheduler = "euler"
 seed = 1
+
+[api]                        # dropkiln serve (the HTTP API); the token is in state/api-token
+host = "127.0.0.1"
+port = 8321
+
+# [webhooks]                 # called on job succeeded/failed, body signed with HMAC-SHA256
+# url = "https://example.org/dropkiln"
+# secret = "a long random string"
 """

@@ -16,6 +16,8 @@ from dropkiln.config import Settings
 
 SYSTEMD_DIR = Path(__file__).resolve().parents[1] / "systemd"
 UNIT = SYSTEMD_DIR / "dropkiln.service"
+API_UNIT = SYSTEMD_DIR / "dropkiln-api.service"
+UNITS = pytest.mark.parametrize("unit", [UNIT, API_UNIT], ids=["daemon", "api"])
 SYSUSERS = SYSTEMD_DIR / "dropkiln.sysusers"
 TMPFILES = SYSTEMD_DIR / "dropkiln.tmpfiles"
 EXAMPLE_CONFIG = SYSTEMD_DIR / "dropkiln.toml"
@@ -70,23 +72,24 @@ def verify(unit: Path) -> list[str]:
     return about_unit
 
 
-def installable_copy(tmp_path: Path, extra_service_lines: str = "") -> Path:
+def installable_copy(tmp_path: Path, extra_service_lines: str = "", unit: Path = UNIT) -> Path:
     """The unit with ExecStart pointing at a binary that exists here instead of /opt/dropkiln."""
     here = Path(sys.executable).with_name("dropkiln")
     binary = str(here) if os.access(here, os.X_OK) else shutil.which("true")
     assert binary is not None
     text = re.sub(
-        r"^ExecStart=\S+", f"ExecStart={binary}", UNIT.read_text(), count=1, flags=re.MULTILINE
+        r"^ExecStart=\S+", f"ExecStart={binary}", unit.read_text(), count=1, flags=re.MULTILINE
     )
     text = text.replace("\n[Install]", f"\n{extra_service_lines}[Install]")
-    copy = tmp_path / UNIT.name
+    copy = tmp_path / unit.name
     copy.write_text(text)
     return copy
 
 
 @needs_analyze
-def test_unit_verifies_without_a_single_complaint(tmp_path: Path) -> None:
-    assert verify(installable_copy(tmp_path)) == []
+@UNITS
+def test_unit_verifies_without_a_single_complaint(tmp_path: Path, unit: Path) -> None:
+    assert verify(installable_copy(tmp_path, unit=unit)) == []
 
 
 @needs_analyze
@@ -98,9 +101,10 @@ def test_verify_check_does_catch_a_bad_key(tmp_path: Path) -> None:
 
 
 @needs_analyze
-def test_sandbox_exposure_is_at_most_two() -> None:
+@UNITS
+def test_sandbox_exposure_is_at_most_two(unit: Path) -> None:
     done = subprocess.run(
-        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(UNIT)],
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(unit)],
         capture_output=True,
         text=True,
         check=False,
@@ -141,6 +145,22 @@ def test_unit_grants_the_gpu_and_nothing_on_the_network() -> None:
     assert one(unit, "Service.PrivateNetwork") == "yes"
     assert one(unit, "Service.IPAddressDeny") == "any"
     assert one(unit, "Service.RestrictAddressFamilies") == "AF_UNIX"  # the notify socket
+
+
+def test_api_unit_serves_the_same_root_on_loopback_only() -> None:
+    daemon, api = unit_settings(), unit_settings(API_UNIT)
+    root = "/var/lib/" + one(daemon, "Service.StateDirectory")
+    assert one(api, "Service.ExecStart").endswith(f"dropkiln serve --root {root}")
+    assert "--public" not in one(api, "Service.ExecStart")
+    assert environment(api)["DROPKILN_ROOT"] == root
+    assert (one(api, "Service.User"), one(api, "Service.Group")) == ("dropkiln", "dropkiln")
+    assert one(api, "Service.StateDirectory") == one(daemon, "Service.StateDirectory")
+    # peers on loopback only (the local TLS proxy); no devices at all; no JIT
+    assert one(api, "Service.IPAddressDeny") == "any"
+    assert one(api, "Service.IPAddressAllow") == "localhost"
+    assert one(api, "Service.PrivateDevices") == "yes"
+    assert one(api, "Service.MemoryDenyWriteExecute") == "yes"
+    assert "dropkiln.service" in one(api, "Unit.After").split()
 
 
 def test_unit_environment_is_understood_by_settings(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -34,8 +34,10 @@ from dropkiln.config import Settings
 from dropkiln.stages.base import write_atomic
 
 Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
-SUITE_NAMES = ("store", "bucket", "cache", "train", "generate", "video", "daemon")
-MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon"})
+SUITE_NAMES = (
+    *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api"),
+)
+MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -64,7 +66,7 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
     device, dtype = _device(
         args.device or settings.device, bool(MODEL_SUITES & set(names)), threads
     )
-    options = replace(options, device=device)
+    options = replace(options, device=device, threads=threads)
     out = Path(args.out) if args.out else settings.paths.bench / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(device, dtype)
@@ -122,7 +124,14 @@ def _run_suite(name: str, options: BenchOptions, profile_root: Path | None) -> S
 
 def _suites() -> dict[str, Suite]:
     from dropkiln.bench.model_suites import daemon_suite, generate_suite, train_suite
-    from dropkiln.bench.suites import bucket_suite, cache_suite, store_suite, video_suite
+    from dropkiln.bench.preempt import preempt_suite
+    from dropkiln.bench.suites import (
+        api_suite,
+        bucket_suite,
+        cache_suite,
+        store_suite,
+        video_suite,
+    )
 
     return {
         "store": store_suite,
@@ -132,6 +141,8 @@ def _suites() -> dict[str, Suite]:
         "generate": generate_suite,
         "video": video_suite,
         "daemon": daemon_suite,
+        "preempt": preempt_suite,
+        "api": api_suite,
     }
 
 

@@ -29,6 +29,9 @@ class BenchOptions:
     repeats: int | None = None
     warmup: int | None = None
     events: int | None = None
+    threads: int | None = None
+    """--threads: the in-process suites' torch threads; the daemon suite's daemon and clean
+    process get it too, else their defaults."""
 
     def pick(self, given: int | None, full: int, quick: int) -> int:
         if given is not None:
@@ -192,6 +195,42 @@ def video_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord
         "in-memory encode of the same frames", figures["ratio"], "stage seconds ÷ in-memory seconds"
     )
     record.raw = figures
+    _no_profile(record, profiler)
+    return record
+
+
+def api_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """`dropkiln serve`: GET /v1/jobs on 10,000 jobs; event → SSE client vs `events --follow`."""
+    import tempfile
+
+    from dropkiln.bench.api import bench_api, summary
+
+    config: dict[str, Any] = {
+        "jobs": options.pick(options.events, 10_000, 1_000),
+        "requests": options.pick(options.repeats, 300, 60),
+        "events": 200 if not options.quick else 40,
+    }
+    with tempfile.TemporaryDirectory(prefix="dropkiln-bench-api-") as folder:
+        figures = bench_api(Path(folder) / "home", **config)
+    ms = summary(figures)
+    record = SuiteRecord("api", config=config)
+    record.latencies("list_jobs", figures["list_jobs_s"], "GET /v1/jobs (newest 50), keep-alive")
+    record.latencies("query", figures["query_s"], "the same read in-process, no HTTP")
+    record.latencies("sse", figures["sse_latency_s"], "commit in another process → SSE client")
+    record.latencies("cli_follow", figures["cli_latency_s"], "the same → `events --follow`")
+    record.flag("list_jobs_p50_ms")
+    record.flag("list_jobs_p99_ms")
+    record.flag("sse_p95_ms")
+    record.flag("cli_follow_p95_ms")
+    record.metric(
+        "sse_minus_cli_p95_ms", ms["sse_minus_cli_p95_ms"], "ms", "lower", "<= 50", headline=True
+    )
+    record.metric("store_events", figures["store_events"], "events")
+    record.compared(
+        "the same status read in-process",
+        ms["list_jobs_p50_ms"] / ms["query_p50_ms"] if ms["query_p50_ms"] else float("nan"),
+        "GET /v1/jobs p50 ÷ in-process read p50",
+    )
     _no_profile(record, profiler)
     return record
 

@@ -1,5 +1,5 @@
 """The daemon: one task group that owns the database, the watcher, the scheduler and the
-telemetry; GPU work runs in worker threads. SIGTERM/SIGINT stop it cleanly.
+telemetry; all torch work runs on the device thread. SIGTERM/SIGINT stop it cleanly.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from anyio.abc import TaskGroup
 
 from dropkiln import __version__
 from dropkiln.config import Settings
+from dropkiln.daemon.device_thread import DeviceThread
 from dropkiln.daemon.executor import Executor
 from dropkiln.daemon.ingest import Ingestor
 from dropkiln.daemon.lock import DaemonLock
@@ -24,6 +25,7 @@ from dropkiln.daemon.planner import Planner
 from dropkiln.daemon.scheduler import Scheduler
 from dropkiln.daemon.sweep import sweep_leftovers
 from dropkiln.daemon.watcher import DropWatcher
+from dropkiln.daemon.webhooks import WebhookSender
 from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.models import configure_shared_pipelines
@@ -63,6 +65,7 @@ class Daemon:
         self.faults = FaultInjector(settings.faults)
         self.started = anyio.Event()
         self.device = "cpu"
+        self.device_thread: DeviceThread
         self._stop = anyio.Event()
         self._stop_reason = "stopped"
         self.store: EventStore
@@ -80,9 +83,12 @@ class Daemon:
             self.paths.create()
             self.store = await EventStore.open(self.paths.db, create=True)
             stack.push_async_callback(self.store.close)
-            self.device = await anyio.to_thread.run_sync(resolve_device, self.settings.device)
+            self.device_thread = DeviceThread(self.settings.device, self.settings.torch_threads)
+            stack.callback(self.device_thread.close)
+            self.device = await self.device_thread.run(resolve_device, self.settings.device)
+            await self.device_thread.run(self.device_thread.use_device, self.device)
             configure_shared_pipelines(int(self.settings.ram_budget_gb * 2**30))
-            executor = Executor(self.settings, self.store, self.device, self.faults)
+            executor = Executor(self.settings, self.store, self.device_thread, self.faults)
             self.scheduler = Scheduler(self.settings, self.store, executor)
             self.ingestor = Ingestor(self.settings, self.store, Planner(self.settings, self.store))
             start_seq = await self._start()
@@ -90,7 +96,10 @@ class Daemon:
                 tg.start_soon(self._watch, name="watcher")
                 tg.start_soon(self._obey_commands, start_seq, name="commands")
                 tg.start_soon(self._telemetry, name="telemetry")
-                tg.start_soon(watchdog_loop, self.notifier, name="watchdog")
+                tg.start_soon(watchdog_loop, self.notifier, self._hung, name="watchdog")
+                if self.settings.webhooks.url:
+                    sender = WebhookSender(self.settings.webhooks, self.store)
+                    tg.start_soon(sender.run, None, name="webhooks")
                 if handle_signals:
                     tg.start_soon(self._signals, name="signals")
                 tg.start_soon(self.scheduler.run, tg, name="scheduler")
@@ -111,7 +120,7 @@ class Daemon:
             pid=os.getpid(),
             host=socket.gethostname(),
             version=__version__,
-            device=await anyio.to_thread.run_sync(device_name, self.device),
+            device=await self.device_thread.run(device_name, self.device),
             root=str(self.settings.root),
         )
         stored = await self.store.append(DAEMON_STREAM, [started])
@@ -143,8 +152,14 @@ class Daemon:
         log.info("stopping: %s", self._stop_reason)
         self.notifier.stopping("checkpointing running jobs before stopping")
         await self.store.append(DAEMON_STREAM, [DaemonStopping(reason=self._stop_reason)])
-        async with keep_extending_timeout(self.notifier, STOP_TIMEOUT_EXTENSION_S):
-            requeued = await self.scheduler.drain("daemon shutdown")
+        stall = self.settings.stall_after_s
+        async with keep_extending_timeout(
+            self.notifier,
+            STOP_TIMEOUT_EXTENSION_S,
+            progressing=lambda: not self.scheduler.stalled(stall),
+            limit_s=self.settings.stop_timeout_s,
+        ):
+            requeued = await self.scheduler.drain("daemon shutdown", self.settings.stop_timeout_s)
         await self.store.append(DAEMON_STREAM, [DaemonStopped(requeued=requeued)])
         log.info("stopped cleanly; %d job(s) will resume at next start", len(requeued))
         tg.cancel_scope.cancel()
@@ -159,9 +174,7 @@ class Daemon:
             self.scheduler.wake()
 
     async def _obey_commands(self, after: int) -> None:
-        async for event in self.store.tail(
-            after, poll_interval=self.settings.poll_interval, types=COMMANDS
-        ):
+        async for event in self.store.tail(after, types=COMMANDS):
             try:
                 if event.type == "CancelRequested" and event.job_id:
                     await self.scheduler.cancel(event.job_id, by=event.data.get("by", "request"))
@@ -175,6 +188,8 @@ class Daemon:
 
     async def _telemetry(self) -> None:
         while True:
+            # Allocator counters and psutil only, no torch op: safe beside the device thread,
+            # and it must not wait for a running stage.
             sample = await anyio.to_thread.run_sync(memory_snapshot, self.device)
             gpu = self.scheduler.lane_jobs("gpu") if hasattr(self, "scheduler") else []
             if gpu:
@@ -183,6 +198,21 @@ class Daemon:
             await record_telemetry(self.store, sample, self.settings.telemetry_retention_s)
             self.notifier.status(self._status_text())
             await anyio.sleep(self.settings.telemetry_every_s)
+
+    def _hung(self) -> str | None:
+        """What makes the daemon hung, for the watchdog: a stage silent for stall_after_s."""
+        if not hasattr(self, "scheduler"):
+            return None
+        stalled = self.scheduler.stalled(self.settings.stall_after_s)
+        if not stalled:
+            return None
+        names = ", ".join(f"{r.job.stage} job {r.id}" for r in stalled)
+        return f"{names} made no progress for {self.settings.stall_after_s:g} s"
+
+    @property
+    def abandoned(self) -> list[str]:
+        """Jobs whose stage was still running when the shutdown stopped waiting for it."""
+        return self.scheduler.abandoned if hasattr(self, "scheduler") else []
 
     def _status_text(self) -> str:
         running = list(self.scheduler.running.values())

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from dropkiln.stages.base import atomic_path
+from dropkiln.stages.base import write_atomic
 from dropkiln.stages.prompts import ImageTask
 from dropkiln.stages.schedulers import a1111_sampler
 
@@ -29,36 +30,79 @@ LABEL_MARGIN = 3
 
 
 def a1111_parameters(
-    task: ImageTask, model_name: str, model_hash: str, loras: Sequence[dict[str, Any]]
+    task: ImageTask, model_name: str, model_sha256: str, loras: Sequence[dict[str, Any]]
 ) -> str:
-    """The ``parameters`` text A1111 writes (and A1111, Civitai and others read back)."""
-    prompt = task.prompt + "".join(f" <lora:{lo['name']}:{lo['weight']:g}>" for lo in loras)
-    fields = [
+    """The ``parameters`` text A1111 writes (and A1111, Civitai and others read back).
+
+    ``model_sha256`` is the checkpoint file's sha256; A1111 and Civitai find a checkpoint by
+    its first 10 hex digits ("AutoV2").
+    """
+    prompt = task.prompt + "".join(
+        f" <lora:{lora_tag_name(lo['name'])}:{lo['weight']:g}>" for lo in loras
+    )
+    fields: list[tuple[str, Any]] = [
         ("Steps", task.steps),
         ("Sampler", a1111_sampler(task.scheduler)),
         ("CFG scale", f"{task.guidance:g}"),
         ("Seed", task.seed),
         ("Size", f"{task.width}x{task.height}"),
-        ("Model hash", model_hash[:10]),
+        ("Model hash", model_sha256[:10]),
         ("Model", model_name),
     ]
     if task.clip_skip is not None:
         fields.append(("Clip skip", task.clip_skip))
     if task.control is not None:
-        fields.append(("ControlNet", _quoted(f"{task.control.model}: {task.control.scale:g}")))
+        fields.append(("ControlNet", f"{task.control.model}: {task.control.scale:g}"))
     if loras:
-        hashes = ", ".join(f"{lo['name']}: {lo['sha256'][:12]}" for lo in loras)
-        fields.append(("Lora hashes", _quoted(hashes)))
+        hashes = ", ".join(f"{lora_hash_name(lo['name'])}: {lo['sha256'][:12]}" for lo in loras)
+        fields.append(("Lora hashes", hashes))
     fields.append(("Version", "dropkiln"))
+    return infotext(prompt, task.negative, fields)
+
+
+def infotext(prompt: str, negative: str, fields: Sequence[tuple[str, Any]]) -> str:
+    """Prompt lines, ``Negative prompt:`` lines, then one line of ``key: value`` pairs."""
     lines = [prompt]
-    if task.negative:
-        lines.append(f"Negative prompt: {task.negative}")
-    lines.append(", ".join(f"{key}: {value}" for key, value in fields))
+    if negative:
+        lines.append(f"Negative prompt: {negative}")
+    lines.append(", ".join(f"{key}: {_quoted(value)}" for key, value in fields))
     return "\n".join(lines)
 
 
-def _quoted(text: str) -> str:
-    return json.dumps(text)
+def _quoted(value: Any) -> str:
+    # A1111's rule: a value holding a separator is JSON-encoded, non-ASCII kept as is;
+    # its reader splits the settings line on commas and decodes values in double quotes.
+    text = str(value)
+    if "," in text or ":" in text or "\n" in text:
+        return json.dumps(text, ensure_ascii=False)
+    return text
+
+
+def model_label(name: str) -> str:
+    """``tiny-sdxl``, or a folder's or file's stem: what A1111's ``Model:`` shows."""
+    if "/" in name or "\\" in name:
+        return PureWindowsPath(name).stem if "\\" in name else PurePosixPath(name).stem
+    return name
+
+
+def lora_label(name: str) -> str:
+    """A LoRA's name as people see it: a path shows as its file's stem."""
+    if "/" in name or "\\" in name or name.endswith(".safetensors"):
+        return PureWindowsPath(name).stem if "\\" in name else PurePosixPath(name).stem
+    return name
+
+
+def lora_tag_name(name: str) -> str:
+    """The name inside ``<lora:NAME:WEIGHT>``: no ``:``, ``<``, ``>`` or line breaks."""
+    label = lora_label(name)
+    for character in ":<>":
+        label = label.replace(character, "")
+    return " ".join(label.split("\n"))
+
+
+def lora_hash_name(name: str) -> str:
+    """The name in ``Lora hashes``: A1111 drops commas and colons from it."""
+    return lora_label(name).replace(",", "").replace(":", "")
 
 
 def png_info(parameters: str, record: dict[str, Any]) -> PngInfo:
@@ -73,9 +117,9 @@ def write_png(
     image: Image.Image, target: Path, info: PngInfo | None = None, compress_level: int = 6
 ) -> Path:
     """Save a PNG atomically; the same pixels and chunks always give the same bytes."""
-    with atomic_path(target) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
-    return target
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+    return write_atomic(target, buffer.getvalue())
 
 
 def read_png_text(path: Path) -> dict[str, str]:

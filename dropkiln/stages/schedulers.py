@@ -63,3 +63,23 @@ def make_scheduler(name: str, base_config: Any) -> Any:
 def a1111_sampler(name: str) -> str:
     """The sampler name A1111 and Civitai use in their ``parameters`` text."""
     return SCHEDULERS[name].a1111_name
+
+
+# A1111's names for diffusers schedulers a model may ship with that prompt files do not offer
+_OTHER_A1111_NAMES = {
+    "PNDMScheduler": "PLMS",
+    "LMSDiscreteScheduler": "LMS",
+    "HeunDiscreteScheduler": "Heun",
+    "KDPM2DiscreteScheduler": "DPM2",
+}
+
+
+def a1111_sampler_of(scheduler: Any) -> str:
+    """The A1111 sampler name of a configured diffusers scheduler (class, Karras sigmas)."""
+    class_name = type(scheduler).__name__
+    karras = bool(getattr(scheduler.config, "use_karras_sigmas", False))
+    for choice in SCHEDULERS.values():
+        choice_karras = bool(choice.options.get("use_karras_sigmas", False))
+        if choice.class_name == class_name and choice_karras == karras:
+            return choice.a1111_name
+    return _OTHER_A1111_NAMES.get(class_name, class_name)

@@ -7,8 +7,9 @@ predict, loss, step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -22,10 +23,15 @@ from dropkiln.stages.base import (
 )
 from dropkiln.stages.training.loop import Plan, TrainingLoop
 
+if TYPE_CHECKING:
+    from dropkiln.stages.models import ModelRef
+
 
 class TrainSpec(StageSpec):
     name: str
     model: str = "tiny-sdxl"
+    vae: str = ""
+    """A standalone VAE file (validation images decode with it; the cache encoded with it)."""
     options: TrainSettings = Field(default_factory=TrainSettings)
     output_dir: str
     """ROOT/outputs/loras/NAME; the LoRA is written to OUTPUT_DIR/NAME.safetensors."""
@@ -49,17 +55,19 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     _check_options(options)
     plan = _plan(options, STAGE.rung(ctx.memory_rung).options, ctx.device)
     index = read_index(ctx.upstream("cache")["index"])
-    ref = resolve_model(spec.model, ctx.root / "state" / "models")
+    ref = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
     if index["model"]["fingerprint"] != ref.fingerprint:
         raise StageError(
             f"the latent cache was made for model {index['model']['name']}, not {spec.model}"
         )
+    check_prediction(ref, options)
     pipe = shared_pipelines().get(ref, ctx.device, plan.weight_dtype)
     seed_everything(options.seed)
     with lora_adapters(pipe, options, plan.gradient_checkpointing) as models:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
-        session = TrainingSession.start(models, options, ctx.device, plan.fp16)
-        _resume(session, ctx)
+        session = _resume(
+            lambda: TrainingSession.start(models, options, ctx.device, plan.fp16), ctx
+        )
         loop = TrainingLoop(
             spec=spec,
             ctx=ctx,
@@ -70,9 +78,10 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             order=DataOrder(dataset.buckets(), options.batch_size, options.seed),
             scheduler=training_scheduler(pipe.scheduler.config, options),
             on_the_fly=needs_text_encoder(options),
+            model=ref,
         )
         loop.run()
-        return _finish(loop, ref, pipeline_class(ref.kind))
+        return _finish(loop, ref, pipeline_class(ref.kind), index)
 
 
 def _check_options(options: TrainSettings) -> None:
@@ -84,6 +93,15 @@ def _check_options(options: TrainSettings) -> None:
         raise StageError(
             'zero_terminal_snr needs prediction_type = "v_prediction": at the last timestep '
             "the latent is pure noise, which an epsilon model cannot sample from"
+        )
+
+
+def check_prediction(ref: ModelRef, options: TrainSettings) -> None:
+    """A LoRA of a v-prediction checkpoint must be trained on v targets too."""
+    if ref.prediction == "v_prediction" and options.prediction_type != "v_prediction":
+        raise StageError(
+            f"model {ref.path.name} is a v-prediction checkpoint (the file says so); "
+            'set prediction_type = "v_prediction" in dataset.toml'
         )
 
 
@@ -117,25 +135,48 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     )
 
 
-def _resume(session: Any, ctx: StageContext) -> None:
-    from safetensors import SafetensorError
+def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
+    """A session restored from the newest usable checkpoint, or a fresh one.
+
+    A checkpoint that cannot be restored is recorded (CheckpointUnusable, with the step the
+    job goes on from) and the one before it is tried. Training is a pure function of the
+    seed, so going back to an older checkpoint, or to step 0, gives the same LoRA; only
+    time is lost. Each try starts from a fresh session, and a failed restore leaves the
+    LoRA weights untouched, so nothing of a damaged checkpoint is ever used.
+    """
+    from dropkiln.stages.training.checkpoint import fallback_checkpoints
+    from dropkiln.stages.training.loop import CHECKPOINTS
+    from dropkiln.stages.training.session import CheckpointUnusable
 
     saved = ctx.resume_state()
     if not saved or "checkpoint" not in saved:
-        return
-    try:
-        session.restore(ctx.work_dir / saved["checkpoint"], ctx.device)
-    except (OSError, ValueError, KeyError, SafetensorError):
-        # A missing or damaged checkpoint (safetensors raises its own error for a truncated
-        # file). Training is a pure function of the seed, so starting over from a fresh
-        # session gives the same LoRA; only time is lost.
-        return
+        return new_session()
+    unusable: list[tuple[str, str]] = []
+    session = None
+    for relative in fallback_checkpoints(ctx.work_dir / CHECKPOINTS, saved["checkpoint"]):
+        candidate = new_session()
+        try:
+            candidate.restore(ctx.work_dir / relative, ctx.device)
+        except CheckpointUnusable as exc:
+            unusable.append((relative, str(exc)))
+            continue
+        session = candidate
+        break
+    if session is None:
+        session = new_session()
+    for relative, reason in unusable:
+        ctx.checkpoint_unusable(relative, reason, session.step)
+    return session
 
 
-def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
+def _finish(
+    loop: TrainingLoop, ref: Any, pipeline_cls: Any, index: dict[str, Any]
+) -> dict[str, Any]:
     """Export the LoRA (EMA weights when EMA is on) in both formats."""
     import datetime
+    import hashlib
 
+    from dropkiln.stages.models import checkpoint_hashes
     from dropkiln.stages.training.captions import tag_frequency
     from dropkiln.stages.training.lora_export import write_diffusers, write_kohya
 
@@ -144,11 +185,21 @@ def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
         session.ema.copy_to(session.models.parameters())
     out = Path(loop.spec.output_dir)
     finished = datetime.datetime.now(datetime.UTC)
+    per_epoch = loop.order.batches_per_epoch
+    # kohya draws a random session id per run; ours is the job's (name, options, model), so a
+    # resumed or retried run writes the same file as an undisturbed one
+    job = f"{loop.spec.name}\0{options.model_dump_json()}\0{ref.fingerprint}"
+    session_digest = hashlib.sha256(job.encode())
     facts = {
         "name": loop.spec.name,
         "kind": ref.kind,
-        "model_name": ref.name,
-        "model_fingerprint": ref.fingerprint,
+        "model_name": Path(ref.name).name,
+        "model_hashes": checkpoint_hashes(ref),
+        "session_id": int(session_digest.hexdigest()[:8], 16),
+        "images": [(tuple(e["bucket"]), tuple(e["original_size"])) for e in index["images"]],
+        "batches_per_epoch": per_epoch,
+        "epoch": -(-loop.session.step * options.gradient_accumulation // per_epoch),
+        "num_epochs": -(-options.steps * options.gradient_accumulation // per_epoch),
         "resolution": loop.dataset.resolution(),
         "options": options,
         "alpha": session.models.alpha,

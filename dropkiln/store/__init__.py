@@ -4,12 +4,14 @@ Never imports torch: the CLI's read commands and the TUI start from here.
 """
 
 from dropkiln.store import events
+from dropkiln.store.commands import COMMANDS, request_command
 from dropkiln.store.engine import ConcurrencyError, StoreError
 from dropkiln.store.eventstore import EventStore
 from dropkiln.store.projections import StoredEvent
 from dropkiln.store.queries import (
     DaemonState,
     JobView,
+    artifact_by_seq,
     daemon_state,
     drop_by_hash,
     find_job,
@@ -20,10 +22,13 @@ from dropkiln.store.queries import (
     recent_telemetry,
     record_telemetry,
     remembered_rung,
+    status_report,
+    trained_loras,
 )
 from dropkiln.store.rebuild import CheckReport, check, rebuild
 
 __all__ = [
+    "COMMANDS",
     "CheckReport",
     "ConcurrencyError",
     "DaemonState",
@@ -31,6 +36,7 @@ __all__ = [
     "JobView",
     "StoreError",
     "StoredEvent",
+    "artifact_by_seq",
     "check",
     "daemon_state",
     "drop_by_hash",
@@ -44,4 +50,7 @@ __all__ = [
     "recent_telemetry",
     "record_telemetry",
     "remembered_rung",
+    "request_command",
+    "status_report",
+    "trained_loras",
 ]

@@ -90,6 +90,15 @@ class CheckpointSaved(Event):
     state: dict[str, Any]
 
 
+class CheckpointUnusable(Event):
+    """A saved checkpoint could not be restored (damaged, or not this job's shape); nothing of
+    it was used, and the attempt went on from ``resumed_from_step`` (0: from the start)."""
+
+    checkpoint: str
+    reason: str
+    resumed_from_step: int
+
+
 class ArtifactWritten(Event):
     path: str
     kind: str
@@ -151,6 +160,43 @@ class DaemonStopped(Event):
     requeued: list[str] = Field(default_factory=list)
 
 
+# The HTTP API and webhooks (streams ``api`` and ``webhooks``; no projection) ------------------
+
+
+class ApiAuthFailed(Event):
+    """A request to `dropkiln serve` without the right token (the token itself is never kept)."""
+
+    client: str
+    reason: str  # missing | malformed | wrong
+    path: str
+
+
+class WebhookAttemptFailed(Event):
+    """One delivery attempt failed; another follows after ``retry_in_s`` unless ``last``."""
+
+    for_seq: int
+    job_id: str | None
+    attempt: int
+    error: str
+    retry_in_s: float | None = None
+
+
+class WebhookDelivered(Event):
+    for_seq: int
+    job_id: str | None
+    attempt: int
+    status: int
+
+
+class WebhookGaveUp(Event):
+    """Every attempt failed; the event is not sent again."""
+
+    for_seq: int
+    job_id: str | None
+    attempts: int
+    error: str
+
+
 # Commands (written by the CLI or the TUI; the daemon obeys) ---------------------------------
 
 
@@ -185,6 +231,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         JobStarted,
         JobProgress,
         CheckpointSaved,
+        CheckpointUnusable,
         ArtifactWritten,
         JobSucceeded,
         JobFailed,
@@ -200,6 +247,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
         RetryRequested,
         QueuePaused,
         QueueResumed,
+        ApiAuthFailed,
+        WebhookAttemptFailed,
+        WebhookDelivered,
+        WebhookGaveUp,
     )
 }
 
@@ -228,3 +279,5 @@ def drop_stream(drop_id: str) -> str:
 
 
 DAEMON_STREAM = "daemon"
+API_STREAM = "api"
+WEBHOOK_STREAM = "webhooks"

@@ -153,6 +153,39 @@ async def job_artifacts(store: EventStore, job_id: str) -> list[dict[str, Any]]:
     return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
 
 
+async def artifact_by_seq(store: EventStore, seq: int) -> dict[str, Any] | None:
+    """The artifact whose latest ArtifactWritten event has this seq (its id in the HTTP API)."""
+    query = select(artifacts).where(artifacts.c.seq == seq).limit(1)
+
+    def work(conn: Connection) -> dict[str, Any] | None:
+        row = conn.execute(query).first()
+        return dict(row._mapping) if row else None
+
+    return await store.snapshot(work)
+
+
+async def trained_loras(
+    store: EventStore, limit: int = 100
+) -> list[tuple[JobView, list[dict[str, Any]]]]:
+    """Succeeded train jobs, newest first, each with its artifacts."""
+    query = (
+        select(*_JOB_COLUMNS)
+        .where(jobs.c.stage == "train", jobs.c.state == "succeeded")
+        .order_by(jobs.c.submitted_seq.desc())
+        .limit(limit)
+    )
+
+    def work(conn: Connection) -> list[tuple[JobView, list[dict[str, Any]]]]:
+        views = _job_views(conn, _job_rows(conn, query))
+        found = select(artifacts).where(artifacts.c.job_id.in_([v.id for v in views]))
+        by_job: dict[str, list[dict[str, Any]]] = {}
+        for row in conn.execute(found.order_by(artifacts.c.seq)):
+            by_job.setdefault(row.job_id, []).append(dict(row._mapping))
+        return [(view, by_job.get(view.id, [])) for view in views]
+
+    return await store.snapshot(work)
+
+
 async def list_drops(store: EventStore, limit: int = 100) -> list[dict[str, Any]]:
     query = select(drops).order_by(drops.c.at.desc()).limit(limit)
     return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
@@ -189,6 +222,23 @@ async def queue_paused(store: EventStore) -> bool:
     """Whether the last queue command was a pause."""
     last = await store.last(DAEMON_STREAM, types=("QueuePaused", "QueueResumed"))
     return bool(last) and last[0].type == "QueuePaused"
+
+
+async def status_report(store: EventStore, limit: int | None = 50) -> dict[str, Any]:
+    """The ``status --json`` document (also ``GET /v1/jobs``)."""
+    jobs_found = await list_jobs(store, limit=limit)
+    daemon = await daemon_state(store)
+    paused = await queue_paused(store)
+    return {
+        "daemon": {
+            "running": daemon.running,
+            "pid": daemon.pid,
+            "device": daemon.device,
+            "seen_ago": daemon.seen_ago,
+        },
+        "paused": paused,
+        "jobs": [job.summary() for job in jobs_found],
+    }
 
 
 @dataclass(frozen=True)

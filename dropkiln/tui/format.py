@@ -33,6 +33,7 @@ EVENT_STYLES = {
     "JobStarted": "cyan",
     "JobProgress": "dim",
     "CheckpointSaved": "blue",
+    "CheckpointUnusable": "bold yellow",
     "ArtifactWritten": "green",
     "DaemonStarted": "bold green",
     "DaemonStopping": "bold yellow",
@@ -41,6 +42,9 @@ EVENT_STYLES = {
     "RetryRequested": "bold blue",
     "QueuePaused": "bold blue",
     "QueueResumed": "bold blue",
+    "ApiAuthFailed": "bold red",
+    "WebhookAttemptFailed": "yellow",
+    "WebhookGaveUp": "bold red",
 }
 
 BAR_EIGHTHS = " ▏▎▍▌▋▊▉"
@@ -222,6 +226,9 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "CheckpointSaved": lambda d: " ".join(
         f"{k} {v}" for k, v in d["state"].items() if isinstance(v, int | float | str)
     )[:80],
+    "CheckpointUnusable": lambda d: (
+        f"{d['checkpoint']}: {d['reason']}; went on from step {d['resumed_from_step']}"
+    ),
     "ArtifactWritten": lambda d: f"{d['kind']} {d['path']}",
     "JobSucceeded": lambda d: _result(d.get("result") or {}),
     "JobFailed": lambda d: d["reason"],
@@ -236,6 +243,13 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "Dropped": lambda d: f"{d['kind']} {d['name']} · {d['files']} files",
     "DropRejected": lambda d: f"{d['kind']} {d['name']}: {d['reason']}",
     "DropRecognised": lambda d: f"{d['kind']} {d['name']} = {short_id(d['duplicate_of'])}",
+    "ApiAuthFailed": lambda d: f"{d['reason']} token from {d['client']} for {d['path']}",
+    "WebhookAttemptFailed": lambda d: (
+        f"#{d['for_seq']} attempt {d['attempt']}: {d['error']}"
+        + (f" · again in {d['retry_in_s']:g} s" if d.get("retry_in_s") is not None else "")
+    ),
+    "WebhookDelivered": lambda d: f"#{d['for_seq']} HTTP {d['status']} (attempt {d['attempt']})",
+    "WebhookGaveUp": lambda d: f"#{d['for_seq']} after {d['attempts']} attempts: {d['error']}",
 }
 
 

@@ -3,6 +3,7 @@ every rung of the memory ladder, stopping, previews and LoRAs."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -136,7 +137,12 @@ def test_outputs_metadata_and_artifacts(gen_root: Path, tmp_path: Path) -> None:
     parameters = read_png_text(Path(result["images"][1]))["parameters"]
     assert parameters.splitlines()[:2] == ["a cat", "Negative prompt: blurry"]
     assert "Steps: 2, Sampler: DPM++ 2M Karras, CFG scale: 5, Seed: 6, Size: 64x64" in parameters
-    assert f"Model hash: {result['model']['fingerprint'][:10]}, Model: tiny-sdxl" in parameters
+    # AutoV2: the checkpoint file's sha256, first 10 hex (a tiny model's is its UNet file)
+    unet = (
+        gen_root / "state" / "models" / "tiny-sdxl" / "unet" / "diffusion_pytorch_model.safetensors"
+    )
+    autov2 = hashlib.sha256(unet.read_bytes()).hexdigest()[:10]
+    assert f"Model hash: {autov2}, Model: tiny-sdxl" in parameters
     record = read_dropkiln_record(Path(result["images"][1]))
     assert record is not None
     assert record["image"]["seed"] == 6 and record["image"]["scheduler"] == "dpm++ 2m karras"
@@ -374,3 +380,38 @@ def test_clip_skip_matches_diffusers_counting(
     assert np.array_equal(pixels(skipped["images"][0]), np.asarray(direct))
     with pytest.raises(StageError, match="clip_skip 9 is more than"):
         run_generate(spec_for(tmp_path / "x", entries("a", clip_skip=9)), local(gen_root, tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["oom", "oom-cuda-error", "oom-cudnn"])
+def test_generate_decode_fires_inside_the_vae_decode(
+    gen_root: Path, tmp_path: Path, kind: str
+) -> None:
+    import traceback
+
+    from dropkiln.stages.device import is_out_of_memory
+
+    spec = spec_for(tmp_path / "out", entries("a", "b"))
+    ctx = local(gen_root, tmp_path, faults=FaultInjector(f"{kind}@generate.decode:2"))
+    with pytest.raises(Exception) as raised:
+        run_generate(spec, ctx)
+    assert is_out_of_memory(raised.value), raised.value
+    frames = [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
+    # raised by the VAE's decoder, called from the pipeline's decode, mid-image
+    assert "decode" in frames and frames.index("decode") > frames.index("render_image")
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000-1.png"]
+    ctx.memory_rung = 1
+    assert run_generate(spec, ctx)["rendered"] == 1
+
+
+@pytest.mark.parametrize(("kind", "text"), [("eio", "Input/output error"),
+                                            ("enospc", "No space left on device")])  # fmt: skip
+def test_a_torn_png_write_fails_the_image_and_leaves_nothing_half_written(
+    gen_root: Path, tmp_path: Path, kind: str, text: str
+) -> None:
+    spec = spec_for(tmp_path / "out", entries("a", "b"))
+    ctx = local(gen_root, tmp_path, faults=FaultInjector(f"{kind}@generate.image:2"))
+    with pytest.raises(OSError, match=text):
+        run_generate(spec, ctx)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000-1.png"]
+    result = run_generate(spec, ctx)
+    assert (result["rendered"], result["skipped"]) == (1, 1)

@@ -3,6 +3,8 @@ and the scheduler table."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
@@ -168,3 +170,79 @@ def test_zero_snr_models_get_guidance_rescale() -> None:
     task = TASK.model_copy(update={"clip_skip": None})
     assert call_options(pipe_with("v_prediction"), task, None)["guidance_rescale"] == 0.7
     assert "guidance_rescale" not in call_options(pipe_with("epsilon"), task, None)
+
+
+# A1111's infotext, as A1111 writes and reads it (modules/infotext_utils.py), in words:
+# - the text is lines; the last line holds the settings when the settings pattern below
+#   finds at least three pairs in it, otherwise it is part of the prompt;
+# - the lines before it are the prompt, until a line that starts with "Negative prompt:";
+#   from there on (that prefix removed) they are the negative prompt;
+# - a setting is: optional spaces, a key that starts with a word character and goes on with
+#   word characters, spaces, "-" or "/", a colon, optional spaces, then either a double-
+#   quoted string (backslash escapes allowed) or everything up to the next comma; pairs
+#   are separated by commas;
+# - a value that starts and ends with a double quote is read back with a JSON decoder;
+# - when writing, a value with a comma, a colon or a newline is JSON-encoded (non-ASCII
+#   kept as it is), every other value is written as it is;
+# - `Lora hashes` is one quoted value "name: hash, name: hash" whose names have their
+#   commas and colons removed; a LoRA shows in the prompt as <lora:NAME:WEIGHT>.
+A1111_SETTING = re.compile(r'\s*(\w[\w \-/]+):\s*("(?:\\.|[^\\"])+"|[^,]*)(?:,|$)')
+
+
+def read_infotext(text: str) -> dict[str, str]:
+    *lines, last = text.strip().split("\n")
+    if len(A1111_SETTING.findall(last)) < 3:
+        lines.append(last)
+        last = ""
+    prompt: list[str] = []
+    negative: list[str] = []
+    for line in lines:
+        line = line.strip()
+        if line.startswith("Negative prompt:"):
+            negative.append(line[len("Negative prompt:") :].strip())
+        elif negative:
+            negative.append(line)
+        else:
+            prompt.append(line)
+    fields = {"Prompt": "\n".join(prompt), "Negative prompt": "\n".join(negative)}
+    for key, value in A1111_SETTING.findall(last):
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = json.loads(value)
+        fields[key] = value
+    return fields
+
+
+HOSTILE_NAMES = [
+    "juggernaut, v9",
+    "realvis: xl",
+    'the "best" model',
+    "two\nlines",
+    "ünïcødé 猫, ✓",
+    "plain",
+]
+
+
+@pytest.mark.parametrize("name", HOSTILE_NAMES)
+def test_a1111_reads_every_field_back_for_hostile_names(name: str) -> None:
+    task = TASK.model_copy(update={"prompt": "a cat, sitting\nsecond line", "negative": "bad: x"})
+    loras = [
+        {"name": name, "weight": 0.75, "sha256": "ab" * 32},
+        {"name": "/loras/" + "cats.v2.safetensors", "weight": 1.0, "sha256": "cd" * 32},
+    ]
+    fields = read_infotext(a1111_parameters(task, name, "f0" * 32, loras))
+    label = name.replace(",", "").replace(":", "")
+    assert fields["Model"] == name
+    assert fields["Model hash"] == "f0" * 5
+    assert fields["Negative prompt"] == "bad: x"
+    assert fields["Prompt"].startswith("a cat, sitting\nsecond line")
+    assert "<lora:cats.v2:1>" in fields["Prompt"]
+    assert fields["Lora hashes"] == f"{label}: abababababab, cats.v2: cdcdcdcdcdcd"
+    assert (fields["Steps"], fields["Sampler"], fields["CFG scale"]) == ("20", "Euler a", "5")
+    assert (fields["Seed"], fields["Size"], fields["Clip skip"]) == ("42", "64x96", "2")
+    pairs = [part.split(": ", 1)[0] for part in fields["Lora hashes"].split(", ")]
+    assert len(pairs) == 2  # each name is one entry, whatever it contained
+
+
+def test_values_without_separators_are_written_bare() -> None:
+    text = a1111_parameters(TASK, "tiny-sdxl", "0" * 64, [])
+    assert "Model: tiny-sdxl," in text and "Sampler: Euler a," in text

@@ -57,9 +57,12 @@ def make_app(history_db: Path) -> Callable[..., DropkilnApp]:
 
 
 async def wait_for(
-    pilot: Pilot[None], condition: Callable[[], object], timeout: float = 5.0
+    pilot: Pilot[None], condition: Callable[[], object], timeout: float = 30.0
 ) -> None:
-    """Let the app run until ``condition()`` is true; fail after ``timeout`` seconds."""
+    """Let the app run until ``condition()`` is true; fail after ``timeout`` seconds.
+
+    Generous: it returns as soon as the condition holds, and on a machine with every core
+    busy the first reads took over 5 s."""
     deadline = time.monotonic() + timeout
     while not condition():
         if time.monotonic() > deadline:

@@ -114,3 +114,14 @@ def _job(**values: object) -> JobView:
         "started_at": None, "finished_at": None, "updated_at": "2025-03-01T12:00:00+00:00",
     }  # fmt: skip
     return JobView(**{**fields, **values})  # type: ignore[arg-type]
+
+
+def test_api_and_webhook_events_read_as_sentences() -> None:
+    failed = stored("ApiAuthFailed", {"client": "192.0.2.7", "reason": "wrong", "path": "/v1/jobs"})
+    assert fmt.describe(failed) == "wrong token from 192.0.2.7 for /v1/jobs"
+    attempt = {"for_seq": 41, "job_id": "a", "attempt": 1, "error": "HTTP 502", "retry_in_s": 2.0}
+    assert fmt.describe(stored("WebhookAttemptFailed", attempt)) == (
+        "#41 attempt 1: HTTP 502 · again in 2 s"
+    )
+    delivered = {"for_seq": 41, "job_id": "a", "attempt": 2, "status": 204}
+    assert fmt.describe(stored("WebhookDelivered", delivered)) == "#41 HTTP 204 (attempt 2)"

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,10 @@ from dropkiln.stages.base import write_atomic
 
 VALIDATION_STEPS = 20
 VALIDATION_GUIDANCE = 5.0
+
+
+class ReportsStopped(Exception):
+    """Validation images were cut short by a stop request (cancel, preemption, shutdown)."""
 
 
 def write_loss_csv(path: Path, losses: Sequence[tuple[int, float, float]]) -> Path:
@@ -47,6 +52,14 @@ def write_loss_plot(path: Path, losses: Sequence[tuple[int, float, float]], titl
     return write_atomic(path, buffer.getvalue())
 
 
+@dataclass(frozen=True)
+class ValidationModel:
+    """What a validation PNG says about the checkpoint: A1111's ``Model`` and the sha256."""
+
+    label: str
+    sha256: str
+
+
 def validation_images(
     pipe: Any,
     prompts: Sequence[str],
@@ -55,11 +68,19 @@ def validation_images(
     scheduler: Any,
     folder: Path,
     step: int,
+    model: ValidationModel,
+    stop: Callable[[], bool] = lambda: False,
 ) -> list[Path]:
-    """One image per validation prompt with the LoRA as it is now; global RNG untouched."""
+    """One image per validation prompt with the LoRA as it is now; global RNG untouched.
+
+    Each carries A1111's ``parameters`` text with the fields of a generated image. ``stop``
+    is asked before each image: a long validation never holds up a preemption by more than
+    one image (ReportsStopped)."""
     import torch
     from PIL.PngImagePlugin import PngInfo
 
+    from dropkiln.stages.pngmeta import infotext
+    from dropkiln.stages.schedulers import a1111_sampler_of
     from dropkiln.stages.training.checkpoint import capture_global_rng, restore_global_rng
 
     device = str(pipe.device)
@@ -69,6 +90,8 @@ def validation_images(
     paths = []
     try:
         for number, prompt in enumerate(prompts):
+            if stop():
+                raise ReportsStopped(f"stopped before validation image {number} of step {step}")
             generator = torch.Generator().manual_seed(seed + number)
             with torch.no_grad():
                 image = pipe(
@@ -79,13 +102,19 @@ def validation_images(
                     guidance_scale=VALIDATION_GUIDANCE,
                     generator=generator,
                 ).images[0]
-            # The parameters chunk A1111 and ComfyUI show for a PNG.
+            fields = [
+                ("Steps", VALIDATION_STEPS),
+                ("Sampler", a1111_sampler_of(scheduler)),
+                ("CFG scale", f"{VALIDATION_GUIDANCE:g}"),
+                ("Seed", seed + number),
+                ("Size", f"{size[0]}x{size[1]}"),
+                ("Model hash", model.sha256[:10]),
+                ("Model", model.label),
+                ("LoRA step", step),
+                ("Version", "dropkiln"),
+            ]
             info = PngInfo()
-            info.add_text(
-                "parameters",
-                f"{prompt}\nSteps: {VALIDATION_STEPS}, CFG scale: {VALIDATION_GUIDANCE}, "
-                f"Seed: {seed + number}, Size: {size[0]}x{size[1]}, LoRA step: {step}",
-            )
+            info.add_text("parameters", infotext(prompt, "", fields))
             buffer = io.BytesIO()
             image.save(buffer, format="PNG", pnginfo=info)
             target = folder / f"step-{step:06d}-{number:02d}.png"
