@@ -143,7 +143,7 @@ class Settings(BaseSettings):
     )
 
     root: Path = DEFAULT_ROOT
-    model: str = "tiny-sdxl"
+    model: str = "tiny-shapes"
     vae: str = Field("", description="a standalone VAE .safetensors; empty: the model's own")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     torch_threads: int = Field(
@@ -265,7 +265,7 @@ class Paths:
 
 DEFAULT_CONFIG_TEXT = """\
 # dropkiln settings. Every key can also be set as DROPKILN_<KEY> (nested: DROPKILN_TRAIN__STEPS).
-model = "tiny-sdxl"          # tiny-sdxl, tiny-sd15, a local diffusers folder or a .safetensors file
+model = "tiny-shapes"        # tiny-shapes, tiny-sdxl, tiny-sd15, a diffusers folder, a .safetensors
 vae = ""                     # a standalone VAE .safetensors in place of the model's own ("": none)
 device = "auto"              # auto, cpu, cuda, cuda:1
 settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long

@@ -10,6 +10,9 @@ import pytest
 from dropkiln.config import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs on the random tiny-sdxl, the fastest model; tiny-shapes (the default for
+# users) has its own tests, which name it.
+os.environ.setdefault("DROPKILN_MODEL", "tiny-sdxl")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
