@@ -40,6 +40,9 @@ class BucketSettings(Section):
 class TrainSettings(Section):
     steps: int = Field(2000, ge=1, le=10_000_000)
     checkpoint_every: int = Field(250, ge=1)
+    keep_loras: int | None = Field(
+        None, ge=1, description="per-checkpoint LoRA files kept, newest first (unset: all)"
+    )
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     rank: int = Field(16, ge=1, le=1024)

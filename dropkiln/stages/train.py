@@ -20,7 +20,9 @@ from dropkiln.stages.base import (
     StageError,
     StageSpec,
 )
+from dropkiln.stages.training.exports import step_loras
 from dropkiln.stages.training.loop import Plan, TrainingLoop
+from dropkiln.stages.training.report import CONTACT_SHEET
 
 
 class TrainSpec(StageSpec):
@@ -42,6 +44,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     from dropkiln.stages.training.adapters import lora_adapters
     from dropkiln.stages.training.captions import needs_text_encoder
     from dropkiln.stages.training.data import DataOrder, load_cached_dataset, read_index
+    from dropkiln.stages.training.exports import LoraExports
     from dropkiln.stages.training.losses import training_scheduler
     from dropkiln.stages.training.session import TrainingSession, seed_everything
 
@@ -60,6 +63,19 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
         session = TrainingSession.start(models, options, ctx.device, plan.fp16)
         _resume(session, ctx)
+        order = DataOrder(dataset.buckets(), options.batch_size, options.seed)
+        exports = LoraExports(
+            name=spec.name,
+            output_dir=Path(spec.output_dir),
+            ref=ref,
+            options=options,
+            images=[(tuple(e["bucket"]), tuple(e["original_size"])) for e in index["images"]],
+            captions=[image.caption for image in dataset.images],
+            resolution=dataset.resolution(),
+            batches_per_epoch=order.batches_per_epoch,
+            mixed_precision=plan.mixed_precision,
+            gradient_checkpointing=plan.gradient_checkpointing,
+        )
         loop = TrainingLoop(
             spec=spec,
             ctx=ctx,
@@ -67,13 +83,14 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             pipe=pipe,
             session=session,
             dataset=dataset,
-            order=DataOrder(dataset.buckets(), options.batch_size, options.seed),
+            order=order,
             scheduler=training_scheduler(pipe.scheduler.config, options),
             on_the_fly=needs_text_encoder(options),
             model=ref,
+            exports=exports,
         )
         loop.run()
-        return _finish(loop, ref, pipeline_class(ref.kind), index)
+        return _finish(loop, ref, pipeline_class(ref.kind))
 
 
 def _check_options(options: TrainSettings) -> None:
@@ -133,50 +150,15 @@ def _resume(session: Any, ctx: StageContext) -> None:
         return
 
 
-def _finish(
-    loop: TrainingLoop, ref: Any, pipeline_cls: Any, index: dict[str, Any]
-) -> dict[str, Any]:
+def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
     """Export the LoRA (EMA weights when EMA is on) in both formats."""
-    import datetime
-    import hashlib
-
-    from dropkiln.stages.models import checkpoint_hashes
-    from dropkiln.stages.training.captions import tag_frequency
-    from dropkiln.stages.training.lora_export import write_diffusers, write_kohya
+    from dropkiln.stages.training.lora_export import write_diffusers
 
     session, options = loop.session, loop.spec.options
     if session.ema is not None:
         session.ema.copy_to(session.models.parameters())
     out = Path(loop.spec.output_dir)
-    finished = datetime.datetime.now(datetime.UTC)
-    per_epoch = loop.order.batches_per_epoch
-    # kohya draws a random session id per run; ours is the job's (name, options, model), so a
-    # resumed or retried run writes the same file as an undisturbed one
-    job = f"{loop.spec.name}\0{options.model_dump_json()}\0{ref.fingerprint}"
-    session_digest = hashlib.sha256(job.encode())
-    facts = {
-        "name": loop.spec.name,
-        "kind": ref.kind,
-        "model_name": Path(ref.name).name,
-        "model_hashes": checkpoint_hashes(ref),
-        "session_id": int(session_digest.hexdigest()[:8], 16),
-        "images": [(tuple(e["bucket"]), tuple(e["original_size"])) for e in index["images"]],
-        "batches_per_epoch": per_epoch,
-        "epoch": -(-loop.session.step * options.gradient_accumulation // per_epoch),
-        "num_epochs": -(-options.steps * options.gradient_accumulation // per_epoch),
-        "resolution": loop.dataset.resolution(),
-        "options": options,
-        "alpha": session.models.alpha,
-        "steps": session.step,
-        "num_images": len(loop.dataset.images),
-        "tag_frequency": tag_frequency(image.caption for image in loop.dataset.images),
-        "mixed_precision": loop.plan.mixed_precision,
-        "gradient_checkpointing": loop.plan.gradient_checkpointing,
-        "started_at": session.started_at,
-        "finished_at": finished.timestamp(),
-        "finished_date": finished.date().isoformat(),
-    }
-    kohya = write_kohya(lora_path(out, loop.spec.name), session.models, facts)
+    kohya = loop.exports.write(lora_path(out, loop.spec.name), session, session.step)
     diffusers = write_diffusers(out / "diffusers", pipeline_cls, session.models)
     reports = loop.write_reports(session.step)
     loop.ctx.artifact(kohya, "lora")
@@ -185,6 +167,7 @@ def _finish(
         loop.ctx.artifact(path, _report_kind(path))
     return {
         "lora": str(kohya),
+        "step_loras": [str(path) for _, path in step_loras(out, loop.spec.name)],
         "diffusers_lora": str(diffusers),
         "loss_csv": str(out / "loss.csv"),
         "loss_png": str(out / "loss.png"),
@@ -205,6 +188,8 @@ def _finish(
 def _report_kind(path: Path) -> str:
     if path.suffix == ".csv":
         return "loss-csv"
+    if path.name == CONTACT_SHEET:
+        return "contact-sheet"
     if path.parent.name == "validation":
         return "validation-image"
     return "loss-plot"

@@ -47,6 +47,8 @@ class TrainingLoop:
     on_the_fly: bool
     model: Any
     """The ModelRef trained on (its name and checkpoint hash go into validation PNGs)."""
+    exports: Any
+    """LoraExports: writes the LoRA file of each checkpoint and the final one."""
     _memory: int = 0
     _memory_at: float = -math.inf
 
@@ -180,7 +182,13 @@ class TrainingLoop:
         if reports:
             # Before the checkpoint is recorded: a run resumed from this step would never
             # come back to write them (after a kill in between, they are made again).
-            self.write_reports(step)
+            # The step's LoRA and its validation images show the same (EMA) weights, as
+            # the final file and the final images do.
+            with self.session.averaged_weights():
+                lora = self.exports.write_step(self.session, step)
+                self.write_reports(step)
+            self.ctx.artifact(lora, "lora-step")
+            self.exports.prune(self.spec.options.keep_loras)
         relative = f"{CHECKPOINTS}/step-{step:07d}"
         folder = self.session.save(self.ctx.work_dir / relative, self.ctx.device)
         self.ctx.checkpoint({"checkpoint": relative, "step": step})
@@ -192,8 +200,10 @@ class TrainingLoop:
         from dropkiln.stages.pngmeta import model_label
         from dropkiln.stages.training.losses import generation_scheduler
         from dropkiln.stages.training.report import (
+            CONTACT_SHEET,
             ValidationModel,
             validation_images,
+            validation_sheet,
             write_loss_csv,
             write_loss_plot,
         )
@@ -220,6 +230,9 @@ class TrainingLoop:
                 )  # fmt: skip
             finally:
                 self.pipe.unet.train()
+            written.append(
+                validation_sheet(out / "validation", CONTACT_SHEET, options.validation_prompts)
+            )
         return written
 
 

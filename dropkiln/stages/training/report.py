@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,3 +115,55 @@ def validation_images(
         pipe.scheduler = original_scheduler
         restore_global_rng(saved_rng)
     return paths
+
+
+CONTACT_SHEET = "contact-sheet.png"
+_VALIDATION_IMAGE = re.compile(r"^step-(\d{6,})-(\d{2,})\.png$")
+_HEADER = 16
+
+
+def validation_sheet(folder: Path, name: str, prompts: Sequence[str]) -> Path:
+    """One picture: a row per validation prompt, a column per step, each cell that step's image.
+
+    Built from the images on disk, so a resumed run's sheet also has the steps before the kill.
+    """
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    from dropkiln.stages.pngmeta import THUMB_SIDE, write_png
+
+    cells: dict[tuple[int, int], Path] = {}
+    for found in folder.glob("step-*.png"):
+        match = _VALIDATION_IMAGE.match(found.name)
+        if match and int(match[2]) < len(prompts):
+            cells[(int(match[1]), int(match[2]))] = found
+    steps = sorted({step for step, _ in cells})
+    side = THUMB_SIDE // 2
+    label_width = 2 * side
+    sheet = Image.new(
+        "RGB",
+        (label_width + side * max(1, len(steps)), _HEADER + side * len(prompts)),
+        (24, 24, 24),
+    )
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for column, step in enumerate(steps):
+        draw.text(
+            (label_width + column * side + 3, 2), f"step {step}", fill=(220, 220, 220), font=font
+        )
+    for row, prompt in enumerate(prompts):
+        y = _HEADER + row * side
+        for line, start in enumerate(range(0, min(len(prompt), 120), 24)):
+            draw.text(
+                (3, y + 2 + 12 * line), prompt[start : start + 24], fill=(220, 220, 220), font=font
+            )
+        for column, step in enumerate(steps):
+            cell = cells.get((step, row))
+            if cell is None:
+                continue
+            with Image.open(cell) as image:
+                thumb = ImageOps.contain(
+                    image.convert("RGB"), (side, side), Image.Resampling.LANCZOS
+                )
+            x = label_width + column * side
+            sheet.paste(thumb, (x + (side - thumb.width) // 2, y + (side - thumb.height) // 2))
+    return write_png(sheet, folder / name)

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -116,6 +118,20 @@ class TrainingSession:
             data_rng=np.random.Generator(np.random.PCG64([options.seed, 1])),
             noise_generator=torch.Generator().manual_seed(options.seed),
         )
+
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """The EMA weights in the LoRA for the duration (a no-op without EMA); restored exactly."""
+        if self.ema is None:
+            yield
+            return
+        params = self.models.parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
 
     @property
     def lr(self) -> float:
