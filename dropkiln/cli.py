@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
@@ -85,6 +86,11 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     setup_logging(settings.log_level)
     daemon = Daemon(settings, early_stop=early)
     anyio.run(daemon.run)
+    if daemon.abandoned:
+        # A stage thread that never returned (a hung driver call) would keep the interpreter
+        # from exiting; everything is recorded and the job resumes at the next start.
+        logging.shutdown()
+        os._exit(0)
     return 0
 
 

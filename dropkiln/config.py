@@ -34,6 +34,9 @@ class BucketSettings(Section):
     random_crop: bool = False
     max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard, per image")
     max_caption_bytes: int = Field(64_000, ge=16)
+    max_file_bytes: int = Field(
+        512 * 2**20, ge=1, description="largest image file read, checked before reading"
+    )
     workers: int = Field(0, ge=0, description="decode processes; 0 means one per core")
 
 
@@ -130,11 +133,22 @@ class Settings(BaseSettings):
 
     root: Path = DEFAULT_ROOT
     model: str = "tiny-sdxl"
+    vae: str = Field("", description="a standalone VAE .safetensors; empty: the model's own")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     settle_seconds: float = Field(2.0, ge=0)
     poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
-    preempt_after_s: float = Field(60.0, ge=0)
+    stop_timeout_s: float = Field(
+        300.0, gt=0, description="longest a shutdown waits for running jobs to checkpoint"
+    )
+    stall_after_s: float = Field(
+        900.0, gt=0, description="a running stage silent this long is hung (watchdog, shutdown)"
+    )
+    preempt_after_s: float = Field(
+        10.0,
+        ge=0,
+        description="least time a GPU job runs before a higher-priority one may preempt it",
+    )
     ram_budget_gb: float = Field(8.0, gt=0, description="warm pipelines kept in memory")
     telemetry_every_s: float = Field(1.0, gt=0)
     telemetry_retention_s: float = Field(3600.0, gt=0)
@@ -234,10 +248,13 @@ class Paths:
 DEFAULT_CONFIG_TEXT = """\
 # dropkiln settings. Every key can also be set as DROPKILN_<KEY> (nested: DROPKILN_TRAIN__STEPS).
 model = "tiny-sdxl"          # tiny-sdxl, tiny-sd15, a local diffusers folder or a .safetensors file
+vae = ""                     # a standalone VAE .safetensors in place of the model's own ("": none)
 device = "auto"              # auto, cpu, cuda, cuda:1
 settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long
 cpu_workers = 2              # concurrent CPU-lane jobs (bucketing, video encode)
-preempt_after_s = 60         # a training job yields the GPU to generation within this time
+preempt_after_s = 10         # least time training keeps the GPU before generation preempts it
+stop_timeout_s = 300         # a stop waits at most this long for a running job to checkpoint
+stall_after_s = 900          # a stage silent this long is hung (the systemd watchdog restarts us)
 ram_budget_gb = 8            # warm pipelines kept in memory between jobs
 
 [bucket]

@@ -28,6 +28,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     root = tmp_path / "home"
-    s = Settings.load(root=root, settle_seconds=0.2, telemetry_every_s=0.2)
+    # preempt at once: tests of preemption say so when they test preempt_after_s itself
+    s = Settings.load(root=root, settle_seconds=0.2, telemetry_every_s=0.2, preempt_after_s=0)
     s.paths.create()
     return s

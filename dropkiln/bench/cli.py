@@ -34,8 +34,10 @@ from dropkiln.config import Settings
 from dropkiln.stages.base import write_atomic
 
 Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
-SUITE_NAMES = ("store", "bucket", "cache", "train", "generate", "video", "daemon", "api")
-MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon"})
+SUITE_NAMES = (
+    *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api"),
+)
+MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
 
 def run_bench(args: argparse.Namespace, settings: Settings) -> int:
@@ -122,6 +124,7 @@ def _run_suite(name: str, options: BenchOptions, profile_root: Path | None) -> S
 
 def _suites() -> dict[str, Suite]:
     from dropkiln.bench.model_suites import daemon_suite, generate_suite, train_suite
+    from dropkiln.bench.preempt import preempt_suite
     from dropkiln.bench.suites import (
         api_suite,
         bucket_suite,
@@ -138,6 +141,7 @@ def _suites() -> dict[str, Suite]:
         "generate": generate_suite,
         "video": video_suite,
         "daemon": daemon_suite,
+        "preempt": preempt_suite,
         "api": api_suite,
     }
 

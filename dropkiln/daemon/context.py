@@ -17,7 +17,13 @@ from typing import Any
 import anyio.from_thread
 
 from dropkiln.stages.faults import FaultInjector
-from dropkiln.store.events import ArtifactWritten, CheckpointSaved, Event, JobProgress
+from dropkiln.store.events import (
+    ArtifactWritten,
+    CheckpointSaved,
+    CheckpointUnusable,
+    Event,
+    JobProgress,
+)
 
 PROGRESS_EVERY_S = 0.5
 
@@ -47,6 +53,7 @@ class DaemonContext:
         resume: dict[str, Any] | None,
         upstream: dict[str, dict[str, Any]],
         faults: FaultInjector,
+        recorded: dict[str, str | None] | None = None,
         append: AppendFn,
     ) -> None:
         self.job_id = job_id
@@ -57,11 +64,16 @@ class DaemonContext:
         self.work_dir = work_dir
         self._resume = resume
         self._upstream = upstream
+        self._recorded = dict(recorded or {})
+        """path → sha256 of the artifacts already recorded for this job (earlier attempts)."""
         self._faults = faults
         self._append = append
         self._stop = threading.Event()
         self.stop_reason: str | None = None
         self._last_progress = 0.0
+        self.last_sign_of_life = time.monotonic()
+        """When the stage last called its context: a stage silent for ``stall_after_s`` is
+        taken for hung (the watchdog stops pinging, shutdown stops waiting)."""
         self._pending_progress: JobProgress | None = None
         self.latest_metrics: dict[str, Any] = {}
 
@@ -83,6 +95,7 @@ class DaemonContext:
         anyio.from_thread.run(self._append, events)
 
     def progress(self, done: int, total: int, **metrics: Any) -> None:
+        self.last_sign_of_life = time.monotonic()
         event = JobProgress(done=done, total=total, metrics=_jsonable(metrics))
         self.latest_metrics = event.metrics
         now = time.monotonic()
@@ -94,6 +107,7 @@ class DaemonContext:
             self._pending_progress = event
 
     def checkpoint(self, state: dict[str, Any]) -> None:
+        self.last_sign_of_life = time.monotonic()
         pending = self.take_pending_progress()
         events: list[Event] = [pending] if pending else []
         self._send([*events, CheckpointSaved(state=_jsonable(state))])
@@ -102,20 +116,25 @@ class DaemonContext:
     def resume_state(self) -> dict[str, Any] | None:
         return self._resume
 
-    def artifact(self, path: Path, kind: str) -> None:
-        path = Path(path)
-        self._send(
-            [
-                ArtifactWritten(
-                    path=str(path),
-                    kind=kind,
-                    bytes=path.stat().st_size,
-                    sha256=file_sha256(path),
-                )
-            ]
+    def checkpoint_unusable(self, checkpoint: str, reason: str, resumed_from_step: int) -> None:
+        unusable = CheckpointUnusable(
+            checkpoint=checkpoint, reason=reason[:500], resumed_from_step=resumed_from_step
         )
+        self._send([unusable])
+
+    def artifact(self, path: Path, kind: str) -> None:
+        self.last_sign_of_life = time.monotonic()
+        path = Path(path)
+        digest = file_sha256(path)
+        if self._recorded.get(str(path)) == digest:
+            return  # recorded by an earlier attempt: a stage re-reports what it finds on disk
+        self._send(
+            [ArtifactWritten(path=str(path), kind=kind, bytes=path.stat().st_size, sha256=digest)]
+        )
+        self._recorded[str(path)] = digest
 
     def should_stop(self) -> bool:
+        self.last_sign_of_life = time.monotonic()
         return self._stop.is_set()
 
     def upstream(self, stage: str) -> dict[str, Any]:
@@ -125,7 +144,11 @@ class DaemonContext:
             raise KeyError(f"job {self.job_id} has no finished {stage} dependency") from None
 
     def fault(self, point: str) -> None:
+        self.last_sign_of_life = time.monotonic()
         self._faults.hit(point)
+
+    def deferred_fault(self, point: str) -> str | None:
+        return self._faults.deferred(point)
 
 
 def _jsonable(value: Any) -> Any:

@@ -1,6 +1,6 @@
 """Runs one attempt of one job and turns how it ended into events.
 
-The memory ladder lives here: on ``torch.OutOfMemoryError`` the attempt is recorded as
+The memory ladder lives here: on an out-of-memory error (``stages/oom.py``) it is recorded as
 ``OutOfMemory`` with a memory snapshot, memory is released, and the job is requeued one
 rung down (``RetryScheduled``) to resume from its last checkpoint; at the bottom rung it
 fails with a reason that lists what was tried.
@@ -9,7 +9,8 @@ fails with a reason that lists what was tried.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
@@ -19,8 +20,8 @@ from dropkiln.config import Settings
 from dropkiln.daemon.context import DaemonContext
 from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
 from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
-from dropkiln.stages.faults import FaultInjector
-from dropkiln.store import EventStore, JobView, find_job, remembered_rung
+from dropkiln.stages.faults import FaultInjector, take_torn_write
+from dropkiln.store import EventStore, JobView, find_job, job_artifacts, remembered_rung
 from dropkiln.store.events import (
     Event,
     JobCancelled,
@@ -41,6 +42,8 @@ class RunningJob:
     job: JobView
     stage: StageDef
     context: DaemonContext
+    started: float = field(default_factory=time.monotonic)
+    """When this attempt started (monotonic): ``preempt_after_s`` counts from here."""
 
     @property
     def id(self) -> str:
@@ -82,6 +85,7 @@ class Executor:
             work_dir=work_dir,
             resume=job.checkpoint,
             upstream=upstream,
+            recorded={a["path"]: a["sha256"] for a in await job_artifacts(self.store, job.id)},
             faults=self.faults,
             append=lambda events: self.append(job.id, events),
         )
@@ -105,7 +109,11 @@ class Executor:
         oom: OutOfMemory | None = None
         try:
             spec = stage.spec.model_validate(job.spec)
-            result = await anyio.to_thread.run_sync(stage.run, spec, ctx, limiter=limiter)
+            # Abandoned, not awaited, if the daemon is cancelled: a hung stage must not hold
+            # up a shutdown past stop_timeout_s (its job resumes at the next start).
+            result = await anyio.to_thread.run_sync(
+                _run_stage, stage, spec, ctx, limiter=limiter, abandon_on_cancel=True
+            )
         except StageStopped:
             return await self._stopped(running)
         except StageError as exc:
@@ -166,3 +174,10 @@ class Executor:
         reason = f"out of memory on every memory rung (tried: {tried}); last: {oom.message}"
         await self.append(running.id, [oom, JobFailed(reason=reason)])
         return "failed"
+
+
+def _run_stage(stage: StageDef, spec: Any, ctx: DaemonContext) -> dict[str, Any]:
+    try:
+        return stage.run(spec, ctx)
+    finally:
+        take_torn_write()  # a torn write armed by a fault never outlives its job's thread

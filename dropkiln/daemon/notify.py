@@ -8,11 +8,12 @@ variable is unset and every call does nothing, so the daemon calls the notifier 
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 
 import anyio
@@ -108,34 +109,63 @@ class SystemdNotifier:
         self.close()
 
 
-async def watchdog_loop(notifier: SystemdNotifier) -> None:
+async def watchdog_loop(
+    notifier: SystemdNotifier, hung: Callable[[], str | None] = lambda: None
+) -> None:
     """Send WATCHDOG=1 at the interval systemd asked for until cancelled; return if it asked none.
 
     Run it in the daemon's task group: it is pinged from the event loop, so a loop blocked by
-    accident (rather than a long GPU step in a worker thread) gets the daemon restarted.
+    accident gets the daemon restarted. The loop alone says nothing of the worker threads: a
+    GPU thread stuck in a driver call or a stage waiting on a hung subprocess leaves the loop
+    free. So ``hung()`` is asked before each ping: while it names something (a stage silent
+    for ``stall_after_s``), no ping is sent, and systemd restarts the daemon; its job
+    resumes from its last checkpoint.
     """
     interval = notifier.watchdog_interval()
     if interval is None:
         return
+    reported = None
     while True:
-        notifier.watchdog()
+        reason = hung()
+        if reason is None:
+            notifier.watchdog()
+        elif reason != reported:
+            log.error("not telling the watchdog we are alive: %s", reason)
+            notifier.status(f"hung: {reason}")
+        reported = reason
         await anyio.sleep(interval)
 
 
 @asynccontextmanager
-async def keep_extending_timeout(notifier: SystemdNotifier, seconds: float) -> AsyncIterator[None]:
-    """While the body runs, keep systemd's start/stop deadline at least `seconds` ahead.
+async def keep_extending_timeout(
+    notifier: SystemdNotifier,
+    seconds: float,
+    *,
+    progressing: Callable[[], bool] = lambda: True,
+    limit_s: float = math.inf,
+) -> AsyncIterator[None]:
+    """While the body runs, keep systemd's start/stop deadline at least `seconds` ahead, as
+    long as ``progressing()`` says the work moves and for at most ``limit_s`` in all.
 
     For the checkpoint a running job writes on shutdown: the unit's TimeoutStopSec is a bound
-    for a hung daemon, not for a large but progressing save.
+    for a hung daemon, not for a large but progressing save. Without progress, or past the
+    limit, no more is asked, so systemd's own timeout applies again.
     """
+    started = time.monotonic()
 
     async def extend_until_cancelled() -> None:
         while True:
             await anyio.sleep(seconds / 2)
-            notifier.extend_timeout(seconds)
+            if not progressing():
+                log.warning("shutdown: no progress; the stop timeout is no longer extended")
+                return
+            remaining = limit_s - (time.monotonic() - started)
+            if remaining <= 0:
+                log.warning("shutdown: the stop timeout was extended for %g s; no more", limit_s)
+                return
+            notifier.extend_timeout(min(seconds, remaining))
 
-    notifier.extend_timeout(seconds)
+    notifier.extend_timeout(min(seconds, limit_s))
     failure: Exception | None = None
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(extend_until_cancelled)

@@ -120,10 +120,11 @@ def _read_dataset(
     else:
         folder, read_from = stored, entry
     try:
-        model, bucket, train = load_dataset_options(read_from, settings)
+        model, bucket, train, vae = load_dataset_options(read_from, settings)
     except StageError as exc:
         raise DropRejection(str(exc)) from exc
-    return folder, {"model": model, "bucket": bucket.model_dump(), "train": train.model_dump()}
+    options = {"model": model, "vae": vae, "bucket": bucket.model_dump()}
+    return folder, options | {"train": train.model_dump()}
 
 
 def _prompt_file_in(entry: Path) -> Path:
@@ -165,11 +166,29 @@ def check_model(model: str) -> None:
     if path.is_dir() and (path / "model_index.json").is_file():
         return
     if path.is_file() and path.suffix == ".safetensors":
+        from dropkiln.stages.models.single_file import checkpoint_family
+
+        try:
+            checkpoint_family(path)  # the header alone: SDXL base or SD 1.5, or why not
+        except StageError as exc:
+            raise DropRejection(f"model {model!r}: {exc}") from exc
         return
     raise DropRejection(
         f"model {model!r} is neither {' nor '.join(TINY_NAMES)}, a local diffusers folder "
         "(with model_index.json) nor a local .safetensors file; nothing is downloaded"
     )
+
+
+def check_vae(vae: str) -> None:
+    """Refuse a ``vae`` that is no SD/SDXL VAE file, at drop time (reads only its header)."""
+    if not vae:
+        return
+    from dropkiln.stages.models.vae import vae_layout
+
+    try:
+        vae_layout(Path(vae).expanduser())
+    except StageError as exc:
+        raise DropRejection(f"vae {vae!r}: {exc}") from exc
 
 
 class Planner:
@@ -211,8 +230,9 @@ class Planner:
     def _plan_dataset(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
         """bucket (CPU) → cache (GPU) → train (GPU), each reading the one before."""
         options = drop.options
-        model, train = options["model"], options["train"]
+        model, vae, train = options["model"], options.get("vae", ""), options["train"]
         check_model(model)
+        check_vae(vae)
         resolution = options["bucket"]["resolution"]
         bucket = self._job(
             "bucket",
@@ -228,7 +248,7 @@ class Planner:
         cache = self._job(
             "cache",
             drop.name,
-            {"name": drop.name, "model": model, "flip_augment": train["flip_augment"]},
+            {"name": drop.name, "model": model, "vae": vae, "flip_augment": train["flip_augment"]},
             drop_id,
             depends_on=[bucket.job_id],
             rung_key=f"cache:{model}:{resolution}",
@@ -239,6 +259,7 @@ class Planner:
             {
                 "name": drop.name,
                 "model": model,
+                "vae": vae,
                 "options": train,
                 "output_dir": str(self.settings.paths.loras / drop.name),
             },
@@ -254,7 +275,9 @@ class Planner:
 
         prompt_file = drop.options["prompt_file"]
         model = prompt_file.model or self.settings.model
+        vae = self.settings.vae if prompt_file.vae is None else prompt_file.vae
         check_model(model)
+        check_vae(vae)
         loras: list[dict[str, Any]] = []
         depends_on: list[str] = []
         for ref in prompt_file.loras:
@@ -266,6 +289,7 @@ class Planner:
         generate_spec = {
             "name": stem,
             "model": model,
+            "vae": vae,
             "prompt_file": _rebase_controls(prompt_file, drop).model_dump(mode="json"),
             "loras": loras,
             "output_dir": str(self.settings.paths.images / stem),

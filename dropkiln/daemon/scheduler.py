@@ -3,11 +3,19 @@
 The GPU lane runs one job; the CPU lane runs up to ``cpu_workers`` jobs and never waits
 behind the GPU. A runnable GPU job of higher priority than the running one preempts it:
 the running stage is asked to checkpoint and yield, and resumes later.
+
+``preempt_after_s`` is the least time an attempt keeps the GPU before it can be preempted:
+each preemption costs a checkpoint write and a model switch, so a stream of prompt files
+must not keep a training run from ever making progress. A higher-priority job therefore
+waits at most ``preempt_after_s`` plus the time the running stage takes to notice (one
+micro-batch, or one validation image) and save its checkpoint.
 """
 
 from __future__ import annotations
 
 import logging
+import math
+import time
 
 import anyio
 from anyio.abc import TaskGroup
@@ -32,12 +40,20 @@ class Scheduler:
         }
         self.accepting = True
         self.paused = False
+        self.abandoned: list[str] = []
+        """Jobs still running when a shutdown stopped waiting for them."""
         self._wake = anyio.Event()
+        self._next_pass_in = 1.0
         self._idle = anyio.Event()
         self._idle.set()
 
     def wake(self) -> None:
         self._wake.set()
+
+    def stalled(self, after_s: float) -> list[RunningJob]:
+        """Running jobs whose stage has not called its context for ``after_s`` seconds."""
+        now = time.monotonic()
+        return [r for r in self.running.values() if now - r.context.last_sign_of_life > after_s]
 
     def lane_jobs(self, lane: str) -> list[RunningJob]:
         return [r for r in self.running.values() if r.job.lane == lane]
@@ -45,8 +61,9 @@ class Scheduler:
     async def run(self, tg: TaskGroup) -> None:
         self.paused = await queue_paused(self.store)
         while self.accepting:
+            self._next_pass_in = 1.0
             await self.schedule(tg)
-            with anyio.move_on_after(1.0):
+            with anyio.move_on_after(self._next_pass_in):
                 await self._wake.wait()
             self._wake = anyio.Event()
 
@@ -74,6 +91,10 @@ class Scheduler:
 
     def _maybe_preempt(self, waiting: JobView, current: RunningJob) -> None:
         if waiting.priority > current.job.priority and current.context.stop_reason is None:
+            too_soon = self.settings.preempt_after_s - (time.monotonic() - current.started)
+            if too_soon > 0:
+                self._next_pass_in = min(self._next_pass_in, too_soon)
+                return
             log.info(
                 "preempting %s job %s for %s job %s",
                 current.job.stage,
@@ -151,14 +172,25 @@ class Scheduler:
         self.paused = paused
         self.wake()
 
-    async def drain(self, reason: str) -> list[str]:
-        """Stop taking work, ask running jobs to checkpoint and stop, wait for them; returns
-        the jobs that stopped to resume later (one that finished meanwhile is not among them)."""
+    async def drain(self, reason: str, timeout_s: float = math.inf) -> list[str]:
+        """Stop taking work, ask running jobs to checkpoint and stop, wait for them (at most
+        ``timeout_s``); returns the jobs to resume later: those that stopped, and those still
+        running when the wait ended (their attempt is abandoned; the next start requeues it
+        from its last checkpoint). One that finished meanwhile is not among them."""
         self.accepting = False
         stopping = list(self.running)
         for running in self.running.values():
             running.context.request_stop(reason)
-        await self._idle.wait()
+        with anyio.move_on_after(timeout_s):
+            await self._idle.wait()
+        self.abandoned = list(self.running)
+        for job_id in self.abandoned:
+            log.error(
+                "job %s did not stop within %g s; it resumes from its last checkpoint at the"
+                " next start",
+                job_id,
+                timeout_s,
+            )
         return [job_id for job_id in stopping if not (await find_job(self.store, job_id)).terminal]
 
 

@@ -91,7 +91,7 @@ class Daemon:
                 tg.start_soon(self._watch, name="watcher")
                 tg.start_soon(self._obey_commands, start_seq, name="commands")
                 tg.start_soon(self._telemetry, name="telemetry")
-                tg.start_soon(watchdog_loop, self.notifier, name="watchdog")
+                tg.start_soon(watchdog_loop, self.notifier, self._hung, name="watchdog")
                 if self.settings.webhooks.url:
                     sender = WebhookSender(self.settings.webhooks, self.store)
                     tg.start_soon(sender.run, None, self.settings.poll_interval, name="webhooks")
@@ -147,8 +147,14 @@ class Daemon:
         log.info("stopping: %s", self._stop_reason)
         self.notifier.stopping("checkpointing running jobs before stopping")
         await self.store.append(DAEMON_STREAM, [DaemonStopping(reason=self._stop_reason)])
-        async with keep_extending_timeout(self.notifier, STOP_TIMEOUT_EXTENSION_S):
-            requeued = await self.scheduler.drain("daemon shutdown")
+        stall = self.settings.stall_after_s
+        async with keep_extending_timeout(
+            self.notifier,
+            STOP_TIMEOUT_EXTENSION_S,
+            progressing=lambda: not self.scheduler.stalled(stall),
+            limit_s=self.settings.stop_timeout_s,
+        ):
+            requeued = await self.scheduler.drain("daemon shutdown", self.settings.stop_timeout_s)
         await self.store.append(DAEMON_STREAM, [DaemonStopped(requeued=requeued)])
         log.info("stopped cleanly; %d job(s) will resume at next start", len(requeued))
         tg.cancel_scope.cancel()
@@ -187,6 +193,21 @@ class Daemon:
             await record_telemetry(self.store, sample, self.settings.telemetry_retention_s)
             self.notifier.status(self._status_text())
             await anyio.sleep(self.settings.telemetry_every_s)
+
+    def _hung(self) -> str | None:
+        """What makes the daemon hung, for the watchdog: a stage silent for stall_after_s."""
+        if not hasattr(self, "scheduler"):
+            return None
+        stalled = self.scheduler.stalled(self.settings.stall_after_s)
+        if not stalled:
+            return None
+        names = ", ".join(f"{r.job.stage} job {r.id}" for r in stalled)
+        return f"{names} made no progress for {self.settings.stall_after_s:g} s"
+
+    @property
+    def abandoned(self) -> list[str]:
+        """Jobs whose stage was still running when the shutdown stopped waiting for it."""
+        return self.scheduler.abandoned if hasattr(self, "scheduler") else []
 
     def _status_text(self) -> str:
         running = list(self.scheduler.running.values())

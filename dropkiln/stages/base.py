@@ -57,8 +57,15 @@ class StageContext(Protocol):
     def resume_state(self) -> dict[str, Any] | None:
         """The last checkpoint recorded for this job, or None for a fresh start."""
 
+    def checkpoint_unusable(self, checkpoint: str, reason: str, resumed_from_step: int) -> None:
+        """Record that a saved checkpoint could not be restored and where the stage went on."""
+
     def artifact(self, path: Path, kind: str) -> None:
-        """Record an output file (already written atomically)."""
+        """Record an output file (already written atomically), with its hash.
+
+        Idempotent: a file already recorded with the same content is not recorded again,
+        so a resumed stage reports every output it finds on disk, and a kill between a
+        write and its record loses nothing."""
 
     def should_stop(self) -> bool:
         """True once the job is cancelled or preempted: checkpoint and raise StageStopped."""
@@ -68,6 +75,10 @@ class StageContext(Protocol):
 
     def fault(self, point: str) -> None:
         """A named fault-injection point (``DROPKILN_FAULTS``); does nothing unless armed."""
+
+    def deferred_fault(self, point: str) -> str | None:
+        """A fault point whose fault fires elsewhere (a worker process): the fault due, if
+        any, for ``faults.fire`` there."""
 
 
 RunFn = Callable[[Any, StageContext], dict[str, Any]]
@@ -129,7 +140,24 @@ def atomic_path(target: Path) -> Iterator[Path]:
 
 def write_atomic(target: Path, data: bytes | str) -> Path:
     """Write bytes or text to ``target`` atomically (temp file + fsync + rename)."""
-    payload = data.encode() if isinstance(data, str) else data
     with atomic_path(target) as tmp:
-        tmp.write_bytes(payload)
+        write_file(tmp, data)
     return target
+
+
+def write_file(path: Path, data: bytes | str) -> None:
+    """Write a whole file (not atomically: for a temp or staging file).
+
+    Every file a stage writes goes through here, so a fault-injected full or failing disk
+    (``enospc``/``eio``) tears a real write: the file object's write puts half the bytes on
+    disk, then raises, as a write that runs out of room part-way does."""
+    from dropkiln.stages.faults import take_torn_write
+
+    payload = data.encode() if isinstance(data, str) else data
+    with open(path, "wb") as handle:
+        torn = take_torn_write()
+        if torn is not None:
+            handle.write(payload[: len(payload) // 2])
+            handle.flush()
+            raise torn
+        handle.write(payload)

@@ -8,19 +8,17 @@ cover the bucket and crops the centre, or a random box drawn from ``seed`` and t
 path (so a rerun crops the same way).
 
 It writes no pixels but decodes every image once (truncation shows only then) with
-``imaging.decode_rgb``, as the cache stage does, in a process pool (forkserver or spawn:
-the daemon has threads). A bad file is listed with its reason and never stops the
-dataset; a dataset without one usable image is a StageError."""
+``imaging.decode_rgb``, as the cache stage does, always in worker processes
+(``decode_pool``): a decoder that crashes costs that file, not the daemon. Files are read
+without following links and refused above ``max_file_bytes`` before they are read. A bad
+file is listed with its reason and never stops the dataset; a dataset without one usable
+image is a StageError."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
-import multiprocessing
-import os
-from collections import Counter, deque
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from concurrent.futures.process import BrokenProcessPool
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -33,10 +31,17 @@ from dropkiln.stages.base import (
     StageDef,
     StageError,
     StageSpec,
-    StageStopped,
     write_atomic,
 )
-from dropkiln.stages.dataset import CaptionError, read_caption, scan_dataset
+from dropkiln.stages.dataset import (
+    CaptionError,
+    UnsafeFile,
+    read_caption,
+    read_dataset_file,
+    scan_dataset,
+)
+from dropkiln.stages.decode_pool import run_in_pool, worker_count
+from dropkiln.stages.faults import fire
 from dropkiln.stages.imaging import (
     ImageRejected,
     Size,
@@ -48,13 +53,7 @@ from dropkiln.stages.imaging import (
 
 MANIFEST_NAME = "manifest.json"
 RESULT_REJECTIONS = 50
-STOP_CHECK_EVERY = 16
-"""Images between two ``should_stop`` checks; a rerun redoes at most this many (cheaply)."""
-IN_FLIGHT_PER_WORKER = 2
-"""Images queued per worker: enough to keep cores busy, few enough to stop quickly."""
-
-POOL_PAYS_OFF_AT = 32  # automatic workers: below this, starting a pool costs more than it saves
-WORKER_PRELOAD = ["numpy", "PIL.Image", "PIL.ImageCms", "PIL.PngImagePlugin", "pydantic_settings"]
+CRASHED = "the decoder crashed on this file"
 
 
 class BucketSpec(StageSpec):
@@ -110,6 +109,7 @@ class ManifestSettings(BaseModel):
     random_crop: bool
     max_pixels: int
     max_caption_bytes: int
+    max_file_bytes: int = BucketSettings.model_fields["max_file_bytes"].default
     seed: int
 
 
@@ -144,22 +144,30 @@ class BucketManifest(BaseModel):
 class ImageTask:
     """One image to plan; picklable, so it can go to a worker process."""
 
-    path: str
+    dataset_dir: str
     relative: str
     buckets: tuple[Size, ...]
     random_crop: bool
     seed: int
     max_pixels: int
     max_caption_bytes: int
+    max_file_bytes: int
+    fault: str | None = None
+    """A fault to fire in the worker while it decodes (``bucket.decode``; tests only)."""
 
 
 def plan_image(task: ImageTask) -> ManifestImage | Rejection:
-    """Decode, caption and plan one image; a file that cannot be used gives a Rejection."""
-    path = Path(task.path)
+    """Decode, caption and plan one image; a file that cannot be used gives a Rejection.
+
+    Runs in a decode worker process: the file's bytes are untrusted."""
+    folder = Path(task.dataset_dir)
     try:
-        data = path.read_bytes()
+        data = read_dataset_file(folder, task.relative, task.max_file_bytes)
+        fire(task.fault)
         decoded = decode_rgb(data, task.max_pixels)
-        caption = read_caption(path, task.max_caption_bytes)
+        caption = read_caption(folder / task.relative, task.max_caption_bytes, folder)
+    except UnsafeFile as exc:
+        return Rejection(path=task.relative, reason=str(exc))
     except (ImageRejected, CaptionError) as exc:
         return Rejection(path=task.relative, reason=str(exc))
     except OSError as exc:
@@ -198,16 +206,23 @@ def run_bucket(spec: BucketSpec, ctx: StageContext) -> dict[str, Any]:
     rejected = [
         Rejection(path=_relative(path, folder), reason=_unused_file_reason(path))
         for path in files.others
+    ] + [
+        Rejection(
+            path=_relative(path, folder), reason="a symbolic link; dropkiln does not follow links"
+        )
+        for path in files.links
     ]
+    skipped = len(rejected)
     tasks = [
         ImageTask(
-            path=str(path),
+            dataset_dir=str(folder),
             relative=_relative(path, folder),
             buckets=buckets,
             random_crop=spec.bucket.random_crop,
             seed=spec.seed,
             max_pixels=spec.bucket.max_pixels,
             max_caption_bytes=spec.bucket.max_caption_bytes,
+            max_file_bytes=spec.bucket.max_file_bytes,
         )
         for path in files.images
     ]
@@ -218,10 +233,18 @@ def run_bucket(spec: BucketSpec, ctx: StageContext) -> dict[str, Any]:
             images.append(outcome)
         else:
             rejected.append(outcome)
-        done = len(images) + len(rejected) - len(files.others)
+        done = len(images) + len(rejected) - skipped
         ctx.progress(done, len(tasks), images_ok=len(images), rejected=len(rejected))
 
-    _plan_all(tasks, _worker_count(spec.bucket.workers, len(tasks)), ctx, record)
+    def dispatch(task: ImageTask) -> ImageTask:
+        ctx.fault("bucket.image")
+        return dataclasses.replace(task, fault=ctx.deferred_fault("bucket.decode"))
+
+    def crashed(task: ImageTask) -> Rejection:
+        return Rejection(path=task.relative, reason=CRASHED)
+
+    workers = worker_count(spec.bucket.workers, len(tasks))
+    run_in_pool(tasks, plan_image, workers, ctx, record, crashed, dispatch)
     images.sort(key=lambda image: image.path)
     rejected.sort(key=lambda rejection: rejection.path)
     if not images:
@@ -243,123 +266,6 @@ def run_bucket(spec: BucketSpec, ctx: StageContext) -> dict[str, Any]:
         "buckets": manifest.buckets,
         "rejections": [item.model_dump() for item in rejected[:RESULT_REJECTIONS]],
     }
-
-
-def _plan_all(
-    tasks: list[ImageTask],
-    workers: int,
-    ctx: StageContext,
-    record: Callable[[ManifestImage | Rejection], None],
-) -> None:
-    stop_check = _StopCheck(ctx)
-    if workers <= 1:
-        for task in tasks:
-            stop_check.tick()
-            ctx.fault("bucket.image")
-            record(plan_image(task))
-        return
-    queue = deque(tasks)
-    while queue:
-        lost = _plan_in_pool(queue, workers, ctx, stop_check, record)
-        _plan_one_by_one(lost, record)
-
-
-def _plan_in_pool(
-    queue: deque[ImageTask],
-    workers: int,
-    ctx: StageContext,
-    stop_check: _StopCheck,
-    record: Callable[[ManifestImage | Rejection], None],
-) -> list[ImageTask]:
-    """Plan queued images in a process pool; if a worker dies, return the images it lost."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=_process_context())
-    in_flight: dict[Future[ManifestImage | Rejection], ImageTask] = {}
-    try:
-        while queue or in_flight:
-            while queue and len(in_flight) < IN_FLIGHT_PER_WORKER * workers:
-                stop_check.tick()
-                ctx.fault("bucket.image")
-                task = queue.popleft()
-                in_flight[pool.submit(plan_image, task)] = task
-            finished, _ = wait(in_flight, return_when=FIRST_COMPLETED)
-            for future in finished:
-                if future.exception() is not None:
-                    return _salvage(in_flight, record)
-                record(future.result())
-                del in_flight[future]
-        return []
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _salvage(
-    in_flight: dict[Future[ManifestImage | Rejection], ImageTask],
-    record: Callable[[ManifestImage | Rejection], None],
-) -> list[ImageTask]:
-    """After a worker died: keep what finished, return the rest (the culprit among them)."""
-    wait(in_flight)
-    lost = []
-    for future, task in in_flight.items():
-        error = future.exception()
-        if error is None:
-            record(future.result())
-        elif isinstance(error, BrokenProcessPool):
-            lost.append(task)
-        else:
-            raise error
-    return lost
-
-
-def _plan_one_by_one(
-    tasks: list[ImageTask], record: Callable[[ManifestImage | Rejection], None]
-) -> None:
-    """Plan images one at a time in a one-process pool, so a decoder crash names its file."""
-    pool: ProcessPoolExecutor | None = None
-    try:
-        for task in tasks:
-            pool = pool or ProcessPoolExecutor(max_workers=1, mp_context=_process_context())
-            try:
-                record(pool.submit(plan_image, task).result())
-            except BrokenProcessPool:
-                record(Rejection(path=task.relative, reason="the decoder crashed on this file"))
-                pool.shutdown(wait=True)
-                pool = None
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True)
-
-
-class _StopCheck:
-    """Calls ``should_stop`` before the first image and then every STOP_CHECK_EVERY images."""
-
-    def __init__(self, ctx: StageContext) -> None:
-        self.ctx = ctx
-        self.count = 0
-
-    def tick(self) -> None:
-        if self.count % STOP_CHECK_EVERY == 0 and self.ctx.should_stop():
-            raise StageStopped(f"bucketing stopped after {self.count} images")
-        self.count += 1
-
-
-def _process_context() -> multiprocessing.context.BaseContext:
-    if "forkserver" in multiprocessing.get_all_start_methods():
-        context = multiprocessing.get_context("forkserver")
-        # Workers fork with the heavy libraries already imported. Not dropkiln itself: the
-        # fork server does not get our sys.path, so it could find another copy of dropkiln.
-        # (Takes effect only if the fork server is not running yet.)
-        context.set_forkserver_preload(WORKER_PRELOAD)
-        return context
-    return multiprocessing.get_context("spawn")
-
-
-def _worker_count(configured: int, images: int) -> int:
-    if configured == 0:
-        if images < POOL_PAYS_OFF_AT:
-            return 1
-        configured = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 0
-        configured = configured or os.cpu_count() or 1
-    return max(1, min(configured, images))
 
 
 def _relative(path: Path, folder: Path) -> str:

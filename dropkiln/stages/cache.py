@@ -38,6 +38,8 @@ TEXT_BATCH = 16
 class CacheSpec(StageSpec):
     name: str
     model: str = "tiny-sdxl"
+    vae: str = ""
+    """A standalone VAE file in place of the model's own ("": none)."""
     flip_augment: bool = False
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = "auto"
     """Weights and shard dtype; auto is fp32 on the CPU, bf16 (else fp16) on CUDA."""
@@ -62,7 +64,7 @@ def run_cache(spec: CacheSpec, ctx: StageContext) -> dict[str, Any]:
     manifest = read_manifest(ctx.upstream("bucket")["manifest"])
     if not manifest.images:
         raise StageError(f"dataset {manifest.name} has no usable images to cache")
-    ref = resolve_model(spec.model, ctx.root / "state" / "models")
+    ref = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
     dtype = compute_dtype(ctx.device, spec.dtype)
     store = ShardStore(ctx.root / "state" / "cache")
     dtype_name = str(dtype).removeprefix("torch.")
@@ -127,7 +129,15 @@ def _encode_images(
     for item in todo:
         by_bucket[item[0].bucket].append(item)
     done = 0
-    with vae_for_encoding(pipe, tiled=bool(rung.get("vae_tiling"))) as vae:
+    from dropkiln.stages.fault_hooks import inside, middle_block
+
+    def in_encode() -> None:
+        ctx.fault("cache.encode")
+
+    with (
+        vae_for_encoding(pipe, tiled=bool(rung.get("vae_tiling"))) as vae,
+        inside(middle_block(vae.encoder), in_encode),
+    ):
         for bucket in sorted(by_bucket):
             items = by_bucket[bucket]
             for start in range(0, len(items), vae_batch):

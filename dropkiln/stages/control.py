@@ -137,12 +137,28 @@ def control_pipeline(pipe: Any, controlnet: Any) -> Any:
     return control
 
 
+CONTROL_MAX_BYTES = 256 * 2**20
+
+
+def read_control_bytes(path: str | Path) -> bytes:
+    """A control image's bytes, read without following a link (the prompt folder sits in
+    ``processed/``, where whoever dropped it may still write)."""
+    from dropkiln.stages.dataset import read_dataset_file
+
+    path = Path(path)
+    return read_dataset_file(path.parent, path.name, CONTROL_MAX_BYTES)
+
+
 def load_control_image(path: str, where: str) -> Any:
     """The control image as RGB, or a StageError naming the entry."""
+    import io
+
     from PIL import Image, UnidentifiedImageError
 
+    from dropkiln.stages.dataset import UnsafeFile
+
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(read_control_bytes(path))) as img:
             return img.convert("RGB")
-    except (OSError, UnidentifiedImageError) as exc:
+    except (OSError, UnidentifiedImageError, UnsafeFile) as exc:
         raise StageError(f"{where}: control image {Path(path).name} cannot be read: {exc}") from exc

@@ -5,8 +5,13 @@ Folder rules (the same for listing, hashing and bucketing):
 - Images are found at the top level and in subfolders, sorted by relative path, so the
   order never depends on the filesystem.
 - Hidden files and folders (a leading dot, e.g. ``.DS_Store``, AppleDouble ``._x.jpg``)
-  and ``__MACOSX`` folders are ignored. Symlinked files are read (whoever drops a folder
-  can already read what it links to); symlinked folders are not walked (no cycles).
+  and ``__MACOSX`` folders are ignored.
+- No link is ever followed, wherever it points (even at a file of the same dataset: a copy
+  costs nothing, and "inside" checked before reading could change before the read). Ingest
+  refuses a dataset with a link in it; a link that appears later (the dropper may still
+  write to ``processed/ID-NAME``) makes that one file rejected. Stages open dataset files
+  with ``open_dataset_file``: every folder on the way and the file itself with
+  ``O_NOFOLLOW``, relative to the dataset folder's descriptor, so no swap races the check.
 - Captions are same-stem ``.txt`` (preferred) or ``.caption`` files in UTF-8 (a BOM is
   allowed). A caption that is not UTF-8 rejects its image instead of guessing an encoding:
   tags decoded with the wrong code page would train the wrong tokens without a word.
@@ -29,7 +34,7 @@ import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
@@ -44,7 +49,7 @@ IMAGE_SUFFIXES = frozenset(
 )
 IGNORED_FOLDERS = frozenset({"__MACOSX"})
 
-DAEMON_LIMITS = frozenset({"max_pixels", "max_caption_bytes", "workers"})
+DAEMON_LIMITS = frozenset({"max_pixels", "max_caption_bytes", "max_file_bytes", "workers"})
 """Bucket settings that guard the daemon; only dropkiln.toml may change them."""
 
 ZIP_MAX_FILES = 20_000
@@ -60,6 +65,67 @@ class CaptionError(Exception):
     """The caption file cannot be used; the message is the reason its image is rejected."""
 
 
+class UnsafeFile(Exception):
+    """A dataset file that is not read: a link, not a regular file, or too large."""
+
+
+def open_dataset_file(folder: Path, relative: str) -> int:
+    """A read-only descriptor of the regular file ``folder/relative``, reached without
+    following a link: the folder, each subfolder and the file are opened ``O_NOFOLLOW``,
+    each relative to the one before. UnsafeFile if any of them is a link or the file is
+    not a regular file (a FIFO would block a reader forever)."""
+    parts = Path(relative).parts
+    if not parts or Path(relative).is_absolute() or ".." in parts:
+        raise UnsafeFile(f"{relative} is not a path inside the dataset")
+    folder_flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        directory = os.open(folder, folder_flags)
+    except OSError as exc:
+        raise _unsafe(exc, folder.name) from exc
+    try:
+        for depth, part in enumerate(parts[:-1]):
+            try:
+                inner = os.open(part, folder_flags, dir_fd=directory)
+            except OSError as exc:
+                raise _unsafe(exc, "/".join(parts[: depth + 1])) from exc
+            os.close(directory)
+            directory = inner
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+        try:
+            fd = os.open(parts[-1], flags, dir_fd=directory)
+        except OSError as exc:
+            raise _unsafe(exc, relative) from exc
+    finally:
+        os.close(directory)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UnsafeFile(f"{relative} is not a regular file; not read")
+    return fd
+
+
+def read_dataset_file(folder: Path, relative: str, max_bytes: int) -> bytes:
+    """The bytes of a dataset file (``open_dataset_file``), refused above ``max_bytes``
+    before anything is read."""
+    fd = open_dataset_file(folder, relative)
+    with os.fdopen(fd, "rb") as handle:
+        size = os.fstat(handle.fileno()).st_size
+        if size > max_bytes:
+            raise UnsafeFile(f"{size} bytes, over max_file_bytes={max_bytes}; not read")
+        chunks, total = [], 0
+        while chunk := handle.read(min(max(size, 1), _COPY_CHUNK * 64)):
+            chunks.append(chunk)
+            total += len(chunk)
+            if total > max_bytes:  # it grew while being read
+                raise UnsafeFile(f"over max_file_bytes={max_bytes}; not read")
+    return b"".join(chunks)
+
+
+def _unsafe(exc: OSError, name: str) -> Exception:
+    if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+        return UnsafeFile(f"{name} is a symbolic link; dropkiln does not follow links")
+    return exc
+
+
 @dataclass(frozen=True)
 class DatasetFiles:
     """What a dataset folder holds, each list sorted by relative path."""
@@ -67,19 +133,22 @@ class DatasetFiles:
     images: list[Path]
     others: list[Path]
     """Neither image, caption nor dataset.toml: not used, reported to the user."""
+    links: list[Path]
+    """Symbolic links (to files or folders): never followed, reported to the user."""
 
 
 def scan_dataset(folder: Path) -> DatasetFiles:
-    """List a dataset folder's image files and its files that are not used."""
+    """List a dataset folder's image files, its files that are not used and its links."""
     images: list[Path] = []
     others: list[Path] = []
-    for path in _dataset_files(folder):
+    links: list[Path] = []
+    for path in _dataset_files(folder, links):
         suffix = path.suffix.lower()
         if suffix in IMAGE_SUFFIXES:
             images.append(path)
         elif suffix not in CAPTION_SUFFIXES and path.relative_to(folder) != Path(OPTIONS_FILE):
             others.append(path)
-    return DatasetFiles(images, others)
+    return DatasetFiles(images, others, sorted(links))
 
 
 def find_images(folder: Path) -> list[Path]:
@@ -91,23 +160,33 @@ def caption_path(image_path: Path) -> Path | None:
     """The caption file of an image (same stem, .txt before .caption), if there is one."""
     for suffix in CAPTION_SUFFIXES:
         candidate = image_path.with_suffix(suffix)
-        if candidate.is_file():
+        if candidate.is_file() or candidate.is_symlink():
             return candidate
     return None
 
 
-def read_caption(image_path: Path, max_bytes: int) -> str:
-    """The caption of an image ("" without one); CaptionError if it cannot be used."""
+def read_caption(image_path: Path, max_bytes: int, folder: Path | None = None) -> str:
+    """The caption of an image ("" without one); CaptionError if it cannot be used.
+
+    With ``folder`` (the dataset folder ``image_path`` is in), the caption is opened as
+    every dataset file a stage reads is: without following links."""
     path = caption_path(image_path)
     if path is None:
         return ""
     try:
-        with open(path, "rb") as handle:
-            raw = handle.read(max_bytes + 1)
+        if folder is None:
+            with open(path, "rb") as handle:
+                raw = handle.read(max_bytes + 1)
+        else:
+            fd = open_dataset_file(folder, path.relative_to(folder).as_posix())
+            with os.fdopen(fd, "rb") as handle:
+                raw = handle.read(max_bytes + 1)
+    except UnsafeFile as exc:
+        raise CaptionError(f"caption {path.name}: {exc}") from exc
     except OSError as exc:
         raise CaptionError(f"caption {path.name} is unreadable: {exc.strerror}") from exc
     if len(raw) > max_bytes:
-        size = path.stat().st_size
+        size = path.lstat().st_size
         raise CaptionError(
             f"caption {path.name} is {size} bytes, over max_caption_bytes={max_bytes}"
         )
@@ -123,15 +202,25 @@ def read_caption(image_path: Path, max_bytes: int) -> str:
     return " ".join(text.split())
 
 
-def load_dataset_options(
-    folder: Path, settings: Settings
-) -> tuple[str, BucketSettings, TrainSettings]:
-    """(model, bucket, train) for a dataset: dropkiln.toml defaults, then its dataset.toml."""
+class DatasetOptions(NamedTuple):
+    """What a dataset trains with: dropkiln.toml defaults, then its dataset.toml."""
+
+    model: str
+    bucket: BucketSettings
+    train: TrainSettings
+    vae: str = ""
+
+
+def load_dataset_options(folder: Path, settings: Settings) -> DatasetOptions:
+    """(model, bucket, train, vae) for a dataset: dropkiln.toml defaults, then its dataset.toml."""
     path = folder / OPTIONS_FILE
     if not path.is_file():
-        return settings.model, settings.bucket.model_copy(), settings.train.model_copy()
+        return DatasetOptions(
+            settings.model, settings.bucket.model_copy(), settings.train.model_copy(), settings.vae
+        )
     table = _read_toml(path)
     model = settings.model
+    vae = settings.vae
     bucket_overrides: dict[str, Any] = {}
     train_overrides: dict[str, Any] = {}
     for key, value in table.items():
@@ -139,6 +228,12 @@ def load_dataset_options(
             if not isinstance(value, str) or not value.strip():
                 raise StageError(f"{path}: model should be a non-empty string, got {value!r}")
             model = value.strip()
+        elif key == "vae":
+            if not isinstance(value, str):
+                raise StageError(
+                    f"{path}: vae should be a string (a .safetensors path), got {value!r}"
+                )
+            vae = value.strip()
         elif key in DAEMON_LIMITS:
             raise StageError(
                 f"{path}: {key!r} is a daemon limit; set it in dropkiln.toml [bucket], not here"
@@ -155,16 +250,17 @@ def load_dataset_options(
         raise StageError(
             f"{path}: min_side ({bucket.min_side}) is larger than max_side ({bucket.max_side})"
         )
-    return model, bucket, train
+    return DatasetOptions(model, bucket, train, vae)
 
 
 def dataset_hash(folder: Path) -> str:
     """sha256 over the sorted relative paths and bytes of every file the dataset uses."""
     digest = hashlib.sha256()
     for path in _dataset_files(folder):
-        relative = path.relative_to(folder).as_posix().encode()
-        with open(path, "rb") as handle:
+        name = path.relative_to(folder).as_posix()
+        with os.fdopen(open_dataset_file(folder, name), "rb") as handle:
             content = hashlib.file_digest(handle, "sha256").digest()
+        relative = name.encode()
         digest.update(len(relative).to_bytes(8, "big") + relative + content)
     return digest.hexdigest()
 
@@ -210,8 +306,9 @@ def extract_zip_safely(
     return _single_top_folder(dest)
 
 
-def _dataset_files(folder: Path) -> Iterator[Path]:
-    """Every used regular file under folder (hidden and junk skipped), sorted by relative path."""
+def _dataset_files(folder: Path, links: list[Path] | None = None) -> Iterator[Path]:
+    """Every used regular file under folder (hidden and junk skipped), sorted by relative path;
+    links (never followed) are left out, or put in ``links``."""
     if not folder.is_dir():
         raise StageError(f"dataset folder {folder} does not exist or is not a folder")
     found: list[tuple[str, Path]] = []
@@ -219,11 +316,15 @@ def _dataset_files(folder: Path) -> Iterator[Path]:
         subfolders[:] = [
             name for name in subfolders if not name.startswith(".") and name not in IGNORED_FOLDERS
         ]
-        for name in names:
+        for name in [*names, *(d for d in subfolders if Path(directory, d).is_symlink())]:
             path = Path(directory, name)
-            if name.startswith(".") or not path.is_file():
+            if name.startswith(".") or name in IGNORED_FOLDERS:
                 continue
-            found.append((path.relative_to(folder).as_posix(), path))
+            if path.is_symlink():
+                if links is not None:
+                    links.append(path)
+            elif path.is_file():
+                found.append((path.relative_to(folder).as_posix(), path))
     found.sort()
     return (path for _, path in found)
 
@@ -242,7 +343,7 @@ def _read_toml(path: Path) -> dict[str, Any]:
 def _unknown_key_message(path: Path, key: str) -> str:
     if key in ("bucket", "train", "generate"):
         return f"{path}: unknown key {key!r}: keys are flat (write steps = 2000, not [train])"
-    known = ["model", *BucketSettings.model_fields, *TrainSettings.model_fields]
+    known = ["model", "vae", *BucketSettings.model_fields, *TrainSettings.model_fields]
     known = [name for name in known if name not in DAEMON_LIMITS]
     close = difflib.get_close_matches(key, known, n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""

@@ -10,6 +10,8 @@ from typing import Any
 
 import psutil
 
+from dropkiln.stages.oom import is_out_of_memory as is_out_of_memory
+
 
 def resolve_device(requested: str = "auto") -> str:
     """``auto`` becomes ``cuda`` when a GPU is usable, else ``cpu``."""
@@ -76,9 +78,3 @@ def release_memory(device: str) -> None:
         torch.cuda.synchronize()
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-
-
-def is_out_of_memory(exc: BaseException) -> bool:
-    """True for torch's OOM error, without importing torch when it was never loaded."""
-    torch = sys.modules.get("torch")
-    return bool(torch is not None and isinstance(exc, torch.OutOfMemoryError))

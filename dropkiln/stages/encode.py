@@ -3,11 +3,22 @@
 from __future__ import annotations
 
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
-from dropkiln.stages.base import StageError, atomic_path
+from dropkiln.stages.base import StageError, StageStopped, atomic_path
 
 FRAME_PATTERN = "%06d.png"
+POLL_S = 0.25
+"""How often a running encode looks for a stop request."""
+
+
+def encode_timeout(frames: int) -> float:
+    """Seconds an encode of ``frames`` frames may take before it counts as hung: a minute,
+    plus a second a frame (libx264 "medium" does tens of 1080p frames a second on a CPU)."""
+    return 60.0 + frames
+
 
 # H.264 in yuv420p is what every browser and phone plays; +faststart puts the index first
 # so it streams. The palette pass keeps GIF colours from banding.
@@ -32,8 +43,19 @@ def ffmpeg_exe() -> str:
     return str(imageio_ffmpeg.get_ffmpeg_exe())
 
 
-def encode_frames(frames_dir: Path, fps: int, video_format: str, target: Path) -> Path:
-    """Encode ``frames_dir/000000.png …`` at ``fps`` into ``target``, atomically."""
+def encode_frames(
+    frames_dir: Path,
+    fps: int,
+    video_format: str,
+    target: Path,
+    timeout_s: float = 600.0,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Path:
+    """Encode ``frames_dir/000000.png …`` at ``fps`` into ``target``, atomically.
+
+    Bounded: ffmpeg is killed after ``timeout_s`` (StageError), or at once when
+    ``should_stop`` turns true (StageStopped; the frames stay, a rerun encodes again), so a
+    hung ffmpeg can hold neither the job nor a daemon shutdown."""
     with atomic_path(target) as tmp:
         command = [
             ffmpeg_exe(),
@@ -46,8 +68,31 @@ def encode_frames(frames_dir: Path, fps: int, video_format: str, target: Path) -
             *CODEC_ARGS[video_format],
             str(tmp),
         ]  # fmt: skip
-        done = subprocess.run(command, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            detail = done.stderr.strip().splitlines()[-1:] or ["no output"]
+        returncode, stderr = _run_bounded(command, timeout_s, should_stop, video_format)
+        if returncode != 0:
+            detail = stderr.strip().splitlines()[-1:] or ["no output"]
             raise StageError(f"ffmpeg could not encode the {video_format}: {detail[0]}")
     return target
+
+
+def _run_bounded(
+    command: list[str], timeout_s: float, should_stop: Callable[[], bool], what: str
+) -> tuple[int, str]:
+    deadline = time.monotonic() + timeout_s
+    with subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    ) as process:
+        while True:
+            try:
+                _, stderr = process.communicate(timeout=POLL_S)
+                return process.returncode, stderr
+            except subprocess.TimeoutExpired:
+                pass
+            if should_stop():
+                process.kill()
+                process.communicate()
+                raise StageStopped(f"encoding the {what} stopped (the frames are kept)")
+            if time.monotonic() > deadline:
+                process.kill()
+                process.communicate()
+                raise StageError(f"ffmpeg did not finish the {what} within {timeout_s:g} s")

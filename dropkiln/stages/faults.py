@@ -2,8 +2,14 @@
 
 ``DROPKILN_FAULTS`` is a comma-separated list of ``KIND@POINT[:WHEN]``:
 
-- KIND: ``oom`` raises the real ``torch.OutOfMemoryError``; ``enospc`` raises
-  ``OSError(ENOSPC)`` (a full disk); ``kill`` sends SIGKILL to this process.
+- KIND: ``oom`` raises the real ``torch.OutOfMemoryError``; the ``oom-…`` kinds raise the
+  other forms a real allocation failure takes (``OOM_FORMS``: the exception class and
+  message CUDA, cuBLAS, cuDNN and the CPU allocators really produce); ``enospc`` (a full
+  disk) and ``eio`` (a failing disk) tear the next file write this thread makes: half the
+  bytes land, then the write call raises ``OSError(ENOSPC)`` or ``OSError(EIO)``, as a real
+  one does part-way through a file; ``kill`` sends SIGKILL to this process; ``crash``
+  aborts the process doing the work (``os.abort()``, as a crashing decoder would), which
+  for ``bucket.decode`` is the decode worker, not the daemon.
 - POINT: a name a stage passes to ``ctx.fault()``, e.g. ``train.step``, ``cache.batch``,
   ``generate.step``, ``generate.decode``, ``bucket.image``, ``video.frame``.
 - WHEN: ``N`` fires on the N-th time the point is reached in this process (once);
@@ -18,7 +24,41 @@ import signal
 import threading
 from dataclasses import dataclass
 
-KINDS = ("oom", "enospc", "kill")
+OOM_FORMS: dict[str, tuple[str, str]] = {
+    # kind: (exception class, message as the library words it)
+    "oom-cuda": ("RuntimeError", "CUDA out of memory. Tried to allocate 20.00 MiB"),
+    "oom-cuda-error": ("AcceleratorError", "CUDA error: out of memory"),
+    "oom-cublas": (
+        "RuntimeError",
+        "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+    ),
+    "oom-cudnn": (
+        "RuntimeError",
+        "cuDNN error: CUDNN_STATUS_NOT_SUPPORTED. This error may appear if you passed in a"
+        " non-contiguous input.",
+    ),
+    "oom-cudnn-alloc": ("RuntimeError", "cuDNN error: CUDNN_STATUS_ALLOC_FAILED"),
+    "oom-cpu": (
+        "RuntimeError",
+        "[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate"
+        " memory: you tried to allocate 1073741824 bytes. Error code 12 (Cannot allocate memory)",
+    ),
+    "oom-python": ("MemoryError", ""),
+}
+KINDS = ("oom", *OOM_FORMS, "enospc", "eio", "kill", "crash")
+TORN_WRITES = {
+    "enospc": (errno.ENOSPC, "No space left on device"),
+    "eio": (errno.EIO, "Input/output error"),
+}
+
+_torn = threading.local()
+
+
+def take_torn_write() -> OSError | None:
+    """The error an armed ``enospc``/``eio`` fault makes this thread's next write raise (once)."""
+    error: OSError | None = getattr(_torn, "error", None)
+    _torn.error = None
+    return error
 
 
 class FaultSpecError(ValueError):
@@ -69,16 +109,36 @@ class FaultInjector:
         return bool(self.faults)
 
     def hit(self, point: str) -> None:
+        due = self._due(point)
+        if due is not None:
+            _fire(*due)
+
+    def deferred(self, point: str) -> str | None:
+        """Count a hit like ``hit`` but return the fault due (``KIND@POINT (hit N)``) instead of
+        firing it, for the caller to fire where the work really runs (``fire``)."""
+        due = self._due(point)
+        return None if due is None else f"{due[0].kind}@{point} (hit {due[1]})"
+
+    def _due(self, point: str) -> tuple[Fault, int] | None:
         if not self.faults:
-            return
+            return None
         with self._lock:
             count = self.hits.get(point, 0) + 1
             self.hits[point] = count
             due = [f for f in self.faults if f.point == point and f.fires_on(count)]
-            if due:
-                self.fired.append((due[0].kind, point, count))
-        if due:
-            _fire(due[0], count)
+            if not due:
+                return None
+            self.fired.append((due[0].kind, point, count))
+        return due[0], count
+
+
+def fire(deferred: str | None) -> None:
+    """Fire a fault returned by ``FaultInjector.deferred`` (in this process); None does nothing."""
+    if deferred is None:
+        return
+    kind, _, rest = deferred.partition("@")
+    point, _, hit = rest.partition(" (hit ")
+    _fire(Fault(kind, point, 1, False), int(hit.rstrip(")")))
 
 
 def _fire(fault: Fault, hit: int) -> None:
@@ -87,6 +147,24 @@ def _fire(fault: Fault, hit: int) -> None:
         import torch
 
         raise torch.OutOfMemoryError(f"CUDA out of memory: {where}")
-    if fault.kind == "enospc":
-        raise OSError(errno.ENOSPC, f"No space left on device: {where}")
+    if fault.kind in OOM_FORMS:
+        raise oom_error(fault.kind, where)
+    if fault.kind in TORN_WRITES:
+        code, text = TORN_WRITES[fault.kind]
+        _torn.error = OSError(code, f"{text}: {where}")
+        return
+    if fault.kind == "crash":
+        os.abort()
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def oom_error(kind: str, where: str) -> BaseException:
+    """The exception a real allocation failure of that form raises, naming ``where``."""
+    class_name, message = OOM_FORMS[kind]
+    if class_name == "MemoryError":
+        return MemoryError(where)
+    if class_name == "AcceleratorError":
+        import torch
+
+        return torch.AcceleratorError(f"{message} ({where})")
+    return RuntimeError(f"{message} ({where})")

@@ -43,6 +43,8 @@ class GenerateSpec(StageSpec):
     name: str
     """The output stem: images go to ``output_dir`` (ROOT/outputs/images/STEM)."""
     model: str
+    vae: str = ""
+    """A standalone VAE file in place of the model's own ("": none)."""
     prompt_file: PromptFile
     """The validated prompt file (control image paths absolute)."""
     loras: list[LoraFile] = Field(default_factory=list)
@@ -72,7 +74,7 @@ def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
     tasks = expand_jobs(spec.prompt_file)
     output_dir = Path(spec.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model = resolve_model(spec.model, ctx.root / "state" / "models")
+    model = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
     for lora in spec.loras:
         if not Path(lora.path).is_file():
             raise StageError(f"LoRA {lora.name}: file {lora.path} is missing")

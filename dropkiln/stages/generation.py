@@ -15,11 +15,12 @@ from dropkiln.stages.control import (
     controlnet_folder,
     load_control_image,
     load_controlnet,
+    read_control_bytes,
 )
 from dropkiln.stages.inference_memory import apply_rung, undo_rung
 from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
 from dropkiln.stages.models.hashes import checkpoint_hashes
-from dropkiln.stages.models.refs import file_sha256, safetensors_data_sha256
+from dropkiln.stages.models.refs import safetensors_data_sha256
 from dropkiln.stages.pngmeta import (
     a1111_parameters,
     latent_preview,
@@ -86,11 +87,14 @@ class GenerationRun:
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
         """LoRAs loaded for the job; afterwards the warm pipeline is as it was."""
+        from dropkiln.stages.fault_hooks import inside, middle_block
+
         original_scheduler = pipe.scheduler
         self._base, self._base_scheduler_config = pipe, original_scheduler.config
         try:
             self._load_loras(pipe)
-            yield
+            with inside(middle_block(pipe.vae.decoder), self._in_decode):
+                yield
         finally:
             self._deactivate()
             pipe.scheduler = original_scheduler
@@ -105,6 +109,8 @@ class GenerationRun:
             paths.append(target)
             record = self.image_record(task)
             if _finished(target, record["digest"]):
+                # recorded again from the file: a kill may have come before its record
+                self.ctx.artifact(target, "image")
                 self._skip(task.steps)
                 continue
             self._stop_point("images", position)
@@ -159,7 +165,9 @@ class GenerationRun:
         if task.control is not None:
             control_file = Path(task.control.image)
             image["control"]["image"] = control_file.name
-            image["control"]["sha256"] = file_sha256(control_file)
+            image["control"]["sha256"] = hashlib.sha256(
+                read_control_bytes(control_file)
+            ).hexdigest()
         content = {"image": image, "model": self._model_record(), "loras": self.lora_records}
         return self._sealed(content)
 
@@ -202,6 +210,7 @@ class GenerationRun:
     ) -> None:
         self.ctx.fault("generate.image")
         write_png(image, target, png_info(parameters, record))
+        self.ctx.fault("generate.written")
         self.rendered += 1
         if artifact_kind:
             self.ctx.artifact(target, artifact_kind)
@@ -235,11 +244,13 @@ class GenerationRun:
                 # the pipeline skips its remaining steps; the image is then thrown away
                 pipe._interrupt = True
                 self._stopping = True
-            elif step == pipe.num_timesteps - 1:
-                self.ctx.fault("generate.decode")
             return {}
 
         return on_step_end
+
+    def _in_decode(self) -> None:
+        # inside the VAE decode, half-way through its decoder: where a decode runs out of memory
+        self.ctx.fault("generate.decode")
 
     def _write_preview(self, pipe: Any, latents: Any) -> None:
         target = self.output_dir / "preview.png"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from collections.abc import Sequence
@@ -11,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
-from dropkiln.stages.base import atomic_path
+from dropkiln.stages.base import write_atomic
 from dropkiln.stages.prompts import ImageTask
 from dropkiln.stages.schedulers import a1111_sampler
 
@@ -112,9 +113,9 @@ def write_png(
     image: Image.Image, target: Path, info: PngInfo | None = None, compress_level: int = 6
 ) -> Path:
     """Save a PNG atomically; the same pixels and chunks always give the same bytes."""
-    with atomic_path(target) as tmp:
-        image.save(tmp, format="PNG", pnginfo=info, compress_level=compress_level)
-    return target
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
+    return write_atomic(target, buffer.getvalue())
 
 
 def read_png_text(path: Path) -> dict[str, str]:

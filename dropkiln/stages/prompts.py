@@ -150,6 +150,7 @@ class PromptFile(FileModel):
     """A validated prompt file: every entry complete, control images resolved."""
 
     model: str | None = None
+    vae: str | None = None
     loras: list[LoraRef] = Field(default_factory=list)
     defaults: ImageDefaults = Field(default_factory=ImageDefaults)
     images: list[ImageEntry] = Field(min_length=1)
@@ -198,6 +199,7 @@ class _RawFile(FileModel):
     """The top level as written; entries are checked one by one afterwards."""
 
     model: Annotated[str, Field(min_length=1)] | None = None
+    vae: Annotated[str, Field(min_length=1)] | None = None
     loras: list[LoraRef] = Field(default_factory=list)
     defaults: dict[str, Any] = Field(default_factory=dict)
     image: list[dict[str, Any]] = Field(default_factory=list)
@@ -263,6 +265,7 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
         raise StageError(f"{label}: {total:,} images in all; at most {MAX_IMAGES:,} per file")
     prompt_file = PromptFile(
         model=top.model,
+        vae=top.vae,
         loras=top.loras,
         defaults=defaults,
         images=images,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,9 @@ class LocalContext:
     progress_log: list[tuple[int, int, dict[str, Any]]] = field(default_factory=list)
     checkpoints: list[dict[str, Any]] = field(default_factory=list)
     artifacts: list[tuple[Path, str]] = field(default_factory=list)
+    unusable: list[tuple[str, str, int]] = field(default_factory=list)
     _stop_calls: int = 0
+    _recorded: dict[Path, str] = field(default_factory=dict)
 
     def progress(self, done: int, total: int, **metrics: Any) -> None:
         self.progress_log.append((done, total, metrics))
@@ -39,8 +42,14 @@ class LocalContext:
     def resume_state(self) -> dict[str, Any] | None:
         return self.saved
 
+    def checkpoint_unusable(self, checkpoint: str, reason: str, resumed_from_step: int) -> None:
+        self.unusable.append((checkpoint, reason, resumed_from_step))
+
     def artifact(self, path: Path, kind: str) -> None:
-        self.artifacts.append((Path(path), kind))
+        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        if self._recorded.get(Path(path)) != digest:  # idempotent, as the daemon's
+            self._recorded[Path(path)] = digest
+            self.artifacts.append((Path(path), kind))
 
     def should_stop(self) -> bool:
         self._stop_calls += 1
@@ -51,3 +60,6 @@ class LocalContext:
 
     def fault(self, point: str) -> None:
         self.faults.hit(point)
+
+    def deferred_fault(self, point: str) -> str | None:
+        return self.faults.deferred(point)

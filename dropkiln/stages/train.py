@@ -7,8 +7,9 @@ predict, loss, step.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
@@ -24,10 +25,15 @@ from dropkiln.stages.training.exports import step_loras
 from dropkiln.stages.training.loop import Plan, TrainingLoop
 from dropkiln.stages.training.report import CONTACT_SHEET
 
+if TYPE_CHECKING:
+    from dropkiln.stages.models import ModelRef
+
 
 class TrainSpec(StageSpec):
     name: str
     model: str = "tiny-sdxl"
+    vae: str = ""
+    """A standalone VAE file (validation images decode with it; the cache encoded with it)."""
     options: TrainSettings = Field(default_factory=TrainSettings)
     output_dir: str
     """ROOT/outputs/loras/NAME; the LoRA is written to OUTPUT_DIR/NAME.safetensors."""
@@ -52,17 +58,19 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     _check_options(options)
     plan = _plan(options, STAGE.rung(ctx.memory_rung).options, ctx.device)
     index = read_index(ctx.upstream("cache")["index"])
-    ref = resolve_model(spec.model, ctx.root / "state" / "models")
+    ref = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
     if index["model"]["fingerprint"] != ref.fingerprint:
         raise StageError(
             f"the latent cache was made for model {index['model']['name']}, not {spec.model}"
         )
+    check_prediction(ref, options)
     pipe = shared_pipelines().get(ref, ctx.device, plan.weight_dtype)
     seed_everything(options.seed)
     with lora_adapters(pipe, options, plan.gradient_checkpointing) as models:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
-        session = TrainingSession.start(models, options, ctx.device, plan.fp16)
-        _resume(session, ctx)
+        session = _resume(
+            lambda: TrainingSession.start(models, options, ctx.device, plan.fp16), ctx
+        )
         order = DataOrder(dataset.buckets(), options.batch_size, options.seed)
         exports = LoraExports(
             name=spec.name,
@@ -105,6 +113,15 @@ def _check_options(options: TrainSettings) -> None:
         )
 
 
+def check_prediction(ref: ModelRef, options: TrainSettings) -> None:
+    """A LoRA of a v-prediction checkpoint must be trained on v targets too."""
+    if ref.prediction == "v_prediction" and options.prediction_type != "v_prediction":
+        raise StageError(
+            f"model {ref.path.name} is a v-prediction checkpoint (the file says so); "
+            'set prediction_type = "v_prediction" in dataset.toml'
+        )
+
+
 def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     import torch
 
@@ -135,19 +152,38 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     )
 
 
-def _resume(session: Any, ctx: StageContext) -> None:
-    from safetensors import SafetensorError
+def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
+    """A session restored from the newest usable checkpoint, or a fresh one.
+
+    A checkpoint that cannot be restored is recorded (CheckpointUnusable, with the step the
+    job goes on from) and the one before it is tried. Training is a pure function of the
+    seed, so going back to an older checkpoint, or to step 0, gives the same LoRA; only
+    time is lost. Each try starts from a fresh session, and a failed restore leaves the
+    LoRA weights untouched, so nothing of a damaged checkpoint is ever used.
+    """
+    from dropkiln.stages.training.checkpoint import fallback_checkpoints
+    from dropkiln.stages.training.loop import CHECKPOINTS
+    from dropkiln.stages.training.session import CheckpointUnusable
 
     saved = ctx.resume_state()
     if not saved or "checkpoint" not in saved:
-        return
-    try:
-        session.restore(ctx.work_dir / saved["checkpoint"], ctx.device)
-    except (OSError, ValueError, KeyError, SafetensorError):
-        # A missing or damaged checkpoint (safetensors raises its own error for a truncated
-        # file). Training is a pure function of the seed, so starting over from a fresh
-        # session gives the same LoRA; only time is lost.
-        return
+        return new_session()
+    unusable: list[tuple[str, str]] = []
+    session = None
+    for relative in fallback_checkpoints(ctx.work_dir / CHECKPOINTS, saved["checkpoint"]):
+        candidate = new_session()
+        try:
+            candidate.restore(ctx.work_dir / relative, ctx.device)
+        except CheckpointUnusable as exc:
+            unusable.append((relative, str(exc)))
+            continue
+        session = candidate
+        break
+    if session is None:
+        session = new_session()
+    for relative, reason in unusable:
+        ctx.checkpoint_unusable(relative, reason, session.step)
+    return session
 
 
 def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:

@@ -24,7 +24,7 @@ from dropkiln.stages.base import (
     StageStopped,
     atomic_path,
 )
-from dropkiln.stages.encode import encode_frames, frame_name
+from dropkiln.stages.encode import encode_frames, encode_timeout, frame_name
 from dropkiln.stages.pngmeta import write_png
 from dropkiln.stages.prompts import VideoOptions
 
@@ -118,7 +118,9 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
         if extra.stem.isdigit() and int(extra.stem) >= total:
             extra.unlink()  # ffmpeg reads the numbered sequence to its end
     output = Path(spec.output)
-    encode_frames(frames_dir, options.fps, options.format, output)
+    encode_frames(
+        frames_dir, options.fps, options.format, output, encode_timeout(total), ctx.should_stop
+    )
     ctx.progress(total + 1, total + 1, phase="encoded")
     ctx.artifact(output, "video")
     return {
@@ -135,6 +137,11 @@ def run_video(spec: VideoSpec, ctx: StageContext) -> dict[str, Any]:
 
 def _link_or_copy(source: Path, target: Path) -> None:
     """A repeated frame costs a hard link, not another PNG encode (a copy where links fail)."""
+    from dropkiln.stages.faults import take_torn_write
+
+    torn = take_torn_write()
+    if torn is not None:
+        raise torn  # the frame's write: a link needs room in the directory too
     try:
         os.link(source, target)
     except OSError:

@@ -90,6 +90,15 @@ class CheckpointSaved(Event):
     state: dict[str, Any]
 
 
+class CheckpointUnusable(Event):
+    """A saved checkpoint could not be restored (damaged, or not this job's shape); nothing of
+    it was used, and the attempt went on from ``resumed_from_step`` (0: from the start)."""
+
+    checkpoint: str
+    reason: str
+    resumed_from_step: int
+
+
 class ArtifactWritten(Event):
     path: str
     kind: str
@@ -222,6 +231,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         JobStarted,
         JobProgress,
         CheckpointSaved,
+        CheckpointUnusable,
         ArtifactWritten,
         JobSucceeded,
         JobFailed,

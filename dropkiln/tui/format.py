@@ -33,6 +33,7 @@ EVENT_STYLES = {
     "JobStarted": "cyan",
     "JobProgress": "dim",
     "CheckpointSaved": "blue",
+    "CheckpointUnusable": "bold yellow",
     "ArtifactWritten": "green",
     "DaemonStarted": "bold green",
     "DaemonStopping": "bold yellow",
@@ -225,6 +226,9 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "CheckpointSaved": lambda d: " ".join(
         f"{k} {v}" for k, v in d["state"].items() if isinstance(v, int | float | str)
     )[:80],
+    "CheckpointUnusable": lambda d: (
+        f"{d['checkpoint']}: {d['reason']}; went on from step {d['resumed_from_step']}"
+    ),
     "ArtifactWritten": lambda d: f"{d['kind']} {d['path']}",
     "JobSucceeded": lambda d: _result(d.get("result") or {}),
     "JobFailed": lambda d: d["reason"],

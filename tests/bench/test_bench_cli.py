@@ -229,6 +229,18 @@ def test_daemon_benchmark_times_drops_through_a_running_daemon(tiny_models: Path
 
 
 @pytest.mark.slow
+def test_preempt_quick_reports_p50_and_max_latency(bench_home: Path) -> None:
+    code, out = _bench(bench_home, "preempt", "--quick", "--repeats", "2")
+    assert code == 0
+    document = _check_report(out, ["preempt"])
+    record = document["suites"]["preempt"]
+    samples = record["samples"]["taken_to_first_step"]
+    assert len(samples) == 2 and all(value > 0 for value in samples)
+    assert record["metrics"]["preempt_max_s"]["value"] == round(max(samples), 3)
+    assert record["metrics"]["preempt_p50_s"]["headline"]
+
+
+@pytest.mark.slow
 def test_api_benchmark_serves_a_big_store_and_times_sse_against_the_cli(tmp_path: Path) -> None:
     code, out = _bench(tmp_path / "home", "api", "--quick", "--events", "300", "--repeats", "20")
     assert code == 0

@@ -15,6 +15,10 @@ class StepSpec(StageSpec):
     sleep: float = 0.0
     fail_with: str | None = None
     needs: str | None = None
+    hang_at: int | None = None
+    """On its first attempt, block at this step for ``hang`` seconds without a word to its
+    context, as a GPU call stuck in the driver would."""
+    hang: float = 0.0
 
 
 def run_steps(spec: StepSpec, ctx: Any) -> dict[str, Any]:
@@ -24,6 +28,8 @@ def run_steps(spec: StepSpec, ctx: Any) -> dict[str, Any]:
         if ctx.should_stop():
             raise StageStopped()
         ctx.fault("steps.step")
+        if step == spec.hang_at and ctx.attempt == 1:
+            time.sleep(spec.hang)
         if spec.fail_with:
             raise ValueError(spec.fail_with)
         time.sleep(spec.sleep)

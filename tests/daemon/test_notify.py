@@ -241,3 +241,48 @@ async def test_keep_extending_timeout_lets_an_outer_cancellation_through(
                 await anyio.sleep(10)
     assert scope.cancelled_caught
     assert systemd.messages() == ["EXTEND_TIMEOUT_USEC=30000000"]
+
+
+async def test_defect13_the_stop_timeout_is_not_extended_without_progress(
+    systemd: FakeSystemd,
+) -> None:
+    with SystemdNotifier() as notifier:
+        async with keep_extending_timeout(notifier, seconds=0.1, progressing=lambda: False):
+            await anyio.sleep(0.45)
+    # the one on entry; then the stage is seen to make no progress and nothing more is asked
+    assert systemd.messages() == ["EXTEND_TIMEOUT_USEC=100000"]
+
+
+async def test_defect13_the_stop_timeout_is_extended_for_at_most_limit_s(
+    systemd: FakeSystemd,
+) -> None:
+    with SystemdNotifier() as notifier:
+        async with keep_extending_timeout(notifier, seconds=0.1, limit_s=0.2):
+            await anyio.sleep(0.6)
+    extensions = [int(m.split("=")[1]) for m in systemd.messages()]
+    # Each sets the deadline to now + its value: they are cut short so that the deadline
+    # never passes limit_s after the start, and then stop (0.6 s would hold ~11 at 0.05 s).
+    assert 2 <= len(extensions) <= 4, extensions
+    assert extensions[0] == 100_000 and max(extensions) <= 100_000
+    assert extensions[-1] < 100_000
+
+
+async def test_defect13_the_watchdog_is_not_pinged_while_a_stage_is_hung(
+    systemd: FakeSystemd, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("WATCHDOG_USEC", "100000")  # pings every 0.05 s
+    hung: list[str | None] = [None]
+    with SystemdNotifier() as notifier, anyio.move_on_after(0.6):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(watchdog_loop, notifier, lambda: hung[0])
+            await anyio.sleep(0.2)
+            assert set(systemd.messages()) == {"WATCHDOG=1"}
+            hung[0] = "train job x made no progress for 900 s"
+            await anyio.sleep(0.06)
+            systemd.messages()
+            await anyio.sleep(0.2)
+            assert systemd.messages() == []  # systemd's WatchdogSec now restarts the daemon
+            hung[0] = None
+            await anyio.sleep(0.15)
+            assert "WATCHDOG=1" in systemd.messages()
+            tg.cancel_scope.cancel()

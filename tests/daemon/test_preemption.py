@@ -52,7 +52,10 @@ async def test_generation_preempts_training_and_the_lora_is_unchanged(
     tmp_path: Path,
 ) -> None:
     quiet = Settings.load(root=tmp_path / "a", settle_seconds=0.2, telemetry_every_s=0.5)
-    busy = Settings.load(root=tmp_path / "b", settle_seconds=0.2, telemetry_every_s=0.5)
+    # preempted as soon as the prompt file is taken (preempt_after_s has its own test)
+    busy = Settings.load(
+        root=tmp_path / "b", settle_seconds=0.2, telemetry_every_s=0.5, preempt_after_s=0
+    )
     for s in (quiet, busy):
         s.paths.create()
     undisturbed, quiet_types = await train_once(quiet, preempt=False)

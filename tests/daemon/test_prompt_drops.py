@@ -98,3 +98,32 @@ async def test_a_prompt_folder_with_a_control_image_renders_from_processed(
         assert control.startswith(str(small.paths.processed))
         job = await wait_job(daemon.store, job.id, ended, timeout=120)
         assert job.state == "succeeded", job.error
+
+
+async def test_a_vae_file_is_checked_at_drop_time_and_used_by_the_render(
+    small: Settings,
+) -> None:
+    from dropkiln.stages.models import ensure_tiny_model
+
+    # The tiny model's own VAE as a standalone file: it fits, so the render succeeds.
+    tiny = ensure_tiny_model("tiny-sdxl", small.paths.models)
+    own_vae = tiny / "vae" / "diffusion_pytorch_model.safetensors"
+    pickled = small.root / "vae.pt"
+    pickled.write_bytes(b"\x80\x04not loaded")
+    async with running_daemon(small) as daemon:
+        place(small, "novae.toml", 'vae = "/nowhere/vae.safetensors"\n' + TINY + IMAGE)
+        place(small, "pickled.toml", f'vae = "{pickled}"\n' + TINY + IMAGE)
+        place(small, "withvae.toml", f'vae = "{own_vae}"\n' + TINY + IMAGE)
+        drops = {d["name"]: d for d in await wait_drops(daemon.store, 3)}
+        assert "vae '/nowhere/vae.safetensors'" in str(drops["novae"]["reason"])
+        assert "does not exist" in str(drops["novae"]["reason"])
+        assert "never loaded" in str(drops["pickled"]["reason"])
+        assert (small.paths.failed / "pickled.toml.error.txt").is_file()
+        assert drops["withvae"]["state"] == "ingested", drops["withvae"]["reason"]
+        (job,) = await list_jobs(daemon.store)
+        assert job.spec["vae"] == str(own_vae)
+        job = await wait_job(daemon.store, job.id, ended, timeout=120)
+        assert job.state == "succeeded", job.error
+
+
+IMAGE = '[[image]]\nprompt = "x"\n'

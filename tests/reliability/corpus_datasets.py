@@ -198,4 +198,10 @@ DATASET_CASES = [
         _dataset({"dataset.toml": 'model = "no-such-model"\n'}),
         Rejected(r"model 'no-such-model' is neither tiny-sdxl nor tiny-sd15"),
     ),
+    DropCase(
+        "toml-missing-vae",
+        "dataset",
+        _dataset({"dataset.toml": 'vae = "/nowhere/vae.safetensors"\n'}),
+        Rejected(r"vae '/nowhere/vae\.safetensors': .* does not exist"),
+    ),
 ]

@@ -25,6 +25,20 @@ def _prompt_image(**fields: str) -> str:
     return f'[defaults]\nsteps = 1\nwidth = 64\nheight = 64\n\n[[image]]\nprompt = "x"\n{lines}'
 
 
+def _prompt_with_model(keys: list[str]) -> Callable[[Path], Path]:
+    """A prompt file naming a checkpoint (written beside it) that holds only ``keys``."""
+
+    def build(staging: Path) -> Path:
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        checkpoint = staging.parent / "sd2.safetensors"
+        save_file({key: np.zeros(1, dtype=np.float32) for key in keys}, str(checkpoint))
+        return _prompt(f'model = "{checkpoint}"\n' + _prompt_image())(staging)
+
+    return build
+
+
 def _prompt_link_out(staging: Path) -> Path:
     link = staging.with_name(staging.name + ".toml")
     link.symlink_to("/etc/hostname")
@@ -139,6 +153,24 @@ PROMPT_CASES = [
         "prompts",
         _prompt('model = "no-such-model"\n' + _prompt_image()),
         Rejected(r"model 'no-such-model' is neither tiny-sdxl nor tiny-sd15"),
+    ),
+    DropCase(
+        "prompt-sd2-checkpoint",
+        "prompts",
+        _prompt_with_model(["cond_stage_model.model.ln_final.weight"]),
+        Rejected(r"model '.*sd2\.safetensors': sd2\.safetensors is an SD 2\.x checkpoint"),
+    ),
+    DropCase(
+        "prompt-missing-vae",
+        "prompts",
+        _prompt('vae = "/nowhere/vae.safetensors"\n' + _prompt_image()),
+        Rejected(r"vae '/nowhere/vae\.safetensors': /nowhere/vae\.safetensors does not exist"),
+    ),
+    DropCase(
+        "prompt-pickled-vae",
+        "prompts",
+        _prompt('vae = "/nowhere/vae.ckpt"\n' + _prompt_image()),
+        Rejected(r"vae '/nowhere/vae\.ckpt': vae\.ckpt is not a \.safetensors VAE"),
     ),
     DropCase(
         "prompt-control-escapes",

@@ -68,7 +68,8 @@ def test_bad_input_corpus(tmp_path: Path) -> None:
 
         for case in DROP_CASES:
             _check_drop_case(home, case, sources[case.name], before[case.name])
-        _check_mixed(home, sources[MIXED], before[MIXED], image_paths)
+        images = _check_mixed(home, sources[MIXED], before[MIXED], image_paths)
+        _check_counts(home, [sources[case.name] for case in DROP_CASES], images)
         _check_daemon_still_serves(home)
         assert home.terminate() == 0
     finally:
@@ -120,8 +121,49 @@ def _check_drop_case(home: Home, case: DropCase, source: Path, before: Any) -> N
     assert re.search(case.expect.reason, failed[0]["error"]), (case.name, failed[0]["error"])
 
 
-def _check_mixed(home: Home, source: Path, before: Any, image_paths: dict[str, str]) -> None:
-    """The dataset with a bad (or awkward) file per image case: bucketed, every file judged."""
+def expected_outcomes() -> dict[str, int]:
+    """How many cases of the corpus end each way, from the cases' own expectations."""
+    return {
+        "drops rejected": sum(isinstance(case.expect, Rejected) for case in DROP_CASES),
+        "drops taken, job failed": sum(isinstance(case.expect, JobFails) for case in DROP_CASES),
+        "images rejected": sum(isinstance(case.expect, ImageRejected) for case in IMAGE_CASES),
+        "images normalised": sum(isinstance(case.expect, ImageAccepted) for case in IMAGE_CASES),
+    }
+
+
+def _check_counts(home: Home, sources: list[Path], images: dict[str, int]) -> None:
+    """Each outcome counted from what the daemon did (drop rows, job states, the manifest),
+    apart: an accepted normalisation is not a rejection, a failed job is not a refused drop."""
+    rows = [_drop_row(home, source) for source in sources]
+    jobs = home.jobs()
+    failed_job = {job["drop_id"] for job in jobs if job["state"] == "failed"}
+    observed = {
+        "drops rejected": sum(row["state"] == "failed" for row in rows),
+        "drops taken, job failed": sum(
+            row["state"] == "ingested" and row["id"] in failed_job for row in rows
+        ),
+        **images,
+    }
+    print("bad inputs by outcome: " + ", ".join(f"{n} {what}" for what, n in observed.items()))
+    assert observed == expected_outcomes()
+    assert sum(observed.values()) == len(DROP_CASES) + len(IMAGE_CASES)
+
+
+def test_the_corpus_counts_each_outcome_apart() -> None:
+    counts = expected_outcomes()
+    assert counts == {
+        "drops rejected": 46,
+        "drops taken, job failed": 2,
+        "images rejected": 14,
+        "images normalised": 6,
+    }
+
+
+def _check_mixed(
+    home: Home, source: Path, before: Any, image_paths: dict[str, str]
+) -> dict[str, int]:
+    """The dataset with a bad (or awkward) file per image case: bucketed, every file judged;
+    returns how many of the image cases the manifest rejects and accepts (normalised)."""
     row = _drop_row(home, source)
     stored = Path(row["stored"])
     assert row["state"] == "ingested" and snapshot(stored) == before
@@ -150,6 +192,11 @@ def _check_mixed(home: Home, source: Path, before: Any, image_paths: dict[str, s
     accepted_cases = sum(isinstance(case.expect, ImageAccepted) for case in IMAGE_CASES)
     assert len(accepted) == GOOD_IMAGES + accepted_cases
     assert len(rejected) == len(IMAGE_CASES) - accepted_cases
+    cases = [image_paths[case.name] for case in IMAGE_CASES]
+    return {
+        "images rejected": sum(path in rejected for path in cases),
+        "images normalised": sum(path in accepted for path in cases),
+    }
 
 
 def _check_daemon_still_serves(home: Home) -> None:

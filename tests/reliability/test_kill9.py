@@ -152,11 +152,15 @@ def test_kill_9_at_random_moments_changes_nothing(
 KILL_POINTS = (
     "kill@bucket.image:3",
     "kill@cache.batch:2",
+    "kill@cache.encode:1",
     "kill@train.step:3",
+    "kill@train.forward:2",
+    "kill@train.backward:3",
     "kill@train.checkpoint:2",
     "kill@generate.step:5",
     "kill@generate.decode:2",
     "kill@generate.image:1",
+    "kill@generate.written:1",
     "kill@video.frame:5",
 )
 """One kill at every fault point, in pipeline order; each restart resumes from the last."""

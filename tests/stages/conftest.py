@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,3 +31,14 @@ def dropkiln_root(tmp_path: Path, models_dir: Path) -> Path:
     (root / "state").mkdir(parents=True)
     (root / "state" / "models").symlink_to(models_dir, target_is_directory=True)
     return root
+
+
+@pytest.fixture(scope="session")
+def miniatures(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Real-topology SDXL and SD 1.5 miniatures (tests/stages/miniatures.py), built once."""
+    import torch
+    from miniatures import build_miniature
+
+    torch.set_num_threads(1)
+    folder = tmp_path_factory.mktemp("miniatures")
+    return {kind: build_miniature(kind, folder / kind) for kind in ("sdxl", "sd15")}

@@ -16,7 +16,7 @@ from PIL import Image
 
 from dropkiln.config import BucketSettings
 from dropkiln.stages import bucket as bucket_stage
-from dropkiln.stages import get_stage
+from dropkiln.stages import decode_pool, get_stage
 from dropkiln.stages.base import StageError, StageStopped
 from dropkiln.stages.bucket import (
     MANIFEST_NAME,
@@ -334,8 +334,8 @@ def test_missing_dataset_folder_is_a_stage_error(tmp_path: Path) -> None:
 def test_stop_request_stops_between_chunks_without_a_manifest(
     awkward_dataset: Path, tmp_path: Path, workers: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(bucket_stage, "STOP_CHECK_EVERY", 4)
-    with pytest.raises(StageStopped, match="stopped after 4 images"):
+    monkeypatch.setattr(decode_pool, "STOP_CHECK_EVERY", 4)
+    with pytest.raises(StageStopped, match="stopped after 4 files"):
         run(awkward_dataset, tmp_path, workers=workers, stop_after=2)
     assert not (tmp_path / "work" / "run" / MANIFEST_NAME).exists()
 
@@ -344,7 +344,7 @@ def test_fault_point_fires_once_per_image(awkward_dataset: Path, tmp_path: Path)
     with pytest.raises(OSError, match=r"No space left on device: injected at bucket\.image"):
         run(awkward_dataset, tmp_path, faults="enospc@bucket.image:10")
     result, ctx = run(awkward_dataset, tmp_path, faults="enospc@bucket.image:11")
-    assert ctx.faults.hits == {"bucket.image": 10}
+    assert ctx.faults.hits == {"bucket.image": 10, "bucket.decode": 10}
     assert result["images"] == 6
 
 

@@ -69,7 +69,7 @@ def test_find_images_walks_subfolders_sorted_and_skips_hidden_and_junk(tmp_path:
     ]
 
 
-def test_find_images_follows_file_links_but_not_folder_links(tmp_path: Path) -> None:
+def test_links_to_files_and_folders_are_listed_apart_and_never_followed(tmp_path: Path) -> None:
     outside = tmp_path / "library"
     write(outside / "kept.png", png_bytes())
     dataset = tmp_path / "dataset"
@@ -77,7 +77,8 @@ def test_find_images_follows_file_links_but_not_folder_links(tmp_path: Path) -> 
     (dataset / "linked.png").symlink_to(outside / "kept.png")
     (dataset / "folder").symlink_to(outside, target_is_directory=True)
 
-    assert [path.name for path in find_images(dataset)] == ["linked.png"]
+    assert find_images(dataset) == []
+    assert [path.name for path in scan_dataset(dataset).links] == ["folder", "linked.png"]
 
 
 def test_missing_folder_is_a_stage_error(tmp_path: Path) -> None:
@@ -127,9 +128,19 @@ def test_binary_caption_is_refused(tmp_path: Path) -> None:
 def test_without_dataset_toml_the_settings_defaults_apply(
     tmp_path: Path, settings_for: Settings
 ) -> None:
-    model, bucket, train = load_dataset_options(tmp_path, settings_for)
+    options = load_dataset_options(tmp_path, settings_for)
+    model, bucket, train = options.model, options.bucket, options.train
     assert (model, bucket, train) == (settings_for.model, settings_for.bucket, settings_for.train)
+    assert options.vae == settings_for.vae == ""
     assert bucket is not settings_for.bucket
+
+
+def test_dataset_toml_names_a_vae(tmp_path: Path, settings_for: Settings) -> None:
+    write(tmp_path / "dataset.toml", 'vae = "/vaes/sdxl_vae.safetensors"\n')
+    assert load_dataset_options(tmp_path, settings_for).vae == "/vaes/sdxl_vae.safetensors"
+    write(tmp_path / "dataset.toml", "vae = 3\n")
+    with pytest.raises(StageError, match=r"dataset\.toml: vae should be a string"):
+        load_dataset_options(tmp_path, settings_for)
 
 
 def test_dataset_toml_overrides_flat_keys(tmp_path: Path, settings_for: Settings) -> None:
@@ -149,7 +160,7 @@ def test_dataset_toml_overrides_flat_keys(tmp_path: Path, settings_for: Settings
         tag_weights = { "red hair" = 2.0 }
         """,
     )
-    model, bucket, train = load_dataset_options(tmp_path, settings_for)
+    model, bucket, train, _ = load_dataset_options(tmp_path, settings_for)
     assert model == "tiny-sd15"
     assert (bucket.resolution, bucket.bucket_step, bucket.random_crop) == (512, 32, True)
     assert bucket.min_side == settings_for.bucket.min_side

@@ -380,3 +380,38 @@ def test_clip_skip_matches_diffusers_counting(
     assert np.array_equal(pixels(skipped["images"][0]), np.asarray(direct))
     with pytest.raises(StageError, match="clip_skip 9 is more than"):
         run_generate(spec_for(tmp_path / "x", entries("a", clip_skip=9)), local(gen_root, tmp_path))
+
+
+@pytest.mark.parametrize("kind", ["oom", "oom-cuda-error", "oom-cudnn"])
+def test_generate_decode_fires_inside_the_vae_decode(
+    gen_root: Path, tmp_path: Path, kind: str
+) -> None:
+    import traceback
+
+    from dropkiln.stages.device import is_out_of_memory
+
+    spec = spec_for(tmp_path / "out", entries("a", "b"))
+    ctx = local(gen_root, tmp_path, faults=FaultInjector(f"{kind}@generate.decode:2"))
+    with pytest.raises(Exception) as raised:
+        run_generate(spec, ctx)
+    assert is_out_of_memory(raised.value), raised.value
+    frames = [frame.name for frame in traceback.extract_tb(raised.value.__traceback__)]
+    # raised by the VAE's decoder, called from the pipeline's decode, mid-image
+    assert "decode" in frames and frames.index("decode") > frames.index("render_image")
+    assert [p.name for p in (tmp_path / "out").glob("*.png")] == ["000-1.png"]
+    ctx.memory_rung = 1
+    assert run_generate(spec, ctx)["rendered"] == 1
+
+
+@pytest.mark.parametrize(("kind", "text"), [("eio", "Input/output error"),
+                                            ("enospc", "No space left on device")])  # fmt: skip
+def test_a_torn_png_write_fails_the_image_and_leaves_nothing_half_written(
+    gen_root: Path, tmp_path: Path, kind: str, text: str
+) -> None:
+    spec = spec_for(tmp_path / "out", entries("a", "b"))
+    ctx = local(gen_root, tmp_path, faults=FaultInjector(f"{kind}@generate.image:2"))
+    with pytest.raises(OSError, match=text):
+        run_generate(spec, ctx)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["000-1.png"]
+    result = run_generate(spec, ctx)
+    assert (result["rendered"], result["skipped"]) == (1, 1)

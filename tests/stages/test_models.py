@@ -82,16 +82,6 @@ def test_unknown_model_is_a_clear_error(tmp_path: Path) -> None:
         resolve_model(str(tmp_path / "empty"), tmp_path)
 
 
-def test_single_file_needs_a_local_config(tmp_path: Path) -> None:
-    import torch
-    from safetensors.torch import save_file
-
-    checkpoint = tmp_path / "custom.safetensors"
-    save_file({"conditioner.embedders.1.model.ln_final.weight": torch.ones(2)}, checkpoint)
-    with pytest.raises(StageError, match="needs a local diffusers config folder"):
-        resolve_model(str(checkpoint), tmp_path)
-
-
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
     def refuse(*args: Any, **kwargs: Any) -> None:
@@ -174,24 +164,3 @@ def test_a_pipeline_over_budget_is_kept_alone() -> None:
     cache.get(ref, "cpu", torch.float32)
     cache.get(ref, "cpu", torch.float32)
     assert cache.loads == 1
-
-
-@pytest.mark.parametrize("name", ["tiny-sdxl", "tiny-sd15"])
-def test_single_file_checkpoint_loads_with_a_local_config(
-    name: Any, models_dir: Path, tmp_path: Path
-) -> None:
-    import torch
-    from ldm_checkpoint import write_single_file
-
-    from dropkiln.stages.models import CONFIG_FOLDER, checkpoint_kind
-
-    checkpoint = write_single_file(models_dir / name, tmp_path / f"{name}-ldm.safetensors")
-    kind = "sdxl" if name == "tiny-sdxl" else "sd15"
-    assert checkpoint_kind(checkpoint) == kind
-    local = tmp_path / "models"
-    (local / CONFIG_FOLDER).mkdir(parents=True)
-    (local / CONFIG_FOLDER / kind).symlink_to(models_dir / name, target_is_directory=True)
-    ref = resolve_model(str(checkpoint), local)
-    assert (ref.kind, ref.single_file) == (kind, True)
-    pipe = load_pipeline(ref, "cpu", torch.float32)
-    assert weights_checksum(pipe.components) == TINY_CHECKSUMS[name]

@@ -90,6 +90,15 @@ def test_toml_fields_defaults_and_overrides(tmp_path: Path, settings: Settings) 
     assert prompt_file.video.seconds_per_image == 1.5
 
 
+def test_a_prompt_file_names_a_vae(tmp_path: Path, settings: Settings) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('vae = "/vaes/sdxl_vae.safetensors"\n[[image]]\nprompt = "x"\n')
+    assert load_prompt_file(path, settings).vae == "/vaes/sdxl_vae.safetensors"
+    path.write_text('vae = ""\n[[image]]\nprompt = "x"\n')
+    with pytest.raises(StageError, match="vae"):
+        load_prompt_file(path, settings)
+
+
 def test_json_has_the_same_shape(tmp_path: Path, settings: Settings) -> None:
     import tomllib
 

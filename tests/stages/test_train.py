@@ -157,7 +157,11 @@ def test_outputs_metadata_and_progress(cached: dict[str, Any]) -> None:
     assert set(metrics) == {"loss", "lr", "it_s", "memory"}
     assert metrics["memory"] > 0 and metrics["it_s"] > 0
     assert [c["step"] for c in ctx.checkpoints] == [2, 4]
-    assert [p.name for p in (ctx.work_dir / "checkpoints").iterdir()] == ["step-0000004"]
+    # the newest and the one before it, to fall back on if the newest is damaged
+    assert sorted(p.name for p in (ctx.work_dir / "checkpoints").iterdir()) == [
+        "step-0000002",
+        "step-0000004",
+    ]
 
     with safe_open(result["lora"], framework="pt") as handle:
         metadata = handle.metadata()
@@ -195,7 +199,8 @@ def test_outputs_metadata_and_progress(cached: dict[str, Any]) -> None:
 def test_stop_and_resume_is_bit_identical(
     cached: dict[str, Any], reference: dict[str, Any]
 ) -> None:
-    ctx, spec = _train(cached, "stopped", RICH, stop_after=3)
+    # two micro-batches a step: should_stop is asked between them and after the step
+    ctx, spec = _train(cached, "stopped", RICH, stop_after=6)
     with pytest.raises(StageStopped):
         STAGE.run(spec, ctx)
     assert ctx.saved == {"checkpoint": "checkpoints/step-0000003", "step": 3}
@@ -411,3 +416,164 @@ def test_contact_sheet_lines_up_each_prompt_across_steps(cached: dict[str, Any])
     left, top = (side - expected.width) // 2, (side - expected.height) // 2
     placed = cell.crop((left, top, left + expected.width, top + expected.height))
     assert placed.tobytes() == expected.tobytes()  # the last step's image of prompt 2
+
+
+# Defect 12: resume is all or nothing, and says where it went on from ----------------------
+
+STEADY = {"steps": 6, "checkpoint_every": 2, "batch_size": 2, "rank": 4, "ema_decay": 0.9}
+
+
+@pytest.fixture(scope="module")
+def steady_reference(cached: dict[str, Any]) -> dict[str, Any]:
+    ctx, spec = _train(cached, "steady-reference", STEADY)
+    STAGE.run(spec, ctx)
+    return _lora_tensors(spec)
+
+
+def _stopped_at_step_six(cached: dict[str, Any], run: str) -> tuple[LocalContext, TrainSpec]:
+    """Checkpoints at steps 2 and 4 recorded, then an OOM at the start of step 6."""
+    import torch
+
+    ctx, spec = _train(cached, run, STEADY, faults=FaultInjector("oom@train.step:6"))
+    with pytest.raises(torch.OutOfMemoryError):
+        STAGE.run(spec, ctx)
+    assert ctx.saved == {"checkpoint": "checkpoints/step-0000004", "step": 4}
+    return ctx, spec
+
+
+def _resumed(ctx: LocalContext, spec: TrainSpec) -> LocalContext:
+    again = LocalContext(
+        root=ctx.root, work_dir=ctx.work_dir, upstream_results=ctx.upstream_results, saved=ctx.saved
+    )
+    STAGE.run(spec, again)
+    return again
+
+
+def test_defect12_damaged_checkpoint_is_recorded_and_resume_falls_back_one_interval(
+    cached: dict[str, Any], steady_reference: dict[str, Any]
+) -> None:
+    ctx, spec = _stopped_at_step_six(cached, "damaged-latest")
+    tensors = ctx.work_dir / "checkpoints" / "step-0000004" / "tensors.safetensors"
+    tensors.write_bytes(tensors.read_bytes()[: tensors.stat().st_size // 2])
+    again = _resumed(ctx, spec)
+    assert len(again.unusable) == 1
+    checkpoint, reason, resumed_from = again.unusable[0]
+    assert checkpoint == "checkpoints/step-0000004" and resumed_from == 2, again.unusable
+    assert reason
+    assert again.progress_log[0][0] == 3  # the first step run after the resume
+    _assert_identical(_lora_tensors(spec), steady_reference)
+
+
+def test_defect12_a_checkpoint_failing_half_way_restores_nothing_of_it(
+    cached: dict[str, Any], steady_reference: dict[str, Any]
+) -> None:
+    """The weights read fine, the optimizer state does not fit: old code copied the step-4
+    weights, then gave up and trained from step 0 with them and a fresh optimizer."""
+    ctx, spec = _stopped_at_step_six(cached, "half-restore")
+    state_file = ctx.work_dir / "checkpoints" / "step-0000004" / "state.json"
+    state = json.loads(state_file.read_text())
+    groups = state["__dict__"]["optimizer"]["__dict__"]["param_groups"]
+    groups[0]["__dict__"]["params"].append(10_000)
+    state_file.write_text(json.dumps(state))
+    again = _resumed(ctx, spec)
+    assert [(c, step) for c, _, step in again.unusable] == [("checkpoints/step-0000004", 2)]
+    assert "optimizer" in again.unusable[0][1]
+    assert again.progress_log[0][0] == 3
+    _assert_identical(_lora_tensors(spec), steady_reference)
+
+
+def test_defect12_with_no_usable_checkpoint_it_restarts_from_step_one_and_says_so(
+    cached: dict[str, Any], steady_reference: dict[str, Any]
+) -> None:
+    import shutil
+
+    ctx, spec = _stopped_at_step_six(cached, "all-gone")
+    assert sorted(p.name for p in (ctx.work_dir / "checkpoints").iterdir()) == [
+        "step-0000002",
+        "step-0000004",
+    ]
+    shutil.rmtree(ctx.work_dir / "checkpoints")
+    again = _resumed(ctx, spec)
+    assert [(c, step) for c, _, step in again.unusable] == [("checkpoints/step-0000004", 0)]
+    assert again.progress_log[0][0] == 1
+    _assert_identical(_lora_tensors(spec), steady_reference)
+
+
+# Defect 5: a stop request is obeyed within a micro-batch, and within a validation image ----
+
+
+def test_defect5_a_stop_between_micro_batches_undoes_the_step_and_resumes_identically(
+    cached: dict[str, Any], reference: dict[str, Any]
+) -> None:
+    ctx, spec = _train(cached, "mid-step", RICH, stop_after=5)  # between step 3's micro-batches
+    with pytest.raises(StageStopped, match="during step 3"):
+        STAGE.run(spec, ctx)
+    assert ctx.saved == {"checkpoint": "checkpoints/step-0000002", "step": 2}
+    resumed = LocalContext(
+        root=ctx.root, work_dir=ctx.work_dir, upstream_results=ctx.upstream_results, saved=ctx.saved
+    )
+    STAGE.run(spec, resumed)
+    assert resumed.progress_log[0][0] == 3
+    _assert_identical(_lora_tensors(spec), reference["tensors"])
+
+
+VALIDATED = {"steps": 4, "checkpoint_every": 2, "rank": 2, "validation_prompts": ["a", "b"]}
+
+
+def test_defect5_a_stop_between_validation_images_keeps_the_step_and_makes_them_on_resume(
+    cached: dict[str, Any],
+) -> None:
+    ctx, spec = _train(cached, "validated-whole", VALIDATED)
+    STAGE.run(spec, ctx)
+    whole = _lora_tensors(spec)
+    folder = Path(spec.output_dir) / "validation"
+    expected = {p.name: p.read_bytes() for p in folder.iterdir()}
+    # calls: after step 1, then before each validation image of step 2
+    ctx, spec = _train(cached, "validated-stopped", VALIDATED, stop_after=3)
+    with pytest.raises(StageStopped, match="before validation image 1 of step 2"):
+        STAGE.run(spec, ctx)
+    assert ctx.saved == {"checkpoint": "checkpoints/step-0000002", "step": 2, "reports_due": True}
+    folder = Path(spec.output_dir) / "validation"
+    assert sorted(p.name for p in folder.iterdir()) == ["step-000002-00.png"]
+    resumed = LocalContext(
+        root=ctx.root, work_dir=ctx.work_dir, upstream_results=ctx.upstream_results, saved=ctx.saved
+    )
+    STAGE.run(spec, resumed)
+    assert resumed.checkpoints[0] == {"checkpoint": "checkpoints/step-0000002", "step": 2}
+    assert resumed.progress_log[0][0] == 3
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == expected
+    _assert_identical(_lora_tensors(spec), whole)
+
+
+# Faults where allocations really fail: inside the forward and the backward ----------------
+
+
+@pytest.mark.parametrize(
+    ("fault", "inside"),
+    [
+        ("oom-cpu@train.forward:3", "forward"),
+        ("oom-cublas@train.backward:3", "backward"),
+        ("oom@train.backward:2", "backward"),
+    ],
+)
+def test_an_oom_raised_inside_the_forward_or_backward_resumes_one_rung_down(
+    cached: dict[str, Any], reference: dict[str, Any], fault: str, inside: str
+) -> None:
+    import traceback
+
+    from dropkiln.stages.device import is_out_of_memory
+
+    run = "inside-" + fault.split("@")[1].replace(":", "-")
+    ctx, spec = _train(cached, run, RICH, faults=FaultInjector(fault))
+    with pytest.raises(Exception) as raised:
+        STAGE.run(spec, ctx)
+    assert is_out_of_memory(raised.value), raised.value
+    frames = "".join(traceback.format_tb(raised.value.__traceback__))
+    # raised from within the UNet's forward, or from the autograd engine mid-backward
+    assert (
+        ("unet" in frames or "forward" in frames) if inside == "forward" else "backward" in frames
+    )
+    assert "train_step" in frames
+    ctx.memory_rung = 1
+    STAGE.run(spec, ctx)
+    _assert_identical(_lora_tensors(spec), reference["tensors"])

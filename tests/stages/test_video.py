@@ -180,3 +180,41 @@ def test_missing_inputs_are_stage_errors(tmp_path: Path) -> None:
         run_video(spec, context(tmp_path, {"images": []}))
     with pytest.raises(StageError, match="missing"):
         run_video(spec, context(tmp_path, {"images": [str(tmp_path / "gone.png")]}))
+
+
+def _hanging_frames(folder: Path) -> Path:
+    """A frame that is a FIFO nobody writes: ffmpeg blocks on it for ever, as a hung
+    encoder would."""
+    import os
+
+    folder.mkdir()
+    os.mkfifo(folder / "000000.png")
+    return folder
+
+
+def test_defect13_a_hung_ffmpeg_is_killed_after_its_timeout(tmp_path: Path) -> None:
+    import time
+
+    from dropkiln.stages.encode import encode_frames
+
+    frames = _hanging_frames(tmp_path / "frames")
+    started = time.monotonic()
+    with pytest.raises(StageError, match="ffmpeg did not finish the mp4 within 1 s"):
+        encode_frames(frames, 4, "mp4", tmp_path / "out.mp4", timeout_s=1.0)
+    assert time.monotonic() - started < 5
+    assert not (tmp_path / "out.mp4").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["frames"]  # no temp file left
+
+
+def test_defect13_a_stop_request_kills_a_running_ffmpeg(tmp_path: Path) -> None:
+    from dropkiln.stages.encode import encode_frames
+
+    frames = _hanging_frames(tmp_path / "frames")
+    asked = []
+
+    def stop() -> bool:
+        asked.append(1)
+        return len(asked) >= 2
+
+    with pytest.raises(StageStopped, match="frames are kept"):
+        encode_frames(frames, 4, "mp4", tmp_path / "out.mp4", timeout_s=60, should_stop=stop)

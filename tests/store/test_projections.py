@@ -57,6 +57,13 @@ JOB_CASES: dict[str, tuple[list[ev.Event], ev.Event, Expect]] = {
         ev.CheckpointSaved(state={"step": 250, "files": ["lora.safetensors"]}),
         lambda e: {"checkpoint": {"step": 250, "files": ["lora.safetensors"]}},
     ),
+    "CheckpointUnusable": (
+        STARTED,
+        ev.CheckpointUnusable(
+            checkpoint="checkpoints/step-0000004", reason="truncated", resumed_from_step=2
+        ),
+        lambda e: {"state": "running"},  # a fact about the attempt: the job row keeps its state
+    ),
     "ArtifactWritten": (
         STARTED,
         ev.ArtifactWritten(path="outputs/manifest.json", kind="manifest", bytes=12),

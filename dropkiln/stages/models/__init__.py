@@ -15,11 +15,15 @@ from dropkiln.stages.models.hashes import (  # noqa: E402
 )
 from dropkiln.stages.models.loading import load_pipeline, pipeline_bytes, pipeline_class  # noqa: E402
 from dropkiln.stages.models.refs import (  # noqa: E402
-    CONFIG_FOLDER,
-    ModelKind,
     ModelRef,
     checkpoint_kind,
     resolve_model,
+)
+from dropkiln.stages.models.single_file import (  # noqa: E402
+    SHIPPED_CONFIGS,
+    CheckpointFamily,
+    ModelKind,
+    checkpoint_family,
 )
 from dropkiln.stages.models.tiny import (  # noqa: E402
     TINY_NAMES,
@@ -35,13 +39,15 @@ from dropkiln.stages.models.warm import (  # noqa: E402
 )
 
 __all__ = [
-    "CONFIG_FOLDER",
+    "SHIPPED_CONFIGS",
     "TINY_NAMES",
+    "CheckpointFamily",
     "CheckpointHashes",
     "ModelKind",
     "ModelRef",
     "PipelineCache",
     "TinyName",
+    "checkpoint_family",
     "checkpoint_files",
     "checkpoint_hashes",
     "checkpoint_kind",

@@ -5,20 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Literal, cast
+from typing import cast
 
 from dropkiln.stages.base import StageError
+from dropkiln.stages.models.single_file import (
+    ModelKind,
+    Prediction,
+    checkpoint_family,
+    shipped_config,
+)
 from dropkiln.stages.models.tiny import TINY_NAMES, TinyName, ensure_tiny_model
-
-ModelKind = Literal["sdxl", "sd15"]
-CONFIG_FOLDER = "configs"
-"""Single-file checkpoints take their component configs from models_dir/configs/<kind>/."""
-
-# Key prefixes that tell an original (non-diffusers) checkpoint's family apart.
-_SDXL_MARKERS = ("conditioner.embedders.1.", "conditioner.embedders.0.transformer.")
-_SD15_MARKERS = ("cond_stage_model.transformer.", "cond_stage_model.model.")
 
 _memo_lock = threading.Lock()
 _memo: dict[tuple[str, int, int, bool], str] = {}
@@ -34,15 +32,40 @@ class ModelRef:
     fingerprint: str
     single_file: bool = False
     config_dir: Path | None = None
+    """A single file's component configs (shipped with dropkiln)."""
+    prediction: Prediction = "epsilon"
+    zero_terminal_snr: bool = False
+    vae: Path | None = None
+    """A standalone VAE file used in place of the model's own (the ``vae`` setting)."""
 
     @property
     def short_fingerprint(self) -> str:
         return self.fingerprint[:16]
 
 
-def resolve_model(ref: str, models_dir: Path, config_dir: Path | None = None) -> ModelRef:
-    """Turn a ``model`` setting into a ModelRef; raises StageError for anything unknown."""
-    models_dir = Path(models_dir)
+def resolve_model(
+    ref: str, models_dir: Path, config_root: Path | None = None, vae: str | None = None
+) -> ModelRef:
+    """Turn ``model`` (and ``vae``) settings into a ModelRef; StageError for anything unknown.
+
+    ``config_root`` replaces the shipped single-file configs (the miniature checkpoints of
+    the tests have the real topology at small widths)."""
+    model = _resolve_weights(ref, Path(models_dir), config_root)
+    if not vae:
+        return model
+    from dropkiln.stages.models.vae import vae_layout
+
+    path = Path(vae).expanduser()
+    try:
+        vae_layout(path)
+    except StageError as exc:
+        raise StageError(f"vae {vae!r}: {exc}") from None
+    path = path.resolve()
+    digest = hashlib.sha256(f"{model.fingerprint}+vae:{file_sha256(path)}".encode()).hexdigest()
+    return replace(model, fingerprint=digest, vae=path)
+
+
+def _resolve_weights(ref: str, models_dir: Path, config_root: Path | None) -> ModelRef:
     if ref in TINY_NAMES:
         folder = ensure_tiny_model(cast(TinyName, ref), models_dir)
         return _folder_ref(ref, folder)
@@ -57,7 +80,7 @@ def resolve_model(ref: str, models_dir: Path, config_dir: Path | None = None) ->
                 f"model file {path} is not a .safetensors checkpoint "
                 "(pickled .ckpt/.bin files are never loaded)"
             )
-        return _single_file_ref(ref, path.resolve(), models_dir, config_dir)
+        return _single_file_ref(ref, path.resolve(), config_root)
     raise StageError(
         f"unknown model {ref!r}: expected {' or '.join(TINY_NAMES)}, a local diffusers folder "
         "or a local .safetensors file"
@@ -83,32 +106,23 @@ def _folder_ref(name: str, folder: Path) -> ModelRef:
     return ModelRef(name, kind, folder, _fingerprint(folder, files))
 
 
-def _single_file_ref(name: str, path: Path, models_dir: Path, config_dir: Path | None) -> ModelRef:
-    kind = checkpoint_kind(path)
-    config = config_dir or models_dir / CONFIG_FOLDER / kind
-    if not (config / "model_index.json").is_file():
-        raise StageError(
-            f"single-file checkpoint {path.name} ({kind}) needs a local diffusers config folder "
-            f"at {config} (model_index.json, component config.json files and tokenizer files); "
-            "configs are never fetched"
-        )
-    return ModelRef(name, kind, path, _fingerprint(path.parent, [path]), True, config.resolve())
+def _single_file_ref(name: str, path: Path, config_root: Path | None) -> ModelRef:
+    family = checkpoint_family(path)
+    return ModelRef(
+        name,
+        family.kind,
+        path,
+        _fingerprint(path.parent, [path]),
+        single_file=True,
+        config_dir=shipped_config(family.kind, config_root),
+        prediction=family.prediction,
+        zero_terminal_snr=family.zero_terminal_snr,
+    )
 
 
 def checkpoint_kind(path: Path) -> ModelKind:
     """SDXL or SD 1.5, from the tensor names in a single-file checkpoint's header."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            keys = list(handle.keys())
-    except Exception as exc:
-        raise StageError(f"{path.name} is not a readable safetensors file: {exc}") from exc
-    if any(k.startswith(_SDXL_MARKERS) for k in keys):
-        return "sdxl"
-    if any(k.startswith(_SD15_MARKERS) for k in keys):
-        return "sd15"
-    raise StageError(f"{path.name} does not look like an SD 1.5 or SDXL checkpoint")
+    return checkpoint_family(path).kind
 
 
 def _fingerprint(base: Path, files: list[Path]) -> str:

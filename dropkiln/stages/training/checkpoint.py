@@ -87,15 +87,17 @@ def restore_global_rng(state: dict[str, Any]) -> None:
 
 def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (nested dicts of tensors and plain values) as a checkpoint folder."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
+
+    from dropkiln.stages.base import write_file
 
     tensors: dict[str, Any] = {}
     structure = flatten(state, tensors, "s")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        save_file(tensors, str(staging / TENSORS))
-        (staging / STATE).write_text(json.dumps(structure))
+        write_file(staging / TENSORS, save(tensors))
+        write_file(staging / STATE, json.dumps(structure))
         for name in (TENSORS, STATE):
             with open(staging / name, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -119,13 +121,42 @@ def read_checkpoint(folder: Path) -> dict[str, Any]:
     return result
 
 
-def prune_checkpoints(parent: Path, keep: Path) -> None:
-    """Remove every checkpoint folder but ``keep`` (and any half-written staging folder)."""
+KEEP_CHECKPOINTS = 2
+"""The newest checkpoint and the one before it: if the newest turns out damaged (a torn
+write, a bad sector), the job goes back one interval instead of to step 0."""
+
+
+def prune_checkpoints(parent: Path, keep: Path, count: int = KEEP_CHECKPOINTS) -> None:
+    """Keep ``keep`` and the newest folders before it, ``count`` in all; remove the rest
+    (older ones, a newer one never recorded, half-written staging folders)."""
     if not parent.is_dir():
         return
+    older = sorted(
+        (
+            e
+            for e in parent.iterdir()
+            if e.is_dir() and not e.name.startswith(".") and e.name < keep.name
+        ),
+        reverse=True,
+    )
+    kept = {keep, *older[: count - 1]}
     for entry in parent.iterdir():
-        if entry.is_dir() and entry != keep:
+        if entry.is_dir() and entry not in kept:
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def fallback_checkpoints(parent: Path, recorded: str) -> list[str]:
+    """The recorded checkpoint, then the older ones still on disk, newest first (relative
+    to ``parent``'s parent, as the stage records them)."""
+    recorded_name = Path(recorded).name
+    older = []
+    if parent.is_dir():
+        older = sorted(
+            (e.name for e in parent.iterdir() if e.is_dir() and not e.name.startswith(".")
+             and e.name < recorded_name),
+            reverse=True,
+        )  # fmt: skip
+    return [recorded, *(f"{parent.name}/{name}" for name in older)]
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -3,6 +3,13 @@
 A step is ``gradient_accumulation`` bucket batches of ``batch_size`` images; each batch has
 all its randomness drawn up front and is then cut into micro-batches, so the memory
 ladder's smaller micro-batches see the same images, noise and timesteps.
+
+Preemption is bounded by one micro-batch, not one step: ``should_stop`` is asked between
+micro-batches too. A step stopped part-way is undone (gradients dropped, the random
+generators put back to where the step began; weights and optimizer have not moved yet),
+so the checkpoint is the state after the last whole step and a resume is bit-identical.
+Validation images ask before each image; a checkpoint whose images were cut short is
+recorded with ``reports_due`` and the resumed run makes them first.
 """
 
 from __future__ import annotations
@@ -53,12 +60,31 @@ class TrainingLoop:
     _memory_at: float = -math.inf
 
     def run(self) -> None:
+        from dropkiln.stages.fault_hooks import inside, middle_block
+
+        with inside(middle_block(self.pipe.unet), self._in_forward, self._in_backward):
+            self._run()
+
+    def _in_forward(self) -> None:
+        self.ctx.fault("train.forward")
+
+    def _in_backward(self) -> None:
+        self.ctx.fault("train.backward")
+
+    def _run(self) -> None:
         options = self.spec.options
         total = options.steps
+        self._finish_due_reports()
         started, first_step = time.perf_counter(), self.session.step
         while self.session.step < total:
             self.ctx.fault("train.step")
-            loss = self.train_step()
+            try:
+                loss = self.train_step()
+            except _StepAbandoned:
+                self.checkpoint(reports=False)
+                step = self.session.step
+                message = f"training stopped during step {step + 1} (step {step} saved)"
+                raise StageStopped(message) from None
             step = self.session.step
             self.session.losses.append((step, loss, self.session.lr))
             rate = (step - first_step) / max(time.perf_counter() - started, 1e-9)
@@ -78,9 +104,15 @@ class TrainingLoop:
         """One optimizer step: accumulate over bucket batches and their micro-batches."""
         import torch
 
+        from dropkiln.stages.training.checkpoint import capture_global_rng
         from dropkiln.stages.training.data import assemble_batch
 
         options, session = self.spec.options, self.session
+        before = (
+            session.data_rng.bit_generator.state,
+            session.noise_generator.get_state(),
+            capture_global_rng(self.plan.device),
+        )
         first = session.step * options.gradient_accumulation
         positions = range(first, first + options.gradient_accumulation)
         batches = [
@@ -97,8 +129,13 @@ class TrainingLoop:
         ]
         samples = sum(len(batch) for batch in batches)
         step_loss = 0.0
+        micro_batches = 0
         for batch in batches:
             for start in range(0, len(batch), self.plan.micro_batch):
+                if micro_batches and self.ctx.should_stop():
+                    self._undo_step(before)
+                    raise _StepAbandoned
+                micro_batches += 1
                 micro = batch.rows(start, start + self.plan.micro_batch)
                 loss = self.micro_batch_loss(micro) / samples
                 if session.scaler is not None:
@@ -122,6 +159,15 @@ class TrainingLoop:
             session.ema.step(params)
         session.step += 1
         return step_loss
+
+    def _undo_step(self, before: tuple[Any, Any, Any]) -> None:
+        from dropkiln.stages.training.checkpoint import restore_global_rng
+
+        data_rng, noise, global_rng = before
+        self.session.optimizer.zero_grad(set_to_none=True)
+        self.session.data_rng.bit_generator.state = data_rng
+        self.session.noise_generator.set_state(noise)
+        restore_global_rng(global_rng)
 
     def micro_batch_loss(self, batch: Any) -> Any:
         """Sum over the micro-batch of each image's weighted diffusion loss."""
@@ -176,9 +222,11 @@ class TrainingLoop:
 
     def checkpoint(self, reports: bool) -> None:
         from dropkiln.stages.training.checkpoint import prune_checkpoints
+        from dropkiln.stages.training.report import ReportsStopped
 
         self.ctx.fault("train.checkpoint")
         step = self.session.step
+        stopped = None
         if reports:
             # Before the checkpoint is recorded: a run resumed from this step would never
             # come back to write them (after a kill in between, they are made again).
@@ -186,15 +234,38 @@ class TrainingLoop:
             # the final file and the final images do.
             with self.session.averaged_weights():
                 lora = self.exports.write_step(self.session, step)
-                self.write_reports(step)
             self.ctx.artifact(lora, "lora-step")
             self.exports.prune(self.spec.options.keep_loras)
+            try:
+                with self.session.averaged_weights():
+                    self.write_reports(step, stoppable=True)
+            except ReportsStopped as exc:
+                stopped = exc
         relative = f"{CHECKPOINTS}/step-{step:07d}"
         folder = self.session.save(self.ctx.work_dir / relative, self.ctx.device)
-        self.ctx.checkpoint({"checkpoint": relative, "step": step})
+        state: dict[str, Any] = {"checkpoint": relative, "step": step}
+        if stopped is not None:
+            state["reports_due"] = True
+        self.ctx.checkpoint(state)
         prune_checkpoints(self.ctx.work_dir / CHECKPOINTS, keep=folder)
+        if stopped is not None:
+            raise StageStopped(f"training stopped at step {step}: {stopped}")
 
-    def write_reports(self, step: int) -> list[Path]:
+    def _finish_due_reports(self) -> None:
+        """The reports of a checkpoint whose validation images a stop cut short."""
+        from dropkiln.stages.training.report import ReportsStopped
+
+        saved = self.ctx.resume_state() or {}
+        if not saved.get("reports_due") or saved.get("step") != self.session.step:
+            return
+        try:
+            with self.session.averaged_weights():
+                self.write_reports(self.session.step, stoppable=True)
+        except ReportsStopped as exc:
+            raise StageStopped(f"training stopped at step {self.session.step}: {exc}") from exc
+        self.ctx.checkpoint({"checkpoint": saved["checkpoint"], "step": saved["step"]})
+
+    def write_reports(self, step: int, stoppable: bool = False) -> list[Path]:
         """Loss curve files, and validation images when there are prompts."""
         from dropkiln.stages.models import checkpoint_hashes
         from dropkiln.stages.pngmeta import model_label
@@ -227,6 +298,7 @@ class TrainingLoop:
                     step,
                     ValidationModel(model_label(self.model.name),
                                     checkpoint_hashes(self.model).sha256),
+                    self.ctx.should_stop if stoppable else lambda: False,
                 )  # fmt: skip
             finally:
                 self.pipe.unet.train()
@@ -234,6 +306,10 @@ class TrainingLoop:
                 validation_sheet(out / "validation", CONTACT_SHEET, options.validation_prompts)
             )
         return written
+
+
+class _StepAbandoned(Exception):
+    """A stop request between two micro-batches: the step was undone."""
 
 
 _this_process: Any = None

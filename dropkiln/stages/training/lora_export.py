@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dropkiln.stages.base import atomic_path
+from dropkiln.stages.base import atomic_path, write_atomic
 from dropkiln.stages.models.hashes import LEGACY_LENGTH, LEGACY_OFFSET
 from dropkiln.stages.training.kohya_names import kohya_module_name
 
@@ -216,12 +216,10 @@ def _metadata_text(value: Any) -> str:
 
 def write_kohya(path: Path, models: TrainableModels, facts: dict[str, Any]) -> Path:
     """NAME.safetensors in kohya format, written atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     tensors = kohya_state_dict(models, facts["kind"])
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp), metadata=kohya_metadata(facts, tensors))
-    return path
+    return write_atomic(path, save(tensors, metadata=kohya_metadata(facts, tensors)))
 
 
 def write_diffusers(folder: Path, pipeline_class: Any, models: TrainableModels) -> Path:

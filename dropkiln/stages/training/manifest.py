@@ -41,6 +41,7 @@ class Manifest:
     name: str
     dataset_dir: Path
     images: list[PlannedImage]
+    max_file_bytes: int = 2**40
 
     def image_path(self, image: PlannedImage) -> Path:
         return self.dataset_dir / image.path
@@ -51,7 +52,8 @@ def read_manifest(path: Path | str) -> Manifest:
     try:
         data: dict[str, Any] = json.loads(Path(path).read_text())
         images = [_planned_image(item) for item in data["images"]]
-        return Manifest(str(data["name"]), Path(data["dataset_dir"]), images)
+        limit = int(data.get("settings", {}).get("max_file_bytes", 2**40))
+        return Manifest(str(data["name"]), Path(data["dataset_dir"]), images, limit)
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise StageError(f"bucket manifest {path} is unreadable: {exc}") from exc
 
@@ -79,12 +81,13 @@ def _size(value: Any) -> Size:
 
 def load_bucket_pixels(manifest: Manifest, image: PlannedImage) -> Any:
     """The image resized and cropped to its bucket, upright RGB; checks it did not change."""
+    from dropkiln.stages.dataset import UnsafeFile, read_dataset_file
     from dropkiln.stages.imaging import ImageRejected, crop_to_bucket, decode_rgb
 
-    path = manifest.image_path(image)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
+        # Not following links: the dropper may still write to the dataset folder.
+        data = read_dataset_file(manifest.dataset_dir, image.path, manifest.max_file_bytes)
+    except (UnsafeFile, OSError) as exc:
         raise StageError(f"dataset image {image.path} cannot be read: {exc}") from exc
     if hashlib.sha256(data).hexdigest() != image.sha256:
         raise StageError(

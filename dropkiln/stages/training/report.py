@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,10 @@ from dropkiln.stages.base import write_atomic
 
 VALIDATION_STEPS = 20
 VALIDATION_GUIDANCE = 5.0
+
+
+class ReportsStopped(Exception):
+    """Validation images were cut short by a stop request (cancel, preemption, shutdown)."""
 
 
 def write_loss_csv(path: Path, losses: Sequence[tuple[int, float, float]]) -> Path:
@@ -66,10 +70,13 @@ def validation_images(
     folder: Path,
     step: int,
     model: ValidationModel,
+    stop: Callable[[], bool] = lambda: False,
 ) -> list[Path]:
     """One image per validation prompt with the LoRA as it is now; global RNG untouched.
 
-    Each carries A1111's ``parameters`` text with the fields of a generated image."""
+    Each carries A1111's ``parameters`` text with the fields of a generated image. ``stop``
+    is asked before each image: a long validation never holds up a preemption by more than
+    one image (ReportsStopped)."""
     import torch
     from PIL.PngImagePlugin import PngInfo
 
@@ -84,6 +91,8 @@ def validation_images(
     paths = []
     try:
         for number, prompt in enumerate(prompts):
+            if stop():
+                raise ReportsStopped(f"stopped before validation image {number} of step {step}")
             generator = torch.Generator().manual_seed(seed + number)
             with torch.no_grad():
                 image = pipe(

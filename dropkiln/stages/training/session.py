@@ -156,23 +156,99 @@ class TrainingSession:
         return write_checkpoint(folder, self.state(device))
 
     def restore(self, folder: Path, device: str) -> None:
-        """Load a checkpoint written by ``save`` into this (freshly started) session."""
+        """Load a checkpoint written by ``save`` into this freshly started session, all or
+        nothing: CheckpointUnusable leaves the LoRA weights and the global RNGs untouched.
+
+        Everything is read and checked first. Then what lives only in this session
+        (optimizer, scheduler, scaler, EMA) is loaded: a failure there is contained, as the
+        caller throws the session away. The LoRA weights (shared with the pipeline) and the
+        global RNGs come last, from values already checked to fit.
+        """
         import torch
 
-        state = read_checkpoint(folder)
-        with torch.no_grad():
+        try:
+            state = read_checkpoint(folder)
+            lora = _checked_lora(state["lora"], self.models.trainable)
+            _check_optimizer_state(state["optimizer"], self.optimizer)
+            step = int(state["step"])
+            losses = [(int(s), float(loss), float(lr)) for s, loss, lr in state["losses"]]
+            started_at = float(state["started_at"])
+            global_rng = state["global_rng"]
+            if self.ema is not None and state["ema"] is not None:
+                self.ema.load_state_dict(state["ema"])
+                self.ema.to(device=device)
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+            if self.scaler is not None and state["scaler"] is not None:
+                self.scaler.load_state_dict(state["scaler"])
+            self.data_rng.bit_generator.state = state["data_rng"]
+            self.noise_generator.set_state(state["noise_generator"])
+            _check_global_rng(global_rng)
+            _restore_global_rng_or_nothing(global_rng, device)
+        except CheckpointUnusable:
+            raise
+        except Exception as exc:  # whatever a damaged file makes a reader raise
+            raise CheckpointUnusable(f"{type(exc).__name__}: {exc}") from exc
+        with torch.no_grad():  # shapes and dtypes checked above: this cannot fail half-way
             for name, param in self.models.trainable.items():
-                param.copy_(state["lora"][name])
-        if self.ema is not None and state["ema"] is not None:
-            self.ema.load_state_dict(state["ema"])
-            self.ema.to(device=device)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if self.scaler is not None and state["scaler"] is not None:
-            self.scaler.load_state_dict(state["scaler"])
-        self.data_rng.bit_generator.state = state["data_rng"]
-        self.noise_generator.set_state(state["noise_generator"])
-        restore_global_rng(state["global_rng"])
-        self.step = int(state["step"])
-        self.losses = [(int(s), float(loss), float(lr)) for s, loss, lr in state["losses"]]
-        self.started_at = float(state["started_at"])
+                param.copy_(lora[name])
+        self.step, self.losses, self.started_at = step, losses, started_at
+
+
+class CheckpointUnusable(Exception):
+    """A checkpoint that cannot be restored; the message says why."""
+
+
+def _checked_lora(saved: dict[str, Any], trainable: dict[str, Any]) -> dict[str, Any]:
+    if set(saved) != set(trainable):
+        missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
+        raise CheckpointUnusable(
+            f"LoRA weights do not match (missing {missing[:3]}, extra {extra[:3]})"
+        )
+    for name, param in trainable.items():
+        if tuple(saved[name].shape) != tuple(param.shape):
+            raise CheckpointUnusable(
+                f"LoRA weight {name} is {tuple(saved[name].shape)}, not {tuple(param.shape)}"
+            )
+        if not saved[name].dtype.is_floating_point:
+            raise CheckpointUnusable(f"LoRA weight {name} is {saved[name].dtype}")
+    return saved
+
+
+def _check_optimizer_state(saved: dict[str, Any], optimizer: Any) -> None:
+    """torch checks the parameter groups' sizes but not the shapes of the saved moments."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    groups = saved["param_groups"]
+    if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+        raise CheckpointUnusable("optimizer parameter groups do not match this LoRA")
+    index = {i: params[n] for n, i in enumerate(i for g in groups for i in g["params"])}
+    for key, moments in saved["state"].items():
+        param = index.get(int(key))
+        if param is None:
+            raise CheckpointUnusable(f"optimizer state for unknown parameter {key}")
+        for name, value in moments.items():
+            shape = getattr(value, "shape", None)
+            if shape is not None and len(shape) > 0 and tuple(shape) != tuple(param.shape):
+                raise CheckpointUnusable(
+                    f"optimizer {name} of parameter {key} has shape {tuple(shape)}"
+                )
+
+
+def _restore_global_rng_or_nothing(state: dict[str, Any], device: str) -> None:
+    before = capture_global_rng(device)
+    try:
+        restore_global_rng(state)
+    except Exception:
+        restore_global_rng(before)
+        raise
+
+
+def _check_global_rng(state: dict[str, Any]) -> None:
+    import torch
+
+    if not isinstance(state["torch"], torch.Tensor) or state["torch"].dtype != torch.uint8:
+        raise CheckpointUnusable("the saved torch RNG state is not a byte tensor")
+    if not isinstance(state["python"], tuple | list) or len(state["python"]) != 3:
+        raise CheckpointUnusable("the saved Python RNG state is malformed")
+    if not isinstance(state["numpy"], dict):
+        raise CheckpointUnusable("the saved numpy RNG state is malformed")

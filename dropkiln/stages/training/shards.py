@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dropkiln.stages.base import atomic_path
+from dropkiln.stages.base import write_atomic
 
 if TYPE_CHECKING:
     import torch
@@ -56,12 +56,11 @@ class ShardStore:
 
     def write(self, kind: str, key: str, tensors: dict[str, torch.Tensor]) -> str:
         """Write a shard atomically; returns its path relative to the store."""
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         cpu = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
         metadata = {"dropkiln.key": key, "dropkiln.sha256": tensors_sha256(cpu)}
-        with atomic_path(self.path(kind, key)) as tmp:
-            save_file(cpu, str(tmp), metadata=metadata)
+        write_atomic(self.path(kind, key), save(cpu, metadata=metadata))
         return self.relative(kind, key)
 
     def read(self, relative: str, key: str) -> dict[str, torch.Tensor]:
