@@ -75,6 +75,9 @@ class TrainSettings(Section):
     caption_dropout: float = Field(0.0, ge=0, le=1)
     tag_weights: dict[str, float] = Field(default_factory=dict)
     validation_prompts: list[str] = Field(default_factory=list)
+    validation_holdout: int = Field(
+        0, ge=0, description="images held out of training for the validation loss"
+    )
     seed: int = 1
 
 

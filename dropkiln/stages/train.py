@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,6 +54,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     from dropkiln.stages.training.exports import LoraExports
     from dropkiln.stages.training.losses import training_scheduler
     from dropkiln.stages.training.session import TrainingSession, seed_everything
+    from dropkiln.stages.training.tracking import TENSORBOARD, RunTracker, hyperparameters
 
     options = spec.options
     _check_options(options)
@@ -68,6 +70,8 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     seed_everything(options.seed)
     with lora_adapters(pipe, options, plan.gradient_checkpointing) as models:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
+        dataset, validation_set = _hold_out(dataset, options.validation_holdout)
+        trained = index["images"][: len(dataset.images)]
         session = _resume(
             lambda: TrainingSession.start(models, options, ctx.device, plan.fp16), ctx
         )
@@ -77,7 +81,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             output_dir=Path(spec.output_dir),
             ref=ref,
             options=options,
-            images=[(tuple(e["bucket"]), tuple(e["original_size"])) for e in index["images"]],
+            images=[(tuple(e["bucket"]), tuple(e["original_size"])) for e in trained],
             captions=[image.caption for image in dataset.images],
             resolution=dataset.resolution(),
             batches_per_epoch=order.batches_per_epoch,
@@ -96,9 +100,32 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             on_the_fly=needs_text_encoder(options),
             model=ref,
             exports=exports,
+            tracker=RunTracker(
+                Path(spec.output_dir) / TENSORBOARD, session.step, hyperparameters(options, plan)
+            ),
+            validation_set=validation_set,
         )
-        loop.run()
-        return _finish(loop, ref, pipeline_class(ref.kind))
+        with closing(loop.tracker):
+            loop.run()
+            return _finish(loop, ref, pipeline_class(ref.kind))
+
+
+def _hold_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
+    """(the images trained on, the validation loss's images): the last ``count`` images are
+    held out of training; with none held out, the validation loss uses the first ones."""
+    import dataclasses
+
+    from dropkiln.stages.training.tracking import VALIDATION_LOSS_IMAGES
+
+    if count == 0:
+        return dataset, dataset.images[:VALIDATION_LOSS_IMAGES]
+    if count >= len(dataset.images):
+        raise StageError(
+            f"validation_holdout = {count} leaves no image to train on "
+            f"(the dataset has {len(dataset.images)})"
+        )
+    kept = dataset.images[: len(dataset.images) - count]
+    return dataclasses.replace(dataset, images=kept), dataset.images[len(kept) :]
 
 
 def _check_options(options: TrainSettings) -> None:
@@ -196,7 +223,10 @@ def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
     out = Path(loop.spec.output_dir)
     kohya = loop.exports.write(lora_path(out, loop.spec.name), session, session.step)
     diffusers = write_diffusers(out / "diffusers", pipeline_cls, session.models)
+    validation_loss = loop.measure_validation_loss(session.step)
     reports = loop.write_reports(session.step)
+    final_loss = session.losses[-1][1] if session.losses else None
+    loop.tracker.finish(final_loss, validation_loss)
     loop.ctx.artifact(kohya, "lora")
     loop.ctx.artifact(diffusers, "lora-diffusers")
     for path in reports:
@@ -207,9 +237,12 @@ def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
         "diffusers_lora": str(diffusers),
         "loss_csv": str(out / "loss.csv"),
         "loss_png": str(out / "loss.png"),
-        "validation_images": [str(p) for p in reports if p.parent.name == "validation"],
+        "validation_images": [str(p) for p in reports if _report_kind(p) == "validation-image"],
+        "contact_sheet": next((str(p) for p in reports if p.name == CONTACT_SHEET), None),
         "steps": session.step,
-        "final_loss": session.losses[-1][1] if session.losses else None,
+        "final_loss": final_loss,
+        "validation_loss": validation_loss,
+        "tensorboard": str(out / "tensorboard"),
         "model": ref.name,
         "kind": ref.kind,
         "rank": options.rank,

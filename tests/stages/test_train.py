@@ -86,6 +86,15 @@ def _lora_tensors(spec: TrainSpec) -> dict[str, Any]:
     return load_file(str(lora_path(spec.output_dir, spec.name)))
 
 
+def _scalars(spec: TrainSpec, tag: str) -> list[tuple[int, float]]:
+    """A scalar series as TensorBoard's own reader sees it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(Path(spec.output_dir) / "tensorboard"))
+    events.Reload()
+    return [(event.step, event.value) for event in events.Scalars(tag)]
+
+
 def _step_tensors(spec: TrainSpec, step: int) -> dict[str, Any]:
     from safetensors.torch import load_file
 
@@ -108,6 +117,7 @@ def reference(cached: dict[str, Any]) -> dict[str, Any]:
         "tensors": _lora_tensors(spec),
         "step4": _step_tensors(spec, 4),
         "ctx": ctx,
+        "spec": spec,
     }
 
 
@@ -121,7 +131,9 @@ def test_outputs_metadata_and_progress(cached: dict[str, Any]) -> None:
     assert result["lora"] == str(out / "cats.safetensors")
     assert (out / "diffusers" / "pytorch_lora_weights.safetensors").is_file()
     rows = (out / "loss.csv").read_text().splitlines()
-    assert rows[0] == "step,loss,lr" and len(rows) == 5
+    assert rows[0] == "step,loss,lr,validation_loss" and len(rows) == 5
+    # the validation loss on checkpoint steps only
+    assert [bool(row.split(",")[3]) for row in rows[1:]] == [False, True, False, True]
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert sorted(p.name for p in (out / "validation").iterdir()) == [
         "contact-sheet.png",
@@ -214,6 +226,9 @@ def test_stop_and_resume_is_bit_identical(
     assert result["final_loss"] == reference["result"]["final_loss"]
     csv = (Path(spec.output_dir) / "loss.csv").read_text()
     assert csv == (Path(reference["result"]["loss_csv"])).read_text()
+    # TensorBoard shows the run as if undisturbed: one point per step, the reference's values
+    assert _scalars(spec, "loss/train") == _scalars(reference["spec"], "loss/train")
+    assert _scalars(spec, "loss/validation") == _scalars(reference["spec"], "loss/validation")
 
 
 def test_oom_resumes_on_the_gradient_checkpointing_rung_identically(
@@ -577,3 +592,54 @@ def test_an_oom_raised_inside_the_forward_or_backward_resumes_one_rung_down(
     ctx.memory_rung = 1
     STAGE.run(spec, ctx)
     _assert_identical(_lora_tensors(spec), reference["tensors"])
+
+
+def test_tensorboard_files_read_by_tensorboard(cached: dict[str, Any]) -> None:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    options = {"steps": 4, "checkpoint_every": 2, "rank": 2, "validation_prompts": ["sks cat"]}
+    ctx, spec = _train(cached, "tracked", options)
+    result = STAGE.run(spec, ctx)
+    events = EventAccumulator(str(Path(spec.output_dir) / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert set(tags["scalars"]) == {
+        "loss/train",
+        "loss/train_smoothed",
+        "loss/validation",
+        "lr",
+        "grad_norm",
+    }
+    csv = [row.split(",") for row in (Path(spec.output_dir) / "loss.csv").read_text().split()[1:]]
+    train = _scalars(spec, "loss/train")
+    assert [step for step, _ in train] == [1, 2, 3, 4]
+    assert [value for _, value in train] == pytest.approx([float(row[1]) for row in csv], 1e-5)
+    smooth = [value for _, value in _scalars(spec, "loss/train_smoothed")]
+    assert smooth[-1] == pytest.approx(sum(float(row[1]) for row in csv) / 4, 1e-5)
+    assert all(norm > 0 for _, norm in _scalars(spec, "grad_norm"))
+    validation = _scalars(spec, "loss/validation")
+    assert [step for step, _ in validation] == [2, 4]
+    assert validation[-1][1] == pytest.approx(result["validation_loss"], 1e-6)
+    assert tags["images"] == ["validation/00"]
+    assert [image.step for image in events.Images("validation/00")] == [2, 4]
+    hparams = EventAccumulator(str(Path(spec.output_dir) / "tensorboard" / "hparams"))
+    hparams.Reload()
+    assert "_hparams_/session_start_info" in hparams.summary_metadata
+
+
+def test_validation_loss_is_deterministic_and_held_out(cached: dict[str, Any]) -> None:
+    """The same weights give the same validation loss (fixed images, timesteps and noise);
+    a held-out image is not trained on."""
+    from safetensors import safe_open
+
+    common = {"checkpoint_every": 2, "rank": 2, "learning_rate": 5e-3, "validation_holdout": 1}
+    ctx, long_run = _train(cached, "val-4", {"steps": 4, **common})
+    STAGE.run(long_run, ctx)
+    ctx, short_run = _train(cached, "val-2", {"steps": 2, **common})
+    short = STAGE.run(short_run, ctx)
+    assert _scalars(long_run, "loss/validation")[0] == (2, pytest.approx(short["validation_loss"]))
+    with safe_open(short["lora"], framework="pt") as handle:
+        assert handle.metadata()["ss_num_train_images"] == "3"
+    ctx, spec = _train(cached, "val-none", {"steps": 1, "validation_holdout": 4})
+    with pytest.raises(StageError, match="leaves no image to train on"):
+        STAGE.run(spec, ctx)

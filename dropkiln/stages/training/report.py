@@ -19,13 +19,27 @@ class ReportsStopped(Exception):
     """Validation images were cut short by a stop request (cancel, preemption, shutdown)."""
 
 
-def write_loss_csv(path: Path, losses: Sequence[tuple[int, float, float]]) -> Path:
-    lines = ["step,loss,lr"] + [f"{step},{loss:.6g},{lr:.6g}" for step, loss, lr in losses]
+def write_loss_csv(
+    path: Path,
+    losses: Sequence[tuple[int, float, float]],
+    validation: Sequence[tuple[int, float]] = (),
+) -> Path:
+    """step,loss,lr,validation_loss; the validation loss only on checkpoint steps."""
+    held = dict(validation)
+    lines = ["step,loss,lr,validation_loss"] + [
+        f"{step},{loss:.6g},{lr:.6g}," + (f"{held[step]:.6g}" if step in held else "")
+        for step, loss, lr in losses
+    ]
     return write_atomic(path, "\n".join(lines) + "\n")
 
 
-def write_loss_plot(path: Path, losses: Sequence[tuple[int, float, float]], title: str) -> Path:
-    """A PNG of the loss per step and its running mean."""
+def write_loss_plot(
+    path: Path,
+    losses: Sequence[tuple[int, float, float]],
+    title: str,
+    validation: Sequence[tuple[int, float]] = (),
+) -> Path:
+    """A PNG of the loss per step, its running mean, and the validation loss beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -42,6 +56,15 @@ def write_loss_plot(path: Path, losses: Sequence[tuple[int, float, float]], titl
     axes = figure.add_subplot()
     axes.plot(steps, values, color="#9ab", linewidth=0.8, label="loss")
     axes.plot(steps, smooth, color="#c40", linewidth=1.6, label=f"mean of {window}")
+    if validation:
+        axes.plot(
+            [row[0] for row in validation],
+            [row[1] for row in validation],
+            color="#26a",
+            linewidth=1.6,
+            marker="o",
+            label="validation",
+        )
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(title)

@@ -96,6 +96,8 @@ class TrainingSession:
     noise_generator: torch.Generator
     step: int = 0
     losses: list[tuple[int, float, float]] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss) of the fixed validation set at each checkpoint (tracking.py)."""
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -149,6 +151,7 @@ class TrainingSession:
             "noise_generator": self.noise_generator.get_state(),
             "global_rng": capture_global_rng(device),
             "losses": [list(row) for row in self.losses],
+            "validation_losses": [list(row) for row in self.validation_losses],
             "started_at": self.started_at,
         }
 
@@ -173,6 +176,7 @@ class TrainingSession:
             step = int(state["step"])
             losses = [(int(s), float(loss), float(lr)) for s, loss, lr in state["losses"]]
             started_at = float(state["started_at"])
+            validation = [(int(s), float(v)) for s, v in state.get("validation_losses", [])]
             global_rng = state["global_rng"]
             if self.ema is not None and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -193,6 +197,7 @@ class TrainingSession:
             for name, param in self.models.trainable.items():
                 param.copy_(lora[name])
         self.step, self.losses, self.started_at = step, losses, started_at
+        self.validation_losses = validation
 
 
 class CheckpointUnusable(Exception):
