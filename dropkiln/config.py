@@ -54,7 +54,9 @@ class TrainSettings(Section):
     text_encoder_learning_rate: float | None = None
     train_text_encoder: bool = False
     target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
+    optimizer: Literal["adamw", "adafactor", "prodigy", "soap", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit needs CUDA and the [cuda] extra (bitsandbytes)"
+    )
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"

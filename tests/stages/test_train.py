@@ -643,3 +643,32 @@ def test_validation_loss_is_deterministic_and_held_out(cached: dict[str, Any]) -
     ctx, spec = _train(cached, "val-none", {"steps": 1, "validation_holdout": 4})
     with pytest.raises(StageError, match="leaves no image to train on"):
         STAGE.run(spec, ctx)
+
+
+@pytest.mark.parametrize(("optimizer", "learning_rate"), [("prodigy", 1.0), ("soap", 3e-3)])
+def test_prodigy_and_soap_train_and_resume_bit_exactly(
+    cached: dict[str, Any], optimizer: str, learning_rate: float
+) -> None:
+    """Both run on the CPU; their state (Prodigy's d estimates, SOAP's eigenbases) goes
+    through the pickle-free checkpoint and the resumed run ends on the same bits."""
+    options = {
+        "steps": 4,
+        "checkpoint_every": 10,
+        "rank": 2,
+        "optimizer": optimizer,
+        "learning_rate": learning_rate,
+        "lr_warmup_steps": 1,
+    }
+    ctx, spec = _train(cached, f"{optimizer}-full", options)
+    STAGE.run(spec, ctx)
+    full = _lora_tensors(spec)
+    ctx, spec = _train(cached, f"{optimizer}-stopped", options, stop_after=2)
+    with pytest.raises(StageStopped):
+        STAGE.run(spec, ctx)
+    state = json.loads((ctx.work_dir / "checkpoints" / "step-0000002" / "state.json").read_text())
+    assert "pickle" not in json.dumps(state)
+    ctx.stop_after = None
+    STAGE.run(spec, ctx)
+    _assert_identical(_lora_tensors(spec), full)
+    initial = {k: v for k, v in full.items() if k.endswith("lora_up.weight")}
+    assert any(v.abs().sum() > 0 for v in initial.values())  # it trained (lora_up starts at 0)

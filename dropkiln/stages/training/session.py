@@ -40,7 +40,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(models: TrainableModels, options: Any, device: str) -> Any:
-    """AdamW, Adafactor, or 8-bit AdamW (bitsandbytes on CUDA only)."""
+    """The optimizer named by ``options.optimizer`` (OPTIMIZERS says what each needs)."""
     import torch
 
     groups = [{"params": models.parameters("unet"), "lr": options.learning_rate}]
@@ -49,25 +49,36 @@ def build_optimizer(models: TrainableModels, options: Any, device: str) -> Any:
         params = models.parameters(component)
         if params:
             groups.append({"params": params, "lr": text_lr})
+    lr = options.learning_rate
     if options.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=options.learning_rate)
+        return torch.optim.AdamW(groups, lr=lr)
     if options.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(
-            groups,
-            lr=options.learning_rate,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
+            groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False
         )
+    if options.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # Prodigy estimates the step size itself; learning_rate scales its estimate
+        # (1.0 is the usual setting), as in kohya's and OneTrainer's Prodigy option.
+        return Prodigy(
+            groups, lr=lr, weight_decay=0.0, safeguard_warmup=options.lr_warmup_steps > 0
+        )
+    if options.optimizer == "soap":
+        from pytorch_optimizer import SOAP
+
+        return SOAP(groups, lr=lr)
     if not device.startswith("cuda"):
         raise StageError(f"optimizer adamw8bit needs a CUDA device (this job runs on {device})")
     try:
         import bitsandbytes
     except ImportError as exc:
-        raise StageError("optimizer adamw8bit needs the bitsandbytes package") from exc
-    return bitsandbytes.optim.AdamW8bit(groups, lr=options.learning_rate)
+        raise StageError(
+            "optimizer adamw8bit needs the bitsandbytes package: pip install 'dropkiln[cuda]'"
+        ) from exc
+    return bitsandbytes.optim.AdamW8bit(groups, lr=lr)
 
 
 def build_lr_scheduler(optimizer: Any, options: Any) -> Any:
