@@ -53,7 +53,10 @@ class TrainSettings(Section):
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     text_encoder_learning_rate: float | None = None
     train_text_encoder: bool = False
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+    target_modules: list[str] | Literal["attention", "kohya"] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description='UNet module names, or a preset: "attention", "kohya" (kohya\'s full set)',
+    )
     optimizer: Literal["adamw", "adafactor", "prodigy", "soap", "adamw8bit"] = Field(
         "adamw", description="adamw8bit needs CUDA and the [cuda] extra (bitsandbytes)"
     )
