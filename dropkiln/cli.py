@@ -186,7 +186,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                         print(printer(event))
                     since = batch[-1].seq
                 return 0
-            async for event in store.tail(since, stream=stream, poll_interval=0.05):
+            async for event in store.tail(since, stream=stream):
                 print(printer(event), flush=True)
         finally:
             await store.close()

@@ -143,8 +143,11 @@ class Settings(BaseSettings):
     model: str = "tiny-sdxl"
     vae: str = Field("", description="a standalone VAE .safetensors; empty: the model's own")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    torch_threads: int = Field(
+        0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
+    )
     settle_seconds: float = Field(2.0, ge=0)
-    poll_interval: float = Field(0.05, gt=0, description="how often readers look for new events")
+    poll_interval: float = Field(0.05, gt=0, description="how often the dashboard reads the store")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
     stop_timeout_s: float = Field(
         300.0, gt=0, description="longest a shutdown waits for running jobs to checkpoint"

@@ -66,7 +66,7 @@ def run_bench(args: argparse.Namespace, settings: Settings) -> int:
     device, dtype = _device(
         args.device or settings.device, bool(MODEL_SUITES & set(names)), threads
     )
-    options = replace(options, device=device)
+    options = replace(options, device=device, threads=threads)
     out = Path(args.out) if args.out else settings.paths.bench / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     machine = machine_info(device, dtype)

@@ -1,12 +1,14 @@
-"""Generation through a running daemon: a prompt file dropped → its last PNG written.
+"""Generation through the path users run: a `dropkiln daemon` process with default settings.
 
-Two comparisons, both in this process with the daemon running in-process:
+Prompt files are dropped into a real daemon subprocess (default settle time and torch
+threads unless told otherwise). The baseline is plain diffusers in a fresh process of its
+own (``bench/clean.py``), kept warm like the daemon's model; the two take turns, so
+neither runs while the other is measured. Per drop:
 
-- warm: each prompt file through the daemon (model warm) against the same images from
-  direct diffusers calls on the same pipeline, interleaved, with the time from the drop
-  to the job's start (watcher debounce, ``settle_seconds``, ingest, planning) split out;
-- a row of prompt files dropped at once through the daemon (model cold, loaded once)
-  against one process per file that imports torch, loads the model and renders it.
+- pickup: the drop's rename → ``JobStarted`` (watcher, ``settle_seconds``, ingest, plan);
+- run: ``JobStarted`` → the last PNG, against the clean process's request → last PNG;
+- a row of prompt files dropped at once into a freshly started daemon (model cold, loaded
+  once) against one process per file that imports torch, loads the model and renders it.
 
 Run ``python -m dropkiln.bench.daemon [--images N] [--size PX] [--steps N] [--files N]``.
 """
@@ -16,6 +18,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -25,141 +30,176 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import anyio.to_thread
 
 from dropkiln.bench.cache import link_models
-from dropkiln.bench.generate import direct_images, script_per_job, write_prompt_files
+from dropkiln.bench.clean import CleanDiffusers
+from dropkiln.bench.generate import script_per_job, write_prompt_files
 from dropkiln.config import Settings
-from dropkiln.stages.prompts import ImageEntry
 
 POLL_S = 0.2
 """How often to ask whether the jobs are done: the times come from the PNGs' mtimes and the
 jobs' start events, so a slow poll loses no precision and takes no CPU from the daemon."""
+GUIDANCE = 5.0
 
 
 def bench_daemon(
-    images: int = 2, size: int = 128, steps: int = 8, repeat: int = 5, files: int = 10,
+    images: int = 4, size: int = 96, steps: int = 12, repeat: int = 5, files: int = 10,
     file_images: int = 1, model: str = "tiny-sdxl", models_dir: Path | None = None,
-    settle_seconds: float = 0.05, device: str = "cpu", processes: bool = True, warmup: int = 1,
+    settle_seconds: float | None = None, device: str = "cpu", processes: bool = True,
+    warmup: int = 1, threads: int = 0,
 ) -> dict[str, Any]:  # fmt: skip
-    """Warm drops against direct calls, and a row of files against a process per file."""
+    """Warm drops against the clean process, and a row of files against a process per file.
+
+    ``settle_seconds`` and ``threads`` left at None/0 are the daemon's defaults."""
+    from dropkiln.stages.models import resolve_model
+
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         root = Path(scratch)
         link_models(root, models_dir)
-        settings = Settings.load(
-            root=root, model=model, device=device, settle_seconds=settle_seconds
-        )
-        run = _DaemonRun(settings, images, size, steps)
-        figures = anyio.run(run.drive, warmup, repeat, files, file_images)
+        overrides: dict[str, Any] = {"model": model, "device": device, "torch_threads": threads}
+        if settle_seconds is not None:
+            overrides["settle_seconds"] = settle_seconds
+        settings = Settings.load(root=root, **overrides)
+        settings.paths.create()
+        folder = resolve_model(model, settings.paths.models).path  # builds a tiny model
+        run = _DaemonRun(settings, images, size, steps, overrides)
+        clean = CleanDiffusers(folder, threads)
+        try:
+            warm = run.warm(clean, warmup, repeat)
+        finally:
+            clean.close()
+        row = run.row(files, file_images)
         if processes:
-            figures["row"].update(_processes(run, files, file_images))
-    figures.update(
-        {
-            "model": model,
-            "images_per_file": images,
-            "size": size,
-            "steps": steps,
-            "settle_seconds": settle_seconds,
-            "warmup": warmup,
-            "load_average_after": round(os.getloadavg()[0], 2),
-        }
-    )
-    return figures
+            row.update(_processes(run, folder, files, file_images, clean.threads))
+    return {
+        "model": model,
+        "device": device,
+        "images_per_file": images,
+        "size": size,
+        "steps": steps,
+        "settle_seconds": settings.settle_seconds,
+        "torch_threads": {"daemon": threads or "default", "clean": clean.threads},
+        "warmup": warmup,
+        "warm": warm,
+        "row": row,
+        "load_average_after": round(os.getloadavg()[0], 2),
+    }
 
 
 class _DaemonRun:
-    def __init__(self, settings: Settings, images: int, size: int, steps: int) -> None:
+    def __init__(
+        self, settings: Settings, images: int, size: int, steps: int, overrides: dict[str, Any]
+    ) -> None:
         self.settings = settings
         self.images, self.size, self.steps = images, size, steps
         self.staging = settings.root / "staging"
         self.prompt_sets: dict[str, list[str]] = {}
-        self.device = "cpu"
+        self.environment = {
+            **os.environ,
+            **{f"DROPKILN_{key.upper()}": str(value) for key, value in overrides.items()},
+        }
 
-    async def drive(self, warmup: int, repeat: int, files: int, file_images: int) -> dict[str, Any]:
-        from dropkiln.daemon.service import Daemon
-
-        daemon = Daemon(self.settings)
-        async with anyio.create_task_group() as group:
-            group.start_soon(lambda: daemon.run(handle_signals=False))
-            await daemon.started.wait()
-            self.device = daemon.device
-            try:
-                warm = await self._warm(daemon, warmup, repeat)
-                row = await self._row(daemon, files, file_images)
-            finally:
-                daemon.stop("benchmark finished")
-        return {"device": self.device, "warm": warm, "row": row}
-
-    async def _warm(self, daemon: Any, warmup: int, repeat: int) -> dict[str, Any]:
-        for number in range(warmup):
-            # a first drop loads the model; its time belongs to neither side
-            await self._drop_and_wait(daemon, [f"warm-up{number}"], [[f"warm-up {number}"]])
-        through, direct, pickup, run = [], [], [], []
-        same = True
-        for attempt in range(repeat):
-            stem = f"warm{attempt:02d}"
-            prompts = [f"a lighthouse, drop {attempt} image {n}" for n in range(self.images)]
-            (job,) = await self._drop_and_wait(daemon, [stem], [prompts])
-            through.append(job["latency_s"])
-            pickup.append(job["pickup_s"])
-            run.append(job["latency_s"] - job["pickup_s"])
-            seconds, first = await anyio.to_thread.run_sync(self._direct, prompts, attempt)
-            direct.append(seconds)
-            same = same and _same_pixels(Path(job["images"][0]), first)
-        best_direct = min(direct)
+    def warm(self, clean: CleanDiffusers, warmup: int, repeat: int) -> dict[str, Any]:
+        daemon = self._start()
+        try:
+            for number in range(warmup):
+                # a first drop loads the model; its time belongs to neither side
+                self._drop_and_wait([f"warm-up{number}"], [[f"warm-up {number}"]])
+                clean.render(self._request([f"warm-up {number}"]), self._clean_out("warm-up"))
+            pickup, run, baseline = [], [], []
+            same = True
+            for attempt in range(repeat):
+                prompts = [f"a lighthouse, drop {attempt} image {n}" for n in range(self.images)]
+                (job,) = self._drop_and_wait([f"warm{attempt:02d}"], [prompts])
+                pickup.append(job["pickup_s"])
+                run.append(job["run_s"])
+                out = self._clean_out(str(attempt))
+                baseline.append(clean.render(self._request(prompts), out))
+                same = same and _same_pixels(Path(job["images"][0]), out / "000.png")
+        finally:
+            _stop(daemon)
         return {
             "repeat": repeat,
-            "daemon_s": through,
-            "direct_s": direct,
             "pickup_s": pickup,
             "run_s": run,
-            "daemon_best_s": round(min(through), 4),
-            "direct_best_s": round(best_direct, 4),
-            "ratio": round(min(through) / best_direct, 3),
-            "ratio_after_pickup": round(min(run) / best_direct, 3),
+            "clean_s": baseline,
+            "run_median_s": round(statistics.median(run), 4),
+            "clean_median_s": round(statistics.median(baseline), 4),
+            "ratio": round(statistics.median(run) / statistics.median(baseline), 3),
+            "ratio_best": round(min(run) / min(baseline), 3),
+            "pickup_p95_s": round(_p95(pickup), 4),
             "same_images": same,
         }
 
-    async def _row(self, daemon: Any, files: int, file_images: int) -> dict[str, Any]:
-        from dropkiln.stages.models import shared_pipelines
-
-        # A cold model, as in a freshly started daemon: the row pays for one load.
-        shared_pipelines().clear()
-        stems = [f"row{number:02d}" for number in range(files)]
-        prompt_sets = [[f"file {f} image {n}" for n in range(file_images)] for f in range(files)]
-        jobs = await self._drop_and_wait(daemon, stems, prompt_sets)
-        total = max(job["latency_s"] for job in jobs)
+    def row(self, files: int, file_images: int) -> dict[str, Any]:
+        daemon = self._start()  # a fresh daemon: the row pays for one model load
+        try:
+            stems = [f"row{number:02d}" for number in range(files)]
+            sets = [[f"file {f} image {n}" for n in range(file_images)] for f in range(files)]
+            jobs = self._drop_and_wait(stems, sets)
+        finally:
+            _stop(daemon)
         return {
             "files": files,
             "images_per_file": file_images,
-            "daemon_s": round(total, 3),
+            "daemon_s": round(max(job["latency_s"] for job in jobs), 3),
             "daemon_file_s": [job["latency_s"] for job in jobs],
         }
 
-    async def _drop_and_wait(
-        self, daemon: Any, stems: list[str], prompt_sets: list[list[str]]
-    ) -> list[dict[str, Any]]:
-        """Drop the files together; per file: drop → job start, drop → its last PNG."""
-        from dropkiln.store import list_drops, list_jobs
+    def _start(self) -> subprocess.Popen[bytes]:
+        log = open(self.settings.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
+        process = subprocess.Popen(
+            [sys.executable, "-m", "dropkiln", "daemon", "--root", str(self.settings.root)],
+            env=self.environment,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        log.close()
+        deadline = time.monotonic() + 120
+        while not anyio.run(self._serving, process.pid):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the daemon did not start; see {self.settings.root}/daemon.log")
+            time.sleep(POLL_S)
+        return process
 
+    async def _serving(self, pid: int) -> bool:
+        from dropkiln.store import EventStore, daemon_state
+
+        if not self.settings.paths.db.exists():
+            return False
+        store = await EventStore.open(self.settings.paths.db)
+        try:
+            state = await daemon_state(store)
+        finally:
+            await store.close()
+        return bool(state.running and state.pid == pid)
+
+    def _request(self, prompts: list[str]) -> list[dict[str, Any]]:
+        return [
+            {"prompt": prompt, "seed": 1 + number, "steps": self.steps, "guidance": GUIDANCE,
+             "width": self.size, "height": self.size}
+            for number, prompt in enumerate(prompts)
+        ]  # fmt: skip
+
+    def _clean_out(self, name: str) -> Path:
+        return self.settings.root / "clean" / name
+
+    def _drop_and_wait(
+        self, stems: list[str], prompt_sets: list[list[str]]
+    ) -> list[dict[str, Any]]:
+        """Drop the files together; per file: drop → job start → its last PNG."""
         built = write_prompt_files(self.staging, prompt_sets, self.steps, self.size, prefix="")
-        dropped = self.settings.paths.prompts
         dropped_at = time.time()
-        for stem, path in zip(stems, built, strict=True):
-            self.prompt_sets[stem] = prompt_sets[stems.index(stem)]
-            path.rename(dropped / f"{stem}.toml")
+        for stem, path, prompts in zip(stems, built, prompt_sets, strict=True):
+            self.prompt_sets[stem] = prompts
+            path.rename(self.settings.paths.prompts / f"{stem}.toml")
         while True:
-            await anyio.sleep(POLL_S)
-            failed = [d for d in await list_drops(daemon.store) if d["state"] == "failed"]
-            if failed:
-                raise RuntimeError(f"drop {failed[0]['name']} rejected: {failed[0]['reason']}")
-            jobs = {j.name: j for j in await list_jobs(daemon.store) if j.stage == "generate"}
-            mine = [jobs.get(stem) for stem in stems]
+            time.sleep(POLL_S)
+            mine = anyio.run(self._jobs, stems)
             if all(job is not None and job.terminal for job in mine):
                 break
         results = []
         for job in mine:
-            assert job is not None
             if job.state != "succeeded" or job.result is None or job.started_at is None:
                 raise RuntimeError(f"generate job {job.name} ended {job.state}: {job.error}")
             last_png = max(Path(p).stat().st_mtime for p in job.result["images"])
@@ -168,79 +208,81 @@ class _DaemonRun:
                 {
                     "images": job.result["images"],
                     "pickup_s": started - dropped_at,
+                    "run_s": last_png - started,
                     "latency_s": last_png - dropped_at,
                 }
             )
         return results
 
-    def _direct(self, prompts: list[str], attempt: int) -> tuple[float, Any]:
-        """The file's images from direct calls on the daemon's warm pipeline, saved as PNG."""
-        from dropkiln.stages.generate import inference_dtype
-        from dropkiln.stages.models import resolve_model, shared_pipelines
+    async def _jobs(self, stems: list[str]) -> list[Any]:
+        from dropkiln.store import EventStore, list_drops, list_jobs
 
-        ref = resolve_model(self.settings.model, self.settings.paths.models)
-        pipe = shared_pipelines().get(ref, self.device, inference_dtype(self.device))
-        entries = [
-            ImageEntry(prompt=prompt, seed=1 + n, steps=self.steps, width=self.size,
-                       height=self.size)
-            for n, prompt in enumerate(prompts)
-        ]  # fmt: skip
-        out = self.settings.root / "direct" / str(attempt)
-        out.mkdir(parents=True, exist_ok=True)
-        started = time.perf_counter()
-        pictures = []
-        for entry in entries:
-            (image,) = direct_images(pipe, [entry])
-            image.save(out / f"{entry.seed}.png")
-            pictures.append(image)
-        return time.perf_counter() - started, pictures[0]
+        store = await EventStore.open(self.settings.paths.db)
+        try:
+            failed = [d for d in await list_drops(store) if d["state"] == "failed"]
+            if failed:
+                raise RuntimeError(f"drop {failed[0]['name']} rejected: {failed[0]['reason']}")
+            jobs = {j.name: j for j in await list_jobs(store) if j.stage == "generate"}
+        finally:
+            await store.close()
+        return [jobs.get(stem) for stem in stems]
 
 
-def _processes(run: _DaemonRun, files: int, file_images: int) -> dict[str, Any]:
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _processes(
+    run: _DaemonRun, folder: Path, files: int, file_images: int, threads: int
+) -> dict[str, Any]:
     """The script-per-job way: one Python process per prompt file, each loading the model."""
-    import torch
-
-    from dropkiln.stages.models import resolve_model
-
-    ref = resolve_model(run.settings.model, run.settings.paths.models)
-    if ref.single_file:
-        return {"processes_s": None, "note": "single-file models: no process comparison"}
     prompt_sets = [run.prompt_sets[f"row{number:02d}"] for number in range(files)]
     seconds = script_per_job(
-        ref.path, run.settings.root / "scripts", prompt_sets, run.steps, run.size,
-        torch.get_num_threads(),
-    )  # fmt: skip
-    total = sum(seconds)
-    return {"processes_s": round(total, 3), "process_file_s": seconds}
+        folder, run.settings.root / "scripts", prompt_sets, run.steps, run.size, threads
+    )
+    return {"processes_s": round(sum(seconds), 3), "process_file_s": seconds}
 
 
-def _same_pixels(path: Path, image: Any) -> bool:
+def _p95(values: Sequence[float]) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
+
+
+def _same_pixels(path: Path, other: Path) -> bool:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as written:
-        return bool(np.array_equal(np.asarray(written.convert("RGB")), np.asarray(image)))
+    with Image.open(path) as mine, Image.open(other) as theirs:
+        return bool(np.array_equal(np.asarray(mine.convert("RGB")), np.asarray(theirs)))
 
 
 def main(argv: Sequence[str] = ()) -> None:
-    import torch
-
     parser = argparse.ArgumentParser(prog="python -m dropkiln.bench.daemon")
-    parser.add_argument("--images", type=int, default=2, help="images per warm prompt file")
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--images", type=int, default=4, help="images per warm prompt file")
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--files", type=int, default=10)
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--settle", type=float, default=None, help="default: the daemon's")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
     args = parser.parse_args(list(argv))
-    torch.set_num_threads(args.threads)
-    figures = bench_daemon(args.images, args.size, args.steps, args.repeat, args.files)
+    figures = bench_daemon(
+        args.images, args.size, args.steps, args.repeat, args.files,
+        settle_seconds=args.settle, threads=args.threads,
+    )  # fmt: skip
     warm, row = figures["warm"], figures["row"]
-    print(f"{figures['model']}, {args.size}x{args.size}, {args.steps} steps, "
-          f"settle_seconds {figures['settle_seconds']}")  # fmt: skip
-    print(f"warm: daemon {warm['daemon_best_s']:.3f}s (drop → last PNG), direct "
-          f"{warm['direct_best_s']:.3f}s: ratio {warm['ratio']:.3f} (goal <= 1.05), "
-          f"{warm['ratio_after_pickup']:.3f} after pickup")  # fmt: skip
+    print(f"{figures['model']}, {args.size}x{args.size}, {args.steps} steps, settle_seconds "
+          f"{figures['settle_seconds']}, torch threads {figures['torch_threads']}")  # fmt: skip
+    print(f"run (JobStarted → last PNG): daemon {warm['run_median_s']:.3f}s, clean "
+          f"diffusers process {warm['clean_median_s']:.3f}s: ratio {warm['ratio']:.3f} "
+          "(goal <= 1.05)")  # fmt: skip
+    print(f"pickup (drop → JobStarted): p95 {warm['pickup_p95_s']:.3f}s "
+          f"(goal <= settle + 0.05 s)")  # fmt: skip
     print(f"{row['files']} files: daemon {row['daemon_s']:.2f}s, "
           f"one process each {row.get('processes_s')}s")  # fmt: skip
     print(json.dumps(figures))

@@ -144,29 +144,31 @@ def generate_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRec
 
 
 def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
-    """Prompt files through a running daemon against direct calls and a process per file."""
+    """Prompt files through a `dropkiln daemon` process (default settings) against a clean
+    diffusers process, and a row of files against a process per file."""
     from dropkiln.bench.daemon import bench_daemon
 
     config: dict[str, Any] = {
         "images": 4 if not options.quick else 2,
-        "size": options.pick(options.resolution, 128, 64),
-        "steps": options.pick(options.steps, 8, 4),
+        "size": options.pick(options.resolution, 96, 64),
+        "steps": options.pick(options.steps, 12, 4),
         "repeat": options.pick(options.repeats, 5, 2),
         "files": 10 if not options.quick else 2,
         "file_images": 1,
         "model": options.model,
-        "settle_seconds": 0.05,
         "device": options.device,
         "warmup": options.pick(options.warmup, 1, 1),
+        "threads": options.threads or 0,
     }
     figures = bench_daemon(**config, models_dir=options.models_dir)
     warm, row = figures["warm"], figures["row"]
+    config["settle_seconds"] = figures["settle_seconds"]
+    config["torch_threads"] = figures["torch_threads"]
     record = SuiteRecord("daemon", config=config)
-    record.latencies("drop_to_last_png", warm.pop("daemon_s"), "prompt file dropped → last PNG")
-    record.latencies("direct", warm.pop("direct_s"), "same images, direct calls + PNG save")
+    record.latencies("run", warm.pop("run_s"), "JobStarted → last PNG, daemon process")
+    record.latencies("clean", warm.pop("clean_s"), "same images, clean diffusers process")
     record.latencies("pickup", warm.pop("pickup_s"), "prompt file dropped → job started")
-    warm.pop("run_s")
-    record.metric("ratio_after_pickup", warm["ratio_after_pickup"], "x", None)
+    record.metric("ratio_best", warm["ratio_best"], "x", None)
     record.metric("same_images", float(warm["same_images"]), "bool")
     record.metric("row_daemon_s", row["daemon_s"], "s", "lower", headline=True)
     record.latencies("row_file", row.pop("daemon_file_s"), "row: drop → that file's last PNG")
@@ -183,16 +185,17 @@ def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecor
         )
     record.metric("drop_files_per_s", round(row["files"] / row["daemon_s"], 3), "files/s", "higher")
     record.compared(
-        "direct diffusers calls in the same process (warm pipeline)",
+        "a clean diffusers process (warm model, its own process, turns interleaved)",
         warm["ratio"],
-        "drop → last PNG ÷ direct seconds for the same images",
+        "median JobStarted → last PNG ÷ median clean seconds for the same images",
         "<= 1.05",
     )
+    settle = figures["settle_seconds"]
     record.notes.append(
-        f"settle_seconds is {config['settle_seconds']}; the pickup latency (watcher debounce, "
-        "settling, ingest, planning, scheduling) is part of every drop's time."
+        f"settle_seconds is {settle} (the daemon's default unless --settle); pickup p95 "
+        f"{warm['pickup_p95_s']:.3f} s (goal <= {settle + 0.05:.2f} s) is reported apart."
     )
     if profiler is not None:
-        record.notes.append("--profile: the daemon runs the generate stage; profile generate")
+        record.notes.append("--profile: the daemon runs in its own process; profile generate")
     record.raw = figures
     return record

@@ -29,6 +29,9 @@ class BenchOptions:
     repeats: int | None = None
     warmup: int | None = None
     events: int | None = None
+    threads: int | None = None
+    """--threads: the in-process suites' torch threads; the daemon suite's daemon and clean
+    process get it too, else their defaults."""
 
     def pick(self, given: int | None, full: int, quick: int) -> int:
         if given is not None:

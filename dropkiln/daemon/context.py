@@ -1,4 +1,4 @@
-"""The StageContext the daemon hands a running stage (the stage runs in a worker thread).
+"""The StageContext the daemon hands a running stage (on the device thread, or a worker).
 
 Reports go back to the event loop, which owns the database: checkpoints and artifacts wait
 until their event is committed (so a kill right after never loses a record of a file that
@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio.from_thread
+from anyio.lowlevel import EventLoopToken
 
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.store.events import (
@@ -55,6 +56,7 @@ class DaemonContext:
         faults: FaultInjector,
         recorded: dict[str, str | None] | None = None,
         append: AppendFn,
+        token: EventLoopToken,
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -68,6 +70,7 @@ class DaemonContext:
         """path → sha256 of the artifacts already recorded for this job (earlier attempts)."""
         self._faults = faults
         self._append = append
+        self._token = token
         self._stop = threading.Event()
         self.stop_reason: str | None = None
         self._last_progress = 0.0
@@ -92,7 +95,7 @@ class DaemonContext:
     # Called from the stage's thread ---------------------------------------------------------
 
     def _send(self, events: list[Event]) -> None:
-        anyio.from_thread.run(self._append, events)
+        anyio.from_thread.run(self._append, events, token=self._token)
 
     def progress(self, done: int, total: int, **metrics: Any) -> None:
         self.last_sign_of_life = time.monotonic()

@@ -14,10 +14,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import anyio.to_thread
 
 from dropkiln.config import Settings
 from dropkiln.daemon.context import DaemonContext
+from dropkiln.daemon.device_thread import DeviceThread
 from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
 from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
 from dropkiln.stages.faults import FaultInjector, take_torn_write
@@ -52,11 +54,16 @@ class RunningJob:
 
 class Executor:
     def __init__(
-        self, settings: Settings, store: EventStore, device: str, faults: FaultInjector
+        self,
+        settings: Settings,
+        store: EventStore,
+        device_thread: DeviceThread,
+        faults: FaultInjector,
     ) -> None:
         self.settings = settings
         self.store = store
-        self.device = device
+        self.device_thread = device_thread
+        self.device = device_thread.device
         self.faults = faults
 
     async def append(self, job_id: str, events: list[Event]) -> None:
@@ -88,6 +95,7 @@ class Executor:
             recorded={a["path"]: a["sha256"] for a in await job_artifacts(self.store, job.id)},
             faults=self.faults,
             append=lambda events: self.append(job.id, events),
+            token=anyio.lowlevel.current_token(),
         )
         await self.append(
             job.id,
@@ -104,16 +112,22 @@ class Executor:
         return RunningJob(job, stage, context)
 
     async def run(self, running: RunningJob, limiter: anyio.CapacityLimiter) -> str:
-        """Run the attempt in a worker thread; returns the state the job ended in."""
+        """Run the attempt (GPU lane: on the device thread; CPU lane, which never touches
+        torch: in a worker thread); returns the state the job ended in."""
         job, stage, ctx = running.job, running.stage, running.context
         oom: OutOfMemory | None = None
         try:
             spec = stage.spec.model_validate(job.spec)
             # Abandoned, not awaited, if the daemon is cancelled: a hung stage must not hold
             # up a shutdown past stop_timeout_s (its job resumes at the next start).
-            result = await anyio.to_thread.run_sync(
-                _run_stage, stage, spec, ctx, limiter=limiter, abandon_on_cancel=True
-            )
+            if stage.lane == "gpu":
+                result = await self.device_thread.run(
+                    _run_stage, stage, spec, ctx, abandon_on_cancel=True
+                )
+            else:
+                result = await anyio.to_thread.run_sync(
+                    _run_stage, stage, spec, ctx, limiter=limiter, abandon_on_cancel=True
+                )
         except StageStopped:
             return await self._stopped(running)
         except StageError as exc:
@@ -127,13 +141,13 @@ class Executor:
             oom = OutOfMemory(
                 memory_rung=ctx.memory_rung,
                 rung_name=rung.name,
-                snapshot=memory_snapshot(self.device),
+                snapshot=await self.device_thread.run(memory_snapshot, self.device),
                 message=str(exc).splitlines()[0][:500],
             )
         if oom is not None:
             # Outside the except block, so the traceback (and the tensors its frames hold)
             # is gone before memory is released.
-            await anyio.to_thread.run_sync(release_memory, self.device)
+            await self.device_thread.run(release_memory, self.device)
             return await self._out_of_memory(running, oom)
         return await self._finish(running, JobSucceeded(result=result or {}), "succeeded")
 

@@ -1,5 +1,5 @@
 """The daemon: one task group that owns the database, the watcher, the scheduler and the
-telemetry; GPU work runs in worker threads. SIGTERM/SIGINT stop it cleanly.
+telemetry; all torch work runs on the device thread. SIGTERM/SIGINT stop it cleanly.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from anyio.abc import TaskGroup
 
 from dropkiln import __version__
 from dropkiln.config import Settings
+from dropkiln.daemon.device_thread import DeviceThread
 from dropkiln.daemon.executor import Executor
 from dropkiln.daemon.ingest import Ingestor
 from dropkiln.daemon.lock import DaemonLock
@@ -64,6 +65,7 @@ class Daemon:
         self.faults = FaultInjector(settings.faults)
         self.started = anyio.Event()
         self.device = "cpu"
+        self.device_thread: DeviceThread
         self._stop = anyio.Event()
         self._stop_reason = "stopped"
         self.store: EventStore
@@ -81,9 +83,12 @@ class Daemon:
             self.paths.create()
             self.store = await EventStore.open(self.paths.db, create=True)
             stack.push_async_callback(self.store.close)
-            self.device = await anyio.to_thread.run_sync(resolve_device, self.settings.device)
+            self.device_thread = DeviceThread(self.settings.device, self.settings.torch_threads)
+            stack.callback(self.device_thread.close)
+            self.device = await self.device_thread.run(resolve_device, self.settings.device)
+            await self.device_thread.run(self.device_thread.use_device, self.device)
             configure_shared_pipelines(int(self.settings.ram_budget_gb * 2**30))
-            executor = Executor(self.settings, self.store, self.device, self.faults)
+            executor = Executor(self.settings, self.store, self.device_thread, self.faults)
             self.scheduler = Scheduler(self.settings, self.store, executor)
             self.ingestor = Ingestor(self.settings, self.store, Planner(self.settings, self.store))
             start_seq = await self._start()
@@ -94,7 +99,7 @@ class Daemon:
                 tg.start_soon(watchdog_loop, self.notifier, self._hung, name="watchdog")
                 if self.settings.webhooks.url:
                     sender = WebhookSender(self.settings.webhooks, self.store)
-                    tg.start_soon(sender.run, None, self.settings.poll_interval, name="webhooks")
+                    tg.start_soon(sender.run, None, name="webhooks")
                 if handle_signals:
                     tg.start_soon(self._signals, name="signals")
                 tg.start_soon(self.scheduler.run, tg, name="scheduler")
@@ -115,7 +120,7 @@ class Daemon:
             pid=os.getpid(),
             host=socket.gethostname(),
             version=__version__,
-            device=await anyio.to_thread.run_sync(device_name, self.device),
+            device=await self.device_thread.run(device_name, self.device),
             root=str(self.settings.root),
         )
         stored = await self.store.append(DAEMON_STREAM, [started])
@@ -169,9 +174,7 @@ class Daemon:
             self.scheduler.wake()
 
     async def _obey_commands(self, after: int) -> None:
-        async for event in self.store.tail(
-            after, poll_interval=self.settings.poll_interval, types=COMMANDS
-        ):
+        async for event in self.store.tail(after, types=COMMANDS):
             try:
                 if event.type == "CancelRequested" and event.job_id:
                     await self.scheduler.cancel(event.job_id, by=event.data.get("by", "request"))
@@ -185,6 +188,8 @@ class Daemon:
 
     async def _telemetry(self) -> None:
         while True:
+            # Allocator counters and psutil only, no torch op: safe beside the device thread,
+            # and it must not wait for a running stage.
             sample = await anyio.to_thread.run_sync(memory_snapshot, self.device)
             gpu = self.scheduler.lane_jobs("gpu") if hasattr(self, "scheduler") else []
             if gpu:

@@ -56,7 +56,7 @@ class WebhookSender:
         # Never sent before: start with what happens from now on, not the whole history.
         return await self.store.last_seq()
 
-    async def run(self, after: int | None = None, poll_interval: float = 0.2) -> None:
+    async def run(self, after: int | None = None, poll_interval: float = 1.0) -> None:
         """Deliver forever (a task of the daemon's task group)."""
         start = await self.resume_point() if after is None else after
         async with httpx.AsyncClient(timeout=self.settings.timeout_s) as client:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
+import watchfiles
 from sqlalchemy import Connection, Engine, Select, func, literal, select
 from sqlalchemy.ext.asyncio import AsyncEngine
 
@@ -51,7 +52,6 @@ class EventStore:
         self._write_connection: sqlite3.Connection | None = None
         self._write_lock = anyio.CapacityLimiter(1)
         self._read_limiter = anyio.CapacityLimiter(READ_CONNECTIONS)
-        self._appended = anyio.Event()
 
     @classmethod
     async def open(cls, path: Path, *, create: bool = False) -> EventStore:
@@ -146,8 +146,6 @@ class EventStore:
         ]
         work = functools.partial(_append, pending, expected or {})
         stored = await self.transaction(work)
-        self._appended.set()
-        self._appended = anyio.Event()
         return stored
 
     # Reading ----------------------------------------------------------------------------
@@ -185,16 +183,29 @@ class EventStore:
         self,
         after: int = 0,
         *,
-        poll_interval: float = 0.05,
+        poll_interval: float = 1.0,
         stream: str | None = None,
         types: Sequence[str] | None = None,
     ) -> AsyncGenerator[StoredEvent, None]:
-        """Every event after ``after``, forever: wakes on local appends at once and on other
-        processes' commits within ``poll_interval`` (``PRAGMA data_version`` is cheap)."""
+        """Every event after ``after``, forever.
+
+        It sleeps until the database's files change: every commit, from this process or
+        another, writes the WAL file, and the kernel says so (inotify, through watchfiles).
+        ``PRAGMA data_version`` then tells a real commit from a checkpoint. Where change
+        notifications do not reach (some network filesystems) it looks every
+        ``poll_interval`` seconds anyway."""
         watch = await anyio.to_thread.run_sync(connect, self.path)
+        changes = watchfiles.awatch(
+            self.path.parent,
+            watch_filter=lambda _, changed: Path(changed).name.startswith(self.path.name),
+            recursive=False,
+            debounce=50,
+            step=2,
+            rust_timeout=max(1, round(poll_interval * 1000)),
+            yield_on_timeout=True,
+        )
         try:
             while True:
-                appended = self._appended
                 # Read before the batch: a commit the batch misses changes it afterwards.
                 version = await anyio.to_thread.run_sync(_data_version, watch)
                 batch, scanned_to = await self.snapshot(
@@ -208,13 +219,11 @@ class EventStore:
                 # Nothing else matched up to scanned_to in this snapshot, and seqs are
                 # assigned in commit order, so filtered tails need not scan it again.
                 after = max(after, scanned_to)
-                while True:
-                    with anyio.move_on_after(poll_interval):
-                        await appended.wait()
-                        break
+                async for _ in changes:
                     if await anyio.to_thread.run_sync(_data_version, watch) != version:
                         break
         finally:
+            await changes.aclose()
             watch.close()
 
 

@@ -203,7 +203,9 @@ def test_generate_quick_reports_phases_and_images_per_call(bench_home: Path) -> 
 
 
 @pytest.mark.slow
-def test_daemon_benchmark_times_drops_through_a_running_daemon(tiny_models: Path) -> None:
+def test_daemon_benchmark_drops_into_a_daemon_process_against_a_clean_process(
+    tiny_models: Path,
+) -> None:
     from dropkiln.bench.daemon import bench_daemon
 
     figures = bench_daemon(
@@ -215,17 +217,18 @@ def test_daemon_benchmark_times_drops_through_a_running_daemon(tiny_models: Path
         file_images=1,
         models_dir=tiny_models,
         processes=False,
+        settle_seconds=0.2,
     )
     warm, row = figures["warm"], figures["row"]
-    assert len(warm["daemon_s"]) == len(warm["direct_s"]) == 2
-    pairs = zip(warm["pickup_s"], warm["daemon_s"], strict=True)
-    assert all(0 < pickup < total for pickup, total in pairs)
-    assert warm["same_images"] is True
-    assert warm["ratio"] == pytest.approx(warm["daemon_best_s"] / warm["direct_best_s"], rel=0.01)
+    assert len(warm["run_s"]) == len(warm["clean_s"]) == len(warm["pickup_s"]) == 2
+    assert all(pickup >= 0.2 for pickup in warm["pickup_s"])  # the settle time is waited
+    assert warm["same_images"] is True  # the clean process drew the same pixels
+    assert warm["ratio"] == pytest.approx(warm["run_median_s"] / warm["clean_median_s"], rel=0.01)
     assert len(row["daemon_file_s"]) == 2 and row["daemon_s"] == pytest.approx(
         max(row["daemon_file_s"]), abs=0.001
     )
-    assert figures["settle_seconds"] == 0.05
+    assert figures["settle_seconds"] == 0.2
+    assert figures["torch_threads"]["daemon"] == "default"
 
 
 @pytest.mark.slow

@@ -1,0 +1,67 @@
+"""All torch work of a daemon runs on its one device thread.
+
+Each thread that calls into torch gets its own OpenMP pool, and several pools fighting
+over the cores made every call about 3x slower; CUDA's current device is per thread too.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+
+from dropkiln.config import Settings
+from dropkiln.daemon.device_thread import DeviceThread
+from dropkiln.store import list_jobs
+from tests.daemon.harness import ended, running_daemon, wait_job
+from tests.daemon.test_ingest import SMALL, drop_dataset, wait_drops
+from tests.daemon.test_prompt_drops import TINY, place
+
+
+async def test_device_thread_runs_calls_in_order_on_one_thread() -> None:
+    device = DeviceThread("cpu")
+    try:
+        threads = {await device.run(threading.get_ident) for _ in range(5)}
+        assert threads == {device.ident}
+        assert device.ident != threading.get_ident()
+        with pytest.raises(ZeroDivisionError):
+            await device.run(lambda: 1 / 0)
+        assert await device.run(threading.get_ident) == device.ident  # still serving
+    finally:
+        device.close()
+
+
+@pytest.mark.slow
+async def test_every_module_forward_of_a_pipeline_runs_on_the_device_thread(
+    settings: Settings,
+) -> None:
+    import torch
+
+    settings.train.steps = 2
+    settings.train.checkpoint_every = 1
+    settings.train.rank = 2
+    callers: dict[tuple[int, str], set[str]] = {}
+
+    def record(module: torch.nn.Module, _: Any) -> None:
+        thread = threading.current_thread()
+        callers.setdefault((thread.ident or 0, thread.name), set()).add(type(module).__name__)
+
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(record)
+    try:
+        async with running_daemon(settings) as daemon:
+            drop_dataset(settings, "shapes", toml=SMALL)
+            await wait_drops(daemon.store, 1)
+            place(settings, "use.toml", 'loras = ["shapes"]\n' + TINY + '[[image]]\nprompt = "x"\n')
+            await wait_drops(daemon.store, 2)
+            for job in await list_jobs(daemon.store):
+                done = await wait_job(daemon.store, job.id, ended, timeout=180)
+                assert done.state == "succeeded", (done.stage, done.error)
+    finally:
+        hook.remove()
+    # one thread, the daemon's long-lived device thread (not an anyio worker, not the loop)
+    assert len(callers) == 1, {t: sorted(m)[:5] for t, m in callers.items()}
+    ((_, name), modules), *_ = callers.items()
+    assert name.startswith("dropkiln-device"), name
+    # cache (VAE, text encoders), train (UNet forward and backward) and generate all ran there
+    assert {"Encoder", "Decoder", "UNet2DConditionModel", "CLIPTextModel"} <= modules
