@@ -161,6 +161,9 @@ class Settings(BaseSettings):
         description="least time a GPU job runs before a higher-priority one may preempt it",
     )
     ram_budget_gb: float = Field(8.0, gt=0, description="warm pipelines kept in memory")
+    device_budget_gb: float | None = Field(
+        None, gt=0, description="warm pipelines kept on the GPU (unset: 75% of its memory)"
+    )
     telemetry_every_s: float = Field(1.0, gt=0)
     telemetry_retention_s: float = Field(3600.0, gt=0)
     faults: str = Field("", description="fault injection, e.g. oom@train.step:5,kill@cache.shard:2")
