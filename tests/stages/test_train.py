@@ -369,6 +369,7 @@ def test_damaged_shard_is_reencoded_before_training(cached: dict[str, Any]) -> N
     assert all(repaired[k].allclose(good[k], atol=1e-6) for k in good)
 
 
+@pytest.mark.slow
 def test_every_checkpoint_is_the_lora_a_run_of_that_length_writes(cached: dict[str, Any]) -> None:
     """The step-2 file of a 4-step run holds exactly what a 2-step run exports (EMA
     weights included), with kohya's metadata for step 2; the final file keeps its name."""
@@ -396,6 +397,7 @@ def test_every_checkpoint_is_the_lora_a_run_of_that_length_writes(cached: dict[s
     ) in ctx.artifacts
 
 
+@pytest.mark.slow
 def test_keep_loras_keeps_the_newest_step_files(cached: dict[str, Any]) -> None:
     options = {"steps": 6, "checkpoint_every": 1, "rank": 2, "keep_loras": 2}
     ctx, spec = _train(cached, "keep", options)
@@ -407,6 +409,7 @@ def test_keep_loras_keeps_the_newest_step_files(cached: dict[str, Any]) -> None:
     ]
 
 
+@pytest.mark.slow
 def test_contact_sheet_lines_up_each_prompt_across_steps(cached: dict[str, Any]) -> None:
     from PIL import Image
 
@@ -594,6 +597,7 @@ def test_an_oom_raised_inside_the_forward_or_backward_resumes_one_rung_down(
     _assert_identical(_lora_tensors(spec), reference["tensors"])
 
 
+@pytest.mark.slow
 def test_tensorboard_files_read_by_tensorboard(cached: dict[str, Any]) -> None:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -627,6 +631,7 @@ def test_tensorboard_files_read_by_tensorboard(cached: dict[str, Any]) -> None:
     assert "_hparams_/session_start_info" in hparams.summary_metadata
 
 
+@pytest.mark.slow
 def test_validation_loss_is_deterministic_and_held_out(cached: dict[str, Any]) -> None:
     """The same weights give the same validation loss (fixed images, timesteps and noise);
     a held-out image is not trained on."""
