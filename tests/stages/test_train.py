@@ -650,6 +650,7 @@ def test_validation_loss_is_deterministic_and_held_out(cached: dict[str, Any]) -
         STAGE.run(spec, ctx)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("optimizer", "learning_rate"), [("prodigy", 1.0), ("soap", 3e-3)])
 def test_prodigy_and_soap_train_and_resume_bit_exactly(
     cached: dict[str, Any], optimizer: str, learning_rate: float
