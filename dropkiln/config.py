@@ -97,6 +97,20 @@ class GenerateSettings(Section):
     preview_every: int = Field(0, ge=0, description="write a small preview every N steps (0: off)")
 
 
+class LimitsSettings(Section):
+    """Operator caps: what one drop may ask of the GPU and the disk. Only dropkiln.toml (or
+    the environment) sets them; a dataset.toml or prompt file asking for more is rejected."""
+
+    max_steps: int = Field(100_000, ge=1, description="training steps per dataset")
+    max_batch_size: int = Field(16, ge=1)
+    max_gradient_accumulation: int = Field(64, ge=1)
+    min_checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints, at least")
+    max_resolution: int = Field(2048, ge=64, description="training resolution")
+    max_rank: int = Field(256, ge=1)
+    max_generate_steps: int = Field(150, ge=1, description="denoising steps per image")
+    max_images: int = Field(1000, ge=1, description="images per prompt file")
+
+
 class ApiSettings(Section):
     """`dropkiln serve`: where it listens and what it accepts."""
 
@@ -147,6 +161,9 @@ class Settings(BaseSettings):
         0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
     )
     settle_seconds: float = Field(2.0, ge=0)
+    waiting_report_s: float = Field(
+        60.0, gt=0, description="a drop held back this long is reported (DropWaiting)"
+    )
     poll_interval: float = Field(0.05, gt=0, description="how often the dashboard reads the store")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
     stop_timeout_s: float = Field(
@@ -171,6 +188,7 @@ class Settings(BaseSettings):
     bucket: BucketSettings = Field(default_factory=BucketSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
@@ -291,6 +309,16 @@ width = 1024
 height = 1024
 scheduler = "euler"
 seed = 1
+
+[limits]                     # caps a dataset.toml or prompt file cannot raise
+max_steps = 100000
+max_batch_size = 16
+max_gradient_accumulation = 64
+min_checkpoint_every = 50
+max_resolution = 2048
+max_rank = 256
+max_generate_steps = 150
+max_images = 1000
 
 [api]                        # dropkiln serve (the HTTP API); the token is in state/api-token
 host = "127.0.0.1"

@@ -97,10 +97,10 @@ class Executor:
             append=lambda events: self.append(job.id, events),
             token=anyio.lowlevel.current_token(),
         )
-        await self.append(
-            job.id,
-            [JobStarted(attempt=attempt, memory_rung=rung, rung_name=stage.rung(rung).name)],
-        )
+        # With the version the scheduler read: a cancel (or anything) written since makes
+        # this raise ConcurrencyError, and the job is not started on a stale decision.
+        started = JobStarted(attempt=attempt, memory_rung=rung, rung_name=stage.rung(rung).name)
+        await self.store.append(job_stream(job.id), [started], job.version)
         log.info(
             "started %s job %s (%s), attempt %d, memory rung %s",
             job.stage,

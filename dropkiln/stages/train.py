@@ -228,12 +228,15 @@ def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
     final_loss = session.losses[-1][1] if session.losses else None
     loop.tracker.finish(final_loss, validation_loss)
     loop.ctx.artifact(kohya, "lora")
+    kept = [path for _, path in step_loras(out, loop.spec.name)]
+    for path in kept:
+        loop.ctx.artifact(path, "lora-step")
     loop.ctx.artifact(diffusers, "lora-diffusers")
     for path in reports:
         loop.ctx.artifact(path, _report_kind(path))
     return {
         "lora": str(kohya),
-        "step_loras": [str(path) for _, path in step_loras(out, loop.spec.name)],
+        "step_loras": [str(path) for path in kept],
         "diffusers_lora": str(diffusers),
         "loss_csv": str(out / "loss.csv"),
         "loss_png": str(out / "loss.png"),

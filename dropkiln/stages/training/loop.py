@@ -244,9 +244,10 @@ class TrainingLoop:
             # come back to write them (after a kill in between, they are made again).
             # The step's LoRA and its validation images show the same (EMA) weights, as
             # the final file and the final images do.
+            # Recorded as artifacts when the job finishes, once keep_loras has pruned: every
+            # recorded artifact stays on disk (store check verifies them).
             with self.session.averaged_weights():
-                lora = self.exports.write_step(self.session, step)
-            self.ctx.artifact(lora, "lora-step")
+                self.exports.write_step(self.session, step)
             self.exports.prune(self.spec.options.keep_loras)
             try:
                 with self.session.averaged_weights():
