@@ -43,6 +43,9 @@ class BucketSettings(Section):
 class TrainSettings(Section):
     steps: int = Field(2000, ge=1, le=10_000_000)
     checkpoint_every: int = Field(250, ge=1)
+    keep_loras: int | None = Field(
+        None, ge=1, description="per-checkpoint LoRA files kept, newest first (unset: all)"
+    )
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     rank: int = Field(16, ge=1, le=1024)
@@ -50,8 +53,13 @@ class TrainSettings(Section):
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     text_encoder_learning_rate: float | None = None
     train_text_encoder: bool = False
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
+    target_modules: list[str] | Literal["attention", "kohya"] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description='UNet module names, or a preset: "attention", "kohya" (kohya\'s full set)',
+    )
+    optimizer: Literal["adamw", "adafactor", "prodigy", "soap", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit needs CUDA and the [cuda] extra (bitsandbytes)"
+    )
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
@@ -72,6 +80,9 @@ class TrainSettings(Section):
     caption_dropout: float = Field(0.0, ge=0, le=1)
     tag_weights: dict[str, float] = Field(default_factory=dict)
     validation_prompts: list[str] = Field(default_factory=list)
+    validation_holdout: int = Field(
+        0, ge=0, description="images held out of training for the validation loss"
+    )
     seed: int = 1
 
 
@@ -167,6 +178,9 @@ class Settings(BaseSettings):
         description="least time a GPU job runs before a higher-priority one may preempt it",
     )
     ram_budget_gb: float = Field(8.0, gt=0, description="warm pipelines kept in memory")
+    device_budget_gb: float | None = Field(
+        None, gt=0, description="warm pipelines kept on the GPU (unset: 75% of its memory)"
+    )
     telemetry_every_s: float = Field(1.0, gt=0)
     telemetry_retention_s: float = Field(3600.0, gt=0)
     faults: str = Field("", description="fault injection, e.g. oom@train.step:5,kill@cache.shard:2")

@@ -90,7 +90,11 @@ class Daemon:
             stack.callback(self.device_thread.close)
             self.device = await self.device_thread.run(resolve_device, self.settings.device)
             await self.device_thread.run(self.device_thread.use_device, self.device)
-            configure_shared_pipelines(int(self.settings.ram_budget_gb * 2**30))
+            device_gb = self.settings.device_budget_gb
+            configure_shared_pipelines(
+                int(self.settings.ram_budget_gb * 2**30),
+                None if device_gb is None else int(device_gb * 2**30),
+            )
             executor = Executor(self.settings, self.store, self.device_thread, self.faults)
             self.scheduler = Scheduler(self.settings, self.store, executor)
             self.ingestor = Ingestor(self.settings, self.store, Planner(self.settings, self.store))

@@ -168,6 +168,8 @@ class OutOfMemory(Event):
     rung_name: str
     snapshot: dict[str, Any]
     message: str
+    evicted: list[str] = Field(default_factory=list)
+    """Other warm pipelines dropped to free memory; when any were, the retry keeps the rung."""
 
 
 class RetryScheduled(Event):
