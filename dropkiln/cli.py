@@ -124,7 +124,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     settings = _settings(args)
 
     async def main() -> int:
-        from dropkiln.store import daemon_state, list_jobs, queue_paused, status_report
+        from dropkiln.store import (
+            daemon_state,
+            list_jobs,
+            queue_paused,
+            status_report,
+            waiting_drops,
+        )
 
         store = await _open(settings)
         try:
@@ -134,24 +140,38 @@ def cmd_status(args: argparse.Namespace) -> int:
             jobs = await list_jobs(store, limit=args.limit)
             daemon = await daemon_state(store)
             paused = await queue_paused(store)
+            waiting = await waiting_drops(store)
         finally:
             await store.close()
         up = f"running (pid {daemon.pid}, {daemon.device})" if daemon.running else "not running"
         print(f"daemon: {up} · queue: {'paused' if paused else 'running'}")
+        for held in waiting:
+            source = Path(held["source"])
+            shown = (
+                source.relative_to(settings.root)
+                if source.is_relative_to(settings.root)
+                else source
+            )
+            print(f"waiting: {shown} {held['reason']} (noticed {_age(held['at'])} ago)")
         if not jobs:
             print("no jobs yet: drop a dataset folder or a prompt file into", settings.paths.drop)
             return 0
+        from dropkiln.tui.format import unique_prefixes
+
+        # Ids are 128-bit; the shortest unambiguous prefix is what `cancel`/`retry` need.
+        short = unique_prefixes(job.id for job in jobs)
+        w = max(9, *(len(prefix) + 1 for prefix in short.values()))
         print(
-            f"{'ID':9} {'STAGE':9} {'NAME':20} {'STATE':10} {'PROGRESS':>8} {'TRY':>3} {'AGE':>5}"
+            f"{'ID':{w}} {'STAGE':9} {'NAME':20} {'STATE':10} {'PROGRESS':>8} {'TRY':>3} {'AGE':>5}"
         )
         for job in jobs:
             progress = f"{job.progress * 100:.0f}%"
             print(
-                f"{job.id:9} {job.stage:9} {job.name[:20]:20} {job.state:10} {progress:>8} "
-                f"{job.attempt:>3} {_age(job.created_at):>5}"
+                f"{short[job.id]:{w}} {job.stage:9} {job.name[:20]:20} {job.state:10} "
+                f"{progress:>8} {job.attempt:>3} {_age(job.created_at):>5}"
             )
             if job.state == "failed" and job.error:
-                print(f"{'':9} └ {job.error.splitlines()[0][:100]}")
+                print(f"{'':{w}} └ {job.error.splitlines()[0][:100]}")
         return 0
 
     return _run(main)
@@ -257,30 +277,58 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def cmd_store(args: argparse.Namespace) -> int:
     settings = _settings(args)
+    if args.action == "rebuild":
+        return _rebuild(settings)
 
     async def main() -> int:
-        from dropkiln.store import check, rebuild
+        from dropkiln.store import check
 
         store = await _open(settings)
         try:
-            if args.action == "rebuild":
-                count = await rebuild(store)
-                print(f"rebuilt jobs, drops and artifacts from {count} events")
-                return 0
             report = await check(store)
         finally:
             await store.close()
         rows = ", ".join(f"{n} {t}" for t, n in report.rows.items())
         if report.ok:
-            print(f"ok: {report.events} events replay to the live projections ({rows})")
+            print(
+                f"ok: {report.events} events follow the job state machine and replay to "
+                f"the live projections ({rows})"
+            )
             return 0
-        for line in report.differences:
+        for line in [*report.violations, *report.differences]:
             print(line)
         raise CommandError(
+            f"{len(report.violations)} state machine violation(s), "
             f"{len(report.differences)} difference(s) between events and projections"
         )
 
     return _run(main)
+
+
+def _rebuild(settings: Settings) -> int:
+    """Rebuild holding the daemon's lock: a rebuild rewrites every projection row in one
+    write transaction, longer than a running daemon's busy timeout, so its next append
+    would fail. The lock also keeps a daemon from starting until the rebuild is done."""
+    from dropkiln.daemon.lock import AlreadyRunning, DaemonLock
+
+    async def main() -> int:
+        from dropkiln.store import rebuild
+
+        store = await _open(settings)
+        try:
+            count = await rebuild(store)
+        finally:
+            await store.close()
+        print(f"rebuilt jobs, drops and artifacts from {count} events")
+        return 0
+
+    try:
+        with DaemonLock(settings.paths.lock):
+            return _run(main)
+    except AlreadyRunning as exc:
+        raise CommandError(
+            f"{exc}: stop it before 'store rebuild' ('store check' runs beside it)"
+        ) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -333,15 +381,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument(
-        "--root", help="dropkiln home (default: $DROPKILN_ROOT or ./dropkiln-home)", default=None
-    )
+    root_help = "dropkiln home (default: $DROPKILN_ROOT or ./dropkiln-home)"
     parser = argparse.ArgumentParser(
         prog="dropkiln",
         description="Drop a dataset, get a LoRA; drop a prompt file, get images and a video.",
-        parents=[common],
     )
+    parser.add_argument("--root", help=root_help, default=None)
+    # After the command too; SUPPRESS keeps a subcommand from resetting a --root given
+    # before it (`dropkiln --root X status`) to its own default.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--root", help=root_help, default=argparse.SUPPRESS)
     parser.add_argument("--version", action="version", version=f"dropkiln {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 

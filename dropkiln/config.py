@@ -43,6 +43,9 @@ class BucketSettings(Section):
 class TrainSettings(Section):
     steps: int = Field(2000, ge=1, le=10_000_000)
     checkpoint_every: int = Field(250, ge=1)
+    keep_loras: int | None = Field(
+        None, ge=1, description="per-checkpoint LoRA files kept, newest first (unset: all)"
+    )
     batch_size: int = Field(1, ge=1)
     gradient_accumulation: int = Field(1, ge=1)
     rank: int = Field(16, ge=1, le=1024)
@@ -50,8 +53,13 @@ class TrainSettings(Section):
     learning_rate: float = Field(1e-4, gt=0, le=1.0)
     text_encoder_learning_rate: float | None = None
     train_text_encoder: bool = False
-    target_modules: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
-    optimizer: Literal["adamw", "adafactor", "adamw8bit"] = "adamw"
+    target_modules: list[str] | Literal["attention", "kohya"] = Field(
+        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
+        description='UNet module names, or a preset: "attention", "kohya" (kohya\'s full set)',
+    )
+    optimizer: Literal["adamw", "adafactor", "prodigy", "soap", "adamw8bit"] = Field(
+        "adamw", description="adamw8bit needs CUDA and the [cuda] extra (bitsandbytes)"
+    )
     lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
@@ -72,6 +80,9 @@ class TrainSettings(Section):
     caption_dropout: float = Field(0.0, ge=0, le=1)
     tag_weights: dict[str, float] = Field(default_factory=dict)
     validation_prompts: list[str] = Field(default_factory=list)
+    validation_holdout: int = Field(
+        0, ge=0, description="images held out of training for the validation loss"
+    )
     seed: int = 1
 
 
@@ -84,6 +95,20 @@ class GenerateSettings(Section):
     seed: int = 1
     max_pixels: int = Field(4096 * 4096, ge=64)
     preview_every: int = Field(0, ge=0, description="write a small preview every N steps (0: off)")
+
+
+class LimitsSettings(Section):
+    """Operator caps: what one drop may ask of the GPU and the disk. Only dropkiln.toml (or
+    the environment) sets them; a dataset.toml or prompt file asking for more is rejected."""
+
+    max_steps: int = Field(100_000, ge=1, description="training steps per dataset")
+    max_batch_size: int = Field(16, ge=1)
+    max_gradient_accumulation: int = Field(64, ge=1)
+    min_checkpoint_every: int = Field(50, ge=1, description="steps between checkpoints, at least")
+    max_resolution: int = Field(2048, ge=64, description="training resolution")
+    max_rank: int = Field(256, ge=1)
+    max_generate_steps: int = Field(150, ge=1, description="denoising steps per image")
+    max_images: int = Field(1000, ge=1, description="images per prompt file")
 
 
 class ApiSettings(Section):
@@ -129,13 +154,16 @@ class Settings(BaseSettings):
     )
 
     root: Path = DEFAULT_ROOT
-    model: str = "tiny-sdxl"
+    model: str = "tiny-shapes"
     vae: str = Field("", description="a standalone VAE .safetensors; empty: the model's own")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
     torch_threads: int = Field(
         0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
     )
     settle_seconds: float = Field(2.0, ge=0)
+    waiting_report_s: float = Field(
+        60.0, gt=0, description="a drop held back this long is reported (DropWaiting)"
+    )
     poll_interval: float = Field(0.05, gt=0, description="how often the dashboard reads the store")
     cpu_workers: int = Field(2, ge=1, description="concurrent CPU-lane jobs")
     stop_timeout_s: float = Field(
@@ -150,6 +178,9 @@ class Settings(BaseSettings):
         description="least time a GPU job runs before a higher-priority one may preempt it",
     )
     ram_budget_gb: float = Field(8.0, gt=0, description="warm pipelines kept in memory")
+    device_budget_gb: float | None = Field(
+        None, gt=0, description="warm pipelines kept on the GPU (unset: 75% of its memory)"
+    )
     telemetry_every_s: float = Field(1.0, gt=0)
     telemetry_retention_s: float = Field(3600.0, gt=0)
     faults: str = Field("", description="fault injection, e.g. oom@train.step:5,kill@cache.shard:2")
@@ -157,6 +188,7 @@ class Settings(BaseSettings):
     bucket: BucketSettings = Field(default_factory=BucketSettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
+    limits: LimitsSettings = Field(default_factory=LimitsSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
@@ -247,7 +279,7 @@ class Paths:
 
 DEFAULT_CONFIG_TEXT = """\
 # dropkiln settings. Every key can also be set as DROPKILN_<KEY> (nested: DROPKILN_TRAIN__STEPS).
-model = "tiny-sdxl"          # tiny-sdxl, tiny-sd15, a local diffusers folder or a .safetensors file
+model = "tiny-shapes"        # tiny-shapes, tiny-sdxl, tiny-sd15, a diffusers folder, a .safetensors
 vae = ""                     # a standalone VAE .safetensors in place of the model's own ("": none)
 device = "auto"              # auto, cpu, cuda, cuda:1
 settle_seconds = 2.0         # a drop is taken once nothing in it changed for this long
@@ -277,6 +309,16 @@ width = 1024
 height = 1024
 scheduler = "euler"
 seed = 1
+
+[limits]                     # caps a dataset.toml or prompt file cannot raise
+max_steps = 100000
+max_batch_size = 16
+max_gradient_accumulation = 64
+min_checkpoint_every = 50
+max_resolution = 2048
+max_rank = 256
+max_generate_steps = 150
+max_images = 1000
 
 [api]                        # dropkiln serve (the HTTP API); the token is in state/api-token
 host = "127.0.0.1"

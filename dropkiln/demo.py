@@ -1,9 +1,11 @@
 """``dropkiln demo``: the whole pipeline on a generated sample, in one command.
 
-Creates a home (temporary unless --root is given), starts the daemon in this process,
-drops a small generated dataset, then a prompt file that uses the LoRA trained from it
-and asks for a video, prints progress as the events arrive, and prints where the
-outputs are. Exit status 0 only if every job succeeded.
+Creates a home (temporary unless --root is given), starts the daemon in this process, drops
+a small generated dataset that teaches the built-in ``tiny-shapes`` model a new word
+(``zorp``, a purple star), a prompt file asking the base model for it, then the same prompts
+with the LoRA trained from the dataset and a latent-walk video; prints progress as the events
+arrive, a before/after picture, how often a pixel detector finds the concept in each, and
+where the outputs are. Exit status 0 only if every job succeeded.
 """
 
 from __future__ import annotations
@@ -20,8 +22,8 @@ import anyio
 from dropkiln.config import Settings
 
 DEMO_CONFIG = """\
-# Settings of the dropkiln demo: the tiny built-in model at 64x64, a few training steps.
-model = "tiny-sdxl"
+# Settings of the dropkiln demo: the built-in tiny-shapes model at 64x64, a short LoRA run.
+model = "tiny-shapes"
 settle_seconds = 0.3
 
 [bucket]
@@ -31,81 +33,79 @@ min_side = 32
 max_side = 128
 
 [train]
-steps = 12
-checkpoint_every = 4
-rank = 4
-learning_rate = 1e-3
+steps = 120
+checkpoint_every = 40
+rank = 8
+learning_rate = 2e-3
 
 [generate]
-steps = 4
+steps = 20
 width = 64
 height = 64
-guidance = 3.0
+guidance = 5.0
 """
 
-COLOURS = {
-    "red": (220, 40, 40),
-    "green": (40, 180, 60),
-    "blue": (40, 80, 220),
-    "yellow": (230, 210, 40),
-}
-SHAPES = ("circle", "square")
+CONCEPT = "zorp"
+"""The demo's new word: a purple star, a colour the base model never saw."""
+CONCEPT_SHAPE = "star"
+CONCEPT_COLOUR = "purple"
+CONCEPT_PROMPT = f"a large {CONCEPT} on a white background, center"
+CONCEPT_IMAGES = 16
+SEEDS = 8
 
-PROMPT_FILE = """\
-loras = [{ name = "shapes", weight = 0.8 }]
-
+_IMAGES = f"""\
 [defaults]
-steps = 4
+steps = 20
 width = 64
 height = 64
-seed = 7
+guidance = 5.0
+seed = 1
 
 [[image]]
-prompt = "a red circle, plain background"
-count = 2
-name = "red-circle"
-
-[[image]]
-prompt = "a blue square, plain background"
-count = 2
-name = "blue-square"
-
-[video]
-kind = "slideshow"
-fps = 8
-seconds_per_image = 0.5
-transition = "crossfade"
+prompt = "{CONCEPT_PROMPT}"
+count = {SEEDS}
+name = "{CONCEPT}"
 """
+BEFORE_FILE = "# the base model alone: it has never seen the word\n" + _IMAGES
+AFTER_FILE = (
+    f'loras = [{{ name = "{CONCEPT}", weight = 1.0 }}]\n\n'
+    + _IMAGES
+    + """
+[video]
+kind = "latent-walk"
+fps = 12
+frames = 24
+"""
+)
 
 
-def write_sample_dataset(folder: Path, size: int = 64) -> int:
-    """Eight small pictures of coloured shapes with tag captions and a dataset.toml."""
-    from PIL import Image, ImageDraw
+def write_sample_dataset(folder: Path) -> int:
+    """Pictures of the new concept (purple stars of many sizes, places and backgrounds),
+    captioned with its word, and a dataset.toml."""
+    import numpy as np
+
+    from dropkiln.stages.models.shapes_detect import PALETTE
+    from dropkiln.stages.models.shapes_scenes import concept_scene
 
     folder.mkdir(parents=True, exist_ok=True)
-    count = 0
-    for colour, rgb in COLOURS.items():
-        for shape in SHAPES:
-            image = Image.new("RGB", (size, size + (16 if shape == "square" else 0)), "white")
-            draw = ImageDraw.Draw(image)
-            box = (size // 5, size // 5, size * 4 // 5, size * 4 // 5)
-            if shape == "circle":
-                draw.ellipse(box, fill=rgb)
-            else:
-                draw.rectangle(box, fill=rgb)
-            stem = f"{colour}-{shape}"
-            image.save(folder / f"{stem}.png")
-            (folder / f"{stem}.txt").write_text(f"shapes, a {colour} {shape}, plain background")
-            count += 1
-    (folder / "dataset.toml").write_text(
-        'validation_prompts = ["shapes, a green circle, plain background"]\nseed = 3\n'
-    )
-    return count
+    rng = np.random.Generator(np.random.PCG64(3))
+    for number in range(CONCEPT_IMAGES):
+        image, caption = concept_scene(rng, CONCEPT_SHAPE, PALETTE[CONCEPT_COLOUR], CONCEPT)
+        image.save(folder / f"{CONCEPT}-{number:02d}.png")
+        (folder / f"{CONCEPT}-{number:02d}.txt").write_text(caption)
+    (folder / "dataset.toml").write_text(f'validation_prompts = ["{CONCEPT_PROMPT}"]\nseed = 3\n')
+    return CONCEPT_IMAGES
 
 
 def _place(build: Path, target: Path) -> None:
     """Move a finished drop into view in one rename, as a careful user would."""
     build.rename(target)
+
+
+def _drop_prompts(staging: Path, prompts: Path, stem: str, text: str, out: Any) -> None:
+    (staging / f"{stem}.toml").write_text(text)
+    print(f"dropping a prompt file -> {prompts / f'{stem}.toml'}", file=out)
+    _place(staging / f"{stem}.toml", prompts / f"{stem}.toml")
 
 
 async def _drive(settings: Settings, out: Any) -> bool:
@@ -121,24 +121,27 @@ async def _drive(settings: Settings, out: Any) -> bool:
         paths = settings.paths
         staging = paths.root / "staging"
         staging.mkdir(exist_ok=True)
-        n = write_sample_dataset(staging / "shapes")
-        print(f"dropping a sample dataset: {n} images -> {paths.datasets / 'shapes'}", file=out)
-        _place(staging / "shapes", paths.datasets / "shapes")
+        n = write_sample_dataset(staging / CONCEPT)
+        print(
+            f"dropping a dataset of a new concept, {CONCEPT!r} (a purple star): {n} images "
+            f"-> {paths.datasets / CONCEPT}",
+            file=out,
+        )
+        _place(staging / CONCEPT, paths.datasets / CONCEPT)
+        _drop_prompts(staging, paths.prompts, "before", BEFORE_FILE, out)
         follower = _Follower(out)
-        prompt_dropped = False
+        after_dropped = False
         while True:
             await anyio.sleep(0.2)
             await follower.show(store)
             jobs = await list_jobs(store)
-            if not prompt_dropped and any(j.stage == "train" for j in jobs):
-                (staging / "demo.toml").write_text(PROMPT_FILE)
-                print(f"dropping a prompt file -> {paths.prompts / 'demo.toml'}", file=out)
-                _place(staging / "demo.toml", paths.prompts / "demo.toml")
-                prompt_dropped = True
+            if not after_dropped and any(j.stage == "train" for j in jobs):
+                _drop_prompts(staging, paths.prompts, "after", AFTER_FILE, out)
+                after_dropped = True
             drops = await _drops(store)
             if any(d["state"] == "failed" for d in drops):
                 break
-            prompts_taken = any(d["kind"] == "prompts" for d in drops)
+            prompts_taken = sum(d["kind"] == "prompts" for d in drops) == 2
             if prompts_taken and all(j.terminal for j in jobs):
                 ok = all(j.state == "succeeded" for j in jobs)
                 break
@@ -200,14 +203,36 @@ class _Follower:
 
 def _outputs(settings: Settings) -> list[str]:
     paths = settings.paths
-    lines = []
-    for lora in sorted(paths.loras.glob("*/*.safetensors")):
-        lines.append(f"LoRA:   {lora}")
-    for image in sorted(paths.images.glob("*/*.png")):
-        lines.append(f"image:  {image}")
-    for video in sorted(paths.videos.glob("*")):
-        lines.append(f"video:  {video}")
+    lines = [f"LoRA:        {lora}" for lora in sorted(paths.loras.glob("*/*.safetensors"))]
+    lines += [f"loss curve:  {plot}" for plot in sorted(paths.loras.glob("*/loss.png"))]
+    lines += [f"validation:  {folder}" for folder in sorted(paths.loras.glob("*/validation"))]
+    lines += [f"images:      {sheet}" for sheet in sorted(paths.images.glob("*/contact-sheet.png"))]
+    lines += [f"video:       {video}" for video in sorted(paths.videos.glob("*.mp4"))]
     return lines
+
+
+def _story(settings: Settings, out: Any) -> bool:
+    """The before/after picture and the detector's count; True if the LoRA taught it."""
+    from dropkiln.demo_story import before_after_picture, concept_hits, rendered_images
+
+    images = settings.paths.images
+    before, after = rendered_images(images / "before"), rendered_images(images / "after")
+    if not before or not after:
+        return False
+    picture = before_after_picture(
+        [("tiny-shapes", before), (f"tiny-shapes + the {CONCEPT} LoRA", after)],
+        CONCEPT_PROMPT,
+        settings.paths.root / "outputs" / "before-after.png",
+    )
+    print(f"before/after: {picture}", file=out)
+    without = concept_hits(before, CONCEPT_COLOUR, CONCEPT_SHAPE)
+    with_lora = concept_hits(after, CONCEPT_COLOUR, CONCEPT_SHAPE)
+    print(
+        f"the detector sees a {CONCEPT_COLOUR} {CONCEPT_SHAPE} in {with_lora}/{len(after)} "
+        f"images with the LoRA, {without}/{len(before)} without",
+        file=out,
+    )
+    return with_lora > without
 
 
 def run_demo(root: Path | None = None, out: Any = None) -> int:
@@ -226,6 +251,8 @@ def run_demo(root: Path | None = None, out: Any = None) -> int:
     print("", file=out)
     for line in _outputs(settings):
         print(line, file=out)
+    if ok:
+        _story(settings, out)
     print(f"{'finished' if ok else 'FAILED'} in {elapsed:.0f} s", file=out)
     print(f"everything is in {settings.root} (remove it when done)", file=out)
     return 0 if ok else 1

@@ -10,6 +10,9 @@ import pytest
 from dropkiln.config import Settings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# The suite runs on the random tiny-sdxl, the fastest model; tiny-shapes (the default for
+# users) has its own tests, which name it.
+os.environ.setdefault("DROPKILN_MODEL", "tiny-sdxl")
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -17,12 +20,22 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu = [item for item in items if "gpu" in item.keywords]
+    if gpu and not _cuda_available():
+        for item in gpu:
+            item.add_marker(pytest.mark.skip(reason="needs a CUDA device"))
     if config.getoption("--full"):
         return
     skip = pytest.mark.skip(reason="long form: run with --full")
     for item in items:
         if "full" in item.keywords:
             item.add_marker(skip)
+
+
+def _cuda_available() -> bool:
+    import torch  # only when gpu tests were collected: the CLI/store tests stay torch-free
+
+    return bool(torch.cuda.is_available())
 
 
 @pytest.fixture

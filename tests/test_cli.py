@@ -145,3 +145,35 @@ def test_read_commands_never_import_torch(home: Path) -> None:
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
+
+
+def test_defect11_root_before_the_command_is_honoured(
+    home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    add_job(home, "abc12345")
+    monkeypatch.chdir(tmp_path)  # ./dropkiln-home must not be what is read
+    code, out, err = run(capsys, "--root", str(home), "status", "--json")
+    assert code == 0, err
+    assert [job["id"] for job in json.loads(out)["jobs"]] == ["abc12345"]
+    assert not (tmp_path / "dropkiln-home").exists()
+    # Given in both places, the one after the command wins (it is the more specific).
+    code, out, _ = run(
+        capsys, "--root", str(tmp_path / "x"), "status", "--json", "--root", str(home)
+    )
+    assert code == 0 and json.loads(out)["jobs"]
+
+
+def test_defect14_store_rebuild_refuses_while_a_daemon_holds_the_root(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dropkiln.daemon.lock import DaemonLock
+
+    add_job(home, "abc12345")
+    with DaemonLock(home / "state" / "daemon.lock"):
+        code, out, err = run(capsys, "store", "rebuild", "--root", str(home))
+        assert code == 1
+        assert "daemon" in err and "running" in err and "stop it" in err
+        # check only reads, so it runs beside the daemon.
+        assert run(capsys, "store", "check", "--root", str(home))[0] == 0
+    code, out, _ = run(capsys, "store", "rebuild", "--root", str(home))
+    assert code == 0 and "2 events" in out

@@ -15,6 +15,7 @@ from dropkiln.bench.suites import BenchOptions
 def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
     """Train stage steps/s against the minimal diffusers + peft loop, by micro-batch."""
     from dropkiln.bench.train import WARMUP_STEPS, bench_train
+    from dropkiln.bench.train_job import bench_train_job
 
     warmup = options.warmup if options.warmup is not None else WARMUP_STEPS
     config: dict[str, Any] = {
@@ -80,7 +81,19 @@ def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord
         f"loop median step time ÷ stage median step time (= steps/s ratio) at batch {batches[0]}",
         ">= 0.95",
     )
-    record.raw = {"runs": runs}
+    job = bench_train_job(
+        steps=options.pick(options.steps, 40, 16),
+        size=config["size"],
+        rank=config["rank"],
+        model=options.model,
+        repeat=options.pick(options.repeats, 2, 1),
+        models_dir=options.models_dir,
+        device=options.device,
+    )
+    record.metric("whole_job_ratio", job["ratio"], "x", None, ">= 0.9")
+    record.metric("step_lora_share_of_job", job["step_lora_share_of_job"], "x", "lower")
+    record.metric("step_lora_bytes_total", job["step_lora_bytes_total"], "bytes", "lower")
+    record.raw = {"runs": runs, "whole_job": job}
     return record
 
 

@@ -97,10 +97,10 @@ class Executor:
             append=lambda events: self.append(job.id, events),
             token=anyio.lowlevel.current_token(),
         )
-        await self.append(
-            job.id,
-            [JobStarted(attempt=attempt, memory_rung=rung, rung_name=stage.rung(rung).name)],
-        )
+        # With the version the scheduler read: a cancel (or anything) written since makes
+        # this raise ConcurrencyError, and the job is not started on a stale decision.
+        started = JobStarted(attempt=attempt, memory_rung=rung, rung_name=stage.rung(rung).name)
+        await self.store.append(job_stream(job.id), [started], job.version)
         log.info(
             "started %s job %s (%s), attempt %d, memory rung %s",
             job.stage,
@@ -146,7 +146,10 @@ class Executor:
             )
         if oom is not None:
             # Outside the except block, so the traceback (and the tensors its frames hold)
-            # is gone before memory is released.
+            # is gone before memory is released. Other warm pipelines go first: the job
+            # retries on the same rung when they were what filled the device.
+            evicted = await self.device_thread.run(_evict_other_pipelines, self.device)
+            oom = oom.model_copy(update={"evicted": evicted})
             await self.device_thread.run(release_memory, self.device)
             return await self._out_of_memory(running, oom)
         return await self._finish(running, JobSucceeded(result=result or {}), "succeeded")
@@ -169,7 +172,7 @@ class Executor:
 
     async def _out_of_memory(self, running: RunningJob, oom: OutOfMemory) -> str:
         ladder = running.stage.ladder
-        next_rung = oom.memory_rung + 1
+        next_rung = oom.memory_rung if oom.evicted else oom.memory_rung + 1
         if next_rung < len(ladder):
             retry = RetryScheduled(
                 next_rung=next_rung,
@@ -188,6 +191,12 @@ class Executor:
         reason = f"out of memory on every memory rung (tried: {tried}); last: {oom.message}"
         await self.append(running.id, [oom, JobFailed(reason=reason)])
         return "failed"
+
+
+def _evict_other_pipelines(device: str) -> list[str]:
+    from dropkiln.stages.models import shared_pipelines
+
+    return shared_pipelines().evict_all_but_newest(device)
 
 
 def _run_stage(stage: StageDef, spec: Any, ctx: DaemonContext) -> dict[str, Any]:

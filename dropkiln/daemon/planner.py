@@ -13,6 +13,7 @@ import hashlib
 import os
 import shutil
 import uuid
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,7 @@ from typing import Any
 import anyio.to_thread
 
 from dropkiln.config import Settings
+from dropkiln.daemon import limits
 from dropkiln.stages import StageError, get_stage
 from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted
@@ -30,7 +32,9 @@ PROMPT_SUFFIXES = (".toml", ".json", ".txt")
 
 
 def new_id() -> str:
-    return uuid.uuid4().hex[:8]
+    """128 random bits: ids never collide in practice (32 bits did, after ~65,000 jobs with
+    even odds). The CLI and the dashboard show the shortest unambiguous prefix."""
+    return uuid.uuid4().hex
 
 
 class DropRejection(Exception):
@@ -122,9 +126,20 @@ def _read_dataset(
     try:
         model, bucket, train, vae = load_dataset_options(read_from, settings)
     except StageError as exc:
+        # The user knows the zip, not where dropkiln unpacked it: "cats.zip/dataset.toml".
+        reason = str(exc).replace(str(unzip_to), entry.name) if entry.is_file() else str(exc)
+        raise DropRejection(reason) from exc
+    options = {
+        "model": model,
+        "vae": vae,
+        "bucket": bucket.model_dump(),
+        "train": train.model_dump(),
+    }
+    try:
+        limits.check_dataset(settings, options, entry.name)
+    except limits.OverLimit as exc:
         raise DropRejection(str(exc)) from exc
-    options = {"model": model, "vae": vae, "bucket": bucket.model_dump()}
-    return folder, options | {"train": train.model_dump()}
+    return folder, options
 
 
 def _prompt_file_in(entry: Path) -> Path:
@@ -151,7 +166,8 @@ def _read_prompts(settings: Settings, entry: Path) -> Options:
 
     try:
         prompt_file = load_prompt_file(prompt_path, settings)
-    except StageError as exc:
+        limits.check_prompts(settings, prompt_file, prompt_path.name)
+    except (StageError, limits.OverLimit) as exc:
         raise DropRejection(str(exc)) from exc
     return {"prompt_file": prompt_file, "source": entry}
 
@@ -411,14 +427,14 @@ def error_text(name: str, drop_id: str, reason: str, at: str) -> str:
     )
 
 
-def unique_path(path: Path) -> Path:
-    """``path`` or ``path-2``, ``path-3``… whichever does not exist yet."""
-    if not path.exists() and not path.is_symlink():
+def unique_path(path: Path, taken: Collection[Path] = ()) -> Path:
+    """``path`` or ``path-2``, ``path-3``… whichever does not exist yet and is not taken."""
+    if not os.path.lexists(path) and path not in taken:
         return path
     stem, suffix = (path.stem, path.suffix) if path.is_file() else (path.name, "")
     for n in range(2, 10_000):
         candidate = path.with_name(f"{stem}-{n}{suffix}")
-        if not candidate.exists():
+        if not os.path.lexists(candidate) and candidate not in taken:
             return candidate
     raise FileExistsError(path)
 

@@ -16,16 +16,22 @@ from __future__ import annotations
 import logging
 import math
 import time
+from collections.abc import Callable
 
 import anyio
 from anyio.abc import TaskGroup
 
 from dropkiln.config import Settings
 from dropkiln.daemon.executor import Executor, RunningJob
-from dropkiln.store import EventStore, JobView, find_job, list_jobs, queue_paused
+from dropkiln.store import ConcurrencyError, EventStore, JobView, find_job, list_jobs, queue_paused
 from dropkiln.store.events import Event, JobCancelled, JobFailed, JobQueued, job_stream
 
 log = logging.getLogger(__name__)
+
+# A decision that lost a race re-reads the job and decides again, this many times at most.
+# Each conflict means another writer appended in between; more than a few in a row means
+# the job is busy enough that the next scheduling pass is the better place to decide.
+DECISION_ATTEMPTS = 5
 
 
 class Scheduler:
@@ -34,11 +40,16 @@ class Scheduler:
         self.store = store
         self.executor = executor
         self.running: dict[str, RunningJob] = {}
+        # Cancels that found the job's JobStarted committed but its attempt not yet
+        # registered here: _start stops the attempt as soon as it is.
+        self._cancel_on_start: set[str] = set()
         self.limiters = {
             "gpu": anyio.CapacityLimiter(1),
             "cpu": anyio.CapacityLimiter(settings.cpu_workers),
         }
         self.accepting = True
+        # Drops whose move is not done (the ingestor sets this): their jobs wait for it.
+        self.held_drops: Callable[[], set[str]] = set
         self.paused = False
         self.abandoned: list[str] = []
         """Jobs still running when a shutdown stopped waiting for them."""
@@ -71,8 +82,9 @@ class Scheduler:
         """One pass: settle dependency failures, start what may start, preempt if needed."""
         jobs = await list_jobs(self.store, active_only=True)
         runnable: list[JobView] = []
+        held = self.held_drops()
         for job in jobs:
-            if job.id in self.running:
+            if job.id in self.running or job.drop_id in held:
                 continue
             if job.state == "waiting":
                 await self._check_dependencies(job)
@@ -105,21 +117,38 @@ class Scheduler:
             current.context.request_stop(f"preempted by {waiting.stage} job {waiting.id}")
 
     async def _check_dependencies(self, job: JobView) -> None:
+        """End a waiting job whose dependency failed or was cancelled. Appended with the
+        version read: if the job changed meanwhile, the next pass looks again."""
         for dep in job.depends_on:
             dep_job = await find_job(self.store, dep)
+            ending: Event
             if dep_job.state == "failed":
                 reason = f"dependency {dep_job.stage} job {dep} failed: {dep_job.error}"
-                await self.store.append(job_stream(job.id), [JobFailed(reason=reason)])
-                return
-            if dep_job.state == "cancelled":
-                reason = f"dependency {dep_job.stage} job {dep} was cancelled"
-                await self.store.append(job_stream(job.id), [JobCancelled(reason=reason)])
-                return
+                ending = JobFailed(reason=reason)
+            elif dep_job.state == "cancelled":
+                ending = JobCancelled(reason=f"dependency {dep_job.stage} job {dep} was cancelled")
+            else:
+                continue
+            try:
+                await self.store.append(job_stream(job.id), [ending], job.version)
+            except ConcurrencyError:
+                self.wake()
+            return
 
     async def _start(self, tg: TaskGroup, job: JobView) -> None:
-        running = await self.executor.prepare(job)
+        try:
+            running = await self.executor.prepare(job)
+        except ConcurrencyError:
+            # Someone wrote to the job after we read it (a cancel, most likely): not
+            # started; the next pass decides again from what it is now.
+            log.info("job %s changed while it was being started; looking again", job.id)
+            self.wake()
+            return
         self.running[job.id] = running
         self._idle = anyio.Event()
+        if job.id in self._cancel_on_start:
+            self._cancel_on_start.discard(job.id)
+            running.context.request_stop("cancel")
         tg.start_soon(self._run, running, name=f"job {job.id}")
 
     async def _run(self, running: RunningJob) -> None:
@@ -134,17 +163,38 @@ class Scheduler:
     # Commands ------------------------------------------------------------------------------
 
     async def cancel(self, job_id: str, by: str = "request") -> None:
-        if job_id in self.running:
-            self.running[job_id].context.request_stop("cancel")
-            return
-        job = await find_job(self.store, job_id)
-        if not job.terminal:
-            await self.store.append(
-                job_stream(job_id), [JobCancelled(reason=f"cancelled by {by} before it ran")]
-            )
+        """A running attempt is asked to stop (its executor records JobCancelled); a job
+        that has not started is cancelled here, with the version read, so a start that
+        won the race is never followed by a second ending."""
+        for _ in range(DECISION_ATTEMPTS):
+            if job_id in self.running:
+                self.running[job_id].context.request_stop("cancel")
+                return
+            job = await find_job(self.store, job_id)
+            if job.terminal:
+                return
+            if job.state == "running":
+                self._cancel_on_start.add(job_id)
+                return
+            cancelled = JobCancelled(reason=f"cancelled by {by} before it ran")
+            try:
+                await self.store.append(job_stream(job_id), [cancelled], job.version)
+            except ConcurrencyError:
+                continue
             self.wake()
+            return
+        log.warning("cancel of job %s gave up: the job kept changing under it", job_id)
 
     async def retry(self, job_id: str) -> None:
+        for _ in range(DECISION_ATTEMPTS):
+            try:
+                await self._retry(job_id)
+                return
+            except ConcurrencyError:
+                continue
+        log.warning("retry of job %s gave up: the job kept changing under it", job_id)
+
+    async def _retry(self, job_id: str) -> None:
         job = await find_job(self.store, job_id)
         if job.state not in ("failed", "cancelled"):
             log.info("retry of job %s ignored: it is %s", job_id, job.state)
@@ -152,6 +202,7 @@ class Scheduler:
         events: list[tuple[str, list[Event]]] = [
             (job_stream(job_id), [JobQueued(reason="retry requested")])
         ]
+        read_at: dict[str, int | None] = {job_stream(job_id): job.version}
         # Dependents that ended only because this job did are requeued with it, and theirs
         # in turn (a failed cache job also ended the train, generate and video jobs after it).
         requeued = {job_id}
@@ -164,8 +215,9 @@ class Scheduler:
                 dep = next(d for d in other.depends_on if d in requeued)
                 requeue = JobQueued(reason=f"dependency {dep} retried")
                 events.append((job_stream(other.id), [requeue]))
+                read_at[job_stream(other.id)] = other.version
                 requeued.add(other.id)
-        await self.store.append_batch(events)
+        await self.store.append_batch(events, read_at)
         self.wake()
 
     def set_paused(self, paused: bool) -> None:

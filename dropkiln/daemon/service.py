@@ -22,21 +22,23 @@ from dropkiln.daemon.ingest import Ingestor
 from dropkiln.daemon.lock import DaemonLock
 from dropkiln.daemon.notify import SystemdNotifier, keep_extending_timeout, watchdog_loop
 from dropkiln.daemon.planner import Planner
-from dropkiln.daemon.scheduler import Scheduler
+from dropkiln.daemon.scheduler import DECISION_ATTEMPTS, Scheduler
 from dropkiln.daemon.sweep import sweep_leftovers
-from dropkiln.daemon.watcher import DropWatcher
+from dropkiln.daemon.watcher import DropWatcher, Waiting
 from dropkiln.daemon.webhooks import WebhookSender
 from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.models import configure_shared_pipelines
-from dropkiln.store import EventStore, list_jobs, record_telemetry
+from dropkiln.store import ConcurrencyError, EventStore, list_jobs, record_telemetry
 from dropkiln.store.events import (
     DAEMON_STREAM,
     CancelRequested,
     DaemonStarted,
     DaemonStopped,
     DaemonStopping,
+    DropWaiting,
     Event,
+    JobCancelled,
     JobInterrupted,
     JobQueued,
     QueuePaused,
@@ -54,6 +56,7 @@ COMMANDS = (
     QueueResumed.type_name(),
 )
 STOP_TIMEOUT_EXTENSION_S = 30
+MOVE_RETRY_TICK_S = 0.5
 
 
 class Daemon:
@@ -87,13 +90,19 @@ class Daemon:
             stack.callback(self.device_thread.close)
             self.device = await self.device_thread.run(resolve_device, self.settings.device)
             await self.device_thread.run(self.device_thread.use_device, self.device)
-            configure_shared_pipelines(int(self.settings.ram_budget_gb * 2**30))
+            device_gb = self.settings.device_budget_gb
+            configure_shared_pipelines(
+                int(self.settings.ram_budget_gb * 2**30),
+                None if device_gb is None else int(device_gb * 2**30),
+            )
             executor = Executor(self.settings, self.store, self.device_thread, self.faults)
             self.scheduler = Scheduler(self.settings, self.store, executor)
             self.ingestor = Ingestor(self.settings, self.store, Planner(self.settings, self.store))
+            self.scheduler.held_drops = self.ingestor.held_drops
             start_seq = await self._start()
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._watch, name="watcher")
+                tg.start_soon(self._retry_moves, name="mover")
                 tg.start_soon(self._obey_commands, start_seq, name="commands")
                 tg.start_soon(self._telemetry, name="telemetry")
                 tg.start_soon(watchdog_loop, self.notifier, self._hung, name="watchdog")
@@ -126,27 +135,39 @@ class Daemon:
         stored = await self.store.append(DAEMON_STREAM, [started])
         await anyio.to_thread.run_sync(sweep_leftovers, self.paths)
         await self.ingestor.reconcile()
-        batch: list[tuple[str, list[Event]]] = []
-        for job in await list_jobs(self.store, active_only=True):
-            if job.state == "running":
-                log.warning("job %s was running when the daemon died: requeued", job.id)
-                batch.append(
-                    (
-                        job_stream(job.id),
-                        [
-                            JobInterrupted(previous_attempt=job.attempt),
-                            JobQueued(reason="daemon restarted"),
-                        ],
-                    )
-                )
-        if batch:
-            await self.store.append_batch(batch)
+        for _ in range(DECISION_ATTEMPTS):
+            try:
+                await self._requeue_interrupted()
+                break
+            except ConcurrencyError:
+                continue  # a command was written meanwhile: read again
         for job in await list_jobs(self.store):
             if job.requested == "cancel" and not job.terminal:
                 await self.scheduler.cancel(job.id, by="a request made while the daemon was down")
             elif job.requested == "retry":
                 await self.scheduler.retry(job.id)
         return stored[0].seq
+
+    async def _requeue_interrupted(self) -> None:
+        """Jobs the dead daemon left running go back to the queue, unless a cancel was
+        written for them: then they end cancelled (JobQueued would clear the request)."""
+        batch: list[tuple[str, list[Event]]] = []
+        read_at: dict[str, int | None] = {}
+        for job in await list_jobs(self.store, active_only=True):
+            if job.state != "running":
+                continue
+            then: Event
+            if job.requested == "cancel":
+                log.warning("job %s was running when the daemon died: cancelled as asked", job.id)
+                then = JobCancelled(reason="cancelled by a request made while the daemon was down")
+            else:
+                log.warning("job %s was running when the daemon died: requeued", job.id)
+                then = JobQueued(reason="daemon restarted")
+            stream = job_stream(job.id)
+            batch.append((stream, [JobInterrupted(previous_attempt=job.attempt), then]))
+            read_at[stream] = job.version
+        if batch:
+            await self.store.append_batch(batch, read_at)
 
     async def _shutdown(self, tg: TaskGroup) -> None:
         log.info("stopping: %s", self._stop_reason)
@@ -166,12 +187,37 @@ class Daemon:
 
     async def _watch(self) -> None:
         folders = [self.paths.datasets, self.paths.prompts]
-        watcher = DropWatcher(folders, self.settings.settle_seconds)
+        watcher = DropWatcher(
+            folders, self.settings.settle_seconds, report_after=self.settings.waiting_report_s
+        )
         async for entry in watcher.settled():
             if not self.scheduler.accepting:
                 return
-            await self.ingestor.ingest(entry)
+            if isinstance(entry, Waiting):
+                log.info("drop %s is waiting %s", entry.entry, entry.reason)
+                waiting = DropWaiting(
+                    source=str(entry.entry), reason=entry.reason, waiting_s=entry.waited_s
+                )
+                await self.store.append(DAEMON_STREAM, [waiting])
+                continue
+            if self.ingestor.holds(entry):
+                continue  # taken already; its move is being retried
+            try:
+                await self.ingestor.ingest(entry)
+            except Exception:
+                # The store refused a write (disk full, a bug): the drop stays where it
+                # is, untouched, and is taken at the next start.
+                log.exception("could not take drop %s; it stays in the drop folder", entry)
             self.scheduler.wake()
+
+    async def _retry_moves(self) -> None:
+        while True:
+            await anyio.sleep(MOVE_RETRY_TICK_S)
+            try:
+                if await self.ingestor.retry_moves():
+                    self.scheduler.wake()
+            except Exception:
+                log.exception("could not record a drop move; trying again")
 
     async def _obey_commands(self, after: int) -> None:
         async for event in self.store.tail(after, types=COMMANDS):

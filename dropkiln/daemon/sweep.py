@@ -44,7 +44,12 @@ def sweep_leftovers(paths: Paths) -> list[Path]:
                 removed.append(Path(folder, name))
             for name in files:
                 if is_leftover(name, False, in_outputs):
-                    Path(folder, name).unlink(missing_ok=True)
+                    try:
+                        Path(folder, name).unlink(missing_ok=True)
+                    except OSError as exc:
+                        # Litter that cannot be removed is no reason not to start.
+                        log.warning("could not remove %s: %s", Path(folder, name), exc)
+                        continue
                     removed.append(Path(folder, name))
     if paths.models.is_dir():
         # A model built for the first time is staged in a hidden folder beside its place.

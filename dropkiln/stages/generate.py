@@ -60,10 +60,14 @@ def resolution(spec: GenerateSpec) -> str:
 
 
 def inference_dtype(device: str) -> torch.dtype:
-    """float32 on the CPU (exact and reproducible), float16 on a GPU."""
-    import torch
+    """The device's one weights dtype, the one training uses (compute_dtype): float32 on the
+    CPU, bfloat16 on a GPU that has it, else float16. One warm copy serves both stages.
 
-    return torch.float32 if device == "cpu" else torch.float16
+    In float16, diffusers decodes with the VAE upcast to float32 when the VAE's config
+    says it overflows (SDXL's ``force_upcast``), or a fp16-fix VAE is given (``vae``)."""
+    from dropkiln.stages.training.encoding import compute_dtype
+
+    return compute_dtype(device)
 
 
 def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:

@@ -22,7 +22,11 @@ if TYPE_CHECKING:
 PARAMETERS_KEY = "parameters"
 DROPKILN_KEY = "dropkiln"
 THUMB_SIDE = 192
-LABEL_HEIGHT = 14
+MIN_CELL_SIDE = 128
+"""Small images are scaled up to this, so a wrapped label has room beneath them."""
+LABEL_LINE_HEIGHT = 12
+LABEL_MAX_LINES = 3
+LABEL_MARGIN = 3
 
 
 def a1111_parameters(
@@ -137,25 +141,58 @@ def read_dropkiln_record(path: Path) -> dict[str, Any] | None:
 
 
 def contact_sheet(images: Sequence[Path], labels: Sequence[str], target: Path) -> Path:
-    """A grid of thumbnails (small images scaled up to the cell) with labels, written atomically."""
+    """A grid of thumbnails (small images scaled up to the cell) with labels wrapped inside
+    their cells, written atomically."""
     pictures = []
     for path in images:
         with Image.open(path) as img:
             pictures.append(img.convert("RGB"))
     side = min(THUMB_SIDE, max((max(p.size) for p in pictures), default=THUMB_SIDE))
-    side = max(side, 64)
+    side = max(side, MIN_CELL_SIDE)
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    wrapped = [wrap_label(label, font, measure, side - 2 * LABEL_MARGIN) for label in labels]
+    lines = max((len(w) for w in wrapped), default=1)
     columns = max(1, math.ceil(math.sqrt(len(pictures))))
     rows = max(1, math.ceil(len(pictures) / columns))
-    cell_w, cell_h = side, side + LABEL_HEIGHT
+    cell_w, cell_h = side, side + lines * LABEL_LINE_HEIGHT + 2
     sheet = Image.new("RGB", (columns * cell_w, rows * cell_h), (24, 24, 24))
     draw = ImageDraw.Draw(sheet)
-    font = ImageFont.load_default()
-    for number, (picture, label) in enumerate(zip(pictures, labels, strict=True)):
+    for number, (picture, label_lines) in enumerate(zip(pictures, wrapped, strict=True)):
         x, y = (number % columns) * cell_w, (number // columns) * cell_h
         thumb = ImageOps.contain(picture, (side, side), Image.Resampling.LANCZOS)
         sheet.paste(thumb, (x + (side - thumb.width) // 2, y + (side - thumb.height) // 2))
-        draw.text((x + 3, y + side + 1), label[:30], fill=(220, 220, 220), font=font)
+        for row, line in enumerate(label_lines):
+            position = (x + LABEL_MARGIN, y + side + 1 + row * LABEL_LINE_HEIGHT)
+            draw.text(position, line, fill=(220, 220, 220), font=font)
     return write_png(sheet, target)
+
+
+def wrap_label(label: str, font: Any, draw: ImageDraw.ImageDraw, width: int) -> list[str]:
+    """``label`` in at most LABEL_MAX_LINES lines no wider than ``width`` pixels; words
+    too long for a line are cut, and text past the last line ends in an ellipsis."""
+    lines: list[str] = []
+    current = ""
+    for word in label.split():
+        candidate = f"{current} {word}".strip()
+        if draw.textlength(candidate, font=font) <= width:
+            current = candidate
+            continue
+        if current:
+            lines.append(current)
+        current = _fit(word, font, draw, width)
+    if current or not lines:
+        lines.append(current)
+    if len(lines) > LABEL_MAX_LINES:
+        last = " ".join(lines[LABEL_MAX_LINES - 1 :])
+        lines = [*lines[: LABEL_MAX_LINES - 1], _fit(last + "…", font, draw, width, "…")]
+    return lines
+
+
+def _fit(text: str, font: Any, draw: ImageDraw.ImageDraw, width: int, end: str = "") -> str:
+    while len(text) > 1 and draw.textlength(text, font=font) > width:
+        text = text[: -1 - len(end)] + end
+    return text
 
 
 # Linear maps from latent channels to RGB, fitted by the community for quick previews

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from contextlib import closing
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +22,9 @@ from dropkiln.stages.base import (
     StageError,
     StageSpec,
 )
+from dropkiln.stages.training.exports import step_loras
 from dropkiln.stages.training.loop import Plan, TrainingLoop
+from dropkiln.stages.training.report import CONTACT_SHEET
 
 if TYPE_CHECKING:
     from dropkiln.stages.models import ModelRef
@@ -48,8 +51,10 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     from dropkiln.stages.training.adapters import lora_adapters
     from dropkiln.stages.training.captions import needs_text_encoder
     from dropkiln.stages.training.data import DataOrder, load_cached_dataset, read_index
+    from dropkiln.stages.training.exports import LoraExports
     from dropkiln.stages.training.losses import training_scheduler
     from dropkiln.stages.training.session import TrainingSession, seed_everything
+    from dropkiln.stages.training.tracking import TENSORBOARD, RunTracker, hyperparameters
 
     options = spec.options
     _check_options(options)
@@ -65,8 +70,23 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     seed_everything(options.seed)
     with lora_adapters(pipe, options, plan.gradient_checkpointing) as models:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
+        dataset, validation_set = _hold_out(dataset, options.validation_holdout)
+        trained = index["images"][: len(dataset.images)]
         session = _resume(
             lambda: TrainingSession.start(models, options, ctx.device, plan.fp16), ctx
+        )
+        order = DataOrder(dataset.buckets(), options.batch_size, options.seed)
+        exports = LoraExports(
+            name=spec.name,
+            output_dir=Path(spec.output_dir),
+            ref=ref,
+            options=options,
+            images=[(tuple(e["bucket"]), tuple(e["original_size"])) for e in trained],
+            captions=[image.caption for image in dataset.images],
+            resolution=dataset.resolution(),
+            batches_per_epoch=order.batches_per_epoch,
+            mixed_precision=plan.mixed_precision,
+            gradient_checkpointing=plan.gradient_checkpointing,
         )
         loop = TrainingLoop(
             spec=spec,
@@ -75,13 +95,37 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             pipe=pipe,
             session=session,
             dataset=dataset,
-            order=DataOrder(dataset.buckets(), options.batch_size, options.seed),
+            order=order,
             scheduler=training_scheduler(pipe.scheduler.config, options),
             on_the_fly=needs_text_encoder(options),
             model=ref,
+            exports=exports,
+            tracker=RunTracker(
+                Path(spec.output_dir) / TENSORBOARD, session.step, hyperparameters(options, plan)
+            ),
+            validation_set=validation_set,
         )
-        loop.run()
-        return _finish(loop, ref, pipeline_class(ref.kind), index)
+        with closing(loop.tracker):
+            loop.run()
+            return _finish(loop, ref, pipeline_class(ref.kind))
+
+
+def _hold_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
+    """(the images trained on, the validation loss's images): the last ``count`` images are
+    held out of training; with none held out, the validation loss uses the first ones."""
+    import dataclasses
+
+    from dropkiln.stages.training.tracking import VALIDATION_LOSS_IMAGES
+
+    if count == 0:
+        return dataset, dataset.images[:VALIDATION_LOSS_IMAGES]
+    if count >= len(dataset.images):
+        raise StageError(
+            f"validation_holdout = {count} leaves no image to train on "
+            f"(the dataset has {len(dataset.images)})"
+        )
+    kept = dataset.images[: len(dataset.images) - count]
+    return dataclasses.replace(dataset, images=kept), dataset.images[len(kept) :]
 
 
 def _check_options(options: TrainSettings) -> None:
@@ -169,64 +213,39 @@ def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
     return session
 
 
-def _finish(
-    loop: TrainingLoop, ref: Any, pipeline_cls: Any, index: dict[str, Any]
-) -> dict[str, Any]:
+def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
     """Export the LoRA (EMA weights when EMA is on) in both formats."""
-    import datetime
-    import hashlib
-
-    from dropkiln.stages.models import checkpoint_hashes
-    from dropkiln.stages.training.captions import tag_frequency
-    from dropkiln.stages.training.lora_export import write_diffusers, write_kohya
+    from dropkiln.stages.training.lora_export import write_diffusers
 
     session, options = loop.session, loop.spec.options
     if session.ema is not None:
         session.ema.copy_to(session.models.parameters())
     out = Path(loop.spec.output_dir)
-    finished = datetime.datetime.now(datetime.UTC)
-    per_epoch = loop.order.batches_per_epoch
-    # kohya draws a random session id per run; ours is the job's (name, options, model), so a
-    # resumed or retried run writes the same file as an undisturbed one
-    job = f"{loop.spec.name}\0{options.model_dump_json()}\0{ref.fingerprint}"
-    session_digest = hashlib.sha256(job.encode())
-    facts = {
-        "name": loop.spec.name,
-        "kind": ref.kind,
-        "model_name": Path(ref.name).name,
-        "model_hashes": checkpoint_hashes(ref),
-        "session_id": int(session_digest.hexdigest()[:8], 16),
-        "images": [(tuple(e["bucket"]), tuple(e["original_size"])) for e in index["images"]],
-        "batches_per_epoch": per_epoch,
-        "epoch": -(-loop.session.step * options.gradient_accumulation // per_epoch),
-        "num_epochs": -(-options.steps * options.gradient_accumulation // per_epoch),
-        "resolution": loop.dataset.resolution(),
-        "options": options,
-        "alpha": session.models.alpha,
-        "steps": session.step,
-        "num_images": len(loop.dataset.images),
-        "tag_frequency": tag_frequency(image.caption for image in loop.dataset.images),
-        "mixed_precision": loop.plan.mixed_precision,
-        "gradient_checkpointing": loop.plan.gradient_checkpointing,
-        "started_at": session.started_at,
-        "finished_at": finished.timestamp(),
-        "finished_date": finished.date().isoformat(),
-    }
-    kohya = write_kohya(lora_path(out, loop.spec.name), session.models, facts)
+    kohya = loop.exports.write(lora_path(out, loop.spec.name), session, session.step)
     diffusers = write_diffusers(out / "diffusers", pipeline_cls, session.models)
+    validation_loss = loop.measure_validation_loss(session.step)
     reports = loop.write_reports(session.step)
+    final_loss = session.losses[-1][1] if session.losses else None
+    loop.tracker.finish(final_loss, validation_loss)
     loop.ctx.artifact(kohya, "lora")
+    kept = [path for _, path in step_loras(out, loop.spec.name)]
+    for path in kept:
+        loop.ctx.artifact(path, "lora-step")
     loop.ctx.artifact(diffusers, "lora-diffusers")
     for path in reports:
         loop.ctx.artifact(path, _report_kind(path))
     return {
         "lora": str(kohya),
+        "step_loras": [str(path) for path in kept],
         "diffusers_lora": str(diffusers),
         "loss_csv": str(out / "loss.csv"),
         "loss_png": str(out / "loss.png"),
-        "validation_images": [str(p) for p in reports if p.parent.name == "validation"],
+        "validation_images": [str(p) for p in reports if _report_kind(p) == "validation-image"],
+        "contact_sheet": next((str(p) for p in reports if p.name == CONTACT_SHEET), None),
         "steps": session.step,
-        "final_loss": session.losses[-1][1] if session.losses else None,
+        "final_loss": final_loss,
+        "validation_loss": validation_loss,
+        "tensorboard": str(out / "tensorboard"),
         "model": ref.name,
         "kind": ref.kind,
         "rank": options.rank,
@@ -241,6 +260,8 @@ def _finish(
 def _report_kind(path: Path) -> str:
     if path.suffix == ".csv":
         return "loss-csv"
+    if path.name == CONTACT_SHEET:
+        return "contact-sheet"
     if path.parent.name == "validation":
         return "validation-image"
     return "loss-plot"

@@ -24,6 +24,8 @@ from dropkiln.store.queries import (
     remembered_rung,
     status_report,
     trained_loras,
+    unmoved_drops,
+    waiting_drops,
 )
 from dropkiln.store.rebuild import CheckReport, check, rebuild
 
@@ -53,4 +55,6 @@ __all__ = [
     "request_command",
     "status_report",
     "trained_loras",
+    "unmoved_drops",
+    "waiting_drops",
 ]

@@ -13,6 +13,10 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     command: ClassVar[bool] = False
+    durable: ClassVar[bool] = False
+    """Something irreversible follows its commit (a drop moved, older checkpoints pruned,
+    outputs replaced or read by the next job), so the commit must survive a power cut:
+    it is written with synchronous=FULL (the WAL is fsynced before the commit returns)."""
 
     @classmethod
     def type_name(cls) -> str:
@@ -23,6 +27,7 @@ class Event(BaseModel):
 
 
 class Dropped(Event):
+    durable: ClassVar[bool] = True
     drop_id: str
     kind: str  # dataset | prompts
     name: str
@@ -34,6 +39,7 @@ class Dropped(Event):
 
 
 class DropRejected(Event):
+    durable: ClassVar[bool] = True
     drop_id: str
     kind: str
     name: str
@@ -45,6 +51,8 @@ class DropRejected(Event):
 class DropRecognised(Event):
     """Same content as an earlier drop: kept in processed/, no new work."""
 
+    durable: ClassVar[bool] = True
+
     drop_id: str
     kind: str
     name: str
@@ -52,6 +60,38 @@ class DropRecognised(Event):
     stored: str
     hash: str
     duplicate_of: str
+
+
+class DropMoved(Event):
+    """The drop is at ``stored`` now: reconcile never touches its source path again."""
+
+    stored: str
+
+
+class DropMoveFailed(Event):
+    """Moving the drop (or writing its NAME.error.txt) failed; it stays where it is and is
+    tried again in ``retry_in_s``."""
+
+    source: str
+    stored: str
+    reason: str
+    attempt: int
+    retry_in_s: float
+
+
+class DropMoveAbandoned(Event):
+    """Neither the drop nor its stored copy is where it was: nothing is left to move."""
+
+    source: str
+    reason: str
+
+
+class DropWaiting(Event):
+    """A drop is held back (a partial download inside it): says why, so it is not silent."""
+
+    source: str
+    reason: str
+    waiting_s: float
 
 
 # Jobs ---------------------------------------------------------------------------------------
@@ -87,6 +127,7 @@ class JobProgress(Event):
 
 
 class CheckpointSaved(Event):
+    durable: ClassVar[bool] = True
     state: dict[str, Any]
 
 
@@ -100,6 +141,7 @@ class CheckpointUnusable(Event):
 
 
 class ArtifactWritten(Event):
+    durable: ClassVar[bool] = True
     path: str
     kind: str
     bytes: int | None = None
@@ -107,14 +149,17 @@ class ArtifactWritten(Event):
 
 
 class JobSucceeded(Event):
+    durable: ClassVar[bool] = True
     result: dict[str, Any] = Field(default_factory=dict)
 
 
 class JobFailed(Event):
+    durable: ClassVar[bool] = True
     reason: str
 
 
 class JobCancelled(Event):
+    durable: ClassVar[bool] = True
     reason: str = "cancelled by request"
 
 
@@ -123,6 +168,8 @@ class OutOfMemory(Event):
     rung_name: str
     snapshot: dict[str, Any]
     message: str
+    evicted: list[str] = Field(default_factory=list)
+    """Other warm pipelines dropped to free memory; when any were, the retry keeps the rung."""
 
 
 class RetryScheduled(Event):
@@ -226,6 +273,10 @@ EVENT_TYPES: dict[str, type[Event]] = {
         Dropped,
         DropRejected,
         DropRecognised,
+        DropMoved,
+        DropMoveFailed,
+        DropMoveAbandoned,
+        DropWaiting,
         JobSubmitted,
         JobQueued,
         JobStarted,

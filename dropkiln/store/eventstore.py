@@ -38,6 +38,8 @@ T = TypeVar("T")
 Batch = Sequence[tuple[str, Sequence[Event]]]
 TAIL_BATCH = 500
 
+SYNCHRONOUS_FULL = "PRAGMA synchronous = FULL"
+SYNCHRONOUS_NORMAL = "PRAGMA synchronous = NORMAL"
 _STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream = ?"
 _INSERT_EVENT = "INSERT INTO events (stream, version, type, data, at) VALUES (?, ?, ?, ?, ?)"
 
@@ -101,22 +103,36 @@ class EventStore:
 
     # Transactions -----------------------------------------------------------------------
 
-    async def transaction(self, work: Callable[[sqlite3.Connection], T]) -> T:
-        """Run ``work`` in one write transaction in a worker thread; rolled back if it raises."""
-        return await anyio.to_thread.run_sync(self._run_write, work, limiter=self._write_lock)
+    async def transaction(
+        self, work: Callable[[sqlite3.Connection], T], *, durable: bool = False
+    ) -> T:
+        """Run ``work`` in one write transaction in a worker thread; rolled back if it raises.
 
-    def _run_write(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        With ``durable`` the commit survives a power cut once this returns. Otherwise (the
+        default, synchronous=NORMAL) a power cut may roll back the last commits, never
+        corrupt the database; the next durable commit makes them durable too."""
+        run = functools.partial(self._run_write, work, durable)
+        return await anyio.to_thread.run_sync(run, limiter=self._write_lock)
+
+    def _run_write(self, work: Callable[[sqlite3.Connection], T], durable: bool) -> T:
         if self._write_connection is None:
             self._write_connection = connect(self.path)
         conn = self._write_connection
-        conn.execute("BEGIN IMMEDIATE")
+        if durable:
+            # In WAL mode FULL fsyncs the WAL at commit; it applies from the next BEGIN.
+            conn.execute(SYNCHRONOUS_FULL)
         try:
-            result = work(conn)
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if durable:
+                conn.execute(SYNCHRONOUS_NORMAL)
         return result
 
     async def snapshot(self, work: Callable[[Connection], T]) -> T:
@@ -145,7 +161,8 @@ class EventStore:
             for stream, new in batch
         ]
         work = functools.partial(_append, pending, expected or {})
-        stored = await self.transaction(work)
+        durable = any(event.durable for _, new in batch for event in new)
+        stored = await self.transaction(work, durable=durable)
         return stored
 
     # Reading ----------------------------------------------------------------------------

@@ -6,15 +6,16 @@ import dataclasses
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Select, Text, select, type_coerce
+from sqlalchemy import JSON, Connection, Select, Text, literal, select, type_coerce
 
 from dropkiln.store.engine import StoreError
 from dropkiln.store.events import DAEMON_STREAM, TERMINAL_STATES
 from dropkiln.store.eventstore import EventStore, newest_events, row_event
 from dropkiln.store.projections import RowChange, apply
-from dropkiln.store.schema import artifacts, drops, jobs, telemetry
+from dropkiln.store.schema import HIGH_RATE_TYPE, artifacts, drops, events, jobs, telemetry
 
 DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
 
@@ -191,6 +192,46 @@ async def list_drops(store: EventStore, limit: int = 100) -> list[dict[str, Any]
     return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
 
 
+async def unmoved_drops(store: EventStore) -> list[dict[str, Any]]:
+    """Drops whose move to processed/ or failed/ was never recorded as done (DropMoved) or
+    given up (DropMoveAbandoned), oldest first: what ``reconcile`` has left to finish."""
+    closed = (
+        select(events.c.stream)
+        .where(events.c.type.in_(["DropMoved", "DropMoveAbandoned"]))
+        .where(events.c.type != literal(HIGH_RATE_TYPE, literal_execute=True))
+    )
+    query = (
+        select(drops)
+        .where(drops.c.stored.is_not(None))
+        .where(("drop:" + drops.c.id).not_in(closed))
+        .order_by(drops.c.at)
+    )
+    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
+
+
+async def waiting_drops(store: EventStore, limit: int = 50) -> list[dict[str, Any]]:
+    """The latest DropWaiting of each source not taken since, newest first: drops the
+    watcher holds back (``source``, ``reason``, ``at``). One removed by hand (no event says
+    so) is left out because its source is gone."""
+    recent = newest_events(DAEMON_STREAM, ("DropWaiting",), limit)
+
+    def work(conn: Connection) -> list[dict[str, Any]]:
+        found: dict[str, dict[str, Any]] = {}
+        for row in conn.execute(recent):
+            event = row_event(row)
+            source = event.data["source"]
+            if source in found:
+                continue
+            taken = conn.execute(
+                select(drops.c.id).where(drops.c.source == source, drops.c.at >= event.at)
+            ).first()
+            if taken is None and Path(source).exists():
+                found[source] = {"source": source, "reason": event.data["reason"], "at": event.at}
+        return list(found.values())
+
+    return await store.snapshot(work)
+
+
 async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> dict[str, Any] | None:
     """The first ingested drop with this content, if any."""
     query = (
@@ -237,6 +278,7 @@ async def status_report(store: EventStore, limit: int | None = 50) -> dict[str, 
             "seen_ago": daemon.seen_ago,
         },
         "paused": paused,
+        "waiting": await waiting_drops(store),
         "jobs": [job.summary() for job in jobs_found],
     }
 

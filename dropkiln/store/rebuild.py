@@ -1,4 +1,5 @@
-"""Recreate the projections from the events alone, and check live ones against a replay."""
+"""Recreate the projections from the events alone; check live ones against a replay, and the
+log itself against the job state machine (``statemachine``, independent of the projections)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from dropkiln.store.engine import connect
 from dropkiln.store.eventstore import EventStore
 from dropkiln.store.projections import StoredEvent, apply, changes_for, clear
 from dropkiln.store.schema import PROJECTIONS
+from dropkiln.store.statemachine import check_state_machine
 
 CHUNK = 5000
 
@@ -53,10 +55,14 @@ class CheckReport:
     events: int
     rows: dict[str, int] = field(default_factory=dict)
     differences: list[str] = field(default_factory=list)
+    """Projection rows that differ from a replay of the events."""
+    violations: list[str] = field(default_factory=list)
+    """Breaks of the state machine: illegal transitions, double endings, version gaps,
+    artifacts missing or changed."""
 
     @property
     def ok(self) -> bool:
-        return not self.differences
+        return not self.differences and not self.violations
 
 
 def _scratch() -> sqlite3.Connection:
@@ -84,15 +90,17 @@ def _rows(conn: sqlite3.Connection, table: Table) -> dict[tuple[Any, ...], dict[
     return rows
 
 
-def _check(store: EventStore, max_differences: int) -> CheckReport:
+def _check(store: EventStore, max_differences: int, files: bool) -> CheckReport:
     live = connect(store.path)
     scratch = _scratch()
     try:
-        # One read snapshot for both the replay and the live rows; never the write lock,
-        # so the daemon keeps running while this runs.
+        # One read snapshot for the state machine, the replay and the live rows; never the
+        # write lock, so the daemon keeps running while this runs.
         live.execute("BEGIN")
         scratch.execute("BEGIN")
-        report = CheckReport(events=_replay(live, scratch))
+        root = store.path.parent.parent  # ROOT/state/dropkiln.db
+        violations = check_state_machine(live, root, files)
+        report = CheckReport(events=_replay(live, scratch), violations=violations)
         for table in PROJECTIONS:
             want = _rows(scratch, table)
             have = _rows(live, table)
@@ -110,9 +118,10 @@ def _check(store: EventStore, max_differences: int) -> CheckReport:
         scratch.close()
 
 
-async def check(store: EventStore, max_differences: int = 50) -> CheckReport:
-    """Replay the log into a scratch database and compare it with the live projections."""
-    return await anyio.to_thread.run_sync(_check, store, max_differences)
+async def check(store: EventStore, max_differences: int = 50, files: bool = True) -> CheckReport:
+    """Check the log against the state machine (with ``files``, artifacts against the disk),
+    replay it into a scratch database and compare that with the live projections."""
+    return await anyio.to_thread.run_sync(_check, store, max_differences, files)
 
 
 def _describe(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import datetime
 from typing import Any
 
@@ -52,6 +52,22 @@ BAR_EIGHTHS = " ▏▎▍▌▋▊▉"
 
 def short_id(value: str, width: int = 8) -> str:
     return value[:width]
+
+
+def unique_prefixes(ids: Iterable[str], minimum: int = 8) -> dict[str, str]:
+    """Each id's shortest prefix (at least ``minimum`` long) that no other id here shares."""
+    ordered = sorted(set(ids))
+    prefixes: dict[str, str] = {}
+    for index, value in enumerate(ordered):
+        # In sorted order the longest shared prefix is with a neighbour.
+        shared = 0
+        for other in ordered[max(0, index - 1) : index] + ordered[index + 1 : index + 2]:
+            common = 0
+            while common < min(len(value), len(other)) and value[common] == other[common]:
+                common += 1
+            shared = max(shared, common)
+        prefixes[value] = value[: max(minimum, shared + 1)]
+    return prefixes
 
 
 def short_stream(stream: str) -> str:
@@ -243,6 +259,13 @@ DESCRIBERS: dict[str, Callable[[dict[str, Any]], str]] = {
     "Dropped": lambda d: f"{d['kind']} {d['name']} · {d['files']} files",
     "DropRejected": lambda d: f"{d['kind']} {d['name']}: {d['reason']}",
     "DropRecognised": lambda d: f"{d['kind']} {d['name']} = {short_id(d['duplicate_of'])}",
+    "DropMoved": lambda d: f"now at {d['stored']}",
+    "DropMoveFailed": lambda d: (
+        f"could not move {d['source']} (try {d['attempt']}): {d['reason']}; "
+        f"again in {d['retry_in_s']:.0f} s"
+    ),
+    "DropMoveAbandoned": lambda d: f"{d['source']}: {d['reason']}",
+    "DropWaiting": lambda d: f"waiting: {d['source']} {d['reason']}",
     "ApiAuthFailed": lambda d: f"{d['reason']} token from {d['client']} for {d['path']}",
     "WebhookAttemptFailed": lambda d: (
         f"#{d['for_seq']} attempt {d['attempt']}: {d['error']}"

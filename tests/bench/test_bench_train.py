@@ -29,3 +29,15 @@ def test_bench_train_reports_both_rates(bench_models: Path) -> None:
     assert figures["ratio"] == pytest.approx(
         figures["stage_steps_per_s"] / figures["minimal_loop_steps_per_s"], rel=0.02
     )
+
+
+@pytest.mark.slow
+def test_bench_train_job_reports_the_whole_job_and_step_lora_cost(bench_models: Path) -> None:
+    from dropkiln.bench.train_job import bench_train_job
+
+    figures = bench_train_job(steps=16, n_images=2, repeat=1, models_dir=bench_models)
+    assert figures["checkpoint_every"] == 2 and figures["step_lora_files"] == 7
+    assert figures["ratio"] == pytest.approx(
+        figures["loop_job_s"][0] / figures["stage_job_s"][0], rel=0.01
+    )
+    assert figures["step_lora_bytes_total"] > 0 and 0 < figures["step_lora_share_of_job"] < 1

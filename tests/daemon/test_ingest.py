@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import zipfile
 from pathlib import Path
 
@@ -25,8 +26,11 @@ def drop_dataset(settings: Settings, name: str, **kwargs: object) -> Path:
 
 
 async def wait_drops(store: EventStore, count: int, timeout: float = 20) -> list[dict[str, object]]:
+    """Until ``count`` drops are recorded and moved out of the drop folder."""
     with anyio.fail_after(timeout):
-        while len(drops := await list_drops(store)) < count:
+        while len(drops := await list_drops(store)) < count or any(
+            Path(str(drop["source"])).exists() for drop in drops
+        ):
             await anyio.sleep(0.05)
     return drops
 
@@ -139,9 +143,12 @@ async def test_an_interrupted_move_is_finished_at_the_next_start(settings: Setti
     async with running_daemon(settings) as daemon:
         drop_dataset(settings, "moved")
         (drop,) = await wait_drops(daemon.store, 1)
-    # Simulate a kill between the commit and the rename: put the drop back.
+    # Simulate a kill between the commit and the rename: put the drop back, and take away
+    # the DropMoved that a killed daemon would not have written.
     stored = Path(str(drop["stored"]))
     stored.rename(settings.paths.datasets / "moved")
+    with sqlite3.connect(settings.paths.db) as conn:
+        conn.execute("DELETE FROM events WHERE type = 'DropMoved'")
     async with running_daemon(settings) as daemon:
         assert stored.exists()
         assert not (settings.paths.datasets / "moved").exists()

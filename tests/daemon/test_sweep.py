@@ -37,3 +37,20 @@ def test_sweep_removes_temporaries_and_nothing_else(settings: Settings) -> None:
     assert not any(path.exists() for path in leftovers)
     assert len(removed) == len(leftovers)
     assert sweep_leftovers(paths) == []
+
+
+def test_defect01_a_leftover_that_cannot_be_removed_does_not_stop_the_start(
+    settings: Settings,
+) -> None:
+    from tests.daemon.test_ingest_moves import immutable
+
+    folder = settings.paths.images / "cats"
+    folder.mkdir(parents=True)
+    stuck = folder / ".000-1.png.x1.part"
+    stuck.write_bytes(b"half")
+    gone = settings.paths.outputs / ".sheet.png.x2.part"
+    gone.write_bytes(b"half")
+    with immutable(folder):
+        removed = sweep_leftovers(settings.paths)
+    assert stuck.exists() and stuck not in removed
+    assert not gone.exists() and gone in removed

@@ -2,9 +2,16 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
+import anyio
+import pytest
+
+from dropkiln.cli import main
+from dropkiln.config import Settings
 from dropkiln.daemon.watcher import DropWatcher
+from tests.daemon.harness import running_daemon
 
 
 def test_file_is_handed_over_once_after_it_settles(tmp_path: Path) -> None:
@@ -54,3 +61,106 @@ def test_hidden_entries_are_ignored_and_a_reused_name_is_seen_again(tmp_path: Pa
     (tmp_path / "a.txt").write_text("2")
     watcher.scan(now=0.3)
     assert watcher.scan(now=0.4) == [tmp_path / "a.txt"]
+
+
+def test_defect08_a_folder_from_a_mac_with_hidden_files_is_taken(tmp_path: Path) -> None:
+    watcher = DropWatcher([tmp_path], settle_seconds=1.0)
+    folder = tmp_path / "cats"
+    (folder / "__MACOSX").mkdir(parents=True)
+    (folder / ".thumbnails").mkdir()
+    (folder / "1.png").write_bytes(b"x")
+    (folder / ".DS_Store").write_bytes(b"finder")
+    (folder / "._1.png").write_bytes(b"appledouble")
+    (folder / "__MACOSX" / "._1.png").write_bytes(b"appledouble")
+    (folder / ".thumbnails" / "1.jpg").write_bytes(b"thumb")
+    watcher.scan(now=0.0)
+    assert watcher.scan(now=1.5) == [folder]
+
+
+def test_defect08_a_hidden_file_holds_the_drop_only_while_it_grows(tmp_path: Path) -> None:
+    watcher = DropWatcher([tmp_path], settle_seconds=1.0)
+    folder = tmp_path / "cats"
+    folder.mkdir()
+    (folder / "1.png").write_bytes(b"x")
+    rsync_temp = folder / ".2.png.Xa81k"  # how rsync writes a file before renaming it
+    rsync_temp.write_bytes(b"a")
+    watcher.scan(now=0.0)
+    for second in range(1, 4):
+        with rsync_temp.open("ab") as handle:
+            handle.write(b"more")
+        assert watcher.scan(now=second * 0.9) == []
+    assert watcher.scan(now=3.0) == []
+    assert watcher.scan(now=4.0) == [folder]
+
+
+def test_defect08_only_partial_download_markers_hold_and_the_wait_is_reported(
+    tmp_path: Path,
+) -> None:
+    watcher = DropWatcher([tmp_path], settle_seconds=1.0, report_after=60.0)
+    for marker in ("a.jpg.part", "b.png.crdownload", "c.tmp", "d.JPG.PART"):
+        folder = tmp_path / marker.split(".")[0]
+        folder.mkdir()
+        (folder / marker).write_bytes(b"half")
+    backup = tmp_path / "e"
+    backup.mkdir()
+    (backup / "notes.txt~").write_text("an editor's backup is not a download")
+    watcher.scan(now=0.0)
+    assert watcher.scan(now=30.0) == [backup]
+    assert watcher.waiting(now=30.0) == []
+    waiting = watcher.waiting(now=61.0)
+    assert [(w.entry.name, w.waited_s) for w in waiting] == [
+        ("a", 61.0),
+        ("b", 61.0),
+        ("c", 61.0),
+        ("d", 61.0),
+    ]
+    assert "a.jpg.part, a partial download" in waiting[0].reason
+    assert watcher.waiting(now=120.0) == []  # each reason is reported once
+
+
+async def test_defect08_a_held_drop_is_recorded_and_status_shows_why(
+    settings: Settings, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings.waiting_report_s = 0.5
+    async with running_daemon(settings) as daemon:
+        folder = settings.paths.datasets / "cats"
+        folder.mkdir()
+        (folder / "1.png.crdownload").write_bytes(b"half")
+        with anyio.fail_after(10):
+            while not (waits := await daemon.store.read(0, types=("DropWaiting",))):
+                await anyio.sleep(0.05)
+        assert waits[0].data["source"] == str(folder)
+        assert "1.png.crdownload, a partial download" in waits[0].data["reason"]
+        # The CLI runs its own event loop, so in a thread of its own.
+        assert await anyio.to_thread.run_sync(main, ["status", "--root", str(settings.root)]) == 0
+        out = capsys.readouterr().out
+        assert "waiting: drop/datasets/cats because it holds 1.png.crdownload" in out
+        status_json = ["status", "--json", "--root", str(settings.root)]
+        assert await anyio.to_thread.run_sync(main, status_json) == 0
+        (held,) = json.loads(capsys.readouterr().out)["waiting"]
+        assert held["source"] == str(folder)
+
+
+async def test_defect08_the_walks_run_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from dropkiln.daemon import watcher as watcher_module
+
+    walked_on: list[threading.Thread] = []
+    real = watcher_module.signature
+
+    def recording(entry: Path) -> object:
+        walked_on.append(threading.current_thread())
+        return real(entry)
+
+    monkeypatch.setattr(watcher_module, "signature", recording)
+    (tmp_path / "cats").mkdir()
+    (tmp_path / "cats" / "1.png").write_bytes(b"x")
+    watcher = DropWatcher([tmp_path], settle_seconds=0.1)
+    with anyio.fail_after(10):
+        async for entry in watcher.settled():
+            assert entry == tmp_path / "cats"
+            break
+    assert walked_on and threading.main_thread() not in walked_on

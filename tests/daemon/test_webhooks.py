@@ -22,7 +22,7 @@ import pytest
 from dropkiln.config import Settings, WebhookSettings
 from dropkiln.daemon.webhooks import WebhookSender
 from dropkiln.store import EventStore
-from dropkiln.store.events import JobFailed, JobSubmitted, JobSucceeded, job_stream
+from dropkiln.store.events import JobFailed, JobStarted, JobSubmitted, JobSucceeded, job_stream
 from tests.daemon.harness import ended, running_daemon, submit, use_step_stages, wait_job
 
 SECRET = "s3cret-for-tests"
@@ -84,8 +84,9 @@ async def finished_job(store: EventStore, job_id: str, ok: bool = True) -> int:
     submitted = JobSubmitted(
         job_id=job_id, stage="train", name="cats", lane="gpu", priority=1, spec={}
     )
+    started = JobStarted(attempt=1, memory_rung=0)  # a legal life: `store check` follows
     end = JobSucceeded(result={"lora": "x"}) if ok else JobFailed(reason="boom")
-    return (await store.append(job_stream(job_id), [submitted, end]))[-1].seq
+    return (await store.append(job_stream(job_id), [submitted, started, end]))[-1].seq
 
 
 async def records(store: EventStore, count: int) -> list[Any]:

@@ -16,8 +16,11 @@ from tests.reliability.pipeline import (
     collect_outputs,
     run_undisturbed,
 )
+from tests.storecheck import store_checked_after
 
 Reference = Callable[..., Outputs]
+
+__all__ = ["store_checked_after"]  # every test ends with `store check`
 
 
 @pytest.fixture(scope="session")

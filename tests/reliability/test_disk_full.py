@@ -190,6 +190,7 @@ class DropPromptsOnAFullerDisk:
             self.dropped = True
 
 
+@pytest.mark.outputs_gone_after
 @pytest.mark.skipif(bool(_cannot_mount()), reason=str(_cannot_mount()))
 def test_a_real_full_disk_fails_cleanly_and_no_damaged_file_is_taken_for_a_good_one(
     home: Home, reference_outputs: Reference
@@ -263,6 +264,9 @@ def test_a_real_full_disk_fails_cleanly_and_no_damaged_file_is_taken_for_a_good_
         assert jobs["generate"]["result"]["rendered"] == 4  # the damaged image too
         assert home.terminate() == 0
         assert_retried_outputs(home, list(jobs.values()), reference)
+        # While the small disks still hold them: every recorded output as recorded.
+        check = home.cli("store", "check")
+        assert check.returncode == 0, check.stdout + check.stderr
     finally:
         home.stop()
         for disk in reversed(disks):

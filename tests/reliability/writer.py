@@ -22,9 +22,9 @@ async def append_for(db: Path, seconds: float) -> int:
     deadline = time.monotonic() + seconds
     try:
         while time.monotonic() < deadline:
-            # Streams of jobs that do not exist: no projection row changes, no work for the
-            # daemon, but every reader sees them.
-            stream = f"job:load-{appended % STREAMS}"
+            # Streams of no job: no projection row changes, no work for the daemon, no
+            # history `store check` would call a job's, but every reader sees them.
+            stream = f"load:{appended % STREAMS}"
             await store.append(stream, [JobProgress(done=appended, total=0)])
             appended += 1
     finally:

@@ -307,3 +307,51 @@ def _print_report() -> Iterator[None]:
 
 def test_text_targets_are_the_ones_every_tool_maps() -> None:
     assert set(TEXT_TARGET_MODULES) == {"q_proj", "k_proj", "v_proj", "out_proj"}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kohya_preset_trains_what_kohya_trains_by_default(kind: str, tmp_path: Any) -> None:
+    """``target_modules = "kohya"`` gives the modules kohya's networks/lora.py makes LoRA
+    modules for when no conv_dim is given: every Linear, and every Conv2d with a 1x1
+    kernel, inside a Transformer2DModel (SGM: a SpatialTransformer, entry 1 of a block
+    with attention: its proj_in, proj_out and everything in its transformer_blocks), and every
+    Linear inside CLIPAttention and CLIPMLP of the text encoders. The file's keys are
+    exactly those names, each with down, up and alpha."""
+    from safetensors import safe_open
+
+    models = real_topology(kind, SCALE)
+    pipe = SimpleNamespace(components=models, **models)
+    options = TrainSettings(rank=4, alpha=2.0, train_text_encoder=True, target_modules="kohya")
+    path = tmp_path / "cats.safetensors"
+    with lora_adapters(pipe, options, gradient_checkpointing=False) as trainable:
+        write_kohya(path, trainable, _facts(kind, options))
+    with safe_open(str(path), framework="pt") as handle:
+        keys = set(handle.keys())
+    meta = real_topology(kind, SCALE, device="meta")
+    names: set[str] = set()
+    if kind == "sdxl":
+        for key, tensor in ldm_unet(meta["unet"]).items():
+            inside = re.match(
+                r"(input_blocks\.\d+|middle_block|output_blocks\.\d+)\.1\."
+                r"(proj_in|proj_out|transformer_blocks\.)",
+                key,
+            )
+            if inside and key.endswith(".weight") and tensor.dim() >= 2:
+                names.add("lora_unet_" + key.removesuffix(".weight").replace(".", "_"))
+    else:
+        for path_name, module in meta["unet"].named_modules():
+            if type(module).__name__ != "Transformer2DModel":
+                continue
+            for child, layer in module.named_modules():
+                linear = type(layer).__name__ == "Linear"
+                pointwise = type(layer).__name__ == "Conv2d" and layer.kernel_size == (1, 1)
+                if linear or pointwise:
+                    names.add(f"lora_unet_{path_name}.{child}".replace(".", "_"))
+    texts = [c for c in ("text_encoder", "text_encoder_2") if c in meta]
+    for number, component in enumerate(texts, start=1):
+        prefix = "lora_te" if len(texts) == 1 else f"lora_te{number}"
+        model = meta[component]
+        level = "" if hasattr(model, "text_model") else "text_model."
+        names |= _by_class(model, prefix, ("CLIPAttention", "CLIPMLP"), level)
+    assert {_split(k)[0] for k in keys} == names
+    assert all(_split(k)[1] in PARTS for k in keys) and len(keys) == 3 * len(names)

@@ -73,9 +73,32 @@ def test_contact_sheet_grid(tmp_path: Path) -> None:
         paths.append(path)
     sheet = contact_sheet(paths, [p.stem for p in paths], tmp_path / "sheet.png")
     with Image.open(sheet) as img:
-        # 5 images: 3 columns, 2 rows of 64-pixel cells with a 14-pixel label strip
-        assert img.size == (3 * 64, 2 * (64 + 14))
-        assert img.getpixel((32, 32))[0] == 0 and img.getpixel((64 + 32, 32))[0] == 50
+        # 5 images: 3 columns, 2 rows of cells scaled up to 128 pixels, a one-line label strip
+        assert img.size == (3 * 128, 2 * (128 + 14))
+        assert img.getpixel((64, 64))[0] == 0 and img.getpixel((128 + 64, 64))[0] == 50
+
+
+def test_contact_sheet_labels_stay_in_their_cells(tmp_path: Path) -> None:
+    # 64-pixel images with long prompt labels: each label must wrap inside its own cell
+    # (3 px margins), so the columns where two cells meet carry no text pixels at all.
+    paths = []
+    for number in range(4):
+        path = tmp_path / f"{number}.png"
+        Image.new("RGB", (64, 64), (0, 0, 90)).save(path)
+        paths.append(path)
+    labels = [f"a large red circle on a white background, top left {n}" for n in range(4)]
+    sheet = contact_sheet(paths, labels, tmp_path / "sheet.png")
+    with Image.open(sheet) as img:
+        pixels = img.convert("RGB").load()
+        cell_w = img.width // 2
+        text_rows = [y for y in range(img.height) if pixels[1, y] != (0, 0, 90)]
+        boundary = [cell_w - 2, cell_w - 1, cell_w, cell_w + 1]
+        touched = [(x, y) for x in boundary for y in text_rows if pixels[x, y] != (24, 24, 24)]
+        assert not touched, f"label pixels at the cell boundary: {touched[:5]}"
+        # all of each label is drawn: the wrapped text needs more than one line
+        first_label = [y for y in text_rows if y < img.height // 2]
+        lit = [y for y in first_label if any(pixels[x, y][0] > 150 for x in range(cell_w))]
+        assert max(lit) - min(lit) > 14
 
 
 def test_latent_preview_is_small_rgb() -> None:

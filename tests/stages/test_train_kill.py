@@ -17,6 +17,7 @@ from dropkiln.stages.cache import STAGE as CACHE
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import STAGE, TrainSpec, lora_path
+from dropkiln.stages.training.exports import step_lora_path
 
 # The stage in a fresh process, with a context whose checkpoint record survives a kill.
 WORKER = """
@@ -121,3 +122,10 @@ def test_sigkill_then_resume_gives_the_same_lora(dropkiln_root: Path) -> None:
     resumed = load_file(str(lora_path(killed.output_dir, "cats")))
     assert sorted(resumed) == sorted(expected)
     assert [k for k in expected if not expected[k].equal(resumed[k])] == []
+    # the per-checkpoint LoRAs, one written before the kill and one after, match too
+    for step in (2, 4):
+        expected = load_file(str(step_lora_path(reference.output_dir, "cats", step)))
+        resumed = load_file(str(step_lora_path(killed.output_dir, "cats", step)))
+        assert [k for k in expected if not expected[k].equal(resumed[k])] == [], step
+    leftovers = [p.name for p in Path(killed.output_dir).iterdir() if p.name.endswith(".part")]
+    assert leftovers == []

@@ -168,6 +168,16 @@ NO_PROJECTION: dict[str, ev.Event] = {
     "DaemonStopped": ev.DaemonStopped(requeued=[JOB]),
     "QueuePaused": ev.QueuePaused(),
     "QueueResumed": ev.QueueResumed(),
+    "DropMoved": ev.DropMoved(stored="drop/processed/d1-cats"),
+    "DropMoveFailed": ev.DropMoveFailed(
+        source="drop/datasets/cats",
+        stored="drop/processed/d1-cats",
+        reason="[Errno 13] Permission denied",
+        attempt=1,
+        retry_in_s=1.0,
+    ),
+    "DropMoveAbandoned": ev.DropMoveAbandoned(source="drop/datasets/cats", reason="gone"),
+    "DropWaiting": ev.DropWaiting(source="drop/datasets/cats", reason="because", waiting_s=60),
     "ApiAuthFailed": ev.ApiAuthFailed(client="192.0.2.1", reason="wrong", path="/v1/jobs"),
     "WebhookAttemptFailed": ev.WebhookAttemptFailed(
         for_seq=3, job_id=JOB, attempt=1, error="HTTP 500", retry_in_s=2.0

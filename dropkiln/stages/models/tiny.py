@@ -1,9 +1,11 @@
 """The tiny built-in models: real diffusers/transformers classes with small widths.
 
-Weights come from a fixed seed through numpy's PCG64 stream (whose uniform doubles are
-stable across versions and machines), not from torch's initialisers (which may change
-between releases), so every machine builds identical weights. The images they make are
-noise; they exist so the whole pipeline runs anywhere in seconds.
+``tiny-sdxl`` and ``tiny-sd15`` take their weights from a fixed seed through numpy's PCG64
+stream (whose uniform doubles are stable across versions and machines), not from torch's
+initialisers (which may change between releases), so every machine builds identical
+weights. The images they make are noise; they exist so the whole pipeline runs anywhere in
+seconds. ``tiny-shapes`` (shapes_model.py) starts from the same kind of seeded weights and
+ships trained ones: it draws coloured shapes that its prompts name.
 """
 
 from __future__ import annotations
@@ -17,13 +19,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from dropkiln.stages.models.offline import enforce_offline, quiet_libraries
-from dropkiln.stages.models.tokenizer import MAX_LENGTH, special_token_ids, write_tokenizer
+from dropkiln.stages.models.tokenizer import (
+    CAPTION_WORDS,
+    MAX_LENGTH,
+    special_token_ids,
+    write_tokenizer,
+)
 
 if TYPE_CHECKING:
     import torch
 
-TinyName = Literal["tiny-sdxl", "tiny-sd15"]
-TINY_NAMES: tuple[TinyName, ...] = ("tiny-sdxl", "tiny-sd15")
+TinyName = Literal["tiny-shapes", "tiny-sdxl", "tiny-sd15"]
+TINY_NAMES: tuple[TinyName, ...] = ("tiny-shapes", "tiny-sdxl", "tiny-sd15")
 TINY_SEED = 20240601
 TEXT_WIDTH = 32
 TEXT_WIDTH_2 = 48
@@ -49,7 +56,7 @@ def ensure_tiny_model(name: TinyName, models_dir: Path) -> Path:
     if name not in TINY_NAMES:
         raise ValueError(f"unknown tiny model {name!r}; expected one of {TINY_NAMES}")
     # Resolved, so a symlinked models folder names the same warm pipeline.
-    target = Path(models_dir).resolve() / name
+    target = Path(models_dir).resolve() / _folder_name(name)
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -68,10 +75,24 @@ def ensure_tiny_model(name: TinyName, models_dir: Path) -> Path:
     return target
 
 
+def _folder_name(name: TinyName) -> str:
+    # Trained weights change between releases; a folder per weights file keeps a built
+    # folder immutable, so an upgrade never loads the weights of the release before.
+    if name == "tiny-shapes":
+        from dropkiln.stages.models.shapes_model import SHAPES_WEIGHTS_SHA256
+
+        return f"{name}-{SHAPES_WEIGHTS_SHA256[:12]}"
+    return name
+
+
 def tiny_components(name: TinyName) -> dict[str, Any]:
     """Build the tiny model's components in memory (deterministic weights)."""
     enforce_offline()
     quiet_libraries()
+    if name == "tiny-shapes":
+        from dropkiln.stages.models.shapes_model import shapes_components
+
+        return shapes_components()
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -133,7 +154,7 @@ def tiny_components(name: TinyName) -> dict[str, Any]:
     )
     components["scheduler"] = EulerDiscreteScheduler(**SCHEDULER_CONFIG)
     for index, key in enumerate(sorted(k for k in components if k != "scheduler")):
-        _seed_weights(components[key], TINY_SEED + index)
+        seed_weights(components[key], TINY_SEED + index)
     return components
 
 
@@ -152,15 +173,18 @@ def weights_checksum(components: dict[str, Any]) -> str:
 
 
 def _build(name: TinyName, folder: Path) -> None:
+    from dropkiln.stages.models.shapes_model import SHAPES_WORDS
+
     components = tiny_components(name)
-    sdxl = name == "tiny-sdxl"
+    sdxl = name != "tiny-sd15"
+    words = SHAPES_WORDS if name == "tiny-shapes" else CAPTION_WORDS
     for key in ("unet", "vae", "text_encoder", "text_encoder_2"):
         if key in components:
             components[key].save_pretrained(folder / key, safe_serialization=True)
     components["scheduler"].save_pretrained(folder / "scheduler")
-    write_tokenizer(folder / "tokenizer")
+    write_tokenizer(folder / "tokenizer", words)
     if sdxl:
-        write_tokenizer(folder / "tokenizer_2")
+        write_tokenizer(folder / "tokenizer_2", words)
     (folder / "model_index.json").write_text(json.dumps(_model_index(sdxl), indent=2))
     (folder / "dropkiln-tiny.json").write_text(
         json.dumps({"name": name, "seed": TINY_SEED, "weights": weights_checksum(components)})
@@ -187,7 +211,7 @@ def _model_index(sdxl: bool) -> dict[str, Any]:
     return index
 
 
-def _seed_weights(module: torch.nn.Module, seed: int) -> None:
+def seed_weights(module: torch.nn.Module, seed: int) -> None:
     """Overwrite every parameter from a PCG64 stream, in sorted name order."""
     import numpy as np
     import torch

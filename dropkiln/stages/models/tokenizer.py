@@ -9,6 +9,7 @@ tokens; any other text still tokenizes (byte by byte).
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 END_OF_WORD = "</w>"
@@ -48,13 +49,13 @@ def bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in codes), strict=True))
 
 
-def build_vocabulary() -> tuple[dict[str, int], list[str]]:
-    """The fixed vocabulary and merge list (same on every machine)."""
+def build_vocabulary(words: Sequence[str] = CAPTION_WORDS) -> tuple[dict[str, int], list[str]]:
+    """The fixed vocabulary and merge list for ``words`` (same on every machine)."""
     symbols = list(bytes_to_unicode().values())
     tokens = symbols + [s + END_OF_WORD for s in symbols]
     merges: list[str] = []
     known = set(tokens)
-    for word in CAPTION_WORDS:
+    for word in words:
         pieces = [*word[:-1], word[-1] + END_OF_WORD]
         merged = pieces[0]
         for piece in pieces[1:]:
@@ -68,9 +69,9 @@ def build_vocabulary() -> tuple[dict[str, int], list[str]]:
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def write_tokenizer(folder: Path) -> int:
+def write_tokenizer(folder: Path, words: Sequence[str] = CAPTION_WORDS) -> int:
     """Write vocab.json, merges.txt and the tokenizer config; return the vocabulary size."""
-    vocab, merges = build_vocabulary()
+    vocab, merges = build_vocabulary(words)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False, indent=0))
     (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
@@ -90,7 +91,7 @@ def write_tokenizer(folder: Path) -> int:
     return len(vocab)
 
 
-def special_token_ids() -> tuple[int, int]:
-    """(bos, eos) ids in the fixed vocabulary."""
-    vocab, _ = build_vocabulary()
+def special_token_ids(words: Sequence[str] = CAPTION_WORDS) -> tuple[int, int]:
+    """(bos, eos) ids in the fixed vocabulary for ``words``."""
+    vocab, _ = build_vocabulary(words)
     return vocab[BOS_TOKEN], vocab[EOS_TOKEN]

@@ -1,4 +1,9 @@
-"""Warm pipelines: a loaded model stays in memory between jobs within a RAM budget."""
+"""Warm pipelines: a loaded model stays in memory between jobs within a RAM budget and,
+for pipelines on a GPU, a device-memory budget.
+
+Every stage asks for a model in the device's one weights dtype (``weights_dtype``), so
+training, caching and generation share one warm copy per (model, device).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +30,8 @@ CacheKey = tuple[str, str, str, str]
 class _Entry:
     pipeline: Any
     nbytes: int
+    device: str
+    label: str
 
 
 class PipelineCache:
@@ -34,8 +41,15 @@ class PipelineCache:
     one big model never reload it.
     """
 
-    def __init__(self, ram_budget_bytes: int = DEFAULT_RAM_BUDGET, loader: Loader | None = None):
+    def __init__(
+        self,
+        ram_budget_bytes: int = DEFAULT_RAM_BUDGET,
+        loader: Loader | None = None,
+        device_budget_bytes: int | None = None,
+    ):
         self.ram_budget_bytes = ram_budget_bytes
+        self.device_budget_bytes = device_budget_bytes
+        """Bytes of warm pipelines kept on GPUs; None: DEVICE_SHARE of the device's memory."""
         self.loads = 0
         self.evictions = 0
         self._loader: Loader = loader or load_pipeline
@@ -52,14 +66,36 @@ class PipelineCache:
                 return entry.pipeline
             pipeline = self._loader(ref, device, dtype)
             self.loads += 1
-            self._entries[key] = _Entry(pipeline, pipeline_bytes(pipeline))
+            label = f"{ref.name} on {device} ({str(dtype).removeprefix('torch.')})"
+            self._entries[key] = _Entry(pipeline, pipeline_bytes(pipeline), device, label)
             self._evict_beyond_budget(device)
             return pipeline
 
     @property
     def resident_bytes(self) -> int:
+        """Bytes of warm pipelines in RAM (on the CPU)."""
         with self._lock:
-            return sum(entry.nbytes for entry in self._entries.values())
+            return sum(e.nbytes for e in self._entries.values() if e.device == "cpu")
+
+    def device_bytes(self, device: str) -> int:
+        """Bytes of warm pipelines on ``device`` (a GPU)."""
+        with self._lock:
+            return sum(e.nbytes for e in self._entries.values() if e.device == device)
+
+    def evict_all_but_newest(self, device: str) -> list[str]:
+        """Drop every warm pipeline on GPU ``device`` but the one used last (the job that ran
+        out of memory was using it); what was dropped, for the OutOfMemory event. On the
+        CPU nothing is dropped: RAM is the RAM budget's business."""
+        if device == "cpu":
+            return []
+        with self._lock:
+            on_device = [key for key, entry in self._entries.items() if entry.device == device]
+            newest = next(reversed(self._entries), None)
+            evicted = [self._entries.pop(key) for key in on_device if key != newest]
+            self.evictions += len(evicted)
+        if evicted:
+            _release(device)
+        return [entry.label for entry in evicted]
 
     def __len__(self) -> int:
         with self._lock:
@@ -74,12 +110,34 @@ class PipelineCache:
 
     def _evict_beyond_budget(self, device: str) -> None:
         evicted = False
-        while len(self._entries) > 1 and self.resident_bytes > self.ram_budget_bytes:
+        while len(self._entries) > 1 and self._over_budget(device):
             self._entries.popitem(last=False)
             self.evictions += 1
             evicted = True
         if evicted:
             _release(device)
+
+    def _over_budget(self, device: str) -> bool:
+        if self.resident_bytes > self.ram_budget_bytes:
+            return True
+        if device == "cpu":
+            return False
+        budget = self.device_budget_bytes
+        if budget is None:
+            budget = int(DEVICE_SHARE * _device_total(device))
+        return self.device_bytes(device) > budget
+
+
+DEVICE_SHARE = 0.75
+"""Warm pipelines may fill this share of a GPU by default; the rest is the job's working set."""
+
+
+def _device_total(device: str) -> int:
+    if not device.startswith("cuda"):
+        return 2**62  # mps/xpu: no portable total; only the RAM budget applies
+    import torch
+
+    return int(torch.cuda.get_device_properties(torch.device(device)).total_memory)
 
 
 def _release(device: str) -> None:
@@ -103,11 +161,15 @@ def shared_pipelines() -> PipelineCache:
         return _shared
 
 
-def configure_shared_pipelines(ram_budget_bytes: int) -> PipelineCache:
-    """Set the warm cache's RAM budget (Settings.ram_budget_gb); keeps what is loaded."""
+def configure_shared_pipelines(
+    ram_budget_bytes: int, device_budget_bytes: int | None = None
+) -> PipelineCache:
+    """Set the warm cache's budgets (Settings.ram_budget_gb, device_budget_gb); keeps what
+    is loaded within them."""
     cache = shared_pipelines()
     with cache._lock:
         cache.ram_budget_bytes = ram_budget_bytes
+        cache.device_budget_bytes = device_budget_bytes
         if cache._entries:
             cache._evict_beyond_budget(next(reversed(cache._entries))[2])
     return cache

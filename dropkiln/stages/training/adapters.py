@@ -16,6 +16,26 @@ if TYPE_CHECKING:
 
 ADAPTER = "dropkiln_train"
 TEXT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
+ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+# kohya's networks/lora.py without conv_dim: every Linear and 1x1 Conv2d inside a
+# Transformer2DModel (attention, feed-forward, the block's proj_in/proj_out) and, in the
+# text encoders, inside CLIPAttention and CLIPMLP.
+KOHYA_UNET_TARGETS = [*ATTENTION_TARGETS, "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2"]
+KOHYA_TEXT_TARGETS = [*TEXT_TARGET_MODULES, "fc1", "fc2"]
+TARGET_PRESETS = {
+    "attention": (ATTENTION_TARGETS, TEXT_TARGET_MODULES),
+    "kohya": (KOHYA_UNET_TARGETS, KOHYA_TEXT_TARGETS),
+}
+
+
+def target_modules(options: Any, component: str) -> list[str]:
+    """The module names peft targets in ``component``: a preset's, or the listed ones (UNet)
+    with the attention set in the text encoders."""
+    targets = options.target_modules
+    unet, text = TARGET_PRESETS[targets] if isinstance(targets, str) else (targets, None)
+    if component == "unet":
+        return list(unet)
+    return list(text or TEXT_TARGET_MODULES)
 
 
 @dataclass
@@ -65,7 +85,7 @@ def lora_adapters(
         model.requires_grad_(False)
     try:
         for name, model in models.items():
-            targets = options.target_modules if name == "unet" else TEXT_TARGET_MODULES
+            targets = target_modules(options, name)
             settings: dict[str, Any] = {"r": rank, "lora_alpha": alpha, "init_lora_weights": True}
             _attach(model, LoraConfig(target_modules=list(targets), **settings))
             if gradient_checkpointing:

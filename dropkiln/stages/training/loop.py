@@ -54,6 +54,15 @@ class TrainingLoop:
     on_the_fly: bool
     model: Any
     """The ModelRef trained on (its name and checkpoint hash go into validation PNGs)."""
+    exports: Any
+    """LoraExports: writes the LoRA file of each checkpoint and the final one."""
+    tracker: Any
+    """RunTracker: TensorBoard event files."""
+    validation_set: Any
+    """The CachedImages of the validation loss (held out, or the first training images)."""
+    grad_norm: float = 0.0
+    """The last step's gradient norm, before clipping."""
+    _measuring: bool = False
     _memory: int = 0
     _memory_at: float = -math.inf
 
@@ -64,7 +73,8 @@ class TrainingLoop:
             self._run()
 
     def _in_forward(self) -> None:
-        self.ctx.fault("train.forward")
+        if not self._measuring:  # the validation loss's forwards are not training's
+            self.ctx.fault("train.forward")
 
     def _in_backward(self) -> None:
         self.ctx.fault("train.backward")
@@ -89,6 +99,7 @@ class TrainingLoop:
             self.ctx.progress(
                 step, total, loss=loss, lr=self.session.lr, it_s=rate, memory=self.memory()
             )
+            self.tracker.step(step, self.session.losses, self.session.lr, self.grad_norm)
             due = step % options.checkpoint_every == 0 or step == total
             if due:
                 # The final step's reports come from finish(), after the EMA weights are in.
@@ -145,7 +156,10 @@ class TrainingLoop:
         if session.scaler is not None:
             session.scaler.unscale_(session.optimizer)
         if options.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+            norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        self.grad_norm = float(norm)
         if session.scaler is not None:
             session.scaler.step(session.optimizer)
             session.scaler.update()
@@ -228,8 +242,17 @@ class TrainingLoop:
         if reports:
             # Before the checkpoint is recorded: a run resumed from this step would never
             # come back to write them (after a kill in between, they are made again).
+            # The step's LoRA and its validation images show the same (EMA) weights, as
+            # the final file and the final images do.
+            # Recorded as artifacts when the job finishes, once keep_loras has pruned: every
+            # recorded artifact stays on disk (store check verifies them).
+            with self.session.averaged_weights():
+                self.exports.write_step(self.session, step)
+            self.exports.prune(self.spec.options.keep_loras)
             try:
-                self.write_reports(step, stoppable=True)
+                with self.session.averaged_weights():
+                    self.measure_validation_loss(step)
+                    self.write_reports(step, stoppable=True)
             except ReportsStopped as exc:
                 stopped = exc
         relative = f"{CHECKPOINTS}/step-{step:07d}"
@@ -250,7 +273,8 @@ class TrainingLoop:
         if not saved.get("reports_due") or saved.get("step") != self.session.step:
             return
         try:
-            self.write_reports(self.session.step, stoppable=True)
+            with self.session.averaged_weights():
+                self.write_reports(self.session.step, stoppable=True)
         except ReportsStopped as exc:
             raise StageStopped(f"training stopped at step {self.session.step}: {exc}") from exc
         self.ctx.checkpoint({"checkpoint": saved["checkpoint"], "step": saved["step"]})
@@ -261,17 +285,20 @@ class TrainingLoop:
         from dropkiln.stages.pngmeta import model_label
         from dropkiln.stages.training.losses import generation_scheduler
         from dropkiln.stages.training.report import (
+            CONTACT_SHEET,
             ValidationModel,
             validation_images,
+            validation_sheet,
             write_loss_csv,
             write_loss_plot,
         )
 
         out = Path(self.spec.output_dir)
         options = self.spec.options
+        losses, validation = self.session.losses, self.session.validation_losses
         written = [
-            write_loss_csv(out / "loss.csv", self.session.losses),
-            write_loss_plot(out / "loss.png", self.session.losses, f"{self.spec.name}: loss"),
+            write_loss_csv(out / "loss.csv", losses, validation),
+            write_loss_plot(out / "loss.png", losses, f"{self.spec.name}: loss", validation),
         ]
         if options.validation_prompts:
             self.pipe.unet.eval()
@@ -290,7 +317,43 @@ class TrainingLoop:
                 )  # fmt: skip
             finally:
                 self.pipe.unet.train()
+            written.append(
+                validation_sheet(out / "validation", CONTACT_SHEET, options.validation_prompts)
+            )
+        images = [p for p in written if p.parent.name == "validation" and p.name != CONTACT_SHEET]
+        held = dict(validation)
+        self.tracker.checkpoint(step, held.get(step), images)
         return written
+
+    def measure_validation_loss(self, step: int) -> float:
+        """The loss of the fixed validation set (tracking.py) with the weights as they are now."""
+        import torch
+
+        from dropkiln.stages.training.tracking import validation_batches
+
+        if self.session.validation_losses and self.session.validation_losses[-1][0] == step:
+            return self.session.validation_losses[-1][1]
+        batches = validation_batches(
+            self.validation_set,
+            self.dataset.text,
+            self.spec.options,
+            self.scheduler.config.num_train_timesteps,
+            self.on_the_fly,
+        )
+        total, count = 0.0, 0
+        self.pipe.unet.eval()
+        self._measuring = True
+        try:
+            with torch.no_grad():
+                for batch in batches:
+                    total += float(self.micro_batch_loss(batch))
+                    count += len(batch)
+        finally:
+            self._measuring = False
+            self.pipe.unet.train()
+        value = total / max(count, 1)
+        self.session.validation_losses.append((step, value))
+        return value
 
 
 class _StepAbandoned(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,13 +19,27 @@ class ReportsStopped(Exception):
     """Validation images were cut short by a stop request (cancel, preemption, shutdown)."""
 
 
-def write_loss_csv(path: Path, losses: Sequence[tuple[int, float, float]]) -> Path:
-    lines = ["step,loss,lr"] + [f"{step},{loss:.6g},{lr:.6g}" for step, loss, lr in losses]
+def write_loss_csv(
+    path: Path,
+    losses: Sequence[tuple[int, float, float]],
+    validation: Sequence[tuple[int, float]] = (),
+) -> Path:
+    """step,loss,lr,validation_loss; the validation loss only on checkpoint steps."""
+    held = dict(validation)
+    lines = ["step,loss,lr,validation_loss"] + [
+        f"{step},{loss:.6g},{lr:.6g}," + (f"{held[step]:.6g}" if step in held else "")
+        for step, loss, lr in losses
+    ]
     return write_atomic(path, "\n".join(lines) + "\n")
 
 
-def write_loss_plot(path: Path, losses: Sequence[tuple[int, float, float]], title: str) -> Path:
-    """A PNG of the loss per step and its running mean."""
+def write_loss_plot(
+    path: Path,
+    losses: Sequence[tuple[int, float, float]],
+    title: str,
+    validation: Sequence[tuple[int, float]] = (),
+) -> Path:
+    """A PNG of the loss per step, its running mean, and the validation loss beside them."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -41,6 +56,15 @@ def write_loss_plot(path: Path, losses: Sequence[tuple[int, float, float]], titl
     axes = figure.add_subplot()
     axes.plot(steps, values, color="#9ab", linewidth=0.8, label="loss")
     axes.plot(steps, smooth, color="#c40", linewidth=1.6, label=f"mean of {window}")
+    if validation:
+        axes.plot(
+            [row[0] for row in validation],
+            [row[1] for row in validation],
+            color="#26a",
+            linewidth=1.6,
+            marker="o",
+            label="validation",
+        )
     axes.set_xlabel("step")
     axes.set_ylabel("loss")
     axes.set_title(title)
@@ -123,3 +147,55 @@ def validation_images(
         pipe.scheduler = original_scheduler
         restore_global_rng(saved_rng)
     return paths
+
+
+CONTACT_SHEET = "contact-sheet.png"
+_VALIDATION_IMAGE = re.compile(r"^step-(\d{6,})-(\d{2,})\.png$")
+_HEADER = 16
+
+
+def validation_sheet(folder: Path, name: str, prompts: Sequence[str]) -> Path:
+    """One picture: a row per validation prompt, a column per step, each cell that step's image.
+
+    Built from the images on disk, so a resumed run's sheet also has the steps before the kill.
+    """
+    from PIL import Image, ImageDraw, ImageFont, ImageOps
+
+    from dropkiln.stages.pngmeta import THUMB_SIDE, write_png
+
+    cells: dict[tuple[int, int], Path] = {}
+    for found in folder.glob("step-*.png"):
+        match = _VALIDATION_IMAGE.match(found.name)
+        if match and int(match[2]) < len(prompts):
+            cells[(int(match[1]), int(match[2]))] = found
+    steps = sorted({step for step, _ in cells})
+    side = THUMB_SIDE // 2
+    label_width = 2 * side
+    sheet = Image.new(
+        "RGB",
+        (label_width + side * max(1, len(steps)), _HEADER + side * len(prompts)),
+        (24, 24, 24),
+    )
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for column, step in enumerate(steps):
+        draw.text(
+            (label_width + column * side + 3, 2), f"step {step}", fill=(220, 220, 220), font=font
+        )
+    for row, prompt in enumerate(prompts):
+        y = _HEADER + row * side
+        for line, start in enumerate(range(0, min(len(prompt), 120), 24)):
+            draw.text(
+                (3, y + 2 + 12 * line), prompt[start : start + 24], fill=(220, 220, 220), font=font
+            )
+        for column, step in enumerate(steps):
+            cell = cells.get((step, row))
+            if cell is None:
+                continue
+            with Image.open(cell) as image:
+                thumb = ImageOps.contain(
+                    image.convert("RGB"), (side, side), Image.Resampling.LANCZOS
+                )
+            x = label_width + column * side
+            sheet.paste(thumb, (x + (side - thumb.width) // 2, y + (side - thumb.height) // 2))
+    return write_png(sheet, folder / name)

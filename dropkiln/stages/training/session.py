@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import random
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,7 +40,7 @@ def seed_everything(seed: int) -> None:
 
 
 def build_optimizer(models: TrainableModels, options: Any, device: str) -> Any:
-    """AdamW, Adafactor, or 8-bit AdamW (bitsandbytes on CUDA only)."""
+    """The optimizer named by ``options.optimizer`` (OPTIMIZERS says what each needs)."""
     import torch
 
     groups = [{"params": models.parameters("unet"), "lr": options.learning_rate}]
@@ -47,25 +49,36 @@ def build_optimizer(models: TrainableModels, options: Any, device: str) -> Any:
         params = models.parameters(component)
         if params:
             groups.append({"params": params, "lr": text_lr})
+    lr = options.learning_rate
     if options.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=options.learning_rate)
+        return torch.optim.AdamW(groups, lr=lr)
     if options.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
         return Adafactor(
-            groups,
-            lr=options.learning_rate,
-            scale_parameter=False,
-            relative_step=False,
-            warmup_init=False,
+            groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False
         )
+    if options.optimizer == "prodigy":
+        from prodigyopt import Prodigy
+
+        # Prodigy estimates the step size itself; learning_rate scales its estimate
+        # (1.0 is the usual setting), as in kohya's and OneTrainer's Prodigy option.
+        return Prodigy(
+            groups, lr=lr, weight_decay=0.0, safeguard_warmup=options.lr_warmup_steps > 0
+        )
+    if options.optimizer == "soap":
+        from pytorch_optimizer import SOAP
+
+        return SOAP(groups, lr=lr)
     if not device.startswith("cuda"):
         raise StageError(f"optimizer adamw8bit needs a CUDA device (this job runs on {device})")
     try:
         import bitsandbytes
     except ImportError as exc:
-        raise StageError("optimizer adamw8bit needs the bitsandbytes package") from exc
-    return bitsandbytes.optim.AdamW8bit(groups, lr=options.learning_rate)
+        raise StageError(
+            "optimizer adamw8bit needs the bitsandbytes package: pip install 'dropkiln[cuda]'"
+        ) from exc
+    return bitsandbytes.optim.AdamW8bit(groups, lr=lr)
 
 
 def build_lr_scheduler(optimizer: Any, options: Any) -> Any:
@@ -94,6 +107,8 @@ class TrainingSession:
     noise_generator: torch.Generator
     step: int = 0
     losses: list[tuple[int, float, float]] = field(default_factory=list)
+    validation_losses: list[tuple[int, float]] = field(default_factory=list)
+    """(step, loss) of the fixed validation set at each checkpoint (tracking.py)."""
     started_at: float = field(default_factory=time.time)
 
     @classmethod
@@ -117,6 +132,20 @@ class TrainingSession:
             noise_generator=torch.Generator().manual_seed(options.seed),
         )
 
+    @contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """The EMA weights in the LoRA for the duration (a no-op without EMA); restored exactly."""
+        if self.ema is None:
+            yield
+            return
+        params = self.models.parameters()
+        self.ema.store(params)
+        self.ema.copy_to(params)
+        try:
+            yield
+        finally:
+            self.ema.restore(params)
+
     @property
     def lr(self) -> float:
         return float(self.lr_scheduler.get_last_lr()[0])
@@ -133,6 +162,7 @@ class TrainingSession:
             "noise_generator": self.noise_generator.get_state(),
             "global_rng": capture_global_rng(device),
             "losses": [list(row) for row in self.losses],
+            "validation_losses": [list(row) for row in self.validation_losses],
             "started_at": self.started_at,
         }
 
@@ -157,6 +187,7 @@ class TrainingSession:
             step = int(state["step"])
             losses = [(int(s), float(loss), float(lr)) for s, loss, lr in state["losses"]]
             started_at = float(state["started_at"])
+            validation = [(int(s), float(v)) for s, v in state.get("validation_losses", [])]
             global_rng = state["global_rng"]
             if self.ema is not None and state["ema"] is not None:
                 self.ema.load_state_dict(state["ema"])
@@ -177,6 +208,7 @@ class TrainingSession:
             for name, param in self.models.trainable.items():
                 param.copy_(lora[name])
         self.step, self.losses, self.started_at = step, losses, started_at
+        self.validation_losses = validation
 
 
 class CheckpointUnusable(Exception):

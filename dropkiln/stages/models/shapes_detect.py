@@ -1,0 +1,96 @@
+"""What a 64×64 picture of one shape shows, read from pixel statistics alone.
+
+The background is the colour of the picture's border; the shape is every pixel well away
+from it. Its colour is the nearest named colour to the shape's median pixel, its place the
+nearest named place to its bounding box's centre, and its shape the nearest of the drawn
+shapes by two measures: how much of its bounding box it fills (square 1, circle π/4,
+triangle ½, star about ⅓) and how low its mass sits in that box (a triangle's point is up).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from dropkiln.stages.models.shapes_scenes import BACKGROUNDS, COLOURS, NEW_COLOURS, POSITIONS
+
+if TYPE_CHECKING:
+    from PIL import Image
+
+PALETTE = {**COLOURS, **NEW_COLOURS}
+SHAPE_MEASURES: dict[str, tuple[float, float]] = {
+    "square": (1.0, 0.5),
+    "circle": (0.785, 0.5),
+    "triangle": (0.54, 0.655),
+    "star": (0.39, 0.55),
+}
+"""(fill of the bounding box, height of the mass centre in it from the top) per shape, as
+drawn by shapes_scenes, measured on clean scenes (tests/stages/test_shapes_model.py)."""
+
+_MIN_PIXELS = 12
+_MIN_CONTRAST = 40.0
+
+
+@dataclass(frozen=True)
+class Detection:
+    """The detector's reading of one picture (all None when no shape stands out)."""
+
+    colour: str | None
+    position: str | None
+    shape: str | None
+    fill: float = 0.0
+    mass_height: float = 0.0
+    background: str | None = None
+
+    def matches(
+        self,
+        colour: str | None = None,
+        position: str | None = None,
+        shape: str | None = None,
+    ) -> bool:
+        """True if every attribute given is the one detected."""
+        wanted = {"colour": colour, "position": position, "shape": shape}
+        return all(value is None or getattr(self, key) == value for key, value in wanted.items())
+
+
+def detect(image: Image.Image) -> Detection:
+    """Read colour, place and shape of the one shape in ``image``."""
+    import numpy as np
+
+    pixels = np.asarray(image.convert("RGB"), dtype=np.float32)
+    border = np.concatenate([pixels[0], pixels[-1], pixels[:, 0], pixels[:, -1]])
+    background = np.median(border, axis=0)
+    distance = np.linalg.norm(pixels - background, axis=2)
+    strongest = float(np.percentile(distance, 99.5))
+    if strongest < _MIN_CONTRAST:
+        return Detection(None, None, None, background=_nearest(background, BACKGROUNDS))
+    mask = distance > max(_MIN_CONTRAST, strongest / 2)
+    if int(mask.sum()) < _MIN_PIXELS:
+        return Detection(None, None, None, background=_nearest(background, BACKGROUNDS))
+    ys, xs = np.nonzero(mask)
+    top, bottom = float(ys.min()), float(ys.max()) + 1
+    left, right = float(xs.min()), float(xs.max()) + 1
+    fill = float(mask.sum()) / ((bottom - top) * (right - left))
+    mass_height = (float(ys.mean()) + 0.5 - top) / (bottom - top)
+    centre = np.array([(left + right) / 2, (top + bottom) / 2])
+    return Detection(
+        colour=_nearest(np.median(pixels[mask], axis=0), PALETTE),
+        position=min(POSITIONS, key=lambda p: float(np.linalg.norm(centre - POSITIONS[p]))),
+        shape=min(SHAPE_MEASURES, key=lambda s: _shape_distance(fill, mass_height, s)),
+        fill=fill,
+        mass_height=mass_height,
+        background=_nearest(background, BACKGROUNDS),
+    )
+
+
+def _shape_distance(fill: float, mass_height: float, shape: str) -> float:
+    # mass height varies less than fill between shapes, so it weighs more per unit
+    expected_fill, expected_height = SHAPE_MEASURES[shape]
+    return (fill - expected_fill) ** 2 + (3 * (mass_height - expected_height)) ** 2
+
+
+def _nearest(rgb: object, palette: dict[str, tuple[int, int, int]]) -> str:
+    import numpy as np
+
+    colour = np.asarray(rgb, dtype=np.float32)
+    return min(palette, key=lambda name: float(np.linalg.norm(colour - np.array(palette[name]))))

@@ -1,0 +1,128 @@
+"""What a run records for comparing runs: TensorBoard event files and a validation loss.
+
+TensorBoard files go to OUTPUT/tensorboard/ (offline; ``tensorboard --logdir outputs/loras``
+compares every run). A resumed run purges the events after its checkpoint's step, so the
+curves are those of an undisturbed run.
+
+The validation loss is the diffusion loss of a fixed set of images at fixed timesteps and a
+fixed noise, with no gradient: the same inputs at every checkpoint, so its curve moves only
+because the LoRA did. The images are held out of training with ``validation_holdout``;
+otherwise they are the first training images (the curve then shows fit, not overfit).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+TENSORBOARD = "tensorboard"
+VALIDATION_LOSS_IMAGES = 4
+VALIDATION_LOSS_TIMESTEPS = 4
+SMOOTHING_WINDOW = 20
+_NOISE_SEED_OFFSET = 0x5EED
+
+
+def smoothed(losses: Sequence[tuple[Any, ...]]) -> float:
+    """Mean of the last SMOOTHING_WINDOW losses (a function of the history, so exact on resume)."""
+    window = [row[1] for row in losses[-SMOOTHING_WINDOW:]]
+    return sum(window) / len(window)
+
+
+def validation_timesteps(options: Any, num_train_timesteps: int) -> list[int]:
+    """Evenly spaced over the trained timestep range."""
+    upper = min(options.timestep_max, num_train_timesteps) - 1
+    count = VALIDATION_LOSS_TIMESTEPS
+    return [round(options.timestep_min + (upper - options.timestep_min) * i / (count - 1))
+            for i in range(count)]  # fmt: skip
+
+
+def validation_batches(images: Sequence[Any], text: dict[str, Any], options: Any,
+                       num_train_timesteps: int, encode_on_the_fly: bool) -> list[Any]:  # fmt: skip
+    """One batch per image: the image at each fixed timestep, each with its fixed noise."""
+    import torch
+
+    from dropkiln.stages.training.data import Batch
+    from dropkiln.stages.training.losses import NoiseDraw
+
+    generator = torch.Generator().manual_seed(options.seed + _NOISE_SEED_OFFSET)
+    timesteps = torch.tensor(validation_timesteps(options, num_train_timesteps))
+    batches = []
+    for image in images[:VALIDATION_LOSS_IMAGES]:
+        count = len(timesteps)
+        latents = image.latents.unsqueeze(0).float().repeat(count, 1, 1, 1)
+        noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
+        device = latents.device
+        cached = None
+        if not encode_on_the_fly:
+            cached = {k: v.unsqueeze(0).repeat(count, *[1] * v.dim())
+                      for k, v in text[image.caption].items()}  # fmt: skip
+        batches.append(
+            Batch(
+                latents,
+                image.time_ids.unsqueeze(0).repeat(count, *[1] * image.time_ids.dim()),
+                [image.caption] * count,
+                cached,
+                torch.ones(count, dtype=torch.float32, device=device),
+                NoiseDraw(noise.to(device), timesteps.to(device), None),
+            )
+        )
+    return batches
+
+
+class RunTracker:
+    """TensorBoard scalars, images and hyper-parameters of one run."""
+
+    def __init__(self, folder: Path, resumed_at: int, hparams: dict[str, Any]) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.folder = folder
+        self.hparams = hparams
+        # purge_step drops events a killed attempt wrote after the checkpoint resumed from
+        self.writer = SummaryWriter(
+            log_dir=str(folder), purge_step=resumed_at + 1 if resumed_at else None
+        )
+
+    def step(self, step: int, losses: Sequence[tuple[Any, ...]], lr: float,
+             grad_norm: float) -> None:  # fmt: skip
+        self.writer.add_scalar("loss/train", losses[-1][1], step)
+        self.writer.add_scalar("loss/train_smoothed", smoothed(losses), step)
+        self.writer.add_scalar("lr", lr, step)
+        self.writer.add_scalar("grad_norm", grad_norm, step)
+
+    def checkpoint(self, step: int, validation_loss: float | None, images: Sequence[Path]) -> None:
+        import numpy as np
+        from PIL import Image
+
+        if validation_loss is not None:
+            self.writer.add_scalar("loss/validation", validation_loss, step)
+        for path in images:
+            with Image.open(path) as image:
+                pixels = np.asarray(image.convert("RGB"))
+            self.writer.add_image(f"validation/{path.stem[-2:]}", pixels, step, dataformats="HWC")
+        self.writer.flush()
+
+    def finish(self, final_loss: float | None, validation_loss: float | None) -> None:
+        metrics = {"hparam/final_loss": final_loss if final_loss is not None else float("nan")}
+        if validation_loss is not None:
+            metrics["hparam/validation_loss"] = validation_loss
+        self.writer.add_hparams(self.hparams, metrics, run_name="hparams")
+        self.close()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def hyperparameters(options: Any, plan: Any) -> dict[str, Any]:
+    """The settings TensorBoard's HPARAMS tab compares runs by (scalars and strings only)."""
+    values: dict[str, Any] = {}
+    for key, value in options.model_dump().items():
+        if isinstance(value, bool | int | float | str):
+            values[key] = value
+        elif value is None:
+            values[key] = "none"
+        else:
+            values[key] = str(value)
+    values["micro_batch"] = plan.micro_batch
+    values["mixed_precision"] = plan.mixed_precision
+    return values
