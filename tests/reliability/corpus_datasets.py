@@ -196,7 +196,7 @@ DATASET_CASES = [
         "toml-unknown-model",
         "dataset",
         _dataset({"dataset.toml": 'model = "no-such-model"\n'}),
-        Rejected(r"model 'no-such-model' is neither tiny-sdxl nor tiny-sd15"),
+        Rejected(r"model 'no-such-model' is neither tiny-shapes nor tiny-sdxl nor tiny-sd15"),
     ),
     DropCase(
         "toml-missing-vae",

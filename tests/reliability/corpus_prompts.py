@@ -152,7 +152,7 @@ PROMPT_CASES = [
         "prompt-unknown-model",
         "prompts",
         _prompt('model = "no-such-model"\n' + _prompt_image()),
-        Rejected(r"model 'no-such-model' is neither tiny-sdxl nor tiny-sd15"),
+        Rejected(r"model 'no-such-model' is neither tiny-shapes nor tiny-sdxl nor tiny-sd15"),
     ),
     DropCase(
         "prompt-sd2-checkpoint",

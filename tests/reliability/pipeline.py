@@ -145,12 +145,20 @@ class Outputs:
 
 
 def collect_outputs(root: Path) -> Outputs:
+    """Every output file's content, TensorBoard's event files apart: they are named by
+    wall-clock time, host and pid, and every attempt of a job starts a new one, so they
+    can never match byte for byte. Their series after a stop and a resume are compared
+    with TensorBoard's own reader in tests/stages/test_train.py; here a run must still
+    leave some."""
     outputs = root / "outputs"
     files = {
         str(path.relative_to(outputs)): file_content(path)
         for path in sorted(outputs.rglob("*"))
-        if path.is_file()
+        if path.is_file() and "tensorboard" not in path.relative_to(outputs).parts
     }
+    for board in outputs.glob("loras/*/tensorboard"):
+        events = sorted(board.rglob("events.out.tfevents.*"))
+        files[str(board.relative_to(outputs))] = "event files" if events else "none"
     return Outputs(files, root)
 
 
