@@ -65,6 +65,21 @@ class _Run:
         return intervals(self.timed)
 
 
+def cached_bench_dataset(
+    root: Path, models_dir: Path | None, n_images: int, size: int, model: str, device: str
+) -> dict[str, Any]:
+    """The benchmark dataset in ROOT, bucketed and cached: the cache stage's result."""
+    link_models(root, models_dir)
+    manifest = write_bench_dataset(root, "bench", n_images, size)
+    cache_ctx = LocalContext(
+        root=root,
+        work_dir=root / "state" / "work" / "cache",
+        device=device,
+        upstream_results={"bucket": {"manifest": str(manifest)}},
+    )
+    return run_cache(CacheSpec(name="bench", model=model), cache_ctx)
+
+
 def bench_train(
     steps: int = 60,
     size: int = 64,
@@ -83,15 +98,7 @@ def bench_train(
         raise ValueError(f"{steps} steps leave fewer than 2 timed steps after {warmup} warm-up")
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         root = Path(scratch)
-        link_models(root, models_dir)
-        manifest = write_bench_dataset(root, "bench", n_images, size)
-        cache_ctx = LocalContext(
-            root=root,
-            work_dir=root / "state" / "work" / "cache",
-            device=device,
-            upstream_results={"bucket": {"manifest": str(manifest)}},
-        )
-        cached = run_cache(CacheSpec(name="bench", model=model), cache_ctx)
+        cached = cached_bench_dataset(root, models_dir, n_images, size, model, device)
         setup = _Setup(root, cached, model, batch_size, rank, device, warmup)
         stage_runs: list[_Run] = []
         loop_runs: list[_Run] = []

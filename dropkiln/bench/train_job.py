@@ -22,9 +22,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from dropkiln.bench.cache import link_models, write_bench_dataset
+from dropkiln.bench.train import cached_bench_dataset
 from dropkiln.config import TrainSettings
-from dropkiln.stages.cache import CacheSpec, run_cache
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import TrainSpec, run_train
 
@@ -47,15 +46,7 @@ def bench_train_job(
     every = max(1, steps // CHECKPOINTS_PER_JOB)
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-job-") as scratch:
         root = Path(scratch)
-        link_models(root, models_dir)
-        manifest = write_bench_dataset(root, "bench", n_images, size)
-        cache_ctx = LocalContext(
-            root=root,
-            work_dir=root / "state" / "work" / "cache",
-            device=device,
-            upstream_results={"bucket": {"manifest": str(manifest)}},
-        )
-        cached = run_cache(CacheSpec(name="bench", model=model), cache_ctx)
+        cached = cached_bench_dataset(root, models_dir, n_images, size, model, device)
         stage_s, loop_s, lora_s, lora_bytes = [], [], [], 0
         for attempt in range(repeat):
             seconds, writing, files = _stage_job(root, cached, model, steps, every, batch_size,
