@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from dropkiln.stages.models.shapes_scenes import WORDS
-from dropkiln.stages.models.tokenizer import CAPTION_WORDS, MAX_LENGTH, special_token_ids
+from dropkiln.stages.models.tokenizer import CAPTION_WORDS, special_token_ids
 
 SHAPES_WORDS = (*CAPTION_WORDS, *WORDS)
 """The tokenizer's whole words: the common caption words and the scene words."""
@@ -32,26 +32,14 @@ COMPONENTS = ("text_encoder", "text_encoder_2", "unet", "vae")
 def shapes_architecture() -> dict[str, Any]:
     """tiny-shapes' components with seeded (untrained) weights and its scheduler."""
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    from dropkiln.stages.models.tiny import SCHEDULER_CONFIG, seed_weights
+    from dropkiln.stages.models.tiny import SCHEDULER_CONFIG, seed_weights, tiny_text_config
 
     bos, eos = special_token_ids(SHAPES_WORDS)
 
     def text_config(width: int) -> Any:
-        return CLIPTextConfig(
-            vocab_size=eos + 1,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            projection_dim=width,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            hidden_act="quick_gelu",
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
+        return tiny_text_config(width, bos, eos)
 
     components: dict[str, Any] = {
         "text_encoder": CLIPTextModel(text_config(TEXT_WIDTH)),

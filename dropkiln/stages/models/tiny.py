@@ -94,26 +94,13 @@ def tiny_components(name: TinyName) -> dict[str, Any]:
 
         return shapes_components()
     from diffusers import AutoencoderKL, EulerDiscreteScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
     sdxl = name == "tiny-sdxl"
     bos, eos = special_token_ids()
-    vocab_size = eos + 1
 
     def text_config(width: int) -> Any:
-        return CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=width,
-            intermediate_size=2 * width,
-            projection_dim=width,
-            num_hidden_layers=3,
-            num_attention_heads=4,
-            max_position_embeddings=MAX_LENGTH,
-            hidden_act="quick_gelu",
-            bos_token_id=bos,
-            eos_token_id=eos,
-            pad_token_id=eos,
-        )
+        return tiny_text_config(width, bos, eos)
 
     components: dict[str, Any] = {"text_encoder": CLIPTextModel(text_config(TEXT_WIDTH))}
     unet_options: dict[str, Any] = {}
@@ -262,3 +249,23 @@ def _fan_ins(module: torch.nn.Module) -> dict[str, float]:
                 fan_in = param.shape[-1] if param.dim() >= 1 else 1
                 bounds[prefix + param_name] = 1.0 / math.sqrt(max(int(fan_in), 1))
     return bounds
+
+
+def tiny_text_config(width: int, bos: int, eos: int) -> Any:
+    """The CLIP text encoder of the built-in models: 3 layers at ``width``, the local
+    tokenizer's vocabulary (its end token is the last id and pads)."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        vocab_size=eos + 1,
+        hidden_size=width,
+        intermediate_size=2 * width,
+        projection_dim=width,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        hidden_act="quick_gelu",
+        bos_token_id=bos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+    )
