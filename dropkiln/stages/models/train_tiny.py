@@ -15,12 +15,22 @@ import argparse
 import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.models.shapes_model import COMPONENTS, SHAPES_WORDS, shapes_architecture
-from dropkiln.stages.models.shapes_scenes import SIZE, draw_scene, random_scene
+from dropkiln.stages.models.shapes_scenes import (
+    BACKGROUNDS,
+    COLOURS,
+    POSITIONS,
+    SHAPES,
+    SIZE,
+    SIZES,
+    draw_scene,
+    random_scene,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -33,21 +43,32 @@ class Recipe:
 
     seed: int = 1
     threads: int = 1
-    vae_steps: int = 600
+    vae_steps: int = 800
     vae_batch: int = 8
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
+    shape_weight: float = 8.0
+    text_steps: int = 300
+    text_batch: int = 32
+    text_lr: float = 2e-3
     scenes: int = 6000
     unet_steps: int = 1500
     unet_batch: int = 16
     unet_lr: float = 1e-3
+    unet_lr_decay_after: int = 1000
     text_encoder_lr: float = 3e-4
     uncond_probability: float = 0.1
     min_snr_gamma: float = 5.0
 
 
-def train(recipe: Recipe, log: Any = sys.stdout) -> dict[str, torch.Tensor]:
-    """The trained weights as one ``component.tensor`` state dict (plus the VAE's scale)."""
+def train(
+    recipe: Recipe, log: Any = sys.stdout, checkpoint: Checkpoint | None = None
+) -> dict[str, torch.Tensor]:
+    """The trained weights as one ``component.tensor`` state dict (plus the VAE's scale).
+
+    ``checkpoint`` (every, callback) hands the callback the weights after every ``every``
+    UNet steps; nothing in the run depends on ``unet_steps`` but its length, so the weights
+    after step n are the ones a run with ``unet_steps=n`` returns."""
     import numpy as np
     import torch
 
@@ -59,15 +80,28 @@ def train(recipe: Recipe, log: Any = sys.stdout) -> dict[str, torch.Tensor]:
     started = time.monotonic()
     _train_vae(components["vae"], recipe, rng, generator, log)
     print(f"vae trained in {time.monotonic() - started:.0f} s", file=log, flush=True)
+    print(f"vae reconstructions read back: {_vae_readback(components['vae'])}", file=log)
+    _train_text(components, recipe, rng, log)
     latents, captions = _encode_scenes(components["vae"], recipe, rng)
     scaling = float(1.0 / latents[0].std())
     components["vae"].register_to_config(scaling_factor=scaling)
-    _train_unet(components, recipe, latents, captions, generator, log)
+    _train_unet(components, recipe, latents, captions, generator, log, checkpoint)
     print(f"trained in {time.monotonic() - started:.0f} s", file=log, flush=True)
+    return _weights(components)
+
+
+Checkpoint = tuple[int, Callable[[int, dict[str, "torch.Tensor"]], None]]
+"""(every so many UNet steps, a callback taking the step count and the weights so far)."""
+
+
+def _weights(components: dict[str, Any]) -> dict[str, torch.Tensor]:
+    import torch
+
     state: dict[str, torch.Tensor] = {}
     for key in COMPONENTS:
         for name, tensor in components[key].state_dict().items():
-            state[f"{key}.{name}"] = tensor.detach().float().contiguous()
+            state[f"{key}.{name}"] = tensor.detach().float().clone().contiguous()
+    scaling = float(components["vae"].config.scaling_factor)
     state["vae_scaling_factor"] = torch.tensor(scaling, dtype=torch.float32)
     return state
 
@@ -95,7 +129,10 @@ def _train_vae(
         images, _ = scene_batch(rng, recipe.vae_batch)
         posterior = vae.encode(images).latent_dist
         reconstruction = vae.decode(posterior.sample(generator=generator)).sample
-        error = torch.nn.functional.l1_loss(reconstruction, images)
+        # The shape covers a few percent of the picture: unweighted, the background's
+        # pixels outvote it and the VAE gives back a blob in the background's average colour.
+        weights = 1.0 + recipe.shape_weight * shape_mask(images)
+        error = (weights * (reconstruction - images).abs()).mean() / weights.mean()
         loss = error + recipe.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -105,6 +142,97 @@ def _train_vae(
             line = f"vae {step:5d} reconstruction {error.item():.5f} at {_clock()}"
             print(line, file=log, flush=True)
     vae.eval().requires_grad_(False)
+
+
+def shape_mask(images: torch.Tensor) -> torch.Tensor:
+    """1 where a [-1, 1] scene differs from its background (its border's median), else 0."""
+    import torch
+
+    border = torch.cat(
+        [images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2
+    )
+    background = border.median(dim=2).values[:, :, None, None]
+    return ((images - background).abs().amax(dim=1, keepdim=True) > 0.1).float()
+
+
+def _vae_readback(vae: Any, count: int = 40) -> dict[str, float]:
+    """How often the detector reads a held-out scene's attributes off its reconstruction."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dropkiln.stages.models.shapes_detect import detect
+
+    rng = np.random.Generator(np.random.PCG64(5))
+    scenes = [random_scene(rng, held_out=True) for _ in range(count)]
+    pixels = np.stack([np.asarray(draw_scene(scene), dtype=np.float32) for scene in scenes])
+    with torch.no_grad():
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+        decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    right = {"colour": 0, "position": 0, "shape": 0}
+    for scene, picture in zip(scenes, decoded, strict=True):
+        array = ((picture.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        found = detect(Image.fromarray(array))
+        right["colour"] += found.colour == scene.colour
+        right["position"] += found.position == scene.position
+        right["shape"] += found.shape == scene.shape
+    return {name: hits / count for name, hits in right.items()}
+
+
+_ATTRIBUTES = {
+    "shape": SHAPES,
+    "colour": tuple(COLOURS),
+    "background": tuple(BACKGROUNDS),
+    "size": tuple(SIZES),
+    "position": tuple(POSITIONS),
+}
+
+
+def _train_text(
+    components: dict[str, Any], recipe: Recipe, rng: np.random.Generator, log: Any
+) -> None:
+    """Teach the seeded text encoders to tell the caption words apart before the UNet
+    listens to them: linear heads read every attribute back from what the UNet will get
+    (the pooled embedding and the mean of the token states), then are thrown away.
+    Untrained, captions that differ in one word encode almost alike, and the UNet's
+    gradient alone moves the encoders too slowly to follow prompts."""
+    import torch
+
+    pipe = shapes_pipeline(components)
+    encoders = [components["text_encoder"], components["text_encoder_2"]]
+    pooled_width = components["text_encoder_2"].config.projection_dim
+    token_width = sum(encoder.config.hidden_size for encoder in encoders)
+    heads = torch.nn.ModuleDict(
+        {
+            f"{source}_{name}": torch.nn.Linear(width, len(options))
+            for source, width in (("pooled", pooled_width), ("tokens", token_width))
+            for name, options in _ATTRIBUTES.items()
+        }
+    )
+    parameters = [*heads.parameters(), *(p for e in encoders for p in e.parameters())]
+    optimizer = torch.optim.AdamW(parameters, lr=recipe.text_lr, weight_decay=0.0)
+    for encoder in encoders:
+        encoder.train().requires_grad_(True)
+    for step in range(recipe.text_steps):
+        scenes = [random_scene(rng) for _ in range(recipe.text_batch)]
+        embeds, _, pooled, _ = pipe.encode_prompt(
+            prompt=[scene.caption for scene in scenes], device="cpu",
+            num_images_per_prompt=1, do_classifier_free_guidance=False,
+        )  # fmt: skip
+        features = {"pooled": pooled, "tokens": embeds.mean(dim=1)}
+        loss = torch.zeros(())
+        for name, options in _ATTRIBUTES.items():
+            labels = torch.tensor([options.index(getattr(scene, name)) for scene in scenes])
+            for source, feature in features.items():
+                logits = heads[f"{source}_{name}"](feature)
+                loss = loss + torch.nn.functional.cross_entropy(logits, labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == recipe.text_steps - 1:
+            print(f"text {step:5d} loss {loss.item():.5f} at {_clock()}", file=log, flush=True)
+    for encoder in encoders:
+        encoder.eval().requires_grad_(False)
 
 
 def _encode_scenes(
@@ -149,6 +277,7 @@ def _train_unet(
     captions: list[str],
     generator: torch.Generator,
     log: Any,
+    checkpoint: Checkpoint | None = None,
 ) -> None:
     import torch
     from diffusers import DDPMScheduler
@@ -170,7 +299,9 @@ def _train_unet(
         ],
         weight_decay=1e-4,
     )
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_cosine(recipe.unet_steps))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, _warmup_then_decay(recipe.unet_lr_decay_after)
+    )
     trained = [*unet.parameters(), *text_parameters]
     ema = EMAModel(trained, use_ema_warmup=True, power=0.75)
     for module in (unet, *encoders):
@@ -208,6 +339,11 @@ def _train_unet(
         ema.step(trained)
         if step % 50 == 0 or step == recipe.unet_steps - 1:
             print(f"unet {step:5d} loss {loss.item():.5f} at {_clock()}", file=log, flush=True)
+        if checkpoint and (step + 1) % checkpoint[0] == 0 and step + 1 < recipe.unet_steps:
+            ema.store(trained)
+            ema.copy_to(trained)
+            checkpoint[1](step + 1, _weights(components))
+            ema.restore(trained)
     ema.copy_to(trained)
     for module in (unet, *encoders):
         module.eval().requires_grad_(False)
@@ -217,13 +353,13 @@ def _clock() -> str:
     return time.strftime("%H:%M:%S")
 
 
-def _warmup_then_cosine(total: int, warmup: int = 100) -> Any:
-    import math
-
+def _warmup_then_decay(decay_after: int, warmup: int = 100) -> Any:
+    # No cosine to a planned end: the rate at a step never depends on the run's length, so a
+    # checkpoint of a long run is the same file as a shorter run (pick the best, rerun it).
     def factor(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+        return min(1.0, (decay_after / max(step, 1)) ** 0.5)
 
     return factor
 
@@ -250,9 +386,22 @@ def main(argv: list[str] | None = None) -> int:
     defaults = Recipe()
     for name, value in vars(defaults).items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument(
+        "--checkpoint-every", type=int, default=0,
+        help="also write <out>-<steps>.safetensors every so many UNet steps, each the file a "
+        "run with --unet-steps <steps> writes",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     recipe = Recipe(**{k: getattr(args, k) for k in vars(defaults)})
-    state = train(recipe)
+    out: Path = args.out
+
+    def write_checkpoint(steps: int, weights: dict[str, torch.Tensor]) -> None:
+        target = out.with_name(f"{out.stem}-{steps}{out.suffix}")
+        digest = save_weights(weights, target, replace(recipe, unet_steps=steps))
+        print(f"wrote {target}, sha256 {digest}", flush=True)
+
+    every = args.checkpoint_every
+    state = train(recipe, checkpoint=(every, write_checkpoint) if every > 0 else None)
     digest = save_weights(state, args.out, recipe)
     size = args.out.stat().st_size
     print(f"wrote {args.out} ({size / 1e6:.1f} MB), sha256 {digest}")
