@@ -21,16 +21,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.models.shapes_model import COMPONENTS, SHAPES_WORDS, shapes_architecture
-from dropkiln.stages.models.shapes_scenes import (
-    BACKGROUNDS,
-    COLOURS,
-    POSITIONS,
-    SHAPES,
-    SIZE,
-    SIZES,
-    draw_scene,
-    random_scene,
-)
+from dropkiln.stages.models.shapes_scenes import SIZE, draw_scene, random_scene
+from dropkiln.stages.models.shapes_text import separate_caption_words
 
 if TYPE_CHECKING:
     import numpy as np
@@ -81,7 +73,9 @@ def train(
     _train_vae(components["vae"], recipe, rng, generator, log)
     print(f"vae trained in {time.monotonic() - started:.0f} s", file=log, flush=True)
     print(f"vae reconstructions read back: {_vae_readback(components['vae'])}", file=log)
-    _train_text(components, recipe, rng, log)
+    pipe = shapes_pipeline(components)
+    text_steps = (recipe.text_steps, recipe.text_batch, recipe.text_lr)
+    separate_caption_words(pipe, text_steps, lambda: random_scene(rng), log)
     latents, captions = _encode_scenes(components["vae"], recipe, rng)
     scaling = float(1.0 / latents[0].std())
     components["vae"].register_to_config(scaling_factor=scaling)
@@ -177,62 +171,6 @@ def _vae_readback(vae: Any, count: int = 40) -> dict[str, float]:
         right["position"] += found.position == scene.position
         right["shape"] += found.shape == scene.shape
     return {name: hits / count for name, hits in right.items()}
-
-
-_ATTRIBUTES = {
-    "shape": SHAPES,
-    "colour": tuple(COLOURS),
-    "background": tuple(BACKGROUNDS),
-    "size": tuple(SIZES),
-    "position": tuple(POSITIONS),
-}
-
-
-def _train_text(
-    components: dict[str, Any], recipe: Recipe, rng: np.random.Generator, log: Any
-) -> None:
-    """Teach the seeded text encoders to tell the caption words apart before the UNet
-    listens to them: linear heads read every attribute back from what the UNet will get
-    (the pooled embedding and the mean of the token states), then are thrown away.
-    Untrained, captions that differ in one word encode almost alike, and the UNet's
-    gradient alone moves the encoders too slowly to follow prompts."""
-    import torch
-
-    pipe = shapes_pipeline(components)
-    encoders = [components["text_encoder"], components["text_encoder_2"]]
-    pooled_width = components["text_encoder_2"].config.projection_dim
-    token_width = sum(encoder.config.hidden_size for encoder in encoders)
-    heads = torch.nn.ModuleDict(
-        {
-            f"{source}_{name}": torch.nn.Linear(width, len(options))
-            for source, width in (("pooled", pooled_width), ("tokens", token_width))
-            for name, options in _ATTRIBUTES.items()
-        }
-    )
-    parameters = [*heads.parameters(), *(p for e in encoders for p in e.parameters())]
-    optimizer = torch.optim.AdamW(parameters, lr=recipe.text_lr, weight_decay=0.0)
-    for encoder in encoders:
-        encoder.train().requires_grad_(True)
-    for step in range(recipe.text_steps):
-        scenes = [random_scene(rng) for _ in range(recipe.text_batch)]
-        embeds, _, pooled, _ = pipe.encode_prompt(
-            prompt=[scene.caption for scene in scenes], device="cpu",
-            num_images_per_prompt=1, do_classifier_free_guidance=False,
-        )  # fmt: skip
-        features = {"pooled": pooled, "tokens": embeds.mean(dim=1)}
-        loss = torch.zeros(())
-        for name, options in _ATTRIBUTES.items():
-            labels = torch.tensor([options.index(getattr(scene, name)) for scene in scenes])
-            for source, feature in features.items():
-                logits = heads[f"{source}_{name}"](feature)
-                loss = loss + torch.nn.functional.cross_entropy(logits, labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        if step % 50 == 0 or step == recipe.text_steps - 1:
-            print(f"text {step:5d} loss {loss.item():.5f} at {_clock()}", file=log, flush=True)
-    for encoder in encoders:
-        encoder.eval().requires_grad_(False)
 
 
 def _encode_scenes(
