@@ -35,7 +35,7 @@ class Recipe:
 
     seed: int = 1
     threads: int = 1
-    vae_steps: int = 800
+    vae_steps: int = 500
     vae_batch: int = 8
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
@@ -70,14 +70,14 @@ def train(
     generator = torch.Generator().manual_seed(recipe.seed)
     components = shapes_architecture()
     started = time.monotonic()
-    _train_vae(components["vae"], recipe, rng, generator, log)
+    _train_vae(components["vae"], recipe, rng, log)
     print(f"vae trained in {time.monotonic() - started:.0f} s", file=log, flush=True)
     print(f"vae reconstructions read back: {_vae_readback(components['vae'])}", file=log)
     pipe = shapes_pipeline(components)
     text_steps = (recipe.text_steps, recipe.text_batch, recipe.text_lr)
     separate_caption_words(pipe, text_steps, lambda: random_scene(rng), log)
     latents, captions = _encode_scenes(components["vae"], recipe, rng)
-    scaling = float(1.0 / latents[0].std())
+    scaling = float(1.0 / latents.std())
     components["vae"].register_to_config(scaling_factor=scaling)
     _train_unet(components, recipe, latents, captions, generator, log, checkpoint)
     print(f"trained in {time.monotonic() - started:.0f} s", file=log, flush=True)
@@ -111,9 +111,7 @@ def scene_batch(rng: np.random.Generator, count: int) -> tuple[torch.Tensor, lis
     return batch, [scene.caption for scene in scenes]
 
 
-def _train_vae(
-    vae: Any, recipe: Recipe, rng: np.random.Generator, generator: torch.Generator, log: Any
-) -> None:
+def _train_vae(vae: Any, recipe: Recipe, rng: np.random.Generator, log: Any) -> None:
     import torch
 
     vae.train()
@@ -122,7 +120,10 @@ def _train_vae(
     for step in range(recipe.vae_steps):
         images, _ = scene_batch(rng, recipe.vae_batch)
         posterior = vae.encode(images).latent_dist
-        reconstruction = vae.decode(posterior.sample(generator=generator)).sample
+        # The mean, not a sample: at this KL weight the posterior's spread stays as wide as
+        # its means' (measured: 0.69 against 0.68), and a decoder fed samples learns one
+        # average colour per background. The UNet learns these means too.
+        reconstruction = vae.decode(posterior.mean).sample
         # The shape covers a few percent of the picture: unweighted, the background's
         # pixels outvote it and the VAE gives back a blob in the background's average colour.
         weights = 1.0 + recipe.shape_weight * shape_mask(images)
@@ -175,19 +176,18 @@ def _vae_readback(vae: Any, count: int = 40) -> dict[str, float]:
 
 def _encode_scenes(
     vae: Any, recipe: Recipe, rng: np.random.Generator
-) -> tuple[tuple[torch.Tensor, torch.Tensor], list[str]]:
-    """Latent means and standard deviations of a fixed set of scenes, with captions."""
+) -> tuple[torch.Tensor, list[str]]:
+    """Latent means of a fixed set of scenes, with their captions."""
     import torch
 
-    means, stds, captions = [], [], []
+    means, captions = [], []
     with torch.no_grad():
         for start in range(0, recipe.scenes, 250):
             images, texts = scene_batch(rng, min(250, recipe.scenes - start))
             dist = vae.encode(images).latent_dist
             means.append(dist.mean)
-            stds.append(dist.std)
             captions += texts
-    return (torch.cat(means), torch.cat(stds)), captions
+    return torch.cat(means), captions
 
 
 def shapes_pipeline(components: dict[str, Any]) -> Any:
@@ -211,7 +211,7 @@ def shapes_pipeline(components: dict[str, Any]) -> Any:
 def _train_unet(
     components: dict[str, Any],
     recipe: Recipe,
-    latents: tuple[torch.Tensor, torch.Tensor],
+    latents: torch.Tensor,
     captions: list[str],
     generator: torch.Generator,
     log: Any,
@@ -246,8 +246,7 @@ def _train_unet(
         module.train().requires_grad_(True)
     for step in range(recipe.unet_steps):
         pick = torch.randint(0, len(captions), (recipe.unet_batch,), generator=generator)
-        mean, std = latents[0][pick], latents[1][pick]
-        clean = (mean + std * torch.randn(mean.shape, generator=generator)) * scaling
+        clean = latents[pick] * scaling
         noise = torch.randn(clean.shape, generator=generator)
         timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(pick),),
                                   generator=generator)  # fmt: skip
