@@ -2,11 +2,14 @@
 
     python -m dropkiln.stages.models.train_tiny --out tiny-shapes.safetensors
 
-Two phases, both seeded: the VAE learns to reconstruct scenes, then the UNet learns the
-noise-prediction loss on the VAE's latents of a fixed set of scenes, conditioned on the
-captions through the text encoders, which learn alongside it from their seeded init. With
-the defaults the file it writes is the one the package ships; torch's CPU kernels give the
-same bits for the same build, CPU features and thread count.
+Three phases, all seeded: the VAE learns to reconstruct scenes (its loss weighted toward the
+shape, decoding the posterior mean); the text encoders learn to tell the caption words apart
+(shapes_text); then the UNet learns the noise-prediction loss on the VAE's latent means of a
+fixed set of scenes, conditioned on the captions through the text encoders, which keep
+learning alongside it. With the defaults the file it writes is the one the package ships;
+torch's CPU kernels give the same bits for the same build, CPU features and thread count.
+``--checkpoint-every`` also writes the weights part-way; the learning rate never depends on
+the run's length, so each is byte for byte the file of a run stopped there.
 """
 
 from __future__ import annotations
