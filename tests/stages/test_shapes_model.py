@@ -118,28 +118,18 @@ def test_tiny_shapes_follows_held_out_prompts(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_training_script_is_deterministic(tmp_path: Path) -> None:
-    # The documented command, shortened, run in separate processes: the same recipe must
-    # give the same bytes (what makes the shipped file reproducible), and a checkpoint of a
-    # longer run must be the very file the shorter run writes (how the shipped length was
-    # picked: train long, measure the checkpoints, rerun the best one's length).
-    short = ["--vae-steps", "3", "--vae-batch", "4", "--text-steps", "3", "--text-batch", "4"]
-    short += ["--scenes", "64", "--unet-batch", "4"]
-    runs = {
-        "long": [*short, "--unet-steps", "3", "--checkpoint-every", "2"],
-        "again": [*short, "--unet-steps", "3"],
-        "shorter": [*short, "--unet-steps", "2"],
-    }
-    for name, flags in runs.items():
-        target = tmp_path / f"{name}.safetensors"
+    # The documented command, shortened, run twice in separate processes: the same recipe
+    # must give the same bytes (what makes the shipped file reproducible).
+    short = ["--vae-steps", "3", "--vae-batch", "4", "--scenes", "64"]
+    short += ["--unet-steps", "3", "--unet-batch", "4"]
+    runs = [short, short]
+    digests = []
+    for number, flags in enumerate(runs):
+        target = tmp_path / f"{number}.safetensors"
         command = [sys.executable, "-m", "dropkiln.stages.models.train_tiny", "--out", str(target)]
         subprocess.run([*command, *flags], check=True, capture_output=True, timeout=600)
-
-    def digest(name: str) -> str:
-        return hashlib.sha256((tmp_path / f"{name}.safetensors").read_bytes()).hexdigest()
-
-    assert digest("long") == digest("again")
-    assert digest("long-2") == digest("shorter")
-    assert digest("long") != digest("shorter")
+        digests.append(hashlib.sha256(target.read_bytes()).hexdigest())
+    assert digests[0] == digests[1]
 
 
 @pytest.mark.slow
