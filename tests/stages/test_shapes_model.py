@@ -117,6 +117,23 @@ def test_tiny_shapes_follows_held_out_prompts(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="tiny-shapes' VAE gives back colour 0.15, shape 0.30")
+def test_tiny_shapes_vae_gives_back_what_prompts_name() -> None:
+    # The UNet draws through the VAE's decoder: a colour or shape the decoder cannot give
+    # back caps prompt following however long the UNet trains. The shipped VAE measured
+    # colour 0.15, position 0.60, shape 0.30 on 40 held-out scenes (it turns every shape
+    # one or two colours per background); the goal needs it near perfect.
+    from dropkiln.stages.models.shapes_detect import vae_readback
+    from dropkiln.stages.models.shapes_model import shapes_components
+
+    readback = vae_readback(shapes_components()["vae"])
+    print(f"VAE read-back on 40 held-out scenes: {readback}")
+    assert readback["colour"] >= 0.95, readback
+    assert readback["position"] >= 0.95, readback
+    assert readback["shape"] >= 0.9, readback
+
+
+@pytest.mark.slow
 def test_training_script_is_deterministic(tmp_path: Path) -> None:
     # The documented command, shortened, run twice in separate processes: the same recipe
     # must give the same bytes (what makes the shipped file reproducible).

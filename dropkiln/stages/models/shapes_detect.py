@@ -10,7 +10,7 @@ triangle ½, star about ⅓) and how low its mass sits in that box (a triangle's
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.models.shapes_scenes import BACKGROUNDS, COLOURS, NEW_COLOURS, POSITIONS
 
@@ -94,3 +94,29 @@ def _nearest(rgb: object, palette: dict[str, tuple[int, int, int]]) -> str:
 
     colour = np.asarray(rgb, dtype=np.float32)
     return min(palette, key=lambda name: float(np.linalg.norm(colour - np.array(palette[name]))))
+
+
+def vae_readback(vae: Any, count: int = 40, seed: int = 5) -> dict[str, float]:
+    """How often the detector reads a held-out scene's colour, place and shape off the VAE's
+    reconstruction of it (from the latent mean). The UNet draws through this decoder, so
+    this is the ceiling of prompt following."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from dropkiln.stages.models.shapes_scenes import draw_scene, random_scene
+
+    rng = np.random.Generator(np.random.PCG64(seed))
+    scenes = [random_scene(rng, held_out=True) for _ in range(count)]
+    pixels = np.stack([np.asarray(draw_scene(scene), dtype=np.float32) for scene in scenes])
+    with torch.no_grad():
+        images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+        decoded = vae.decode(vae.encode(images).latent_dist.mean).sample.clamp(-1, 1)
+    right = {"colour": 0, "position": 0, "shape": 0}
+    for scene, picture in zip(scenes, decoded, strict=True):
+        array = ((picture.permute(1, 2, 0).numpy() + 1) * 127.5).round().astype(np.uint8)
+        found = detect(Image.fromarray(array))
+        right["colour"] += found.colour == scene.colour
+        right["position"] += found.position == scene.position
+        right["shape"] += found.shape == scene.shape
+    return {name: hits / count for name, hits in right.items()}
