@@ -157,6 +157,11 @@ class Settings(BaseSettings):
     model: str = "tiny-shapes"
     vae: str = Field("", description="a standalone VAE .safetensors; empty: the model's own")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    store_url: str = Field(
+        "",
+        description="the event store: empty for state/dropkiln.db (SQLite), or "
+        "postgresql://user@host/db for one store shared by daemons on several boxes",
+    )
     torch_threads: int = Field(
         0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
     )

@@ -32,6 +32,7 @@ from dropkiln.store.engine import (
 from dropkiln.store.events import Event, utc_now
 from dropkiln.store.migrate import ensure_schema
 from dropkiln.store.projections import StoredEvent, apply, changes_for
+from dropkiln.store.rawsql import SqlConnection
 from dropkiln.store.schema import HIGH_RATE_TYPE, events
 
 T = TypeVar("T")
@@ -85,6 +86,17 @@ class EventStore:
             if name in self.__dict__:
                 await self.__dict__[name].dispose()
 
+    @property
+    def root(self) -> Path:
+        """The dropkiln root whose outputs this store's artifacts name."""
+        return self.path.parent.parent  # ROOT/state/dropkiln.db
+
+    def read_connection(self) -> SqlConnection:
+        """A new raw connection inside one read snapshot, for long scans; close it after."""
+        conn = connect(self.path)
+        conn.execute("BEGIN")
+        return conn
+
     async def __aenter__(self) -> EventStore:
         return self
 
@@ -103,9 +115,7 @@ class EventStore:
 
     # Transactions -----------------------------------------------------------------------
 
-    async def transaction(
-        self, work: Callable[[sqlite3.Connection], T], *, durable: bool = False
-    ) -> T:
+    async def transaction(self, work: Callable[[Any], T], *, durable: bool = False) -> T:
         """Run ``work`` in one write transaction in a worker thread; rolled back if it raises.
 
         With ``durable`` the commit survives a power cut once this returns. Otherwise (the

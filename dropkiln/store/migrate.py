@@ -81,12 +81,13 @@ def ensure_schema(engine: Engine, path: Path, *, create: bool) -> int:
             with engine.connect().execution_options(write=True) as conn, conn.begin():
                 # Again under the write lock: another process may have got here first.
                 _create_or_migrate(conn, create=create)
-        # Outside any transaction (SQLite refuses the change inside one); persistent.
-        raw = engine.raw_connection()
-        try:
-            raw.driver_connection.execute("PRAGMA journal_mode = WAL")  # type: ignore[union-attr]
-        finally:
-            raw.close()
+        if engine.dialect.name == "sqlite":
+            # Outside any transaction (SQLite refuses the change inside one); persistent.
+            raw = engine.raw_connection()
+            try:
+                raw.driver_connection.execute("PRAGMA journal_mode = WAL")  # type: ignore[union-attr]
+            finally:
+                raw.close()
     except DatabaseError as exc:
         raise StoreError(f"{path} is not a usable dropkiln database: {exc.orig}") from exc
     return schema.SCHEMA_VERSION

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import functools
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import JSON, Table
 
+from dropkiln.store.rawsql import SqlConnection
 from dropkiln.store.schema import PROJECTIONS, artifacts, drops, jobs
 
 
@@ -196,7 +196,7 @@ def _sql(table: Table, action: str, columns: tuple[str, ...], key: tuple[str, ..
     return f"{insert} ON CONFLICT ({', '.join(key)}) DO UPDATE SET {assignments}"
 
 
-def apply(connection: sqlite3.Connection, changes: Iterable[RowChange]) -> None:
+def apply(connection: SqlConnection, changes: Iterable[RowChange]) -> None:
     """Write the changes on a connection that is inside a write transaction."""
     for change in changes:
         json_columns = _json_columns(change.table)
@@ -208,7 +208,7 @@ def apply(connection: sqlite3.Connection, changes: Iterable[RowChange]) -> None:
         connection.execute(sql, params)
 
 
-def clear(connection: sqlite3.Connection) -> None:
+def clear(connection: SqlConnection) -> None:
     """Empty every projection (children first), inside a write transaction."""
     for table in reversed(PROJECTIONS):
         connection.execute(f"DELETE FROM {table.name}")

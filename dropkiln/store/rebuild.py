@@ -13,16 +13,16 @@ from sqlalchemy import JSON, Table
 from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from dropkiln.store.engine import connect
 from dropkiln.store.eventstore import EventStore
 from dropkiln.store.projections import StoredEvent, apply, changes_for, clear
+from dropkiln.store.rawsql import SqlConnection
 from dropkiln.store.schema import PROJECTIONS
 from dropkiln.store.statemachine import check_state_machine
 
 CHUNK = 5000
 
 
-def _replay(source: sqlite3.Connection, target: sqlite3.Connection) -> int:
+def _replay(source: SqlConnection, target: SqlConnection) -> int:
     """Apply every event read from ``source`` to the projections in ``target``."""
     after, count = 0, 0
     while True:
@@ -43,7 +43,7 @@ def _replay(source: sqlite3.Connection, target: sqlite3.Connection) -> int:
 async def rebuild(store: EventStore) -> int:
     """Replace the projections with a replay of the log; returns the events replayed."""
 
-    def work(conn: sqlite3.Connection) -> int:
+    def work(conn: SqlConnection) -> int:
         clear(conn)
         return _replay(conn, conn)
 
@@ -76,7 +76,7 @@ def _scratch() -> sqlite3.Connection:
     return scratch
 
 
-def _rows(conn: sqlite3.Connection, table: Table) -> dict[tuple[Any, ...], dict[str, Any]]:
+def _rows(conn: SqlConnection, table: Table) -> dict[tuple[Any, ...], dict[str, Any]]:
     names = [c.name for c in table.columns]
     keys = [c.name for c in table.primary_key.columns]
     json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
@@ -91,15 +91,13 @@ def _rows(conn: sqlite3.Connection, table: Table) -> dict[tuple[Any, ...], dict[
 
 
 def _check(store: EventStore, max_differences: int, files: bool) -> CheckReport:
-    live = connect(store.path)
+    # One read snapshot for the state machine, the replay and the live rows; never the
+    # write lock, so the daemon keeps running while this runs.
+    live = store.read_connection()
     scratch = _scratch()
     try:
-        # One read snapshot for the state machine, the replay and the live rows; never the
-        # write lock, so the daemon keeps running while this runs.
-        live.execute("BEGIN")
         scratch.execute("BEGIN")
-        root = store.path.parent.parent  # ROOT/state/dropkiln.db
-        violations = check_state_machine(live, root, files)
+        violations = check_state_machine(live, store.root, files)
         report = CheckReport(events=_replay(live, scratch), violations=violations)
         for table in PROJECTIONS:
             want = _rows(scratch, table)

@@ -36,7 +36,10 @@ async def traced(store: EventStore, stream: str, new: list[ev.Event]) -> list[st
     return [s for s in statements if s.split()[0] in ("PRAGMA", "BEGIN", "COMMIT")]
 
 
-async def test_defect17_commits_before_irreversible_steps_are_durable(store: EventStore) -> None:
+async def test_defect17_commits_before_irreversible_steps_are_durable(
+    sqlite_store: EventStore,
+) -> None:
+    store = sqlite_store
     await store.append(DAEMON_STREAM, [ev.QueuePaused()])  # opens the write connection
     full = [
         "PRAGMA synchronous = FULL",
