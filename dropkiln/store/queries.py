@@ -99,7 +99,7 @@ def _job_rows(conn: Connection, query: Select[Any]) -> list[list[Any]]:
     for row in conn.execute(query):
         values = list(row)
         for i in _JSON_AT:
-            if values[i] is not None:
+            if isinstance(values[i], str):  # PostgreSQL's driver has decoded them already
                 values[i] = json.loads(values[i])
         rows.append(values)
     return rows

@@ -11,6 +11,7 @@ from sqlalchemy import Connection, func, select
 
 from dropkiln.store import ConcurrencyError, EventStore, StoreError
 from dropkiln.store import events as ev
+from dropkiln.store.backend import open_store
 from dropkiln.store.events import DAEMON_STREAM, job_stream
 from dropkiln.store.schema import PROJECTIONS, events
 
@@ -130,8 +131,10 @@ async def test_batch_without_expectations_appends_everywhere(store: EventStore) 
     assert [(e.seq, e.stream, e.version) for e in stored] == [(1, "job:a", 1), (2, "job:b", 1)]
 
 
-async def test_a_writer_with_a_stale_view_loses(store: EventStore, db_path: Path) -> None:
-    other = await EventStore.open(db_path)
+async def test_a_writer_with_a_stale_view_loses(
+    store: EventStore, db_path: Path, store_url: str
+) -> None:
+    other = await open_store(db_path, store_url)
     try:
         await store.append(job_stream("a"), [submitted("a")])
         seen = await other.stream_version("job:a")
