@@ -7,6 +7,8 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dropkiln.store.vocabulary import TERMINAL_STATES as TERMINAL_STATES
+
 
 class Event(BaseModel):
     """Base of every event; ``type`` is the class name."""
@@ -304,9 +306,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         WebhookGaveUp,
     )
 }
-
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
-
 
 def parse_event(type_name: str, data: dict[str, Any]) -> Event:
     """The typed event for a stored row."""
