@@ -30,9 +30,9 @@ def _run(coro_fn: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
 
 
 async def _open(settings: Settings) -> Any:
-    from dropkiln.store import EventStore
+    from dropkiln.store.backend import open_store
 
-    return await EventStore.open(settings.paths.db)
+    return await open_store(settings.paths.db, settings.store_url)
 
 
 # init / daemon / demo / tui -------------------------------------------------------------------
@@ -46,9 +46,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         settings.paths.config.write_text(DEFAULT_CONFIG_TEXT)
 
     async def create_db() -> None:
-        from dropkiln.store import EventStore
+        from dropkiln.store.backend import open_store
 
-        store = await EventStore.open(settings.paths.db, create=True)
+        store = await open_store(settings.paths.db, settings.store_url, create=True)
         await store.close()
 
     anyio.run(create_db)

@@ -30,6 +30,7 @@ from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.models import configure_shared_pipelines
 from dropkiln.store import ConcurrencyError, EventStore, list_jobs, record_telemetry
+from dropkiln.store.backend import open_store
 from dropkiln.store.events import (
     DAEMON_STREAM,
     CancelRequested,
@@ -84,7 +85,7 @@ class Daemon:
         async with AsyncExitStack() as stack:
             stack.enter_context(DaemonLock(self.paths.lock))
             self.paths.create()
-            self.store = await EventStore.open(self.paths.db, create=True)
+            self.store = await open_store(self.paths.db, self.settings.store_url, create=True)
             stack.push_async_callback(self.store.close)
             self.device_thread = DeviceThread(self.settings.device, self.settings.torch_threads)
             stack.callback(self.device_thread.close)
