@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     Float,
     Index,
@@ -18,14 +19,18 @@ from sqlalchemy import (
 
 SCHEMA_VERSION = 2
 
+# 64-bit on PostgreSQL (byte counts in telemetry and artifacts pass 2**31); plain INTEGER on
+# SQLite, whose integers are 64-bit anyway and whose autoincrement keys must say INTEGER.
+Int = BigInteger().with_variant(Integer(), "sqlite")
+
 metadata = MetaData()
 
 events = Table(
     "events",
     metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("seq", Int, primary_key=True, autoincrement=True),
     Column("stream", String, nullable=False),
-    Column("version", Integer, nullable=False),
+    Column("version", Int, nullable=False),
     Column("type", String, nullable=False),
     Column("data", JSON, nullable=False),
     Column("at", String, nullable=False),
@@ -50,22 +55,22 @@ jobs = Table(
     Column("name", String, nullable=False),
     Column("drop_id", String),
     Column("lane", String, nullable=False),
-    Column("priority", Integer, nullable=False),
+    Column("priority", Int, nullable=False),
     Column("depends_on", JSON, nullable=False),
     Column("spec", JSON, nullable=False),
     Column("rung_key", String),
     Column("state", String, nullable=False),
-    Column("attempt", Integer, nullable=False),
-    Column("memory_rung", Integer, nullable=False),
-    Column("done", Integer, nullable=False),
-    Column("total", Integer, nullable=False),
+    Column("attempt", Int, nullable=False),
+    Column("memory_rung", Int, nullable=False),
+    Column("done", Int, nullable=False),
+    Column("total", Int, nullable=False),
     Column("metrics", JSON, nullable=False),
     Column("checkpoint", JSON),
     Column("result", JSON),
     Column("error", Text),
     Column("requested", String),
-    Column("submitted_seq", Integer, nullable=False),
-    Column("version", Integer, nullable=False),
+    Column("submitted_seq", Int, nullable=False),
+    Column("version", Int, nullable=False),
     Column("created_at", String, nullable=False),
     Column("started_at", String),
     Column("finished_at", String),
@@ -95,9 +100,9 @@ artifacts = Table(
     metadata,
     Column("job_id", String, primary_key=True),
     Column("path", String, primary_key=True),
-    Column("seq", Integer, nullable=False),
+    Column("seq", Int, nullable=False),
     Column("kind", String, nullable=False),
-    Column("bytes", Integer),
+    Column("bytes", Int),
     Column("sha256", String),
     Column("at", String, nullable=False),
 )
@@ -105,17 +110,17 @@ artifacts = Table(
 telemetry = Table(
     "telemetry",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Int, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False),
     Column("device", String, nullable=False),
-    Column("allocated", Integer),
-    Column("reserved", Integer),
-    Column("peak", Integer),
-    Column("free", Integer),
-    Column("total", Integer),
-    Column("rss", Integer),
+    Column("allocated", Int),
+    Column("reserved", Int),
+    Column("peak", Int),
+    Column("free", Int),
+    Column("total", Int),
+    Column("rss", Int),
     Column("job_id", String),
-    Column("memory_rung", Integer),
+    Column("memory_rung", Int),
 )
 Index("ix_telemetry_at", telemetry.c.at)
 
