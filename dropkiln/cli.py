@@ -279,6 +279,8 @@ def cmd_store(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "rebuild":
         return _rebuild(settings)
+    if args.action == "copy":
+        return _copy(settings, args.to)
 
     async def main() -> int:
         from dropkiln.store import check
@@ -303,6 +305,46 @@ def cmd_store(args: argparse.Namespace) -> int:
         )
 
     return _run(main)
+
+
+def _copy(settings: Settings, to: str | None) -> int:
+    """Copy this root's store into a new one (SQLite to PostgreSQL), with the daemon stopped:
+    events it appended during the copy would not be in the copy."""
+    from dropkiln.daemon.lock import AlreadyRunning, DaemonLock
+
+    if not to:
+        raise CommandError("store copy needs --to URL (e.g. postgresql://user@host/dropkiln)")
+
+    async def main() -> int:
+        from dropkiln.store import check
+        from dropkiln.store.backend import open_store
+        from dropkiln.store.copy import copy_store
+
+        source = await _open(settings)
+        try:
+            target = await open_store(settings.paths.db, to, create=True)
+            try:
+                copied = await copy_store(source, target)
+                want, have = await check(source), await check(target)
+            finally:
+                await target.close()
+        finally:
+            await source.close()
+        print(f"copied {copied.events} events (up to seq {copied.last_seq}) and replayed them")
+        if (have.ok, have.events, have.rows) != (want.ok, want.events, want.rows):
+            raise CommandError(
+                f"store check differs after the copy: source {want.events} events "
+                f"{want.rows} ok={want.ok}, copy {have.events} events {have.rows} ok={have.ok}"
+            )
+        print(f"store check equal on both: {have.events} events, {have.rows}, ok={have.ok}")
+        print("next: put that URL in dropkiln.toml as store_url, then start the daemons")
+        return 0
+
+    try:
+        with DaemonLock(settings.paths.lock):
+            return _run(main)
+    except AlreadyRunning as exc:
+        raise CommandError(f"{exc}: stop it before 'store copy'") from None
 
 
 def _rebuild(settings: Settings) -> int:
@@ -439,7 +481,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("api-token", cmd_api_token, "print or rotate the HTTP API's bearer token")
     p.add_argument("action", choices=["show", "rotate"], nargs="?", default="show")
     p = add("store", cmd_store, "maintain the event store")
-    p.add_argument("action", choices=["rebuild", "check"])
+    p.add_argument("action", choices=["rebuild", "check", "copy"])
+    p.add_argument("--to", help="copy only: the new store's URL (postgresql://…)")
     p = add("bench", cmd_bench, "measure speed against baselines (see README)")
     p.add_argument(
         "suite",

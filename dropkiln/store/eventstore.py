@@ -97,6 +97,10 @@ class EventStore:
         conn.execute("BEGIN")
         return conn
 
+    def follow_copied_seqs(self, conn: SqlConnection) -> None:
+        """After events were inserted with their seq given (``store copy``), make the next
+        append take the seq after them; SQLite's autoincrement already does."""
+
     async def __aenter__(self) -> EventStore:
         return self
 

@@ -36,7 +36,7 @@ from dropkiln.store.events import utc_now
 from dropkiln.store.eventstore import TAIL_BATCH, Batch, EventStore, _tail_batch
 from dropkiln.store.migrate import ensure_schema
 from dropkiln.store.projections import StoredEvent, apply, changes_for
-from dropkiln.store.rawsql import SqlCursor
+from dropkiln.store.rawsql import SqlConnection, SqlCursor
 
 T = TypeVar("T")
 
@@ -151,6 +151,12 @@ class PostgresEventStore(EventStore):
         conn = PgConnection(self.url)
         conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         return conn
+
+    def follow_copied_seqs(self, conn: SqlConnection) -> None:
+        conn.execute(
+            "SELECT setval(pg_get_serial_sequence('events', 'seq'), "
+            "(SELECT coalesce(max(seq), 0) + 1 FROM events), false)"
+        )
 
     # Writing ----------------------------------------------------------------------------
 
