@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.pgserver import NoPostgres, PostgresServer
+from dropkiln.bench.pgserver import NoPostgres, PostgresServer
 
 
 @pytest.fixture(scope="session")

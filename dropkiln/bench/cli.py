@@ -35,7 +35,7 @@ from dropkiln.stages.base import write_atomic
 
 Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
 SUITE_NAMES = (
-    *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api"),
+    *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api", "scaleout"),
 )
 MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
@@ -125,6 +125,7 @@ def _run_suite(name: str, options: BenchOptions, profile_root: Path | None) -> S
 def _suites() -> dict[str, Suite]:
     from dropkiln.bench.model_suites import daemon_suite, generate_suite, train_suite
     from dropkiln.bench.preempt import preempt_suite
+    from dropkiln.bench.scaleout import scaleout_suite
     from dropkiln.bench.suites import (
         api_suite,
         bucket_suite,
@@ -143,6 +144,7 @@ def _suites() -> dict[str, Suite]:
         "daemon": daemon_suite,
         "preempt": preempt_suite,
         "api": api_suite,
+        "scaleout": scaleout_suite,
     }
 
 

@@ -1,4 +1,5 @@
-"""A throwaway PostgreSQL server for the tests, from the distribution's own programs.
+"""A throwaway PostgreSQL server for the tests and benchmarks, from the distribution's own
+programs (never a system service: nothing outside its temporary folder is touched).
 
 initdb makes a data folder in a temporary directory, pg_ctl starts the server on a free
 loopback port with its socket in that folder, and `stop` kills it and removes the folder.
@@ -65,7 +66,8 @@ class PostgresServer:
     run_as: str | None
 
     @classmethod
-    def start(cls) -> PostgresServer:
+    def start(cls, *, durable: bool = False) -> PostgresServer:
+        """Start a server; unless ``durable`` (benchmarks), one that never fsyncs (tests)."""
         bindir = find_bindir()
         run_as = None
         base = Path(tempfile.mkdtemp(prefix="dropkiln-pg-"))
@@ -88,9 +90,10 @@ class PostgresServer:
         )  # fmt: skip
         options = (
             f"-c listen_addresses=127.0.0.1 -p {server.port} -c unix_socket_directories={datadir} "
-            # A test server: nothing on it must survive a power cut.
-            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=200"
+            "-c max_connections=200"
         )
+        if not durable:  # a test server: nothing on it must survive a power cut
+            options += " -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         server._run("pg_ctl", "-D", str(datadir), "-o", options, "-l", str(base / "log"), "-w",
                     "start")  # fmt: skip
         return server
