@@ -35,7 +35,8 @@ from dropkiln.stages.base import write_atomic
 
 Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
 SUITE_NAMES = (
-    *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api", "scaleout"),
+    *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api"),
+    "scaleout",
 )
 MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
