@@ -346,3 +346,14 @@ def test_an_event_without_a_projection_rule_is_refused() -> None:
         patch.setitem(EVENT_TYPES, "JobRenamedByMistake", JobRenamedByMistake)
         with pytest.raises(ValueError, match="no projection rule"):
             changes_for(stored)
+
+
+def test_endings_written_before_caused_by_existed_still_read() -> None:
+    # Rows already in users' databases have no caused_by: they read as "ended on its own".
+    from dropkiln.store.projections import changes_for
+
+    for type_name in ("JobFailed", "JobCancelled"):
+        old = StoredEvent(7, STREAM, 4, type_name, {"reason": "x"}, "2026-01-01T00:00:00+00:00")
+        event = ev.parse_event(old.type, old.data)
+        assert isinstance(event, ev.JobFailed | ev.JobCancelled) and event.caused_by is None
+        assert changes_for(old)[0].values["error"] == "x"
