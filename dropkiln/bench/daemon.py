@@ -117,7 +117,7 @@ class _DaemonRun:
                 baseline.append(clean.render(self._request(prompts), out))
                 same = same and _same_pixels(Path(job["images"][0]), out / "000.png")
         finally:
-            _stop(daemon)
+            stop_daemon(daemon)
         return {
             "repeat": repeat,
             "pickup_s": pickup,
@@ -138,7 +138,7 @@ class _DaemonRun:
             sets = [[f"file {f} image {n}" for n in range(file_images)] for f in range(files)]
             jobs = self._drop_and_wait(stems, sets)
         finally:
-            _stop(daemon)
+            stop_daemon(daemon)
         return {
             "files": files,
             "images_per_file": file_images,
@@ -147,32 +147,7 @@ class _DaemonRun:
         }
 
     def _start(self) -> subprocess.Popen[bytes]:
-        log = open(self.settings.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
-        process = subprocess.Popen(
-            [sys.executable, "-m", "dropkiln", "daemon", "--root", str(self.settings.root)],
-            env=self.environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        log.close()
-        deadline = time.monotonic() + 120
-        while not anyio.run(self._serving, process.pid):
-            if process.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the daemon did not start; see {self.settings.root}/daemon.log")
-            time.sleep(POLL_S)
-        return process
-
-    async def _serving(self, pid: int) -> bool:
-        from dropkiln.store import EventStore, daemon_state
-
-        if not self.settings.paths.db.exists():
-            return False
-        store = await EventStore.open(self.settings.paths.db)
-        try:
-            state = await daemon_state(store)
-        finally:
-            await store.close()
-        return bool(state.running and state.pid == pid)
+        return start_daemon(self.settings, self.environment)
 
     def _request(self, prompts: list[str]) -> list[dict[str, Any]]:
         return [
@@ -228,7 +203,39 @@ class _DaemonRun:
         return [jobs.get(stem) for stem in stems]
 
 
-def _stop(process: subprocess.Popen[bytes]) -> None:
+def start_daemon(settings: Settings, environment: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`dropkiln daemon --root ROOT` as a child process, once its store says it is serving."""
+    log = open(settings.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dropkiln", "daemon", "--root", str(settings.root)],
+        env=environment,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    log.close()
+    deadline = time.monotonic() + 120
+    while not anyio.run(_serving, settings, process.pid):
+        if process.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"the daemon did not start; see {settings.root}/daemon.log")
+        time.sleep(POLL_S)
+    return process
+
+
+async def _serving(settings: Settings, pid: int) -> bool:
+    from dropkiln.store import EventStore, daemon_state
+
+    if not settings.paths.db.exists():
+        return False
+    store = await EventStore.open(settings.paths.db)
+    try:
+        state = await daemon_state(store)
+    finally:
+        await store.close()
+    return bool(state.running and state.pid == pid)
+
+
+def stop_daemon(process: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if the daemon has not stopped within a minute."""
     process.send_signal(signal.SIGTERM)
     try:
         process.wait(timeout=60)

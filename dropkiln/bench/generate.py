@@ -30,7 +30,7 @@ from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
 from dropkiln.config import Settings
 from dropkiln.stages.generate import GenerateSpec, run_generate
-from dropkiln.stages.prompts import ImageEntry, PromptFile, load_prompt_file
+from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile, load_prompt_file
 from dropkiln.stages.testing import LocalContext
 
 # What a script-per-job setup runs for every prompt file: load, generate, save, exit.
@@ -100,7 +100,7 @@ def bench_stage_overhead(
     import numpy as np
     from PIL import Image
 
-    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.generation.render import inference_dtype
     from dropkiln.stages.models import resolve_model, shared_pipelines
 
     prompt_file = overhead_prompts(images, size, steps)

@@ -14,7 +14,7 @@ from dropkiln.config import TrainSettings
 from dropkiln.stages import get_stage
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.generate import GenerateSpec, LoraFile, run_generate
-from dropkiln.stages.prompts import ImageEntry, PromptFile
+from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import TrainSpec
 
