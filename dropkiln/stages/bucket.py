@@ -25,7 +25,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from dropkiln.config import BucketSettings
+from dropkiln.options import BucketSettings
 from dropkiln.stages.base import (
     StageContext,
     StageDef,
