@@ -18,7 +18,11 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from dropkiln.options import BucketSettings, GenerateSettings, Section, TrainSettings
+# Re-exported: dropkiln.toml's [bucket], [train] and [generate] tables are these.
+from dropkiln.options import BucketSettings as BucketSettings
+from dropkiln.options import GenerateSettings as GenerateSettings
+from dropkiln.options import Section
+from dropkiln.options import TrainSettings as TrainSettings
 
 DEFAULT_ROOT = Path("dropkiln-home")
 CONFIG_NAME = "dropkiln.toml"
