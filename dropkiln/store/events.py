@@ -8,6 +8,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from dropkiln.store.vocabulary import TERMINAL_STATES as TERMINAL_STATES
+from dropkiln.store.vocabulary import DropKind, Lane
 
 
 class Event(BaseModel):
@@ -15,6 +16,8 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     command: ClassVar[bool] = False
+    """A request written by the CLI, the dashboard or the API, which the daemon tails and
+    obeys; the daemon's list of commands to tail is every class that says so."""
     durable: ClassVar[bool] = False
     """Something irreversible follows its commit (a drop moved, older checkpoints pruned,
     outputs replaced or read by the next job), so the commit must survive a power cut:
@@ -31,7 +34,7 @@ class Event(BaseModel):
 class Dropped(Event):
     durable: ClassVar[bool] = True
     drop_id: str
-    kind: str  # dataset | prompts
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -43,7 +46,7 @@ class Dropped(Event):
 class DropRejected(Event):
     durable: ClassVar[bool] = True
     drop_id: str
-    kind: str
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -56,7 +59,7 @@ class DropRecognised(Event):
     durable: ClassVar[bool] = True
 
     drop_id: str
-    kind: str
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -103,7 +106,7 @@ class JobSubmitted(Event):
     job_id: str
     stage: str
     name: str
-    lane: str
+    lane: Lane
     priority: int
     spec: dict[str, Any]
     depends_on: list[str] = Field(default_factory=list)
@@ -158,11 +161,16 @@ class JobSucceeded(Event):
 class JobFailed(Event):
     durable: ClassVar[bool] = True
     reason: str
+    caused_by: str | None = None
+    """The dependency whose failure ended this job before it ran; None when it failed on its
+    own (and in events written before this field existed)."""
 
 
 class JobCancelled(Event):
     durable: ClassVar[bool] = True
     reason: str = "cancelled by request"
+    caused_by: str | None = None
+    """The dependency whose cancellation ended this job; None when it was asked to stop."""
 
 
 class OutOfMemory(Event):
@@ -306,6 +314,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         WebhookGaveUp,
     )
 }
+
 
 def parse_event(type_name: str, data: dict[str, Any]) -> Event:
     """The typed event for a stored row."""
