@@ -29,7 +29,12 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.stop()
 
 
-@pytest.fixture
-def postgres_url(postgres_server: PostgresServer) -> str:
-    """The URL of a new, empty database on the session's server."""
+@pytest.fixture(scope="session")
+def postgres_database(postgres_server: PostgresServer) -> str:
     return postgres_server.create_database()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer, postgres_database: str) -> str:
+    """The URL of a new, empty schema (a database's worth of tables) on the session's server."""
+    return postgres_server.create_schema(postgres_database)

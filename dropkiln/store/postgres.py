@@ -46,6 +46,10 @@ APPEND_LOCK = 0x64_6B_01
 SCHEMA_LOCK = 0x64_6B_02
 
 _STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream = %s"
+_LOCK_AND_VERSION = (
+    f"SELECT pg_advisory_xact_lock({APPEND_LOCK}), "
+    "(SELECT coalesce(max(version), 0) FROM events WHERE stream = %s)"
+)
 _INSERT_EVENT = (
     "INSERT INTO events (stream, version, type, data, at) VALUES (%s, %s, %s, %s, %s) RETURNING seq"
 )
@@ -71,6 +75,8 @@ class PgConnection:
             self.raw = psycopg.connect(url, autocommit=True)
         except psycopg.OperationalError as exc:
             raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
+        self.notify_at_commit: int | None = None
+        """The seq an append wrote last: tails are notified of it when it commits."""
         for json_type in ("json", "jsonb"):
             self.raw.adapters.register_loader(json_type, TextLoader)
 
@@ -171,8 +177,11 @@ class PostgresEventStore(EventStore):
         # One round trip to begin: on a busy server each one costs more than the SQL.
         conn.raw.execute(f"BEGIN; SET LOCAL synchronous_commit = {'on' if durable else 'off'}")
         try:
+            conn.notify_at_commit = None
             result = work(conn)
-            conn.execute("COMMIT")
+            # NOTIFY is delivered at COMMIT; sent together, they cost one round trip.
+            notify = conn.notify_at_commit
+            conn.raw.execute(f"NOTIFY {CHANNEL}, '{int(notify)}'; COMMIT" if notify else "COMMIT")
         except BaseException:
             if not conn.broken and conn.in_transaction:
                 conn.execute("ROLLBACK")
@@ -251,12 +260,15 @@ def _append(
     conn: PgConnection,
 ) -> list[StoredEvent]:
     raw = conn.raw
-    raw.execute(f"SELECT pg_advisory_xact_lock({APPEND_LOCK})")
-    at = utc_now()  # under the lock, so ``at`` follows ``seq``
     stored: list[StoredEvent] = []
-    for stream, new in pending:
-        row = raw.execute(_STREAM_VERSION, (stream,)).fetchone()
-        current = int(row[0]) if row else 0
+    at = ""
+    for index, (stream, new) in enumerate(pending):
+        if index == 0:  # the lock and the first stream's version in one round trip
+            row = raw.execute(_LOCK_AND_VERSION, (stream,)).fetchone()
+            at = utc_now()  # under the lock, so ``at`` follows ``seq``
+        else:
+            row = raw.execute(_STREAM_VERSION, (stream,)).fetchone()
+        current = int(row[-1]) if row else 0
         want = expected.get(stream)
         if want is not None and want != current:
             raise ConcurrencyError(
@@ -285,7 +297,7 @@ def _append(
                 ) from exc
             stored.append(event)
     if stored:
-        raw.execute(f"NOTIFY {CHANNEL}, '{int(stored[-1].seq)}'")
+        conn.notify_at_commit = stored[-1].seq
     return stored
 
 

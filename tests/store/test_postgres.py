@@ -67,7 +67,8 @@ async def test_the_tail_polls_when_notifications_cannot_arrive(
 def _indexes(url: str) -> set[str]:
     with psycopg.connect(url) as conn:
         rows = conn.execute(
-            "SELECT indexname FROM pg_indexes WHERE tablename IN ('events', 'jobs')"
+            "SELECT indexname FROM pg_indexes "
+            "WHERE schemaname = current_schema() AND tablename IN ('events', 'jobs')"
         )
         return {row[0] for row in rows}
 
@@ -109,7 +110,8 @@ async def test_a_failing_migration_leaves_the_database_as_it_was(
         await open_store(db_path, postgres_url)
     with psycopg.connect(postgres_url) as conn:
         columns = conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_name = 'drops'"
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = current_schema() AND table_name = 'drops'"
         ).fetchall()
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert ("note",) not in columns  # PostgreSQL's DDL is transactional: all or nothing
