@@ -171,11 +171,20 @@ class PostgresEventStore(EventStore):
         return await anyio.to_thread.run_sync(run, limiter=self._write_lock)
 
     def _run_pg_write(self, work: Callable[[PgConnection], T], durable: bool) -> T:
-        if self._pg_write is None or self._pg_write.broken:
-            self._pg_write = PgConnection(self.url)
+        begin = f"BEGIN; SET LOCAL synchronous_commit = {'on' if durable else 'off'}"
         conn = self._pg_write
-        # One round trip to begin: on a busy server each one costs more than the SQL.
-        conn.raw.execute(f"BEGIN; SET LOCAL synchronous_commit = {'on' if durable else 'off'}")
+        if conn is not None:
+            try:
+                # One round trip to begin: on a busy server each costs more than the SQL.
+                conn.raw.execute(begin)
+            except psycopg.OperationalError:
+                # Nothing was written yet, so a connection the server dropped (a restart,
+                # an idle timeout) is replaced and the transaction begun again, once.
+                conn.close()
+                conn = None
+        if conn is None:
+            self._pg_write = conn = PgConnection(self.url)
+            conn.raw.execute(begin)
         try:
             conn.notify_at_commit = None
             result = work(conn)
@@ -222,7 +231,7 @@ class PostgresEventStore(EventStore):
                     after = batch[-1].seq
                     continue
                 after = max(after, scanned_to)
-                listener = await _wait(listener, poll_interval)
+                listener = await _wait(self.url, listener, poll_interval)
         finally:
             if listener is not None:
                 await listener.close()
@@ -239,12 +248,13 @@ async def _listen(url: str) -> psycopg.AsyncConnection[Any] | None:
 
 
 async def _wait(
-    listener: psycopg.AsyncConnection[Any] | None, poll_interval: float
+    url: str, listener: psycopg.AsyncConnection[Any] | None, poll_interval: float
 ) -> psycopg.AsyncConnection[Any] | None:
-    """Until a commit is notified or poll_interval passes; drops a listener that broke."""
+    """Until a commit is notified or poll_interval passes. A listener that broke is dropped;
+    without one it polls and tries to listen again (the server restarted, say)."""
     if listener is None:
         await anyio.sleep(poll_interval)
-        return None
+        return await _listen(url)  # before the next read, so no commit goes unnoticed
     try:
         async for _ in listener.notifies(timeout=poll_interval, stop_after=1):
             pass

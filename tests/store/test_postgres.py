@@ -141,3 +141,35 @@ def test_store_url_in_the_settings_points_every_command_at_postgresql(
     with psycopg.connect(postgres_url) as conn:
         rows = conn.execute("SELECT type FROM events").fetchall()
     assert rows == [("QueuePaused",)]
+
+
+def _drop_other_connections(url: str) -> int:
+    """What a server restart or an idle timeout does to every connection but this one."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return len(rows)
+
+
+async def test_appends_and_the_tail_go_on_after_the_server_drops_their_connections(
+    db_path: Path, postgres_url: str
+) -> None:
+    store = await open_store(db_path, postgres_url, create=True)
+    got: list[StoredEvent] = []
+    tail = store.tail(poll_interval=0.2)
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as group:
+                group.start_soon(take, tail, 2, got)
+                await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+                while not got:
+                    await anyio.sleep(0.05)
+                assert _drop_other_connections(postgres_url) >= 2  # the writer, the listener
+                await anyio.sleep(0.3)
+                await store.append(DAEMON_STREAM, [ev.QueueResumed()])
+    finally:
+        await tail.aclose()
+        await store.close()
+    assert [e.type for e in got] == ["QueuePaused", "QueueResumed"]
