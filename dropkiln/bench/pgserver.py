@@ -111,23 +111,27 @@ class PostgresServer:
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://{SUPERUSER}@127.0.0.1:{self.port}/{database}"
 
+    def _sql(self, database_url: str, statement: str) -> None:
+        """Run one statement with the server's own psql (no database driver needed here)."""
+        done = subprocess.run(
+            [str(self.bindir / "psql"), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", database_url,
+             "-c", statement],
+            capture_output=True, text=True, check=False,
+        )  # fmt: skip
+        if done.returncode != 0:
+            raise RuntimeError(f"psql failed: {done.stderr.strip()}")
+
     def create_database(self) -> str:
         """A new empty database; returns its URL."""
-        import psycopg
-
         name = f"t_{uuid.uuid4().hex[:16]}"
-        with psycopg.connect(self.url(), autocommit=True) as conn:
-            conn.execute(f"CREATE DATABASE {name}")
+        self._sql(self.url(), f"CREATE DATABASE {name}")
         return self.url(name)
 
     def create_schema(self, database_url: str) -> str:
         """A new empty schema in the database at ``database_url``; returns a URL whose
         connections use it (search_path). Far cheaper than a database per test."""
-        import psycopg
-
         name = f"t_{uuid.uuid4().hex[:16]}"
-        with psycopg.connect(database_url, autocommit=True) as conn:
-            conn.execute(f"CREATE SCHEMA {name}")
+        self._sql(database_url, f"CREATE SCHEMA {name}")
         return f"{database_url}?options=-csearch_path%3D{name}"
 
     def stop(self) -> None:
