@@ -4,6 +4,7 @@ its tail's wake-ups, its migrations, and being chosen by ``store_url``."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import anyio
 import psycopg
@@ -173,3 +174,34 @@ async def test_appends_and_the_tail_go_on_after_the_server_drops_their_connectio
         await tail.aclose()
         await store.close()
     assert [e.type for e in got] == ["QueuePaused", "QueueResumed"]
+
+
+async def test_only_commits_an_irreversible_step_follows_wait_for_the_wal_flush(
+    db_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """PostgreSQL's counterpart of SQLite's synchronous FULL for those commits, NORMAL else."""
+    store = await open_store(db_path, postgres_url, create=True)
+    try:
+
+        def setting(conn: Any) -> str:
+            return str(conn.execute("SELECT current_setting('synchronous_commit')").fetchone()[0])
+
+        assert await store.transaction(setting, durable=True) == "on"
+        assert await store.transaction(setting) == "off"
+        seen: list[bool] = []
+        plain_transaction = store.transaction
+
+        async def spy(work: Any, *, durable: bool = False) -> Any:
+            seen.append(durable)
+            return await plain_transaction(work, durable=durable)
+
+        monkeypatch.setattr(store, "transaction", spy)
+        await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+        dropped = ev.Dropped(
+            drop_id="d1", kind="dataset", name="cats", source="drop/datasets/cats",
+            stored="drop/processed/d1-cats", hash="h", files=1, bytes=1,
+        )  # fmt: skip
+        await store.append("drop:d1", [dropped])  # the drop is moved once this returns
+        assert seen == [False, True]
+    finally:
+        await store.close()
