@@ -172,7 +172,7 @@ class _DaemonRun:
             state = await daemon_state(store)
         finally:
             await store.close()
-        return bool(state.running and state.pid == pid)
+        return state.running() and state.pid == pid
 
     def _request(self, prompts: list[str]) -> list[dict[str, Any]]:
         return [

@@ -299,6 +299,13 @@ class EventLog(Panel, RichLog):
         self.dashboard.new_events.subscribe(self, self.add_events)
         self.watch(self.app, "loaded", self._on_loaded, init=True)
 
+    def on_resize(self) -> None:
+        # The first window can be written before the layout settles (the first reads are
+        # quick), and its scroll to the end then lands short: after a resize, show the
+        # newest lines again, as a write does with auto_scroll.
+        if self.auto_scroll:
+            self.call_after_refresh(self.scroll_end, animate=False, x_axis=False)
+
     def _on_loaded(self, loaded: bool) -> None:
         if loaded and not self.log_filter.active and self.dashboard.initial_log:
             self.add_events(self.dashboard.initial_log)
