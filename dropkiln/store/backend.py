@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
-from dropkiln.store.engine import StoreError
+import anyio.to_thread
+
+from dropkiln.store.errors import StoreError
 from dropkiln.store.eventstore import EventStore
 
 POSTGRES_SCHEMES = ("postgresql", "postgres")
@@ -27,10 +30,18 @@ async def open_store(db: Path, store_url: str = "", *, create: bool = False) -> 
             "(leave it empty for the SQLite file under state/)"
         )
     try:
-        from dropkiln.store.postgres import PostgresEventStore
+        from dropkiln.store.postgres import PostgresDatabase
     except ImportError as exc:
         raise StoreError(
             f"store_url names PostgreSQL but its driver is missing ({exc}): "
             "pip install 'dropkiln[postgres]'"
         ) from exc
-    return await PostgresEventStore.open_url(store_url, db.parent.parent, create=create)
+    from dropkiln.store.migrate import ensure_schema
+
+    database = PostgresDatabase(store_url)
+    try:
+        await anyio.to_thread.run_sync(functools.partial(ensure_schema, database, create=create))
+    except BaseException:
+        database.close()
+        raise
+    return EventStore(Path(db), database)

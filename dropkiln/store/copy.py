@@ -12,10 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
-from dropkiln.store.engine import StoreError
+from dropkiln.store.errors import StoreError
 from dropkiln.store.eventstore import EventStore
-from dropkiln.store.projections import StoredEvent, apply, changes_for
+from dropkiln.store.projections import apply, changes_for
 from dropkiln.store.rawsql import SqlConnection
+from dropkiln.store.stored import StoredEvent
 
 CHUNK = 5000
 _READ = "SELECT seq, stream, version, type, data, at FROM events WHERE seq > ? ORDER BY seq LIMIT ?"

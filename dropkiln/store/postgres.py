@@ -1,18 +1,19 @@
-"""The event store on PostgreSQL: same tables, events, projections and reads as on SQLite.
+"""The PostgreSQL backend: a ``Database`` like ``sqlite.Database``, for ``store_url``.
 
-Selected by ``store_url = "postgresql://…"``; several daemons on several boxes share it.
-What differs from SQLite, and why:
+Several daemons on several boxes can share it. What differs from SQLite, and why:
 
 - Appends take one transaction-scoped advisory lock, so events get their ``seq`` and
   commit in the same order, as SQLite's single writer gives. Without it a tail reading
   ``seq > after`` could pass a lower seq that commits late and never see it.
-- Reads run in REPEATABLE READ: one consistent snapshot per ``snapshot`` call, as a SQLite
-  read transaction is.
-- Only durable events wait for the WAL flush (``synchronous_commit``), the counterpart of
+- Reads run in REPEATABLE READ: one consistent snapshot per ``read``, as a SQLite read
+  transaction is.
+- Only durable commits wait for the WAL flush (``synchronous_commit``), the counterpart of
   SQLite's ``synchronous = FULL`` for them and NORMAL for the rest.
-- The tail sleeps on LISTEN/NOTIFY (every append notifies in its transaction, so the
-  notification arrives at commit), and polls every ``poll_interval`` anyway, in case a
-  notification cannot arrive (a pooler in transaction mode, a dropped connection).
+- Tails sleep on LISTEN/NOTIFY (an append notifies with its COMMIT), and poll every
+  ``poll_interval`` anyway, in case a notification cannot arrive (a pooler in transaction
+  mode, a dropped connection); a listener that broke is replaced.
+- The store's SQL is sqlite3's (``?`` and ``:name`` placeholders); ``PgConnection`` runs it
+  through psycopg 3 with its own placeholders.
 """
 
 from __future__ import annotations
@@ -20,30 +21,30 @@ from __future__ import annotations
 import functools
 import json
 import re
-from collections.abc import AsyncGenerator, Callable, Sequence
-from pathlib import Path
-from typing import Any, TypeVar
+import threading
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
-import anyio.to_thread
 import psycopg
+from psycopg.rows import RowMaker
 from psycopg.types.string import TextLoader
-from sqlalchemy import Engine, create_engine, event, make_url
-from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from dropkiln.store.engine import READ_CONNECTIONS, ConcurrencyError, StoreError
-from dropkiln.store.events import utc_now
-from dropkiln.store.eventstore import TAIL_BATCH, Batch, EventStore, _tail_batch
-from dropkiln.store.migrate import ensure_schema
-from dropkiln.store.projections import StoredEvent, apply, changes_for
-from dropkiln.store.rawsql import SqlConnection, SqlCursor
+from dropkiln.store.errors import ConcurrencyError, StoreError
+from dropkiln.store.stored import StoredEvent
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import Dialect
 
 T = TypeVar("T")
 
+READ_CONNECTIONS = 4
 CHANNEL = "dropkiln_events"
 # pg_advisory_xact_lock keys: one for appends (the log's order), one for schema changes.
 APPEND_LOCK = 0x64_6B_01
 SCHEMA_LOCK = 0x64_6B_02
+BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 
 _STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream = %s"
 _LOCK_AND_VERSION = (
@@ -55,6 +56,10 @@ _INSERT_EVENT = (
 )
 _NAMED = re.compile(r"(?<![:\w]):(\w+)")
 
+Error = psycopg.Error
+IntegrityError = psycopg.IntegrityError
+DatabaseError = psycopg.DatabaseError
+
 
 @functools.cache
 def _pyformat(sql: str) -> str:
@@ -63,24 +68,49 @@ def _pyformat(sql: str) -> str:
     return _NAMED.sub(r"%(\1)s", sql)
 
 
+class Row(tuple[Any, ...]):
+    """A row read by position or by column name, as sqlite3.Row (and ``dict(row)``)."""
+
+    _names: tuple[str, ...] = ()
+
+    def __getitem__(self, key: Any) -> Any:
+        if isinstance(key, str):
+            return super().__getitem__(self._names.index(key))
+        return super().__getitem__(key)
+
+    def keys(self) -> tuple[str, ...]:
+        return self._names
+
+
+def _named_rows(cursor: Any) -> RowMaker[Row]:
+    names = tuple(column.name for column in cursor.description or ())
+    kind = type("Row", (Row,), {"_names": names})
+    return lambda values: kind(values)
+
+
 class PgConnection:
     """A psycopg connection that takes the store's SQL text as sqlite3 does.
 
-    Autocommit, like sqlite3 with ``isolation_level=None``: the caller says BEGIN. JSON
-    columns come back as text, as SQLite returns them, so replay and check decode them the
-    same way on both backends."""
+    Autocommit, like sqlite3 with ``isolation_level=None``: the caller says BEGIN. With
+    ``rows`` (readers), rows by column name and JSON decoded; otherwise (the writer, long
+    scans) tuples with JSON as text, as SQLite returns them."""
 
-    def __init__(self, url: str) -> None:
+    backend = "postgresql"
+
+    def __init__(self, url: str, *, rows: bool = False) -> None:
         try:
             self.raw = psycopg.connect(url, autocommit=True)
         except psycopg.OperationalError as exc:
             raise StoreError(f"cannot connect to the PostgreSQL store: {exc}") from exc
+        if rows:
+            self.raw.row_factory = _named_rows
+        else:
+            for json_type in ("json", "jsonb"):
+                self.raw.adapters.register_loader(json_type, TextLoader)
         self.notify_at_commit: int | None = None
         """The seq an append wrote last: tails are notified of it when it commits."""
-        for json_type in ("json", "jsonb"):
-            self.raw.adapters.register_loader(json_type, TextLoader)
 
-    def execute(self, sql: str, parameters: Any = (), /) -> SqlCursor:
+    def execute(self, sql: str, parameters: Any = (), /) -> Any:
         return self.raw.execute(_pyformat(sql), parameters or None)
 
     def close(self) -> None:
@@ -95,84 +125,40 @@ class PgConnection:
         return self.raw.closed or self.raw.broken
 
 
-def _engine(url: str) -> Engine:
-    """Reads and schema changes. A connection with ``write=True`` holds the schema lock."""
-    engine = create_engine(
-        make_url(url).set(drivername="postgresql+psycopg"),
-        isolation_level="REPEATABLE READ",
-        pool_size=READ_CONNECTIONS,
-        max_overflow=READ_CONNECTIONS,
-        pool_pre_ping=True,
-    )
+class PostgresDatabase:
+    """One PostgreSQL database: a few read connections, one write connection, from threads."""
 
-    @event.listens_for(engine, "begin")
-    def _begin(conn: Any) -> None:
-        if conn.get_execution_options().get("write", False):
-            conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
-
-    return engine
-
-
-class PostgresEventStore(EventStore):
-    """The event store in a PostgreSQL database; outputs stay under ``root`` (shared)."""
-
-    def __init__(self, url: str, root: Path, engine: Engine) -> None:
-        super().__init__(root / "state" / "dropkiln.db", engine)
+    def __init__(self, url: str) -> None:
         self.url = url
-        self._root = root
-        self._pg_write: PgConnection | None = None
+        self.path = redacted(url)
+        self._idle: list[PgConnection] = []
+        self._lock = threading.Lock()
+        self._closed = False
+        self._write: PgConnection | None = None
 
-    @property
-    def root(self) -> Path:
-        return self._root
-
-    @classmethod
-    async def open_url(cls, url: str, root: Path, *, create: bool = False) -> PostgresEventStore:
-        """Open (with ``create``, set up) the dropkiln schema in the database at ``url``."""
-        engine = _engine(url)
+    def read(self, work: Callable[[PgConnection], T]) -> T:
+        """Run ``work`` in one read snapshot (REPEATABLE READ), blocking."""
+        conn = self._borrow()
         try:
-            await anyio.to_thread.run_sync(
-                functools.partial(ensure_schema, engine, Path(_redacted(url)), create=create)
-            )
-        except BaseException:
-            engine.dispose()
-            raise
-        return cls(url, Path(root), engine)
+            conn.execute(BEGIN_READ)
+        except psycopg.OperationalError:
+            # An idle connection the server dropped: nothing was read yet, take a new one.
+            conn.close()
+            conn = PgConnection(self.url, rows=True)
+            conn.execute(BEGIN_READ)
+        try:
+            try:
+                return work(conn)
+            finally:
+                if not conn.broken and conn.in_transaction:
+                    conn.execute("COMMIT")
+        finally:
+            self._give_back(conn)
 
-    async def close(self) -> None:
-        async with self._write_lock:
-            if self._pg_write is not None:
-                self._pg_write.close()
-                self._pg_write = None
-        await super().close()
-
-    @functools.cached_property
-    def reader(self) -> AsyncEngine:
-        return create_async_engine(
-            make_url(self.url).set(drivername="postgresql+psycopg_async"),
-            isolation_level="REPEATABLE READ",
-        )
-
-    def read_connection(self) -> PgConnection:
-        conn = PgConnection(self.url)
-        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
-        return conn
-
-    def follow_copied_seqs(self, conn: SqlConnection) -> None:
-        conn.execute(
-            "SELECT setval(pg_get_serial_sequence('events', 'seq'), "
-            "(SELECT coalesce(max(seq), 0) + 1 FROM events), false)"
-        )
-
-    # Writing ----------------------------------------------------------------------------
-
-    async def transaction(self, work: Callable[[Any], T], *, durable: bool = False) -> T:
-        run = functools.partial(self._run_pg_write, work, durable)
-        return await anyio.to_thread.run_sync(run, limiter=self._write_lock)
-
-    def _run_pg_write(self, work: Callable[[PgConnection], T], durable: bool) -> T:
+    def write(self, work: Callable[[PgConnection], T], *, durable: bool = False) -> T:
+        """Run ``work`` in one write transaction (rolled back if it raises), blocking."""
         begin = f"BEGIN; SET LOCAL synchronous_commit = {'on' if durable else 'off'}"
-        conn = self._pg_write
+        conn = self._write
         if conn is not None:
             try:
                 # One round trip to begin: on a busy server each costs more than the SQL.
@@ -183,7 +169,7 @@ class PostgresEventStore(EventStore):
                 conn.close()
                 conn = None
         if conn is None:
-            self._pg_write = conn = PgConnection(self.url)
+            self._write = conn = PgConnection(self.url)
             conn.raw.execute(begin)
         try:
             conn.notify_at_commit = None
@@ -197,71 +183,120 @@ class PostgresEventStore(EventStore):
             raise
         return result
 
-    async def append_batch(
-        self, batch: Batch, expected: dict[str, int | None] | None = None
-    ) -> list[StoredEvent]:
-        pending = [
-            (stream, [(event.type_name(), event.model_dump(mode="json")) for event in new])
-            for stream, new in batch
-        ]
-        work = functools.partial(_append, pending, expected or {})
-        durable = any(event.durable for _, new in batch for event in new)
-        return await self.transaction(work, durable=durable)
-
-    # Reading ----------------------------------------------------------------------------
-
-    async def tail(
+    def append(
         self,
-        after: int = 0,
-        *,
-        poll_interval: float = 1.0,
-        stream: str | None = None,
-        types: Sequence[str] | None = None,
-    ) -> AsyncGenerator[StoredEvent, None]:
-        """Every event after ``after``, forever: woken by NOTIFY, else every poll_interval."""
-        listener = await _listen(self.url)
+        pending: list[tuple[str, list[tuple[str, dict[str, Any]]]]],
+        expected: dict[str, int | None],
+        conn: PgConnection,
+    ) -> list[StoredEvent]:
+        """The events appended in the write transaction on ``conn``, projected."""
+        return _append(pending, expected, conn)
+
+    def raw_snapshot(self) -> PgConnection:
+        conn = PgConnection(self.url)
+        conn.execute(BEGIN_READ)
+        return conn
+
+    def follow_copied_seqs(self, conn: PgConnection) -> None:
+        conn.execute(
+            "SELECT setval(pg_get_serial_sequence('events', 'seq'), "
+            "(SELECT coalesce(max(seq), 0) + 1 FROM events), false)"
+        )
+
+    def lock_schema(self, conn: PgConnection) -> None:
+        """Schema changes from several boxes at once wait for each other."""
+        conn.execute(f"SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")
+
+    def use_wal(self) -> None:
+        """Nothing to do: PostgreSQL always logs ahead."""
+
+    @asynccontextmanager
+    async def watch(self, poll_interval: float) -> AsyncIterator[NotifyWatch]:
+        watch = NotifyWatch(self.url, poll_interval)
         try:
-            while True:
-                batch, scanned_to = await self.snapshot(
-                    functools.partial(_tail_batch, after, stream, types)
-                )
-                for stored in batch:
-                    yield stored
-                if len(batch) == TAIL_BATCH:
-                    after = batch[-1].seq
-                    continue
-                after = max(after, scanned_to)
-                listener = await _wait(self.url, listener, poll_interval)
+            await watch.listen()
+            yield watch
         finally:
-            if listener is not None:
-                await listener.close()
+            await watch.close()
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        if self._write is not None:
+            self._write.close()
+            self._write = None
+
+    def _borrow(self) -> PgConnection:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"the store at {self.path} is closed")
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.broken:
+                    return conn
+                conn.close()
+        return PgConnection(self.url, rows=True)
+
+    def _give_back(self, conn: PgConnection) -> None:
+        with self._lock:
+            if not self._closed and not conn.broken and len(self._idle) < READ_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
 
 
-async def _listen(url: str) -> psycopg.AsyncConnection[Any] | None:
-    """A connection listening on the channel, or None: the tail then only polls."""
-    try:
-        listener = await psycopg.AsyncConnection.connect(url, autocommit=True)
-        await listener.execute(f"LISTEN {CHANNEL}")
-    except psycopg.Error:
-        return None
-    return listener
+class NotifyWatch:
+    """Wakes a tail on another commit: NOTIFY, else every ``poll_interval``."""
 
+    def __init__(self, url: str, poll_interval: float) -> None:
+        self.url = url
+        self.poll_interval = poll_interval
+        self._listener: psycopg.AsyncConnection[Any] | None = None
+        self._seen = 0
 
-async def _wait(
-    url: str, listener: psycopg.AsyncConnection[Any] | None, poll_interval: float
-) -> psycopg.AsyncConnection[Any] | None:
-    """Until a commit is notified or poll_interval passes. A listener that broke is dropped;
-    without one it polls and tries to listen again (the server restarted, say)."""
-    if listener is None:
-        await anyio.sleep(poll_interval)
-        return await _listen(url)  # before the next read, so no commit goes unnoticed
-    try:
-        async for _ in listener.notifies(timeout=poll_interval, stop_after=1):
-            pass
-    except psycopg.Error:
-        await listener.close()
-        return None
-    return listener
+    async def listen(self) -> None:
+        """Start listening, or leave it to polling when the server will not have it."""
+        try:
+            listener = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
+            await listener.execute(f"LISTEN {CHANNEL}")
+        except psycopg.Error:
+            self._listener = None
+            return
+        self._listener = listener
+
+    async def version(self) -> int:
+        """Notifications seen so far (those already waiting count)."""
+        await self._take(timeout=0)
+        return self._seen
+
+    async def changed_since(self, version: int) -> None:
+        """Return after a notification newer than ``version``, or after poll_interval."""
+        if self._seen > version:
+            return
+        if self._listener is None:
+            await anyio.sleep(self.poll_interval)
+            await self.listen()  # before the next read, so no commit goes unnoticed
+            return
+        await self._take(timeout=self.poll_interval)
+
+    async def _take(self, timeout: float) -> None:
+        if self._listener is None:
+            return
+        try:
+            async for _ in self._listener.notifies(timeout=timeout or 0.001, stop_after=1):
+                self._seen += 1
+        except psycopg.Error:
+            await self._listener.close()
+            self._listener = None
+            self._seen += 1  # something may have been missed: read again
+
+    async def close(self) -> None:
+        if self._listener is not None:
+            await self._listener.close()
+            self._listener = None
 
 
 def _append(
@@ -269,6 +304,10 @@ def _append(
     expected: dict[str, int | None],
     conn: PgConnection,
 ) -> list[StoredEvent]:
+    # Imported here, as on SQLite: only writers need the projections.
+    from dropkiln.store.eventstore import utc_now
+    from dropkiln.store.projections import apply, changes_for
+
     raw = conn.raw
     stored: list[StoredEvent] = []
     at = ""
@@ -311,6 +350,34 @@ def _append(
     return stored
 
 
-def _redacted(url: str) -> str:
+# SQL that differs between backends ----------------------------------------------------------
+
+
+def table_exists(conn: PgConnection, name: str) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM pg_catalog.pg_tables WHERE tablename = :name "
+        "AND schemaname = current_schema()",
+        {"name": name},
+    ).fetchone()
+    return found is not None
+
+
+def json_number(column: str, *path: str) -> str:
+    """An SQL expression: the number at ``path`` inside a JSON column (NULL if absent)."""
+    keys = ", ".join(f"'{key}'" for key in path)
+    return f"(json_extract_path_text({column}, {keys}))::float8"
+
+
+def ddl_dialect() -> Dialect:
+    from sqlalchemy.dialects import postgresql
+
+    dialect: Dialect = postgresql.dialect()  # type: ignore[no-untyped-call]
+    return dialect
+
+
+def redacted(url: str) -> str:
     """The URL without its password, for messages."""
-    return make_url(url).render_as_string(hide_password=True)
+    return re.sub(r"(://[^:/@]+):[^@/]*@", r"\1:***@", url)
+
+
+__all__ = ["PgConnection", "PostgresDatabase", "Sequence"]

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select
 
 from dropkiln.cli import main
 from dropkiln.store import EventStore, StoreError, check
@@ -36,11 +35,14 @@ async def history(store: EventStore) -> None:
 
 
 async def everything(store: EventStore) -> dict[str, list[dict[str, Any]]]:
-    def read(conn: Connection) -> dict[str, list[dict[str, Any]]]:
+    def read(conn: Any) -> dict[str, list[dict[str, Any]]]:
         return {
             table.name: [
-                dict(r._mapping)
-                for r in conn.execute(select(table).order_by(*table.primary_key.columns))
+                dict(r)
+                for r in conn.execute(
+                    f"SELECT * FROM {table.name} ORDER BY "
+                    + ", ".join(c.name for c in table.primary_key.columns)
+                )
             ]
             for table in (events, *PROJECTIONS)
         }

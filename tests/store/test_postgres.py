@@ -9,10 +9,9 @@ from typing import Any
 import anyio
 import psycopg
 import pytest
-from sqlalchemy import Connection, text
 
 from dropkiln.cli import main
-from dropkiln.store import StoredEvent, StoreError, migrate, postgres, schema
+from dropkiln.store import StoredEvent, StoreError, migrate, postgres
 from dropkiln.store import events as ev
 from dropkiln.store.backend import open_store
 from dropkiln.store.events import DAEMON_STREAM
@@ -44,10 +43,10 @@ async def test_a_commit_on_another_connection_wakes_the_tail(
 async def test_the_tail_polls_when_notifications_cannot_arrive(
     db_path: Path, postgres_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    async def no_listener(_url: str) -> None:
-        return None  # as behind a pooler in transaction mode, where LISTEN does not work
+    async def no_listener(watch: postgres.NotifyWatch) -> None:
+        watch._listener = None  # as behind a pooler in transaction mode: LISTEN does nothing
 
-    monkeypatch.setattr(postgres, "_listen", no_listener)
+    monkeypatch.setattr(postgres.NotifyWatch, "listen", no_listener)
     store = await open_store(db_path, postgres_url, create=True)
     got: list[StoredEvent] = []
     tail = store.tail(poll_interval=0.1)
@@ -92,7 +91,7 @@ async def test_a_schema_1_database_is_migrated_forward(db_path: Path, postgres_u
     assert {"ix_events_type", "ix_jobs_submitted"} <= _indexes(postgres_url)
     with psycopg.connect(postgres_url) as conn:
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    assert version == (str(schema.SCHEMA_VERSION),)
+    assert version == (str(migrate.SCHEMA_VERSION),)
 
 
 async def test_a_failing_migration_leaves_the_database_as_it_was(
@@ -101,12 +100,12 @@ async def test_a_failing_migration_leaves_the_database_as_it_was(
     store = await open_store(db_path, postgres_url, create=True)
     await store.close()
 
-    def half_done(conn: Connection) -> None:
-        conn.execute(text("ALTER TABLE drops ADD COLUMN note TEXT"))
+    def half_done(conn: Any) -> None:
+        conn.execute("ALTER TABLE drops ADD COLUMN note TEXT")
         raise RuntimeError("the migration broke half-way")
 
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", schema.SCHEMA_VERSION + 1)
-    monkeypatch.setitem(migrate.MIGRATIONS, schema.SCHEMA_VERSION, half_done)
+    monkeypatch.setattr(migrate, "SCHEMA_VERSION", migrate.SCHEMA_VERSION + 1)
+    monkeypatch.setitem(migrate.MIGRATIONS, migrate.SCHEMA_VERSION, half_done)
     with pytest.raises(RuntimeError, match="half-way"):
         await open_store(db_path, postgres_url)
     with psycopg.connect(postgres_url) as conn:
@@ -116,7 +115,7 @@ async def test_a_failing_migration_leaves_the_database_as_it_was(
         ).fetchall()
         version = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
     assert ("note",) not in columns  # PostgreSQL's DDL is transactional: all or nothing
-    assert version == (str(schema.SCHEMA_VERSION - 1),)
+    assert version == (str(migrate.SCHEMA_VERSION - 1),)
 
 
 async def test_a_url_that_is_not_postgresql_is_refused(db_path: Path) -> None:
