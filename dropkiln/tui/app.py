@@ -17,6 +17,7 @@ from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
 from dropkiln.store import EventStore, JobView, StoredEvent, StoreError
+from dropkiln.store import backend as store_backend
 from dropkiln.store.events import (
     DAEMON_STREAM,
     CancelRequested,
@@ -88,9 +89,12 @@ class DropkilnApp(App[None]):
         db_path: Path,
         poll_interval: float = 0.1,
         clock: Callable[[], float] = time.time,
+        store_url: str = "",
     ) -> None:
         super().__init__()
         self.db_path = Path(db_path)
+        self.store_url = store_url
+        """"" for the SQLite file at db_path, else the PostgreSQL store's URL."""
         self.poll_interval = poll_interval
         self.clock = clock
         self.store: EventStore | None = None
@@ -147,7 +151,7 @@ class DropkilnApp(App[None]):
     @work(exclusive=True, group="open", exit_on_error=False)
     async def open_store(self) -> None:
         """Open the store and read the current state; retry while the database is missing."""
-        if not self.db_path.exists():
+        if not self.store_url and not self.db_path.exists():
             self.problem = missing_database_text(self.db_path)
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
@@ -169,7 +173,7 @@ class DropkilnApp(App[None]):
         # projections and the log shows its last window, from whose end the tail goes on.
         # The reads run side by side; the tail may re-read what the window already holds,
         # never skip what it does not.
-        store = await EventStore.open(self.db_path)
+        store = await store_backend.open_store(self.db_path, self.store_url)
         try:
             jobs, overview, recent = await asyncio.gather(
                 read_jobs(store), read_overview(store), read_log(store, LogFilter())
@@ -321,4 +325,5 @@ def run(root: Path, poll_interval: float = 0.1) -> None:
     """Run the dashboard on the dropkiln home at ``root`` until the user quits."""
     from dropkiln.config import Paths
 
-    DropkilnApp(Paths(Path(root)).db, poll_interval=poll_interval).run()
+    paths = Paths(Path(root))
+    DropkilnApp(paths.db, poll_interval=poll_interval, store_url=paths.store_url).run()
