@@ -12,10 +12,11 @@ from typing import Any
 from sqlalchemy import JSON, Connection, Select, Text, literal, select, type_coerce
 
 from dropkiln.store.engine import StoreError
-from dropkiln.store.events import DAEMON_STREAM, TERMINAL_STATES
+from dropkiln.store.events import DAEMON_STREAM
 from dropkiln.store.eventstore import EventStore, newest_events, row_event
 from dropkiln.store.projections import RowChange, apply
 from dropkiln.store.schema import HIGH_RATE_TYPE, artifacts, drops, events, jobs, telemetry
+from dropkiln.store.vocabulary import TERMINAL_STATES, DropState, JobState
 
 DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
 
@@ -52,7 +53,7 @@ class JobView:
 
     @property
     def progress(self) -> float:
-        if self.state == "succeeded":
+        if self.state == JobState.SUCCEEDED:
             return 1.0
         return self.done / self.total if self.total else 0.0
 
@@ -113,10 +114,10 @@ def _job_views(conn: Connection, rows: list[list[Any]]) -> list[JobView]:
         found = conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(list(deps))))
         states.update({r.id: r.state for r in found})
     for row in rows:
-        if row[_STATE_AT] == "queued" and any(
-            states.get(dep) != "succeeded" for dep in row[_DEPENDS_AT]
+        if row[_STATE_AT] == JobState.QUEUED and any(
+            states.get(dep) != JobState.SUCCEEDED for dep in row[_DEPENDS_AT]
         ):
-            row[_STATE_AT] = "waiting"
+            row[_STATE_AT] = JobState.WAITING.value
     return [JobView(*row) for row in rows]
 
 
@@ -171,7 +172,7 @@ async def trained_loras(
     """Succeeded train jobs, newest first, each with its artifacts."""
     query = (
         select(*_JOB_COLUMNS)
-        .where(jobs.c.stage == "train", jobs.c.state == "succeeded")
+        .where(jobs.c.stage == "train", jobs.c.state == JobState.SUCCEEDED.value)
         .order_by(jobs.c.submitted_seq.desc())
         .limit(limit)
     )
@@ -236,7 +237,11 @@ async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> dict[
     """The first ingested drop with this content, if any."""
     query = (
         select(drops)
-        .where(drops.c.hash == content_hash, drops.c.kind == kind, drops.c.state == "ingested")
+        .where(
+            drops.c.hash == content_hash,
+            drops.c.kind == kind,
+            drops.c.state == DropState.INGESTED.value,
+        )
         .order_by(drops.c.at)
         .limit(1)
     )
@@ -252,7 +257,7 @@ async def remembered_rung(store: EventStore, rung_key: str) -> int:
     """The memory rung that last worked for this (model, stage, resolution), else 0."""
     query = (
         select(jobs.c.memory_rung)
-        .where(jobs.c.rung_key == rung_key, jobs.c.state == "succeeded")
+        .where(jobs.c.rung_key == rung_key, jobs.c.state == JobState.SUCCEEDED.value)
         .order_by(jobs.c.finished_at.desc())
         .limit(1)
     )
