@@ -202,6 +202,6 @@ def _evict_other_pipelines(device: str) -> list[str]:
 
 def _run_stage(stage: StageDef, spec: Any, ctx: DaemonContext) -> dict[str, Any]:
     try:
-        return stage.run(spec, ctx)
+        return stage.execute(spec, ctx)
     finally:
         take_torn_write()  # a torn write armed by a fault never outlives its job's thread
