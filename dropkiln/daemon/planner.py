@@ -456,11 +456,3 @@ def unique_path(path: Path, taken: Collection[Path] = ()) -> Path:
         if not os.path.lexists(candidate) and candidate not in taken:
             return candidate
     raise FileExistsError(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

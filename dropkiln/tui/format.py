@@ -183,7 +183,7 @@ def running_summary(job: JobView) -> str:
 
 
 def state_text(job: JobView) -> Text:
-    label = job.state
+    label: str = job.state
     if job.requested == "cancel" and not job.terminal:
         label = "cancelling"
     return Text(label, style=STATE_STYLES.get(job.state, ""))
