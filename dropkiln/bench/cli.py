@@ -153,7 +153,7 @@ def _device(requested: str, uses_torch: bool, threads: int | None) -> tuple[str,
     import torch
 
     from dropkiln.stages.device import resolve_device
-    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.generation.render import inference_dtype
     from dropkiln.stages.models.encoding import compute_dtype
 
     device = resolve_device(requested)

@@ -173,7 +173,7 @@ def _prompt_file_in(entry: Path) -> Path:
 def _read_prompts(settings: Settings, entry: Path) -> PromptDrop:
     """The validated prompt file, and where it was dropped (for control image paths)."""
     prompt_path = _prompt_file_in(entry)
-    from dropkiln.stages.prompts import load_prompt_file
+    from dropkiln.stages.generation.prompt_file import load_prompt_file
 
     try:
         prompt_file = load_prompt_file(prompt_path, settings)

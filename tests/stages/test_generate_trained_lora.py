@@ -15,7 +15,7 @@ from dropkiln.stages import get_stage
 from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.generate import GenerateSpec, LoraFile, run_generate
-from dropkiln.stages.prompts import ImageEntry, PromptFile
+from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import TrainSpec
 

@@ -422,7 +422,7 @@ def test_keep_loras_keeps_the_newest_step_files(cached: dict[str, Any]) -> None:
 def test_contact_sheet_lines_up_each_prompt_across_steps(cached: dict[str, Any]) -> None:
     from PIL import Image
 
-    from dropkiln.stages.pngmeta import THUMB_SIDE
+    from dropkiln.stages.generation.png_files import THUMB_SIDE
 
     prompts = ["sks cat", "a red cat"]
     options = {"steps": 3, "checkpoint_every": 1, "rank": 2, "validation_prompts": prompts}

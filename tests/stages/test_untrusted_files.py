@@ -122,8 +122,8 @@ def test_defect10_the_cache_stage_does_not_follow_a_link_swapped_in_after_bucket
 
 
 def test_defect10_a_control_image_swapped_for_a_link_is_not_read(tmp_path: Path) -> None:
-    from dropkiln.stages.control import control_image
-    from dropkiln.stages.prompts import ControlRef
+    from dropkiln.stages.generation.controlnet import control_image
+    from dropkiln.stages.generation.prompt_file import ControlRef
 
     outside = tmp_path / "secret.png"
     outside.write_bytes(png((9, 9, 9)))
