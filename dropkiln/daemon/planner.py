@@ -28,7 +28,7 @@ from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted
 
 if TYPE_CHECKING:
-    from dropkiln.stages.prompts import PromptFile
+    from dropkiln.stages.generation.prompt_file import PromptFile
 
 DATASET = "dataset"
 PROMPTS = "prompts"
