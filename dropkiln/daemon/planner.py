@@ -26,12 +26,13 @@ from dropkiln.stages import StageError, StageSpec, get_stage
 from dropkiln.stages.dataset import DatasetOptions
 from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted
+from dropkiln.store.vocabulary import DropKind
 
 if TYPE_CHECKING:
     from dropkiln.stages.generation.prompt_file import PromptFile
 
-DATASET = "dataset"
-PROMPTS = "prompts"
+DATASET = DropKind.DATASET
+PROMPTS = DropKind.PROMPTS
 PROMPT_SUFFIXES = (".toml", ".json", ".txt")
 
 
@@ -58,7 +59,7 @@ class PromptDrop:
 class ParsedDrop:
     """A drop read and validated, not yet planned."""
 
-    kind: str
+    kind: DropKind
     name: str
     content_hash: str
     files: int
@@ -105,6 +106,7 @@ def stored_path(settings: Settings, drop_id: str, entry: Path) -> Path:
 
 def parse_drop(settings: Settings, entry: Path, kind: str, drop_id: str) -> ParsedDrop:
     """Read and validate a settled drop in place (runs in a worker thread)."""
+    kind = DropKind(kind)
     digest, files, size = content_hash(entry)
     if files == 0:
         raise DropRejection("the drop is empty")
