@@ -29,7 +29,7 @@ from dropkiln.store.events import JobSubmitted
 from dropkiln.store.vocabulary import DropKind, JobState
 
 if TYPE_CHECKING:
-    from dropkiln.stages.prompts import PromptFile
+    from dropkiln.stages.generation.prompt_file import PromptFile
 
 DATASET = DropKind.DATASET
 PROMPTS = DropKind.PROMPTS
@@ -59,7 +59,7 @@ class PromptDrop:
 class ParsedDrop:
     """A drop read and validated, not yet planned."""
 
-    kind: str
+    kind: DropKind
     name: str
     content_hash: str
     files: int
@@ -106,6 +106,7 @@ def stored_path(settings: Settings, drop_id: str, entry: Path) -> Path:
 
 def parse_drop(settings: Settings, entry: Path, kind: str, drop_id: str) -> ParsedDrop:
     """Read and validate a settled drop in place (runs in a worker thread)."""
+    kind = DropKind(kind)
     digest, files, size = content_hash(entry)
     if files == 0:
         raise DropRejection("the drop is empty")
