@@ -87,6 +87,12 @@ async def loaded(pilot: Pilot[None]) -> None:
         previous = frame
 
 
+def screen_lines(app: DropkilnApp) -> list[str]:
+    """The text of each terminal row as composited: only what a person would see (a widget
+    with ``display: none`` or scrolled out of view contributes nothing)."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]
+
+
 def text_of(widget: object) -> str:
     """The plain text a Static shows."""
     return str(getattr(widget, "content", ""))
