@@ -1,20 +1,20 @@
-"""The dashboard app: opens the store, polls it in workers, writes command events."""
+"""The dashboard app: opens the store, polls it in workers, hands what it read down to the
+screens with ``data_bind``, and writes the command events the screens ask for."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
 from sqlalchemy.exc import SQLAlchemyError
-from textual import work
+from textual import on, work
 from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
 from dropkiln.store import EventStore, JobView, StoredEvent, StoreError
@@ -28,6 +28,7 @@ from dropkiln.store.events import (
     job_stream,
 )
 from dropkiln.tui.dialogs import ConfirmScreen, HelpScreen
+from dropkiln.tui.messages import CancelJob, OpenJob, RetryJob
 from dropkiln.tui.reads import (
     LogFilter,
     Overview,
@@ -36,13 +37,14 @@ from dropkiln.tui.reads import (
     read_overview,
     refresh_jobs,
 )
-from dropkiln.tui.screens import MainScreen
+from dropkiln.tui.screens import DashboardScreen, JobScreen, MainScreen
+from dropkiln.tui.source import LogTail, StoreConnection
 from dropkiln.tui.widgets import WIDE_AT
 
 TALL_AT = 32
 """Terminal height from which sparklines get several rows."""
 
-T = TypeVar("T")
+S = TypeVar("S", bound=DashboardScreen)
 POLL_BATCH = 500
 STATUS_INTERVAL_S = 1.0
 REOPEN_INTERVAL_S = 1.0
@@ -83,6 +85,10 @@ class DropkilnApp(App[None]):
     """Why the store cannot be read (missing database, read error), if it cannot."""
     loaded: reactive[bool] = reactive(False)
     """True once the first full read (jobs, overview) is done and the polls run."""
+    log_tail: reactive[LogTail] = reactive(LogTail)
+    """The newest events read: the log's last window at start, then every poll's batch."""
+    root: reactive[str] = reactive("")
+    """The dropkiln ROOT: as the daemon announced it, else the one holding the database."""
 
     def __init__(
         self,
@@ -94,56 +100,43 @@ class DropkilnApp(App[None]):
         self.db_path = Path(db_path)
         self.poll_interval = poll_interval
         self.clock = clock
-        self.store: EventStore | None = None
+        self.connection = StoreConnection(self.db_path)
         self.events_read = 0
         """Seq of the newest event the tail has read."""
-        self.initial_log: list[StoredEvent] = []
-        """The log's last window as read at start, for the event log to show first."""
-        self.new_events: Signal[list[StoredEvent]] = Signal(self, "new-events")
         self._more_waiting = False
         self._daemon_was_up: bool | None = None
-        self._store_tasks: set[asyncio.Future[Any]] = set()
-        self._closing = False
+        self.set_reactive(DropkilnApp.root, str(self.db_path.parent.parent))
 
-    @property
-    def root(self) -> str:
-        """The dropkiln ROOT: as the daemon announced it, else the one holding the database."""
-        return self.overview.daemon.root or str(self.db_path.parent.parent)
+    def watch_overview(self, overview: Overview) -> None:
+        self.root = overview.daemon.root or str(self.db_path.parent.parent)
 
     def get_default_screen(self) -> Screen[Any]:
-        return MainScreen()
+        return self.bound(MainScreen(self.connection))
+
+    def bound(self, screen: S) -> S:
+        """``screen``, its reactives bound to the app's: the app reads, the screens show."""
+        return screen.data_bind(
+            DropkilnApp.overview,
+            DropkilnApp.jobs,
+            DropkilnApp.now,
+            DropkilnApp.problem,
+            DropkilnApp.loaded,
+            DropkilnApp.log_tail,
+            DropkilnApp.root,
+        )
+
+    def open_job(self, job_id: str) -> None:
+        """Show the job ``job_id`` on its own screen."""
+        self.push_screen(self.bound(JobScreen(self.connection, job_id)))
 
     def on_mount(self) -> None:
         self.now = self.clock()
         self.open_store()
 
     async def on_unmount(self) -> None:
-        self._closing = True
-        while self._store_tasks:
-            await asyncio.gather(*self._store_tasks, return_exceptions=True)
-        if self.store is not None:
-            await self.store.close()
+        await self.connection.close()
 
     # Reading --------------------------------------------------------------------------------
-
-    async def _shielded(self, work: Awaitable[T]) -> T:
-        # A query abandoned inside the SQLite driver (its worker cancelled on quit) leaves a
-        # connection behind that later calls into a closed loop: let every store call finish,
-        # and have on_unmount wait for the ones still running before it closes the store.
-        if self._closing:
-            if asyncio.iscoroutine(work):
-                work.close()
-            raise StoreError("the dashboard is closing")
-        task = asyncio.ensure_future(work)
-        self._store_tasks.add(task)
-        task.add_done_callback(self._store_tasks.discard)
-        return await asyncio.shield(task)
-
-    async def using_store(self, work: Callable[[EventStore], Awaitable[T]]) -> T:
-        """Run ``work`` on the open store; cancelling the caller does not cut it off."""
-        if self.store is None:
-            raise StoreError(f"the store at {self.db_path} is not open")
-        return await self._shielded(work(self.store))
 
     @work(exclusive=True, group="open", exit_on_error=False)
     async def open_store(self) -> None:
@@ -153,48 +146,32 @@ class DropkilnApp(App[None]):
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
         try:
-            jobs, overview = await self._shielded(self._open())
+            jobs, overview, window = await self.connection.open(_first_reads)
         except (StoreError, SQLAlchemyError, OSError) as exc:
             self.problem = f"Cannot read {self.db_path}: {exc}"
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
+        self.events_read = window[-1].seq if window else 0
         self.jobs, self.overview, self.now = jobs, overview, self.clock()
+        self.log_tail = LogTail().extended(window)
         self.problem = None
         self._notice_daemon()
         self.loaded = True
         self.poll_events()
         self.poll_status()
 
-    async def _open(self) -> tuple[tuple[JobView, ...], Overview]:
-        # Nothing here grows with the length of the log: the tables come from the
-        # projections and the log shows its last window, from whose end the tail goes on.
-        # The reads run side by side; the tail may re-read what the window already holds,
-        # never skip what it does not.
-        store = await EventStore.open(self.db_path)
-        try:
-            jobs, overview, recent = await asyncio.gather(
-                read_jobs(store), read_overview(store), read_log(store, LogFilter())
-            )
-        except BaseException:
-            await store.close()
-            raise
-        self.store = store
-        self.events_read = recent[-1].seq if recent else 0
-        self.initial_log = recent
-        return jobs, overview
-
     @work(exclusive=True, group="events", exit_on_error=False)
     async def poll_events(self) -> None:
         """Read what was appended since the last poll and hand it to the screens."""
         after = self.events_read
-        batch = await self.using_store(lambda store: store.read(after, limit=POLL_BATCH))
+        batch = await self.connection.call(lambda store: store.read(after, limit=POLL_BATCH))
         self._more_waiting = len(batch) == POLL_BATCH
         if not batch:
             return
         self.events_read = batch[-1].seq
-        self.new_events.publish(batch)
+        self.log_tail = self.log_tail.extended(batch)
         jobs = self.jobs
-        self.jobs = await self.using_store(lambda store: refresh_jobs(store, jobs, batch))
+        self.jobs = await self.connection.call(lambda store: refresh_jobs(store, jobs, batch))
         if any(event.stream == DAEMON_STREAM for event in batch):
             await self._read_overview()
 
@@ -204,7 +181,7 @@ class DropkilnApp(App[None]):
         await self._read_overview()
 
     async def _read_overview(self) -> None:
-        self.overview = await self.using_store(read_overview)
+        self.overview = await self.connection.call(read_overview)
         self.now = self.clock()
         self._notice_daemon()
 
@@ -238,6 +215,18 @@ class DropkilnApp(App[None]):
         self._daemon_was_up = up
 
     # Commands -------------------------------------------------------------------------------
+
+    @on(OpenJob)
+    def _open_job(self, message: OpenJob) -> None:
+        self.open_job(message.job_id)
+
+    @on(CancelJob)
+    def _cancel_job(self, message: CancelJob) -> None:
+        self.request_cancel(message.job)
+
+    @on(RetryJob)
+    def _retry_job(self, message: RetryJob) -> None:
+        self.request_retry(message.job)
 
     def request_cancel(self, job: JobView | None) -> None:
         """Ask, then append CancelRequested to the job's stream."""
@@ -297,7 +286,7 @@ class DropkilnApp(App[None]):
     async def send_command(self, stream: str, command: Event, done: str) -> None:
         """Append one command event; the daemon tails the log and obeys it."""
         try:
-            await self.using_store(lambda store: store.append(stream, [command]))
+            await self.connection.call(lambda store: store.append(stream, [command]))
         except (StoreError, SQLAlchemyError) as exc:
             self.notify(f"Could not write {command.type_name()}: {exc}", severity="error")
             return
@@ -316,6 +305,17 @@ class DropkilnApp(App[None]):
             if active.binding.show and active.binding.description
         ]
         self.push_screen(HelpScreen(keys))
+
+
+async def _first_reads(
+    store: EventStore,
+) -> tuple[tuple[JobView, ...], Overview, list[StoredEvent]]:
+    # Nothing here grows with the length of the log: the tables come from the projections
+    # and the log shows its last window, from whose end the tail goes on. The reads run side
+    # by side; the tail may re-read what the window already holds, never skip what it does not.
+    return await asyncio.gather(
+        read_jobs(store), read_overview(store), read_log(store, LogFilter())
+    )
 
 
 def run(root: Path, poll_interval: float = 0.1) -> None:

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import ClassVar
 
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 
@@ -16,17 +17,44 @@ from dropkiln.store import JobView, StoredEvent, StoreError, find_job
 from dropkiln.store.events import job_stream
 from dropkiln.tui import format as fmt
 from dropkiln.tui.dialogs import FilterRequest, FilterScreen
-from dropkiln.tui.reads import JobDetail, LogFilter, read_job_detail
+from dropkiln.tui.messages import CancelJob, OpenJob, RetryJob
+from dropkiln.tui.reads import JobDetail, LogFilter, Overview, read_job_detail
+from dropkiln.tui.source import LogTail, StoreConnection
 from dropkiln.tui.widgets import EventLog, JobsTable, MemoryPanel, NowRunning, StatusBar
-
-if TYPE_CHECKING:
-    from dropkiln.tui.app import DropkilnApp
-
 
 FILTER_HELP = "Filter the event log by job and event type"
 
 
-class MainScreen(Screen[None]):
+class DashboardScreen(Screen[None]):
+    """A screen of the dashboard: the app binds the store's state to these reactives, and
+    the screen binds them on to its widgets."""
+
+    overview: reactive[Overview] = reactive(Overview)
+    jobs: reactive[tuple[JobView, ...]] = reactive(tuple)
+    now: reactive[float] = reactive(0.0)
+    problem: reactive[str | None] = reactive(None)
+    """Why the store cannot be read (missing database, read error), if it cannot."""
+    loaded: reactive[bool] = reactive(False)
+    """True once the first full read (jobs, overview) is done."""
+    log_tail: reactive[LogTail] = reactive(LogTail)
+    root: reactive[str] = reactive("")
+    """The dropkiln ROOT, which paths are shown under."""
+
+    def __init__(self, connection: StoreConnection) -> None:
+        super().__init__()
+        self.connection = connection
+
+    def status_bar(self) -> StatusBar:
+        return StatusBar(id="status").data_bind(
+            DashboardScreen.overview,
+            DashboardScreen.jobs,
+            DashboardScreen.now,
+            DashboardScreen.problem,
+            DashboardScreen.loaded,
+        )
+
+
+class MainScreen(DashboardScreen):
     """Header, device memory, the jobs and the live event log."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -36,26 +64,21 @@ class MainScreen(Screen[None]):
         Binding("slash", "filter", "Filter", key_display="/", tooltip=FILTER_HELP),
     ]
 
-    @property
-    def dashboard(self) -> DropkilnApp:
-        return cast("DropkilnApp", self.app)
-
     def compose(self) -> ComposeResult:
-        yield StatusBar(id="status")
-        yield MemoryPanel(id="memory")
-        yield NowRunning(id="now-running")
+        yield self.status_bar()
+        yield MemoryPanel(id="memory").data_bind(MainScreen.overview, MainScreen.jobs)
+        yield NowRunning(id="now-running").data_bind(MainScreen.jobs, MainScreen.overview)
         yield Static(id="problem")
         with Vertical(id="jobs-panel"):
-            yield JobsTable(id="jobs")
-        yield EventLog(id="log")
+            yield JobsTable(id="jobs").data_bind(MainScreen.jobs, MainScreen.now)
+        yield EventLog(self.connection, id="log").data_bind(MainScreen.log_tail, MainScreen.root)
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#jobs-panel").border_title = "Jobs"
-        self.watch(self.app, "problem", self._show_problem)
         self.query_one(JobsTable).focus()
 
-    def _show_problem(self, problem: str | None) -> None:
+    def watch_problem(self, problem: str | None) -> None:
         notice = self.query_one("#problem", Static)
         notice.display = bool(problem)
         notice.update(Text(problem or "", style="bold"))
@@ -70,15 +93,17 @@ class MainScreen(Screen[None]):
     def action_open_job(self) -> None:
         job = self.selected_job
         if job is not None:
-            self.app.push_screen(JobScreen(job.id))
+            self.post_message(OpenJob(job.id))
 
     def action_cancel(self) -> None:
-        self.dashboard.request_cancel(self.selected_job)
+        self.post_message(CancelJob(self.selected_job))
 
     def action_retry(self) -> None:
-        self.dashboard.request_retry(self.selected_job)
+        self.post_message(RetryJob(self.selected_job))
 
     def action_filter(self) -> None:
+        if not self.loaded:
+            return  # the filtered window is read from the store, which is not open yet
         log = self.query_one(EventLog)
         job = self.selected_job
         self.app.push_screen(
@@ -94,7 +119,7 @@ class MainScreen(Screen[None]):
         job_id = None
         if request.job:
             try:
-                job = await self.dashboard.using_store(lambda store: find_job(store, request.job))
+                job = await self.connection.call(lambda store: find_job(store, request.job))
                 job_id = job.id
             except StoreError as exc:
                 self.notify(str(exc), severity="error")
@@ -102,7 +127,7 @@ class MainScreen(Screen[None]):
         self.query_one(EventLog).set_filter(LogFilter(job_id, request.types))
 
 
-class JobScreen(Screen[None]):
+class JobScreen(DashboardScreen):
     """One job: its state, error, loss curve, preview, artifacts and events, live."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -111,18 +136,14 @@ class JobScreen(Screen[None]):
         Binding("r", "retry", "Retry", tooltip="Retry this job if it failed (asks first)"),
     ]
 
-    def __init__(self, job_id: str) -> None:
-        super().__init__()
+    def __init__(self, connection: StoreConnection, job_id: str) -> None:
+        super().__init__(connection)
         self.job_id = job_id
         self.detail: JobDetail | None = None
         self._event_seqs: tuple[int, ...] = ()
 
-    @property
-    def dashboard(self) -> DropkilnApp:
-        return cast("DropkilnApp", self.app)
-
     def compose(self) -> ComposeResult:
-        yield StatusBar(id="status")
+        yield self.status_bar()
         with Vertical(id="job-head"):
             yield Static(id="job-title")
             yield Static(id="job-facts")
@@ -142,18 +163,20 @@ class JobScreen(Screen[None]):
         self.query_one("#job-artifacts").border_title = "Artifacts"
         self.query_one("#job-events").border_title = "Events"
         self.query_one("#job-events").focus()
-        self.dashboard.new_events.subscribe(self, self._on_events)
-        self.watch(self.app, "now", self._redraw, init=False)
         self.load()
 
-    def _on_events(self, batch: list[StoredEvent]) -> None:
-        if any(event.stream == job_stream(self.job_id) for event in batch):
+    def watch_log_tail(self, before: LogTail, tail: LogTail) -> None:
+        stream = job_stream(self.job_id)
+        if self.is_mounted and any(event.stream == stream for event in tail.after(before.upto)):
             self.load()
+
+    def watch_now(self) -> None:
+        self._redraw()
 
     @work(exclusive=True, group="job-detail", exit_on_error=False)
     async def load(self) -> None:
         try:
-            self.detail = await self.dashboard.using_store(
+            self.detail = await self.connection.call(
                 lambda store: read_job_detail(store, self.job_id)
             )
         except StoreError as exc:
@@ -165,7 +188,7 @@ class JobScreen(Screen[None]):
         detail = self.detail
         if detail is None:
             return
-        job, now = detail.job, self.dashboard.now
+        job, now = detail.job, self.now
         title = Text.assemble(
             (f" {job.stage} ", "bold reverse"), " ", (job.name, "bold"), "  ", fmt.state_text(job)
         )
@@ -193,7 +216,7 @@ class JobScreen(Screen[None]):
         preview.display = detail.preview is not None
         label = "preview " if detail.preview_is_preview else "latest image "
         preview.update(Text.assemble((label, "bold green"), detail.preview or ""))
-        self.query_one("#artifact-list", Static).update(_artifacts(detail, self.dashboard.root))
+        self.query_one("#artifact-list", Static).update(_artifacts(detail, self.root))
         self._show_events(detail.events)
 
     def _show_events(self, events: tuple[StoredEvent, ...]) -> None:
@@ -206,14 +229,14 @@ class JobScreen(Screen[None]):
             log.clear()
             new = list(events)
         for event in new:
-            log.write(fmt.event_line(event, with_stream=False, root=self.dashboard.root))
+            log.write(fmt.event_line(event, with_stream=False, root=self.root))
         self._event_seqs = seqs
 
     def action_cancel(self) -> None:
-        self.dashboard.request_cancel(self.detail.job if self.detail else None)
+        self.post_message(CancelJob(self.detail.job if self.detail else None))
 
     def action_retry(self) -> None:
-        self.dashboard.request_retry(self.detail.job if self.detail else None)
+        self.post_message(RetryJob(self.detail.job if self.detail else None))
 
 
 def _facts(detail: JobDetail, now: float) -> Text:

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
+from textual.widget import Widget
 
 from dropkiln.tui import DropkilnApp
 
@@ -93,9 +94,9 @@ def screen_lines(app: DropkilnApp) -> list[str]:
     return [strip.text for strip in app.screen._compositor.render_strips()]
 
 
-def text_of(widget: object) -> str:
-    """The plain text a Static shows."""
-    return str(getattr(widget, "content", ""))
+def text_of(widget: Widget) -> str:
+    """The plain text a widget renders (a Static's content, or what ``render`` draws)."""
+    return str(widget.render())
 
 
 def log_lines(log: object) -> list[str]:
