@@ -4,7 +4,9 @@ widgets that may be hidden."""
 
 from __future__ import annotations
 
+import html
 from collections.abc import Callable
+from pathlib import Path
 
 from dropkiln.tui import DropkilnApp
 
@@ -39,3 +41,16 @@ async def test_a_tall_terminal_gives_the_memory_sparkline_three_rows(make_app: M
             # The bar and its label stay on screen above the sparkline's rows.
             assert app.screen.query_one("#memory-bar") in visible, size
             assert any("peak" in line for line in screen_lines(app)), size
+
+
+def test_the_readme_screenshot_is_the_80x24_snapshot() -> None:
+    # The README shows docs/dashboard-80x24.svg; the snapshot test keeps the other copy true.
+    root = Path(__file__).parents[2]
+    snapshot = Path(__file__).parent / "__snapshots__/test_tui_snapshots/test_overview[80x24].svg"
+    shown = root / "docs/dashboard-80x24.svg"
+    assert "(docs/dashboard-80x24.svg)" in (root / "README.md").read_text(encoding="utf-8")
+    assert shown.read_text(encoding="utf-8") == snapshot.read_text(encoding="utf-8"), (
+        "copy the updated snapshot to docs/dashboard-80x24.svg"
+    )
+    text = html.unescape(shown.read_text(encoding="utf-8")).replace("\xa0", " ")
+    assert "600/2000 · 3.2 it/s · ETA 7m18s" in text
