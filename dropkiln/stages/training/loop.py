@@ -185,7 +185,7 @@ class TrainingLoop:
         """Sum over the micro-batch of each image's weighted diffusion loss."""
         import torch
 
-        from dropkiln.stages.training.encoding import encode_captions
+        from dropkiln.stages.models.encoding import encode_captions
         from dropkiln.stages.training.losses import (
             min_snr_weights,
             noisy_latents_and_target,
@@ -281,8 +281,8 @@ class TrainingLoop:
 
     def write_reports(self, step: int, stoppable: bool = False) -> list[Path]:
         """Loss curve files, and validation images when there are prompts."""
+        from dropkiln.stages.generation.png_files import model_label
         from dropkiln.stages.models import checkpoint_hashes
-        from dropkiln.stages.pngmeta import model_label
         from dropkiln.stages.training.losses import generation_scheduler
         from dropkiln.stages.training.report import (
             CONTACT_SHEET,

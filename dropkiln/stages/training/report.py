@@ -103,8 +103,8 @@ def validation_images(
     import torch
     from PIL.PngImagePlugin import PngInfo
 
-    from dropkiln.stages.pngmeta import infotext
-    from dropkiln.stages.schedulers import a1111_sampler_of
+    from dropkiln.stages.generation.png_files import infotext
+    from dropkiln.stages.generation.schedulers import a1111_sampler_of
     from dropkiln.stages.training.checkpoint import capture_global_rng, restore_global_rng
 
     device = str(pipe.device)
@@ -161,7 +161,7 @@ def validation_sheet(folder: Path, name: str, prompts: Sequence[str]) -> Path:
     """
     from PIL import Image, ImageDraw, ImageFont, ImageOps
 
-    from dropkiln.stages.pngmeta import THUMB_SIDE, write_png
+    from dropkiln.stages.generation.png_files import THUMB_SIDE, write_png
 
     cells: dict[tuple[int, int], Path] = {}
     for found in folder.glob("step-*.png"):
