@@ -27,6 +27,7 @@ from dropkiln.store.events import (
     RetryRequested,
     job_stream,
 )
+from dropkiln.store.vocabulary import JobState
 from dropkiln.tui.dialogs import ConfirmScreen, HelpScreen
 from dropkiln.tui.messages import CancelJob, OpenJob, RetryJob
 from dropkiln.tui.reads import (
@@ -49,8 +50,8 @@ POLL_BATCH = 500
 STATUS_INTERVAL_S = 1.0
 REOPEN_INTERVAL_S = 1.0
 PAUSE_HELP = "Pause or resume the queue (running jobs finish; nothing new starts)"
-CANCELLABLE = frozenset({"queued", "waiting", "running"})
-RETRYABLE = frozenset({"failed", "cancelled"})
+CANCELLABLE = frozenset({JobState.QUEUED, JobState.WAITING, JobState.RUNNING})
+RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})
 
 
 def missing_database_text(db_path: Path) -> str:

@@ -15,6 +15,7 @@ from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 
 from dropkiln.store import JobView, StoredEvent, StoreError, find_job
 from dropkiln.store.events import job_stream
+from dropkiln.store.vocabulary import JobState
 from dropkiln.tui import format as fmt
 from dropkiln.tui.dialogs import FilterRequest, FilterScreen
 from dropkiln.tui.messages import CancelJob, OpenJob, RetryJob
@@ -197,7 +198,8 @@ class JobScreen(DashboardScreen):
         self.query_one("#job-facts", Static).update(_facts(detail, now))
         progress = fmt.bar(job.progress, 20, style=fmt.STATE_STYLES.get(job.state) or "cyan")
         progress.append(f" {job.progress * 100:3.0f}%  ")
-        progress.append(fmt.running_summary(job) if job.state == "running" else fmt.steps(job))
+        running = job.state == JobState.RUNNING
+        progress.append(fmt.running_summary(job) if running else fmt.steps(job))
         if detail.progress_updates:
             progress.append(f" · {detail.progress_updates} updates", style="dim")
         progress.no_wrap, progress.overflow = True, "ellipsis"

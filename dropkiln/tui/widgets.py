@@ -15,6 +15,7 @@ from textual.widget import Widget
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 
 from dropkiln.store import JobView, StoredEvent
+from dropkiln.store.vocabulary import JobState
 from dropkiln.tui import format as fmt
 from dropkiln.tui.reads import LogFilter, Overview, read_log
 from dropkiln.tui.source import LogTail, StoreConnection
@@ -75,7 +76,7 @@ def daemon_text(overview: Overview, now: float) -> Text:
 
 
 def job_counts(jobs: tuple[JobView, ...]) -> str:
-    order = ("running", "queued", "waiting", "failed")
+    order = (JobState.RUNNING, JobState.QUEUED, JobState.WAITING, JobState.FAILED)
     counts = {state: sum(1 for j in jobs if j.state == state) for state in order}
     return " · ".join(f"{n} {state}" for state, n in counts.items() if n)
 
@@ -142,9 +143,9 @@ class NowRunning(Widget):
     overview: reactive[Overview] = reactive(Overview)
 
     def render(self) -> Text:
-        running = [job for job in self.jobs if job.state == "running"]
+        running = [job for job in self.jobs if job.state == JobState.RUNNING]
         if not running:
-            waiting = sum(1 for j in self.jobs if j.state == "queued")
+            waiting = sum(1 for j in self.jobs if j.state == JobState.QUEUED)
             idle = "nothing running" + (f" · {waiting} queued" if waiting else "")
             if self.overview.paused:
                 idle += " · queue paused (p resumes)"
@@ -190,7 +191,7 @@ def job_cells(job: JobView, now: float) -> dict[str, Any]:
     it_s = fmt.metric(job.metrics, "it_s")
     eta_s = fmt.eta_seconds(job)
     loss = fmt.metric(job.metrics, "loss")
-    running = job.state == "running"
+    running = job.state == JobState.RUNNING
     return {
         "id": fmt.short_id(job.id),
         "kind": job.stage,
