@@ -102,11 +102,14 @@ class DropkilnApp(App[None]):
         self.poll_interval = poll_interval
         self.clock = clock
         self.connection = StoreConnection(self.db_path)
-        self.events_read = 0
-        """Seq of the newest event the tail has read."""
         self._more_waiting = False
         self._daemon_was_up: bool | None = None
         self.set_reactive(DropkilnApp.root, str(self.db_path.parent.parent))
+
+    @property
+    def events_read(self) -> int:
+        """Seq of the newest event the tail has read."""
+        return self.log_tail.upto
 
     def watch_overview(self, overview: Overview) -> None:
         self.root = overview.daemon.root or str(self.db_path.parent.parent)
@@ -152,7 +155,6 @@ class DropkilnApp(App[None]):
             self.problem = f"Cannot read {self.db_path}: {exc}"
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
-        self.events_read = window[-1].seq if window else 0
         self.jobs, self.overview, self.now = jobs, overview, self.clock()
         self.log_tail = LogTail().extended(window)
         self.problem = None
@@ -169,7 +171,6 @@ class DropkilnApp(App[None]):
         self._more_waiting = len(batch) == POLL_BATCH
         if not batch:
             return
-        self.events_read = batch[-1].seq
         self.log_tail = self.log_tail.extended(batch)
         jobs = self.jobs
         self.jobs = await self.connection.call(lambda store: refresh_jobs(store, jobs, batch))
