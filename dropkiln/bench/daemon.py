@@ -254,7 +254,7 @@ async def _serving(settings: Settings, pid: int) -> bool:
         state = await daemon_state(store)
     finally:
         await store.close()
-    return bool(state.running and state.pid == pid)
+    return state.running() and state.pid == pid
 
 
 def stop_daemon(process: subprocess.Popen[bytes]) -> None:

@@ -9,7 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
 from textual import on, work
 from textual.app import App
 from textual.binding import Binding, BindingType
@@ -151,7 +150,7 @@ class DropkilnApp(App[None]):
             return
         try:
             jobs, overview, window = await self.connection.open(_first_reads)
-        except (StoreError, SQLAlchemyError, OSError) as exc:
+        except (StoreError, OSError) as exc:
             self.problem = f"Cannot read {self.db_path}: {exc}"
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
@@ -289,7 +288,7 @@ class DropkilnApp(App[None]):
         """Append one command event; the daemon tails the log and obeys it."""
         try:
             await self.connection.call(lambda store: store.append(stream, [command]))
-        except (StoreError, SQLAlchemyError) as exc:
+        except StoreError as exc:
             self.notify(f"Could not write {command.type_name()}: {exc}", severity="error")
             return
         self.notify(done)
@@ -322,6 +321,6 @@ async def _first_reads(
 
 def run(root: Path, poll_interval: float = 0.1) -> None:
     """Run the dashboard on the dropkiln home at ``root`` until the user quits."""
-    from dropkiln.config import Paths
+    from dropkiln.paths import Paths
 
     DropkilnApp(Paths(Path(root)).db, poll_interval=poll_interval).run()

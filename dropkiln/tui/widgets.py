@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -304,6 +304,14 @@ class EventLog(RichLog):
 
     def watch_log_tail(self, tail: LogTail) -> None:
         self.add_events(list(tail.after(self.shown_upto)))
+
+    def on_resize(self, event: events.Resize) -> None:
+        # Textual calls RichLog's on_resize too (handlers run for each class of the MRO).
+        # The first window can be written before the layout settles (the first reads are
+        # quick), and its scroll to the end then lands short: after a resize, show the
+        # newest lines again, as a write does with auto_scroll.
+        if self.auto_scroll:
+            self.call_after_refresh(self.scroll_end, animate=False, x_axis=False)
 
     def set_filter(self, log_filter: LogFilter) -> None:
         """Show what ``log_filter`` lets through, from the last window of the log on."""
