@@ -38,7 +38,7 @@ from dropkiln.tui.reads import (
     refresh_jobs,
 )
 from dropkiln.tui.screens import DashboardScreen, JobScreen, MainScreen
-from dropkiln.tui.source import LogTail, StoreConnection
+from dropkiln.tui.tail import LogTail
 from dropkiln.tui.widgets import WIDE_AT
 
 TALL_AT = 32
@@ -89,6 +89,8 @@ class DropkilnApp(App[None]):
     """The newest events read: the log's last window at start, then every poll's batch."""
     root: reactive[str] = reactive("")
     """The dropkiln ROOT: as the daemon announced it, else the one holding the database."""
+    store: reactive[EventStore | None] = reactive(None)
+    """The open store; None until the database exists and its first reads succeed."""
 
     def __init__(
         self,
@@ -100,7 +102,6 @@ class DropkilnApp(App[None]):
         self.db_path = Path(db_path)
         self.poll_interval = poll_interval
         self.clock = clock
-        self.connection = StoreConnection(self.db_path)
         self._more_waiting = False
         self._daemon_was_up: bool | None = None
         self.set_reactive(DropkilnApp.root, str(self.db_path.parent.parent))
@@ -114,7 +115,7 @@ class DropkilnApp(App[None]):
         self.root = overview.daemon.root or str(self.db_path.parent.parent)
 
     def get_default_screen(self) -> Screen[Any]:
-        return self.bound(MainScreen(self.connection))
+        return self.bound(MainScreen())
 
     def bound(self, screen: S) -> S:
         """``screen``, its reactives bound to the app's: the app reads, the screens show."""
@@ -126,20 +127,30 @@ class DropkilnApp(App[None]):
             DropkilnApp.loaded,
             DropkilnApp.log_tail,
             DropkilnApp.root,
+            DropkilnApp.store,
         )
 
     def open_job(self, job_id: str) -> None:
         """Show the job ``job_id`` on its own screen."""
-        self.push_screen(self.bound(JobScreen(self.connection, job_id)))
+        self.push_screen(self.bound(JobScreen(job_id)))
 
     def on_mount(self) -> None:
         self.now = self.clock()
         self.open_store()
 
     async def on_unmount(self) -> None:
-        await self.connection.close()
+        # Reads still running finish first: the store lends their connections out and
+        # closes each when it comes back.
+        if self.store is not None:
+            await self.store.close()
 
     # Reading --------------------------------------------------------------------------------
+
+    def opened(self) -> EventStore:
+        """The open store (the polls start only once it is)."""
+        if self.store is None:
+            raise StoreError(f"the store at {self.db_path} is not open")
+        return self.store
 
     @work(exclusive=True, group="open", exit_on_error=False)
     async def open_store(self) -> None:
@@ -149,11 +160,12 @@ class DropkilnApp(App[None]):
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
         try:
-            jobs, overview, window = await self.connection.open(_first_reads)
+            store, (jobs, overview, window) = await _open(self.db_path)
         except (StoreError, OSError) as exc:
             self.problem = f"Cannot read {self.db_path}: {exc}"
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
+        self.store = store
         self.jobs, self.overview, self.now = jobs, overview, self.clock()
         self.log_tail = LogTail().extended(window)
         self.problem = None
@@ -165,14 +177,13 @@ class DropkilnApp(App[None]):
     @work(exclusive=True, group="events", exit_on_error=False)
     async def poll_events(self) -> None:
         """Read what was appended since the last poll and hand it to the screens."""
-        after = self.events_read
-        batch = await self.connection.call(lambda store: store.read(after, limit=POLL_BATCH))
+        store = self.opened()
+        batch = await store.read(self.events_read, limit=POLL_BATCH)
         self._more_waiting = len(batch) == POLL_BATCH
         if not batch:
             return
         self.log_tail = self.log_tail.extended(batch)
-        jobs = self.jobs
-        self.jobs = await self.connection.call(lambda store: refresh_jobs(store, jobs, batch))
+        self.jobs = await refresh_jobs(store, self.jobs, batch)
         if any(event.stream == DAEMON_STREAM for event in batch):
             await self._read_overview()
 
@@ -182,7 +193,7 @@ class DropkilnApp(App[None]):
         await self._read_overview()
 
     async def _read_overview(self) -> None:
-        self.overview = await self.connection.call(read_overview)
+        self.overview = await read_overview(self.opened())
         self.now = self.clock()
         self._notice_daemon()
 
@@ -287,7 +298,7 @@ class DropkilnApp(App[None]):
     async def send_command(self, stream: str, command: Event, done: str) -> None:
         """Append one command event; the daemon tails the log and obeys it."""
         try:
-            await self.connection.call(lambda store: store.append(stream, [command]))
+            await self.opened().append(stream, [command])
         except StoreError as exc:
             self.notify(f"Could not write {command.type_name()}: {exc}", severity="error")
             return
@@ -308,15 +319,24 @@ class DropkilnApp(App[None]):
         self.push_screen(HelpScreen(keys))
 
 
-async def _first_reads(
-    store: EventStore,
-) -> tuple[tuple[JobView, ...], Overview, list[StoredEvent]]:
-    # Nothing here grows with the length of the log: the tables come from the projections
-    # and the log shows its last window, from whose end the tail goes on. The reads run side
-    # by side; the tail may re-read what the window already holds, never skip what it does not.
-    return await asyncio.gather(
-        read_jobs(store), read_overview(store), read_log(store, LogFilter())
-    )
+async def _open(
+    db_path: Path,
+) -> tuple[EventStore, tuple[tuple[JobView, ...], Overview, list[StoredEvent]]]:
+    """Open the store and read the jobs, the overview and the log's last window; if the
+    reads fail the store is closed again."""
+    store = await EventStore.open(db_path)
+    try:
+        # Nothing here grows with the length of the log: the tables come from the
+        # projections and the log shows its last window, from whose end the tail goes on.
+        # The reads run side by side; the tail may re-read what the window already holds,
+        # never skip what it does not.
+        first = await asyncio.gather(
+            read_jobs(store), read_overview(store), read_log(store, LogFilter())
+        )
+    except BaseException:
+        await store.close()
+        raise
+    return store, first
 
 
 def run(root: Path, poll_interval: float = 0.1) -> None:

@@ -13,14 +13,14 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 
-from dropkiln.store import JobView, StoredEvent, StoreError, find_job
+from dropkiln.store import EventStore, JobView, StoredEvent, StoreError, find_job
 from dropkiln.store.events import job_stream
 from dropkiln.store.vocabulary import JobState
 from dropkiln.tui import format as fmt
 from dropkiln.tui.dialogs import FilterRequest, FilterScreen
 from dropkiln.tui.messages import CancelJob, OpenJob, RetryJob
 from dropkiln.tui.reads import JobDetail, LogFilter, Overview, read_job_detail
-from dropkiln.tui.source import LogTail, StoreConnection
+from dropkiln.tui.tail import LogTail
 from dropkiln.tui.widgets import EventLog, JobsTable, MemoryPanel, NowRunning, StatusBar
 
 FILTER_HELP = "Filter the event log by job and event type"
@@ -40,10 +40,8 @@ class DashboardScreen(Screen[None]):
     log_tail: reactive[LogTail] = reactive(LogTail)
     root: reactive[str] = reactive("")
     """The dropkiln ROOT, which paths are shown under."""
-
-    def __init__(self, connection: StoreConnection) -> None:
-        super().__init__()
-        self.connection = connection
+    store: reactive[EventStore | None] = reactive(None)
+    """The open store, once it is; a screen reads its own details from it."""
 
     def status_bar(self) -> StatusBar:
         return StatusBar(id="status").data_bind(
@@ -72,7 +70,7 @@ class MainScreen(DashboardScreen):
         yield Static(id="problem")
         with Vertical(id="jobs-panel"):
             yield JobsTable(id="jobs").data_bind(MainScreen.jobs, MainScreen.now)
-        yield EventLog(self.connection, id="log").data_bind(MainScreen.log_tail, MainScreen.root)
+        yield EventLog(id="log").data_bind(MainScreen.log_tail, MainScreen.root, MainScreen.store)
         yield Footer()
 
     def on_mount(self) -> None:
@@ -118,9 +116,9 @@ class MainScreen(DashboardScreen):
     @work(exclusive=True, group="filter", exit_on_error=False)
     async def resolve_filter(self, request: FilterRequest) -> None:
         job_id = None
-        if request.job:
+        if request.job and self.store is not None:
             try:
-                job = await self.connection.call(lambda store: find_job(store, request.job))
+                job = await find_job(self.store, request.job)
                 job_id = job.id
             except StoreError as exc:
                 self.notify(str(exc), severity="error")
@@ -137,8 +135,8 @@ class JobScreen(DashboardScreen):
         Binding("r", "retry", "Retry", tooltip="Retry this job if it failed (asks first)"),
     ]
 
-    def __init__(self, connection: StoreConnection, job_id: str) -> None:
-        super().__init__(connection)
+    def __init__(self, job_id: str) -> None:
+        super().__init__()
         self.job_id = job_id
         self.detail: JobDetail | None = None
         self._event_seqs: tuple[int, ...] = ()
@@ -164,7 +162,11 @@ class JobScreen(DashboardScreen):
         self.query_one("#job-artifacts").border_title = "Artifacts"
         self.query_one("#job-events").border_title = "Events"
         self.query_one("#job-events").focus()
-        self.load()
+
+    def watch_store(self, store: EventStore | None) -> None:
+        # The app hands the store down once this screen is mounted; read the job then.
+        if store is not None and self.is_mounted:
+            self.load()
 
     def watch_log_tail(self, before: LogTail, tail: LogTail) -> None:
         stream = job_stream(self.job_id)
@@ -176,10 +178,10 @@ class JobScreen(DashboardScreen):
 
     @work(exclusive=True, group="job-detail", exit_on_error=False)
     async def load(self) -> None:
+        if self.store is None:
+            return
         try:
-            self.detail = await self.connection.call(
-                lambda store: read_job_detail(store, self.job_id)
-            )
+            self.detail = await read_job_detail(self.store, self.job_id)
         except StoreError as exc:
             self.notify(str(exc), severity="error")
             return

@@ -14,11 +14,11 @@ from textual.reactive import reactive
 from textual.widget import Widget
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 
-from dropkiln.store import JobView, StoredEvent
+from dropkiln.store import EventStore, JobView, StoredEvent
 from dropkiln.store.vocabulary import JobState
 from dropkiln.tui import format as fmt
 from dropkiln.tui.reads import LogFilter, Overview, read_log
-from dropkiln.tui.source import LogTail, StoreConnection
+from dropkiln.tui.tail import LogTail
 
 WIDE_AT = 118
 """Terminal width from which the jobs table has step, it/s, ETA and loss columns."""
@@ -292,9 +292,11 @@ class EventLog(RichLog):
     root: reactive[str] = reactive("")
     """The dropkiln ROOT, which paths in event lines are shown under."""
 
-    def __init__(self, connection: StoreConnection, **kwargs: Any) -> None:
+    store: reactive[EventStore | None] = reactive(None)
+    """Where a filtered window is read from."""
+
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(max_lines=1000, min_width=20, wrap=False, auto_scroll=True, **kwargs)
-        self.connection = connection
         self.log_filter = LogFilter()
         self.shown_upto = 0
         self._pending: list[StoredEvent] | None = None
@@ -323,7 +325,8 @@ class EventLog(RichLog):
     @work(exclusive=True, group="log-reload", exit_on_error=False)
     async def reload(self) -> None:
         log_filter = self.log_filter
-        window = await self.connection.call(lambda store: read_log(store, log_filter))
+        store = self.store
+        window = await read_log(store, log_filter) if store is not None else []
         pending, self._pending = self._pending or [], None
         self.clear()
         self.shown_upto = 0

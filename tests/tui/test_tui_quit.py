@@ -5,6 +5,9 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import pytest
+
+from dropkiln.store import StoreError
 from dropkiln.tui import DropkilnApp
 
 from .conftest import wait_for
@@ -22,9 +25,12 @@ async def test_quitting_mid_read_closes_the_store_cleanly(make_app: MakeApp) -> 
 async def quit_mid_read(app: DropkilnApp) -> None:
     async with app.run_test(size=(80, 24)) as pilot:
         await wait_for(pilot, lambda: app.loaded)
+        store = app.store
         app.open_job(TRAIN)
         await pilot.pause(0.02)
         # The status poll reads device memory and the heartbeat; quit while it runs.
         app.poll_status()
         await pilot.press("q")
-    assert app.connection.store is None
+    assert store is not None
+    with pytest.raises(StoreError, match="closed"):
+        await store.read(0)
