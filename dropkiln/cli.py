@@ -171,6 +171,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not jobs:
             print("no jobs yet: drop a dataset folder or a prompt file into", paths.drop)
             return 0
+        from dropkiln.store.vocabulary import JobState
         from dropkiln.tui.format import unique_prefixes
 
         # Ids are 128-bit; the shortest unambiguous prefix is what `cancel`/`retry` need.
@@ -185,7 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{short[job.id]:{w}} {job.stage:9} {job.name[:20]:20} {job.state:10} "
                 f"{progress:>8} {job.attempt:>3} {_age(job.created_at):>5}"
             )
-            if job.state == "failed" and job.error:
+            if job.state == JobState.FAILED and job.error:
                 print(f"{'':{w}} └ {job.error.splitlines()[0][:100]}")
         return 0
 
@@ -460,8 +461,8 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="store",
-        help="store, bucket, cache, train, generate, video, daemon, api or all (default store); "
-        "or compare A.json B.json",
+        help="store, bucket, cache, train, generate, video, daemon, preempt, api, idle or all "
+        "(default store); or compare A.json B.json",
     )
     p.add_argument("files", nargs="*", help="compare only: A.json B.json")
     p.add_argument("--model", help="model for cache/train/generate/daemon (default: settings)")

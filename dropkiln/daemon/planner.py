@@ -26,12 +26,13 @@ from dropkiln.stages import StageError, StageSpec, get_stage
 from dropkiln.stages.dataset import DatasetOptions
 from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted
+from dropkiln.store.vocabulary import DropKind, JobState
 
 if TYPE_CHECKING:
     from dropkiln.stages.prompts import PromptFile
 
-DATASET = "dataset"
-PROMPTS = "prompts"
+DATASET = DropKind.DATASET
+PROMPTS = DropKind.PROMPTS
 PROMPT_SUFFIXES = (".toml", ".json", ".txt")
 
 
@@ -365,11 +366,11 @@ class Planner:
                 raise DropRejection(f"LoRA {ref!r}: no such .safetensors file")
             return path.resolve(), None
         for job in await list_jobs(self.store):
-            if job.stage != "train" or job.state in ("failed", "cancelled"):
+            if job.stage != "train" or job.state in (JobState.FAILED, JobState.CANCELLED):
                 continue
             if job.name == ref or job.id == ref:
                 path = lora_path(job.spec["output_dir"], job.name)
-                return path, None if job.state == "succeeded" else job.id
+                return path, None if job.state == JobState.SUCCEEDED else job.id
         existing = lora_path(self.settings.paths.loras / ref, ref)
         if existing.is_file():
             return existing, None

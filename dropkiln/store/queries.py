@@ -13,8 +13,9 @@ from typing import Any
 
 from dropkiln.store import sqlite
 from dropkiln.store.errors import StoreError
-from dropkiln.store.events import DAEMON_STREAM, TERMINAL_STATES, job_stream
+from dropkiln.store.events import DAEMON_STREAM, job_stream
 from dropkiln.store.eventstore import EventStore, newest_events, stored_events
+from dropkiln.store.vocabulary import TERMINAL_STATES, JobState
 
 Row = dict[str, Any]
 
@@ -51,7 +52,7 @@ class JobView:
 
     @property
     def progress(self) -> float:
-        if self.state == "succeeded":
+        if self.state == JobState.SUCCEEDED:
             return 1.0
         return self.done / self.total if self.total else 0.0
 
@@ -106,10 +107,10 @@ def _job_views(conn: sqlite.Connection, rows: list[list[Any]]) -> list[JobView]:
         sql = f"SELECT id, state FROM jobs WHERE id IN ({_placeholders('id', deps, params)})"
         states.update({r["id"]: r["state"] for r in conn.execute(sql, params)})
     for row in rows:
-        if row[_STATE_AT] == "queued" and any(
-            states.get(dep) != "succeeded" for dep in row[_DEPENDS_AT]
+        if row[_STATE_AT] == JobState.QUEUED and any(
+            states.get(dep) != JobState.SUCCEEDED for dep in row[_DEPENDS_AT]
         ):
-            row[_STATE_AT] = "waiting"
+            row[_STATE_AT] = JobState.WAITING.value
     return [JobView(*row) for row in rows]
 
 
