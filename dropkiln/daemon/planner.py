@@ -165,7 +165,7 @@ def _read_prompts(settings: Settings, entry: Path) -> Options:
     from dropkiln.stages.generation.prompt_file import load_prompt_file
 
     try:
-        prompt_file = load_prompt_file(prompt_path, settings)
+        prompt_file = load_prompt_file(prompt_path, settings.generate)
         limits.check_prompts(settings, prompt_file, prompt_path.name)
     except (StageError, limits.OverLimit) as exc:
         raise DropRejection(str(exc)) from exc

@@ -83,7 +83,7 @@ def test_two_controlnets_match_the_diffusers_multi_controlnet_pipeline(
     folder = tmp_path / "drop"
     write_controls(folder)
     (folder / "p.toml").write_text(TWO_CONTROLS)
-    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root))
+    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root).generate)
     result = run_generate(
         spec_for(tmp_path / "out", prompt_file, model=model), local(gen_root, tmp_path)
     )

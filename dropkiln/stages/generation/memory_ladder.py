@@ -8,8 +8,6 @@ one image a call, since their cost is moving weights, not activations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 from dropkiln.stages.base import MemoryRung
@@ -38,16 +36,6 @@ def batch_limit(asked: int | None, rung: MemoryRung, device: str) -> int:
     divided by the rung's divisor, at least one."""
     wanted = asked if asked is not None else (1 if device == "cpu" else GPU_BATCH)
     return max(1, wanted // int(rung.options.get("batch_divisor", 1)))
-
-
-@contextmanager
-def rung_applied(pipe: Any, rung: MemoryRung, device: str) -> Iterator[Any]:
-    """Apply a rung's savings to ``pipe`` for the duration of the block, then undo them."""
-    try:
-        apply_rung(pipe, rung.options, device)
-        yield pipe
-    finally:
-        undo_rung(pipe, rung.options, device)
 
 
 def apply_rung(pipe: Any, options: dict[str, Any], device: str) -> None:

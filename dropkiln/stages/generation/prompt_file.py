@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from dropkiln.config import Settings
+from dropkiln.config import GenerateSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.generation.schedulers import SCHEDULER_NAMES
 
@@ -318,8 +318,10 @@ class _RawFile(FileModel):
     video: VideoOptions | None = None
 
 
-def load_prompt_file(path: Path, settings: Settings) -> PromptFile:
-    """Read and validate a prompt file; a ``StageError`` says what is wrong and where."""
+def load_prompt_file(path: Path, settings: GenerateSettings) -> PromptFile:
+    """Read and validate a prompt file; a ``StageError`` says what is wrong and where.
+
+    ``settings`` (dropkiln.toml's ``[generate]``) give the defaults under the file's own."""
     path = Path(path)
     label = path.name
     if path.suffix.lower() not in PROMPT_SUFFIXES:
@@ -349,10 +351,10 @@ def _parse_text(text: str, suffix: str, label: str) -> Any:
         raise StageError(f"{label}: not valid JSON: {exc}") from exc
 
 
-def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptFile:
+def _validate(raw: Any, label: str, folder: Path, settings: GenerateSettings) -> PromptFile:
     if not isinstance(raw, dict):
         raise StageError(f"{label}: the top level must be a table/object")
-    context = {"max_pixels": settings.generate.max_pixels}
+    context = {"max_pixels": settings.max_pixels}
     top = _checked(_RawFile, raw, label, "", context)
     if not top.image:
         raise StageError(f"{label}: no [[image]] entries")
@@ -405,8 +407,7 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
     return prompt_file
 
 
-def _settings_defaults(settings: Settings) -> dict[str, Any]:
-    g = settings.generate
+def _settings_defaults(g: GenerateSettings) -> dict[str, Any]:
     return {
         "steps": g.steps,
         "guidance": g.guidance,
