@@ -30,6 +30,12 @@ from dropkiln.stages.generation.png_files import (
     write_png,
 )
 from dropkiln.stages.generation.prompt_file import ImageTask
+from dropkiln.stages.generation.references import (
+    adapter_file,
+    attach_references,
+    detach_references,
+    reference_inputs,
+)
 from dropkiln.stages.generation.render import (
     StepCallback,
     batch_key,
@@ -132,6 +138,8 @@ class GenerationRun:
             inputs = init_inputs(lead)
             if lead.control is not None:
                 inputs.update(control_inputs(lead.control, f"image[{lead.entry}]"))
+            if lead.reference is not None:
+                inputs.update(reference_inputs(pipe, lead.reference, f"image[{lead.entry}]"))
             on_step_end = self._on_step_end("image", self.tasks[first].index, len(missing))
             images = render_batch(pipe, tasks, on_step_end, inputs)
             if self._stopping:
@@ -198,11 +206,19 @@ class GenerationRun:
         """The ``dropkiln`` chunk: what the image depicts (digested), and how it was made."""
         # the batch size says how an image was rendered, not what it shows
         unused = {"batch_size"} | (set() if task.init_image else {"init_image", "strength", "mask"})
+        if task.reference is None:
+            unused.add("reference")  # records from before references keep their digests
         image = task.model_dump(mode="json", exclude=unused)
         if task.control is not None:
             controls = [control_record(control) for control in task.control]
             # one ControlNet is recorded as before there could be several: same digest
             image["control"] = controls[0] if len(controls) == 1 else controls
+        if task.reference is not None:
+            image["reference"] = [
+                {**reference, "image": Path(reference["image"]).name,
+                 "sha256": image_digest(reference["image"])}
+                for reference in image["reference"]
+            ]  # fmt: skip
         for field in ("init_image", "mask"):
             if image.get(field):
                 source = Path(image[field])
@@ -302,6 +318,9 @@ class GenerationRun:
         mode = image_mode(task)
         models = [control.model for control in task.control or []]
         key = "control:" + "+".join(models) if models else mode
+        references = task.reference or []
+        if references:
+            key = f"{key}|reference:{references[0].adapter}x{len(references)}"
         if self._active is not None and self._active[0] == key:
             return self._active[1]
         self._deactivate()
@@ -317,15 +336,21 @@ class GenerationRun:
             pipeline = control_pipeline(self._base, controlnets)
         elif mode is not None:
             pipeline = init_pipeline(self._base, mode)
+        if references:
+            models_dir = self.ctx.root / "state" / "models"
+            adapter = adapter_file(references[0].adapter, self.model, models_dir)
+            attach_references(pipeline, adapter, len(references), self.ctx.device, self.dtype)
         self._active = (key, pipeline)
         apply_rung(pipeline, self.rung.options, self.ctx.device)
         return pipeline
 
     def _deactivate(self) -> None:
         if self._active is not None:
-            pipeline = self._active[1]
+            key, pipeline = self._active
             self._active = None
             undo_rung(pipeline, self.rung.options, self.ctx.device)
+            if key is not None and "|reference:" in key:
+                detach_references(pipeline)
 
     def _use_scheduler(self, pipe: Any, name: str) -> None:
         # one per name and job: every pipeline call starts with set_timesteps, which resets
