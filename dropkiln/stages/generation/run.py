@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from dropkiln.stages.generation.png_files import (
     read_dropkiln_record,
     write_png,
 )
+from dropkiln.stages.generation.png_writer import PngWriter
 from dropkiln.stages.generation.prompt_file import ImageTask
 from dropkiln.stages.generation.references import (
     adapter_file,
@@ -91,6 +93,7 @@ class GenerationRun:
         self._stopping = False
         self._keyframes: dict[int, tuple[dict[str, Any], Any]] = {}
         self._schedulers: dict[str, Any] = {}
+        self._writer = PngWriter()
 
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
@@ -104,6 +107,9 @@ class GenerationRun:
             with inside(middle_block(pipe.vae.decoder), self._in_decode):
                 yield
         finally:
+            # after an error too, what is on disk is recorded (and its batch checkpointed)
+            self._writer.settle_quietly()
+            self._writer.close()
             self._deactivate()
             pipe.scheduler = original_scheduler
             if self.spec.loras:
@@ -142,6 +148,7 @@ class GenerationRun:
                 inputs.update(reference_inputs(pipe, lead.reference, f"image[{lead.entry}]"))
             on_step_end = self._on_step_end("image", self.tasks[first].index, len(missing))
             images = render_batch(pipe, tasks, on_step_end, inputs)
+            self._writer.settle()  # the batch before was written while this one denoised
             if self._stopping:
                 self._stop_now("images", first)
             for position, task, image in zip(batch, tasks, images, strict=True):
@@ -153,9 +160,18 @@ class GenerationRun:
                     checkpoint_hashes(self.model).sha256,
                     self.lora_records,
                 )
-                self._write(image, paths[position], records[position], parameters, "image")
-            self.ctx.checkpoint({"phase": "images", "done": last + 1, "last": paths[last].name})
+                self.ctx.fault("generate.image")
+                info = png_info(parameters, records[position])
+                self._writer.submit(image, paths[position], info, self._image_written)
+            checkpoint = {"phase": "images", "done": last + 1, "last": paths[last].name}
+            self._writer.then(partial(self.ctx.checkpoint, checkpoint))
+        self._writer.settle()
         return paths
+
+    def _image_written(self, target: Path) -> None:
+        self.ctx.fault("generate.written")
+        self.rendered += 1
+        self.ctx.artifact(target, "image")
 
     def _batches(self) -> Iterator[list[int]]:
         """Runs of images that can share a call, each at most the rung's batch size."""
@@ -277,6 +293,7 @@ class GenerationRun:
 
     def _stop_point(self, phase: str, done: int) -> None:
         if self.ctx.should_stop():
+            self._writer.settle()
             self.ctx.checkpoint({"phase": phase, "done": done})
             raise StageStopped(f"generate {self.spec.name} stopped before {phase} {done}")
 
