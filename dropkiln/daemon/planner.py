@@ -388,15 +388,15 @@ async def check_drop(settings: Settings, store: EventStore, entry: Path, kind: s
 
 
 def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
-    """Control, init and mask images were checked in drop/prompts/; the job reads them from
-    processed/."""
+    """Control, reference, init and mask images were checked in drop/prompts/; the job
+    reads them from processed/."""
     source = drop.options["source"]
 
     def moved(path: str) -> str:
         if source.is_file():
             raise DropRejection(
-                "control, init and mask images need the prompt file and its images dropped "
-                "together as one folder"
+                "control, reference, init and mask images need the prompt file and its images "
+                "dropped together as one folder"
             )
         return str(drop.folder / Path(path).relative_to(source.resolve()))
 
@@ -407,6 +407,11 @@ def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
             update["control"] = [
                 control.model_copy(update={"image": moved(control.image)})
                 for control in image.control
+            ]
+        if image.reference is not None:
+            update["reference"] = [
+                reference.model_copy(update={"image": moved(reference.image)})
+                for reference in image.reference
             ]
         for field_name in ("init_image", "mask"):
             if getattr(image, field_name) is not None:

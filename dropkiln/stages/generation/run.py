@@ -141,7 +141,7 @@ class GenerationRun:
             lead = tasks[0]
             pipe = self._pipeline_for(lead)
             self._use_scheduler(pipe, lead.scheduler)
-            inputs = init_inputs(lead)
+            inputs: dict[str, object] = dict(init_inputs(lead))
             if lead.control is not None:
                 inputs.update(control_inputs(lead.control, f"image[{lead.entry}]"))
             if lead.reference is not None:
