@@ -17,6 +17,7 @@ from dataset_fixtures import make_dataset, mixed_images
 
 from dropkiln.config import TrainSettings
 from dropkiln.stages.base import StageStopped
+from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import STAGE as CACHE
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.testing import LocalContext
@@ -37,7 +38,7 @@ def cached(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[s
         root=root,
         work_dir=root / "state" / "work" / "cache",
         device=DEVICE,
-        upstream_results={"bucket": {"manifest": str(manifest)}},
+        upstream_results={"bucket": BucketResult.of(manifest)},
     )
     return {"root": root, "cache": CACHE.run(CacheSpec(name="cats"), ctx)}
 

@@ -13,6 +13,7 @@ import pytest
 from dataset_fixtures import make_dataset, mixed_images
 
 from dropkiln.config import TrainSettings
+from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import STAGE as CACHE
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.testing import LocalContext
@@ -100,7 +101,7 @@ def test_sigkill_then_resume_gives_the_same_lora(dropkiln_root: Path) -> None:
         LocalContext(
             root=dropkiln_root,
             work_dir=dropkiln_root / "state" / "work" / "cache",
-            upstream_results={"bucket": {"manifest": str(manifest)}},
+            upstream_results={"bucket": BucketResult.of(manifest)},
         ),
     )
     reference = _spec(dropkiln_root, "reference")

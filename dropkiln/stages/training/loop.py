@@ -185,7 +185,7 @@ class TrainingLoop:
         """Sum over the micro-batch of each image's weighted diffusion loss."""
         import torch
 
-        from dropkiln.stages.training.encoding import encode_captions
+        from dropkiln.stages.models.encoding import encode_captions
         from dropkiln.stages.training.losses import (
             min_snr_weights,
             noisy_latents_and_target,

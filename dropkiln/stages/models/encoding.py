@@ -60,9 +60,10 @@ def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         pixels = pixels.to(vae.device, vae.dtype)
         distribution = vae.encode(pixels).latent_dist
-        latents = distribution.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        latents: torch.Tensor = distribution.mode()
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        scaled: torch.Tensor = (latents - shift) * vae.config.scaling_factor
+        return scaled
 
 
 def encode_captions(pipe: Any, captions: Sequence[str]) -> dict[str, torch.Tensor]:
