@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from test_generate import gen_root, local, one_thread, pixels, spec_for
 
-from dropkiln.config import GenerateSettings
+from dropkiln.options import GenerateSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.generate import run_generate
 from dropkiln.stages.generation.prompt_file import load_prompt_file

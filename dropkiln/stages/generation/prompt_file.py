@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from dropkiln.config import GenerateSettings
+from dropkiln.options import GenerateSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.generation.schedulers import SCHEDULER_NAMES
 

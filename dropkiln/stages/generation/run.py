@@ -214,7 +214,7 @@ class GenerationRun:
             if self._stopping:
                 self._stop_now("walk", frame.index)
             parameters = f"latent walk frame {frame.index}: {frame.mix:.3f} from {frame.first}"
-            self._write(image, target, record, parameters, None)
+            self._write_frame(image, target, record, parameters)
             self.ctx.checkpoint({"phase": "walk", "done": frame.index + 1, "last": target.name})
         return paths
 
@@ -271,20 +271,13 @@ class GenerationRun:
     def _model_label(self) -> str:
         return model_label(self.model.name)
 
-    def _write(
-        self,
-        image: Image.Image,
-        target: Path,
-        record: dict[str, Any],
-        parameters: str,
-        artifact_kind: str | None,
+    def _write_frame(
+        self, image: Image.Image, target: Path, record: dict[str, Any], parameters: str
     ) -> None:
         self.ctx.fault("generate.image")
         write_png(image, target, png_info(parameters, record))
         self.ctx.fault("generate.written")
         self.rendered += 1
-        if artifact_kind:
-            self.ctx.artifact(target, artifact_kind)
 
     def _skip(self, steps: int) -> None:
         self.skipped += 1
