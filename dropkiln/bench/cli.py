@@ -37,6 +37,7 @@ Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
 SUITE_NAMES = (
     *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api"),
     "scaleout",
+    "idle",
 )
 MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
@@ -131,6 +132,7 @@ def _suites() -> dict[str, Suite]:
         api_suite,
         bucket_suite,
         cache_suite,
+        idle_suite,
         store_suite,
         video_suite,
     )
@@ -146,6 +148,7 @@ def _suites() -> dict[str, Suite]:
         "preempt": preempt_suite,
         "api": api_suite,
         "scaleout": scaleout_suite,
+        "idle": idle_suite,
     }
 
 
