@@ -132,12 +132,21 @@ class PostgresDatabase:
         self.url = url
         self.path = redacted(url)
         self._idle: list[PgConnection] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._closed = False
+        self._busy = 0
+        """Reads and writes running now, in whatever thread; ``close`` waits for them."""
         self._write: PgConnection | None = None
 
     def read(self, work: Callable[[PgConnection], T]) -> T:
         """Run ``work`` in one read snapshot (REPEATABLE READ), blocking."""
+        self._enter()
+        try:
+            return self._read(work)
+        finally:
+            self._leave()
+
+    def _read(self, work: Callable[[PgConnection], T]) -> T:
         conn = self._borrow()
         try:
             conn.execute(BEGIN_READ)
@@ -157,6 +166,13 @@ class PostgresDatabase:
 
     def write(self, work: Callable[[PgConnection], T], *, durable: bool = False) -> T:
         """Run ``work`` in one write transaction (rolled back if it raises), blocking."""
+        self._enter()
+        try:
+            return self._write_transaction(work, durable)
+        finally:
+            self._leave()
+
+    def _write_transaction(self, work: Callable[[PgConnection], T], durable: bool) -> T:
         begin = f"BEGIN; SET LOCAL synchronous_commit = {'on' if durable else 'off'}"
         conn = self._write
         if conn is not None:
@@ -220,8 +236,11 @@ class PostgresDatabase:
             await watch.close()
 
     def close(self) -> None:
+        """Refuse new work, wait for the reads and writes still running (also those whose
+        caller was cancelled and went away), then close every connection. Blocking."""
         with self._lock:
             self._closed = True
+            self._lock.wait_for(lambda: self._busy == 0)
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -229,10 +248,19 @@ class PostgresDatabase:
             self._write.close()
             self._write = None
 
-    def _borrow(self) -> PgConnection:
+    def _enter(self) -> None:
         with self._lock:
             if self._closed:
                 raise StoreError(f"the store at {self.path} is closed")
+            self._busy += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._lock.notify_all()
+
+    def _borrow(self) -> PgConnection:
+        with self._lock:
             while self._idle:
                 conn = self._idle.pop()
                 if not conn.broken:
