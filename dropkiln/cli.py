@@ -116,7 +116,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dropkiln.demo import run_demo
 
-    return run_demo(Path(args.root) if args.root else None)
+    return run_demo(Path(args.root) if args.root else None, full=args.full)
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
@@ -171,6 +171,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         if not jobs:
             print("no jobs yet: drop a dataset folder or a prompt file into", paths.drop)
             return 0
+        from dropkiln.store.vocabulary import JobState
         from dropkiln.tui.format import unique_prefixes
 
         # Ids are 128-bit; the shortest unambiguous prefix is what `cancel`/`retry` need.
@@ -185,7 +186,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{short[job.id]:{w}} {job.stage:9} {job.name[:20]:20} {job.state:10} "
                 f"{progress:>8} {job.attempt:>3} {_age(job.created_at):>5}"
             )
-            if job.state == "failed" and job.error:
+            if job.state == JobState.FAILED and job.error:
                 print(f"{'':{w}} └ {job.error.splitlines()[0][:100]}")
         return 0
 
@@ -417,7 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", cmd_init, "create a dropkiln home: settings, folders, database")
     p.add_argument("path", nargs="?", help="where (default: --root or ./dropkiln-home)")
     add("daemon", cmd_daemon, "run the daemon in the foreground")
-    add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
+    p = add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
+    p.add_argument(
+        "--full", action="store_true", help="also one contact sheet per generation feature"
+    )
     p = add("status", cmd_status, "the daemon and the jobs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")
@@ -460,8 +464,8 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="store",
-        help="store, bucket, cache, train, generate, video, daemon, api or all (default store); "
-        "or compare A.json B.json",
+        help="store, bucket, cache, train, generate, video, daemon, preempt, api, idle or all "
+        "(default store); or compare A.json B.json",
     )
     p.add_argument("files", nargs="*", help="compare only: A.json B.json")
     p.add_argument("--model", help="model for cache/train/generate/daemon (default: settings)")

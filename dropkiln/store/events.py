@@ -328,4 +328,3 @@ def parse_event(type_name: str, data: dict[str, Any]) -> Event:
     except KeyError:
         raise ValueError(f"unknown event type {type_name!r}") from None
     return cls.model_validate(data)
-

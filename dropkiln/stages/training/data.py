@@ -125,7 +125,7 @@ def _reencode_latents(
 ) -> dict[str, torch.Tensor]:
     from PIL import ImageOps
 
-    from dropkiln.stages.bucket import UNCAPPED_FILE_BYTES, bucket_pixels
+    from dropkiln.stages.bucket_manifest import UNCAPPED_FILE_BYTES, bucket_pixels
     from dropkiln.stages.models.encoding import encode_latents, pixels_to_tensor, vae_for_encoding
 
     picture = bucket_pixels(Path(index.dataset_dir), image, UNCAPPED_FILE_BYTES)
