@@ -16,12 +16,9 @@ if TYPE_CHECKING:
     from dropkiln.store.errors import ConcurrencyError, StoreError
     from dropkiln.store.eventstore import EventStore
     from dropkiln.store.queries import (
-        DaemonState,
         JobView,
         ProgressHistory,
-        TelemetrySample,
         artifact_by_seq,
-        daemon_state,
         drop_by_hash,
         find_job,
         job_artifacts,
@@ -29,8 +26,6 @@ if TYPE_CHECKING:
         list_jobs,
         progress_history,
         queue_paused,
-        recent_telemetry,
-        record_telemetry,
         remembered_rung,
         status_report,
         trained_loras,
@@ -39,6 +34,13 @@ if TYPE_CHECKING:
     )
     from dropkiln.store.replay import CheckReport, check, rebuild
     from dropkiln.store.stored import StoredEvent
+    from dropkiln.store.telemetry import (
+        DaemonState,
+        TelemetrySample,
+        daemon_state,
+        recent_telemetry,
+        record_telemetry,
+    )
 
 _HOMES = {
     "events": "",
@@ -52,13 +54,14 @@ _HOMES = {
     "check": "replay",
     "rebuild": "replay",
     **dict.fromkeys(
+        ("DaemonState", "TelemetrySample", "daemon_state", "recent_telemetry", "record_telemetry"),
+        "telemetry",
+    ),
+    **dict.fromkeys(
         (
-            "DaemonState",
             "JobView",
             "ProgressHistory",
-            "TelemetrySample",
             "artifact_by_seq",
-            "daemon_state",
             "drop_by_hash",
             "find_job",
             "job_artifacts",
@@ -66,8 +69,6 @@ _HOMES = {
             "list_jobs",
             "progress_history",
             "queue_paused",
-            "recent_telemetry",
-            "record_telemetry",
             "remembered_rung",
             "status_report",
             "trained_loras",
