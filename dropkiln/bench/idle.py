@@ -12,9 +12,6 @@ after is reported with the figures.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import tempfile
 import time
 from datetime import datetime
@@ -23,10 +20,10 @@ from typing import Any
 
 import anyio
 
+from dropkiln.bench.daemon import start_daemon, stop_daemon
 from dropkiln.config import Settings
 
 POLL_S = 0.05
-START_TIMEOUT_S = 120.0
 
 
 def process_cpu_seconds(pid: int) -> float:
@@ -43,7 +40,7 @@ def bench_idle(seconds: float = 60.0, drops: int = 5, warmup_s: float = 5.0) -> 
     with tempfile.TemporaryDirectory(prefix="dropkiln-idle-") as scratch:
         settings = Settings.load(root=Path(scratch))
         settings.paths.create()
-        process = _start(settings)
+        process = start_daemon(settings, dict(os.environ))
         try:
             time.sleep(warmup_s)  # past the start-up work: reconcile, first telemetry
             cpu_start, wall_start = process_cpu_seconds(process.pid), time.monotonic()
@@ -52,7 +49,7 @@ def bench_idle(seconds: float = 60.0, drops: int = 5, warmup_s: float = 5.0) -> 
             wall = time.monotonic() - wall_start
             reactions = [_reaction(settings, number) for number in range(drops)]
         finally:
-            _stop(process)
+            stop_daemon(process)
     return {
         "window_s": round(wall, 2),
         "cpu_s": round(cpu, 3),
@@ -63,37 +60,6 @@ def bench_idle(seconds: float = 60.0, drops: int = 5, warmup_s: float = 5.0) -> 
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def _start(settings: Settings) -> subprocess.Popen[bytes]:
-    log = open(settings.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dropkiln", "daemon", "--root", str(settings.root)],
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not anyio.run(_serving, settings, process.pid):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the daemon did not start; see {settings.root}/daemon.log")
-        time.sleep(POLL_S)
-    return process
-
-
-async def _serving(settings: Settings, pid: int) -> bool:
-    from dropkiln.store import EventStore, StoreError, daemon_state
-
-    try:
-        store = await EventStore.open(settings.paths.db)
-    except StoreError:
-        return False  # not made yet, or the daemon is making it now
-    try:
-        state = await daemon_state(store)
-    finally:
-        await store.close()
-    return bool(state.running and state.pid == pid)
 
 
 def _reaction(settings: Settings, number: int) -> float:
@@ -124,12 +90,3 @@ async def _rejected_at(settings: Settings, source: str) -> float | None:
     finally:
         await store.close()
     return None
-
-
-def _stop(process: subprocess.Popen[bytes]) -> None:
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
