@@ -111,6 +111,7 @@ def _drop_prompts(staging: Path, prompts: Path, stem: str, text: str, out: Any) 
 async def _drive(settings: Settings, out: Any) -> bool:
     from dropkiln.daemon.service import Daemon
     from dropkiln.store import list_jobs
+    from dropkiln.store.vocabulary import DropKind, DropState, JobState
 
     daemon = Daemon(settings)
     ok = False
@@ -139,11 +140,11 @@ async def _drive(settings: Settings, out: Any) -> bool:
                 _drop_prompts(staging, paths.prompts, "after", AFTER_FILE, out)
                 after_dropped = True
             drops = await _drops(store)
-            if any(d["state"] == "failed" for d in drops):
+            if any(d["state"] == DropState.FAILED for d in drops):
                 break
-            prompts_taken = sum(d["kind"] == "prompts" for d in drops) == 2
+            prompts_taken = sum(d["kind"] == DropKind.PROMPTS for d in drops) == 2
             if prompts_taken and all(j.terminal for j in jobs):
-                ok = all(j.state == "succeeded" for j in jobs)
+                ok = all(j.state == JobState.SUCCEEDED for j in jobs)
                 break
         await follower.show(store)
         daemon.stop("demo finished")

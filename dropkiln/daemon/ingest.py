@@ -50,6 +50,7 @@ from dropkiln.store.events import (
     drop_stream,
     job_stream,
 )
+from dropkiln.store.vocabulary import DropState
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +217,7 @@ class Ingestor:
         finished = 0
         for drop in await unmoved_drops(self.store):
             note = None
-            if drop["state"] == "failed":
+            if drop["state"] == DropState.FAILED:
                 note = error_text(drop["name"], drop["id"], drop["reason"] or "", drop["at"])
             source = Path(drop["source"])
             # Whatever is at the source now is taken to be the drop (its inode was not

@@ -26,7 +26,7 @@ from dropkiln.stages import StageError, StageSpec, get_stage
 from dropkiln.stages.dataset import DatasetOptions
 from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted
-from dropkiln.store.vocabulary import DropKind
+from dropkiln.store.vocabulary import DropKind, JobState
 
 if TYPE_CHECKING:
     from dropkiln.stages.generation.prompt_file import PromptFile
@@ -367,11 +367,11 @@ class Planner:
                 raise DropRejection(f"LoRA {ref!r}: no such .safetensors file")
             return path.resolve(), None
         for job in await list_jobs(self.store):
-            if job.stage != "train" or job.state in ("failed", "cancelled"):
+            if job.stage != "train" or job.state in (JobState.FAILED, JobState.CANCELLED):
                 continue
             if job.name == ref or job.id == ref:
                 path = lora_path(job.spec["output_dir"], job.name)
-                return path, None if job.state == "succeeded" else job.id
+                return path, None if job.state == JobState.SUCCEEDED else job.id
         existing = lora_path(self.settings.paths.loras / ref, ref)
         if existing.is_file():
             return existing, None

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -323,10 +322,6 @@ def parse_event(type_name: str, data: dict[str, Any]) -> Event:
     except KeyError:
         raise ValueError(f"unknown event type {type_name!r}") from None
     return cls.model_validate(data)
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def job_stream(job_id: str) -> str:

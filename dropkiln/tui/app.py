@@ -8,7 +8,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
 from textual import work
 from textual.app import App
 from textual.binding import Binding, BindingType
@@ -154,7 +153,7 @@ class DropkilnApp(App[None]):
             return
         try:
             jobs, overview = await self._shielded(self._open())
-        except (StoreError, SQLAlchemyError, OSError) as exc:
+        except (StoreError, OSError) as exc:
             self.problem = f"Cannot read {self.db_path}: {exc}"
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
@@ -298,7 +297,7 @@ class DropkilnApp(App[None]):
         """Append one command event; the daemon tails the log and obeys it."""
         try:
             await self.using_store(lambda store: store.append(stream, [command]))
-        except (StoreError, SQLAlchemyError) as exc:
+        except StoreError as exc:
             self.notify(f"Could not write {command.type_name()}: {exc}", severity="error")
             return
         self.notify(done)

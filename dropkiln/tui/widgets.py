@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar, cast
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
@@ -298,6 +298,14 @@ class EventLog(Panel, RichLog):
         self.border_title = "Events"
         self.dashboard.new_events.subscribe(self, self.add_events)
         self.watch(self.app, "loaded", self._on_loaded, init=True)
+
+    def on_resize(self, event: events.Resize) -> None:
+        # Textual calls RichLog's on_resize too (handlers run for each class of the MRO).
+        # The first window can be written before the layout settles (the first reads are
+        # quick), and its scroll to the end then lands short: after a resize, show the
+        # newest lines again, as a write does with auto_scroll.
+        if self.auto_scroll:
+            self.call_after_refresh(self.scroll_end, animate=False, x_axis=False)
 
     def _on_loaded(self, loaded: bool) -> None:
         if loaded and not self.log_filter.active and self.dashboard.initial_log:

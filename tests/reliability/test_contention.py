@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from dropkiln.store.projections import StoredEvent
+from dropkiln.store import StoredEvent
 from dropkiln.tui import DropkilnApp
 from tests.reliability.home import TERMINAL, Home
 from tests.reliability.pipeline import JOBS, PromptDropper, drop_dataset
