@@ -116,7 +116,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dropkiln.demo import run_demo
 
-    return run_demo(Path(args.root) if args.root else None)
+    return run_demo(Path(args.root) if args.root else None, full=args.full)
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
@@ -418,7 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", cmd_init, "create a dropkiln home: settings, folders, database")
     p.add_argument("path", nargs="?", help="where (default: --root or ./dropkiln-home)")
     add("daemon", cmd_daemon, "run the daemon in the foreground")
-    add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
+    p = add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
+    p.add_argument(
+        "--full", action="store_true", help="also one contact sheet per generation feature"
+    )
     p = add("status", cmd_status, "the daemon and the jobs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")

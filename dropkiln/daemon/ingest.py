@@ -31,13 +31,12 @@ from dropkiln.daemon.planner import (
     Planner,
     drop_name,
     error_text,
-    fsync_dir,
     new_id,
     parse_drop,
     stored_path,
     unique_path,
 )
-from dropkiln.stages import write_atomic
+from dropkiln.stages import fsync_dir, write_atomic
 from dropkiln.store import EventStore, StoreError, drop_by_hash, unmoved_drops
 from dropkiln.store.events import (
     DropMoveAbandoned,

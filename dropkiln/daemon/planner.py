@@ -178,7 +178,7 @@ def _read_prompts(settings: Settings, entry: Path) -> PromptDrop:
     from dropkiln.stages.generation.prompt_file import load_prompt_file
 
     try:
-        prompt_file = load_prompt_file(prompt_path, settings)
+        prompt_file = load_prompt_file(prompt_path, settings.generate)
         limits.check_prompts(settings, prompt_file, prompt_path.name)
     except (StageError, limits.OverLimit) as exc:
         raise DropRejection(str(exc)) from exc
@@ -409,14 +409,14 @@ async def check_drop(settings: Settings, store: EventStore, entry: Path, kind: s
 
 
 def _rebase_controls(prompt_file: PromptFile, folder: Path, source: Path) -> PromptFile:
-    """Control, init and mask images were checked in drop/prompts/ (``source``); the job
-    reads them from processed/ (``folder``)."""
+    """Control, reference, init and mask images were checked in drop/prompts/ (``source``);
+    the job reads them from processed/ (``folder``)."""
 
     def moved(path: str) -> str:
         if source.is_file():
             raise DropRejection(
-                "control, init and mask images need the prompt file and its images dropped "
-                "together as one folder"
+                "control, reference, init and mask images need the prompt file and its images "
+                "dropped together as one folder"
             )
         return str(folder / Path(path).relative_to(source.resolve()))
 
@@ -427,6 +427,11 @@ def _rebase_controls(prompt_file: PromptFile, folder: Path, source: Path) -> Pro
             update["control"] = [
                 control.model_copy(update={"image": moved(control.image)})
                 for control in image.control
+            ]
+        if image.reference is not None:
+            update["reference"] = [
+                reference.model_copy(update={"image": moved(reference.image)})
+                for reference in image.reference
             ]
         for field_name in ("init_image", "mask"):
             if getattr(image, field_name) is not None:
@@ -457,11 +462,3 @@ def unique_path(path: Path, taken: Collection[Path] = ()) -> Path:
         if not os.path.lexists(candidate) and candidate not in taken:
             return candidate
     raise FileExistsError(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -74,8 +74,9 @@ class EventStore:
             raise
 
     async def close(self) -> None:
-        async with self._write_lock:
-            self.database.close()
+        """Close the database once the reads and writes still running are done, also those
+        whose caller was cancelled; anything asked after this fails with StoreError."""
+        await anyio.to_thread.run_sync(self.database.close)
 
     async def __aenter__(self) -> EventStore:
         return self

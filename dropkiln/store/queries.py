@@ -13,9 +13,9 @@ from typing import Any
 
 from dropkiln.store import sqlite
 from dropkiln.store.errors import StoreError
-from dropkiln.store.events import DAEMON_STREAM, job_stream
-from dropkiln.store.eventstore import EventStore, newest_events, stored_events
-from dropkiln.store.vocabulary import TERMINAL_STATES, JobState
+from dropkiln.store.eventstore import HIGH_RATE_TYPE, EventStore, newest_events, stored_events
+from dropkiln.store.stored import DAEMON_STREAM, job_stream
+from dropkiln.store.vocabulary import TERMINAL_STATES, DropState, JobState, Lane
 
 Row = dict[str, Any]
 
@@ -27,9 +27,9 @@ class JobView:
     id: str
     stage: str
     name: str
-    lane: str
+    lane: Lane
     priority: int
-    state: str
+    state: JobState
     attempt: int
     memory_rung: int
     done: int
@@ -84,6 +84,7 @@ _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobView))
 _JOB_SELECT = f"SELECT {', '.join(_JOB_FIELDS)} FROM jobs"
 _ID_AT = _JOB_FIELDS.index("id")
 _STATE_AT = _JOB_FIELDS.index("state")
+_LANE_AT = _JOB_FIELDS.index("lane")
 _DEPENDS_AT = _JOB_FIELDS.index("depends_on")
 
 
@@ -107,10 +108,12 @@ def _job_views(conn: sqlite.Connection, rows: list[list[Any]]) -> list[JobView]:
         sql = f"SELECT id, state FROM jobs WHERE id IN ({_placeholders('id', deps, params)})"
         states.update({r["id"]: r["state"] for r in conn.execute(sql, params)})
     for row in rows:
+        row[_LANE_AT] = Lane(row[_LANE_AT])
+        row[_STATE_AT] = JobState(row[_STATE_AT])
         if row[_STATE_AT] == JobState.QUEUED and any(
             states.get(dep) != JobState.SUCCEEDED for dep in row[_DEPENDS_AT]
         ):
-            row[_STATE_AT] = JobState.WAITING.value
+            row[_STATE_AT] = JobState.WAITING
     return [JobView(*row) for row in rows]
 
 
@@ -169,12 +172,14 @@ async def artifact_by_seq(store: EventStore, seq: int) -> Row | None:
 async def trained_loras(store: EventStore, limit: int = 100) -> list[tuple[JobView, list[Row]]]:
     """Succeeded train jobs, newest first, each with its artifacts."""
     sql = (
-        f"{_JOB_SELECT} WHERE stage = 'train' AND state = 'succeeded' "
+        f"{_JOB_SELECT} WHERE stage = 'train' AND state = :succeeded "
         "ORDER BY submitted_seq DESC LIMIT :limit"
     )
 
     def work(conn: sqlite.Connection) -> list[tuple[JobView, list[Row]]]:
-        views = _job_views(conn, _job_rows(conn, sql, {"limit": limit}))
+        views = _job_views(
+            conn, _job_rows(conn, sql, {"limit": limit, "succeeded": JobState.SUCCEEDED})
+        )
         params: dict[str, Any] = {}
         ids = _placeholders("job", [view.id for view in views], params)
         by_job: dict[str, list[Row]] = {}
@@ -192,11 +197,11 @@ async def list_drops(store: EventStore, limit: int = 100) -> list[Row]:
     return await store.snapshot(lambda conn: _dicts(conn, sql, {"limit": limit}))
 
 
-_UNMOVED = """
+_UNMOVED = f"""
 SELECT * FROM drops
 WHERE stored IS NOT NULL AND 'drop:' || id NOT IN (
     SELECT stream FROM events
-    WHERE type IN ('DropMoved', 'DropMoveAbandoned') AND type != 'JobProgress'
+    WHERE type IN ('DropMoved', 'DropMoveAbandoned') AND type != '{HIGH_RATE_TYPE}'
 )
 ORDER BY at
 """
@@ -232,11 +237,13 @@ async def waiting_drops(store: EventStore, limit: int = 50) -> list[Row]:
 async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> Row | None:
     """The first ingested drop with this content, if any."""
     sql = (
-        "SELECT * FROM drops WHERE hash = :hash AND kind = :kind AND state = 'ingested' "
+        "SELECT * FROM drops WHERE hash = :hash AND kind = :kind AND state = :ingested "
         "ORDER BY at LIMIT 1"
     )
     found = await store.snapshot(
-        lambda conn: _dicts(conn, sql, {"hash": content_hash, "kind": kind})
+        lambda conn: _dicts(
+            conn, sql, {"hash": content_hash, "kind": kind, "ingested": DropState.INGESTED}
+        )
     )
     return found[0] if found else None
 
@@ -244,12 +251,12 @@ async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> Row |
 async def remembered_rung(store: EventStore, rung_key: str) -> int:
     """The memory rung that last worked for this (model, stage, resolution), else 0."""
     sql = (
-        "SELECT memory_rung FROM jobs WHERE rung_key = :key AND state = 'succeeded' "
+        "SELECT memory_rung FROM jobs WHERE rung_key = :key AND state = :succeeded "
         "ORDER BY finished_at DESC LIMIT 1"
     )
 
     def work(conn: sqlite.Connection) -> int:
-        row = conn.execute(sql, {"key": rung_key}).fetchone()
+        row = conn.execute(sql, {"key": rung_key, "succeeded": JobState.SUCCEEDED}).fetchone()
         return int(row[0] or 0) if row else 0
 
     return await store.snapshot(work)

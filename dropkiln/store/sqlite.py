@@ -89,14 +89,21 @@ class Database:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._idle: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
+        self._lock = threading.Condition()
         self._closed = False
+        self._busy = 0
+        """Reads and writes running now, in whatever thread; ``close`` waits for them."""
         # Made on the first write, so readers (`status`, the dashboard) never hold one.
         self._write_connection: sqlite3.Connection | None = None
 
     def read(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in one read snapshot (BEGIN ... COMMIT), blocking."""
-        conn = self._borrow()
+        self._enter()
+        try:
+            conn = self._borrow()
+        except BaseException:
+            self._leave()
+            raise
         try:
             conn.execute(BEGIN_READ)
             try:
@@ -106,11 +113,19 @@ class Database:
                     conn.execute("COMMIT")
         finally:
             self._give_back(conn)
+            self._leave()
 
     def write(self, work: Callable[[Connection], T], *, durable: bool = False) -> T:
         """Run ``work`` in one write transaction (rolled back if it raises), blocking; callers
         serialise writes. With ``durable`` the commit survives a power cut once this returns;
         otherwise a power cut may roll back the last commits, never corrupt the database."""
+        self._enter()
+        try:
+            return self._write(work, durable)
+        finally:
+            self._leave()
+
+    def _write(self, work: Callable[[Connection], T], durable: bool) -> T:
         if self._write_connection is None:
             self._write_connection = connect(self.path)
         conn = self._write_connection
@@ -132,11 +147,15 @@ class Database:
 
     def use_wal(self) -> None:
         """Switch the file to write-ahead logging (persistent; refused inside a transaction)."""
-        conn = self._borrow()
+        self._enter()
         try:
-            conn.execute("PRAGMA journal_mode = WAL")
+            conn = self._borrow()
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            finally:
+                self._give_back(conn)
         finally:
-            self._give_back(conn)
+            self._leave()
 
     @asynccontextmanager
     async def watch(self, poll_interval: float) -> AsyncIterator[CommitWatch]:
@@ -150,10 +169,11 @@ class Database:
             conn.close()
 
     def close(self) -> None:
-        """Close every connection; one lent to a read still running is closed when it is
-        given back, so closing never cuts a query off."""
+        """Refuse new work, wait for the reads and writes still running (also those whose
+        caller was cancelled and went away), then close every connection. Blocking."""
         with self._lock:
             self._closed = True
+            self._lock.wait_for(lambda: self._busy == 0)
             idle, self._idle = self._idle, []
         for conn in idle:
             conn.close()
@@ -161,10 +181,19 @@ class Database:
             self._write_connection.close()
             self._write_connection = None
 
-    def _borrow(self) -> sqlite3.Connection:
+    def _enter(self) -> None:
         with self._lock:
             if self._closed:
                 raise StoreError(f"the store at {self.path} is closed")
+            self._busy += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._lock.notify_all()
+
+    def _borrow(self) -> sqlite3.Connection:
+        with self._lock:
             if self._idle:
                 return self._idle.pop()
         return connect(self.path, rows=True)

@@ -1,9 +1,23 @@
-"""An event as the log holds it. Standard library only: every reader imports it."""
+"""An event as the log holds it, and the streams it belongs to. Standard library only:
+every reader imports it."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Any
+
+DAEMON_STREAM = "daemon"
+API_STREAM = "api"
+WEBHOOK_STREAM = "webhooks"
+JOB_PREFIX = "job:"
+
+
+def job_stream(job_id: str) -> str:
+    return f"{JOB_PREFIX}{job_id}"
+
+
+def drop_stream(drop_id: str) -> str:
+    return f"drop:{drop_id}"
 
 
 @dataclass(frozen=True)
@@ -29,4 +43,4 @@ class StoredEvent:
 
     @property
     def job_id(self) -> str | None:
-        return self.stream[4:] if self.stream.startswith("job:") else None
+        return self.stream.removeprefix(JOB_PREFIX) if self.stream.startswith(JOB_PREFIX) else None

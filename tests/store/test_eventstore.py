@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -179,3 +181,29 @@ async def test_concurrent_appends_in_one_process_get_distinct_versions(store: Ev
         lambda conn: conn.execute("SELECT count(*) FROM events").fetchone()[0]
     )
     assert count == 100
+
+
+async def test_close_waits_for_a_read_whose_caller_went_away(store: EventStore) -> None:
+    """A dashboard quitting cancels its workers mid-read (asyncio cancellation leaves the
+    worker thread running): closing must wait for that read, not close its connection
+    under it, and refuse what is asked afterwards."""
+    await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+    started, release = threading.Event(), threading.Event()
+    counted: list[int] = []
+
+    def slow(conn: Connection) -> None:
+        started.set()
+        release.wait(30)
+        counted.append(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    reading = asyncio.ensure_future(store.snapshot(slow))
+    await anyio.to_thread.run_sync(started.wait)
+    reading.cancel()
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0.3)
+    assert not closing.done()  # the read still runs in its thread
+    release.set()
+    await closing
+    assert counted == [1]
+    with pytest.raises(StoreError, match="closed"):
+        await store.read()
