@@ -2,6 +2,9 @@
 
 The loop itself (training/loop.py) reads like diffusers' example scripts: batch, noise,
 predict, loss, step.
+
+This module is what looking the stage up imports, so it imports torch and the modules of
+``stages/training/`` (which import torch at their top) only when the stage runs.
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ from dropkiln.stages.base import (
     StageError,
     StageSpec,
 )
-from dropkiln.stages.training.exports import step_loras
-from dropkiln.stages.training.loop import Plan, TrainingLoop
-from dropkiln.stages.training.report import CONTACT_SHEET
 
 if TYPE_CHECKING:
+    from diffusers.loaders.lora_pipeline import (
+        StableDiffusionLoraLoaderMixin,
+        StableDiffusionXLLoraLoaderMixin,
+    )
+
     from dropkiln.stages.models import ModelRef
+    from dropkiln.stages.training.data import CachedDataset, CachedImage
+    from dropkiln.stages.training.loop import Plan, TrainingLoop
+    from dropkiln.stages.training.session import TrainingSession
 
 
 class TrainSpec(StageSpec):
@@ -52,6 +60,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     from dropkiln.stages.training.captions import needs_text_encoder
     from dropkiln.stages.training.data import DataOrder, load_cached_dataset, read_index
     from dropkiln.stages.training.exports import LoraExports
+    from dropkiln.stages.training.loop import TrainingLoop
     from dropkiln.stages.training.losses import training_scheduler
     from dropkiln.stages.training.session import TrainingSession, seed_everything
     from dropkiln.stages.training.tracking import TENSORBOARD, RunTracker, hyperparameters
@@ -110,7 +119,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             return _finish(loop, ref, pipeline_class(ref.kind))
 
 
-def _hold_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
+def _hold_out(dataset: CachedDataset, count: int) -> tuple[CachedDataset, list[CachedImage]]:
     """(the images trained on, the validation loss's images): the last ``count`` images are
     held out of training; with none held out, the validation loss uses the first ones."""
     import dataclasses
@@ -153,6 +162,7 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     import torch
 
     from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.training.loop import Plan
 
     if rung.get("micro_batch") == 1:
         micro = 1
@@ -179,7 +189,7 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     )
 
 
-def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
+def _resume(new_session: Callable[[], TrainingSession], ctx: StageContext) -> TrainingSession:
     """A session restored from the newest usable checkpoint, or a fresh one.
 
     A checkpoint that cannot be restored is recorded (CheckpointUnusable, with the step the
@@ -213,9 +223,15 @@ def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
     return session
 
 
-def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
+def _finish(
+    loop: TrainingLoop,
+    ref: ModelRef,
+    pipeline_cls: type[StableDiffusionLoraLoaderMixin | StableDiffusionXLLoraLoaderMixin],
+) -> dict[str, Any]:
     """Export the LoRA (EMA weights when EMA is on) in both formats."""
+    from dropkiln.stages.training.exports import step_loras
     from dropkiln.stages.training.lora_export import write_diffusers
+    from dropkiln.stages.training.report import CONTACT_SHEET
 
     session, options = loop.session, loop.spec.options
     if session.ema is not None:
@@ -258,6 +274,8 @@ def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
 
 
 def _report_kind(path: Path) -> str:
+    from dropkiln.stages.training.report import CONTACT_SHEET
+
     if path.suffix == ".csv":
         return "loss-csv"
     if path.name == CONTACT_SHEET:

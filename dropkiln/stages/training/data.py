@@ -10,15 +10,18 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+
+from dropkiln.config import TrainSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.training.captions import augment_caption, tag_loss_weight
+from dropkiln.stages.training.encoding import encode_captions
 from dropkiln.stages.training.losses import NoiseDraw, draw_noise
+from dropkiln.stages.training.pipeline import TrainingPipeline
 from dropkiln.stages.training.shards import CorruptShard, ShardStore
-
-if TYPE_CHECKING:
-    import torch
 
 Size = tuple[int, int]
 
@@ -66,7 +69,7 @@ def read_index(path: Path | str) -> dict[str, Any]:
 
 
 def load_cached_dataset(
-    index: dict[str, Any], pipe: Any, device: str, tag_weights: dict[str, float]
+    index: dict[str, Any], pipe: TrainingPipeline, device: str, tag_weights: dict[str, float]
 ) -> CachedDataset:
     """Every shard the index names, verified; a damaged shard is re-encoded first."""
 
@@ -109,20 +112,14 @@ def load_cached_dataset(
 
 def _time_ids(entry: dict[str, Any], crop_top_left: list[int], device: str) -> torch.Tensor:
     """SDXL size conditioning: original (h, w), crop (top, left), target (h, w)."""
-    import torch
-
     (orig_w, orig_h), (bucket_w, bucket_h) = entry["original_size"], entry["bucket"]
     values = [orig_h, orig_w, crop_top_left[0], crop_top_left[1], bucket_h, bucket_w]
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _reencode_text(
-    pipe: Any, store: ShardStore, caption: str, entry: dict[str, str]
+    pipe: TrainingPipeline, store: ShardStore, caption: str, entry: dict[str, str]
 ) -> dict[str, torch.Tensor]:
-    import torch
-
-    from dropkiln.stages.training.encoding import encode_captions
-
     with torch.no_grad():
         encoded = encode_captions(pipe, [caption])
     tensors = {k: v[0].detach().cpu() for k, v in encoded.items()}
@@ -174,8 +171,6 @@ class DataOrder:
 
     @lru_cache(maxsize=2)  # noqa: B019 - one order object per training run
     def _epoch(self, epoch: int) -> tuple[tuple[int, ...], ...]:
-        import numpy as np
-
         rng = np.random.Generator(np.random.PCG64([self._seed, epoch]))
         batches: list[tuple[int, ...]] = []
         for indices in self._buckets.values():
@@ -221,15 +216,13 @@ class Batch:
 def assemble_batch(
     dataset: CachedDataset,
     indices: list[int],
-    rng: Any,
+    rng: np.random.Generator,
     generator: torch.Generator,
-    options: Any,
+    options: TrainSettings,
     num_train_timesteps: int,
     encode_on_the_fly: bool,
 ) -> Batch:
     """Flip choice and caption per image (numpy ``rng``), then the batch's noise draw."""
-    import torch
-
     latents, time_ids, captions, weights = [], [], [], []
     for index in indices:
         image = dataset.images[index]
