@@ -153,8 +153,8 @@ def _device(requested: str, uses_torch: bool, threads: int | None) -> tuple[str,
     import torch
 
     from dropkiln.stages.device import resolve_device
-    from dropkiln.stages.generate import inference_dtype
-    from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.generation.render import inference_dtype
+    from dropkiln.stages.models.encoding import compute_dtype
 
     device = resolve_device(requested)
     if threads is not None:

@@ -30,7 +30,7 @@ from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
 from dropkiln.config import Settings
 from dropkiln.stages.generate import GenerateSpec, run_generate
-from dropkiln.stages.prompts import ImageEntry, PromptFile, load_prompt_file
+from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile, load_prompt_file
 from dropkiln.stages.testing import LocalContext
 
 # What a script-per-job setup runs for every prompt file: load, generate, save, exit.
@@ -100,7 +100,7 @@ def bench_stage_overhead(
     import numpy as np
     from PIL import Image
 
-    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.generation.render import inference_dtype
     from dropkiln.stages.models import resolve_model, shared_pipelines
 
     prompt_file = overhead_prompts(images, size, steps)
@@ -205,12 +205,13 @@ def _per_call(pipe: Any, entry: ImageEntry, count: int, repeat: int) -> dict[str
 
 
 def write_prompt_files(folder: Path, prompt_sets: list[list[str]], steps: int, size: int,
-                       prefix: str = "p") -> list[Path]:  # fmt: skip
-    """One TOML prompt file per prompt set, images seeded 1…N."""
+                       prefix: str = "p", batch: int | None = None) -> list[Path]:  # fmt: skip
+    """One TOML prompt file per prompt set, images seeded 1…N (``batch_size`` if given)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    batching = f"batch_size = {batch}\n" if batch else ""
     for number, prompts in enumerate(prompt_sets):
-        lines = [f"[defaults]\nsteps = {steps}\nwidth = {size}\nheight = {size}\n"]
+        lines = [f"[defaults]\nsteps = {steps}\nwidth = {size}\nheight = {size}\n{batching}"]
         lines += [
             f'[[image]]\nprompt = "{prompt}"\nseed = {1 + i}\n' for i, prompt in enumerate(prompts)
         ]

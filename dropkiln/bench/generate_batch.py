@@ -17,7 +17,7 @@ from typing import Any
 
 from dropkiln.bench.cache import link_models
 from dropkiln.stages.generate import GenerateSpec, run_generate
-from dropkiln.stages.prompts import ImageEntry, PromptFile
+from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
 from dropkiln.stages.testing import LocalContext
 
 
@@ -66,7 +66,7 @@ def bench_batched(
     import numpy as np
     from PIL import Image
 
-    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.generation.render import inference_dtype
     from dropkiln.stages.models import resolve_model, shared_pipelines
 
     ref = resolve_model(model, root / "state" / "models")

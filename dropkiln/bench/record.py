@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import operator
+import re
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -20,6 +22,26 @@ class Metric:
     goal: str | None = None
     headline: bool = False
     """Shown in the terminal summary; every metric is in the JSON, CSV and Markdown."""
+
+    def verdict(self) -> str:
+        """``met`` or ``not met`` for a goal written as ``<op> <number>`` (anything after the
+        number, like "on 2 cores", is a comment); empty without a goal or a value."""
+        if self.goal is None or self.value is None:
+            return ""
+        match = GOAL.match(self.goal)
+        if match is None:
+            return ""
+        op, threshold = match["op"], float(match["number"])
+        return "met" if COMPARE[op](float(self.value), threshold) else "not met"
+
+
+GOAL = re.compile(r"\s*(?P<op><=|>=|<|>)\s*(?P<number>-?\d+(?:\.\d+)?)\b")
+COMPARE: dict[str, Callable[[float, float], bool]] = {
+    "<=": operator.le,
+    ">=": operator.ge,
+    "<": operator.lt,
+    ">": operator.gt,
+}
 
 
 @dataclass

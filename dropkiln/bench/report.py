@@ -82,7 +82,7 @@ def summary_table(document: dict[str, Any]) -> str:
     for record in _records(document):
         for name, metric in record.metrics.items():
             if metric.headline:
-                rows.append((record.suite, name, _with_unit(metric), metric.goal or ""))
+                rows.append((record.suite, name, _with_unit(metric), _goal(metric)))
         peak = record.memory.get("rss_peak_bytes")
         if peak:
             rows.append((record.suite, "peak RSS", f"{peak / 2**20:,.0f} MB", ""))
@@ -122,6 +122,7 @@ def markdown(document: dict[str, Any], plots: list[Path]) -> str:
     lines += [f"| versions | {versions} |", ""]
     lines += [f"Options: `{json.dumps(document['options'])}`", ""]
     lines += ["## Summary", "", "```", summary_table(document), "```", ""]
+    lines += ["## Goals", "", *goals_table(document), ""]
     for record in _records(document):
         lines += _suite_markdown(record, [p for p in plots if p.name.startswith(record.suite)])
     return "\n".join(lines) + "\n"
@@ -139,7 +140,7 @@ def _suite_markdown(record: SuiteRecord, plots: list[Path]) -> list[str]:
         ]
     lines += ["| metric | value | unit | goal |", "|---|---:|---|---|"]
     for name, metric in record.metrics.items():
-        lines.append(f"| {name} | {_number(metric.value)} | {metric.unit} | {metric.goal or ''} |")
+        lines.append(f"| {name} | {_number(metric.value)} | {metric.unit} | {_goal(metric)} |")
     lines.append("")
     if record.latency:
         lines += [
@@ -245,6 +246,27 @@ def _verdict(ratio: float | None, metric: Metric) -> str:
         return "same" if ratio is not None and metric.better is not None else ""
     improved = ratio > 1 if metric.better == "higher" else ratio < 1
     return "better" if improved else "worse"
+
+
+def _goal(metric: Metric) -> str:
+    """The goal with its verdict: ``<= 1.05: met``."""
+    if not metric.goal:
+        return ""
+    verdict = metric.verdict()
+    return f"{metric.goal}: {verdict}" if verdict else metric.goal
+
+
+def goals_table(document: dict[str, Any]) -> list[str]:
+    """Every figure that has a goal, met or not, as Markdown rows."""
+    lines = ["| suite | figure | value | goal | verdict |", "|---|---|---:|---|---|"]
+    for record in _records(document):
+        for name, metric in record.metrics.items():
+            if metric.goal:
+                lines.append(
+                    f"| {record.suite} | {name} | {_with_unit(metric)} | {metric.goal} "
+                    f"| {metric.verdict() or 'see notes'} |"
+                )
+    return lines
 
 
 def _records(document: dict[str, Any]) -> list[SuiteRecord]:

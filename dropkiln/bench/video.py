@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from dropkiln.stages.prompts import VideoOptions
+from dropkiln.stages.generation.prompt_file import VideoOptions
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.video import VideoSpec, run_video, slideshow_plan
 

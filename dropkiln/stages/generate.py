@@ -10,17 +10,14 @@ rendered again, whether after an OOM retry, a preemption or a kill.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dropkiln.stages.base import StageContext, StageDef, StageError, StageSpec
-from dropkiln.stages.inference_memory import GENERATE_LADDER
-from dropkiln.stages.pngmeta import contact_sheet
-from dropkiln.stages.prompts import PromptFile, expand_jobs
-
-if TYPE_CHECKING:
-    import torch
+from dropkiln.stages.generation.memory_ladder import GENERATE_LADDER
+from dropkiln.stages.generation.png_files import contact_sheet
+from dropkiln.stages.generation.prompt_file import PromptFile, expand_jobs
 
 CONTACT_SHEET = "contact-sheet.png"
 PREVIEW = "preview.png"
@@ -59,20 +56,10 @@ def resolution(spec: GenerateSpec) -> str:
     return f"{largest.width}x{largest.height}"
 
 
-def inference_dtype(device: str) -> torch.dtype:
-    """The device's one weights dtype, the one training uses (compute_dtype): float32 on the
-    CPU, bfloat16 on a GPU that has it, else float16. One warm copy serves both stages.
-
-    In float16, diffusers decodes with the VAE upcast to float32 when the VAE's config
-    says it overflows (SDXL's ``force_upcast``), or a fp16-fix VAE is given (``vae``)."""
-    from dropkiln.stages.training.encoding import compute_dtype
-
-    return compute_dtype(device)
-
-
 def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
     """Render every image not already on disk, then the walk frames and the contact sheet."""
-    from dropkiln.stages.generation import GenerationRun
+    from dropkiln.stages.generation.render import inference_dtype
+    from dropkiln.stages.generation.run import GenerationRun
     from dropkiln.stages.models import resolve_model, shared_pipelines
 
     tasks = expand_jobs(spec.prompt_file)

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 from dropkiln.stages.base import (
     MemoryRung,
     StageContext,
@@ -55,10 +55,11 @@ def lora_path(output_dir: Path | str, name: str) -> Path:
 
 def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     """Train (or resume training) the LoRA and write it with its loss curve."""
+    from dropkiln.stages.cache import CacheIndex, CacheResult
     from dropkiln.stages.models import pipeline_class, resolve_model, shared_pipelines
     from dropkiln.stages.training.adapters import lora_adapters
     from dropkiln.stages.training.captions import needs_text_encoder
-    from dropkiln.stages.training.data import DataOrder, load_cached_dataset, read_index
+    from dropkiln.stages.training.data import DataOrder, load_cached_dataset
     from dropkiln.stages.training.exports import LoraExports
     from dropkiln.stages.training.loop import TrainingLoop
     from dropkiln.stages.training.losses import training_scheduler
@@ -68,11 +69,11 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     options = spec.options
     _check_options(options)
     plan = _plan(options, STAGE.rung(ctx.memory_rung).options, ctx.device)
-    index = read_index(ctx.upstream("cache")["index"])
+    index = CacheIndex.load(CacheResult.upstream(ctx, "cache").index)
     ref = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
-    if index["model"]["fingerprint"] != ref.fingerprint:
+    if index.model.fingerprint != ref.fingerprint:
         raise StageError(
-            f"the latent cache was made for model {index['model']['name']}, not {spec.model}"
+            f"the latent cache was made for model {index.model.name}, not {spec.model}"
         )
     check_prediction(ref, options)
     pipe = shared_pipelines().get(ref, ctx.device, plan.weight_dtype)
@@ -80,7 +81,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     with lora_adapters(pipe, options, plan.gradient_checkpointing) as models:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
         dataset, validation_set = _hold_out(dataset, options.validation_holdout)
-        trained = index["images"][: len(dataset.images)]
+        trained = index.images[: len(dataset.images)]
         session = _resume(
             lambda: TrainingSession.start(models, options, ctx.device, plan.fp16), ctx
         )
@@ -90,7 +91,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             output_dir=Path(spec.output_dir),
             ref=ref,
             options=options,
-            images=[(tuple(e["bucket"]), tuple(e["original_size"])) for e in trained],
+            images=[(e.bucket, e.original_size) for e in trained],
             captions=[image.caption for image in dataset.images],
             resolution=dataset.resolution(),
             batches_per_epoch=order.batches_per_epoch,
@@ -161,7 +162,7 @@ def check_prediction(ref: ModelRef, options: TrainSettings) -> None:
 def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     import torch
 
-    from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.models.encoding import compute_dtype
     from dropkiln.stages.training.loop import Plan
 
     if rung.get("micro_batch") == 1:

@@ -25,8 +25,8 @@ from dropkiln.stages.base import (
     atomic_path,
 )
 from dropkiln.stages.encode import AudioTrack, encode_frames, encode_timeout, frame_name
-from dropkiln.stages.pngmeta import write_png
-from dropkiln.stages.prompts import VideoOptions
+from dropkiln.stages.generation.png_files import write_png
+from dropkiln.stages.generation.prompt_file import VideoOptions
 
 CHECKPOINT_EVERY = 12
 CROSSFADE_SECONDS = 0.5

@@ -7,12 +7,17 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from dropkiln.store.vocabulary import TERMINAL_STATES as TERMINAL_STATES
+from dropkiln.store.vocabulary import DropKind, Lane
+
 
 class Event(BaseModel):
     """Base of every event; ``type`` is the class name."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     command: ClassVar[bool] = False
+    """A request written by the CLI, the dashboard or the API, which the daemon tails and
+    obeys; the daemon's list of commands to tail is every class that says so."""
     durable: ClassVar[bool] = False
     """Something irreversible follows its commit (a drop moved, older checkpoints pruned,
     outputs replaced or read by the next job), so the commit must survive a power cut:
@@ -29,7 +34,7 @@ class Event(BaseModel):
 class Dropped(Event):
     durable: ClassVar[bool] = True
     drop_id: str
-    kind: str  # dataset | prompts
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -41,7 +46,7 @@ class Dropped(Event):
 class DropRejected(Event):
     durable: ClassVar[bool] = True
     drop_id: str
-    kind: str
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -54,7 +59,7 @@ class DropRecognised(Event):
     durable: ClassVar[bool] = True
 
     drop_id: str
-    kind: str
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -101,7 +106,7 @@ class JobSubmitted(Event):
     job_id: str
     stage: str
     name: str
-    lane: str
+    lane: Lane
     priority: int
     spec: dict[str, Any]
     depends_on: list[str] = Field(default_factory=list)
@@ -156,11 +161,16 @@ class JobSucceeded(Event):
 class JobFailed(Event):
     durable: ClassVar[bool] = True
     reason: str
+    caused_by: str | None = None
+    """The dependency whose failure ended this job before it ran; None when it failed on its
+    own (and in events written before this field existed)."""
 
 
 class JobCancelled(Event):
     durable: ClassVar[bool] = True
     reason: str = "cancelled by request"
+    caused_by: str | None = None
+    """The dependency whose cancellation ended this job; None when it was asked to stop."""
 
 
 class OutOfMemory(Event):
@@ -304,8 +314,6 @@ EVENT_TYPES: dict[str, type[Event]] = {
         WebhookGaveUp,
     )
 }
-
-TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
 def parse_event(type_name: str, data: dict[str, Any]) -> Event:

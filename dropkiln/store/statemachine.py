@@ -17,13 +17,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dropkiln.store.vocabulary import JobState
+
 NEW = "new"  # before JobSubmitted
-QUEUED = "queued"  # includes waiting: dependencies are not part of the stream
-RUNNING = "running"
+QUEUED = JobState.QUEUED  # includes waiting: dependencies are not part of the stream
+RUNNING = JobState.RUNNING
 OUT_OF_MEMORY = "out of memory"  # between OutOfMemory and the retry or the failure
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
+SUCCEEDED = JobState.SUCCEEDED
+FAILED = JobState.FAILED
+CANCELLED = JobState.CANCELLED
 
 TERMINAL_EVENTS = frozenset({"JobSucceeded", "JobFailed", "JobCancelled"})
 REQUEUES = frozenset({"JobQueued", "RetryScheduled", "JobPreempted", "JobInterrupted"})

@@ -41,3 +41,17 @@ def test_bench_train_job_reports_the_whole_job_and_step_lora_cost(bench_models: 
         figures["loop_job_s"][0] / figures["stage_job_s"][0], rel=0.01
     )
     assert figures["step_lora_bytes_total"] > 0 and 0 < figures["step_lora_share_of_job"] < 1
+
+
+@pytest.mark.slow
+def test_bench_train_daemon_times_a_real_daemon_against_a_clean_process(
+    bench_models: Path,
+) -> None:
+    from dropkiln.bench.train_daemon import bench_train_daemon
+
+    figures = bench_train_daemon(steps=4, images=2, repeat=1, models_dir=bench_models)
+    (job,), (clean,) = figures["train_job_s"], figures["clean_s"]
+    assert job > 0 and clean > 0
+    assert figures["drop_to_lora_s"][0] > job  # bucket and cache ran before the train job
+    assert figures["ratio"] == pytest.approx(job / clean, rel=0.01)
+    assert figures["settle_seconds"] == 2.0  # the daemon's default, not a bench setting

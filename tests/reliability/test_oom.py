@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from dropkiln.stages import get_stage
-from dropkiln.stages.inference_memory import GENERATE_LADDER
+from dropkiln.stages.generation.memory_ladder import GENERATE_LADDER
 from tests.reliability.conftest import Reference
 from tests.reliability.faultpoints import fault_points
 from tests.reliability.home import Home

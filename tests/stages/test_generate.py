@@ -15,9 +15,9 @@ from PIL import Image
 from dropkiln.stages.base import StageError, StageStopped
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.generate import STAGE, GenerateSpec, LoraFile, resolution, run_generate
-from dropkiln.stages.inference_memory import GENERATE_LADDER
-from dropkiln.stages.pngmeta import read_dropkiln_record, read_png_text
-from dropkiln.stages.prompts import ImageEntry, PromptFile
+from dropkiln.stages.generation.memory_ladder import GENERATE_LADDER
+from dropkiln.stages.generation.png_files import read_dropkiln_record, read_png_text
+from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
 from dropkiln.stages.testing import LocalContext
 
 torch = pytest.importorskip("torch")

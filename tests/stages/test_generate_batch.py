@@ -12,9 +12,9 @@ from test_generate import direct_pipeline, gen_root, local, one_thread, pixels, 
 
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.generate import run_generate
-from dropkiln.stages.inference_memory import GENERATE_LADDER, batch_limit
-from dropkiln.stages.pngmeta import read_dropkiln_record
-from dropkiln.stages.prompts import ImageEntry, PromptFile
+from dropkiln.stages.generation.memory_ladder import GENERATE_LADDER, batch_limit
+from dropkiln.stages.generation.png_files import read_dropkiln_record
+from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
 
 torch = pytest.importorskip("torch")
 

@@ -11,10 +11,15 @@ from PIL import Image
 
 from dropkiln.config import Settings
 from dropkiln.stages.base import StageError
-from dropkiln.stages.control import ensure_tiny_controlnet
 from dropkiln.stages.generate import GenerateSpec, run_generate
-from dropkiln.stages.latent_walk import WalkFrame, slerp, walk_plan
-from dropkiln.stages.prompts import ImageEntry, PromptFile, VideoOptions, load_prompt_file
+from dropkiln.stages.generation.controlnet import ensure_tiny_controlnet
+from dropkiln.stages.generation.latent_walk import WalkFrame, slerp, walk_plan
+from dropkiln.stages.generation.prompt_file import (
+    ImageEntry,
+    PromptFile,
+    VideoOptions,
+    load_prompt_file,
+)
 from dropkiln.stages.testing import LocalContext
 
 torch = pytest.importorskip("torch")

@@ -18,7 +18,7 @@ from test_generate import (
 )
 
 from dropkiln.stages.generate import LoraFile, run_generate
-from dropkiln.stages.pngmeta import read_png_text
+from dropkiln.stages.generation.png_files import read_png_text
 
 torch = pytest.importorskip("torch")
 

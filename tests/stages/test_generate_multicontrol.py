@@ -11,9 +11,9 @@ from PIL import Image
 from test_generate import gen_root, local, one_thread, pixels, spec_for
 
 from dropkiln.config import Settings
-from dropkiln.stages.control import ensure_tiny_controlnet
 from dropkiln.stages.generate import run_generate
-from dropkiln.stages.prompts import load_prompt_file
+from dropkiln.stages.generation.controlnet import ensure_tiny_controlnet
+from dropkiln.stages.generation.prompt_file import load_prompt_file
 
 torch = pytest.importorskip("torch")
 
@@ -119,8 +119,8 @@ def test_two_controlnets_match_the_diffusers_multi_controlnet_pipeline(
 
 
 def test_canny_preprocessor_is_opencv_canny(tmp_path: Path) -> None:
-    from dropkiln.stages.control import control_image
-    from dropkiln.stages.prompts import ControlRef
+    from dropkiln.stages.generation.controlnet import control_image
+    from dropkiln.stages.generation.prompt_file import ControlRef
 
     write_controls(tmp_path)
     control = ControlRef(image=str(tmp_path / "photo.png"), preprocess="canny")

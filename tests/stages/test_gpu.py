@@ -17,6 +17,7 @@ from dataset_fixtures import make_dataset, mixed_images
 
 from dropkiln.config import TrainSettings
 from dropkiln.stages.base import StageStopped
+from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import STAGE as CACHE
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.testing import LocalContext
@@ -37,7 +38,7 @@ def cached(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[s
         root=root,
         work_dir=root / "state" / "work" / "cache",
         device=DEVICE,
-        upstream_results={"bucket": {"manifest": str(manifest)}},
+        upstream_results={"bucket": BucketResult.of(manifest)},
     )
     return {"root": root, "cache": CACHE.run(CacheSpec(name="cats"), ctx)}
 
@@ -136,8 +137,8 @@ def test_real_oom_on_every_generate_rung(cached: dict[str, Any], starved: None) 
     from dropkiln.stages.device import release_memory
     from dropkiln.stages.generate import STAGE as GENERATE
     from dropkiln.stages.generate import GenerateSpec
+    from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
     from dropkiln.stages.oom import is_out_of_memory
-    from dropkiln.stages.prompts import ImageEntry, PromptFile
 
     prompts = PromptFile(images=[ImageEntry(prompt="a cat", steps=2, width=256, height=256)])
     root = cached["root"]
@@ -157,8 +158,8 @@ def test_train_and_generate_share_one_warm_copy(cached: dict[str, Any]) -> None:
 
     from dropkiln.stages.generate import STAGE as GENERATE
     from dropkiln.stages.generate import GenerateSpec
+    from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
     from dropkiln.stages.models import pipeline_bytes, resolve_model, shared_pipelines
-    from dropkiln.stages.prompts import ImageEntry, PromptFile
 
     cache = shared_pipelines()
     cache.clear()
@@ -182,7 +183,7 @@ def test_train_and_generate_share_one_warm_copy(cached: dict[str, Any]) -> None:
 
 
 def _dtype() -> Any:
-    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.generation.render import inference_dtype
 
     return inference_dtype(DEVICE)
 
@@ -191,7 +192,7 @@ def _dtype() -> Any:
 def test_offload_rungs_on_a_real_device(cached: dict[str, Any], rung: str) -> None:
     from dropkiln.stages.generate import STAGE as GENERATE
     from dropkiln.stages.generate import GenerateSpec
-    from dropkiln.stages.prompts import ImageEntry, PromptFile
+    from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
 
     number = [r.name for r in GENERATE.ladder].index(rung)
     prompts = PromptFile(images=[ImageEntry(prompt="a cat", steps=2, width=64, height=64)])

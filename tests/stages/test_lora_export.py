@@ -9,10 +9,10 @@ from typing import Any
 import pytest
 
 from dropkiln.config import TrainSettings
-from dropkiln.stages.lora_files import load_lora
+from dropkiln.stages.generation.lora_loading import load_lora
 from dropkiln.stages.models import CheckpointHashes, load_pipeline, pipeline_class, resolve_model
+from dropkiln.stages.models.encoding import encode_captions
 from dropkiln.stages.training.adapters import lora_adapters
-from dropkiln.stages.training.encoding import encode_captions
 from dropkiln.stages.training.lora_export import DIFFUSERS_WEIGHTS, write_diffusers, write_kohya
 
 
@@ -124,7 +124,7 @@ def test_text_encoder_weights_that_fit_no_module_are_refused(
     import torch
     from safetensors.torch import load_file, save_file
 
-    from dropkiln.stages.lora_files import LoraMismatch
+    from dropkiln.stages.generation.lora_loading import LoraMismatch
 
     pipe = load_pipeline(resolve_model("tiny-sd15", models_dir), "cpu", torch.float32)
     options = TrainSettings(rank=4, alpha=2.0, train_text_encoder=True)
@@ -148,7 +148,7 @@ def test_text_encoder_lora_loads_after_a_clip_skip_render(models_dir: Path, tmp_
     module); the loader must still see a flat model and drop the files' text_model level."""
     import torch
 
-    from dropkiln.stages.render import diffusers_clip_skip
+    from dropkiln.stages.generation.render import diffusers_clip_skip
 
     pipe = load_pipeline(resolve_model("tiny-sd15", models_dir), "cpu", torch.float32)
     options = TrainSettings(rank=4, alpha=2.0, train_text_encoder=True)

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from dropkiln.stages.pngmeta import (
+from dropkiln.stages.generation.png_files import (
     a1111_parameters,
     contact_sheet,
     latent_preview,
@@ -19,8 +19,8 @@ from dropkiln.stages.pngmeta import (
     read_png_text,
     write_png,
 )
-from dropkiln.stages.prompts import ControlRef, ImageTask
-from dropkiln.stages.schedulers import SCHEDULER_NAMES, make_scheduler, needs_zero_snr
+from dropkiln.stages.generation.prompt_file import ControlRef, ImageTask
+from dropkiln.stages.generation.schedulers import SCHEDULER_NAMES, make_scheduler, needs_zero_snr
 
 TASK = ImageTask(
     index=0, entry=0, stem="000-42", prompt="a cat, sitting", negative="blurry", seed=42,
@@ -161,7 +161,7 @@ def test_v_prediction_models_get_trailing_spacing_and_zero_snr(name: str) -> Non
 def test_zero_snr_models_get_guidance_rescale() -> None:
     from types import SimpleNamespace
 
-    from dropkiln.stages.render import call_options
+    from dropkiln.stages.generation.render import call_options
 
     def pipe_with(prediction: str) -> SimpleNamespace:
         config = {**BASE_CONFIG, "prediction_type": prediction}

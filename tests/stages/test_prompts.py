@@ -12,7 +12,7 @@ from PIL import Image
 
 from dropkiln.config import Settings
 from dropkiln.stages.base import StageError
-from dropkiln.stages.prompts import (
+from dropkiln.stages.generation.prompt_file import (
     ImageEntry,
     LoraRef,
     PromptFile,

@@ -12,7 +12,7 @@ from PIL import Image
 
 from dropkiln.stages.base import StageError, StageStopped
 from dropkiln.stages.faults import FaultInjector
-from dropkiln.stages.prompts import VideoOptions
+from dropkiln.stages.generation.prompt_file import VideoOptions
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.video import (
     STAGE,

@@ -26,7 +26,7 @@ def test_train_and_generate_ask_for_one_dtype_on_a_gpu(
     the model in bf16 and fp16: two warm copies of SDXL. Both now take the device's one."""
     import torch
 
-    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.generation.render import inference_dtype
     from dropkiln.stages.train import STAGE, _plan
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16)
@@ -43,7 +43,7 @@ def test_train_generate_train_loads_the_model_once(
     """The warm cache's load counter across train → generate → train on a (faked) GPU."""
     import torch
 
-    from dropkiln.stages.generate import inference_dtype
+    from dropkiln.stages.generation.render import inference_dtype
     from dropkiln.stages.train import STAGE, _plan
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)

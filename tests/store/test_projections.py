@@ -309,3 +309,51 @@ async def test_same_path_in_two_jobs_is_two_artifacts(store: EventStore) -> None
         )
     rows = (await projection_rows(store))["artifacts"]
     assert sorted(r["job_id"] for r in rows) == ["a", "b"]
+
+
+def test_every_event_class_says_what_it_does_to_the_projections() -> None:
+    from dropkiln.store.projections import NO_PROJECTION, PROJECTORS
+
+    classes = set(EVENT_TYPES.values())
+    assert PROJECTORS.keys() | NO_PROJECTION == classes
+    assert not PROJECTORS.keys() & NO_PROJECTION
+
+
+async def test_a_renamed_event_class_still_projects(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Renaming JobSucceeded (its stored type is its class name) must not leave the job
+    # running with only its version bumped: the projection follows the class, not a string.
+    await store.append(STREAM, [submitted(JOB), *STARTED])
+    monkeypatch.setitem(EVENT_TYPES, "JobCompleted", ev.JobSucceeded)
+    ev.JobSucceeded.__name__ = "JobCompleted"
+    try:
+        await store.append(STREAM, [ev.JobSucceeded(result={"manifest": "m.json"})])
+    finally:
+        ev.JobSucceeded.__name__ = "JobSucceeded"
+    row = await job_row(store)
+    assert (row["state"], row["result"]) == ("succeeded", {"manifest": "m.json"})
+
+
+def test_an_event_without_a_projection_rule_is_refused() -> None:
+    from dropkiln.store.projections import changes_for
+
+    class JobRenamedByMistake(ev.Event):
+        pass
+
+    stored = StoredEvent(1, STREAM, 2, "JobRenamedByMistake", {}, "2026-01-01T00:00:00+00:00")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(EVENT_TYPES, "JobRenamedByMistake", JobRenamedByMistake)
+        with pytest.raises(ValueError, match="no projection rule"):
+            changes_for(stored)
+
+
+def test_endings_written_before_caused_by_existed_still_read() -> None:
+    # Rows already in users' databases have no caused_by: they read as "ended on its own".
+    from dropkiln.store.projections import changes_for
+
+    for type_name in ("JobFailed", "JobCancelled"):
+        old = StoredEvent(7, STREAM, 4, type_name, {"reason": "x"}, "2026-01-01T00:00:00+00:00")
+        event = ev.parse_event(old.type, old.data)
+        assert isinstance(event, ev.JobFailed | ev.JobCancelled) and event.caused_by is None
+        assert changes_for(old)[0].values["error"] == "x"

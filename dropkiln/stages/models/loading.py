@@ -55,8 +55,8 @@ def single_file_parts(ref: ModelRef) -> dict[str, Any]:
     """
     import diffusers
 
+    from dropkiln.stages.generation.schedulers import ZERO_SNR_OPTIONS
     from dropkiln.stages.models.clip_tokenizer import clip_tokenizer
-    from dropkiln.stages.schedulers import ZERO_SNR_OPTIONS
 
     assert ref.config_dir is not None
     parts: dict[str, Any] = {"tokenizer": clip_tokenizer("endoftext")}

@@ -19,7 +19,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from peft.utils import get_peft_model_state_dict
 from transformers.modeling_utils import PreTrainedModel
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 from dropkiln.stages.training.pipeline import TrainingPipeline
 
 ADAPTER = "dropkiln_train"

@@ -7,7 +7,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 
 
 def split_tags(caption: str) -> list[str]:

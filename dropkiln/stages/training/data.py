@@ -6,22 +6,28 @@ bucket batches, so resuming needs only the position, and it is the same on every
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
+from PIL import ImageOps
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 from dropkiln.stages.base import StageError
+from dropkiln.stages.bucket import UNCAPPED_FILE_BYTES, bucket_pixels
+from dropkiln.stages.cache import CacheIndex, IndexedImage, ShardRef
+from dropkiln.stages.models.encoding import (
+    encode_captions,
+    encode_latents,
+    pixels_to_tensor,
+    vae_for_encoding,
+)
+from dropkiln.stages.shards import CorruptShard, ShardStore
 from dropkiln.stages.training.captions import augment_caption, tag_loss_weight
-from dropkiln.stages.training.encoding import encode_captions
 from dropkiln.stages.training.losses import NoiseDraw, draw_noise
 from dropkiln.stages.training.pipeline import TrainingPipeline
-from dropkiln.stages.training.shards import CorruptShard, ShardStore
 
 Size = tuple[int, int]
 
@@ -58,99 +64,75 @@ class CachedDataset:
         return max(groups, key=lambda size: (len(groups[size]), size))
 
 
-def read_index(path: Path | str) -> dict[str, Any]:
-    try:
-        index: dict[str, Any] = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise StageError(f"latent cache index {path} is unreadable: {exc}") from exc
-    if index.get("format") != "dropkiln.latent-cache":
-        raise StageError(f"{path} is not a latent cache index")
-    return index
-
-
 def load_cached_dataset(
-    index: dict[str, Any], pipe: TrainingPipeline, device: str, tag_weights: dict[str, float]
+    index: CacheIndex, pipe: TrainingPipeline, device: str, tag_weights: dict[str, float]
 ) -> CachedDataset:
     """Every shard the index names, verified; a damaged shard is re-encoded first."""
 
-    store = ShardStore(Path(index["cache_dir"]))
+    store = ShardStore(Path(index.cache_dir))
     repaired = 0
     text: dict[str, dict[str, torch.Tensor]] = {}
-    entries = [("", index["empty_text"])] + [(e["caption"], e["text"]) for e in index["images"]]
+    entries = [("", index.empty_text)] + [(e.caption, e.text) for e in index.images]
     for caption, entry in entries:
         if caption in text:
             continue
         try:
-            tensors = store.read(entry["shard"], entry["key"])
+            tensors = store.read(entry.shard, entry.key)
         except CorruptShard:
             tensors = _reencode_text(pipe, store, caption, entry)
             repaired += 1
         text[caption] = {k: v.to(device) for k, v in tensors.items()}
     images = []
-    for entry in index["images"]:
+    for image in index.images:
         try:
-            tensors = store.read(entry["latents"]["shard"], entry["latents"]["key"])
+            tensors = store.read(image.latents.shard, image.latents.key)
         except CorruptShard:
-            tensors = _reencode_latents(pipe, store, index, entry)
+            tensors = _reencode_latents(pipe, store, index, image)
             repaired += 1
-        if index["flip_augment"] and "latents_flipped" not in tensors:
-            raise StageError(f"cached latents of {entry['path']} lack the flipped variant")
+        if index.flip_augment and "latents_flipped" not in tensors:
+            raise StageError(f"cached latents of {image.path} lack the flipped variant")
         flipped = tensors.get("latents_flipped")
         images.append(
             CachedImage(
-                caption=entry["caption"],
-                bucket=(entry["bucket"][0], entry["bucket"][1]),
+                caption=image.caption,
+                bucket=image.bucket,
                 latents=tensors["latents"].to(device),
                 flipped=None if flipped is None else flipped.to(device),
-                time_ids=_time_ids(entry, entry["crop_top_left"], device),
-                flipped_time_ids=_time_ids(entry, entry["flipped_crop_top_left"], device),
-                weight=tag_loss_weight(entry["caption"], tag_weights),
+                time_ids=_time_ids(image, image.crop_top_left, device),
+                flipped_time_ids=_time_ids(image, image.flipped_crop_top_left, device),
+                weight=tag_loss_weight(image.caption, tag_weights),
             )
         )
-    return CachedDataset(index["name"], index["model"]["kind"], images, text, repaired)
+    return CachedDataset(index.name, index.model.kind, images, text, repaired)
 
 
-def _time_ids(entry: dict[str, Any], crop_top_left: list[int], device: str) -> torch.Tensor:
+def _time_ids(image: IndexedImage, crop_top_left: tuple[int, int], device: str) -> torch.Tensor:
     """SDXL size conditioning: original (h, w), crop (top, left), target (h, w)."""
-    (orig_w, orig_h), (bucket_w, bucket_h) = entry["original_size"], entry["bucket"]
+    (orig_w, orig_h), (bucket_w, bucket_h) = image.original_size, image.bucket
     values = [orig_h, orig_w, crop_top_left[0], crop_top_left[1], bucket_h, bucket_w]
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _reencode_text(
-    pipe: TrainingPipeline, store: ShardStore, caption: str, entry: dict[str, str]
+    pipe: TrainingPipeline, store: ShardStore, caption: str, entry: ShardRef
 ) -> dict[str, torch.Tensor]:
     with torch.no_grad():
         encoded = encode_captions(pipe, [caption])
     tensors = {k: v[0].detach().cpu() for k, v in encoded.items()}
-    store.write("text", entry["key"], tensors)
+    store.write("text", entry.key, tensors)
     return tensors
 
 
 def _reencode_latents(
-    pipe: Any, store: ShardStore, index: dict[str, Any], entry: dict[str, Any]
+    pipe: TrainingPipeline, store: ShardStore, index: CacheIndex, image: IndexedImage
 ) -> dict[str, torch.Tensor]:
-    from PIL import ImageOps
-
-    from dropkiln.stages.training.encoding import encode_latents, pixels_to_tensor, vae_for_encoding
-    from dropkiln.stages.training.manifest import Manifest, PlannedImage, load_bucket_pixels
-
-    planned = PlannedImage(
-        path=entry["path"],
-        sha256=entry["sha256"],
-        caption=entry["caption"],
-        original_size=tuple(entry["original_size"]),
-        resized_size=tuple(entry["resized_size"]),
-        bucket=tuple(entry["bucket"]),
-        crop_box=tuple(entry["crop_box"]),
-    )
-    picture = load_bucket_pixels(Manifest(index["name"], Path(index["dataset_dir"]), []), planned)
+    picture = bucket_pixels(Path(index.dataset_dir), image, UNCAPPED_FILE_BYTES)
     with vae_for_encoding(pipe, tiled=False) as vae:
         tensors = {"latents": encode_latents(vae, pixels_to_tensor([picture]))[0].cpu()}
-        if index["flip_augment"]:
+        if index.flip_augment:
             mirrored = pixels_to_tensor([ImageOps.mirror(picture)])
             tensors["latents_flipped"] = encode_latents(vae, mirrored)[0].cpu()
-    store.write("latents", entry["latents"]["key"], tensors)
+    store.write("latents", image.latents.key, tensors)
     return tensors
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 from dropkiln.stages.models import ModelRef, checkpoint_hashes
 from dropkiln.stages.training.captions import tag_frequency
 from dropkiln.stages.training.lora_export import write_kohya

@@ -27,8 +27,9 @@ from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 from dropkiln.stages.base import StageContext, StageStopped
 from dropkiln.stages.fault_hooks import inside, middle_block
+from dropkiln.stages.generation.png_files import model_label
 from dropkiln.stages.models import ModelRef, checkpoint_hashes
-from dropkiln.stages.pngmeta import model_label
+from dropkiln.stages.models.encoding import encode_captions
 from dropkiln.stages.training.checkpoint import (
     RngState,
     capture_global_rng,
@@ -42,7 +43,6 @@ from dropkiln.stages.training.data import (
     DataOrder,
     assemble_batch,
 )
-from dropkiln.stages.training.encoding import encode_captions
 from dropkiln.stages.training.exports import LoraExports
 from dropkiln.stages.training.losses import (
     generation_scheduler,

@@ -11,7 +11,7 @@ from diffusers.configuration_utils import ConfigMixin
 from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 from diffusers.training_utils import compute_snr
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 
 
 def training_scheduler(

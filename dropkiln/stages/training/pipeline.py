@@ -2,7 +2,7 @@
 
 diffusers registers a pipeline's components at run time, so its classes do not declare
 them; this protocol names the ones training touches. SD 1.5 pipelines have no second text
-encoder: ``text_encoder_2`` is read with ``getattr`` (see ``second_text_encoder``).
+encoder, so ``text_encoder_2`` is not part of it.
 
 The classes come from their own modules: diffusers' and transformers' package roots also
 export stand-in classes for installs without torch, which type checkers would pick.
@@ -36,14 +36,3 @@ class TrainingPipeline(Protocol):
 
     # The pipeline's own call (validation images); its output type differs per pipeline.
     def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
-
-
-def second_text_encoder(
-    pipe: TrainingPipeline,
-) -> tuple[PreTrainedModel, PreTrainedTokenizerBase] | None:
-    """SDXL's second text encoder and its tokenizer; None for SD 1.5."""
-    encoder: PreTrainedModel | None = getattr(pipe, "text_encoder_2", None)
-    if encoder is None:
-        return None
-    tokenizer: PreTrainedTokenizerBase = getattr(pipe, "tokenizer_2")  # noqa: B009
-    return encoder, tokenizer

@@ -16,8 +16,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from dropkiln.stages.base import write_atomic
-from dropkiln.stages.pngmeta import THUMB_SIDE, infotext, write_png
-from dropkiln.stages.schedulers import a1111_sampler_of
+from dropkiln.stages.generation.png_files import THUMB_SIDE, infotext, write_png
+from dropkiln.stages.generation.schedulers import a1111_sampler_of
 from dropkiln.stages.training.checkpoint import capture_global_rng, restore_global_rng
 from dropkiln.stages.training.pipeline import TrainingPipeline
 

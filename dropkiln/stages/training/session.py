@@ -22,7 +22,7 @@ from diffusers.training_utils import EMAModel
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.training.adapters import TrainableModels
 from dropkiln.stages.training.checkpoint import (

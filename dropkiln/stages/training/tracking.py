@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 from dropkiln.stages.training.data import Batch, CachedImage
 from dropkiln.stages.training.losses import NoiseDraw
 

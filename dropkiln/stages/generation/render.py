@@ -8,8 +8,8 @@ from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.base import StageError
-from dropkiln.stages.prompts import ImageTask
-from dropkiln.stages.schedulers import needs_zero_snr
+from dropkiln.stages.generation.prompt_file import ImageTask
+from dropkiln.stages.generation.schedulers import needs_zero_snr
 
 if TYPE_CHECKING:
     import torch
@@ -19,6 +19,17 @@ if TYPE_CHECKING:
 ZERO_SNR_GUIDANCE_RESCALE = 0.7
 
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+
+def inference_dtype(device: str) -> torch.dtype:
+    """The device's one weights dtype, the one training uses (compute_dtype): float32 on the
+    CPU, bfloat16 on a GPU that has it, else float16. One warm copy serves both stages.
+
+    In float16, diffusers decodes with the VAE upcast to float32 when the VAE's config
+    says it overflows (SDXL's ``force_upcast``), or a fp16-fix VAE is given (``vae``)."""
+    from dropkiln.stages.models.encoding import compute_dtype
+
+    return compute_dtype(device)
 
 
 def diffusers_clip_skip(pipe: Any, clip_skip: int | None) -> int | None:

@@ -13,8 +13,8 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps
 from PIL.PngImagePlugin import PngInfo
 
 from dropkiln.stages.base import write_atomic
-from dropkiln.stages.prompts import ImageTask
-from dropkiln.stages.schedulers import a1111_sampler
+from dropkiln.stages.generation.prompt_file import ImageTask
+from dropkiln.stages.generation.schedulers import a1111_sampler
 
 if TYPE_CHECKING:
     import torch

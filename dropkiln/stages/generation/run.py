@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.base import MemoryRung, StageContext, StageError, StageStopped
-from dropkiln.stages.control import (
+from dropkiln.stages.generation.controlnet import (
     control_inputs,
     control_pipeline,
     control_record,
@@ -18,12 +18,10 @@ from dropkiln.stages.control import (
     image_digest,
     load_controlnet,
 )
-from dropkiln.stages.inference_memory import apply_rung, batch_limit, undo_rung
-from dropkiln.stages.init_images import image_mode, init_inputs, init_pipeline
-from dropkiln.stages.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
-from dropkiln.stages.models.hashes import checkpoint_hashes
-from dropkiln.stages.models.refs import safetensors_data_sha256
-from dropkiln.stages.pngmeta import (
+from dropkiln.stages.generation.img2img import image_mode, init_inputs, init_pipeline
+from dropkiln.stages.generation.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
+from dropkiln.stages.generation.memory_ladder import apply_rung, batch_limit, undo_rung
+from dropkiln.stages.generation.png_files import (
     a1111_parameters,
     latent_preview,
     model_label,
@@ -31,16 +29,19 @@ from dropkiln.stages.pngmeta import (
     read_dropkiln_record,
     write_png,
 )
-from dropkiln.stages.prompts import ImageTask
-from dropkiln.stages.render import (
+from dropkiln.stages.generation.prompt_file import ImageTask
+from dropkiln.stages.generation.render import (
     StepCallback,
     batch_key,
+    inference_dtype,
     initial_noise,
     prompt_embeddings,
     render_batch,
     render_from_embeddings,
 )
-from dropkiln.stages.schedulers import make_scheduler
+from dropkiln.stages.generation.schedulers import make_scheduler
+from dropkiln.stages.models.hashes import checkpoint_hashes
+from dropkiln.stages.models.refs import safetensors_data_sha256
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -63,8 +64,6 @@ class GenerationRun:
         tasks: list[ImageTask],
         output_dir: Path,
     ) -> None:
-        from dropkiln.stages.generate import inference_dtype
-
         self.spec, self.ctx, self.model, self.rung = spec, ctx, model, rung
         self.tasks, self.output_dir = tasks, output_dir
         self.dtype = inference_dtype(ctx.device)
@@ -344,7 +343,7 @@ class GenerationRun:
         return self._keyframes[index]
 
     def _load_loras(self, pipe: Any) -> None:
-        from dropkiln.stages.lora_files import load_lora
+        from dropkiln.stages.generation.lora_loading import load_lora
 
         names = []
         for number, lora in enumerate(self.spec.loras):

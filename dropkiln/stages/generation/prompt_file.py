@@ -24,7 +24,7 @@ from pydantic import (
 
 from dropkiln.config import Settings
 from dropkiln.stages.base import StageError
-from dropkiln.stages.schedulers import SCHEDULER_NAMES
+from dropkiln.stages.generation.schedulers import SCHEDULER_NAMES
 
 M = TypeVar("M", bound=BaseModel)
 

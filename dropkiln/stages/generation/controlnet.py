@@ -17,8 +17,8 @@ from dropkiln.stages.base import StageError
 if TYPE_CHECKING:
     import torch
 
+    from dropkiln.stages.generation.prompt_file import ControlRef
     from dropkiln.stages.models import ModelRef
-    from dropkiln.stages.prompts import ControlRef
 
 TINY_CONTROLNET_SEED = 20240602
 TINY_CONTROL = "tiny"

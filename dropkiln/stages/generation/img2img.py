@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from dropkiln.stages.base import StageError
-from dropkiln.stages.prompts import ImageTask
+from dropkiln.stages.generation.prompt_file import ImageTask
 
 
 def image_mode(task: ImageTask) -> str | None:
@@ -32,8 +32,8 @@ def init_inputs(task: ImageTask) -> dict[str, Any]:
 
     from PIL import Image, UnidentifiedImageError
 
-    from dropkiln.stages.control import read_control_bytes
     from dropkiln.stages.dataset import UnsafeFile
+    from dropkiln.stages.generation.controlnet import read_control_bytes
 
     inputs: dict[str, Any] = {}
     for argument, path, mode in (("image", task.init_image, "RGB"), ("mask_image", task.mask, "L")):

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from typing import Any
 
 from dropkiln.stages.base import MemoryRung
-from dropkiln.stages.prompts import MAX_BATCH
+from dropkiln.stages.generation.prompt_file import MAX_BATCH
 
 _SLICING = {"attention_slicing": True, "vae_slicing": True, "batch_divisor": 2}
 _TILING = {**_SLICING, "vae_tiling": True}

@@ -1,0 +1,309 @@
+"""A whole train job through the path users run, against a clean training script process.
+
+A dataset folder is dropped into a real `dropkiln daemon` process (default settings and torch
+threads unless told otherwise). The daemon buckets it, caches latents and text embeddings,
+and trains with its saves at every checkpoint: the LoRA in kohya's format, the training
+state, a validation image, the loss curve and TensorBoard. The figure is the train job's
+``JobStarted`` → ``JobSucceeded``.
+
+The baseline is a plain diffusers + peft script in a fresh process of its own that imports
+no dropkiln module (``CLEAN_TRAINER``). Like diffusers' ``train_text_to_image_lora_sdxl.py``
+it encodes the dataset first (not timed: the daemon does that in its cache job), then runs the
+same steps with the same saves at the same checkpoints, timed. The two take turns.
+
+Run ``python -m dropkiln.bench.train_daemon [--steps N] [--repeat N]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import anyio
+
+from dropkiln.bench.cache import link_models, write_bench_dataset
+from dropkiln.bench.daemon import start_daemon, stop_daemon
+from dropkiln.config import Settings
+
+POLL_S = 0.5
+VALIDATION_PROMPT = "a photo of sks cat"
+CHECKPOINTS_PER_JOB = 8
+"""The default cadence: 2000 steps with ``checkpoint_every = 250``."""
+
+CLEAN_TRAINER = r"""
+import csv, json, sys, time
+from pathlib import Path
+import torch
+from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers.training_utils import cast_training_params
+from PIL import Image
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+from torch.utils.tensorboard import SummaryWriter
+
+folder, threads = sys.argv[1], int(sys.argv[2])
+if threads > 0:
+    torch.set_num_threads(threads)
+device = "cpu"
+dtype = torch.float32
+pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
+pipe.set_progress_bar_config(disable=True)
+print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+
+def encode(dataset):
+    images = sorted(Path(dataset).glob("*.png"))
+    pixels = [torch.from_numpy(__import__("numpy").asarray(Image.open(p).convert("RGB")).copy())
+              for p in images]
+    batch = torch.stack(pixels).permute(0, 3, 1, 2).float() / 127.5 - 1
+    captions = [p.with_suffix(".txt").read_text() for p in images]
+    with torch.no_grad():
+        latents = pipe.vae.encode(batch).latent_dist.sample() * pipe.vae.config.scaling_factor
+        embeds, _, pooled, _ = pipe.encode_prompt(captions, do_classifier_free_guidance=False)
+    return latents, embeds, pooled
+
+for line in sys.stdin:
+    job = json.loads(line)
+    latents, embeds, pooled = encode(job["dataset"])
+    out = Path(job["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
+    time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(latents), dtype=torch.float32)
+    unet = pipe.unet
+    unet.requires_grad_(False)
+    rank = job["rank"]
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank,
+                                target_modules=["to_q", "to_k", "to_v", "to_out.0"]), "job")
+    cast_training_params(unet, dtype=torch.float32)
+    unet.train()
+    params = [p for p in unet.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=job["learning_rate"])
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+    generator = torch.Generator().manual_seed(0)
+    writer = SummaryWriter(str(out / "tensorboard"))
+    losses = []
+    batch_size, every, steps = job["batch_size"], job["checkpoint_every"], job["steps"]
+    for step in range(1, steps + 1):
+        rows = torch.randint(0, len(latents), (batch_size,), generator=generator)
+        noise = torch.randn(latents[rows].shape, generator=generator)
+        timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
+        noisy = noise_scheduler.add_noise(latents[rows], noise, timesteps)
+        extra = {"text_embeds": pooled[rows], "time_ids": time_ids[rows]}
+        prediction = unet(noisy, timesteps, encoder_hidden_states=embeds[rows],
+                          added_cond_kwargs=extra).sample
+        loss = torch.nn.functional.mse_loss(prediction.float(), noise.float())
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append((step, float(loss.item())))
+        writer.add_scalar("loss", losses[-1][1], step)
+        if step % every == 0 or step == steps:
+            lora = {k: v.contiguous() for k, v in
+                    get_peft_model_state_dict(unet, adapter_name="job").items()}
+            save_file(lora, str(out / f"lora-step{step:06d}.safetensors"))
+            state = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items()
+                     for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0}
+            save_file(state, str(out / f"state-step{step:06d}.safetensors"))
+            with open(out / "loss.csv", "w", newline="") as handle:
+                csv.writer(handle).writerows([("step", "loss"), *losses])
+            unet.eval()
+            with torch.no_grad():
+                image = pipe(job["validation_prompt"], width=w, height=h,
+                             num_inference_steps=job["validation_steps"],
+                             guidance_scale=job["validation_guidance"],
+                             generator=torch.Generator().manual_seed(1)).images[0]
+            image.save(out / f"validation-step{step:06d}.png")
+            unet.train()
+    writer.close()
+    seconds = time.perf_counter() - started
+    unet.delete_adapters("job")
+    unet.eval()
+    print(json.dumps({"seconds": seconds}), flush=True)
+"""
+
+
+class CleanTrainer:
+    """The baseline training process, model loaded once, one job a line on stdin."""
+
+    def __init__(self, model_folder: Path, threads: int = 0) -> None:
+        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        environment.pop("PYTHONPATH", None)
+        self.process = subprocess.Popen(
+            [sys.executable, "-c", CLEAN_TRAINER, str(model_folder), str(threads)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=environment,
+        )
+        self.threads = int(self._answer()["threads"])
+
+    def train(self, job: dict[str, Any]) -> float:
+        """Seconds of the training loop with its saves (encoding excluded)."""
+        assert self.process.stdin is not None
+        self.process.stdin.write(json.dumps(job) + "\n")
+        self.process.stdin.flush()
+        return float(self._answer()["seconds"])
+
+    def _answer(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = self.process.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the clean training process exited ({self.process.wait()})")
+        answer: dict[str, Any] = json.loads(line)
+        return answer
+
+    def close(self) -> None:
+        if self.process.stdin is not None:
+            self.process.stdin.close()
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout is not None:
+            self.process.stdout.close()
+
+
+def bench_train_daemon(
+    steps: int = 40, size: int = 64, batch_size: int = 2, rank: int = 8, images: int = 8,
+    repeat: int = 2, model: str = "tiny-sdxl", models_dir: Path | None = None,
+    threads: int = 0,
+) -> dict[str, Any]:  # fmt: skip
+    """Train-job seconds in a daemon against the clean script; their ratio (daemon ÷ clean)."""
+    from dropkiln.stages.models import resolve_model
+    from dropkiln.stages.training.report import VALIDATION_GUIDANCE, VALIDATION_STEPS
+
+    every = max(1, steps // CHECKPOINTS_PER_JOB)
+    options = {
+        "resolution": size, "min_side": size, "steps": steps, "checkpoint_every": every,
+        "batch_size": batch_size, "rank": rank, "learning_rate": 1e-4,
+        "validation_prompts": [VALIDATION_PROMPT],
+    }  # fmt: skip
+    with tempfile.TemporaryDirectory(prefix="dropkiln-bench-train-") as scratch:
+        root = Path(scratch)
+        link_models(root, models_dir)
+        # operator caps allow the bench's short cadence; everything else is the default
+        (root / "dropkiln.toml").write_text(
+            f'model = "{model}"\ndevice = "cpu"\n[limits]\nmin_checkpoint_every = 1\n'
+        )
+        environment = {**os.environ, "DROPKILN_TORCH_THREADS": str(threads)}
+        settings = Settings.load(root=root, torch_threads=threads)
+        settings.paths.create()
+        folder = resolve_model(model, settings.paths.models).path
+        # made outside the watched folders; each repeat drops a copy
+        write_bench_dataset(root / "source", "source", images, size)
+        source = root / "source" / "drop" / "datasets" / "source"
+        clean = CleanTrainer(folder, threads)
+        daemon = start_daemon(settings, environment)
+        job_s, drop_s, clean_s = [], [], []
+        try:
+            for attempt in range(repeat):
+                name = f"bench{attempt:02d}"
+                staged = root / "staging" / name
+                _copy_dataset(source, staged, options)
+                dropped = time.time()
+                staged.rename(settings.paths.datasets / name)
+                started, finished = _wait_for_train(settings, name)
+                job_s.append(finished - started)
+                drop_s.append(finished - dropped)
+                clean_s.append(
+                    clean.train(
+                        {
+                            "dataset": str(source), "out": str(root / "clean" / name),
+                            "steps": steps, "checkpoint_every": every,
+                            "batch_size": batch_size, "rank": rank, "learning_rate": 1e-4,
+                            "validation_prompt": VALIDATION_PROMPT,
+                            "validation_steps": VALIDATION_STEPS,
+                            "validation_guidance": VALIDATION_GUIDANCE,
+                        }
+                    )
+                )  # fmt: skip
+        finally:
+            stop_daemon(daemon)
+            clean.close()
+    return {
+        "model": model,
+        "steps": steps,
+        "checkpoint_every": every,
+        "batch_size": batch_size,
+        "rank": rank,
+        "size": size,
+        "settle_seconds": settings.settle_seconds,
+        "torch_threads": {"daemon": threads or "default", "clean": clean.threads},
+        "train_job_s": [round(s, 3) for s in job_s],
+        "drop_to_lora_s": [round(s, 3) for s in drop_s],
+        "clean_s": [round(s, 3) for s in clean_s],
+        "ratio": round(statistics.median(job_s) / statistics.median(clean_s), 3),
+        "ratio_best": round(min(job_s) / min(clean_s), 3),
+        "load_average_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def _copy_dataset(source: Path, target: Path, options: dict[str, Any]) -> None:
+    target.mkdir(parents=True)
+    for path in source.iterdir():
+        if path.suffix in {".png", ".txt"}:
+            (target / path.name).write_bytes(path.read_bytes())
+    lines = [f"{key} = {json.dumps(value)}" for key, value in options.items()]
+    (target / "dataset.toml").write_text("\n".join(lines) + "\n")
+
+
+def _wait_for_train(settings: Settings, name: str) -> tuple[float, float]:
+    """The train job's start and end (epoch seconds), once it succeeded."""
+    while True:
+        time.sleep(POLL_S)
+        job = anyio.run(_train_job, settings, name)
+        if job is not None and job.terminal:
+            break
+    if job.state != "succeeded" or job.started_at is None or job.finished_at is None:
+        raise RuntimeError(f"train job {name} ended {job.state}: {job.error}")
+    started = datetime.fromisoformat(job.started_at).timestamp()
+    return started, datetime.fromisoformat(job.finished_at).timestamp()
+
+
+async def _train_job(settings: Settings, name: str) -> Any:
+    from dropkiln.store import EventStore, list_drops, list_jobs
+
+    store = await EventStore.open(settings.paths.db)
+    try:
+        failed = [d for d in await list_drops(store) if d["state"] == "failed"]
+        if failed:
+            raise RuntimeError(f"drop {failed[0]['name']} rejected: {failed[0]['reason']}")
+        jobs = [j for j in await list_jobs(store) if j.stage == "train" and j.name == name]
+    finally:
+        await store.close()
+    return jobs[0] if jobs else None
+
+
+def main(argv: Sequence[str] = ()) -> None:
+    parser = argparse.ArgumentParser(prog="python -m dropkiln.bench.train_daemon")
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
+    args = parser.parse_args(list(argv))
+    figures = bench_train_daemon(
+        steps=args.steps, size=args.size, repeat=args.repeat, threads=args.threads
+    )
+    print(
+        f"train job in the daemon {statistics.median(figures['train_job_s']):.2f}s, clean "
+        f"script {statistics.median(figures['clean_s']):.2f}s: ratio {figures['ratio']} "
+        "(goal <= 1.10)"
+    )
+    print(json.dumps(figures))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
