@@ -330,7 +330,7 @@ class TrainingLoop:
             return self.session.validation_losses[-1][1]
         batches = validation_batches(
             self.validation_set,
-            self.dataset.text,
+            self.dataset,
             self.spec.options,
             self.scheduler.config["num_train_timesteps"],
             self.on_the_fly,

@@ -22,7 +22,7 @@ from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
 from dropkiln.options import TrainSettings
-from dropkiln.stages.training.data import Batch, CachedImage
+from dropkiln.stages.training.data import Batch, CachedDataset, CachedImage
 from dropkiln.stages.training.losses import NoiseDraw
 
 if TYPE_CHECKING:
@@ -53,7 +53,7 @@ def validation_timesteps(options: TrainSettings, num_train_timesteps: int) -> li
 
 def validation_batches(
     images: Sequence[CachedImage],
-    text: dict[str, dict[str, torch.Tensor]],
+    dataset: CachedDataset,
     options: TrainSettings,
     num_train_timesteps: int,
     encode_on_the_fly: bool,
@@ -64,17 +64,18 @@ def validation_batches(
     batches = []
     for image in images[:VALIDATION_LOSS_IMAGES]:
         count = len(timesteps)
-        latents = image.latents.unsqueeze(0).float().repeat(count, 1, 1, 1)
+        latents = dataset.latents(image, False).unsqueeze(0).float().repeat(count, 1, 1, 1)
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         device = latents.device
         cached = None
         if not encode_on_the_fly:
             cached = {k: v.unsqueeze(0).repeat(count, *[1] * v.dim())
-                      for k, v in text[image.caption].items()}  # fmt: skip
+                      for k, v in dataset.text_outputs(image.caption).items()}  # fmt: skip
+        time_ids = dataset.time_ids(image, False)
         batches.append(
             Batch(
                 latents,
-                image.time_ids.unsqueeze(0).repeat(count, *[1] * image.time_ids.dim()),
+                time_ids.unsqueeze(0).repeat(count, *[1] * time_ids.dim()),
                 [image.caption] * count,
                 cached,
                 torch.ones(count, dtype=torch.float32, device=device),
