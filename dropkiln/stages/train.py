@@ -63,6 +63,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     from dropkiln.stages.training.exports import LoraExports
     from dropkiln.stages.training.loop import TrainingLoop
     from dropkiln.stages.training.losses import training_scheduler
+    from dropkiln.stages.training.phases import DevicePhases, idle_while_stepping
     from dropkiln.stages.training.session import TrainingSession, seed_everything
     from dropkiln.stages.training.tracking import TENSORBOARD, RunTracker, hyperparameters
 
@@ -114,6 +115,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
                 Path(spec.output_dir) / TENSORBOARD, session.step, hyperparameters(options, plan)
             ),
             validation_set=validation_set,
+            phases=DevicePhases(pipe, idle_while_stepping(options), ctx.device),
         )
         with closing(loop.tracker):
             loop.run()

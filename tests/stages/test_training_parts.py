@@ -160,3 +160,13 @@ def test_looking_stages_up_leaves_the_training_modules_unimported() -> None:
     heavy, training = done.stdout.splitlines()
     assert heavy == "[]"
     assert training == "[]"
+
+
+def test_the_models_a_step_does_not_use_wait_off_the_device() -> None:
+    from dropkiln.stages.training.phases import idle_while_stepping
+
+    # captions from the cache: only the UNet steps
+    assert idle_while_stepping(TrainSettings()) == ["vae", "text_encoder", "text_encoder_2"]
+    # captions that change per step are encoded on the fly; trained encoders step too
+    for options in (TrainSettings(shuffle_tags=True), TrainSettings(train_text_encoder=True)):
+        assert idle_while_stepping(options) == ["vae"]

@@ -50,6 +50,7 @@ from dropkiln.stages.training.losses import (
     noisy_latents_and_target,
     per_sample_mse,
 )
+from dropkiln.stages.training.phases import DevicePhases
 from dropkiln.stages.training.pipeline import TrainingPipeline
 from dropkiln.stages.training.report import (
     CONTACT_SHEET,
@@ -103,6 +104,8 @@ class TrainingLoop:
     """TensorBoard event files."""
     validation_set: list[CachedImage]
     """The images of the validation loss (held out, or the first training images)."""
+    phases: DevicePhases
+    """Which models are on the device while stepping and while sampling."""
     grad_norm: float = 0.0
     """The last step's gradient norm, before clipping."""
     _measuring: bool = False
@@ -110,7 +113,10 @@ class TrainingLoop:
     _memory_at: float = -math.inf
 
     def run(self) -> None:
-        with inside(middle_block(self.pipe.unet), self._in_forward, self._in_backward):
+        with (
+            self.phases.stepping(),
+            inside(middle_block(self.pipe.unet), self._in_forward, self._in_backward),
+        ):
             self._run()
 
     def _in_forward(self) -> None:
@@ -302,18 +308,19 @@ class TrainingLoop:
         if options.validation_prompts:
             self.pipe.unet.eval()
             try:
-                written += validation_images(
-                    self.pipe,
-                    options.validation_prompts,
-                    self.dataset.resolution(),
-                    options.seed,
-                    generation_scheduler(self.pipe.scheduler, options),
-                    out / "validation",
-                    step,
-                    ValidationModel(model_label(self.model.name),
-                                    checkpoint_hashes(self.model).sha256),
-                    self.ctx.should_stop if stoppable else lambda: False,
-                )  # fmt: skip
+                with self.phases.sampling():
+                    written += validation_images(
+                        self.pipe,
+                        options.validation_prompts,
+                        self.dataset.resolution(),
+                        options.seed,
+                        generation_scheduler(self.pipe.scheduler, options),
+                        out / "validation",
+                        step,
+                        ValidationModel(model_label(self.model.name),
+                                        checkpoint_hashes(self.model).sha256),
+                        self.ctx.should_stop if stoppable else lambda: False,
+                    )  # fmt: skip
             finally:
                 self.pipe.unet.train()
             written.append(
