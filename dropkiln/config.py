@@ -6,7 +6,6 @@ Nested tables map to environment variables with a double underscore:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +23,11 @@ from dropkiln.options import GenerateSettings as GenerateSettings
 from dropkiln.options import Section
 from dropkiln.options import TrainSettings as TrainSettings
 
-DEFAULT_ROOT = Path("dropkiln-home")
-CONFIG_NAME = "dropkiln.toml"
+# Paths and the ROOT rule live apart so the CLI's read commands need not load the settings.
+from dropkiln.paths import CONFIG_NAME as CONFIG_NAME
+from dropkiln.paths import DEFAULT_ROOT as DEFAULT_ROOT
+from dropkiln.paths import Paths as Paths
+from dropkiln.paths import root_from
 
 
 class LimitsSettings(Section):
@@ -159,53 +161,7 @@ def _config_file_for(
     init_settings: PydanticBaseSettingsSource, env_settings: PydanticBaseSettingsSource
 ) -> Path | None:
     init = init_settings()
-    root = init.get("root") or os.environ.get("DROPKILN_ROOT") or DEFAULT_ROOT
-    return Path(root).expanduser() / CONFIG_NAME
-
-
-class Paths:
-    """The folder layout under ROOT (see README: 'Folders')."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.config = root / CONFIG_NAME
-        self.drop = root / "drop"
-        self.datasets = self.drop / "datasets"
-        self.prompts = self.drop / "prompts"
-        self.processed = self.drop / "processed"
-        self.failed = self.drop / "failed"
-        self.outputs = root / "outputs"
-        self.loras = self.outputs / "loras"
-        self.images = self.outputs / "images"
-        self.videos = self.outputs / "videos"
-        self.bench = self.outputs / "bench"
-        self.state = root / "state"
-        self.db = self.state / "dropkiln.db"
-        self.cache = self.state / "cache"
-        self.checkpoints = self.state / "checkpoints"
-        self.models = self.state / "models"
-        self.work = self.state / "work"
-        self.lock = self.state / "daemon.lock"
-        self.api_token = self.state / "api-token"
-
-    def folders(self) -> list[Path]:
-        return [
-            self.datasets,
-            self.prompts,
-            self.processed,
-            self.failed,
-            self.loras,
-            self.images,
-            self.videos,
-            self.cache,
-            self.checkpoints,
-            self.models,
-            self.work,
-        ]
-
-    def create(self) -> None:
-        for folder in self.folders():
-            folder.mkdir(parents=True, exist_ok=True)
+    return root_from(init.get("root")) / CONFIG_NAME
 
 
 DEFAULT_CONFIG_TEXT = """\

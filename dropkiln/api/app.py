@@ -77,6 +77,6 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         state: ApiState = app.state.api
         daemon = await daemon_state(state.store)
-        return {"ok": True, "version": __version__, "daemon_running": daemon.running}
+        return {"ok": True, "version": __version__, "daemon_running": daemon.running()}
 
     return app

@@ -24,7 +24,8 @@ from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
 from dropkiln.options import BucketSettings
 from dropkiln.stages.base import write_atomic
-from dropkiln.stages.bucket import BucketManifest, BucketResult, ManifestImage, ManifestSettings
+from dropkiln.stages.bucket import BucketResult
+from dropkiln.stages.bucket_manifest import BucketManifest, ManifestImage, ManifestSettings
 from dropkiln.stages.cache import CacheResult, CacheSpec, run_cache
 from dropkiln.stages.testing import LocalContext
 

@@ -36,6 +36,7 @@ from dropkiln.stages.base import write_atomic
 Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
 SUITE_NAMES = (
     *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api"),
+    "idle",
 )
 MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
@@ -129,6 +130,7 @@ def _suites() -> dict[str, Suite]:
         api_suite,
         bucket_suite,
         cache_suite,
+        idle_suite,
         store_suite,
         video_suite,
     )
@@ -143,6 +145,7 @@ def _suites() -> dict[str, Suite]:
         "daemon": daemon_suite,
         "preempt": preempt_suite,
         "api": api_suite,
+        "idle": idle_suite,
     }
 
 

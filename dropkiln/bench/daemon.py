@@ -239,22 +239,24 @@ def start_daemon(settings: Settings, environment: dict[str, str]) -> subprocess.
     deadline = time.monotonic() + 120
     while not anyio.run(_serving, settings, process.pid):
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
             raise RuntimeError(f"the daemon did not start; see {settings.root}/daemon.log")
         time.sleep(POLL_S)
     return process
 
 
 async def _serving(settings: Settings, pid: int) -> bool:
-    from dropkiln.store import EventStore, daemon_state
+    from dropkiln.store import EventStore, StoreError, daemon_state
 
-    if not settings.paths.db.exists():
-        return False
-    store = await EventStore.open(settings.paths.db)
+    try:
+        store = await EventStore.open(settings.paths.db)
+    except StoreError:
+        return False  # not made yet, or the daemon is making it now
     try:
         state = await daemon_state(store)
     finally:
         await store.close()
-    return bool(state.running and state.pid == pid)
+    return state.running() and state.pid == pid
 
 
 def stop_daemon(process: subprocess.Popen[bytes]) -> None:

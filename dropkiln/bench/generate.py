@@ -253,7 +253,7 @@ def bench_warm_vs_processes(
     started = time.perf_counter()
     for number, path in enumerate(paths):
         out = root / "outputs" / "images" / f"warm-{number}"
-        prompt_file = load_prompt_file(path, settings)
+        prompt_file = load_prompt_file(path, settings.generate)
         spec = GenerateSpec(
             name=path.stem, model="tiny-sdxl", prompt_file=prompt_file, output_dir=str(out)
         )

@@ -121,7 +121,7 @@ class Executor:
             spec = stage.spec.model_validate(job.spec)
             # Abandoned, not awaited, if the daemon is cancelled: a hung stage must not hold
             # up a shutdown past stop_timeout_s (its job resumes at the next start).
-            if stage.lane == Lane.GPU:
+            if Lane(stage.lane) == Lane.GPU:
                 result = await self.device_thread.run(
                     _run_stage, stage, spec, ctx, abandon_on_cancel=True
                 )

@@ -26,12 +26,13 @@ from dropkiln.stages import StageError, StageSpec, get_stage
 from dropkiln.stages.dataset import DatasetOptions
 from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted
+from dropkiln.store.vocabulary import DropKind, JobState
 
 if TYPE_CHECKING:
-    from dropkiln.stages.prompts import PromptFile
+    from dropkiln.stages.generation.prompt_file import PromptFile
 
-DATASET = "dataset"
-PROMPTS = "prompts"
+DATASET = DropKind.DATASET
+PROMPTS = DropKind.PROMPTS
 PROMPT_SUFFIXES = (".toml", ".json", ".txt")
 
 
@@ -58,7 +59,7 @@ class PromptDrop:
 class ParsedDrop:
     """A drop read and validated, not yet planned."""
 
-    kind: str
+    kind: DropKind
     name: str
     content_hash: str
     files: int
@@ -105,6 +106,7 @@ def stored_path(settings: Settings, drop_id: str, entry: Path) -> Path:
 
 def parse_drop(settings: Settings, entry: Path, kind: str, drop_id: str) -> ParsedDrop:
     """Read and validate a settled drop in place (runs in a worker thread)."""
+    kind = DropKind(kind)
     digest, files, size = content_hash(entry)
     if files == 0:
         raise DropRejection("the drop is empty")
@@ -176,7 +178,7 @@ def _read_prompts(settings: Settings, entry: Path) -> PromptDrop:
     from dropkiln.stages.generation.prompt_file import load_prompt_file
 
     try:
-        prompt_file = load_prompt_file(prompt_path, settings)
+        prompt_file = load_prompt_file(prompt_path, settings.generate)
         limits.check_prompts(settings, prompt_file, prompt_path.name)
     except (StageError, limits.OverLimit) as exc:
         raise DropRejection(str(exc)) from exc
@@ -365,11 +367,11 @@ class Planner:
                 raise DropRejection(f"LoRA {ref!r}: no such .safetensors file")
             return path.resolve(), None
         for job in await list_jobs(self.store):
-            if job.stage != "train" or job.state in ("failed", "cancelled"):
+            if job.stage != "train" or job.state in (JobState.FAILED, JobState.CANCELLED):
                 continue
             if job.name == ref or job.id == ref:
                 path = lora_path(job.spec["output_dir"], job.name)
-                return path, None if job.state == "succeeded" else job.id
+                return path, None if job.state == JobState.SUCCEEDED else job.id
         existing = lora_path(self.settings.paths.loras / ref, ref)
         if existing.is_file():
             return existing, None
@@ -407,14 +409,14 @@ async def check_drop(settings: Settings, store: EventStore, entry: Path, kind: s
 
 
 def _rebase_controls(prompt_file: PromptFile, folder: Path, source: Path) -> PromptFile:
-    """Control, init and mask images were checked in drop/prompts/ (``source``); the job
-    reads them from processed/ (``folder``)."""
+    """Control, reference, init and mask images were checked in drop/prompts/ (``source``);
+    the job reads them from processed/ (``folder``)."""
 
     def moved(path: str) -> str:
         if source.is_file():
             raise DropRejection(
-                "control, init and mask images need the prompt file and its images dropped "
-                "together as one folder"
+                "control, reference, init and mask images need the prompt file and its images "
+                "dropped together as one folder"
             )
         return str(folder / Path(path).relative_to(source.resolve()))
 
@@ -425,6 +427,11 @@ def _rebase_controls(prompt_file: PromptFile, folder: Path, source: Path) -> Pro
             update["control"] = [
                 control.model_copy(update={"image": moved(control.image)})
                 for control in image.control
+            ]
+        if image.reference is not None:
+            update["reference"] = [
+                reference.model_copy(update={"image": moved(reference.image)})
+                for reference in image.reference
             ]
         for field_name in ("init_image", "mask"):
             if getattr(image, field_name) is not None:
@@ -455,11 +462,3 @@ def unique_path(path: Path, taken: Collection[Path] = ()) -> Path:
         if not os.path.lexists(candidate) and candidate not in taken:
             return candidate
     raise FileExistsError(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -56,6 +56,8 @@ log = logging.getLogger(__name__)
 COMMANDS = tuple(name for name, cls in EVENT_TYPES.items() if cls.command)
 STOP_TIMEOUT_EXTENSION_S = 30
 MOVE_RETRY_TICK_S = 0.5
+# Readers call the daemon down when its heartbeat is older than 5 s (store.daemon_state).
+IDLE_TELEMETRY_S = 2.5
 
 
 class Daemon:
@@ -243,7 +245,14 @@ class Daemon:
                 sample["memory_rung"] = gpu[0].context.memory_rung
             await record_telemetry(self.store, sample, self.settings.telemetry_retention_s)
             self.notifier.status(self._status_text())
-            await anyio.sleep(self.settings.telemetry_every_s)
+            await anyio.sleep(self._telemetry_interval())
+
+    def _telemetry_interval(self) -> float:
+        """telemetry_every_s while a job runs; idle, a sample is only the heartbeat that says
+        the daemon is up, and each one wakes every tail, so it comes less often."""
+        if hasattr(self, "scheduler") and self.scheduler.running:
+            return self.settings.telemetry_every_s
+        return max(self.settings.telemetry_every_s, IDLE_TELEMETRY_S)
 
     def _hung(self) -> str | None:
         """What makes the daemon hung, for the watchdog: a stage silent for stall_after_s."""

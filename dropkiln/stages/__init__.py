@@ -17,6 +17,7 @@ from dropkiln.stages.base import (
     StageSpec,
     StageStopped,
     atomic_path,
+    fsync_dir,
     write_atomic,
 )
 
@@ -32,6 +33,7 @@ __all__ = [
     "StageSpec",
     "StageStopped",
     "atomic_path",
+    "fsync_dir",
     "get_stage",
     "write_atomic",
 ]

@@ -176,6 +176,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and new entries in ``folder`` survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def write_atomic(target: Path, data: bytes | str) -> Path:
     """Write bytes or text to ``target`` atomically (temp file + fsync + rename)."""
     with atomic_path(target) as tmp:

@@ -31,7 +31,8 @@ from dropkiln.stages.base import (
     validation_reason,
     write_atomic,
 )
-from dropkiln.stages.bucket import BucketManifest, BucketResult, ManifestImage
+from dropkiln.stages.bucket import BucketResult
+from dropkiln.stages.bucket_manifest import BucketManifest, ManifestImage
 from dropkiln.stages.imaging import Size
 from dropkiln.stages.shards import CorruptShard, ShardStore, shard_key
 

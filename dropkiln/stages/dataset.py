@@ -222,8 +222,8 @@ def load_dataset_options(folder: Path, defaults: DatasetOptions) -> DatasetOptio
     table = _read_toml(path)
     model = defaults.model
     vae = defaults.vae
-    bucket_overrides: dict[str, Any] = {}
-    train_overrides: dict[str, Any] = {}
+    bucket_overrides: dict[str, object] = {}
+    train_overrides: dict[str, object] = {}
     for key, value in table.items():
         if key == "model":
             if not isinstance(value, str) or not value.strip():
@@ -351,7 +351,7 @@ def _unknown_key_message(path: Path, key: str) -> str:
     return f"{path}: unknown key {key!r}{hint}"
 
 
-def _override(base: SectionT, overrides: dict[str, Any], path: Path) -> SectionT:
+def _override(base: SectionT, overrides: dict[str, object], path: Path) -> SectionT:
     if not overrides:
         return base.model_copy()
     try:

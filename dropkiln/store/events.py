@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The stream names live with StoredEvent (standard library only, for the quick readers).
+from dropkiln.store.stored import API_STREAM as API_STREAM
+from dropkiln.store.stored import DAEMON_STREAM as DAEMON_STREAM
+from dropkiln.store.stored import WEBHOOK_STREAM as WEBHOOK_STREAM
+from dropkiln.store.stored import drop_stream as drop_stream
+from dropkiln.store.stored import job_stream as job_stream
 from dropkiln.store.vocabulary import TERMINAL_STATES as TERMINAL_STATES
 from dropkiln.store.vocabulary import DropKind, Lane
 
@@ -323,20 +328,3 @@ def parse_event(type_name: str, data: dict[str, Any]) -> Event:
     except KeyError:
         raise ValueError(f"unknown event type {type_name!r}") from None
     return cls.model_validate(data)
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def job_stream(job_id: str) -> str:
-    return f"job:{job_id}"
-
-
-def drop_stream(drop_id: str) -> str:
-    return f"drop:{drop_id}"
-
-
-DAEMON_STREAM = "daemon"
-API_STREAM = "api"
-WEBHOOK_STREAM = "webhooks"

@@ -19,33 +19,8 @@ from sqlalchemy import JSON, Table
 
 from dropkiln.store import events as ev
 from dropkiln.store.schema import PROJECTIONS, artifacts, drops, jobs
+from dropkiln.store.stored import StoredEvent
 from dropkiln.store.vocabulary import DropState, JobState
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    """An event as stored: its place in the log and its raw data."""
-
-    seq: int
-    stream: str
-    version: int
-    type: str
-    data: dict[str, Any]
-    at: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "stream": self.stream,
-            "version": self.version,
-            "type": self.type,
-            "at": self.at,
-            "data": self.data,
-        }
-
-    @property
-    def job_id(self) -> str | None:
-        return self.stream[4:] if self.stream.startswith("job:") else None
 
 
 @dataclass(frozen=True)

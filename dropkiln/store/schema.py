@@ -1,4 +1,9 @@
-"""The tables. Events are the truth; jobs, drops and artifacts are projections of them."""
+"""The tables. Events are the truth; jobs, drops and artifacts are projections of them.
+
+SQLAlchemy generates the DDL from these (``migrate``) for the backend's dialect; the queries
+themselves are SQL text (``eventstore``, ``queries``, ``projections``), so that readers never
+import SQLAlchemy. A column declared ``JSON`` comes back decoded on read connections.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +21,7 @@ from sqlalchemy import (
     literal,
 )
 
-SCHEMA_VERSION = 2
+from dropkiln.store.eventstore import HIGH_RATE_TYPE
 
 metadata = MetaData()
 
@@ -34,7 +39,6 @@ events = Table(
 # Progress is most of the log and is never looked up by type; leaving it out of this
 # index keeps the hottest append cheap. Queries by other types say the same condition
 # (HIGH_RATE_TYPE) so that SQLite may use the index instead of scanning the log.
-HIGH_RATE_TYPE = "JobProgress"
 events_by_type = Index(
     "ix_events_type",
     events.c.type,

@@ -9,7 +9,7 @@ from pathlib import Path
 from PIL import Image
 
 from dropkiln.options import BucketSettings
-from dropkiln.stages.bucket import BucketManifest, ManifestImage, ManifestSettings
+from dropkiln.stages.bucket_manifest import BucketManifest, ManifestImage, ManifestSettings
 
 
 @dataclass(frozen=True)

@@ -20,15 +20,17 @@ from dropkiln.stages import decode_pool, get_stage
 from dropkiln.stages.base import StageError, StageStopped
 from dropkiln.stages.bucket import (
     MANIFEST_NAME,
-    UNCAPPED_FILE_BYTES,
-    BucketManifest,
     BucketResult,
     BucketSpec,
     ImageTask,
-    ManifestImage,
-    Rejection,
     plan_image,
     run_bucket,
+)
+from dropkiln.stages.bucket_manifest import (
+    UNCAPPED_FILE_BYTES,
+    BucketManifest,
+    ManifestImage,
+    Rejection,
 )
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.imaging import bucket_sizes, choose_bucket, plan_crop

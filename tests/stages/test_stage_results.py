@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from dropkiln.stages.base import StageError
-from dropkiln.stages.bucket import BucketResult, Rejection
+from dropkiln.stages.bucket import BucketResult
+from dropkiln.stages.bucket_manifest import Rejection
 from dropkiln.stages.testing import LocalContext
 
 RECORDED = {

@@ -27,12 +27,12 @@ DROPPED = ev.Dropped(
 
 async def traced(store: EventStore, stream: str, new: list[ev.Event]) -> list[str]:
     statements: list[str] = []
-    assert store._write_connection is not None
-    store._write_connection.set_trace_callback(statements.append)
+    assert store.database._write_connection is not None
+    store.database._write_connection.set_trace_callback(statements.append)
     try:
         await store.append(stream, new)
     finally:
-        store._write_connection.set_trace_callback(None)
+        store.database._write_connection.set_trace_callback(None)
     return [s for s in statements if s.split()[0] in ("PRAGMA", "BEGIN", "COMMIT")]
 
 

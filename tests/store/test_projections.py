@@ -6,12 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select
 
 from dropkiln.store import EventStore, StoredEvent
 from dropkiln.store import events as ev
 from dropkiln.store.events import DAEMON_STREAM, EVENT_TYPES, drop_stream, job_stream
-from dropkiln.store.schema import PROJECTIONS, jobs
+from dropkiln.store.schema import PROJECTIONS
+from dropkiln.store.sqlite import Connection
 
 from .builders import submitted
 
@@ -24,14 +24,16 @@ Expect = Callable[[StoredEvent], dict[str, Any]]
 
 async def projection_rows(store: EventStore) -> dict[str, list[dict[str, Any]]]:
     def work(conn: Connection) -> dict[str, list[dict[str, Any]]]:
-        return {t.name: [dict(r._mapping) for r in conn.execute(select(t))] for t in PROJECTIONS}
+        return {
+            t.name: [dict(r) for r in conn.execute(f"SELECT * FROM {t.name}")] for t in PROJECTIONS
+        }
 
     return await store.snapshot(work)
 
 
 async def job_row(store: EventStore, job_id: str = JOB) -> dict[str, Any]:
-    query = select(jobs).where(jobs.c.id == job_id)
-    return await store.snapshot(lambda conn: dict(conn.execute(query).one()._mapping))
+    query = "SELECT * FROM jobs WHERE id = :id"
+    return await store.snapshot(lambda conn: dict(conn.execute(query, {"id": job_id}).fetchone()))
 
 
 # (events before, the event, the columns it must set). Every job event also sets version

@@ -11,23 +11,25 @@ from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from sqlalchemy import Connection, select
 
 from dropkiln.store import EventStore, check, rebuild
 from dropkiln.store import events as ev
 from dropkiln.store.events import job_stream
 from dropkiln.store.schema import PROJECTIONS
+from dropkiln.store.sqlite import Connection
 
 from .builders import submitted
 from .histories import History, histories
 
-# The package re-exports the function rebuild under the module's name.
-rebuild_module = importlib.import_module("dropkiln.store.rebuild")
+rebuild_module = importlib.import_module("dropkiln.store.replay")
 
 
 async def projection_rows(store: EventStore) -> dict[str, list[tuple[Any, ...]]]:
     def work(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
-        return {t.name: sorted(tuple(r) for r in conn.execute(select(t))) for t in PROJECTIONS}
+        return {
+            t.name: sorted(tuple(r) for r in conn.execute(f"SELECT * FROM {t.name}"))
+            for t in PROJECTIONS
+        }
 
     return await store.snapshot(work)
 

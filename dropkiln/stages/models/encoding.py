@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
 
 def compute_dtype(device: str, requested: str = "auto") -> torch.dtype:
@@ -23,7 +24,7 @@ def compute_dtype(device: str, requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def pixels_to_tensor(images: Sequence[Any]) -> torch.Tensor:
+def pixels_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL RGB images of one size → a (B, 3, H, W) float tensor in [-1, 1]."""
     import numpy as np
     import torch

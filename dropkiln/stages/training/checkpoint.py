@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save
 
-from dropkiln.stages.base import write_file
+from dropkiln.stages.base import fsync_dir, write_file
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
@@ -106,7 +106,7 @@ def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -157,11 +157,3 @@ def fallback_checkpoints(parent: Path, recorded: str) -> list[str]:
             reverse=True,
         )  # fmt: skip
     return [recorded, *(f"{parent.name}/{name}" for name in older)]
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -17,7 +17,7 @@ from PIL import ImageOps
 
 from dropkiln.options import TrainSettings
 from dropkiln.stages.base import StageError
-from dropkiln.stages.bucket import UNCAPPED_FILE_BYTES, bucket_pixels
+from dropkiln.stages.bucket_manifest import UNCAPPED_FILE_BYTES, bucket_pixels
 from dropkiln.stages.cache import CacheIndex, IndexedImage, ShardRef
 from dropkiln.stages.models.encoding import (
     encode_captions,

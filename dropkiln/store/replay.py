@@ -1,5 +1,6 @@
-"""Recreate the projections from the events alone; check live ones against a replay, and the
-log itself against the job state machine (``statemachine``, independent of the projections)."""
+"""Replays of the log: recreate the projections from the events alone (``rebuild``); check
+live ones against a replay, and the log itself against the job state machine (``check``;
+``statemachine`` is independent of the projections)."""
 
 from __future__ import annotations
 
@@ -10,14 +11,14 @@ from typing import Any
 
 import anyio.to_thread
 from sqlalchemy import JSON, Table
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from dropkiln.store.engine import connect
-from dropkiln.store.eventstore import EventStore
-from dropkiln.store.projections import StoredEvent, apply, changes_for, clear
+from dropkiln.store.eventstore import EVENT_COLUMNS, EventStore
+from dropkiln.store.projections import apply, changes_for, clear
 from dropkiln.store.schema import PROJECTIONS
+from dropkiln.store.sqlite import connect, ddl_dialect
 from dropkiln.store.statemachine import check_state_machine
+from dropkiln.store.stored import StoredEvent
 
 CHUNK = 5000
 
@@ -27,9 +28,8 @@ def _replay(source: sqlite3.Connection, target: sqlite3.Connection) -> int:
     after, count = 0, 0
     while True:
         rows = source.execute(
-            "SELECT seq, stream, version, type, data, at FROM events WHERE seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (after, CHUNK),
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > :after ORDER BY seq LIMIT :chunk",
+            {"after": after, "chunk": CHUNK},
         ).fetchall()
         if not rows:
             return count
@@ -68,7 +68,7 @@ class CheckReport:
 def _scratch() -> sqlite3.Connection:
     """An in-memory database with the projection tables, to replay into."""
     scratch = sqlite3.connect(":memory:", isolation_level=None)
-    dialect = sqlite.dialect()
+    dialect = ddl_dialect()
     for table in PROJECTIONS:
         scratch.execute(str(CreateTable(table).compile(dialect=dialect)))
         for index in table.indexes:
