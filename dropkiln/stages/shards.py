@@ -32,7 +32,7 @@ def shard_key(kind: str, **inputs: object) -> str:
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over tensor names, dtypes, shapes and raw bytes."""
-    import torch
+    import torch  # here, not at the top: the cache stage's module imports this one on lookup
 
     digest = hashlib.sha256()
     for name in sorted(tensors):

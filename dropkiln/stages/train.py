@@ -2,6 +2,9 @@
 
 The loop itself (training/loop.py) reads like diffusers' example scripts: batch, noise,
 predict, loss, step.
+
+This module is what looking the stage up imports, so it imports torch and the modules of
+``stages/training/`` (which import torch at their top) only when the stage runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 from dropkiln.stages.base import (
     MemoryRung,
     StageContext,
@@ -22,12 +25,17 @@ from dropkiln.stages.base import (
     StageError,
     StageSpec,
 )
-from dropkiln.stages.training.exports import step_loras
-from dropkiln.stages.training.loop import Plan, TrainingLoop
-from dropkiln.stages.training.report import CONTACT_SHEET
 
 if TYPE_CHECKING:
+    from diffusers.loaders.lora_pipeline import (
+        StableDiffusionLoraLoaderMixin,
+        StableDiffusionXLLoraLoaderMixin,
+    )
+
     from dropkiln.stages.models import ModelRef
+    from dropkiln.stages.training.data import CachedDataset, CachedImage
+    from dropkiln.stages.training.loop import Plan, TrainingLoop
+    from dropkiln.stages.training.session import TrainingSession
 
 
 class TrainSpec(StageSpec):
@@ -53,7 +61,9 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     from dropkiln.stages.training.captions import needs_text_encoder
     from dropkiln.stages.training.data import DataOrder, load_cached_dataset
     from dropkiln.stages.training.exports import LoraExports
+    from dropkiln.stages.training.loop import TrainingLoop
     from dropkiln.stages.training.losses import training_scheduler
+    from dropkiln.stages.training.phases import DevicePhases, idle_while_stepping
     from dropkiln.stages.training.session import TrainingSession, seed_everything
     from dropkiln.stages.training.tracking import TENSORBOARD, RunTracker, hyperparameters
 
@@ -105,13 +115,14 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
                 Path(spec.output_dir) / TENSORBOARD, session.step, hyperparameters(options, plan)
             ),
             validation_set=validation_set,
+            phases=DevicePhases(pipe, idle_while_stepping(options), ctx.device),
         )
         with closing(loop.tracker):
             loop.run()
             return _finish(loop, ref, pipeline_class(ref.kind))
 
 
-def _hold_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
+def _hold_out(dataset: CachedDataset, count: int) -> tuple[CachedDataset, list[CachedImage]]:
     """(the images trained on, the validation loss's images): the last ``count`` images are
     held out of training; with none held out, the validation loss uses the first ones."""
     import dataclasses
@@ -154,6 +165,7 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     import torch
 
     from dropkiln.stages.models.encoding import compute_dtype
+    from dropkiln.stages.training.loop import Plan
 
     if rung.get("micro_batch") == 1:
         micro = 1
@@ -180,7 +192,7 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     )
 
 
-def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
+def _resume(new_session: Callable[[], TrainingSession], ctx: StageContext) -> TrainingSession:
     """A session restored from the newest usable checkpoint, or a fresh one.
 
     A checkpoint that cannot be restored is recorded (CheckpointUnusable, with the step the
@@ -214,9 +226,15 @@ def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
     return session
 
 
-def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
+def _finish(
+    loop: TrainingLoop,
+    ref: ModelRef,
+    pipeline_cls: type[StableDiffusionLoraLoaderMixin | StableDiffusionXLLoraLoaderMixin],
+) -> dict[str, Any]:
     """Export the LoRA (EMA weights when EMA is on) in both formats."""
+    from dropkiln.stages.training.exports import step_loras
     from dropkiln.stages.training.lora_export import write_diffusers
+    from dropkiln.stages.training.report import CONTACT_SHEET
 
     session, options = loop.session, loop.spec.options
     if session.ema is not None:
@@ -259,6 +277,8 @@ def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
 
 
 def _report_kind(path: Path) -> str:
+    from dropkiln.stages.training.report import CONTACT_SHEET
+
     if path.suffix == ".csv":
         return "loss-csv"
     if path.name == CONTACT_SHEET:
