@@ -1,4 +1,9 @@
-"""The ``dropkiln`` command. Read-only commands never import torch."""
+"""The ``dropkiln`` command. Read-only commands never import torch.
+
+``status``, ``events`` and the commands to the daemon must answer in a quarter of a second:
+they find the database from ROOT alone (``dropkiln.paths``, not the settings) and import
+only the store's read path; everything else is imported by the command that needs it.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +14,17 @@ import os
 import sys
 from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 
 from dropkiln import __version__
-from dropkiln.config import DEFAULT_CONFIG_TEXT, Settings
+from dropkiln.paths import Paths, root_from
+from dropkiln.store.errors import StoreError
+
+if TYPE_CHECKING:
+    from dropkiln.config import Settings
+    from dropkiln.store import EventStore
 
 
 class CommandError(Exception):
@@ -22,23 +32,34 @@ class CommandError(Exception):
 
 
 def _settings(args: argparse.Namespace) -> Settings:
+    from dropkiln.config import Settings
+
     return Settings.load(root=args.root)
+
+
+def _paths(args: argparse.Namespace) -> Paths:
+    """The layout under ROOT, without loading the settings (for the quick commands)."""
+    return Paths(root_from(args.root).absolute())
 
 
 def _run(coro_fn: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
     return anyio.run(coro_fn) or 0
 
 
-async def _open(settings: Settings) -> Any:
-    from dropkiln.store import EventStore
+async def _open(paths: Paths, store_url: str | None = None) -> EventStore:
+    """The root's store: its SQLite file, or the PostgreSQL database ``store_url`` names
+    (by default as the settings say, read without loading them)."""
+    from dropkiln.store.backend import open_store
 
-    return await EventStore.open(settings.paths.db)
+    return await open_store(paths.db, paths.store_url if store_url is None else store_url)
 
 
 # init / daemon / demo / tui -------------------------------------------------------------------
 
 
 def cmd_init(args: argparse.Namespace) -> int:
+    from dropkiln.config import DEFAULT_CONFIG_TEXT, Settings
+
     root = Path(args.path or args.root or "dropkiln-home")
     settings = Settings.load(root=root)
     settings.paths.create()
@@ -46,9 +67,9 @@ def cmd_init(args: argparse.Namespace) -> int:
         settings.paths.config.write_text(DEFAULT_CONFIG_TEXT)
 
     async def create_db() -> None:
-        from dropkiln.store import EventStore
+        from dropkiln.store.backend import open_store
 
-        store = await EventStore.open(settings.paths.db, create=True)
+        store = await open_store(settings.paths.db, settings.store_url, create=True)
         await store.close()
 
     anyio.run(create_db)
@@ -97,7 +118,7 @@ def cmd_daemon(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from dropkiln.demo import run_demo
 
-    return run_demo(Path(args.root) if args.root else None)
+    return run_demo(Path(args.root) if args.root else None, full=args.full)
 
 
 def cmd_tui(args: argparse.Namespace) -> int:
@@ -121,7 +142,7 @@ def _age(iso: str | None) -> str:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    paths = _paths(args)
 
     async def main() -> int:
         from dropkiln.store import (
@@ -132,7 +153,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             waiting_drops,
         )
 
-        store = await _open(settings)
+        store = await _open(paths)
         try:
             if args.json:
                 print(json.dumps(await status_report(store, limit=args.limit)))
@@ -143,19 +164,16 @@ def cmd_status(args: argparse.Namespace) -> int:
             waiting = await waiting_drops(store)
         finally:
             await store.close()
-        up = f"running (pid {daemon.pid}, {daemon.device})" if daemon.running else "not running"
+        up = f"running (pid {daemon.pid}, {daemon.device})" if daemon.running() else "not running"
         print(f"daemon: {up} · queue: {'paused' if paused else 'running'}")
         for held in waiting:
             source = Path(held["source"])
-            shown = (
-                source.relative_to(settings.root)
-                if source.is_relative_to(settings.root)
-                else source
-            )
+            shown = source.relative_to(paths.root) if source.is_relative_to(paths.root) else source
             print(f"waiting: {shown} {held['reason']} (noticed {_age(held['at'])} ago)")
         if not jobs:
-            print("no jobs yet: drop a dataset folder or a prompt file into", settings.paths.drop)
+            print("no jobs yet: drop a dataset folder or a prompt file into", paths.drop)
             return 0
+        from dropkiln.store.vocabulary import JobState
         from dropkiln.tui.format import unique_prefixes
 
         # Ids are 128-bit; the shortest unambiguous prefix is what `cancel`/`retry` need.
@@ -170,7 +188,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 f"{short[job.id]:{w}} {job.stage:9} {job.name[:20]:20} {job.state:10} "
                 f"{progress:>8} {job.attempt:>3} {_age(job.created_at):>5}"
             )
-            if job.state == "failed" and job.error:
+            if job.state == JobState.FAILED and job.error:
                 print(f"{'':{w}} └ {job.error.splitlines()[0][:100]}")
         return 0
 
@@ -184,12 +202,12 @@ def _event_line(event: Any) -> str:
 
 
 def cmd_events(args: argparse.Namespace) -> int:
-    settings = _settings(args)
+    paths = _paths(args)
 
     async def main() -> int:
         from dropkiln.store import find_job
 
-        store = await _open(settings)
+        store = await _open(paths)
         try:
             stream = None
             if args.job:
@@ -223,12 +241,12 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_command(args: argparse.Namespace) -> int:
     """cancel / retry a job, pause / resume the queue: a command event the daemon obeys."""
-    settings = _settings(args)
+    paths = _paths(args)
 
     async def main() -> int:
         from dropkiln.store import request_command
 
-        store = await _open(settings)
+        store = await _open(paths)
         try:
             job = getattr(args, "job", None)
             target = await request_command(store, args.command, job, by="cli")
@@ -262,7 +280,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     kind = args.kind or guess_kind(path)
 
     async def main() -> int:
-        store = await _open(settings)
+        store = await _open(settings.paths, settings.store_url)
         try:
             parsed = await check_drop(settings, store, path, kind)
         except DropRejection as exc:
@@ -279,11 +297,13 @@ def cmd_store(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.action == "rebuild":
         return _rebuild(settings)
+    if args.action == "copy":
+        return _copy(settings, args.to)
 
     async def main() -> int:
         from dropkiln.store import check
 
-        store = await _open(settings)
+        store = await _open(settings.paths, settings.store_url)
         try:
             report = await check(store)
         finally:
@@ -305,6 +325,46 @@ def cmd_store(args: argparse.Namespace) -> int:
     return _run(main)
 
 
+def _copy(settings: Settings, to: str | None) -> int:
+    """Copy this root's store into a new one (SQLite to PostgreSQL), with the daemon stopped:
+    events it appended during the copy would not be in the copy."""
+    from dropkiln.daemon.lock import AlreadyRunning, DaemonLock
+
+    if not to:
+        raise CommandError("store copy needs --to URL (e.g. postgresql://user@host/dropkiln)")
+
+    async def main() -> int:
+        from dropkiln.store import check
+        from dropkiln.store.backend import open_store
+        from dropkiln.store.copy import copy_store
+
+        source = await _open(settings.paths, settings.store_url)
+        try:
+            target = await open_store(settings.paths.db, to, create=True)
+            try:
+                copied = await copy_store(source, target)
+                want, have = await check(source), await check(target)
+            finally:
+                await target.close()
+        finally:
+            await source.close()
+        print(f"copied {copied.events} events (up to seq {copied.last_seq}) and replayed them")
+        if (have.ok, have.events, have.rows) != (want.ok, want.events, want.rows):
+            raise CommandError(
+                f"store check differs after the copy: source {want.events} events "
+                f"{want.rows} ok={want.ok}, copy {have.events} events {have.rows} ok={have.ok}"
+            )
+        print(f"store check equal on both: {have.events} events, {have.rows}, ok={have.ok}")
+        print("next: put that URL in dropkiln.toml as store_url, then start the daemons")
+        return 0
+
+    try:
+        with DaemonLock(settings.paths.lock):
+            return _run(main)
+    except AlreadyRunning as exc:
+        raise CommandError(f"{exc}: stop it before 'store copy'") from None
+
+
 def _rebuild(settings: Settings) -> int:
     """Rebuild holding the daemon's lock: a rebuild rewrites every projection row in one
     write transaction, longer than a running daemon's busy timeout, so its next append
@@ -314,7 +374,7 @@ def _rebuild(settings: Settings) -> int:
     async def main() -> int:
         from dropkiln.store import rebuild
 
-        store = await _open(settings)
+        store = await _open(settings.paths, settings.store_url)
         try:
             count = await rebuild(store)
         finally:
@@ -402,7 +462,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("init", cmd_init, "create a dropkiln home: settings, folders, database")
     p.add_argument("path", nargs="?", help="where (default: --root or ./dropkiln-home)")
     add("daemon", cmd_daemon, "run the daemon in the foreground")
-    add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
+    p = add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
+    p.add_argument(
+        "--full", action="store_true", help="also one contact sheet per generation feature"
+    )
     p = add("status", cmd_status, "the daemon and the jobs")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--limit", type=int, default=50, help="at most this many jobs (default 50)")
@@ -439,14 +502,15 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("api-token", cmd_api_token, "print or rotate the HTTP API's bearer token")
     p.add_argument("action", choices=["show", "rotate"], nargs="?", default="show")
     p = add("store", cmd_store, "maintain the event store")
-    p.add_argument("action", choices=["rebuild", "check"])
+    p.add_argument("action", choices=["rebuild", "check", "copy"])
+    p.add_argument("--to", help="copy only: the new store's URL (postgresql://…)")
     p = add("bench", cmd_bench, "measure speed against baselines (see README)")
     p.add_argument(
         "suite",
         nargs="?",
         default="store",
-        help="store, bucket, cache, train, generate, video, daemon, api or all (default store); "
-        "or compare A.json B.json",
+        help="store, bucket, cache, train, generate, video, daemon, preempt, api, idle or all "
+        "(default store); or compare A.json B.json",
     )
     p.add_argument("files", nargs="*", help="compare only: A.json B.json")
     p.add_argument("--model", help="model for cache/train/generate/daemon (default: settings)")
@@ -471,14 +535,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from pydantic import ValidationError
-
-    from dropkiln.store.engine import StoreError
-
     args = build_parser().parse_args(argv)
     try:
         return int(args.fn(args))
     except (CommandError, StoreError, FileNotFoundError, FileExistsError, ValueError) as exc:
+        from pydantic import ValidationError  # only now: most commands never load pydantic
+
         if isinstance(exc, ValidationError):
             first = exc.errors()[0]
             where = ".".join(map(str, first["loc"]))

@@ -6,11 +6,10 @@ Nested tables map to environment variables with a double underscore:
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -18,83 +17,17 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-DEFAULT_ROOT = Path("dropkiln-home")
-CONFIG_NAME = "dropkiln.toml"
+# Re-exported: dropkiln.toml's [bucket], [train] and [generate] tables are these.
+from dropkiln.options import BucketSettings as BucketSettings
+from dropkiln.options import GenerateSettings as GenerateSettings
+from dropkiln.options import Section
+from dropkiln.options import TrainSettings as TrainSettings
 
-
-class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class BucketSettings(Section):
-    resolution: int = Field(1024, ge=64, le=4096, description="bucket area is at most resolution²")
-    bucket_step: Literal[32, 64] = 64
-    min_side: int = Field(256, ge=32)
-    max_side: int = Field(2048, ge=64)
-    random_crop: bool = False
-    max_pixels: int = Field(64_000_000, ge=1, description="decompression-bomb guard, per image")
-    max_caption_bytes: int = Field(64_000, ge=16)
-    max_file_bytes: int = Field(
-        512 * 2**20, ge=1, description="largest image file read, checked before reading"
-    )
-    workers: int = Field(0, ge=0, description="decode processes; 0 means one per core")
-
-
-class TrainSettings(Section):
-    steps: int = Field(2000, ge=1, le=10_000_000)
-    checkpoint_every: int = Field(250, ge=1)
-    keep_loras: int | None = Field(
-        None, ge=1, description="per-checkpoint LoRA files kept, newest first (unset: all)"
-    )
-    batch_size: int = Field(1, ge=1)
-    gradient_accumulation: int = Field(1, ge=1)
-    rank: int = Field(16, ge=1, le=1024)
-    alpha: float | None = None
-    learning_rate: float = Field(1e-4, gt=0, le=1.0)
-    text_encoder_learning_rate: float | None = None
-    train_text_encoder: bool = False
-    target_modules: list[str] | Literal["attention", "kohya"] = Field(
-        default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"],
-        description='UNet module names, or a preset: "attention", "kohya" (kohya\'s full set)',
-    )
-    optimizer: Literal["adamw", "adafactor", "prodigy", "soap", "adamw8bit"] = Field(
-        "adamw", description="adamw8bit needs CUDA and the [cuda] extra (bitsandbytes)"
-    )
-    lr_scheduler: Literal["constant", "cosine", "linear"] = "constant"
-    lr_warmup_steps: int = Field(0, ge=0)
-    prediction_type: Literal["epsilon", "v_prediction"] = "epsilon"
-    zero_terminal_snr: bool = False
-    min_snr_gamma: float | None = Field(None, gt=0)
-    noise_offset: float = Field(0.0, ge=0)
-    input_perturbation: float = Field(0.0, ge=0)
-    timestep_min: int = Field(0, ge=0)
-    timestep_max: int = Field(1000, ge=1)
-    ema_decay: float | None = Field(None, gt=0, lt=1)
-    max_grad_norm: float = Field(1.0, ge=0, description="gradient clipping; 0 turns it off")
-    gradient_checkpointing: bool = False
-    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
-    flip_augment: bool = False
-    shuffle_tags: bool = False
-    keep_tokens: int = Field(0, ge=0)
-    tag_dropout: float = Field(0.0, ge=0, le=1)
-    caption_dropout: float = Field(0.0, ge=0, le=1)
-    tag_weights: dict[str, float] = Field(default_factory=dict)
-    validation_prompts: list[str] = Field(default_factory=list)
-    validation_holdout: int = Field(
-        0, ge=0, description="images held out of training for the validation loss"
-    )
-    seed: int = 1
-
-
-class GenerateSettings(Section):
-    steps: int = Field(20, ge=1, le=1000)
-    guidance: float = Field(5.0, ge=0, le=50)
-    width: int = Field(1024, ge=8)
-    height: int = Field(1024, ge=8)
-    scheduler: str = "euler"
-    seed: int = 1
-    max_pixels: int = Field(4096 * 4096, ge=64)
-    preview_every: int = Field(0, ge=0, description="write a small preview every N steps (0: off)")
+# Paths and the ROOT rule live apart so the CLI's read commands need not load the settings.
+from dropkiln.paths import CONFIG_NAME as CONFIG_NAME
+from dropkiln.paths import DEFAULT_ROOT as DEFAULT_ROOT
+from dropkiln.paths import Paths as Paths
+from dropkiln.paths import root_from
 
 
 class LimitsSettings(Section):
@@ -157,6 +90,11 @@ class Settings(BaseSettings):
     model: str = "tiny-shapes"
     vae: str = Field("", description="a standalone VAE .safetensors; empty: the model's own")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N")
+    store_url: str = Field(
+        "",
+        description="the event store: empty for state/dropkiln.db (SQLite), or "
+        "postgresql://user@host/db for one store shared by daemons on several boxes",
+    )
     torch_threads: int = Field(
         0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
     )
@@ -228,53 +166,7 @@ def _config_file_for(
     init_settings: PydanticBaseSettingsSource, env_settings: PydanticBaseSettingsSource
 ) -> Path | None:
     init = init_settings()
-    root = init.get("root") or os.environ.get("DROPKILN_ROOT") or DEFAULT_ROOT
-    return Path(root).expanduser() / CONFIG_NAME
-
-
-class Paths:
-    """The folder layout under ROOT (see README: 'Folders')."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.config = root / CONFIG_NAME
-        self.drop = root / "drop"
-        self.datasets = self.drop / "datasets"
-        self.prompts = self.drop / "prompts"
-        self.processed = self.drop / "processed"
-        self.failed = self.drop / "failed"
-        self.outputs = root / "outputs"
-        self.loras = self.outputs / "loras"
-        self.images = self.outputs / "images"
-        self.videos = self.outputs / "videos"
-        self.bench = self.outputs / "bench"
-        self.state = root / "state"
-        self.db = self.state / "dropkiln.db"
-        self.cache = self.state / "cache"
-        self.checkpoints = self.state / "checkpoints"
-        self.models = self.state / "models"
-        self.work = self.state / "work"
-        self.lock = self.state / "daemon.lock"
-        self.api_token = self.state / "api-token"
-
-    def folders(self) -> list[Path]:
-        return [
-            self.datasets,
-            self.prompts,
-            self.processed,
-            self.failed,
-            self.loras,
-            self.images,
-            self.videos,
-            self.cache,
-            self.checkpoints,
-            self.models,
-            self.work,
-        ]
-
-    def create(self) -> None:
-        for folder in self.folders():
-            folder.mkdir(parents=True, exist_ok=True)
+    return root_from(init.get("root")) / CONFIG_NAME
 
 
 DEFAULT_CONFIG_TEXT = """\

@@ -108,9 +108,10 @@ def _drop_prompts(staging: Path, prompts: Path, stem: str, text: str, out: Any) 
     _place(staging / f"{stem}.toml", prompts / f"{stem}.toml")
 
 
-async def _drive(settings: Settings, out: Any) -> bool:
+async def _drive(settings: Settings, out: Any, full: bool = False) -> bool:
     from dropkiln.daemon.service import Daemon
     from dropkiln.store import list_jobs
+    from dropkiln.store.vocabulary import DropKind, DropState, JobState
 
     daemon = Daemon(settings)
     ok = False
@@ -129,6 +130,7 @@ async def _drive(settings: Settings, out: Any) -> bool:
         )
         _place(staging / CONCEPT, paths.datasets / CONCEPT)
         _drop_prompts(staging, paths.prompts, "before", BEFORE_FILE, out)
+        features = _drop_features(staging, paths.prompts, out) if full else 0
         follower = _Follower(out)
         after_dropped = False
         while True:
@@ -139,16 +141,27 @@ async def _drive(settings: Settings, out: Any) -> bool:
                 _drop_prompts(staging, paths.prompts, "after", AFTER_FILE, out)
                 after_dropped = True
             drops = await _drops(store)
-            if any(d["state"] == "failed" for d in drops):
+            if any(d["state"] == DropState.FAILED for d in drops):
                 break
-            prompts_taken = sum(d["kind"] == "prompts" for d in drops) == 2
+            prompts_taken = sum(d["kind"] == DropKind.PROMPTS for d in drops) == 2 + features
             if prompts_taken and all(j.terminal for j in jobs):
-                ok = all(j.state == "succeeded" for j in jobs)
+                ok = all(j.state == JobState.SUCCEEDED for j in jobs)
                 break
         await follower.show(store)
         daemon.stop("demo finished")
     shutil.rmtree(paths.root / "staging", ignore_errors=True)
     return ok
+
+
+def _drop_features(staging: Path, prompts: Path, out: Any) -> int:
+    """``--full``: a prompt folder per generation feature (see demo_features)."""
+    from dropkiln.demo_features import write_feature_drops
+
+    folders = write_feature_drops(staging / "features")
+    for folder in folders:
+        print(f"dropping a prompt folder -> {prompts / folder.name}", file=out)
+        _place(folder, prompts / folder.name)
+    return len(folders)
 
 
 async def _drops(store: Any) -> list[dict[str, Any]]:
@@ -235,8 +248,9 @@ def _story(settings: Settings, out: Any) -> bool:
     return with_lora > without
 
 
-def run_demo(root: Path | None = None, out: Any = None) -> int:
-    """Run the demo; returns the process exit status."""
+def run_demo(root: Path | None = None, out: Any = None, full: bool = False) -> int:
+    """Run the demo (with ``full``, also one prompt folder per generation feature); returns
+    the process exit status."""
     out = out or sys.stdout
     home = Path(tempfile.mkdtemp(prefix="dropkiln-demo-")) if root is None else root
     home.mkdir(parents=True, exist_ok=True)
@@ -246,7 +260,7 @@ def run_demo(root: Path | None = None, out: Any = None) -> int:
     settings = Settings.load(root=home)
     print(f"dropkiln demo in {settings.root}", file=out)
     started = time.monotonic()
-    ok = anyio.run(_drive, settings, out)
+    ok = anyio.run(_drive, settings, out, full)
     elapsed = time.monotonic() - started
     print("", file=out)
     for line in _outputs(settings):

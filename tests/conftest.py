@@ -9,6 +9,8 @@ import pytest
 
 from dropkiln.config import Settings
 
+pytest_plugins = ["tests.postgres"]
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # The suite runs on the random tiny-sdxl, the fastest model; tiny-shapes (the default for
 # users) has its own tests, which name it.

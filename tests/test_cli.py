@@ -147,6 +147,31 @@ def test_read_commands_never_import_torch(home: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_quick_commands_load_neither_sqlalchemy_nor_the_settings(home: Path) -> None:
+    """`status`, `events` and `cancel` must answer in a quarter of a second (issue 16): they
+    find the database from ROOT alone and read through the stdlib driver. SQLAlchemy
+    (0.4 s to import on a busy 2-core box) and pydantic-settings (0.3 s) are for the
+    commands that create, migrate or configure."""
+    add_job(home, "abc12345")
+    probe = (
+        "import sys; from dropkiln.cli import main\n"
+        f"root = {str(home)!r}\n"
+        "for args in (['status', '--root', root], ['status', '--json', '--root', root],\n"
+        "             ['events', '--root', root], ['events', '--job', 'abc', '--root', root]):\n"
+        "    assert main(args) == 0\n"
+        "loaded = [m for m in ('sqlalchemy', 'aiosqlite', 'pydantic_settings', 'dropkiln.config',\n"
+        "                      'textual', 'watchfiles') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+        "assert main(['cancel', 'abc', '--root', root]) == 0\n"
+        "loaded = [m for m in ('pydantic_settings', 'dropkiln.config') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+
+
 def test_defect11_root_before_the_command_is_honoured(
     home: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

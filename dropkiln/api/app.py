@@ -16,7 +16,8 @@ from dropkiln.api.errors import install_handlers
 from dropkiln.api.hub import EventHub
 from dropkiln.api.state import ApiState
 from dropkiln.config import Settings
-from dropkiln.store import EventStore, daemon_state
+from dropkiln.store import daemon_state
+from dropkiln.store.backend import open_store
 
 DESCRIPTION = """\
 The HTTP face of a dropkiln daemon. It writes only what a drop or a CLI command writes
@@ -32,7 +33,7 @@ def create_app(settings: Settings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         uploads.sweep_staging([settings.paths.datasets, settings.paths.prompts])
-        async with await EventStore.open(settings.paths.db) as store:
+        async with await open_store(settings.paths.db, settings.store_url) as store:
             api = settings.api
             hub = EventHub(
                 store,
@@ -77,6 +78,6 @@ def create_app(settings: Settings) -> FastAPI:
     async def healthz() -> dict[str, Any]:
         state: ApiState = app.state.api
         daemon = await daemon_state(state.store)
-        return {"ok": True, "version": __version__, "daemon_running": daemon.running}
+        return {"ok": True, "version": __version__, "daemon_running": daemon.running()}
 
     return app

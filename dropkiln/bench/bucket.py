@@ -49,7 +49,7 @@ def bench_bucket(
                 started = time.perf_counter()
                 result = run_bucket(spec, ctx)
                 seconds[count].append(time.perf_counter() - started)
-                manifests.add(Path(result["manifest"]).read_bytes())
+                manifests.add(Path(result.manifest).read_bytes())
     rates = [n_images / min(seconds[count]) for count in counts]
     runs = [
         {

@@ -22,7 +22,11 @@ from PIL import Image
 
 from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
-from dropkiln.stages.cache import CacheSpec, run_cache
+from dropkiln.options import BucketSettings
+from dropkiln.stages.base import write_atomic
+from dropkiln.stages.bucket import BucketResult
+from dropkiln.stages.bucket_manifest import BucketManifest, ManifestImage, ManifestSettings
+from dropkiln.stages.cache import CacheResult, CacheSpec, run_cache
 from dropkiln.stages.testing import LocalContext
 
 
@@ -40,30 +44,32 @@ def write_bench_dataset(root: Path, name: str, n_images: int, size: int) -> Path
 def write_bench_manifest(root: Path, name: str, size: int) -> Path:
     """The manifest the bucket stage would write for the dataset folder (no resize, no crop)."""
     folder = root / "drop" / "datasets" / name
-    images = []
-    for path in sorted(folder.glob("*.png")):
-        images.append(
-            {
-                "path": path.name,
-                "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
-                "original_size": [size, size],
-                "bucket": [size, size],
-                "resized_size": [size, size],
-                "crop_box": [0, 0, size, size],
-                "caption": path.with_suffix(".txt").read_text(),
-            }
+    images = [
+        ManifestImage(
+            path=path.name,
+            sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+            caption=path.with_suffix(".txt").read_text(),
+            original_size=(size, size),
+            resized_size=(size, size),
+            bucket=(size, size),
+            crop_box=(0, 0, size, size),
+            crop_left=0,
+            crop_top=0,
+            source_format="PNG",
+            source_mode="RGB",
         )
-    manifest = {
-        "name": name,
-        "dataset_dir": str(folder),
-        "images": images,
-        "rejected": [],
-        "buckets": {f"{size}x{size}": len(images)},
-    }
+        for path in sorted(folder.glob("*.png"))
+    ]
+    manifest = BucketManifest(
+        name=name,
+        dataset_dir=str(folder),
+        settings=ManifestSettings.of(BucketSettings(resolution=max(size, 64)), seed=1),
+        images=images,
+        rejected=[],
+        buckets={f"{size}x{size}": len(images)},
+    )
     target = root / "state" / "work" / f"{name}-bucket" / "manifest.json"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(manifest))
-    return target
+    return write_atomic(target, manifest.model_dump_json())
 
 
 def link_models(root: Path, models_dir: Path | None) -> None:
@@ -95,7 +101,7 @@ def bench_cache(
     """Seconds to cache ``n_images`` from scratch, and to re-cache after one image changed;
     images/s for each of ``vae_batch_sizes``."""
     from dropkiln.stages.models import resolve_model, shared_pipelines
-    from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.models.encoding import compute_dtype
 
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         root = Path(scratch)
@@ -120,7 +126,7 @@ def bench_cache(
             manifest = write_bench_manifest(root, "bench", size)
             result, seconds, _ = run.timed(manifest, vae_batch_size)
             recache_s.append(seconds)
-            counts.append((result["encoded"], result["reused"]))
+            counts.append((result.encoded, result.reused))
         sweep = []
         for batch in vae_batch_sizes:
             runs = [run.from_scratch(manifest, batch) for _ in range(repeat)]
@@ -180,26 +186,24 @@ class _CacheRun:
 
     def from_scratch(
         self, manifest: Path, vae_batch_size: int
-    ) -> tuple[dict[str, Any], float, list[float]]:
+    ) -> tuple[CacheResult, float, list[float]]:
         shutil.rmtree(self.root / "state" / "cache", ignore_errors=True)
         return self.timed(manifest, vae_batch_size)
 
-    def timed(
-        self, manifest: Path, vae_batch_size: int
-    ) -> tuple[dict[str, Any], float, list[float]]:
+    def timed(self, manifest: Path, vae_batch_size: int) -> tuple[CacheResult, float, list[float]]:
         """(result, seconds, seconds per VAE batch) of one cache run."""
         ctx = _StampedContext(
             root=self.root,
             work_dir=self.root / "state" / "work" / "bench-cache",
             device=self.device,
-            upstream_results={"bucket": {"manifest": str(manifest)}},
+            upstream_results={"bucket": BucketResult.of(manifest)},
         )
         spec = CacheSpec(name="bench", model=self.model, vae_batch_size=vae_batch_size)
         started = time.perf_counter()
         result = run_cache(spec, ctx)
         elapsed = time.perf_counter() - started
         # progress(0) comes first, then one report per VAE batch, then per text batch
-        image_stamps = [at for at, done in ctx.stamps if done <= result["encoded"]]
+        image_stamps = [at for at, done in ctx.stamps if done <= result.encoded]
         return result, elapsed, intervals(image_stamps)
 
 

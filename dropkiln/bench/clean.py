@@ -28,13 +28,18 @@ print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
 for line in sys.stdin:
     request = json.loads(line)
     started = time.perf_counter()
-    for number, image in enumerate(request["images"]):
+    images, batch = request["images"], request.get("batch", 1)
+    for first in range(0, len(images), batch):
+        group = images[first:first + batch]  # one call, one generator per image
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        picture = pipe(prompt=image["prompt"], num_inference_steps=image["steps"],
-                       guidance_scale=image["guidance"], width=image["width"],
-                       height=image["height"],
-                       generator=torch.Generator().manual_seed(image["seed"])).images[0]
-        picture.save(f"{request['out']}/{number:03d}.png")
+        pictures = pipe(prompt=[image["prompt"] for image in group],
+                        num_inference_steps=group[0]["steps"],
+                        guidance_scale=group[0]["guidance"], width=group[0]["width"],
+                        height=group[0]["height"],
+                        generator=[torch.Generator().manual_seed(image["seed"])
+                                   for image in group]).images
+        for number, picture in enumerate(pictures, start=first):
+            picture.save(f"{request['out']}/{number:03d}.png")
     print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 """
 
@@ -54,11 +59,13 @@ class CleanDiffusers:
         )
         self.threads = int(self._answer()["threads"])
 
-    def render(self, images: list[dict[str, Any]], out: Path) -> float:
-        """Seconds from the request to the last PNG saved in ``out``."""
+    def render(self, images: list[dict[str, Any]], out: Path, batch: int = 1) -> float:
+        """Seconds from the request to the last PNG saved in ``out``; ``batch`` images of the
+        same settings per pipeline call, each from its own seed."""
         out.mkdir(parents=True, exist_ok=True)
         assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps({"images": images, "out": str(out)}) + "\n")
+        request = {"images": images, "out": str(out), "batch": batch}
+        self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
         return float(self._answer()["seconds"])
 

@@ -36,6 +36,8 @@ from dropkiln.stages.base import write_atomic
 Suite = Callable[[BenchOptions, Profiler | None], SuiteRecord]
 SUITE_NAMES = (
     *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api"),
+    "scaleout",
+    "idle",
 )
 MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
@@ -125,10 +127,12 @@ def _run_suite(name: str, options: BenchOptions, profile_root: Path | None) -> S
 def _suites() -> dict[str, Suite]:
     from dropkiln.bench.model_suites import daemon_suite, generate_suite, train_suite
     from dropkiln.bench.preempt import preempt_suite
+    from dropkiln.bench.scaleout import scaleout_suite
     from dropkiln.bench.suites import (
         api_suite,
         bucket_suite,
         cache_suite,
+        idle_suite,
         store_suite,
         video_suite,
     )
@@ -143,6 +147,8 @@ def _suites() -> dict[str, Suite]:
         "daemon": daemon_suite,
         "preempt": preempt_suite,
         "api": api_suite,
+        "scaleout": scaleout_suite,
+        "idle": idle_suite,
     }
 
 
@@ -154,7 +160,7 @@ def _device(requested: str, uses_torch: bool, threads: int | None) -> tuple[str,
 
     from dropkiln.stages.device import resolve_device
     from dropkiln.stages.generation.render import inference_dtype
-    from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.models.encoding import compute_dtype
 
     device = resolve_device(requested)
     if threads is not None:

@@ -46,7 +46,7 @@ def bench_daemon(
     images: int = 4, size: int = 96, steps: int = 12, repeat: int = 5, files: int = 10,
     file_images: int = 1, model: str = "tiny-sdxl", models_dir: Path | None = None,
     settle_seconds: float | None = None, device: str = "cpu", processes: bool = True,
-    warmup: int = 1, threads: int = 0,
+    warmup: int = 1, threads: int = 0, batch: int = 4,
 ) -> dict[str, Any]:  # fmt: skip
     """Warm drops against the clean process, and a row of files against a process per file.
 
@@ -65,7 +65,7 @@ def bench_daemon(
         run = _DaemonRun(settings, images, size, steps, overrides)
         clean = CleanDiffusers(folder, threads)
         try:
-            warm = run.warm(clean, warmup, repeat)
+            warm = run.warm(clean, warmup, repeat, batch)
         finally:
             clean.close()
         row = run.row(files, file_images)
@@ -99,7 +99,7 @@ class _DaemonRun:
             **{f"DROPKILN_{key.upper()}": str(value) for key, value in overrides.items()},
         }
 
-    def warm(self, clean: CleanDiffusers, warmup: int, repeat: int) -> dict[str, Any]:
+    def warm(self, clean: CleanDiffusers, warmup: int, repeat: int, batch: int) -> dict[str, Any]:
         daemon = self._start()
         try:
             for number in range(warmup):
@@ -116,6 +116,7 @@ class _DaemonRun:
                 out = self._clean_out(str(attempt))
                 baseline.append(clean.render(self._request(prompts), out))
                 same = same and _same_pixels(Path(job["images"][0]), out / "000.png")
+            batched = self._batched(clean, repeat, batch) if batch > 1 else {}
         finally:
             stop_daemon(daemon)
         return {
@@ -128,6 +129,26 @@ class _DaemonRun:
             "ratio": round(statistics.median(run) / statistics.median(baseline), 3),
             "ratio_best": round(min(run) / min(baseline), 3),
             "pickup_p95_s": round(_p95(pickup), 4),
+            "same_images": same,
+            "batched": batched,
+        }
+
+    def _batched(self, clean: CleanDiffusers, repeat: int, batch: int) -> dict[str, Any]:
+        """Prompt files with ``batch_size = batch`` against the clean process's batched calls."""
+        run, baseline, same = [], [], True
+        for attempt in range(repeat):
+            prompts = [f"a harbour, batch {attempt} image {n}" for n in range(self.images)]
+            (job,) = self._drop_and_wait([f"batch{attempt:02d}"], [prompts], batch)
+            run.append(job["run_s"])
+            out = self._clean_out(f"batch{attempt}")
+            baseline.append(clean.render(self._request(prompts), out, batch))
+            pairs = zip(sorted(job["images"]), sorted(out.glob("*.png")), strict=True)
+            same = same and all(_same_pixels(Path(mine), theirs) for mine, theirs in pairs)
+        return {
+            "batch": batch,
+            "run_s": run,
+            "clean_s": baseline,
+            "ratio": round(statistics.median(run) / statistics.median(baseline), 3),
             "same_images": same,
         }
 
@@ -160,10 +181,12 @@ class _DaemonRun:
         return self.settings.root / "clean" / name
 
     def _drop_and_wait(
-        self, stems: list[str], prompt_sets: list[list[str]]
+        self, stems: list[str], prompt_sets: list[list[str]], batch: int | None = None
     ) -> list[dict[str, Any]]:
         """Drop the files together; per file: drop → job start → its last PNG."""
-        built = write_prompt_files(self.staging, prompt_sets, self.steps, self.size, prefix="")
+        built = write_prompt_files(
+            self.staging, prompt_sets, self.steps, self.size, prefix="", batch=batch
+        )
         dropped_at = time.time()
         for stem, path, prompts in zip(stems, built, prompt_sets, strict=True):
             self.prompt_sets[stem] = prompts
@@ -216,22 +239,24 @@ def start_daemon(settings: Settings, environment: dict[str, str]) -> subprocess.
     deadline = time.monotonic() + 120
     while not anyio.run(_serving, settings, process.pid):
         if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
             raise RuntimeError(f"the daemon did not start; see {settings.root}/daemon.log")
         time.sleep(POLL_S)
     return process
 
 
 async def _serving(settings: Settings, pid: int) -> bool:
-    from dropkiln.store import EventStore, daemon_state
+    from dropkiln.store import EventStore, StoreError, daemon_state
 
-    if not settings.paths.db.exists():
-        return False
-    store = await EventStore.open(settings.paths.db)
+    try:
+        store = await EventStore.open(settings.paths.db)
+    except StoreError:
+        return False  # not made yet, or the daemon is making it now
     try:
         state = await daemon_state(store)
     finally:
         await store.close()
-    return bool(state.running and state.pid == pid)
+    return state.running() and state.pid == pid
 
 
 def stop_daemon(process: subprocess.Popen[bytes]) -> None:

@@ -205,12 +205,13 @@ def _per_call(pipe: Any, entry: ImageEntry, count: int, repeat: int) -> dict[str
 
 
 def write_prompt_files(folder: Path, prompt_sets: list[list[str]], steps: int, size: int,
-                       prefix: str = "p") -> list[Path]:  # fmt: skip
-    """One TOML prompt file per prompt set, images seeded 1…N."""
+                       prefix: str = "p", batch: int | None = None) -> list[Path]:  # fmt: skip
+    """One TOML prompt file per prompt set, images seeded 1…N (``batch_size`` if given)."""
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
+    batching = f"batch_size = {batch}\n" if batch else ""
     for number, prompts in enumerate(prompt_sets):
-        lines = [f"[defaults]\nsteps = {steps}\nwidth = {size}\nheight = {size}\n"]
+        lines = [f"[defaults]\nsteps = {steps}\nwidth = {size}\nheight = {size}\n{batching}"]
         lines += [
             f'[[image]]\nprompt = "{prompt}"\nseed = {1 + i}\n' for i, prompt in enumerate(prompts)
         ]
@@ -252,7 +253,7 @@ def bench_warm_vs_processes(
     started = time.perf_counter()
     for number, path in enumerate(paths):
         out = root / "outputs" / "images" / f"warm-{number}"
-        prompt_file = load_prompt_file(path, settings)
+        prompt_file = load_prompt_file(path, settings.generate)
         spec = GenerateSpec(
             name=path.stem, model="tiny-sdxl", prompt_file=prompt_file, output_dir=str(out)
         )

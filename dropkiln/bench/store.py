@@ -12,7 +12,6 @@ import json
 import multiprocessing
 import os
 import random
-import sqlite3
 import statistics
 import tempfile
 import time
@@ -24,12 +23,12 @@ from typing import Any
 
 import anyio
 
-from dropkiln.store import EventStore, daemon_state, list_jobs, queue_paused
+from dropkiln.store import EventStore, StoredEvent, daemon_state, list_jobs, queue_paused
 from dropkiln.store import events as ev
-from dropkiln.store.engine import connect, sync_engine
 from dropkiln.store.events import DAEMON_STREAM, job_stream
 from dropkiln.store.migrate import ensure_schema
-from dropkiln.store.projections import StoredEvent, apply, changes_for
+from dropkiln.store.projections import apply, changes_for
+from dropkiln.store.sqlite import Connection, Database, connect
 
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
 
@@ -216,7 +215,7 @@ class _BulkLog:
     the same columns), so only that one is applied.
     """
 
-    def __init__(self, conn: sqlite3.Connection) -> None:
+    def __init__(self, conn: Connection) -> None:
         self.conn = conn
         self.seq = 0
         self.versions: dict[str, int] = {}
@@ -249,9 +248,9 @@ class _BulkLog:
 
 def make_big_store(path: Path, total: int, events_per_job: int = 200) -> int:
     """A store of ``total`` events (jobs of about ``events_per_job``), made in bulk."""
-    engine = sync_engine(path)
-    ensure_schema(engine, path, create=True)
-    engine.dispose()
+    database = Database(path)
+    ensure_schema(database, create=True)
+    database.close()
     conn = connect(path)
     log = _BulkLog(conn)
     conn.execute("BEGIN IMMEDIATE")

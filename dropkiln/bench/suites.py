@@ -235,6 +235,40 @@ def api_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
     return record
 
 
+def idle_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """A real daemon with nothing to do: its CPU share, then how soon it still takes a drop."""
+    from dropkiln.bench.idle import bench_idle
+
+    config: dict[str, Any] = {
+        "seconds": 60.0 if not options.quick else 15.0,
+        "drops": options.pick(options.repeats, 10, 3),
+    }
+    figures = bench_idle(**config)
+    record = SuiteRecord("idle", config=config)
+    record.latencies(
+        "reaction", figures.pop("reaction_s"), "drop's last write → DropRejected, less settle"
+    )
+    record.metric(
+        "idle_core_percent",
+        figures["idle_core_percent"],
+        "% of a core",
+        "lower",
+        "<= 0.5",
+        headline=True,
+    )
+    record.metric(
+        "reaction_p95_s", figures["reaction_p95_s"], "s", "lower", "<= 0.05", headline=True
+    )
+    record.metric("settle_seconds", figures["settle_seconds"], "s")
+    record.notes.append(
+        f"load average before {figures['load_average_before']}, "
+        f"after {figures['load_average_after']} (other work on the machine inflates both)"
+    )
+    record.raw = figures
+    _no_profile(record, profiler)
+    return record
+
+
 def _no_profile(record: SuiteRecord, profiler: Profiler | None) -> None:
     if profiler is not None:
         record.notes.append(f"--profile: the {record.suite} suite runs no torch operators")

@@ -22,7 +22,8 @@ from dropkiln.bench.phases import PhaseTimeline, phase_summary, training_phase_r
 from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
 from dropkiln.config import TrainSettings
-from dropkiln.stages.cache import CacheSpec, run_cache
+from dropkiln.stages.bucket import BucketResult
+from dropkiln.stages.cache import CacheResult, CacheSpec, run_cache
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import TrainSpec, run_train
 
@@ -67,7 +68,7 @@ class _Run:
 
 def cached_bench_dataset(
     root: Path, models_dir: Path | None, n_images: int, size: int, model: str, device: str
-) -> dict[str, Any]:
+) -> CacheResult:
     """The benchmark dataset in ROOT, bucketed and cached: the cache stage's result."""
     link_models(root, models_dir)
     manifest = write_bench_dataset(root, "bench", n_images, size)
@@ -75,7 +76,7 @@ def cached_bench_dataset(
         root=root,
         work_dir=root / "state" / "work" / "cache",
         device=device,
-        upstream_results={"bucket": {"manifest": str(manifest)}},
+        upstream_results={"bucket": BucketResult.of(manifest)},
     )
     return run_cache(CacheSpec(name="bench", model=model), cache_ctx)
 
@@ -143,7 +144,7 @@ def bench_train(
 @dataclass(frozen=True)
 class _Setup:
     root: Path
-    cached: dict[str, Any]
+    cached: CacheResult
     model: str
     batch_size: int
     rank: int
@@ -153,7 +154,7 @@ class _Setup:
     def pipe(self) -> Any:
         """The warm pipeline both sides train on (the stage finds the same one)."""
         from dropkiln.stages.models import resolve_model, shared_pipelines
-        from dropkiln.stages.training.encoding import compute_dtype
+        from dropkiln.stages.models.encoding import compute_dtype
 
         ref = resolve_model(self.model, self.root / "state" / "models")
         return shared_pipelines().get(ref, self.device, compute_dtype(self.device))
@@ -207,11 +208,11 @@ def _loop_run(setup: _Setup, steps: int) -> _Run:
     from peft import LoraConfig
     from safetensors.torch import load_file
 
-    from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.models.encoding import compute_dtype
 
     device, batch_size = setup.device, setup.batch_size
     dtype = compute_dtype(device)
-    index = json.loads(Path(setup.cached["index"]).read_text())
+    index = json.loads(Path(setup.cached.index).read_text())
     cache_dir = Path(index["cache_dir"])
     latents = torch.stack(
         [load_file(str(cache_dir / e["latents"]["shard"]))["latents"] for e in index["images"]]

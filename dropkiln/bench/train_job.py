@@ -24,6 +24,7 @@ from typing import Any
 
 from dropkiln.bench.train import cached_bench_dataset
 from dropkiln.config import TrainSettings
+from dropkiln.stages.cache import CacheResult
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import TrainSpec, run_train
 
@@ -75,7 +76,7 @@ def bench_train_job(
 
 def _stage_job(
     root: Path,
-    cached: dict[str, Any],
+    cached: CacheResult,
     model: str,
     steps: int,
     every: int,
@@ -123,7 +124,7 @@ def _stage_job(
     return seconds, writing[0], files
 
 
-def _loop_job(root: Path, cached: dict[str, Any], model: str, steps: int, every: int,
+def _loop_job(root: Path, cached: CacheResult, model: str, steps: int, every: int,
               batch_size: int, rank: int, device: str) -> float:  # fmt: skip
     """diffusers' train_text_to_image_lora_sdxl.py loop with its saves, minus accelerate."""
     import torch
@@ -134,13 +135,13 @@ def _loop_job(root: Path, cached: dict[str, Any], model: str, steps: int, every:
     from safetensors.torch import load_file, save_file
 
     from dropkiln.stages.models import resolve_model, shared_pipelines
+    from dropkiln.stages.models.encoding import compute_dtype
     from dropkiln.stages.training.checkpoint import write_checkpoint
-    from dropkiln.stages.training.encoding import compute_dtype
     from dropkiln.stages.training.report import write_loss_csv, write_loss_plot
 
     started = time.perf_counter()
     dtype = compute_dtype(device)
-    index = json.loads(Path(cached["index"]).read_text())
+    index = json.loads(Path(cached.index).read_text())
     cache_dir = Path(index["cache_dir"])
     latents = torch.stack(
         [load_file(str(cache_dir / e["latents"]["shard"]))["latents"] for e in index["images"]]

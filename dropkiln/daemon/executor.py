@@ -35,6 +35,7 @@ from dropkiln.store.events import (
     RetryScheduled,
     job_stream,
 )
+from dropkiln.store.vocabulary import JobState, Lane
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ class Executor:
         )
         return RunningJob(job, stage, context)
 
-    async def run(self, running: RunningJob, limiter: anyio.CapacityLimiter) -> str:
+    async def run(self, running: RunningJob, limiter: anyio.CapacityLimiter) -> JobState:
         """Run the attempt (GPU lane: on the device thread; CPU lane, which never touches
         torch: in a worker thread); returns the state the job ended in."""
         job, stage, ctx = running.job, running.stage, running.context
@@ -120,7 +121,7 @@ class Executor:
             spec = stage.spec.model_validate(job.spec)
             # Abandoned, not awaited, if the daemon is cancelled: a hung stage must not hold
             # up a shutdown past stop_timeout_s (its job resumes at the next start).
-            if stage.lane == "gpu":
+            if Lane(stage.lane) == Lane.GPU:
                 result = await self.device_thread.run(
                     _run_stage, stage, spec, ctx, abandon_on_cancel=True
                 )
@@ -131,12 +132,12 @@ class Executor:
         except StageStopped:
             return await self._stopped(running)
         except StageError as exc:
-            return await self._finish(running, JobFailed(reason=str(exc)), "failed")
+            return await self._finish(running, JobFailed(reason=str(exc)), JobState.FAILED)
         except Exception as exc:
             if not is_out_of_memory(exc):
                 log.exception("job %s failed", job.id)
                 reason = f"{type(exc).__name__}: {exc}"
-                return await self._finish(running, JobFailed(reason=reason), "failed")
+                return await self._finish(running, JobFailed(reason=reason), JobState.FAILED)
             rung = stage.rung(ctx.memory_rung)
             oom = OutOfMemory(
                 memory_rung=ctx.memory_rung,
@@ -152,25 +153,25 @@ class Executor:
             oom = oom.model_copy(update={"evicted": evicted})
             await self.device_thread.run(release_memory, self.device)
             return await self._out_of_memory(running, oom)
-        return await self._finish(running, JobSucceeded(result=result or {}), "succeeded")
+        return await self._finish(running, JobSucceeded(result=result or {}), JobState.SUCCEEDED)
 
-    async def _finish(self, running: RunningJob, final: Event, state: str) -> str:
+    async def _finish(self, running: RunningJob, final: Event, state: JobState) -> JobState:
         pending = running.context.take_pending_progress()
         events: list[Event] = [pending] if pending else []
         await self.append(running.id, [*events, final])
         log.info("%s job %s %s", running.job.stage, running.id, state)
         return state
 
-    async def _stopped(self, running: RunningJob) -> str:
+    async def _stopped(self, running: RunningJob) -> JobState:
         reason = running.context.stop_reason
         if reason == "cancel":
-            return await self._finish(running, JobCancelled(), "cancelled")
+            return await self._finish(running, JobCancelled(), JobState.CANCELLED)
         if reason is None:
             failed = JobFailed(reason="the stage stopped without being asked to")
-            return await self._finish(running, failed, "failed")
-        return await self._finish(running, JobPreempted(by=reason), "queued")
+            return await self._finish(running, failed, JobState.FAILED)
+        return await self._finish(running, JobPreempted(by=reason), JobState.QUEUED)
 
-    async def _out_of_memory(self, running: RunningJob, oom: OutOfMemory) -> str:
+    async def _out_of_memory(self, running: RunningJob, oom: OutOfMemory) -> JobState:
         ladder = running.stage.ladder
         next_rung = oom.memory_rung if oom.evicted else oom.memory_rung + 1
         if next_rung < len(ladder):
@@ -186,11 +187,11 @@ class Executor:
                 retry.rung_name,
             )
             await self.append(running.id, [oom, retry])
-            return "queued"
+            return JobState.QUEUED
         tried = ", ".join(r.name for r in ladder)
         reason = f"out of memory on every memory rung (tried: {tried}); last: {oom.message}"
         await self.append(running.id, [oom, JobFailed(reason=reason)])
-        return "failed"
+        return JobState.FAILED
 
 
 def _evict_other_pipelines(device: str) -> list[str]:
@@ -201,6 +202,6 @@ def _evict_other_pipelines(device: str) -> list[str]:
 
 def _run_stage(stage: StageDef, spec: Any, ctx: DaemonContext) -> dict[str, Any]:
     try:
-        return stage.run(spec, ctx)
+        return stage.execute(spec, ctx)
     finally:
         take_torn_write()  # a torn write armed by a fault never outlives its job's thread

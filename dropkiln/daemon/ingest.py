@@ -31,13 +31,12 @@ from dropkiln.daemon.planner import (
     Planner,
     drop_name,
     error_text,
-    fsync_dir,
     new_id,
     parse_drop,
     stored_path,
     unique_path,
 )
-from dropkiln.stages import write_atomic
+from dropkiln.stages import fsync_dir, write_atomic
 from dropkiln.store import EventStore, StoreError, drop_by_hash, unmoved_drops
 from dropkiln.store.events import (
     DropMoveAbandoned,
@@ -50,6 +49,7 @@ from dropkiln.store.events import (
     drop_stream,
     job_stream,
 )
+from dropkiln.store.vocabulary import DropState
 
 log = logging.getLogger(__name__)
 
@@ -216,7 +216,7 @@ class Ingestor:
         finished = 0
         for drop in await unmoved_drops(self.store):
             note = None
-            if drop["state"] == "failed":
+            if drop["state"] == DropState.FAILED:
                 note = error_text(drop["name"], drop["id"], drop["reason"] or "", drop["at"])
             source = Path(drop["source"])
             # Whatever is at the source now is taken to be the drop (its inode was not

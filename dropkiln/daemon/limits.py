@@ -8,9 +8,12 @@ drop set itself: dropkiln.toml's own defaults are the operator's choice and alwa
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dropkiln.config import LimitsSettings, Settings
+
+if TYPE_CHECKING:
+    from dropkiln.stages.dataset import DatasetOptions
 
 
 class OverLimit(ValueError):
@@ -36,11 +39,11 @@ def _refusal(label: str, key: str, value: int, cap_name: str, cap: int) -> OverL
     )
 
 
-def check_dataset(settings: Settings, options: dict[str, Any], label: str) -> None:
-    """Refuse a dataset whose own options go past a cap; ``options`` as the planner has them."""
+def check_dataset(settings: Settings, options: DatasetOptions, label: str) -> None:
+    """Refuse a dataset whose own options go past a cap."""
     limits: LimitsSettings = settings.limits
     for section, key, cap_name, breaks in _DATASET_CAPS:
-        value = options[section][key]
+        value = getattr(getattr(options, section), key)
         operator_default = getattr(getattr(settings, section), key)
         cap = getattr(limits, cap_name)
         if value != operator_default and breaks(value, cap):

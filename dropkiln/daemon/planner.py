@@ -14,20 +14,25 @@ import os
 import shutil
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio.to_thread
 
 from dropkiln.config import Settings
 from dropkiln.daemon import limits
-from dropkiln.stages import StageError, get_stage
+from dropkiln.stages import StageError, StageSpec, get_stage
+from dropkiln.stages.dataset import DatasetOptions
 from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted
+from dropkiln.store.vocabulary import DropKind, JobState
 
-DATASET = "dataset"
-PROMPTS = "prompts"
+if TYPE_CHECKING:
+    from dropkiln.stages.generation.prompt_file import PromptFile
+
+DATASET = DropKind.DATASET
+PROMPTS = DropKind.PROMPTS
 PROMPT_SUFFIXES = (".toml", ".json", ".txt")
 
 
@@ -41,18 +46,28 @@ class DropRejection(Exception):
     """A drop that cannot be used; the message is the reason shown to the user."""
 
 
+@dataclass(frozen=True)
+class PromptDrop:
+    """What a prompt drop asks for: its validated prompt file, and where it was dropped (the
+    control, init and mask images it names are checked there, then read from processed/)."""
+
+    prompt_file: PromptFile
+    source: Path
+
+
 @dataclass
 class ParsedDrop:
     """A drop read and validated, not yet planned."""
 
-    kind: str
+    kind: DropKind
     name: str
     content_hash: str
     files: int
     bytes: int
     folder: Path
     """Where the job will read it: processed/ID-NAME, or the extraction of a zip."""
-    options: dict[str, Any] = field(default_factory=dict)
+    options: DatasetOptions | PromptDrop
+    """A dataset's model, bucket and train options, or a prompt drop's prompt file."""
 
 
 def content_hash(entry: Path) -> tuple[str, int, int]:
@@ -91,11 +106,13 @@ def stored_path(settings: Settings, drop_id: str, entry: Path) -> Path:
 
 def parse_drop(settings: Settings, entry: Path, kind: str, drop_id: str) -> ParsedDrop:
     """Read and validate a settled drop in place (runs in a worker thread)."""
+    kind = DropKind(kind)
     digest, files, size = content_hash(entry)
     if files == 0:
         raise DropRejection("the drop is empty")
     name = drop_name(entry)
     stored = stored_path(settings, drop_id, entry)
+    options: DatasetOptions | PromptDrop
     if kind == DATASET:
         folder, options = _read_dataset(
             settings, entry, settings.paths.work / "drops" / drop_id / name, stored
@@ -105,12 +122,14 @@ def parse_drop(settings: Settings, entry: Path, kind: str, drop_id: str) -> Pars
     return ParsedDrop(kind, name, digest, files, size, folder, options)
 
 
-Options = dict[str, Any]
+def dataset_defaults(settings: Settings) -> DatasetOptions:
+    """What a dataset without a dataset.toml trains with: dropkiln.toml's choices."""
+    return DatasetOptions(settings.model, settings.bucket, settings.train, settings.vae)
 
 
 def _read_dataset(
     settings: Settings, entry: Path, unzip_to: Path, stored: Path
-) -> tuple[Path, Options]:
+) -> tuple[Path, DatasetOptions]:
     """(where the bucket job will read it, its model/bucket/train options)."""
     from dropkiln.stages.dataset import extract_zip_safely, load_dataset_options
 
@@ -124,17 +143,11 @@ def _read_dataset(
     else:
         folder, read_from = stored, entry
     try:
-        model, bucket, train, vae = load_dataset_options(read_from, settings)
+        options = load_dataset_options(read_from, dataset_defaults(settings))
     except StageError as exc:
         # The user knows the zip, not where dropkiln unpacked it: "cats.zip/dataset.toml".
         reason = str(exc).replace(str(unzip_to), entry.name) if entry.is_file() else str(exc)
         raise DropRejection(reason) from exc
-    options = {
-        "model": model,
-        "vae": vae,
-        "bucket": bucket.model_dump(),
-        "train": train.model_dump(),
-    }
     try:
         limits.check_dataset(settings, options, entry.name)
     except limits.OverLimit as exc:
@@ -159,17 +172,17 @@ def _prompt_file_in(entry: Path) -> Path:
     return candidates[0]
 
 
-def _read_prompts(settings: Settings, entry: Path) -> Options:
+def _read_prompts(settings: Settings, entry: Path) -> PromptDrop:
     """The validated prompt file, and where it was dropped (for control image paths)."""
     prompt_path = _prompt_file_in(entry)
     from dropkiln.stages.generation.prompt_file import load_prompt_file
 
     try:
-        prompt_file = load_prompt_file(prompt_path, settings)
+        prompt_file = load_prompt_file(prompt_path, settings.generate)
         limits.check_prompts(settings, prompt_file, prompt_path.name)
     except (StageError, limits.OverLimit) as exc:
         raise DropRejection(str(exc)) from exc
-    return {"prompt_file": prompt_file, "source": entry}
+    return PromptDrop(prompt_file, entry)
 
 
 def check_model(model: str) -> None:
@@ -215,56 +228,62 @@ class Planner:
         self.store = store
 
     async def plan(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
-        if drop.kind == DATASET:
-            return self._plan_dataset(drop, drop_id)
-        return await self._plan_prompts(drop, drop_id)
+        if isinstance(drop.options, DatasetOptions):
+            return self._plan_dataset(drop, drop.options, drop_id)
+        return await self._plan_prompts(drop, drop.options, drop_id)
 
     def _job(
         self,
         stage: str,
         name: str,
-        spec: dict[str, Any],
+        spec: StageSpec,
         drop_id: str,
         depends_on: list[str] | None = None,
         rung_key: str | None = None,
         lane: str | None = None,
     ) -> JobSubmitted:
         definition = get_stage(stage)
-        validated = definition.spec.model_validate(spec)
+        if not isinstance(spec, definition.spec):
+            raise TypeError(f"a {stage} job takes a {definition.spec.__name__}")
         return JobSubmitted(
             job_id=new_id(),
             stage=stage,
             name=name,
             lane=lane or definition.lane,
             priority=definition.priority,
-            spec=validated.model_dump(mode="json"),
+            spec=spec.model_dump(mode="json"),
             depends_on=depends_on or [],
             drop_id=drop_id,
             rung_key=rung_key,
         )
 
-    def _plan_dataset(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+    def _plan_dataset(
+        self, drop: ParsedDrop, options: DatasetOptions, drop_id: str
+    ) -> list[JobSubmitted]:
         """bucket (CPU) → cache (GPU) → train (GPU), each reading the one before."""
-        options = drop.options
-        model, vae, train = options["model"], options.get("vae", ""), options["train"]
+        from dropkiln.stages.bucket import BucketSpec
+        from dropkiln.stages.cache import CacheSpec
+        from dropkiln.stages.train import TrainSpec
+
+        model, vae, train = options.model, options.vae, options.train
         check_model(model)
         check_vae(vae)
-        resolution = options["bucket"]["resolution"]
+        resolution = options.bucket.resolution
         bucket = self._job(
             "bucket",
             drop.name,
-            {
-                "dataset_dir": str(drop.folder),
-                "name": drop.name,
-                "bucket": options["bucket"],
-                "seed": train["seed"],
-            },
+            BucketSpec(
+                dataset_dir=str(drop.folder),
+                name=drop.name,
+                bucket=options.bucket,
+                seed=train.seed,
+            ),
             drop_id,
         )
         cache = self._job(
             "cache",
             drop.name,
-            {"name": drop.name, "model": model, "vae": vae, "flip_augment": train["flip_augment"]},
+            CacheSpec(name=drop.name, model=model, vae=vae, flip_augment=train.flip_augment),
             drop_id,
             depends_on=[bucket.job_id],
             rung_key=f"cache:{model}:{resolution}",
@@ -272,51 +291,53 @@ class Planner:
         train_job = self._job(
             "train",
             drop.name,
-            {
-                "name": drop.name,
-                "model": model,
-                "vae": vae,
-                "options": train,
-                "output_dir": str(self.settings.paths.loras / drop.name),
-            },
+            TrainSpec(
+                name=drop.name,
+                model=model,
+                vae=vae,
+                options=train,
+                output_dir=str(self.settings.paths.loras / drop.name),
+            ),
             drop_id,
             depends_on=[cache.job_id],
             rung_key=f"train:{model}:{resolution}",
         )
         return [bucket, cache, train_job]
 
-    async def _plan_prompts(self, drop: ParsedDrop, drop_id: str) -> list[JobSubmitted]:
+    async def _plan_prompts(
+        self, drop: ParsedDrop, options: PromptDrop, drop_id: str
+    ) -> list[JobSubmitted]:
         """generate (GPU) → video (when asked); LoRAs still training become dependencies."""
-        from dropkiln.stages.video import video_path
+        from dropkiln.stages.generate import GenerateSpec, LoraFile
+        from dropkiln.stages.video import VideoSpec, video_path
 
-        prompt_file = drop.options["prompt_file"]
+        prompt_file = options.prompt_file
         model = prompt_file.model or self.settings.model
         vae = self.settings.vae if prompt_file.vae is None else prompt_file.vae
         check_model(model)
         check_vae(vae)
-        loras: list[dict[str, Any]] = []
+        loras: list[LoraFile] = []
         depends_on: list[str] = []
         for ref in prompt_file.loras:
             path, job_id = await self._resolve_lora(ref.name)
-            loras.append({"name": ref.name, "path": str(path), "weight": ref.weight})
+            loras.append(LoraFile(name=ref.name, path=str(path), weight=ref.weight))
             if job_id is not None and job_id not in depends_on:
                 depends_on.append(job_id)
         stem = await self._output_stem(drop.name, drop_id)
-        rebased = _rebase_controls(prompt_file, drop)
-        generate_spec = {
-            "name": stem,
-            "model": model,
-            "vae": vae,
-            "prompt_file": rebased.model_dump(mode="json"),
-            "loras": loras,
-            "output_dir": str(self.settings.paths.images / stem),
-            "preview_every": self.settings.generate.preview_every,
-        }
+        rebased = _rebase_controls(prompt_file, drop.folder, options.source)
         largest = max(prompt_file.images, key=lambda image: image.width * image.height)
         generate = self._job(
             "generate",
             stem,
-            generate_spec,
+            GenerateSpec(
+                name=stem,
+                model=model,
+                vae=vae,
+                prompt_file=rebased,
+                loras=loras,
+                output_dir=str(self.settings.paths.images / stem),
+                preview_every=self.settings.generate.preview_every,
+            ),
             drop_id,
             depends_on=depends_on,
             rung_key=f"generate:{model}:{largest.width}x{largest.height}",
@@ -328,7 +349,7 @@ class Planner:
                 self._job(
                     "video",
                     stem,
-                    {"name": stem, "options": rebased.video, "output": str(output)},
+                    VideoSpec(name=stem, options=rebased.video, output=str(output)),
                     drop_id,
                     depends_on=[generate.job_id],
                 )
@@ -346,11 +367,11 @@ class Planner:
                 raise DropRejection(f"LoRA {ref!r}: no such .safetensors file")
             return path.resolve(), None
         for job in await list_jobs(self.store):
-            if job.stage != "train" or job.state in ("failed", "cancelled"):
+            if job.stage != "train" or job.state in (JobState.FAILED, JobState.CANCELLED):
                 continue
             if job.name == ref or job.id == ref:
                 path = lora_path(job.spec["output_dir"], job.name)
-                return path, None if job.state == "succeeded" else job.id
+                return path, None if job.state == JobState.SUCCEEDED else job.id
         existing = lora_path(self.settings.paths.loras / ref, ref)
         if existing.is_file():
             return existing, None
@@ -387,18 +408,17 @@ async def check_drop(settings: Settings, store: EventStore, entry: Path, kind: s
         )
 
 
-def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
-    """Control, init and mask images were checked in drop/prompts/; the job reads them from
-    processed/."""
-    source = drop.options["source"]
+def _rebase_controls(prompt_file: PromptFile, folder: Path, source: Path) -> PromptFile:
+    """Control, reference, init and mask images were checked in drop/prompts/ (``source``);
+    the job reads them from processed/ (``folder``)."""
 
     def moved(path: str) -> str:
         if source.is_file():
             raise DropRejection(
-                "control, init and mask images need the prompt file and its images dropped "
-                "together as one folder"
+                "control, reference, init and mask images need the prompt file and its images "
+                "dropped together as one folder"
             )
-        return str(drop.folder / Path(path).relative_to(source.resolve()))
+        return str(folder / Path(path).relative_to(source.resolve()))
 
     images = []
     for image in prompt_file.images:
@@ -407,6 +427,11 @@ def _rebase_controls(prompt_file: Any, drop: ParsedDrop) -> Any:
             update["control"] = [
                 control.model_copy(update={"image": moved(control.image)})
                 for control in image.control
+            ]
+        if image.reference is not None:
+            update["reference"] = [
+                reference.model_copy(update={"image": moved(reference.image)})
+                for reference in image.reference
             ]
         for field_name in ("init_image", "mask"):
             if getattr(image, field_name) is not None:
@@ -437,11 +462,3 @@ def unique_path(path: Path, taken: Collection[Path] = ()) -> Path:
         if not os.path.lexists(candidate) and candidate not in taken:
             return candidate
     raise FileExistsError(path)
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -24,7 +24,15 @@ from anyio.abc import TaskGroup
 from dropkiln.config import Settings
 from dropkiln.daemon.executor import Executor, RunningJob
 from dropkiln.store import ConcurrencyError, EventStore, JobView, find_job, list_jobs, queue_paused
-from dropkiln.store.events import Event, JobCancelled, JobFailed, JobQueued, job_stream
+from dropkiln.store.events import (
+    Event,
+    JobCancelled,
+    JobFailed,
+    JobQueued,
+    job_stream,
+    parse_event,
+)
+from dropkiln.store.vocabulary import JobState, Lane
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +40,8 @@ log = logging.getLogger(__name__)
 # Each conflict means another writer appended in between; more than a few in a row means
 # the job is busy enough that the next scheduling pass is the better place to decide.
 DECISION_ATTEMPTS = 5
+RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})
+ENDINGS = (JobFailed.type_name(), JobCancelled.type_name())
 
 
 class Scheduler:
@@ -44,8 +54,8 @@ class Scheduler:
         # registered here: _start stops the attempt as soon as it is.
         self._cancel_on_start: set[str] = set()
         self.limiters = {
-            "gpu": anyio.CapacityLimiter(1),
-            "cpu": anyio.CapacityLimiter(settings.cpu_workers),
+            Lane.GPU: anyio.CapacityLimiter(1),
+            Lane.CPU: anyio.CapacityLimiter(settings.cpu_workers),
         }
         self.accepting = True
         # Drops whose move is not done (the ingestor sets this): their jobs wait for it.
@@ -53,6 +63,8 @@ class Scheduler:
         self.paused = False
         self.abandoned: list[str] = []
         """Jobs still running when a shutdown stopped waiting for them."""
+        self._ended_in: dict[str, JobState] = {}
+        """The state each job's latest attempt ended in, as its executor reported it."""
         self._wake = anyio.Event()
         self._next_pass_in = 1.0
         self._idle = anyio.Event()
@@ -66,7 +78,7 @@ class Scheduler:
         now = time.monotonic()
         return [r for r in self.running.values() if now - r.context.last_sign_of_life > after_s]
 
-    def lane_jobs(self, lane: str) -> list[RunningJob]:
+    def lane_jobs(self, lane: Lane) -> list[RunningJob]:
         return [r for r in self.running.values() if r.job.lane == lane]
 
     async def run(self, tg: TaskGroup) -> None:
@@ -86,20 +98,21 @@ class Scheduler:
         for job in jobs:
             if job.id in self.running or job.drop_id in held:
                 continue
-            if job.state == "waiting":
+            if job.state == JobState.WAITING:
                 await self._check_dependencies(job)
-            elif job.state == "queued":
+            elif job.state == JobState.QUEUED:
                 runnable.append(job)
         if self.paused or not self.accepting:
             return
         runnable.sort(key=lambda j: (-j.priority, j.submitted_seq))
         for job in runnable:
-            lane = self.lane_jobs(job.lane)
-            capacity = 1 if job.lane == "gpu" else self.settings.cpu_workers
-            if len(lane) < capacity:
+            lane = Lane(job.lane)
+            busy = self.lane_jobs(lane)
+            capacity = 1 if lane == Lane.GPU else self.settings.cpu_workers
+            if len(busy) < capacity:
                 await self._start(tg, job)
-            elif job.lane == "gpu":
-                self._maybe_preempt(job, lane[0])
+            elif lane == Lane.GPU:
+                self._maybe_preempt(job, busy[0])
 
     def _maybe_preempt(self, waiting: JobView, current: RunningJob) -> None:
         if waiting.priority > current.job.priority and current.context.stop_reason is None:
@@ -122,11 +135,12 @@ class Scheduler:
         for dep in job.depends_on:
             dep_job = await find_job(self.store, dep)
             ending: Event
-            if dep_job.state == "failed":
+            if dep_job.state == JobState.FAILED:
                 reason = f"dependency {dep_job.stage} job {dep} failed: {dep_job.error}"
-                ending = JobFailed(reason=reason)
-            elif dep_job.state == "cancelled":
-                ending = JobCancelled(reason=f"dependency {dep_job.stage} job {dep} was cancelled")
+                ending = JobFailed(reason=reason, caused_by=dep)
+            elif dep_job.state == JobState.CANCELLED:
+                reason = f"dependency {dep_job.stage} job {dep} was cancelled"
+                ending = JobCancelled(reason=reason, caused_by=dep)
             else:
                 continue
             try:
@@ -153,7 +167,8 @@ class Scheduler:
 
     async def _run(self, running: RunningJob) -> None:
         try:
-            await self.executor.run(running, self.limiters[running.job.lane])
+            ended = await self.executor.run(running, self.limiters[Lane(running.job.lane)])
+            self._ended_in[running.id] = ended
         finally:
             del self.running[running.id]
             if not self.running:
@@ -173,7 +188,7 @@ class Scheduler:
             job = await find_job(self.store, job_id)
             if job.terminal:
                 return
-            if job.state == "running":
+            if job.state == JobState.RUNNING:
                 self._cancel_on_start.add(job_id)
                 return
             cancelled = JobCancelled(reason=f"cancelled by {by} before it ran")
@@ -196,7 +211,7 @@ class Scheduler:
 
     async def _retry(self, job_id: str) -> None:
         job = await find_job(self.store, job_id)
-        if job.state not in ("failed", "cancelled"):
+        if job.state not in RETRYABLE:
             log.info("retry of job %s ignored: it is %s", job_id, job.state)
             return
         events: list[tuple[str, list[Event]]] = [
@@ -206,9 +221,10 @@ class Scheduler:
         # Dependents that ended only because this job did are requeued with it, and theirs
         # in turn (a failed cache job also ended the train, generate and video jobs after it).
         requeued = {job_id}
-        others = await list_jobs(self.store)
+        others = [o for o in await list_jobs(self.store) if o.state in RETRYABLE and o.depends_on]
+        causes = {other.id: await self._ended_by(other.id) for other in others}
         while True:
-            more = [other for other in others if _ended_with(other, requeued)]
+            more = [o for o in others if o.id not in requeued and causes[o.id] in requeued]
             if not more:
                 break
             for other in more:
@@ -219,6 +235,14 @@ class Scheduler:
                 requeued.add(other.id)
         await self.store.append_batch(events, read_at)
         self.wake()
+
+    async def _ended_by(self, job_id: str) -> str | None:
+        """The dependency that ended the job (its newest JobFailed or JobCancelled says)."""
+        newest = await self.store.last(job_stream(job_id), types=ENDINGS)
+        if not newest:
+            return None
+        ending = parse_event(newest[0].type, newest[0].data)
+        return ending.caused_by if isinstance(ending, JobFailed | JobCancelled) else None
 
     def set_paused(self, paused: bool) -> None:
         self.paused = paused
@@ -243,11 +267,10 @@ class Scheduler:
                 job_id,
                 timeout_s,
             )
-        return [job_id for job_id in stopping if not (await find_job(self.store, job_id)).terminal]
+        return [job_id for job_id in stopping if not self._ended_terminal(job_id)]
 
-
-def _ended_with(job: JobView, retried: set[str]) -> bool:
-    """True for a job that failed or was cancelled because a dependency in ``retried`` did."""
-    if job.id in retried or job.state not in ("failed", "cancelled") or job.error is None:
-        return False
-    return any(dep in retried and f"job {dep} " in job.error + " " for dep in job.depends_on)
+    def _ended_terminal(self, job_id: str) -> bool:
+        if job_id in self.running:
+            return False  # abandoned: still running
+        ended = self._ended_in.get(job_id)
+        return ended is not None and ended.terminal

@@ -30,8 +30,10 @@ from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.models import configure_shared_pipelines
 from dropkiln.store import ConcurrencyError, EventStore, list_jobs, record_telemetry
+from dropkiln.store.backend import open_store
 from dropkiln.store.events import (
     DAEMON_STREAM,
+    EVENT_TYPES,
     CancelRequested,
     DaemonStarted,
     DaemonStopped,
@@ -45,18 +47,18 @@ from dropkiln.store.events import (
     QueueResumed,
     RetryRequested,
     job_stream,
+    parse_event,
 )
+from dropkiln.store.vocabulary import JobState, Lane
 
 log = logging.getLogger(__name__)
 
-COMMANDS = (
-    CancelRequested.type_name(),
-    RetryRequested.type_name(),
-    QueuePaused.type_name(),
-    QueueResumed.type_name(),
-)
+# Every event class marked as a command (written by the CLI, the dashboard or the API).
+COMMANDS = tuple(name for name, cls in EVENT_TYPES.items() if cls.command)
 STOP_TIMEOUT_EXTENSION_S = 30
 MOVE_RETRY_TICK_S = 0.5
+# Readers call the daemon down when its heartbeat is older than 5 s (store.daemon_state).
+IDLE_TELEMETRY_S = 2.5
 
 
 class Daemon:
@@ -84,7 +86,7 @@ class Daemon:
         async with AsyncExitStack() as stack:
             stack.enter_context(DaemonLock(self.paths.lock))
             self.paths.create()
-            self.store = await EventStore.open(self.paths.db, create=True)
+            self.store = await open_store(self.paths.db, self.settings.store_url, create=True)
             stack.push_async_callback(self.store.close)
             self.device_thread = DeviceThread(self.settings.device, self.settings.torch_threads)
             stack.callback(self.device_thread.close)
@@ -154,7 +156,7 @@ class Daemon:
         batch: list[tuple[str, list[Event]]] = []
         read_at: dict[str, int | None] = {}
         for job in await list_jobs(self.store, active_only=True):
-            if job.state != "running":
+            if job.state != JobState.RUNNING:
                 continue
             then: Event
             if job.requested == "cancel":
@@ -220,30 +222,38 @@ class Daemon:
                 log.exception("could not record a drop move; trying again")
 
     async def _obey_commands(self, after: int) -> None:
-        async for event in self.store.tail(after, types=COMMANDS):
+        async for stored in self.store.tail(after, types=COMMANDS):
             try:
-                if event.type == "CancelRequested" and event.job_id:
-                    await self.scheduler.cancel(event.job_id, by=event.data.get("by", "request"))
-                elif event.type == "RetryRequested" and event.job_id:
-                    await self.scheduler.retry(event.job_id)
-                elif event.type in ("QueuePaused", "QueueResumed"):
-                    self.scheduler.set_paused(event.type == "QueuePaused")
+                command = parse_event(stored.type, stored.data)
+                if isinstance(command, CancelRequested) and stored.job_id:
+                    await self.scheduler.cancel(stored.job_id, by=command.by)
+                elif isinstance(command, RetryRequested) and stored.job_id:
+                    await self.scheduler.retry(stored.job_id)
+                elif isinstance(command, QueuePaused | QueueResumed):
+                    self.scheduler.set_paused(isinstance(command, QueuePaused))
                     log.info("queue %s", "paused" if self.scheduler.paused else "resumed")
             except Exception:
-                log.exception("could not carry out command %s #%d", event.type, event.seq)
+                log.exception("could not carry out command %s #%d", stored.type, stored.seq)
 
     async def _telemetry(self) -> None:
         while True:
             # Allocator counters and psutil only, no torch op: safe beside the device thread,
             # and it must not wait for a running stage.
             sample = await anyio.to_thread.run_sync(memory_snapshot, self.device)
-            gpu = self.scheduler.lane_jobs("gpu") if hasattr(self, "scheduler") else []
+            gpu = self.scheduler.lane_jobs(Lane.GPU) if hasattr(self, "scheduler") else []
             if gpu:
                 sample["job_id"] = gpu[0].id
                 sample["memory_rung"] = gpu[0].context.memory_rung
             await record_telemetry(self.store, sample, self.settings.telemetry_retention_s)
             self.notifier.status(self._status_text())
-            await anyio.sleep(self.settings.telemetry_every_s)
+            await anyio.sleep(self._telemetry_interval())
+
+    def _telemetry_interval(self) -> float:
+        """telemetry_every_s while a job runs; idle, a sample is only the heartbeat that says
+        the daemon is up, and each one wakes every tail, so it comes less often."""
+        if hasattr(self, "scheduler") and self.scheduler.running:
+            return self.settings.telemetry_every_s
+        return max(self.settings.telemetry_every_s, IDLE_TELEMETRY_S)
 
     def _hung(self) -> str | None:
         """What makes the daemon hung, for the watchdog: a stage silent for stall_after_s."""

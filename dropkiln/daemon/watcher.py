@@ -12,19 +12,28 @@ copy in progress under a temporary name, as ``dropkiln submit`` makes).
 A drop held back for ``report_after`` seconds is reported once (``Waiting``) with the
 reason, so a stuck drop is never silent. The walks run in a worker thread: a big tree on a
 slow disk must not stall the event loop.
+
+Nothing is scanned on a clock while nothing is pending: the kernel's change notifications
+(inotify, through watchfiles) wake the watcher, and a pending drop wakes it when it may
+have settled. A look every ``FALLBACK_S`` seconds covers filesystems whose changes are not
+notified (some network mounts).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import os
+import threading
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 import anyio
-import watchfiles
+import anyio.to_thread
+from watchfiles._rust_notify import RustNotify
+from watchfiles.main import _default_force_polling
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +41,16 @@ log = logging.getLogger(__name__)
 # (.partial, qBittorrent .!qb) and copy tools (.tmp) name a file that is still arriving.
 PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".!qb")
 REPORT_AFTER_S = 60.0
+FALLBACK_S = 1.0
+# watchfiles wakes every step to look for changes (taking the GIL each time), and a change
+# is handed over once a step sees no more: between one and two steps after it happened.
+# Idle, 50 ms costs little; while a drop settles, 10 ms keeps pickup close to settle_seconds.
+IDLE_STEP_MS = 50
+SETTLING_STEP_MS = 10
+DEBOUNCE_MS = 100
+# A change is seen up to two steps after it happened; the settle clock starts from the
+# entry's own ctime (a rename or a new file sets it), back-dated by no more than that.
+MAX_BACKDATE_S = 2 * IDLE_STEP_MS / 1000
 
 Signature = tuple[tuple[str, int, int], ...]
 
@@ -89,22 +108,31 @@ class DropWatcher:
         self,
         folders: Iterable[Path],
         settle_seconds: float,
-        tick: float = 0.25,
         report_after: float = REPORT_AFTER_S,
+        fallback_s: float = FALLBACK_S,
     ) -> None:
         self.folders = list(folders)
         self.settle_seconds = settle_seconds
         self.report_after = report_after
-        # Re-check at least twice per settle window, so a drop is taken soon after it settles.
-        self.tick = max(0.02, min(tick, settle_seconds / 2))
+        self.fallback_s = fallback_s
         self._pending: dict[Path, _Pending] = {}
         # Handed-over entries by their (device, inode): a new entry under a name that was
         # just moved away is new, even if no scan saw the name missing in between.
         self._handed: dict[Path, tuple[int, int]] = {}
+        self._last_scan: float | None = None
 
     def scan(self, now: float | None = None) -> list[Path]:
-        """One pass: update signatures; return entries that have just settled."""
+        """One pass: update signatures; return entries that have just settled. With ``now``
+        given (tests), the settle clock runs on it alone."""
+        real_clock = now is None
         now = time.monotonic() if now is None else now
+        wall = time.time()
+        # A change seen now happened after the last scan looked, and at most two steps ago:
+        # an entry's ctime inside that window is when it changed; outside it, it says
+        # nothing (a file changed deeper in a folder), and the clock starts now.
+        floor = now
+        if real_clock and self._last_scan is not None:
+            floor = max(self._last_scan, now - MAX_BACKDATE_S)
         present: set[Path] = set()
         ready: list[Path] = []
         for folder in self.folders:
@@ -126,11 +154,14 @@ class DropWatcher:
                     sig, partial = signature(entry)
                 except FileNotFoundError:
                     continue
+                changed_at = now - (wall - st.st_ctime_ns / 1e9)
+                if not floor <= changed_at <= now:
+                    changed_at = now
                 known = self._pending.get(entry)
                 if known is None:
-                    self._pending[entry] = _Pending(sig, now, now, partial)
+                    self._pending[entry] = _Pending(sig, changed_at, now, partial)
                 elif known.signature != sig or partial:
-                    known.signature, known.changed_at, known.partial = sig, now, partial
+                    known.signature, known.changed_at, known.partial = sig, changed_at, partial
                 elif now - known.changed_at >= self.settle_seconds:
                     del self._pending[entry]
                     self._handed[entry] = (st.st_dev, st.st_ino)
@@ -141,6 +172,8 @@ class DropWatcher:
             del self._handed[gone]
         for gone in set(self._pending) - present:
             del self._pending[gone]
+        if real_clock:
+            self._last_scan = now
         return ready
 
     def waiting(self, now: float | None = None) -> list[Waiting]:
@@ -166,24 +199,46 @@ class DropWatcher:
                 news.append(Waiting(entry, reason, waited))
         return news
 
+    def next_check_in(self, now: float | None = None) -> float | None:
+        """Seconds until a pending drop may have settled or is due to be reported; None when
+        only a change in the folders can move anything on."""
+        now = time.monotonic() if now is None else now
+        due: list[float] = []
+        for pending in self._pending.values():
+            if pending.partial is None:
+                due.append(pending.changed_at + self.settle_seconds)
+            if pending.reported is None:
+                due.append(pending.seen_at + self.report_after)
+        return max(0.0, min(due) - now) if due else None
+
     async def settled(self) -> AsyncIterator[Path | Waiting]:
-        """Settled entries (and now and then a Waiting), forever. watchfiles wakes us early;
-        a tick re-checks settling."""
+        """Settled entries (and now and then a Waiting), forever."""
         for folder in self.folders:
             folder.mkdir(parents=True, exist_ok=True)
-        async for news in self._pass():
-            yield news
-        async for _changes in watchfiles.awatch(
-            *self.folders,
-            debounce=min(100, max(10, int(self.tick * 1000))),
-            step=min(50, max(10, int(self.tick * 500))),
-            rust_timeout=int(self.tick * 1000),
-            yield_on_timeout=True,
-            recursive=True,
-        ):
-            async for news in self._pass():
-                yield news
-            await anyio.sleep(0)
+        paths = [str(folder) for folder in self.folders]
+        # What watchfiles.awatch does, but with a timeout chosen per wait (awatch fixes it).
+        with RustNotify(paths, False, _default_force_polling(None), 300, True, False) as notify:
+            while True:
+                async for news in self._pass():
+                    yield news
+                await self._wait_for_change(notify)
+
+    async def _wait_for_change(self, notify: RustNotify) -> None:
+        """Return on a change in the folders, when a pending drop is due, or after
+        ``fallback_s``."""
+        due = self.next_check_in()
+        settling = due is not None
+        wait_s = self.fallback_s if due is None else min(due, self.fallback_s)
+        # 0 means "no timeout" to watchfiles: a drop already due waits one millisecond.
+        timeout_ms = max(1, math.ceil(wait_s * 1000))
+        step = SETTLING_STEP_MS if settling else IDLE_STEP_MS
+        stop = threading.Event()
+        try:
+            await anyio.to_thread.run_sync(
+                notify.watch, DEBOUNCE_MS, step, timeout_ms, stop, abandon_on_cancel=True
+            )
+        finally:
+            stop.set()  # a cancelled wait's thread ends at its next step
 
     async def _pass(self) -> AsyncIterator[Path | Waiting]:
         for entry in await anyio.to_thread.run_sync(self.scan):

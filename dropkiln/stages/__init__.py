@@ -13,9 +13,11 @@ from dropkiln.stages.base import (
     StageContext,
     StageDef,
     StageError,
+    StageResult,
     StageSpec,
     StageStopped,
     atomic_path,
+    fsync_dir,
     write_atomic,
 )
 
@@ -27,9 +29,11 @@ __all__ = [
     "StageContext",
     "StageDef",
     "StageError",
+    "StageResult",
     "StageSpec",
     "StageStopped",
     "atomic_path",
+    "fsync_dir",
     "get_stage",
     "write_atomic",
 ]

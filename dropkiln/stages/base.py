@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Self
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 Lane = Literal["cpu", "gpu"]
 
@@ -23,6 +23,37 @@ class StageSpec(BaseModel):
     """Base of every stage's validated input."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def validation_reason(exc: ValidationError) -> str:
+    """A pydantic error as one line a user can act on: ``images.0.crop_box: …; name: …``."""
+    problems = []
+    for error in exc.errors(include_url=False):
+        where = ".".join(str(part) for part in error["loc"])
+        problems.append(f"{where}: {error['msg']}" if where else error["msg"])
+    return "; ".join(problems)
+
+
+class StageResult(BaseModel):
+    """Base of a stage's result: recorded with its JobSucceeded, read back (``upstream``) by
+    the jobs that depend on it. The stage that returns it owns its fields."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @classmethod
+    def upstream(cls, ctx: StageContext, stage: str) -> Self:
+        """This job's ``stage`` dependency's result, validated.
+
+        A result recorded by another dropkiln version may carry keys this one does not know
+        (they are ignored); one that lacks a key this one needs is a StageError naming it."""
+        recorded = ctx.upstream(stage)
+        known = {key: value for key, value in recorded.items() if key in cls.model_fields}
+        try:
+            return cls.model_validate(known)
+        except ValidationError as exc:
+            raise StageError(
+                f"the {stage} job's result cannot be used: {validation_reason(exc)}"
+            ) from exc
 
 
 class StageStopped(Exception):
@@ -81,7 +112,9 @@ class StageContext(Protocol):
         any, for ``faults.fire`` there."""
 
 
-RunFn = Callable[[Any, StageContext], dict[str, Any]]
+RunFn = Callable[[Any, StageContext], StageResult | dict[str, Any]]
+"""A stage's run function. Its result is a StageResult; train, generate and video still
+return a plain dict of JSON values."""
 
 
 @dataclass(frozen=True)
@@ -105,6 +138,11 @@ class StageDef:
 
     def rung(self, index: int) -> MemoryRung:
         return self.ladder[min(index, len(self.ladder) - 1)]
+
+    def execute(self, spec: StageSpec, ctx: StageContext) -> dict[str, Any]:
+        """Run the stage; its result as JobSucceeded records it (JSON values)."""
+        result = self.run(spec, ctx)
+        return result.model_dump(mode="json") if isinstance(result, StageResult) else result
 
 
 def _new_file_mode() -> int:
@@ -136,6 +174,15 @@ def atomic_path(target: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def fsync_dir(folder: Path) -> None:
+    """Make the renames and new entries in ``folder`` survive a power cut."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def write_atomic(target: Path, data: bytes | str) -> Path:

@@ -21,17 +21,23 @@ import hashlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field
 
-from dropkiln.config import BucketSettings
+from dropkiln.options import BucketSettings
 from dropkiln.stages.base import (
     StageContext,
     StageDef,
     StageError,
+    StageResult,
     StageSpec,
     write_atomic,
+)
+from dropkiln.stages.bucket_manifest import (
+    BucketManifest,
+    ManifestImage,
+    ManifestSettings,
+    Rejection,
 )
 from dropkiln.stages.dataset import (
     CaptionError,
@@ -63,81 +69,28 @@ class BucketSpec(StageSpec):
     seed: int = 1
 
 
-class ManifestImage(BaseModel):
-    """One usable image and its plan. Sizes are (width, height) in upright pixels."""
+class BucketResult(StageResult):
+    """What the bucket stage hands on: where its manifest is, and a summary of it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str
-    """Relative to the manifest's dataset_dir, with forward slashes."""
-    sha256: str
-    caption: str
-    original_size: Size
-    resized_size: Size
-    bucket: Size
-    crop_box: tuple[int, int, int, int]
-    """(left, top, right, bottom) in resized pixels; right - left, bottom - top = bucket."""
-    crop_left: int
-    crop_top: int
-    source_format: str
-    source_mode: str
-    notes: list[str] = Field(default_factory=list)
-
-    @property
-    def sdxl_time_ids(self) -> tuple[int, int, int, int, int, int]:
-        """SDXL size conditioning: original (h, w), crop (top, left), target (h, w)."""
-        (width, height), (bucket_w, bucket_h) = self.original_size, self.bucket
-        return (height, width, self.crop_top, self.crop_left, bucket_h, bucket_w)
-
-
-class Rejection(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    path: str
-    reason: str
-
-
-class ManifestSettings(BaseModel):
-    """The bucket settings the plan was made with (the worker count does not change it)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    resolution: int
-    bucket_step: int
-    min_side: int
-    max_side: int
-    random_crop: bool
-    max_pixels: int
-    max_caption_bytes: int
-    max_file_bytes: int = BucketSettings.model_fields["max_file_bytes"].default
-    seed: int
-
-
-class BucketManifest(BaseModel):
-    """The bucket stage's output, read by the cache stage."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    format: Literal["dropkiln.bucket-manifest"] = "dropkiln.bucket-manifest"
-    version: Literal[1] = 1
-    name: str
-    dataset_dir: str
-    settings: ManifestSettings
-    images: list[ManifestImage]
-    rejected: list[Rejection]
+    manifest: str
+    """The manifest's path (BucketManifest)."""
+    images: int
+    rejected: int
     buckets: dict[str, int]
-    """"WxH" → number of images, in ascending (width, height) order."""
+    rejections: list[Rejection]
+    """The first ``RESULT_REJECTIONS`` rejected files, with their reasons."""
 
     @classmethod
-    def load(cls, path: Path | str) -> BucketManifest:
-        """Read a manifest written by the bucket stage."""
-        try:
-            return cls.model_validate_json(Path(path).read_bytes())
-        except (OSError, ValidationError) as exc:
-            raise StageError(f"bucket manifest {path} is unreadable: {exc}") from exc
-
-    def image_path(self, image: ManifestImage) -> Path:
-        return Path(self.dataset_dir, image.path)
+    def of(cls, path: Path, manifest: BucketManifest | None = None) -> BucketResult:
+        """The result that hands on the manifest at ``path`` (read from there if not given)."""
+        manifest = manifest if manifest is not None else BucketManifest.load(path)
+        return cls(
+            manifest=str(path),
+            images=len(manifest.images),
+            rejected=len(manifest.rejected),
+            buckets=manifest.buckets,
+            rejections=manifest.rejected[:RESULT_REJECTIONS],
+        )
 
 
 @dataclass(frozen=True)
@@ -198,7 +151,7 @@ def plan_image(task: ImageTask) -> ManifestImage | Rejection:
     )
 
 
-def run_bucket(spec: BucketSpec, ctx: StageContext) -> dict[str, Any]:
+def run_bucket(spec: BucketSpec, ctx: StageContext) -> BucketResult:
     """Plan a dataset folder into buckets and write the manifest."""
     folder = Path(spec.dataset_dir).absolute()
     buckets = tuple(bucket_sizes(spec.bucket))
@@ -252,20 +205,14 @@ def run_bucket(spec: BucketSpec, ctx: StageContext) -> dict[str, Any]:
     manifest = BucketManifest(
         name=spec.name,
         dataset_dir=str(folder),
-        settings=ManifestSettings(**spec.bucket.model_dump(exclude={"workers"}), seed=spec.seed),
+        settings=ManifestSettings.of(spec.bucket, spec.seed),
         images=_note_duplicates(images),
         rejected=rejected,
         buckets=_bucket_counts(images),
     )
     path = write_atomic(ctx.work_dir / MANIFEST_NAME, manifest.model_dump_json(indent=1))
     ctx.artifact(path, "manifest")
-    return {
-        "manifest": str(path),
-        "images": len(images),
-        "rejected": len(rejected),
-        "buckets": manifest.buckets,
-        "rejections": [item.model_dump() for item in rejected[:RESULT_REJECTIONS]],
-    }
+    return BucketResult.of(path, manifest)
 
 
 def _relative(path: Path, folder: Path) -> str:

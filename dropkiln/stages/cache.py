@@ -15,23 +15,35 @@ from __future__ import annotations
 
 import json
 from collections import defaultdict
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal
+
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from dropkiln.stages.base import (
     MemoryRung,
     StageContext,
     StageDef,
     StageError,
+    StageResult,
     StageSpec,
     StageStopped,
+    validation_reason,
     write_atomic,
 )
-from dropkiln.stages.training.manifest import Manifest, PlannedImage, load_bucket_pixels
-from dropkiln.stages.training.manifest import read_manifest as read_manifest
-from dropkiln.stages.training.shards import CorruptShard, ShardStore, shard_key
+from dropkiln.stages.bucket import BucketResult
+from dropkiln.stages.bucket_manifest import BucketManifest, ManifestImage
+from dropkiln.stages.imaging import Size
+from dropkiln.stages.shards import CorruptShard, ShardStore, shard_key
+
+if TYPE_CHECKING:
+    import torch
+
+    from dropkiln.stages.models import ModelRef
 
 INDEX_NAME = "cache-index.json"
-INDEX_FORMAT = "dropkiln.latent-cache"
+INDEX_FORMAT: Final = "dropkiln.latent-cache"
+INDEX_VERSION: Final = 1
 TEXT_BATCH = 16
 
 
@@ -54,14 +66,106 @@ class CacheSpec(StageSpec):
     images and give up that exactness."""
 
 
-def run_cache(spec: CacheSpec, ctx: StageContext) -> dict[str, Any]:
+class ShardRef(BaseModel):
+    """One shard of the cache: its key and its path relative to the index's ``cache_dir``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key: str
+    shard: str
+
+
+class IndexedModel(BaseModel):
+    """The model the shards were encoded with."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    kind: str
+    fingerprint: str
+
+
+class IndexedImage(BaseModel):
+    """One image of the cache index: its bucket plan (from the manifest) and its shards."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    path: str
+    sha256: str
+    caption: str
+    bucket: Size
+    original_size: Size
+    resized_size: Size
+    crop_box: tuple[int, int, int, int]
+    crop_top_left: tuple[int, int]
+    flipped_crop_top_left: tuple[int, int]
+    latents: ShardRef
+    text: ShardRef
+    """The shard of the exact caption's text-encoder outputs."""
+
+
+class CacheIndex(BaseModel):
+    """The cache stage's output, read by the train stage."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    format: Literal["dropkiln.latent-cache"] = INDEX_FORMAT
+    version: Literal[1] = INDEX_VERSION
+    name: str
+    model: IndexedModel
+    dtype: str
+    flip_augment: bool
+    cache_dir: str
+    dataset_dir: str
+    empty_text: ShardRef
+    """The shard of the empty caption (caption dropout)."""
+    images: list[IndexedImage]
+
+    @classmethod
+    def load(cls, path: Path | str) -> CacheIndex:
+        """Read an index written by the cache stage; StageError says why one cannot be."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, ValueError) as exc:
+            raise StageError(f"latent cache index {path} is unreadable: {exc}") from exc
+        if not isinstance(data, dict) or data.get("format") != INDEX_FORMAT:
+            raise StageError(f"{path} is not a latent cache index")
+        if data.get("version") != INDEX_VERSION:
+            raise StageError(
+                f"latent cache index {path} is format version {data.get('version')}, which "
+                f"this dropkiln does not read (it reads {INDEX_VERSION}); drop the dataset again"
+            )
+        try:
+            return cls.model_validate(data)
+        except ValidationError as exc:
+            raise StageError(
+                f"latent cache index {path} is damaged: {validation_reason(exc)}"
+            ) from exc
+
+    def write(self, path: Path) -> Path:
+        # json.dumps (ASCII escapes) rather than pydantic's JSON: the same bytes as ever.
+        return write_atomic(path, json.dumps(self.model_dump(mode="json"), indent=1))
+
+
+class CacheResult(StageResult):
+    """What the cache stage hands on: where its index is, and what it had to encode."""
+
+    index: str
+    """The index's path (CacheIndex)."""
+    images: int
+    encoded: int
+    reused: int
+    captions_encoded: int
+
+
+def run_cache(spec: CacheSpec, ctx: StageContext) -> CacheResult:
     """Encode what is not cached yet; write the index the train stage reads."""
     from dropkiln.stages.models import resolve_model, shared_pipelines
-    from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.models.encoding import compute_dtype
 
     rung = STAGE.rung(ctx.memory_rung).options
     vae_batch = max(1, spec.vae_batch_size // int(rung.get("vae_batch_divisor", 1)))
-    manifest = read_manifest(ctx.upstream("bucket")["manifest"])
+    manifest = BucketManifest.load(BucketResult.upstream(ctx, "bucket").manifest)
     if not manifest.images:
         raise StageError(f"dataset {manifest.name} has no usable images to cache")
     ref = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
@@ -99,21 +203,21 @@ def run_cache(spec: CacheSpec, ctx: StageContext) -> dict[str, Any]:
         done = _encode_images(pipe, manifest, todo_images, vae_batch, rung, store, spec, ctx, total)
         _encode_texts(pipe, todo_captions, text_keys, store, ctx, done, total)
     index = _index(spec, ref, dtype_name, manifest, store, latent_keys, text_keys)
-    path = write_atomic(ctx.work_dir / INDEX_NAME, json.dumps(index, indent=1))
+    path = index.write(ctx.work_dir / INDEX_NAME)
     ctx.artifact(path, "cache-index")
-    return {
-        "index": str(path),
-        "images": len(manifest.images),
-        "encoded": len(todo_images),
-        "reused": len(manifest.images) - len(todo_images),
-        "captions_encoded": len(todo_captions),
-    }
+    return CacheResult(
+        index=str(path),
+        images=len(manifest.images),
+        encoded=len(todo_images),
+        reused=len(manifest.images) - len(todo_images),
+        captions_encoded=len(todo_captions),
+    )
 
 
 def _encode_images(
     pipe: Any,
-    manifest: Manifest,
-    todo: list[tuple[PlannedImage, str]],
+    manifest: BucketManifest,
+    todo: list[tuple[ManifestImage, str]],
     vae_batch: int,
     rung: dict[str, Any],
     store: ShardStore,
@@ -123,9 +227,9 @@ def _encode_images(
 ) -> int:
     from PIL import ImageOps
 
-    from dropkiln.stages.training.encoding import encode_latents, pixels_to_tensor, vae_for_encoding
+    from dropkiln.stages.models.encoding import encode_latents, pixels_to_tensor, vae_for_encoding
 
-    by_bucket: dict[tuple[int, int], list[tuple[PlannedImage, str]]] = defaultdict(list)
+    by_bucket: dict[Size, list[tuple[ManifestImage, str]]] = defaultdict(list)
     for item in todo:
         by_bucket[item[0].bucket].append(item)
     done = 0
@@ -144,7 +248,7 @@ def _encode_images(
                 _stop_point(ctx, done)
                 ctx.fault("cache.batch")
                 batch = items[start : start + vae_batch]
-                pictures = [load_bucket_pixels(manifest, image) for image, _ in batch]
+                pictures = [manifest.bucket_pixels(image) for image, _ in batch]
                 latents = encode_latents(vae, pixels_to_tensor(pictures))
                 flipped = None
                 if spec.flip_augment:
@@ -171,7 +275,7 @@ def _encode_texts(
 ) -> None:
     import torch
 
-    from dropkiln.stages.training.encoding import encode_captions
+    from dropkiln.stages.models.encoding import encode_captions
 
     for start in range(0, len(captions), TEXT_BATCH):
         _stop_point(ctx, done)
@@ -194,49 +298,47 @@ def _stop_point(ctx: StageContext, done: int) -> None:
 
 def _index(
     spec: CacheSpec,
-    ref: Any,
+    ref: ModelRef,
     dtype_name: str,
-    manifest: Manifest,
+    manifest: BucketManifest,
     store: ShardStore,
     latent_keys: list[str],
     text_keys: dict[str, str],
-) -> dict[str, Any]:
-    images = []
-    for image, key in zip(manifest.images, latent_keys, strict=True):
-        caption_key = text_keys[image.caption]
-        images.append(
-            {
-                "path": image.path,
-                "sha256": image.sha256,
-                "caption": image.caption,
-                "bucket": list(image.bucket),
-                "original_size": list(image.original_size),
-                "resized_size": list(image.resized_size),
-                "crop_box": list(image.crop_box),
-                "crop_top_left": list(image.crop_top_left),
-                "flipped_crop_top_left": list(image.flipped_crop_top_left),
-                "latents": {"key": key, "shard": store.relative("latents", key)},
-                "text": {"key": caption_key, "shard": store.relative("text", caption_key)},
-            }
+) -> CacheIndex:
+    def shard(kind: str, key: str) -> ShardRef:
+        return ShardRef(key=key, shard=store.relative(kind, key))
+
+    images = [
+        IndexedImage(
+            path=image.path,
+            sha256=image.sha256,
+            caption=image.caption,
+            bucket=image.bucket,
+            original_size=image.original_size,
+            resized_size=image.resized_size,
+            crop_box=image.crop_box,
+            crop_top_left=image.crop_top_left,
+            flipped_crop_top_left=image.flipped_crop_top_left,
+            latents=shard("latents", key),
+            text=shard("text", text_keys[image.caption]),
         )
-    empty = text_keys[""]
-    return {
-        "format": INDEX_FORMAT,
-        "version": 1,
-        "name": spec.name,
-        "model": {"name": ref.name, "kind": ref.kind, "fingerprint": ref.fingerprint},
-        "dtype": dtype_name,
-        "flip_augment": spec.flip_augment,
-        "cache_dir": str(store.root),
-        "dataset_dir": str(manifest.dataset_dir),
-        "empty_text": {"key": empty, "shard": store.relative("text", empty)},
-        "images": images,
-    }
+        for image, key in zip(manifest.images, latent_keys, strict=True)
+    ]
+    return CacheIndex(
+        name=spec.name,
+        model=IndexedModel(name=ref.name, kind=ref.kind, fingerprint=ref.fingerprint),
+        dtype=dtype_name,
+        flip_augment=spec.flip_augment,
+        cache_dir=str(store.root),
+        dataset_dir=str(manifest.dataset_dir),
+        empty_text=shard("text", text_keys[""]),
+        images=images,
+    )
 
 
-def read_shard(store: ShardStore, entry: dict[str, str]) -> dict[str, Any]:
+def read_shard(store: ShardStore, entry: ShardRef) -> dict[str, torch.Tensor]:
     """A cached shard named in the index, verified; raises CorruptShard."""
-    return store.read(entry["shard"], entry["key"])
+    return store.read(entry.shard, entry.key)
 
 
 STAGE = StageDef(
@@ -254,4 +356,14 @@ STAGE = StageDef(
     priority=0,
 )
 
-__all__ = ["STAGE", "CacheSpec", "CorruptShard", "read_manifest", "read_shard", "run_cache"]
+__all__ = [
+    "STAGE",
+    "CacheIndex",
+    "CacheResult",
+    "CacheSpec",
+    "CorruptShard",
+    "IndexedImage",
+    "ShardRef",
+    "read_shard",
+    "run_cache",
+]

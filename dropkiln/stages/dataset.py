@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from dropkiln.config import BucketSettings, Settings, TrainSettings
+from dropkiln.options import BucketSettings, TrainSettings
 from dropkiln.stages.base import StageError
 
 OPTIONS_FILE = "dataset.toml"
@@ -211,18 +211,19 @@ class DatasetOptions(NamedTuple):
     vae: str = ""
 
 
-def load_dataset_options(folder: Path, settings: Settings) -> DatasetOptions:
-    """(model, bucket, train, vae) for a dataset: dropkiln.toml defaults, then its dataset.toml."""
+def load_dataset_options(folder: Path, defaults: DatasetOptions) -> DatasetOptions:
+    """A dataset's options: ``defaults`` (the daemon's, from dropkiln.toml) overridden by its
+    dataset.toml."""
     path = folder / OPTIONS_FILE
     if not path.is_file():
         return DatasetOptions(
-            settings.model, settings.bucket.model_copy(), settings.train.model_copy(), settings.vae
+            defaults.model, defaults.bucket.model_copy(), defaults.train.model_copy(), defaults.vae
         )
     table = _read_toml(path)
-    model = settings.model
-    vae = settings.vae
-    bucket_overrides: dict[str, Any] = {}
-    train_overrides: dict[str, Any] = {}
+    model = defaults.model
+    vae = defaults.vae
+    bucket_overrides: dict[str, object] = {}
+    train_overrides: dict[str, object] = {}
     for key, value in table.items():
         if key == "model":
             if not isinstance(value, str) or not value.strip():
@@ -244,8 +245,8 @@ def load_dataset_options(folder: Path, settings: Settings) -> DatasetOptions:
             train_overrides[key] = value
         else:
             raise StageError(_unknown_key_message(path, key))
-    bucket = _override(settings.bucket, bucket_overrides, path)
-    train = _override(settings.train, train_overrides, path)
+    bucket = _override(defaults.bucket, bucket_overrides, path)
+    train = _override(defaults.train, train_overrides, path)
     if bucket.min_side > bucket.max_side:
         raise StageError(
             f"{path}: min_side ({bucket.min_side}) is larger than max_side ({bucket.max_side})"
@@ -350,7 +351,7 @@ def _unknown_key_message(path: Path, key: str) -> str:
     return f"{path}: unknown key {key!r}{hint}"
 
 
-def _override(base: SectionT, overrides: dict[str, Any], path: Path) -> SectionT:
+def _override(base: SectionT, overrides: dict[str, object], path: Path) -> SectionT:
     if not overrides:
         return base.model_copy()
     try:

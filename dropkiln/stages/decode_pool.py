@@ -14,7 +14,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from dropkiln.stages.base import StageContext, StageStopped
 
@@ -127,7 +127,7 @@ class _StopCheck:
         self.count += 1
 
 
-def process_context() -> Any:
+def process_context() -> multiprocessing.context.BaseContext:
     if "forkserver" in multiprocessing.get_all_start_methods():
         context = multiprocessing.get_context("forkserver")
         # Workers fork with the heavy libraries already imported. Not dropkiln itself: the

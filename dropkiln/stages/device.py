@@ -6,7 +6,6 @@ import gc
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import psutil
 
@@ -32,10 +31,11 @@ def device_name(device: str) -> str:
     return f"CPU ({psutil.cpu_count(logical=True)} threads)"
 
 
-def memory_snapshot(device: str) -> dict[str, Any]:
+def memory_snapshot(device: str) -> dict[str, int | str]:
     """Allocated, reserved, peak and device free/total in bytes; RAM figures on the CPU."""
     process = psutil.Process(os.getpid())
-    snap: dict[str, Any] = {"device": device, "rss": process.memory_info().rss}
+    rss: int = process.memory_info().rss
+    snap: dict[str, int | str] = {"device": device, "rss": rss}
     if device.startswith("cuda"):
         import torch
 
@@ -51,8 +51,8 @@ def memory_snapshot(device: str) -> dict[str, Any]:
     else:
         vm = psutil.virtual_memory()
         snap.update(
-            allocated=snap["rss"],
-            reserved=snap["rss"],
+            allocated=rss,
+            reserved=rss,
             peak=_peak_rss(),
             free=vm.available,
             total=vm.total,

@@ -12,18 +12,21 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from torch import Tensor, nn
 
 
 @contextmanager
 def inside(
-    module: Any, on_forward: Callable[[], None], on_backward: Callable[[], None] | None = None
+    module: nn.Module, on_forward: Callable[[], None], on_backward: Callable[[], None] | None = None
 ) -> Iterator[None]:
     """While the body runs, call ``on_forward`` after each forward of ``module`` and
     ``on_backward`` when the gradient of its output is computed; removed afterwards (the
     module belongs to a warm pipeline that other jobs use)."""
 
-    def forward_hook(_module: Any, _args: Any, output: Any) -> None:
+    def forward_hook(_module: nn.Module, _args: object, output: object) -> None:
         on_forward()
         if on_backward is None:
             return
@@ -38,15 +41,17 @@ def inside(
         handle.remove()
 
 
-def middle_block(model: Any) -> Any:
+def middle_block(model: nn.Module) -> nn.Module:
     """A block in the middle of a UNet or a VAE coder (its mid block), else the model."""
     block = getattr(model, "mid_block", None)
     return block if block is not None else model
 
 
-def _first_tensor(output: Any) -> Any:
+def _first_tensor(output: object) -> Tensor | None:
+    import torch
+
     if isinstance(output, tuple | list):
         return _first_tensor(output[0]) if output else None
     if hasattr(output, "sample"):
-        return output.sample
-    return output if hasattr(output, "register_hook") else None
+        return _first_tensor(output.sample)
+    return output if isinstance(output, torch.Tensor) else None

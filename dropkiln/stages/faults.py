@@ -61,6 +61,12 @@ def take_torn_write() -> OSError | None:
     return error
 
 
+def arm_torn_write(error: OSError | None) -> None:
+    """Arm ``error`` for this thread's next write: a torn write taken where the fault fired,
+    handed to the thread that really writes the file."""
+    _torn.error = error
+
+
 class FaultSpecError(ValueError):
     """The fault string cannot be parsed."""
 

@@ -35,7 +35,7 @@ from fractions import Fraction
 import numpy as np
 from PIL import Image, ImageCms, ImageOps
 
-from dropkiln.config import BucketSettings
+from dropkiln.options import BucketSettings
 from dropkiln.stages.base import StageError
 
 DATASET_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF", "AVIF", "TGA", "PPM")

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dropkiln.stages.base import StageResult
 from dropkiln.stages.faults import FaultInjector
 
 
@@ -20,7 +21,9 @@ class LocalContext:
     attempt: int = 1
     memory_rung: int = 0
     device: str = "cpu"
-    upstream_results: dict[str, dict[str, Any]] = field(default_factory=dict)
+    upstream_results: dict[str, StageResult | dict[str, Any]] = field(default_factory=dict)
+    """Results of the jobs this one depends on, by stage: as a stage returned them, or as
+    JobSucceeded recorded them."""
     faults: FaultInjector = field(default_factory=FaultInjector)
     saved: dict[str, Any] | None = None
     stop_after: int | None = None
@@ -56,7 +59,9 @@ class LocalContext:
         return self.stop_after is not None and self._stop_calls >= self.stop_after
 
     def upstream(self, stage: str) -> dict[str, Any]:
-        return self.upstream_results[stage]
+        result = self.upstream_results[stage]
+        # As the daemon hands it on: the JSON that JobSucceeded recorded.
+        return result.model_dump(mode="json") if isinstance(result, StageResult) else result
 
     def fault(self, point: str) -> None:
         self.faults.hit(point)

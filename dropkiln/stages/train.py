@@ -2,6 +2,9 @@
 
 The loop itself (training/loop.py) reads like diffusers' example scripts: batch, noise,
 predict, loss, step.
+
+This module is what looking the stage up imports, so it imports torch and the modules of
+``stages/training/`` (which import torch at their top) only when the stage runs.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from dropkiln.config import TrainSettings
+from dropkiln.options import TrainSettings
 from dropkiln.stages.base import (
     MemoryRung,
     StageContext,
@@ -22,12 +25,17 @@ from dropkiln.stages.base import (
     StageError,
     StageSpec,
 )
-from dropkiln.stages.training.exports import step_loras
-from dropkiln.stages.training.loop import Plan, TrainingLoop
-from dropkiln.stages.training.report import CONTACT_SHEET
 
 if TYPE_CHECKING:
+    from diffusers.loaders.lora_pipeline import (
+        StableDiffusionLoraLoaderMixin,
+        StableDiffusionXLLoraLoaderMixin,
+    )
+
     from dropkiln.stages.models import ModelRef
+    from dropkiln.stages.training.data import CachedDataset, CachedImage
+    from dropkiln.stages.training.loop import Plan, TrainingLoop
+    from dropkiln.stages.training.session import TrainingSession
 
 
 class TrainSpec(StageSpec):
@@ -47,23 +55,26 @@ def lora_path(output_dir: Path | str, name: str) -> Path:
 
 def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     """Train (or resume training) the LoRA and write it with its loss curve."""
+    from dropkiln.stages.cache import CacheIndex, CacheResult
     from dropkiln.stages.models import pipeline_class, resolve_model, shared_pipelines
     from dropkiln.stages.training.adapters import lora_adapters
     from dropkiln.stages.training.captions import needs_text_encoder
-    from dropkiln.stages.training.data import DataOrder, load_cached_dataset, read_index
+    from dropkiln.stages.training.data import DataOrder, load_cached_dataset
     from dropkiln.stages.training.exports import LoraExports
+    from dropkiln.stages.training.loop import TrainingLoop
     from dropkiln.stages.training.losses import training_scheduler
+    from dropkiln.stages.training.phases import DevicePhases, idle_while_stepping
     from dropkiln.stages.training.session import TrainingSession, seed_everything
     from dropkiln.stages.training.tracking import TENSORBOARD, RunTracker, hyperparameters
 
     options = spec.options
     _check_options(options)
     plan = _plan(options, STAGE.rung(ctx.memory_rung).options, ctx.device)
-    index = read_index(ctx.upstream("cache")["index"])
+    index = CacheIndex.load(CacheResult.upstream(ctx, "cache").index)
     ref = resolve_model(spec.model, ctx.root / "state" / "models", vae=spec.vae)
-    if index["model"]["fingerprint"] != ref.fingerprint:
+    if index.model.fingerprint != ref.fingerprint:
         raise StageError(
-            f"the latent cache was made for model {index['model']['name']}, not {spec.model}"
+            f"the latent cache was made for model {index.model.name}, not {spec.model}"
         )
     check_prediction(ref, options)
     pipe = shared_pipelines().get(ref, ctx.device, plan.weight_dtype)
@@ -71,7 +82,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     with lora_adapters(pipe, options, plan.gradient_checkpointing) as models:
         dataset = load_cached_dataset(index, pipe, ctx.device, options.tag_weights)
         dataset, validation_set = _hold_out(dataset, options.validation_holdout)
-        trained = index["images"][: len(dataset.images)]
+        trained = index.images[: len(dataset.images)]
         session = _resume(
             lambda: TrainingSession.start(models, options, ctx.device, plan.fp16), ctx
         )
@@ -81,7 +92,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             output_dir=Path(spec.output_dir),
             ref=ref,
             options=options,
-            images=[(tuple(e["bucket"]), tuple(e["original_size"])) for e in trained],
+            images=[(e.bucket, e.original_size) for e in trained],
             captions=[image.caption for image in dataset.images],
             resolution=dataset.resolution(),
             batches_per_epoch=order.batches_per_epoch,
@@ -104,13 +115,14 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
                 Path(spec.output_dir) / TENSORBOARD, session.step, hyperparameters(options, plan)
             ),
             validation_set=validation_set,
+            phases=DevicePhases(pipe, idle_while_stepping(options), ctx.device),
         )
         with closing(loop.tracker):
             loop.run()
             return _finish(loop, ref, pipeline_class(ref.kind))
 
 
-def _hold_out(dataset: Any, count: int) -> tuple[Any, list[Any]]:
+def _hold_out(dataset: CachedDataset, count: int) -> tuple[CachedDataset, list[CachedImage]]:
     """(the images trained on, the validation loss's images): the last ``count`` images are
     held out of training; with none held out, the validation loss uses the first ones."""
     import dataclasses
@@ -152,7 +164,8 @@ def check_prediction(ref: ModelRef, options: TrainSettings) -> None:
 def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     import torch
 
-    from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.models.encoding import compute_dtype
+    from dropkiln.stages.training.loop import Plan
 
     if rung.get("micro_batch") == 1:
         micro = 1
@@ -179,7 +192,7 @@ def _plan(options: TrainSettings, rung: dict[str, Any], device: str) -> Plan:
     )
 
 
-def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
+def _resume(new_session: Callable[[], TrainingSession], ctx: StageContext) -> TrainingSession:
     """A session restored from the newest usable checkpoint, or a fresh one.
 
     A checkpoint that cannot be restored is recorded (CheckpointUnusable, with the step the
@@ -213,9 +226,15 @@ def _resume(new_session: Callable[[], Any], ctx: StageContext) -> Any:
     return session
 
 
-def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
+def _finish(
+    loop: TrainingLoop,
+    ref: ModelRef,
+    pipeline_cls: type[StableDiffusionLoraLoaderMixin | StableDiffusionXLLoraLoaderMixin],
+) -> dict[str, Any]:
     """Export the LoRA (EMA weights when EMA is on) in both formats."""
+    from dropkiln.stages.training.exports import step_loras
     from dropkiln.stages.training.lora_export import write_diffusers
+    from dropkiln.stages.training.report import CONTACT_SHEET
 
     session, options = loop.session, loop.spec.options
     if session.ema is not None:
@@ -258,6 +277,8 @@ def _finish(loop: TrainingLoop, ref: Any, pipeline_cls: Any) -> dict[str, Any]:
 
 
 def _report_kind(path: Path) -> str:
+    from dropkiln.stages.training.report import CONTACT_SHEET
+
     if path.suffix == ".csv":
         return "loss-csv"
     if path.name == CONTACT_SHEET:

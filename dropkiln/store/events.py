@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
+# The stream names live with StoredEvent (standard library only, for the quick readers).
+from dropkiln.store.stored import API_STREAM as API_STREAM
+from dropkiln.store.stored import DAEMON_STREAM as DAEMON_STREAM
+from dropkiln.store.stored import WEBHOOK_STREAM as WEBHOOK_STREAM
+from dropkiln.store.stored import drop_stream as drop_stream
+from dropkiln.store.stored import job_stream as job_stream
 from dropkiln.store.vocabulary import TERMINAL_STATES as TERMINAL_STATES
+from dropkiln.store.vocabulary import DropKind, Lane
 
 
 class Event(BaseModel):
@@ -15,6 +21,8 @@ class Event(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
     command: ClassVar[bool] = False
+    """A request written by the CLI, the dashboard or the API, which the daemon tails and
+    obeys; the daemon's list of commands to tail is every class that says so."""
     durable: ClassVar[bool] = False
     """Something irreversible follows its commit (a drop moved, older checkpoints pruned,
     outputs replaced or read by the next job), so the commit must survive a power cut:
@@ -31,7 +39,7 @@ class Event(BaseModel):
 class Dropped(Event):
     durable: ClassVar[bool] = True
     drop_id: str
-    kind: str  # dataset | prompts
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -43,7 +51,7 @@ class Dropped(Event):
 class DropRejected(Event):
     durable: ClassVar[bool] = True
     drop_id: str
-    kind: str
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -56,7 +64,7 @@ class DropRecognised(Event):
     durable: ClassVar[bool] = True
 
     drop_id: str
-    kind: str
+    kind: DropKind
     name: str
     source: str
     stored: str
@@ -103,7 +111,7 @@ class JobSubmitted(Event):
     job_id: str
     stage: str
     name: str
-    lane: str
+    lane: Lane
     priority: int
     spec: dict[str, Any]
     depends_on: list[str] = Field(default_factory=list)
@@ -158,11 +166,16 @@ class JobSucceeded(Event):
 class JobFailed(Event):
     durable: ClassVar[bool] = True
     reason: str
+    caused_by: str | None = None
+    """The dependency whose failure ended this job before it ran; None when it failed on its
+    own (and in events written before this field existed)."""
 
 
 class JobCancelled(Event):
     durable: ClassVar[bool] = True
     reason: str = "cancelled by request"
+    caused_by: str | None = None
+    """The dependency whose cancellation ended this job; None when it was asked to stop."""
 
 
 class OutOfMemory(Event):
@@ -307,6 +320,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
     )
 }
 
+
 def parse_event(type_name: str, data: dict[str, Any]) -> Event:
     """The typed event for a stored row."""
     try:
@@ -314,20 +328,3 @@ def parse_event(type_name: str, data: dict[str, Any]) -> Event:
     except KeyError:
         raise ValueError(f"unknown event type {type_name!r}") from None
     return cls.model_validate(data)
-
-
-def utc_now() -> str:
-    return datetime.now(UTC).isoformat(timespec="microseconds")
-
-
-def job_stream(job_id: str) -> str:
-    return f"job:{job_id}"
-
-
-def drop_stream(drop_id: str) -> str:
-    return f"drop:{drop_id}"
-
-
-DAEMON_STREAM = "daemon"
-API_STREAM = "api"
-WEBHOOK_STREAM = "webhooks"

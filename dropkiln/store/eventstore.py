@@ -1,63 +1,62 @@
 """The event store: append with optimistic concurrency, read, and tail across processes.
 
-SQLite calls block, so they run in worker threads and the event loop only awaits them:
-one thread hop per write transaction (the whole append, projections included) and one
-per read snapshot. Writes are serialised on one connection that says BEGIN IMMEDIATE,
-so they queue on SQLite's lock (busy timeout) instead of failing with "database is locked".
+The one way into the database. Every write is ``transaction`` and every read is
+``snapshot``; the SQL they run is in this module (the log), ``queries`` (the read models)
+and ``projections``; what only SQLite understands is in ``sqlite``. Its calls block, so they
+run in worker threads and the event loop only awaits them: one thread hop per write
+transaction (the whole append, projections included) and one per read snapshot. Writes are
+serialised on one connection that says BEGIN IMMEDIATE, so they queue on SQLite's lock (busy
+timeout) instead of failing with "database is locked".
 """
 
 from __future__ import annotations
 
 import functools
 import json
-import sqlite3
 from collections.abc import AsyncGenerator, Callable, Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
 import anyio
 import anyio.to_thread
-import watchfiles
-from sqlalchemy import Connection, Engine, Select, func, literal, select
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from dropkiln.store.engine import (
-    READ_CONNECTIONS,
-    ConcurrencyError,
-    StoreError,
-    async_engine,
-    connect,
-    sync_engine,
-)
-from dropkiln.store.events import Event, utc_now
-from dropkiln.store.migrate import ensure_schema
-from dropkiln.store.projections import StoredEvent, apply, changes_for
-from dropkiln.store.schema import HIGH_RATE_TYPE, events
+from dropkiln.store import sqlite
+from dropkiln.store.errors import ConcurrencyError, StoreError
+from dropkiln.store.rawsql import Database, SqlConnection
+from dropkiln.store.stored import StoredEvent
 
 T = TypeVar("T")
-Batch = Sequence[tuple[str, Sequence[Event]]]
+Batch = Sequence[tuple[str, Sequence[Any]]]
+"""(stream, events) pairs; the events are ``dropkiln.store.events.Event`` models."""
 TAIL_BATCH = 500
+HIGH_RATE_TYPE = "JobProgress"
+"""Most of the log, and never looked up by type: the type index leaves it out (schema.py),
+so queries by other types repeat that condition to let SQLite use the index."""
 
-SYNCHRONOUS_FULL = "PRAGMA synchronous = FULL"
-SYNCHRONOUS_NORMAL = "PRAGMA synchronous = NORMAL"
-_STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream = ?"
-_INSERT_EVENT = "INSERT INTO events (stream, version, type, data, at) VALUES (?, ?, ?, ?, ?)"
+_STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream = :stream"
+_INSERT_EVENT = (
+    "INSERT INTO events (stream, version, type, data, at) "
+    "VALUES (:stream, :version, :type, :data, :at)"
+)
+_LAST_SEQ = "SELECT coalesce(max(seq), 0) AS seq FROM events"
+EVENT_COLUMNS = "seq, stream, version, type, data, at"
 
 
 class EventStore:
-    """One SQLite database under ``state/``; safe to open from several processes."""
+    """One database under ``state/``; safe to open from several processes."""
 
-    def __init__(self, path: Path, engine: Engine) -> None:
+    def __init__(self, path: Path, database: Database) -> None:
         self.path = path
-        self.engine = engine
-        # Made on the first write, so readers (`status`, the TUI) never hold one.
-        self._write_connection: sqlite3.Connection | None = None
+        self.database = database
         self._write_lock = anyio.CapacityLimiter(1)
-        self._read_limiter = anyio.CapacityLimiter(READ_CONNECTIONS)
+        self._read_limiter = anyio.CapacityLimiter(sqlite.READ_CONNECTIONS)
 
     @classmethod
     async def open(cls, path: Path, *, create: bool = False) -> EventStore:
         """Open (or with ``create``, make) the database at ``path``."""
+        from dropkiln.store.migrate import ensure_schema
+
         path = Path(path)
         if not path.exists():
             if not create:
@@ -65,25 +64,35 @@ class EventStore:
                     f"no dropkiln database at {path}: run 'dropkiln init' or start the daemon"
                 )
             path.parent.mkdir(parents=True, exist_ok=True)
-        engine = sync_engine(path)
+        database = sqlite.Database(path)
         try:
             await anyio.to_thread.run_sync(
-                functools.partial(ensure_schema, engine, path, create=create)
+                functools.partial(ensure_schema, database, create=create)
             )
-            return cls(path, engine)
+            return cls(path, database)
         except BaseException:
-            engine.dispose()
+            database.close()
             raise
 
     async def close(self) -> None:
-        async with self._write_lock:
-            if self._write_connection is not None:
-                self._write_connection.close()
-                self._write_connection = None
-        self.engine.dispose()
-        for name in ("reader", "writer"):
-            if name in self.__dict__:
-                await self.__dict__[name].dispose()
+        """Close the database once the reads and writes still running are done, also those
+        whose caller was cancelled; anything asked after this fails with StoreError."""
+        await anyio.to_thread.run_sync(self.database.close)
+
+    @property
+    def root(self) -> Path:
+        """The dropkiln root whose outputs this store's artifacts name."""
+        return self.path.parent.parent  # ROOT/state/dropkiln.db
+
+    def read_connection(self) -> SqlConnection:
+        """A new raw connection (rows as tuples, JSON as text) inside one read snapshot,
+        for long scans (``store check``, ``store copy``); close it after."""
+        return self.database.raw_snapshot()
+
+    def follow_copied_seqs(self, conn: SqlConnection) -> None:
+        """After events were inserted with their seq given (``store copy``), make the next
+        append take the seq after them."""
+        self.database.follow_copied_seqs(conn)
 
     async def __aenter__(self) -> EventStore:
         return self
@@ -91,63 +100,34 @@ class EventStore:
     async def __aexit__(self, *_exc: object) -> None:
         await self.close()
 
-    @functools.cached_property
-    def reader(self) -> AsyncEngine:
-        """An aiosqlite engine for callers with their own SQLAlchemy asyncio queries."""
-        return async_engine(self.path, writer=False)
-
-    @functools.cached_property
-    def writer(self) -> AsyncEngine:
-        """Like ``reader``, but its transactions take the write lock (BEGIN IMMEDIATE)."""
-        return async_engine(self.path, writer=True)
-
     # Transactions -----------------------------------------------------------------------
 
     async def transaction(
-        self, work: Callable[[sqlite3.Connection], T], *, durable: bool = False
+        self, work: Callable[[sqlite.Connection], T], *, durable: bool = False
     ) -> T:
         """Run ``work`` in one write transaction in a worker thread; rolled back if it raises.
 
         With ``durable`` the commit survives a power cut once this returns. Otherwise (the
         default, synchronous=NORMAL) a power cut may roll back the last commits, never
         corrupt the database; the next durable commit makes them durable too."""
-        run = functools.partial(self._run_write, work, durable)
-        return await anyio.to_thread.run_sync(run, limiter=self._write_lock)
-
-    def _run_write(self, work: Callable[[sqlite3.Connection], T], durable: bool) -> T:
-        if self._write_connection is None:
-            self._write_connection = connect(self.path)
-        conn = self._write_connection
-        if durable:
-            # In WAL mode FULL fsyncs the WAL at commit; it applies from the next BEGIN.
-            conn.execute(SYNCHRONOUS_FULL)
+        run = functools.partial(self.database.write, work, durable=durable)
         try:
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                result = work(conn)
-                conn.execute("COMMIT")
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            if durable:
-                conn.execute(SYNCHRONOUS_NORMAL)
-        return result
+            return await anyio.to_thread.run_sync(run, limiter=self._write_lock)
+        except sqlite.Error as exc:
+            raise StoreError(f"writing {self.path} failed: {exc}") from exc
 
-    async def snapshot(self, work: Callable[[Connection], T]) -> T:
+    async def snapshot(self, work: Callable[[sqlite.Connection], T]) -> T:
         """Run ``work`` on a read connection, in one consistent snapshot, in a worker thread."""
-
-        def run() -> T:
-            with self.engine.connect() as conn:
-                return work(conn)
-
-        return await anyio.to_thread.run_sync(run, limiter=self._read_limiter)
+        run = functools.partial(self.database.read, work)
+        try:
+            return await anyio.to_thread.run_sync(run, limiter=self._read_limiter)
+        except sqlite.Error as exc:
+            raise StoreError(f"reading {self.path} failed: {exc}") from exc
 
     # Writing ----------------------------------------------------------------------------
 
     async def append(
-        self, stream: str, new: Sequence[Event], expected_version: int | None = None
+        self, stream: str, new: Sequence[Any], expected_version: int | None = None
     ) -> list[StoredEvent]:
         """Append events to one stream; ``expected_version`` is the version last seen."""
         return await self.append_batch([(stream, new)], {stream: expected_version})
@@ -160,10 +140,9 @@ class EventStore:
             (stream, [(event.type_name(), event.model_dump(mode="json")) for event in new])
             for stream, new in batch
         ]
-        work = functools.partial(_append, pending, expected or {})
+        work = functools.partial(self.database.append, pending, expected or {})
         durable = any(event.durable for _, new in batch for event in new)
-        stored = await self.transaction(work, durable=durable)
-        return stored
+        return await self.transaction(work, durable=durable)
 
     # Reading ----------------------------------------------------------------------------
 
@@ -176,25 +155,18 @@ class EventStore:
         types: Sequence[str] | None = None,
     ) -> list[StoredEvent]:
         """Events with ``seq > after`` in order, optionally of one stream or some types."""
-        query = events_after(after, stream, types, limit)
-        return await self.snapshot(lambda conn: _stored(conn.execute(query)))
+        sql, params = events_after(after, stream, types, limit)
+        return await self.snapshot(lambda conn: stored_events(conn.execute(sql, params)))
 
     async def last(
         self, stream: str | None = None, types: Sequence[str] | None = None, limit: int = 1
     ) -> list[StoredEvent]:
         """The newest events (newest first), optionally of one stream or some types."""
-        query = newest_events(stream, types, limit)
-        return await self.snapshot(lambda conn: _stored(conn.execute(query)))
+        sql, params = newest_events(stream, types, limit)
+        return await self.snapshot(lambda conn: stored_events(conn.execute(sql, params)))
 
     async def last_seq(self) -> int:
-        query = select(func.coalesce(func.max(events.c.seq), 0))
-        return await self.snapshot(lambda conn: int(conn.execute(query).scalar_one()))
-
-    async def stream_version(self, stream: str) -> int:
-        query = select(func.coalesce(func.max(events.c.version), 0)).where(
-            events.c.stream == stream
-        )
-        return await self.snapshot(lambda conn: int(conn.execute(query).scalar_one()))
+        return await self.snapshot(lambda conn: int(conn.execute(_LAST_SEQ).fetchone()[0]))
 
     async def tail(
         self,
@@ -204,27 +176,12 @@ class EventStore:
         stream: str | None = None,
         types: Sequence[str] | None = None,
     ) -> AsyncGenerator[StoredEvent, None]:
-        """Every event after ``after``, forever.
-
-        It sleeps until the database's files change: every commit, from this process or
-        another, writes the WAL file, and the kernel says so (inotify, through watchfiles).
-        ``PRAGMA data_version`` then tells a real commit from a checkpoint. Where change
-        notifications do not reach (some network filesystems) it looks every
-        ``poll_interval`` seconds anyway."""
-        watch = await anyio.to_thread.run_sync(connect, self.path)
-        changes = watchfiles.awatch(
-            self.path.parent,
-            watch_filter=lambda _, changed: Path(changed).name.startswith(self.path.name),
-            recursive=False,
-            debounce=50,
-            step=2,
-            rust_timeout=max(1, round(poll_interval * 1000)),
-            yield_on_timeout=True,
-        )
-        try:
+        """Every event after ``after``, forever; it sleeps until another commit (see
+        ``sqlite.CommitWatch``)."""
+        async with self.database.watch(poll_interval) as watch:
             while True:
                 # Read before the batch: a commit the batch misses changes it afterwards.
-                version = await anyio.to_thread.run_sync(_data_version, watch)
+                version = await watch.version()
                 batch, scanned_to = await self.snapshot(
                     functools.partial(_tail_batch, after, stream, types)
                 )
@@ -236,23 +193,21 @@ class EventStore:
                 # Nothing else matched up to scanned_to in this snapshot, and seqs are
                 # assigned in commit order, so filtered tails need not scan it again.
                 after = max(after, scanned_to)
-                async for _ in changes:
-                    if await anyio.to_thread.run_sync(_data_version, watch) != version:
-                        break
-        finally:
-            await changes.aclose()
-            watch.close()
+                await watch.changed_since(version)
 
 
 def _append(
     pending: list[tuple[str, list[tuple[str, dict[str, Any]]]]],
     expected: dict[str, int | None],
-    conn: sqlite3.Connection,
+    conn: sqlite.Connection,
 ) -> list[StoredEvent]:
+    # Imported here: only writers need the projections (and the schema behind them).
+    from dropkiln.store.projections import apply, changes_for
+
     at = utc_now()  # under the write lock, so ``at`` follows ``seq`` on one machine
     stored: list[StoredEvent] = []
     for stream, new in pending:
-        current: int = conn.execute(_STREAM_VERSION, (stream,)).fetchone()[0]
+        current: int = conn.execute(_STREAM_VERSION, {"stream": stream}).fetchone()[0]
         want = expected.get(stream)
         if want is not None and want != current:
             raise ConcurrencyError(
@@ -261,11 +216,16 @@ def _append(
             )
         for type_name, data in new:
             current += 1
+            row = {
+                "stream": stream,
+                "version": current,
+                "type": type_name,
+                "data": json.dumps(data),
+                "at": at,
+            }
             try:
-                cursor = conn.execute(
-                    _INSERT_EVENT, (stream, current, type_name, json.dumps(data), at)
-                )
-            except sqlite3.IntegrityError as exc:
+                cursor = conn.execute(_INSERT_EVENT, row)
+            except sqlite.IntegrityError as exc:
                 raise ConcurrencyError(
                     f"stream {stream} already has version {current}: "
                     "another writer appended first; nothing was written"
@@ -273,7 +233,7 @@ def _append(
             event = StoredEvent(cursor.lastrowid or 0, stream, current, type_name, data, at)
             try:
                 apply(conn, changes_for(event))
-            except sqlite3.IntegrityError as exc:
+            except sqlite.IntegrityError as exc:
                 raise StoreError(
                     f"{type_name} on {stream} contradicts the projections ({exc}); "
                     "nothing was written"
@@ -282,55 +242,68 @@ def _append(
     return stored
 
 
+def utc_now() -> str:
+    """The ``at`` of events: UTC, ISO 8601, microseconds (sorts as text)."""
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+Query = tuple[str, dict[str, Any]]
+"""SQL text with ``:name`` parameters, and the parameters."""
+
+
 def events_after(
     after: int, stream: str | None, types: Sequence[str] | None, limit: int | None
-) -> Select[Any]:
+) -> Query:
     """Events with ``seq > after``, oldest first."""
-    query = select(events).where(events.c.seq > after).order_by(events.c.seq)
+    where: list[str] = ["seq > :after"]
+    params: dict[str, Any] = {"after": after}
     if stream is not None:
-        query = query.where(events.c.stream == stream)
-    query = _of_types(query, types, indexed=stream is None)
-    return query if limit is None else query.limit(limit)
+        where.append("stream = :stream")
+        params["stream"] = stream
+    where += _of_types(types, params, indexed=stream is None)
+    sql = f"SELECT {EVENT_COLUMNS} FROM events WHERE {' AND '.join(where)} ORDER BY seq"
+    if limit is not None:
+        sql += " LIMIT :limit"
+        params["limit"] = limit
+    return sql, params
 
 
-def newest_events(stream: str | None, types: Sequence[str] | None, limit: int) -> Select[Any]:
+def newest_events(stream: str | None, types: Sequence[str] | None, limit: int) -> Query:
     """The newest events, newest first."""
+    params: dict[str, Any] = {"limit": limit}
     if stream is not None:
         # Within a stream, version order is seq order, and walking the (stream, version)
         # index backwards stops at the first match instead of scanning the log.
-        query = select(events).where(events.c.stream == stream).order_by(events.c.version.desc())
+        where, order = ["stream = :stream"], "version DESC"
+        params["stream"] = stream
     else:
-        query = select(events).order_by(events.c.seq.desc())
-    return _of_types(query, types, indexed=stream is None).limit(limit)
+        where, order = [], "seq DESC"
+    where += _of_types(types, params, indexed=stream is None)
+    condition = f" WHERE {' AND '.join(where)}" if where else ""
+    return f"SELECT {EVENT_COLUMNS} FROM events{condition} ORDER BY {order} LIMIT :limit", params
 
 
-def _of_types(query: Select[Any], types: Sequence[str] | None, *, indexed: bool) -> Select[Any]:
+def _of_types(types: Sequence[str] | None, params: dict[str, Any], *, indexed: bool) -> list[str]:
     if not types:
-        return query
-    query = query.where(events.c.type.in_(list(types)))
+        return []
+    names = [f":type{i}" for i in range(len(types))]
+    params.update((name[1:], value) for name, value in zip(names, types, strict=True))
+    where = [f"type IN ({', '.join(names)})"]
     if indexed and HIGH_RATE_TYPE not in types:
-        # Repeats the partial index's condition, inline, so SQLite knows it may use it.
-        high_rate = literal(HIGH_RATE_TYPE, literal_execute=True)
-        query = query.where(events.c.type != high_rate)
-    return query
+        # The partial index's condition, inline (not a parameter), so SQLite may use it.
+        where.append(f"type != '{HIGH_RATE_TYPE}'")
+    return where
 
 
 def _tail_batch(
-    after: int, stream: str | None, types: Sequence[str] | None, conn: Connection
+    after: int, stream: str | None, types: Sequence[str] | None, conn: sqlite.Connection
 ) -> tuple[list[StoredEvent], int]:
-    batch = _stored(conn.execute(events_after(after, stream, types, TAIL_BATCH)))
-    scanned_to = conn.execute(select(func.coalesce(func.max(events.c.seq), 0))).scalar_one()
+    sql, params = events_after(after, stream, types, TAIL_BATCH)
+    batch = stored_events(conn.execute(sql, params))
+    scanned_to = conn.execute(_LAST_SEQ).fetchone()[0]
     return batch, int(scanned_to)
 
 
-def _data_version(conn: sqlite3.Connection) -> int:
-    return int(conn.execute("PRAGMA data_version").fetchone()[0])
-
-
-def _stored(rows: Any) -> list[StoredEvent]:
-    return [row_event(row) for row in rows]
-
-
-def row_event(row: Any) -> StoredEvent:
-    """The StoredEvent for a row of the events table."""
-    return StoredEvent(row.seq, row.stream, row.version, row.type, row.data, row.at)
+def stored_events(rows: Any) -> list[StoredEvent]:
+    """StoredEvents for rows of the events table (read connections decode ``data``)."""
+    return [StoredEvent(*row) for row in rows]

@@ -10,40 +10,17 @@ from __future__ import annotations
 
 import functools
 import json
-import sqlite3
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from sqlalchemy import JSON, Table
 
+from dropkiln.store import events as ev
+from dropkiln.store.rawsql import SqlConnection
 from dropkiln.store.schema import PROJECTIONS, artifacts, drops, jobs
-
-
-@dataclass(frozen=True)
-class StoredEvent:
-    """An event as stored: its place in the log and its raw data."""
-
-    seq: int
-    stream: str
-    version: int
-    type: str
-    data: dict[str, Any]
-    at: str
-
-    def as_json(self) -> dict[str, Any]:
-        return {
-            "seq": self.seq,
-            "stream": self.stream,
-            "version": self.version,
-            "type": self.type,
-            "at": self.at,
-            "data": self.data,
-        }
-
-    @property
-    def job_id(self) -> str | None:
-        return self.stream[4:] if self.stream.startswith("job:") else None
+from dropkiln.store.stored import StoredEvent
+from dropkiln.store.vocabulary import DropState, JobState
 
 
 @dataclass(frozen=True)
@@ -59,117 +36,176 @@ class RowChange:
 Changes = list[RowChange]
 
 
-def _job_update(event: StoredEvent, **values: Any) -> Changes:
-    values.update(id=event.job_id, version=event.version, updated_at=event.at)
+def _job_update(stored: StoredEvent, **values: Any) -> Changes:
+    values.update(id=stored.job_id, version=stored.version, updated_at=stored.at)
     return [RowChange(jobs, "update", values, key=("id",))]
 
 
-def _submitted(e: StoredEvent) -> Changes:
-    d = e.data
+def _submitted(stored: StoredEvent, e: ev.JobSubmitted) -> Changes:
     row = {
-        "id": d["job_id"],
-        "stage": d["stage"],
-        "name": d["name"],
-        "drop_id": d.get("drop_id"),
-        "lane": d["lane"],
-        "priority": d["priority"],
-        "depends_on": d.get("depends_on", []),
-        "spec": d["spec"],
-        "rung_key": d.get("rung_key"),
-        "state": "queued",
+        "id": e.job_id,
+        "stage": e.stage,
+        "name": e.name,
+        "drop_id": e.drop_id,
+        "lane": e.lane,
+        "priority": e.priority,
+        "depends_on": e.depends_on,
+        "spec": e.spec,
+        "rung_key": e.rung_key,
+        "state": JobState.QUEUED,
         "attempt": 0,
-        "memory_rung": d.get("memory_rung", 0),
+        "memory_rung": e.memory_rung,
         "done": 0,
         "total": 0,
         "metrics": {},
-        "submitted_seq": e.seq,
-        "version": e.version,
-        "created_at": e.at,
-        "updated_at": e.at,
+        "submitted_seq": stored.seq,
+        "version": stored.version,
+        "created_at": stored.at,
+        "updated_at": stored.at,
     }
     return [RowChange(jobs, "insert", row)]
 
 
-def _artifact(e: StoredEvent) -> Changes:
-    d = e.data
+def _artifact(stored: StoredEvent, e: ev.ArtifactWritten) -> Changes:
     row = {
-        "job_id": e.job_id,
-        "path": d["path"],
-        "seq": e.seq,
-        "kind": d["kind"],
-        "bytes": d.get("bytes"),
-        "sha256": d.get("sha256"),
-        "at": e.at,
+        "job_id": stored.job_id,
+        "path": e.path,
+        "seq": stored.seq,
+        "kind": e.kind,
+        "bytes": e.bytes,
+        "sha256": e.sha256,
+        "at": stored.at,
     }
-    return [RowChange(artifacts, "upsert", row, key=("job_id", "path")), *_job_update(e)]
+    return [RowChange(artifacts, "upsert", row, key=("job_id", "path")), *_job_update(stored)]
 
 
-def _drop(state: str) -> Callable[[StoredEvent], Changes]:
-    def project(e: StoredEvent) -> Changes:
-        d = e.data
-        row = {
-            "id": d["drop_id"],
-            "kind": d["kind"],
-            "name": d["name"],
-            "source": d["source"],
-            "stored": d.get("stored"),
-            "hash": d.get("hash"),
-            "state": state,
-            "reason": d.get("reason"),
-            "duplicate_of": d.get("duplicate_of"),
-            "at": e.at,
-        }
-        return [RowChange(drops, "insert", row)]
-
-    return project
+def _drop(stored: StoredEvent, e: ev.Dropped | ev.DropRejected | ev.DropRecognised) -> Changes:
+    row = {
+        "id": e.drop_id,
+        "kind": e.kind,
+        "name": e.name,
+        "source": e.source,
+        "stored": e.stored,
+        "hash": None if isinstance(e, ev.DropRejected) else e.hash,
+        "state": DROP_STATES[type(e)],
+        "reason": e.reason if isinstance(e, ev.DropRejected) else None,
+        "duplicate_of": e.duplicate_of if isinstance(e, ev.DropRecognised) else None,
+        "at": stored.at,
+    }
+    return [RowChange(drops, "insert", row)]
 
 
-PROJECTORS: dict[str, Callable[[StoredEvent], Changes]] = {
-    "JobSubmitted": _submitted,
-    "JobQueued": lambda e: _job_update(
-        e, state="queued", error=None, finished_at=None, requested=None
-    ),
-    "JobStarted": lambda e: _job_update(
-        e,
-        state="running",
-        attempt=e.data["attempt"],
-        memory_rung=e.data["memory_rung"],
-        started_at=e.at,
-    ),
-    "JobProgress": lambda e: _job_update(
-        e, done=e.data["done"], total=e.data["total"], metrics=e.data.get("metrics", {})
-    ),
-    "CheckpointSaved": lambda e: _job_update(e, checkpoint=e.data["state"]),
-    "ArtifactWritten": _artifact,
-    "JobSucceeded": lambda e: _job_update(
-        e, state="succeeded", result=e.data.get("result", {}), finished_at=e.at, requested=None
-    ),
-    "JobFailed": lambda e: _job_update(
-        e, state="failed", error=e.data["reason"], finished_at=e.at, requested=None
-    ),
-    "JobCancelled": lambda e: _job_update(
-        e, state="cancelled", error=e.data.get("reason"), finished_at=e.at, requested=None
-    ),
-    "OutOfMemory": lambda e: _job_update(e, state="queued"),
-    "RetryScheduled": lambda e: _job_update(e, state="queued", memory_rung=e.data["next_rung"]),
-    "JobPreempted": lambda e: _job_update(e, state="queued"),
-    "JobInterrupted": lambda e: _job_update(e, state="queued"),
-    "CancelRequested": lambda e: _job_update(e, requested="cancel"),
-    "RetryRequested": lambda e: _job_update(e, requested="retry"),
-    "Dropped": _drop("ingested"),
-    "DropRejected": _drop("failed"),
-    "DropRecognised": _drop("duplicate"),
+DROP_STATES: dict[type[ev.Event], DropState] = {
+    ev.Dropped: DropState.INGESTED,
+    ev.DropRejected: DropState.FAILED,
+    ev.DropRecognised: DropState.DUPLICATE,
 }
 
 
-def changes_for(event: StoredEvent) -> Changes:
-    """The projection changes one event causes (none for events without a projection)."""
-    projector = PROJECTORS.get(event.type)
+def _queued(s: StoredEvent, e: ev.JobQueued) -> Changes:
+    return _job_update(s, state=JobState.QUEUED, error=None, finished_at=None, requested=None)
+
+
+def _started(s: StoredEvent, e: ev.JobStarted) -> Changes:
+    return _job_update(
+        s, state=JobState.RUNNING, attempt=e.attempt, memory_rung=e.memory_rung, started_at=s.at
+    )
+
+
+def _progress(s: StoredEvent, e: ev.JobProgress) -> Changes:
+    return _job_update(s, done=e.done, total=e.total, metrics=e.metrics)
+
+
+def _checkpoint(s: StoredEvent, e: ev.CheckpointSaved) -> Changes:
+    return _job_update(s, checkpoint=e.state)
+
+
+def _succeeded(s: StoredEvent, e: ev.JobSucceeded) -> Changes:
+    return _job_update(
+        s, state=JobState.SUCCEEDED, result=e.result, finished_at=s.at, requested=None
+    )
+
+
+def _ended(s: StoredEvent, e: ev.JobFailed | ev.JobCancelled) -> Changes:
+    state = JobState.FAILED if isinstance(e, ev.JobFailed) else JobState.CANCELLED
+    return _job_update(s, state=state, error=e.reason, finished_at=s.at, requested=None)
+
+
+def _requeued(s: StoredEvent, e: ev.OutOfMemory | ev.JobPreempted | ev.JobInterrupted) -> Changes:
+    return _job_update(s, state=JobState.QUEUED)
+
+
+def _retry_scheduled(s: StoredEvent, e: ev.RetryScheduled) -> Changes:
+    return _job_update(s, state=JobState.QUEUED, memory_rung=e.next_rung)
+
+
+def _requested(s: StoredEvent, e: ev.CancelRequested | ev.RetryRequested) -> Changes:
+    return _job_update(s, requested="cancel" if isinstance(e, ev.CancelRequested) else "retry")
+
+
+def _version_only(s: StoredEvent, e: ev.CheckpointUnusable) -> Changes:
+    """A fact about the attempt that no column shows: only version and updated_at move."""
+    return _job_update(s)
+
+
+# Each projector takes the event class it is listed under (the tests apply every class).
+Projector = Callable[[StoredEvent, Any], Changes]
+
+PROJECTORS: dict[type[ev.Event], Projector] = {
+    ev.JobSubmitted: _submitted,
+    ev.JobQueued: _queued,
+    ev.JobStarted: _started,
+    ev.JobProgress: _progress,
+    ev.CheckpointSaved: _checkpoint,
+    ev.CheckpointUnusable: _version_only,
+    ev.ArtifactWritten: _artifact,
+    ev.JobSucceeded: _succeeded,
+    ev.JobFailed: _ended,
+    ev.JobCancelled: _ended,
+    ev.OutOfMemory: _requeued,
+    ev.RetryScheduled: _retry_scheduled,
+    ev.JobPreempted: _requeued,
+    ev.JobInterrupted: _requeued,
+    ev.CancelRequested: _requested,
+    ev.RetryRequested: _requested,
+    ev.Dropped: _drop,
+    ev.DropRejected: _drop,
+    ev.DropRecognised: _drop,
+}
+
+# Events no projection shows: the daemon's lifecycle and commands, drop moves (the drops
+# row keeps where the drop was meant to go), the API's refusals, webhook deliveries.
+NO_PROJECTION: frozenset[type[ev.Event]] = frozenset(
+    {
+        ev.DaemonStarted,
+        ev.DaemonStopping,
+        ev.DaemonStopped,
+        ev.QueuePaused,
+        ev.QueueResumed,
+        ev.DropMoved,
+        ev.DropMoveFailed,
+        ev.DropMoveAbandoned,
+        ev.DropWaiting,
+        ev.ApiAuthFailed,
+        ev.WebhookAttemptFailed,
+        ev.WebhookDelivered,
+        ev.WebhookGaveUp,
+    }
+)
+
+
+def changes_for(stored: StoredEvent) -> Changes:
+    """The projection changes one event causes, read as its typed event.
+
+    An event class in neither PROJECTORS nor NO_PROJECTION is an error, not a silent
+    version bump: a renamed or new event must say what it does to the projections."""
+    event = ev.parse_event(stored.type, stored.data)
+    projector = PROJECTORS.get(type(event))
     if projector is not None:
-        return projector(event)
-    if event.job_id is not None:
-        return _job_update(event)
-    return []
+        return projector(stored, event)
+    if type(event) in NO_PROJECTION:
+        return []
+    raise ValueError(f"{stored.type} has no projection rule (PROJECTORS or NO_PROJECTION)")
 
 
 @functools.cache
@@ -196,7 +232,7 @@ def _sql(table: Table, action: str, columns: tuple[str, ...], key: tuple[str, ..
     return f"{insert} ON CONFLICT ({', '.join(key)}) DO UPDATE SET {assignments}"
 
 
-def apply(connection: sqlite3.Connection, changes: Iterable[RowChange]) -> None:
+def apply(connection: SqlConnection, changes: Iterable[RowChange]) -> None:
     """Write the changes on a connection that is inside a write transaction."""
     for change in changes:
         json_columns = _json_columns(change.table)
@@ -208,7 +244,7 @@ def apply(connection: sqlite3.Connection, changes: Iterable[RowChange]) -> None:
         connection.execute(sql, params)
 
 
-def clear(connection: sqlite3.Connection) -> None:
+def clear(connection: SqlConnection) -> None:
     """Empty every projection (children first), inside a write transaction."""
     for table in reversed(PROJECTIONS):
         connection.execute(f"DELETE FROM {table.name}")

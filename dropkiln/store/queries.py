@@ -1,23 +1,24 @@
-"""Read models over the projections: what `status`, the TUI and the scheduler ask."""
+"""Read models over the projections: what `status`, the dashboard, the API and the scheduler
+ask. Each read is one snapshot (``EventStore.snapshot``) running the SQL text below; no read
+replays the log, and none imports SQLAlchemy (see ``sqlite``)."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import JSON, Connection, Select, Text, literal, select, type_coerce
+from dropkiln.store import dialect, sqlite
+from dropkiln.store.errors import StoreError
+from dropkiln.store.eventstore import HIGH_RATE_TYPE, EventStore, newest_events, stored_events
+from dropkiln.store.stored import DAEMON_STREAM, job_stream
+from dropkiln.store.telemetry import daemon_state
+from dropkiln.store.vocabulary import TERMINAL_STATES, DropState, JobState, Lane
 
-from dropkiln.store.engine import StoreError
-from dropkiln.store.events import DAEMON_STREAM, TERMINAL_STATES
-from dropkiln.store.eventstore import EventStore, newest_events, row_event
-from dropkiln.store.projections import RowChange, apply
-from dropkiln.store.schema import HIGH_RATE_TYPE, artifacts, drops, events, jobs, telemetry
-
-DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
+Row = dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -27,9 +28,9 @@ class JobView:
     id: str
     stage: str
     name: str
-    lane: str
+    lane: Lane
     priority: int
-    state: str
+    state: JobState
     attempt: int
     memory_rung: int
     done: int
@@ -52,7 +53,7 @@ class JobView:
 
     @property
     def progress(self) -> float:
-        if self.state == "succeeded":
+        if self.state == JobState.SUCCEEDED:
             return 1.0
         return self.done / self.total if self.total else 0.0
 
@@ -80,43 +81,40 @@ class JobView:
         }
 
 
-_JOB_JSON = frozenset(c.name for c in jobs.columns if isinstance(c.type, JSON))
 _JOB_FIELDS = tuple(f.name for f in dataclasses.fields(JobView))
-# Columns in JobView's field order, JSON ones as text decoded here: for `status` listing
-# thousands of jobs that is several times cheaper than SQLAlchemy's result processing.
-_JOB_COLUMNS = [
-    type_coerce(jobs.c[name], Text).label(name) if name in _JOB_JSON else jobs.c[name]
-    for name in _JOB_FIELDS
-]
-_JSON_AT = tuple(i for i, name in enumerate(_JOB_FIELDS) if name in _JOB_JSON)
+_JOB_SELECT = f"SELECT {', '.join(_JOB_FIELDS)} FROM jobs"
 _ID_AT = _JOB_FIELDS.index("id")
 _STATE_AT = _JOB_FIELDS.index("state")
+_LANE_AT = _JOB_FIELDS.index("lane")
 _DEPENDS_AT = _JOB_FIELDS.index("depends_on")
 
 
-def _job_rows(conn: Connection, query: Select[Any]) -> list[list[Any]]:
-    rows = []
-    for row in conn.execute(query):
-        values = list(row)
-        for i in _JSON_AT:
-            if values[i] is not None:
-                values[i] = json.loads(values[i])
-        rows.append(values)
-    return rows
+def _placeholders(name: str, values: Sequence[Any], params: dict[str, Any]) -> str:
+    """``:name0, :name1, ...`` for an IN list, with the values added to ``params``."""
+    names = [f"{name}{i}" for i in range(len(values))]
+    params.update(zip(names, values, strict=True))
+    return ", ".join(f":{n}" for n in names)
 
 
-def _job_views(conn: Connection, rows: list[list[Any]]) -> list[JobView]:
+def _job_rows(conn: sqlite.Connection, sql: str, params: dict[str, Any]) -> list[list[Any]]:
+    return [list(row) for row in conn.execute(sql, params)]
+
+
+def _job_views(conn: sqlite.Connection, rows: list[list[Any]]) -> list[JobView]:
     """Views of job rows; ``queued`` becomes ``waiting`` while a dependency is unfinished."""
     states = {row[_ID_AT]: row[_STATE_AT] for row in rows}
-    deps = {dep for row in rows for dep in row[_DEPENDS_AT]} - states.keys()
+    deps = sorted({dep for row in rows for dep in row[_DEPENDS_AT]} - states.keys())
     if deps:
-        found = conn.execute(select(jobs.c.id, jobs.c.state).where(jobs.c.id.in_(list(deps))))
-        states.update({r.id: r.state for r in found})
+        params: dict[str, Any] = {}
+        sql = f"SELECT id, state FROM jobs WHERE id IN ({_placeholders('id', deps, params)})"
+        states.update({r["id"]: r["state"] for r in conn.execute(sql, params)})
     for row in rows:
-        if row[_STATE_AT] == "queued" and any(
-            states.get(dep) != "succeeded" for dep in row[_DEPENDS_AT]
+        row[_LANE_AT] = Lane(row[_LANE_AT])
+        row[_STATE_AT] = JobState(row[_STATE_AT])
+        if row[_STATE_AT] == JobState.QUEUED and any(
+            states.get(dep) != JobState.SUCCEEDED for dep in row[_DEPENDS_AT]
         ):
-            row[_STATE_AT] = "waiting"
+            row[_STATE_AT] = JobState.WAITING
     return [JobView(*row) for row in rows]
 
 
@@ -124,21 +122,28 @@ async def list_jobs(
     store: EventStore, *, limit: int | None = None, active_only: bool = False
 ) -> list[JobView]:
     """Jobs newest first."""
-    query = select(*_JOB_COLUMNS).order_by(jobs.c.submitted_seq.desc())
+    params: dict[str, Any] = {}
+    sql = _JOB_SELECT
     if active_only:
-        query = query.where(jobs.c.state.not_in(list(TERMINAL_STATES)))
+        sql += f" WHERE state NOT IN ({_placeholders('state', sorted(TERMINAL_STATES), params)})"
+    sql += " ORDER BY submitted_seq DESC"
     if limit is not None:
-        query = query.limit(limit)
-    return await store.snapshot(lambda conn: _job_views(conn, _job_rows(conn, query)))
+        sql += " LIMIT :limit"
+        params["limit"] = limit
+    return await store.snapshot(lambda conn: _job_views(conn, _job_rows(conn, sql, params)))
 
 
 async def find_job(store: EventStore, ref: str) -> JobView:
     """A job by id or unambiguous id prefix; StoreError otherwise."""
-    exact = select(*_JOB_COLUMNS).where(jobs.c.id == ref)
-    prefixed = select(*_JOB_COLUMNS).where(jobs.c.id.startswith(ref, autoescape=True)).limit(6)
+    escaped = ref.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    exact = (f"{_JOB_SELECT} WHERE id = :ref", {"ref": ref})
+    prefixed = (
+        f"{_JOB_SELECT} WHERE id LIKE :prefix ESCAPE '\\' LIMIT 6",
+        {"prefix": escaped + "%"},
+    )
 
-    def work(conn: Connection) -> JobView:
-        rows = _job_rows(conn, exact) or _job_rows(conn, prefixed)
+    def work(conn: sqlite.Connection) -> JobView:
+        rows = _job_rows(conn, *exact) or _job_rows(conn, *prefixed)
         if not rows:
             raise StoreError(f"no job {ref!r}")
         if len(rows) > 1:
@@ -149,114 +154,113 @@ async def find_job(store: EventStore, ref: str) -> JobView:
     return await store.snapshot(work)
 
 
-async def job_artifacts(store: EventStore, job_id: str) -> list[dict[str, Any]]:
-    query = select(artifacts).where(artifacts.c.job_id == job_id).order_by(artifacts.c.seq)
-    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
+def _dicts(conn: sqlite.Connection, sql: str, params: dict[str, Any] | None = None) -> list[Row]:
+    return [dict(row) for row in conn.execute(sql, params or {})]
 
 
-async def artifact_by_seq(store: EventStore, seq: int) -> dict[str, Any] | None:
+async def job_artifacts(store: EventStore, job_id: str) -> list[Row]:
+    sql = "SELECT * FROM artifacts WHERE job_id = :job_id ORDER BY seq"
+    return await store.snapshot(lambda conn: _dicts(conn, sql, {"job_id": job_id}))
+
+
+async def artifact_by_seq(store: EventStore, seq: int) -> Row | None:
     """The artifact whose latest ArtifactWritten event has this seq (its id in the HTTP API)."""
-    query = select(artifacts).where(artifacts.c.seq == seq).limit(1)
-
-    def work(conn: Connection) -> dict[str, Any] | None:
-        row = conn.execute(query).first()
-        return dict(row._mapping) if row else None
-
-    return await store.snapshot(work)
+    sql = "SELECT * FROM artifacts WHERE seq = :seq LIMIT 1"
+    found = await store.snapshot(lambda conn: _dicts(conn, sql, {"seq": seq}))
+    return found[0] if found else None
 
 
-async def trained_loras(
-    store: EventStore, limit: int = 100
-) -> list[tuple[JobView, list[dict[str, Any]]]]:
+async def trained_loras(store: EventStore, limit: int = 100) -> list[tuple[JobView, list[Row]]]:
     """Succeeded train jobs, newest first, each with its artifacts."""
-    query = (
-        select(*_JOB_COLUMNS)
-        .where(jobs.c.stage == "train", jobs.c.state == "succeeded")
-        .order_by(jobs.c.submitted_seq.desc())
-        .limit(limit)
+    sql = (
+        f"{_JOB_SELECT} WHERE stage = 'train' AND state = :succeeded "
+        "ORDER BY submitted_seq DESC LIMIT :limit"
     )
 
-    def work(conn: Connection) -> list[tuple[JobView, list[dict[str, Any]]]]:
-        views = _job_views(conn, _job_rows(conn, query))
-        found = select(artifacts).where(artifacts.c.job_id.in_([v.id for v in views]))
-        by_job: dict[str, list[dict[str, Any]]] = {}
-        for row in conn.execute(found.order_by(artifacts.c.seq)):
-            by_job.setdefault(row.job_id, []).append(dict(row._mapping))
+    def work(conn: sqlite.Connection) -> list[tuple[JobView, list[Row]]]:
+        views = _job_views(
+            conn, _job_rows(conn, sql, {"limit": limit, "succeeded": JobState.SUCCEEDED})
+        )
+        params: dict[str, Any] = {}
+        ids = _placeholders("job", [view.id for view in views], params)
+        by_job: dict[str, list[Row]] = {}
+        if views:
+            found = f"SELECT * FROM artifacts WHERE job_id IN ({ids}) ORDER BY seq"
+            for row in _dicts(conn, found, params):
+                by_job.setdefault(row["job_id"], []).append(row)
         return [(view, by_job.get(view.id, [])) for view in views]
 
     return await store.snapshot(work)
 
 
-async def list_drops(store: EventStore, limit: int = 100) -> list[dict[str, Any]]:
-    query = select(drops).order_by(drops.c.at.desc()).limit(limit)
-    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
+async def list_drops(store: EventStore, limit: int = 100) -> list[Row]:
+    sql = "SELECT * FROM drops ORDER BY at DESC LIMIT :limit"
+    return await store.snapshot(lambda conn: _dicts(conn, sql, {"limit": limit}))
 
 
-async def unmoved_drops(store: EventStore) -> list[dict[str, Any]]:
+_UNMOVED = f"""
+SELECT * FROM drops
+WHERE stored IS NOT NULL AND 'drop:' || id NOT IN (
+    SELECT stream FROM events
+    WHERE type IN ('DropMoved', 'DropMoveAbandoned') AND type != '{HIGH_RATE_TYPE}'
+)
+ORDER BY at
+"""
+
+
+async def unmoved_drops(store: EventStore) -> list[Row]:
     """Drops whose move to processed/ or failed/ was never recorded as done (DropMoved) or
     given up (DropMoveAbandoned), oldest first: what ``reconcile`` has left to finish."""
-    closed = (
-        select(events.c.stream)
-        .where(events.c.type.in_(["DropMoved", "DropMoveAbandoned"]))
-        .where(events.c.type != literal(HIGH_RATE_TYPE, literal_execute=True))
-    )
-    query = (
-        select(drops)
-        .where(drops.c.stored.is_not(None))
-        .where(("drop:" + drops.c.id).not_in(closed))
-        .order_by(drops.c.at)
-    )
-    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
+    return await store.snapshot(lambda conn: _dicts(conn, _UNMOVED))
 
 
-async def waiting_drops(store: EventStore, limit: int = 50) -> list[dict[str, Any]]:
+async def waiting_drops(store: EventStore, limit: int = 50) -> list[Row]:
     """The latest DropWaiting of each source not taken since, newest first: drops the
     watcher holds back (``source``, ``reason``, ``at``). One removed by hand (no event says
     so) is left out because its source is gone."""
     recent = newest_events(DAEMON_STREAM, ("DropWaiting",), limit)
+    taken = "SELECT id FROM drops WHERE source = :source AND at >= :at LIMIT 1"
 
-    def work(conn: Connection) -> list[dict[str, Any]]:
-        found: dict[str, dict[str, Any]] = {}
-        for row in conn.execute(recent):
-            event = row_event(row)
+    def work(conn: sqlite.Connection) -> list[Row]:
+        found: dict[str, Row] = {}
+        for event in stored_events(conn.execute(*recent)):
             source = event.data["source"]
             if source in found:
                 continue
-            taken = conn.execute(
-                select(drops.c.id).where(drops.c.source == source, drops.c.at >= event.at)
-            ).first()
-            if taken is None and Path(source).exists():
+            since = conn.execute(taken, {"source": source, "at": event.at}).fetchone()
+            if since is None and Path(source).exists():
                 found[source] = {"source": source, "reason": event.data["reason"], "at": event.at}
         return list(found.values())
 
     return await store.snapshot(work)
 
 
-async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> dict[str, Any] | None:
+async def drop_by_hash(store: EventStore, kind: str, content_hash: str) -> Row | None:
     """The first ingested drop with this content, if any."""
-    query = (
-        select(drops)
-        .where(drops.c.hash == content_hash, drops.c.kind == kind, drops.c.state == "ingested")
-        .order_by(drops.c.at)
-        .limit(1)
+    sql = (
+        "SELECT * FROM drops WHERE hash = :hash AND kind = :kind AND state = :ingested "
+        "ORDER BY at LIMIT 1"
     )
-
-    def work(conn: Connection) -> dict[str, Any] | None:
-        row = conn.execute(query).first()
-        return dict(row._mapping) if row else None
-
-    return await store.snapshot(work)
+    found = await store.snapshot(
+        lambda conn: _dicts(
+            conn, sql, {"hash": content_hash, "kind": kind, "ingested": DropState.INGESTED}
+        )
+    )
+    return found[0] if found else None
 
 
 async def remembered_rung(store: EventStore, rung_key: str) -> int:
     """The memory rung that last worked for this (model, stage, resolution), else 0."""
-    query = (
-        select(jobs.c.memory_rung)
-        .where(jobs.c.rung_key == rung_key, jobs.c.state == "succeeded")
-        .order_by(jobs.c.finished_at.desc())
-        .limit(1)
+    sql = (
+        "SELECT memory_rung FROM jobs WHERE rung_key = :key AND state = :succeeded "
+        "ORDER BY finished_at DESC LIMIT 1"
     )
-    return await store.snapshot(lambda conn: int(conn.execute(query).scalar() or 0))
+
+    def work(conn: sqlite.Connection) -> int:
+        row = conn.execute(sql, {"key": rung_key, "succeeded": JobState.SUCCEEDED}).fetchone()
+        return int(row[0] or 0) if row else 0
+
+    return await store.snapshot(work)
 
 
 async def queue_paused(store: EventStore) -> bool:
@@ -270,12 +274,13 @@ async def status_report(store: EventStore, limit: int | None = 50) -> dict[str, 
     jobs_found = await list_jobs(store, limit=limit)
     daemon = await daemon_state(store)
     paused = await queue_paused(store)
+    now = time.time()
     return {
         "daemon": {
-            "running": daemon.running,
+            "running": daemon.running(now),
             "pid": daemon.pid,
             "device": daemon.device,
-            "seen_ago": daemon.seen_ago,
+            "seen_ago": daemon.seen_ago(now),
         },
         "paused": paused,
         "waiting": await waiting_drops(store),
@@ -283,55 +288,31 @@ async def status_report(store: EventStore, limit: int | None = 50) -> dict[str, 
     }
 
 
+# One job's progress --------------------------------------------------------------------------
+
+
 @dataclass(frozen=True)
-class DaemonState:
-    running: bool
-    last_event: str | None
-    pid: int | None
-    device: str | None
-    seen_ago: float | None
-    """Seconds since the daemon's last heartbeat (telemetry sample), if any."""
+class ProgressHistory:
+    updates: int
+    """How many JobProgress events the job has."""
+    losses: tuple[float, ...]
+    """The newest training losses they carry, oldest first."""
 
 
-async def daemon_state(store: EventStore, heartbeat_timeout: float = 5.0) -> DaemonState:
-    """Up or down, from the lifecycle events and the telemetry heartbeat."""
-    lifecycle_query = newest_events(DAEMON_STREAM, DAEMON_LIFECYCLE, 1)
-    started_query = newest_events(DAEMON_STREAM, ("DaemonStarted",), 1)
-    beat_query = select(telemetry.c.at).order_by(telemetry.c.id.desc()).limit(1)
+async def progress_history(store: EventStore, job_id: str, loss_points: int) -> ProgressHistory:
+    """A job's progress, counted, and the loss curve of its newest ``loss_points`` updates."""
+    params = {"stream": job_stream(job_id), "limit": loss_points}
+    of_job = "stream = :stream AND type = 'JobProgress'"
+    count = f"SELECT count(*) FROM events WHERE {of_job}"
 
-    def work(conn: Connection) -> tuple[Any, Any, float | None]:
-        lifecycle = conn.execute(lifecycle_query).first()
-        started = conn.execute(started_query).first()
-        return lifecycle, started, conn.execute(beat_query).scalar()
+    def work(conn: sqlite.Connection) -> ProgressHistory:
+        loss = dialect.json_number(conn, "data", "metrics", "loss")
+        newest = (
+            f"SELECT {loss} FROM events WHERE {of_job} AND {loss} IS NOT NULL "
+            "ORDER BY seq DESC LIMIT :limit"
+        )
+        updates = int(conn.execute(count, params).fetchone()[0])
+        losses = [float(row[0]) for row in conn.execute(newest, params)]
+        return ProgressHistory(updates, tuple(losses[::-1]))
 
-    lifecycle, started, beat = await store.snapshot(work)
-    seen_ago = time.time() - beat if beat is not None else None
-    last_type = lifecycle.type if lifecycle else None
-    running = last_type in ("DaemonStarted", "DaemonStopping") and (
-        seen_ago is not None and seen_ago < heartbeat_timeout
-    )
-    info = row_event(started).data if started else {}
-    return DaemonState(running, last_type, info.get("pid"), info.get("device"), seen_ago)
-
-
-TELEMETRY_COLUMNS = tuple(c.name for c in telemetry.columns if c.name != "id")
-
-
-async def record_telemetry(store: EventStore, sample: dict[str, Any], retention_s: float) -> None:
-    """Store one device-memory sample and drop samples older than the retention window."""
-    now = sample.get("at", time.time())
-    values = {name: sample.get(name) for name in TELEMETRY_COLUMNS}
-    values["at"] = now
-
-    def work(conn: Any) -> None:
-        apply(conn, [RowChange(telemetry, "insert", values)])
-        conn.execute("DELETE FROM telemetry WHERE at < ?", (now - retention_s,))
-
-    await store.transaction(work)
-
-
-async def recent_telemetry(store: EventStore, seconds: float = 300.0) -> list[dict[str, Any]]:
-    """Samples of the last ``seconds``, oldest first."""
-    since = time.time() - seconds
-    query = select(telemetry).where(telemetry.c.at >= since).order_by(telemetry.c.id)
-    return await store.snapshot(lambda conn: [dict(r._mapping) for r in conn.execute(query)])
+    return await store.snapshot(work)

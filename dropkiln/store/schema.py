@@ -1,9 +1,15 @@
-"""The tables. Events are the truth; jobs, drops and artifacts are projections of them."""
+"""The tables. Events are the truth; jobs, drops and artifacts are projections of them.
+
+SQLAlchemy generates the DDL from these (``migrate``) for the backend's dialect; the queries
+themselves are SQL text (``eventstore``, ``queries``, ``projections``), so that readers never
+import SQLAlchemy. A column declared ``JSON`` comes back decoded on read connections.
+"""
 
 from __future__ import annotations
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     Float,
     Index,
@@ -16,16 +22,20 @@ from sqlalchemy import (
     literal,
 )
 
-SCHEMA_VERSION = 2
+from dropkiln.store.eventstore import HIGH_RATE_TYPE
+
+# 64-bit on PostgreSQL (byte counts in telemetry and artifacts pass 2**31); plain INTEGER on
+# SQLite, whose integers are 64-bit anyway and whose autoincrement keys must say INTEGER.
+Int = BigInteger().with_variant(Integer(), "sqlite")
 
 metadata = MetaData()
 
 events = Table(
     "events",
     metadata,
-    Column("seq", Integer, primary_key=True, autoincrement=True),
+    Column("seq", Int, primary_key=True, autoincrement=True),
     Column("stream", String, nullable=False),
-    Column("version", Integer, nullable=False),
+    Column("version", Int, nullable=False),
     Column("type", String, nullable=False),
     Column("data", JSON, nullable=False),
     Column("at", String, nullable=False),
@@ -34,7 +44,6 @@ events = Table(
 # Progress is most of the log and is never looked up by type; leaving it out of this
 # index keeps the hottest append cheap. Queries by other types say the same condition
 # (HIGH_RATE_TYPE) so that SQLite may use the index instead of scanning the log.
-HIGH_RATE_TYPE = "JobProgress"
 events_by_type = Index(
     "ix_events_type",
     events.c.type,
@@ -50,22 +59,22 @@ jobs = Table(
     Column("name", String, nullable=False),
     Column("drop_id", String),
     Column("lane", String, nullable=False),
-    Column("priority", Integer, nullable=False),
+    Column("priority", Int, nullable=False),
     Column("depends_on", JSON, nullable=False),
     Column("spec", JSON, nullable=False),
     Column("rung_key", String),
     Column("state", String, nullable=False),
-    Column("attempt", Integer, nullable=False),
-    Column("memory_rung", Integer, nullable=False),
-    Column("done", Integer, nullable=False),
-    Column("total", Integer, nullable=False),
+    Column("attempt", Int, nullable=False),
+    Column("memory_rung", Int, nullable=False),
+    Column("done", Int, nullable=False),
+    Column("total", Int, nullable=False),
     Column("metrics", JSON, nullable=False),
     Column("checkpoint", JSON),
     Column("result", JSON),
     Column("error", Text),
     Column("requested", String),
-    Column("submitted_seq", Integer, nullable=False),
-    Column("version", Integer, nullable=False),
+    Column("submitted_seq", Int, nullable=False),
+    Column("version", Int, nullable=False),
     Column("created_at", String, nullable=False),
     Column("started_at", String),
     Column("finished_at", String),
@@ -95,9 +104,9 @@ artifacts = Table(
     metadata,
     Column("job_id", String, primary_key=True),
     Column("path", String, primary_key=True),
-    Column("seq", Integer, nullable=False),
+    Column("seq", Int, nullable=False),
     Column("kind", String, nullable=False),
-    Column("bytes", Integer),
+    Column("bytes", Int),
     Column("sha256", String),
     Column("at", String, nullable=False),
 )
@@ -105,17 +114,17 @@ artifacts = Table(
 telemetry = Table(
     "telemetry",
     metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("id", Int, primary_key=True, autoincrement=True),
     Column("at", Float, nullable=False),
     Column("device", String, nullable=False),
-    Column("allocated", Integer),
-    Column("reserved", Integer),
-    Column("peak", Integer),
-    Column("free", Integer),
-    Column("total", Integer),
-    Column("rss", Integer),
+    Column("allocated", Int),
+    Column("reserved", Int),
+    Column("peak", Int),
+    Column("free", Int),
+    Column("total", Int),
+    Column("rss", Int),
     Column("job_id", String),
-    Column("memory_rung", Integer),
+    Column("memory_rung", Int),
 )
 Index("ix_telemetry_at", telemetry.c.at)
 

@@ -11,19 +11,21 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from dropkiln.store.rawsql import SqlConnection
+from dropkiln.store.vocabulary import JobState
+
 NEW = "new"  # before JobSubmitted
-QUEUED = "queued"  # includes waiting: dependencies are not part of the stream
-RUNNING = "running"
+QUEUED = JobState.QUEUED  # includes waiting: dependencies are not part of the stream
+RUNNING = JobState.RUNNING
 OUT_OF_MEMORY = "out of memory"  # between OutOfMemory and the retry or the failure
-SUCCEEDED = "succeeded"
-FAILED = "failed"
-CANCELLED = "cancelled"
+SUCCEEDED = JobState.SUCCEEDED
+FAILED = JobState.FAILED
+CANCELLED = JobState.CANCELLED
 
 TERMINAL_EVENTS = frozenset({"JobSucceeded", "JobFailed", "JobCancelled"})
 REQUEUES = frozenset({"JobQueued", "RetryScheduled", "JobPreempted", "JobInterrupted"})
@@ -168,7 +170,7 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _events(conn: sqlite3.Connection, chunk: int) -> Iterator[tuple[str, int, str, str]]:
+def _events(conn: SqlConnection, chunk: int) -> Iterator[tuple[str, int, str, str]]:
     after = 0
     while True:
         rows = conn.execute(
@@ -184,7 +186,7 @@ def _events(conn: sqlite3.Connection, chunk: int) -> Iterator[tuple[str, int, st
 
 
 def check_state_machine(
-    conn: sqlite3.Connection, root: Path | None = None, files: bool = True, chunk: int = 5000
+    conn: SqlConnection, root: Path | None = None, files: bool = True, chunk: int = 5000
 ) -> list[str]:
     """Every violation of the job state machine in the log read on ``conn``."""
     checker = StateMachineCheck(root, files)

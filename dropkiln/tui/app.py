@@ -1,23 +1,23 @@
-"""The dashboard app: opens the store, polls it in workers, writes command events."""
+"""The dashboard app: opens the store, polls it in workers, hands what it read down to the
+screens with ``data_bind``, and writes the command events the screens ask for."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from sqlalchemy.exc import SQLAlchemyError
-from textual import work
+from textual import on, work
 from textual.app import App
 from textual.binding import Binding, BindingType
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.signal import Signal
 from textual.worker import Worker, WorkerState
 
 from dropkiln.store import EventStore, JobView, StoredEvent, StoreError
+from dropkiln.store import backend as store_backend
 from dropkiln.store.events import (
     DAEMON_STREAM,
     CancelRequested,
@@ -27,7 +27,9 @@ from dropkiln.store.events import (
     RetryRequested,
     job_stream,
 )
+from dropkiln.store.vocabulary import JobState
 from dropkiln.tui.dialogs import ConfirmScreen, HelpScreen
+from dropkiln.tui.messages import CancelJob, OpenJob, RetryJob
 from dropkiln.tui.reads import (
     LogFilter,
     Overview,
@@ -36,19 +38,20 @@ from dropkiln.tui.reads import (
     read_overview,
     refresh_jobs,
 )
-from dropkiln.tui.screens import MainScreen
+from dropkiln.tui.screens import DashboardScreen, JobScreen, MainScreen
+from dropkiln.tui.tail import LogTail
 from dropkiln.tui.widgets import WIDE_AT
 
 TALL_AT = 32
 """Terminal height from which sparklines get several rows."""
 
-T = TypeVar("T")
+S = TypeVar("S", bound=DashboardScreen)
 POLL_BATCH = 500
 STATUS_INTERVAL_S = 1.0
 REOPEN_INTERVAL_S = 1.0
 PAUSE_HELP = "Pause or resume the queue (running jobs finish; nothing new starts)"
-CANCELLABLE = frozenset({"queued", "waiting", "running"})
-RETRYABLE = frozenset({"failed", "cancelled"})
+CANCELLABLE = frozenset({JobState.QUEUED, JobState.WAITING, JobState.RUNNING})
+RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})
 
 
 def missing_database_text(db_path: Path) -> str:
@@ -83,118 +86,108 @@ class DropkilnApp(App[None]):
     """Why the store cannot be read (missing database, read error), if it cannot."""
     loaded: reactive[bool] = reactive(False)
     """True once the first full read (jobs, overview) is done and the polls run."""
+    log_tail: reactive[LogTail] = reactive(LogTail)
+    """The newest events read: the log's last window at start, then every poll's batch."""
+    root: reactive[str] = reactive("")
+    """The dropkiln ROOT: as the daemon announced it, else the one holding the database."""
+    store: reactive[EventStore | None] = reactive(None)
+    """The open store; None until the database exists and its first reads succeed."""
 
     def __init__(
         self,
         db_path: Path,
         poll_interval: float = 0.1,
         clock: Callable[[], float] = time.time,
+        store_url: str = "",
     ) -> None:
         super().__init__()
         self.db_path = Path(db_path)
+        self.store_url = store_url
+        """"" for the SQLite file at db_path, else the PostgreSQL store's URL."""
         self.poll_interval = poll_interval
         self.clock = clock
-        self.store: EventStore | None = None
-        self.events_read = 0
-        """Seq of the newest event the tail has read."""
-        self.initial_log: list[StoredEvent] = []
-        """The log's last window as read at start, for the event log to show first."""
-        self.new_events: Signal[list[StoredEvent]] = Signal(self, "new-events")
         self._more_waiting = False
         self._daemon_was_up: bool | None = None
-        self._store_tasks: set[asyncio.Future[Any]] = set()
-        self._closing = False
+        self.set_reactive(DropkilnApp.root, str(self.db_path.parent.parent))
 
     @property
-    def root(self) -> str:
-        """The dropkiln ROOT: as the daemon announced it, else the one holding the database."""
-        return self.overview.daemon.root or str(self.db_path.parent.parent)
+    def events_read(self) -> int:
+        """Seq of the newest event the tail has read."""
+        return self.log_tail.upto
+
+    def watch_overview(self, overview: Overview) -> None:
+        self.root = overview.daemon.root or str(self.db_path.parent.parent)
 
     def get_default_screen(self) -> Screen[Any]:
-        return MainScreen()
+        return self.bound(MainScreen())
+
+    def bound(self, screen: S) -> S:
+        """``screen``, its reactives bound to the app's: the app reads, the screens show."""
+        return screen.data_bind(
+            DropkilnApp.overview,
+            DropkilnApp.jobs,
+            DropkilnApp.now,
+            DropkilnApp.problem,
+            DropkilnApp.loaded,
+            DropkilnApp.log_tail,
+            DropkilnApp.root,
+            DropkilnApp.store,
+        )
+
+    def open_job(self, job_id: str) -> None:
+        """Show the job ``job_id`` on its own screen."""
+        self.push_screen(self.bound(JobScreen(job_id)))
 
     def on_mount(self) -> None:
         self.now = self.clock()
         self.open_store()
 
     async def on_unmount(self) -> None:
-        self._closing = True
-        while self._store_tasks:
-            await asyncio.gather(*self._store_tasks, return_exceptions=True)
+        # Reads still running finish first: the store lends their connections out and
+        # closes each when it comes back.
         if self.store is not None:
             await self.store.close()
 
     # Reading --------------------------------------------------------------------------------
 
-    async def _shielded(self, work: Awaitable[T]) -> T:
-        # A query abandoned inside the SQLite driver (its worker cancelled on quit) leaves a
-        # connection behind that later calls into a closed loop: let every store call finish,
-        # and have on_unmount wait for the ones still running before it closes the store.
-        if self._closing:
-            if asyncio.iscoroutine(work):
-                work.close()
-            raise StoreError("the dashboard is closing")
-        task = asyncio.ensure_future(work)
-        self._store_tasks.add(task)
-        task.add_done_callback(self._store_tasks.discard)
-        return await asyncio.shield(task)
-
-    async def using_store(self, work: Callable[[EventStore], Awaitable[T]]) -> T:
-        """Run ``work`` on the open store; cancelling the caller does not cut it off."""
+    def opened(self) -> EventStore:
+        """The open store (the polls start only once it is)."""
         if self.store is None:
             raise StoreError(f"the store at {self.db_path} is not open")
-        return await self._shielded(work(self.store))
+        return self.store
 
     @work(exclusive=True, group="open", exit_on_error=False)
     async def open_store(self) -> None:
         """Open the store and read the current state; retry while the database is missing."""
-        if not self.db_path.exists():
+        if not self.store_url and not self.db_path.exists():
             self.problem = missing_database_text(self.db_path)
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
         try:
-            jobs, overview = await self._shielded(self._open())
-        except (StoreError, SQLAlchemyError, OSError) as exc:
+            store, (jobs, overview, window) = await _open(self.db_path, self.store_url)
+        except (StoreError, OSError) as exc:
             self.problem = f"Cannot read {self.db_path}: {exc}"
             self.set_timer(REOPEN_INTERVAL_S, self.open_store)
             return
+        self.store = store
         self.jobs, self.overview, self.now = jobs, overview, self.clock()
+        self.log_tail = LogTail().extended(window)
         self.problem = None
         self._notice_daemon()
         self.loaded = True
         self.poll_events()
         self.poll_status()
 
-    async def _open(self) -> tuple[tuple[JobView, ...], Overview]:
-        # Nothing here grows with the length of the log: the tables come from the
-        # projections and the log shows its last window, from whose end the tail goes on.
-        # The reads run side by side; the tail may re-read what the window already holds,
-        # never skip what it does not.
-        store = await EventStore.open(self.db_path)
-        try:
-            jobs, overview, recent = await asyncio.gather(
-                read_jobs(store), read_overview(store), read_log(store, LogFilter())
-            )
-        except BaseException:
-            await store.close()
-            raise
-        self.store = store
-        self.events_read = recent[-1].seq if recent else 0
-        self.initial_log = recent
-        return jobs, overview
-
     @work(exclusive=True, group="events", exit_on_error=False)
     async def poll_events(self) -> None:
         """Read what was appended since the last poll and hand it to the screens."""
-        after = self.events_read
-        batch = await self.using_store(lambda store: store.read(after, limit=POLL_BATCH))
+        store = self.opened()
+        batch = await store.read(self.events_read, limit=POLL_BATCH)
         self._more_waiting = len(batch) == POLL_BATCH
         if not batch:
             return
-        self.events_read = batch[-1].seq
-        self.new_events.publish(batch)
-        jobs = self.jobs
-        self.jobs = await self.using_store(lambda store: refresh_jobs(store, jobs, batch))
+        self.log_tail = self.log_tail.extended(batch)
+        self.jobs = await refresh_jobs(store, self.jobs, batch)
         if any(event.stream == DAEMON_STREAM for event in batch):
             await self._read_overview()
 
@@ -204,7 +197,7 @@ class DropkilnApp(App[None]):
         await self._read_overview()
 
     async def _read_overview(self) -> None:
-        self.overview = await self.using_store(read_overview)
+        self.overview = await read_overview(self.opened())
         self.now = self.clock()
         self._notice_daemon()
 
@@ -238,6 +231,18 @@ class DropkilnApp(App[None]):
         self._daemon_was_up = up
 
     # Commands -------------------------------------------------------------------------------
+
+    @on(OpenJob)
+    def _open_job(self, message: OpenJob) -> None:
+        self.open_job(message.job_id)
+
+    @on(CancelJob)
+    def _cancel_job(self, message: CancelJob) -> None:
+        self.request_cancel(message.job)
+
+    @on(RetryJob)
+    def _retry_job(self, message: RetryJob) -> None:
+        self.request_retry(message.job)
 
     def request_cancel(self, job: JobView | None) -> None:
         """Ask, then append CancelRequested to the job's stream."""
@@ -297,8 +302,8 @@ class DropkilnApp(App[None]):
     async def send_command(self, stream: str, command: Event, done: str) -> None:
         """Append one command event; the daemon tails the log and obeys it."""
         try:
-            await self.using_store(lambda store: store.append(stream, [command]))
-        except (StoreError, SQLAlchemyError) as exc:
+            await self.opened().append(stream, [command])
+        except StoreError as exc:
             self.notify(f"Could not write {command.type_name()}: {exc}", severity="error")
             return
         self.notify(done)
@@ -318,8 +323,29 @@ class DropkilnApp(App[None]):
         self.push_screen(HelpScreen(keys))
 
 
+async def _open(
+    db_path: Path, store_url: str = ""
+) -> tuple[EventStore, tuple[tuple[JobView, ...], Overview, list[StoredEvent]]]:
+    """Open the store and read the jobs, the overview and the log's last window; if the
+    reads fail the store is closed again."""
+    store = await store_backend.open_store(db_path, store_url)
+    try:
+        # Nothing here grows with the length of the log: the tables come from the
+        # projections and the log shows its last window, from whose end the tail goes on.
+        # The reads run side by side; the tail may re-read what the window already holds,
+        # never skip what it does not.
+        first = await asyncio.gather(
+            read_jobs(store), read_overview(store), read_log(store, LogFilter())
+        )
+    except BaseException:
+        await store.close()
+        raise
+    return store, first
+
+
 def run(root: Path, poll_interval: float = 0.1) -> None:
     """Run the dashboard on the dropkiln home at ``root`` until the user quits."""
-    from dropkiln.config import Paths
+    from dropkiln.paths import Paths
 
-    DropkilnApp(Paths(Path(root)).db, poll_interval=poll_interval).run()
+    paths = Paths(Path(root))
+    DropkilnApp(paths.db, poll_interval=poll_interval, store_url=paths.store_url).run()

@@ -10,14 +10,15 @@ from typing import Any
 from rich.text import Text
 
 from dropkiln.store import JobView, StoredEvent
+from dropkiln.store.vocabulary import JobState
 
-STATE_STYLES = {
-    "queued": "",
-    "waiting": "dim",
-    "running": "bold cyan",
-    "succeeded": "green",
-    "failed": "bold red",
-    "cancelled": "yellow",
+STATE_STYLES: dict[str, str] = {
+    JobState.QUEUED: "",
+    JobState.WAITING: "dim",
+    JobState.RUNNING: "bold cyan",
+    JobState.SUCCEEDED: "green",
+    JobState.FAILED: "bold red",
+    JobState.CANCELLED: "yellow",
 }
 
 # Failures and out-of-memory must stand out in a scrolling log; progress must not.
@@ -134,7 +135,7 @@ def bar(fraction: float, width: int, style: str = "cyan", empty: str = "grey23")
 
 
 def progress_cell(job: JobView, width: int = 6) -> Text:
-    if job.state in ("queued", "waiting") and not job.total:
+    if job.state in (JobState.QUEUED, JobState.WAITING) and not job.total:
         return Text("")
     style = STATE_STYLES.get(job.state) or "cyan"
     text = bar(job.progress, width, style=style)
@@ -183,7 +184,7 @@ def running_summary(job: JobView) -> str:
 
 
 def state_text(job: JobView) -> Text:
-    label = job.state
+    label: str = job.state
     if job.requested == "cancel" and not job.terminal:
         label = "cancelling"
     return Text(label, style=STATE_STYLES.get(job.state, ""))

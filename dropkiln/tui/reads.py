@@ -1,26 +1,29 @@
-"""What the dashboard reads: every read is bounded by a window, none replays the log."""
+"""What the dashboard reads, shaped for display: every read is bounded by a window, none
+replays the log. The queries themselves are the store's (``dropkiln.store``)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
-
 from dropkiln.store import (
+    DaemonState,
     EventStore,
     JobView,
     StoredEvent,
+    TelemetrySample,
+    daemon_state,
     find_job,
     job_artifacts,
     list_jobs,
+    progress_history,
     queue_paused,
+    recent_telemetry,
 )
-from dropkiln.store.events import DAEMON_STREAM, EVENT_TYPES, job_stream
-from dropkiln.store.schema import events, telemetry
+from dropkiln.store.events import EVENT_TYPES, job_stream
 
-DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
-HEARTBEAT_TIMEOUT_S = 5.0
+DaemonInfo = DaemonState
+"""The daemon as the header shows it (the store's one definition of "running")."""
 MEMORY_WINDOW_S = 300.0
 JOB_LIMIT = 100
 LOG_WINDOW = 150
@@ -30,29 +33,6 @@ NOT_PROGRESS = tuple(name for name in EVENT_TYPES if name != "JobProgress")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 RUNG_EVENTS = ("JobStarted", "RetryScheduled")
 TYPE_ALIASES = {"oom": ("OutOfMemory",), "fail": ("JobFailed", "DropRejected")}
-
-
-@dataclass(frozen=True)
-class DaemonInfo:
-    """The daemon as the log and its heartbeat (the newest telemetry sample) describe it."""
-
-    last_event: str | None = None
-    pid: int | None = None
-    host: str | None = None
-    device: str | None = None
-    root: str | None = None
-    last_seen: float | None = None
-
-    def seen_ago(self, now: float) -> float | None:
-        return None if self.last_seen is None else max(0.0, now - self.last_seen)
-
-    def running(self, now: float) -> bool:
-        seen = self.seen_ago(now)
-        return (
-            self.last_event in ("DaemonStarted", "DaemonStopping")
-            and seen is not None
-            and seen < HEARTBEAT_TIMEOUT_S
-        )
 
 
 @dataclass(frozen=True)
@@ -126,7 +106,7 @@ def event_types_for(words: str) -> tuple[str, ...]:
     return tuple(wanted)
 
 
-def _sample(row: Any) -> MemorySample:
+def _sample(row: TelemetrySample) -> MemorySample:
     used = next((v for v in (row.reserved, row.allocated, row.rss) if v is not None), None)
     return MemorySample(
         at=row.at,
@@ -142,32 +122,14 @@ def _sample(row: Any) -> MemorySample:
 async def read_memory(store: EventStore, window_s: float = MEMORY_WINDOW_S) -> list[MemorySample]:
     """The samples of the last ``window_s`` before the newest one (so a stopped daemon's
     last minutes stay visible)."""
-    newest = select(func.max(telemetry.c.at)).scalar_subquery()
-    query = select(telemetry).where(telemetry.c.at >= newest - window_s).order_by(telemetry.c.id)
-    async with store.reader.connect() as conn:
-        rows = (await conn.execute(query)).all()
-    return [_sample(row) for row in rows]
-
-
-async def read_daemon(store: EventStore, last_seen: float | None) -> DaemonInfo:
-    lifecycle = await store.last(DAEMON_STREAM, types=DAEMON_LIFECYCLE)
-    started = await store.last(DAEMON_STREAM, types=("DaemonStarted",))
-    info = started[0].data if started else {}
-    return DaemonInfo(
-        last_event=lifecycle[0].type if lifecycle else None,
-        pid=info.get("pid"),
-        host=info.get("host"),
-        device=info.get("device"),
-        root=info.get("root"),
-        last_seen=last_seen,
-    )
+    return [_sample(row) for row in await recent_telemetry(store, window_s)]
 
 
 async def read_overview(store: EventStore) -> Overview:
     """Daemon, queue and device memory: what the header and the memory panel show."""
     memory = await read_memory(store)
     latest = memory[-1] if memory else None
-    daemon = await read_daemon(store, latest.at if latest else None)
+    daemon = await daemon_state(store)
     rung = await read_rung_name(store, latest.job_id) if latest and latest.job_id else None
     return Overview(
         daemon=daemon, paused=await queue_paused(store), memory=tuple(memory), running_rung=rung
@@ -251,25 +213,13 @@ async def read_job_detail(store: EventStore, job_id: str) -> JobDetail:
     job = await find_job(store, job_id)
     stream = job_stream(job.id)
     lifecycle = await store.last(stream, types=NOT_PROGRESS, limit=DETAIL_EVENTS)
-    is_progress = (events.c.stream == stream) & (events.c.type == "JobProgress")
-    loss = events.c.data[("metrics", "loss")].as_float()
-    async with store.reader.connect() as conn:
-        count = (await conn.execute(select(func.count()).where(is_progress))).scalar_one()
-        newest_losses = (
-            await conn.execute(
-                select(loss)
-                .where(is_progress, loss.is_not(None))
-                .order_by(events.c.seq.desc())
-                .limit(LOSS_POINTS)
-            )
-        ).scalars()
-        losses = [float(v) for v in newest_losses][::-1]
+    progress = await progress_history(store, job.id, LOSS_POINTS)
     rung = next((e.data.get("rung_name") for e in lifecycle if e.type in RUNG_EVENTS), None)
     return JobDetail(
         job=job,
         events=tuple(lifecycle[::-1]),
-        progress_updates=int(count),
-        losses=tuple(losses),
+        progress_updates=progress.updates,
+        losses=progress.losses,
         artifacts=tuple(await job_artifacts(store, job.id)),
         rung_name=None if rung is None else str(rung),
     )

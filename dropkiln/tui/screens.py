@@ -2,31 +2,58 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, ClassVar, cast
+from typing import ClassVar
 
 from rich.text import Text
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical, VerticalScroll
+from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import DataTable, Footer, Label, RichLog, Sparkline, Static
 
-from dropkiln.store import JobView, StoredEvent, StoreError, find_job
+from dropkiln.store import EventStore, JobView, StoredEvent, StoreError, find_job
 from dropkiln.store.events import job_stream
+from dropkiln.store.vocabulary import JobState
 from dropkiln.tui import format as fmt
 from dropkiln.tui.dialogs import FilterRequest, FilterScreen
-from dropkiln.tui.reads import JobDetail, LogFilter, read_job_detail
+from dropkiln.tui.messages import CancelJob, OpenJob, RetryJob
+from dropkiln.tui.reads import JobDetail, LogFilter, Overview, read_job_detail
+from dropkiln.tui.tail import LogTail
 from dropkiln.tui.widgets import EventLog, JobsTable, MemoryPanel, NowRunning, StatusBar
-
-if TYPE_CHECKING:
-    from dropkiln.tui.app import DropkilnApp
-
 
 FILTER_HELP = "Filter the event log by job and event type"
 
 
-class MainScreen(Screen[None]):
+class DashboardScreen(Screen[None]):
+    """A screen of the dashboard: the app binds the store's state to these reactives, and
+    the screen binds them on to its widgets."""
+
+    overview: reactive[Overview] = reactive(Overview)
+    jobs: reactive[tuple[JobView, ...]] = reactive(tuple)
+    now: reactive[float] = reactive(0.0)
+    problem: reactive[str | None] = reactive(None)
+    """Why the store cannot be read (missing database, read error), if it cannot."""
+    loaded: reactive[bool] = reactive(False)
+    """True once the first full read (jobs, overview) is done."""
+    log_tail: reactive[LogTail] = reactive(LogTail)
+    root: reactive[str] = reactive("")
+    """The dropkiln ROOT, which paths are shown under."""
+    store: reactive[EventStore | None] = reactive(None)
+    """The open store, once it is; a screen reads its own details from it."""
+
+    def status_bar(self) -> StatusBar:
+        return StatusBar(id="status").data_bind(
+            DashboardScreen.overview,
+            DashboardScreen.jobs,
+            DashboardScreen.now,
+            DashboardScreen.problem,
+            DashboardScreen.loaded,
+        )
+
+
+class MainScreen(DashboardScreen):
     """Header, device memory, the jobs and the live event log."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -36,26 +63,21 @@ class MainScreen(Screen[None]):
         Binding("slash", "filter", "Filter", key_display="/", tooltip=FILTER_HELP),
     ]
 
-    @property
-    def dashboard(self) -> DropkilnApp:
-        return cast("DropkilnApp", self.app)
-
     def compose(self) -> ComposeResult:
-        yield StatusBar(id="status")
-        yield MemoryPanel(id="memory")
-        yield NowRunning(id="now-running")
+        yield self.status_bar()
+        yield MemoryPanel(id="memory").data_bind(MainScreen.overview, MainScreen.jobs)
+        yield NowRunning(id="now-running").data_bind(MainScreen.jobs, MainScreen.overview)
         yield Static(id="problem")
         with Vertical(id="jobs-panel"):
-            yield JobsTable(id="jobs")
-        yield EventLog(id="log")
+            yield JobsTable(id="jobs").data_bind(MainScreen.jobs, MainScreen.now)
+        yield EventLog(id="log").data_bind(MainScreen.log_tail, MainScreen.root, MainScreen.store)
         yield Footer()
 
     def on_mount(self) -> None:
         self.query_one("#jobs-panel").border_title = "Jobs"
-        self.watch(self.app, "problem", self._show_problem)
         self.query_one(JobsTable).focus()
 
-    def _show_problem(self, problem: str | None) -> None:
+    def watch_problem(self, problem: str | None) -> None:
         notice = self.query_one("#problem", Static)
         notice.display = bool(problem)
         notice.update(Text(problem or "", style="bold"))
@@ -70,15 +92,17 @@ class MainScreen(Screen[None]):
     def action_open_job(self) -> None:
         job = self.selected_job
         if job is not None:
-            self.app.push_screen(JobScreen(job.id))
+            self.post_message(OpenJob(job.id))
 
     def action_cancel(self) -> None:
-        self.dashboard.request_cancel(self.selected_job)
+        self.post_message(CancelJob(self.selected_job))
 
     def action_retry(self) -> None:
-        self.dashboard.request_retry(self.selected_job)
+        self.post_message(RetryJob(self.selected_job))
 
     def action_filter(self) -> None:
+        if not self.loaded:
+            return  # the filtered window is read from the store, which is not open yet
         log = self.query_one(EventLog)
         job = self.selected_job
         self.app.push_screen(
@@ -92,9 +116,9 @@ class MainScreen(Screen[None]):
     @work(exclusive=True, group="filter", exit_on_error=False)
     async def resolve_filter(self, request: FilterRequest) -> None:
         job_id = None
-        if request.job:
+        if request.job and self.store is not None:
             try:
-                job = await self.dashboard.using_store(lambda store: find_job(store, request.job))
+                job = await find_job(self.store, request.job)
                 job_id = job.id
             except StoreError as exc:
                 self.notify(str(exc), severity="error")
@@ -102,7 +126,7 @@ class MainScreen(Screen[None]):
         self.query_one(EventLog).set_filter(LogFilter(job_id, request.types))
 
 
-class JobScreen(Screen[None]):
+class JobScreen(DashboardScreen):
     """One job: its state, error, loss curve, preview, artifacts and events, live."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -117,12 +141,8 @@ class JobScreen(Screen[None]):
         self.detail: JobDetail | None = None
         self._event_seqs: tuple[int, ...] = ()
 
-    @property
-    def dashboard(self) -> DropkilnApp:
-        return cast("DropkilnApp", self.app)
-
     def compose(self) -> ComposeResult:
-        yield StatusBar(id="status")
+        yield self.status_bar()
         with Vertical(id="job-head"):
             yield Static(id="job-title")
             yield Static(id="job-facts")
@@ -142,20 +162,26 @@ class JobScreen(Screen[None]):
         self.query_one("#job-artifacts").border_title = "Artifacts"
         self.query_one("#job-events").border_title = "Events"
         self.query_one("#job-events").focus()
-        self.dashboard.new_events.subscribe(self, self._on_events)
-        self.watch(self.app, "now", self._redraw, init=False)
-        self.load()
 
-    def _on_events(self, batch: list[StoredEvent]) -> None:
-        if any(event.stream == job_stream(self.job_id) for event in batch):
+    def watch_store(self, store: EventStore | None) -> None:
+        # The app hands the store down once this screen is mounted; read the job then.
+        if store is not None and self.is_mounted:
             self.load()
+
+    def watch_log_tail(self, before: LogTail, tail: LogTail) -> None:
+        stream = job_stream(self.job_id)
+        if self.is_mounted and any(event.stream == stream for event in tail.after(before.upto)):
+            self.load()
+
+    def watch_now(self) -> None:
+        self._redraw()
 
     @work(exclusive=True, group="job-detail", exit_on_error=False)
     async def load(self) -> None:
+        if self.store is None:
+            return
         try:
-            self.detail = await self.dashboard.using_store(
-                lambda store: read_job_detail(store, self.job_id)
-            )
+            self.detail = await read_job_detail(self.store, self.job_id)
         except StoreError as exc:
             self.notify(str(exc), severity="error")
             return
@@ -165,7 +191,7 @@ class JobScreen(Screen[None]):
         detail = self.detail
         if detail is None:
             return
-        job, now = detail.job, self.dashboard.now
+        job, now = detail.job, self.now
         title = Text.assemble(
             (f" {job.stage} ", "bold reverse"), " ", (job.name, "bold"), "  ", fmt.state_text(job)
         )
@@ -174,7 +200,8 @@ class JobScreen(Screen[None]):
         self.query_one("#job-facts", Static).update(_facts(detail, now))
         progress = fmt.bar(job.progress, 20, style=fmt.STATE_STYLES.get(job.state) or "cyan")
         progress.append(f" {job.progress * 100:3.0f}%  ")
-        progress.append(fmt.running_summary(job) if job.state == "running" else fmt.steps(job))
+        running = job.state == JobState.RUNNING
+        progress.append(fmt.running_summary(job) if running else fmt.steps(job))
         if detail.progress_updates:
             progress.append(f" · {detail.progress_updates} updates", style="dim")
         progress.no_wrap, progress.overflow = True, "ellipsis"
@@ -193,7 +220,7 @@ class JobScreen(Screen[None]):
         preview.display = detail.preview is not None
         label = "preview " if detail.preview_is_preview else "latest image "
         preview.update(Text.assemble((label, "bold green"), detail.preview or ""))
-        self.query_one("#artifact-list", Static).update(_artifacts(detail, self.dashboard.root))
+        self.query_one("#artifact-list", Static).update(_artifacts(detail, self.root))
         self._show_events(detail.events)
 
     def _show_events(self, events: tuple[StoredEvent, ...]) -> None:
@@ -206,14 +233,14 @@ class JobScreen(Screen[None]):
             log.clear()
             new = list(events)
         for event in new:
-            log.write(fmt.event_line(event, with_stream=False, root=self.dashboard.root))
+            log.write(fmt.event_line(event, with_stream=False, root=self.root))
         self._event_seqs = seqs
 
     def action_cancel(self) -> None:
-        self.dashboard.request_cancel(self.detail.job if self.detail else None)
+        self.post_message(CancelJob(self.detail.job if self.detail else None))
 
     def action_retry(self) -> None:
-        self.dashboard.request_retry(self.detail.job if self.detail else None)
+        self.post_message(RetryJob(self.detail.job if self.detail else None))
 
 
 def _facts(detail: JobDetail, now: float) -> Text:

@@ -1,68 +1,59 @@
-"""The panels of the dashboard; each watches the app's reactive state and redraws itself."""
+"""The panels of the dashboard. Each owns the reactives it draws from; the screen that
+composes it hands them down with ``data_bind``."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, ClassVar, cast
+from typing import Any, ClassVar
 
 from rich.text import Text
-from textual import work
+from textual import events, work
 from textual.app import ComposeResult
 from textual.binding import Binding, BindingType
 from textual.containers import Horizontal, Vertical
+from textual.reactive import reactive
+from textual.widget import Widget
 from textual.widgets import DataTable, RichLog, Sparkline, Static
 
-from dropkiln.store import JobView, StoredEvent
+from dropkiln.store import EventStore, JobView, StoredEvent
+from dropkiln.store.vocabulary import JobState
 from dropkiln.tui import format as fmt
 from dropkiln.tui.reads import LogFilter, Overview, read_log
-
-if TYPE_CHECKING:
-    from dropkiln.tui.app import DropkilnApp
+from dropkiln.tui.tail import LogTail
 
 WIDE_AT = 118
 """Terminal width from which the jobs table has step, it/s, ETA and loss columns."""
 
 
-class Panel:
-    """Mixin: typed access to the dashboard app."""
-
-    @property
-    def dashboard(self) -> DropkilnApp:
-        return cast("DropkilnApp", cast(Any, self).app)
-
-
-class StatusBar(Panel, Static):
+class StatusBar(Widget):
     """Daemon up or down, device, queue state and job counts, on one line."""
 
-    def on_mount(self) -> None:
-        for name in ("overview", "now", "jobs", "problem", "loaded"):
-            self.watch(self.app, name, self.redraw, init=False)
-        self.redraw()
+    overview: reactive[Overview] = reactive(Overview)
+    jobs: reactive[tuple[JobView, ...]] = reactive(tuple)
+    now: reactive[float] = reactive(0.0)
+    problem: reactive[str | None] = reactive(None)
+    loaded: reactive[bool] = reactive(False)
 
-    def redraw(self) -> None:
-        app = self.dashboard
+    def render(self) -> Text:
         line = Text.assemble((" dropkiln ", "bold reverse"))
         line.append("  ")
-        if app.problem and not app.loaded:
+        if self.problem and not self.loaded:
             line.append("✖ no database", style="bold red")
-        elif not app.loaded:
+        elif not self.loaded:
             line.append("opening the store…", style="dim")
         else:
-            line.append_text(daemon_text(app.overview, app.now))
-            device = app.overview.daemon.device or _last_device(app.overview)
+            line.append_text(daemon_text(self.overview, self.now))
+            device = self.overview.daemon.device or _last_device(self.overview)
             if device:
                 line.append(f"  {device}", style="bold")
             line.append("  ")
-            if app.overview.paused:
+            if self.overview.paused:
                 line.append("⏸ queue paused", style="bold yellow")
             else:
                 line.append("▶ queue running", style="green")
-            counts = job_counts(app.jobs)
+            counts = job_counts(self.jobs)
             if counts and line.cell_len + len(counts) + 2 <= self.size.width:
                 line.append(f"  {counts}", style="dim")
-        self.update(line)
-
-    def on_resize(self) -> None:
-        self.redraw()
+        return line
 
 
 def _last_device(overview: Overview) -> str | None:
@@ -85,7 +76,7 @@ def daemon_text(overview: Overview, now: float) -> Text:
 
 
 def job_counts(jobs: tuple[JobView, ...]) -> str:
-    order = ("running", "queued", "waiting", "failed")
+    order = (JobState.RUNNING, JobState.QUEUED, JobState.WAITING, JobState.FAILED)
     counts = {state: sum(1 for j in jobs if j.state == state) for state in order}
     return " · ".join(f"{n} {state}" for state, n in counts.items() if n)
 
@@ -93,8 +84,11 @@ def job_counts(jobs: tuple[JobView, ...]) -> str:
 BAR_WIDTH = 12
 
 
-class MemoryPanel(Panel, Vertical):
+class MemoryPanel(Vertical):
     """Device memory now (bar), over the last minutes (sparkline), its peak, and the rung."""
+
+    overview: reactive[Overview] = reactive(Overview)
+    jobs: reactive[tuple[JobView, ...]] = reactive(tuple)
 
     def compose(self) -> ComposeResult:
         yield Static(id="memory-label")
@@ -102,13 +96,16 @@ class MemoryPanel(Panel, Vertical):
             yield Static(id="memory-bar")
             yield Sparkline([], id="memory-sparkline")
 
-    def on_mount(self) -> None:
-        self.watch(self.app, "overview", self.redraw, init=False)
-        self.watch(self.app, "jobs", self.redraw, init=False)
+    def watch_overview(self) -> None:
+        self.redraw()
+
+    def watch_jobs(self) -> None:
         self.redraw()
 
     def redraw(self) -> None:
-        overview = self.dashboard.overview
+        if not self.is_mounted:
+            return
+        overview = self.overview
         label = self.query_one("#memory-label", Static)
         bar = self.query_one("#memory-bar", Static)
         sparkline = self.query_one("#memory-sparkline", Sparkline)
@@ -126,7 +123,7 @@ class MemoryPanel(Panel, Vertical):
         if latest.memory_rung is not None:
             name = f" {overview.running_rung}" if overview.running_rung else ""
             title.append(f" · rung {latest.memory_rung}{name}", style="cyan")
-            job = next((j for j in self.dashboard.jobs if j.id == latest.job_id), None)
+            job = next((j for j in self.jobs if j.id == latest.job_id), None)
             if job is not None:
                 title.append(f" ({job.stage} {job.name})", style="dim")
         label.update(title)
@@ -139,23 +136,20 @@ class MemoryPanel(Panel, Vertical):
         sparkline.data = [float(s.used or 0) for s in overview.memory]
 
 
-class NowRunning(Panel, Static):
+class NowRunning(Widget):
     """The running jobs' step, speed, ETA and loss (the wide jobs table has them as columns)."""
 
-    def on_mount(self) -> None:
-        self.watch(self.app, "jobs", self.redraw, init=False)
-        self.watch(self.app, "overview", self.redraw, init=False)
-        self.redraw()
+    jobs: reactive[tuple[JobView, ...]] = reactive(tuple)
+    overview: reactive[Overview] = reactive(Overview)
 
-    def redraw(self) -> None:
-        running = [job for job in self.dashboard.jobs if job.state == "running"]
+    def render(self) -> Text:
+        running = [job for job in self.jobs if job.state == JobState.RUNNING]
         if not running:
-            waiting = sum(1 for j in self.dashboard.jobs if j.state == "queued")
+            waiting = sum(1 for j in self.jobs if j.state == JobState.QUEUED)
             idle = "nothing running" + (f" · {waiting} queued" if waiting else "")
-            if self.dashboard.overview.paused:
+            if self.overview.paused:
                 idle += " · queue paused (p resumes)"
-            self.update(Text(idle, style="dim"))
-            return
+            return Text(idle, style="dim")
         line = Text(no_wrap=True, overflow="ellipsis")
         for job in running:
             if line:
@@ -163,7 +157,7 @@ class NowRunning(Panel, Static):
             line.append("▶ ", style="bold cyan")
             line.append(f"{job.stage} {job.name} ", style="bold")
             line.append(fmt.running_summary(job))
-        self.update(line)
+        return line
 
 
 NARROW_COLUMNS = (
@@ -197,7 +191,7 @@ def job_cells(job: JobView, now: float) -> dict[str, Any]:
     it_s = fmt.metric(job.metrics, "it_s")
     eta_s = fmt.eta_seconds(job)
     loss = fmt.metric(job.metrics, "loss")
-    running = job.state == "running"
+    running = job.state == JobState.RUNNING
     return {
         "id": fmt.short_id(job.id),
         "kind": job.stage,
@@ -214,7 +208,7 @@ def job_cells(job: JobView, now: float) -> dict[str, Any]:
     }
 
 
-class JobsTable(Panel, DataTable[Any]):
+class JobsTable(DataTable[Any]):
     """Jobs newest first; redrawn cell by cell so the selection stays put."""
 
     BINDINGS: ClassVar[list[BindingType]] = [
@@ -228,9 +222,13 @@ class JobsTable(Panel, DataTable[Any]):
         self._drawn: dict[str, JobView] = {}
         self._drawn_at = 0.0
 
-    def on_mount(self) -> None:
-        self.watch(self.app, "jobs", self.redraw, init=False)
-        self.watch(self.app, "now", self.redraw, init=False)
+    jobs: reactive[tuple[JobView, ...]] = reactive(tuple)
+    now: reactive[float] = reactive(0.0)
+
+    def watch_jobs(self) -> None:
+        self.redraw()
+
+    def watch_now(self) -> None:
         self.redraw()
 
     def on_resize(self) -> None:
@@ -241,10 +239,12 @@ class JobsTable(Panel, DataTable[Any]):
         if not self._shown or not self.is_valid_row_index(self.cursor_row):
             return None
         job_id = self._shown[self.cursor_row]
-        return next((job for job in self.dashboard.jobs if job.id == job_id), None)
+        return next((job for job in self.jobs if job.id == job_id), None)
 
     def redraw(self) -> None:
-        jobs = self.dashboard.jobs
+        if not self.is_mounted:
+            return
+        jobs = self.jobs
         wide = self.app.size.width >= WIDE_AT
         if wide != self._wide:
             self._wide = wide
@@ -252,7 +252,7 @@ class JobsTable(Panel, DataTable[Any]):
             for label, width in WIDE_COLUMNS if wide else NARROW_COLUMNS:
                 self.add_column(label, width=width, key=label)
             self._shown = ()
-        now = self.dashboard.now
+        now = self.now
         columns = [str(c.key.value) for c in self.ordered_columns]
         ids = tuple(job.id for job in jobs)
         if ids != self._shown:
@@ -285,8 +285,15 @@ class JobsTable(Panel, DataTable[Any]):
             self.move_cursor(row=self._shown.index(selected), animate=False)
 
 
-class EventLog(Panel, RichLog):
+class EventLog(RichLog):
     """The live tail of the event log, optionally filtered by job and type."""
+
+    log_tail: reactive[LogTail] = reactive(LogTail)
+    root: reactive[str] = reactive("")
+    """The dropkiln ROOT, which paths in event lines are shown under."""
+
+    store: reactive[EventStore | None] = reactive(None)
+    """Where a filtered window is read from."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(max_lines=1000, min_width=20, wrap=False, auto_scroll=True, **kwargs)
@@ -296,14 +303,17 @@ class EventLog(Panel, RichLog):
 
     def on_mount(self) -> None:
         self.border_title = "Events"
-        self.dashboard.new_events.subscribe(self, self.add_events)
-        self.watch(self.app, "loaded", self._on_loaded, init=True)
 
-    def _on_loaded(self, loaded: bool) -> None:
-        if loaded and not self.log_filter.active and self.dashboard.initial_log:
-            self.add_events(self.dashboard.initial_log)
-        elif loaded:
-            self.set_filter(self.log_filter)
+    def watch_log_tail(self, tail: LogTail) -> None:
+        self.add_events(list(tail.after(self.shown_upto)))
+
+    def on_resize(self, event: events.Resize) -> None:
+        # Textual calls RichLog's on_resize too (handlers run for each class of the MRO).
+        # The first window can be written before the layout settles (the first reads are
+        # quick), and its scroll to the end then lands short: after a resize, show the
+        # newest lines again, as a write does with auto_scroll.
+        if self.auto_scroll:
+            self.call_after_refresh(self.scroll_end, animate=False, x_axis=False)
 
     def set_filter(self, log_filter: LogFilter) -> None:
         """Show what ``log_filter`` lets through, from the last window of the log on."""
@@ -315,7 +325,8 @@ class EventLog(Panel, RichLog):
     @work(exclusive=True, group="log-reload", exit_on_error=False)
     async def reload(self) -> None:
         log_filter = self.log_filter
-        window = await self.dashboard.using_store(lambda store: read_log(store, log_filter))
+        store = self.store
+        window = await read_log(store, log_filter) if store is not None else []
         pending, self._pending = self._pending or [], None
         self.clear()
         self.shown_upto = 0
@@ -325,9 +336,8 @@ class EventLog(Panel, RichLog):
         if self._pending is not None:
             self._pending.extend(batch)
             return
-        root = self.dashboard.root
         lines = [
-            fmt.event_line(event, root=root)
+            fmt.event_line(event, root=self.root)
             for event in batch
             if event.seq > self.shown_upto and self.log_filter.matches(event)
         ]

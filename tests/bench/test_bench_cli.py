@@ -209,7 +209,7 @@ def test_daemon_benchmark_drops_into_a_daemon_process_against_a_clean_process(
     from dropkiln.bench.daemon import bench_daemon
 
     figures = bench_daemon(
-        images=1,
+        images=2,
         size=32,
         steps=2,
         repeat=2,
@@ -218,6 +218,7 @@ def test_daemon_benchmark_drops_into_a_daemon_process_against_a_clean_process(
         models_dir=tiny_models,
         processes=False,
         settle_seconds=0.2,
+        batch=2,
     )
     warm, row = figures["warm"], figures["row"]
     assert len(warm["run_s"]) == len(warm["clean_s"]) == len(warm["pickup_s"]) == 2
@@ -229,6 +230,10 @@ def test_daemon_benchmark_drops_into_a_daemon_process_against_a_clean_process(
     )
     assert figures["settle_seconds"] == 0.2
     assert figures["torch_threads"]["daemon"] == "default"
+    batched = warm["batched"]
+    assert batched["batch"] == 2 and len(batched["run_s"]) == len(batched["clean_s"]) == 2
+    # a batch_size = 2 prompt file draws what one diffusers call with two generators draws
+    assert batched["same_images"] is True
 
 
 @pytest.mark.slow

@@ -40,12 +40,12 @@ def test_defect15_a_dataset_toml_cannot_raise_the_operators_caps(
 def test_defect15_caps_are_the_operators_to_set(settings: Settings) -> None:
     settings.limits.max_steps = 20_000_000
     dataset = write_dataset(settings.paths.datasets / "big", toml=SMALL + "steps = 10000000\n")
-    assert parse_drop(settings, dataset, DATASET, "d1").options["train"]["steps"] == 10_000_000
+    assert parse_drop(settings, dataset, DATASET, "d1").options.train.steps == 10_000_000
     # The operator's own defaults pass even past a cap: only a drop's own values are capped.
     settings.limits.max_steps = 100
     settings.train.steps = 500
     plain = write_dataset(settings.paths.datasets / "plain", toml=SMALL)
-    assert parse_drop(settings, plain, DATASET, "d2").options["train"]["steps"] == 500
+    assert parse_drop(settings, plain, DATASET, "d2").options.train.steps == 500
 
 
 def test_defect15_a_prompt_file_cannot_raise_the_caps(settings: Settings) -> None:

@@ -123,6 +123,27 @@ async def test_a_prompt_folder_with_init_image_and_mask_renders_from_processed(
         assert job.state == "succeeded", job.error
 
 
+async def test_a_prompt_folder_with_reference_images_renders_from_processed(
+    small: Settings,
+) -> None:
+    folder = small.root / "staging" / "referenced"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (40, 40), "red").save(folder / "face.png")
+    (folder / "prompts.toml").write_text(
+        TINY + '[[image]]\nprompt = "x"\nreference = { image = "face.png", weight = 0.7 }\n'
+    )
+    async with running_daemon(small) as daemon:
+        folder.rename(small.paths.prompts / "referenced")
+        (drop,) = await wait_drops(daemon.store, 1)
+        assert drop["state"] == "ingested", drop["reason"]
+        (job,) = await list_jobs(daemon.store)
+        (reference,) = job.spec["prompt_file"]["images"][0]["reference"]
+        assert reference["image"].startswith(str(small.paths.processed)), reference
+        assert Path(reference["image"]).is_file()
+        job = await wait_job(daemon.store, job.id, ended, timeout=120)
+        assert job.state == "succeeded", job.error
+
+
 async def test_a_prompt_folder_with_an_audio_track_makes_a_video_with_sound(
     small: Settings,
 ) -> None:

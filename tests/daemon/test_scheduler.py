@@ -28,6 +28,26 @@ def _stages(monkeypatch: pytest.MonkeyPatch) -> None:
     use_step_stages(monkeypatch)
 
 
+# On PostgreSQL by default; the rest of this module there too with --full.
+QUICK_ON_POSTGRES = {
+    "test_job_runs_once_and_records_its_lifecycle",
+    "test_out_of_memory_steps_down_and_resumes_from_checkpoint",
+    "test_cancel_stops_a_running_job_and_a_queued_one_never_starts",
+    "test_dependencies_order_jobs_and_a_retry_requeues_dependents",
+}
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """The daemon's machinery on each event store: the root's SQLite file, or PostgreSQL."""
+    if request.param == "postgres":
+        quick = request.function.__name__ in QUICK_ON_POSTGRES
+        if not quick and not request.config.getoption("--full"):
+            pytest.skip("long form on PostgreSQL: run with --full")
+        settings.store_url = str(request.getfixturevalue("postgres_url"))
+    return settings
+
+
 async def test_job_runs_once_and_records_its_lifecycle(settings: Settings) -> None:
     async with running_daemon(settings) as daemon:
         await submit(daemon.store, "a1", steps=3)

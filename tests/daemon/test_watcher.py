@@ -164,3 +164,58 @@ async def test_defect08_the_walks_run_off_the_event_loop(
             assert entry == tmp_path / "cats"
             break
     assert walked_on and threading.main_thread() not in walked_on
+
+
+async def test_an_idle_watcher_scans_only_when_something_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 16: nothing pending, nothing changing, so no scan on a clock; a new drop wakes
+    # it (the kernel says so), and the drop is handed over once settled, not at the fallback.
+    import time
+
+    from dropkiln.daemon import watcher as watcher_module
+
+    watcher = DropWatcher([tmp_path], settle_seconds=0.3, fallback_s=60.0)
+    scans: list[float] = []
+    real_scan = watcher.scan
+
+    def counting(now: float | None = None) -> list[Path]:
+        scans.append(time.monotonic())
+        return real_scan(now)
+
+    monkeypatch.setattr(watcher, "scan", counting)
+    handed: list[Path] = []
+
+    async def drop_later() -> None:
+        await anyio.sleep(1.5)
+        assert len(scans) == 1, "scanned while idle"
+        (tmp_path / "cats.toml").write_text("x")
+
+    with anyio.fail_after(20):
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(drop_later)
+            async for entry in watcher.settled():
+                assert isinstance(entry, Path)
+                handed.append(entry)
+                break
+    assert handed == [tmp_path / "cats.toml"]
+    assert watcher_module.FALLBACK_S <= 5.0  # network mounts are still looked at
+
+
+def test_the_settle_clock_starts_when_the_entry_changed_not_when_it_was_seen(
+    tmp_path: Path,
+) -> None:
+    # Issue 16: the watcher notices a change up to two watchfiles steps late; a drop renamed
+    # in is timed from its rename (its ctime), so pickup stays settle_seconds after it.
+    import time
+
+    watcher = DropWatcher([tmp_path], settle_seconds=2.0)
+    watcher.scan()
+    staged = tmp_path / ".incoming"
+    staged.write_text("x")
+    staged.rename(tmp_path / "cats.toml")
+    renamed_at = time.monotonic()
+    time.sleep(0.06)
+    watcher.scan()
+    (pending,) = watcher._pending.values()
+    assert abs(pending.changed_at - renamed_at) < 0.03

@@ -16,8 +16,8 @@ from typing import Any
 
 import pytest
 
-from dropkiln.store.projections import StoredEvent
 from dropkiln.tui import DropkilnApp
+from dropkiln.tui.tail import LogTail
 from tests.reliability.home import TERMINAL, Home
 from tests.reliability.pipeline import JOBS, PromptDropper, drop_dataset
 
@@ -64,13 +64,14 @@ async def test_no_reader_is_locked_out_or_misses_an_event(tmp_path: Path) -> Non
         seen: list[int] = []
         problems: list[str] = []
 
-        def record(batch: list[StoredEvent]) -> None:
-            seen.extend(event.seq for event in batch)
+        def record(before: LogTail, tail: LogTail) -> None:
+            # What each poll added to the dashboard's tail; a lost batch leaves a gap.
+            seen.extend(event.seq for event in tail.after(before.upto))
 
         async with app.run_test(size=(120, 40)) as pilot:
             await until(lambda: app.loaded, 30, "the dashboard to load")
-            seen.extend(event.seq for event in app.initial_log)
-            app.new_events.subscribe(app, record)
+            seen.extend(event.seq for event in app.log_tail.events)
+            app.watch(app, "log_tail", record, init=False)
             writer = subprocess.Popen(
                 [sys.executable, "-m", "tests.reliability.writer", str(db), str(WRITER_SECONDS)],
                 cwd=REPO, env=home.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import hashlib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
+
+from dropkiln.options import BucketSettings
+from dropkiln.stages.bucket_manifest import BucketManifest, ManifestImage, ManifestSettings
 
 
 @dataclass(frozen=True)
@@ -43,30 +45,34 @@ def write_manifest(folder: Path, images: list[FixtureImage], target: Path, name:
         left = (resized[0] - item.bucket[0]) // 2
         top = (resized[1] - item.bucket[1]) // 2
         entries.append(
-            {
-                "path": f"{item.stem}.png",
-                "sha256": hashlib.sha256(data).hexdigest(),
-                "original_size": list(item.size),
-                "bucket": list(item.bucket),
-                "resized_size": list(resized),
-                "crop_box": [left, top, left + item.bucket[0], top + item.bucket[1]],
-                "crop_top_left": [top, left],
-                "caption": item.caption,
-            }
+            ManifestImage(
+                path=f"{item.stem}.png",
+                sha256=hashlib.sha256(data).hexdigest(),
+                caption=item.caption,
+                original_size=item.size,
+                resized_size=resized,
+                bucket=item.bucket,
+                crop_box=(left, top, left + item.bucket[0], top + item.bucket[1]),
+                crop_left=left,
+                crop_top=top,
+                source_format="PNG",
+                source_mode="RGB",
+            )
         )
     buckets: dict[str, int] = {}
     for item in images:
         key = f"{item.bucket[0]}x{item.bucket[1]}"
         buckets[key] = buckets.get(key, 0) + 1
-    manifest = {
-        "name": name,
-        "dataset_dir": str(folder),
-        "images": entries,
-        "rejected": [],
-        "buckets": buckets,
-    }
+    manifest = BucketManifest(
+        name=name,
+        dataset_dir=str(folder),
+        settings=ManifestSettings.of(BucketSettings(resolution=64, min_side=64), seed=1),
+        images=entries,
+        rejected=[],
+        buckets=buckets,
+    )
     target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(json.dumps(manifest, indent=1))
+    target.write_text(manifest.model_dump_json(indent=1))
     return target
 
 

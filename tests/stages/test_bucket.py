@@ -20,13 +20,17 @@ from dropkiln.stages import decode_pool, get_stage
 from dropkiln.stages.base import StageError, StageStopped
 from dropkiln.stages.bucket import (
     MANIFEST_NAME,
-    BucketManifest,
+    BucketResult,
     BucketSpec,
     ImageTask,
-    ManifestImage,
-    Rejection,
     plan_image,
     run_bucket,
+)
+from dropkiln.stages.bucket_manifest import (
+    UNCAPPED_FILE_BYTES,
+    BucketManifest,
+    ManifestImage,
+    Rejection,
 )
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.imaging import bucket_sizes, choose_bucket, plan_crop
@@ -146,7 +150,7 @@ def noise(size: tuple[int, int]) -> Image.Image:
 
 def run(
     dataset: Path, tmp_path: Path, label: str = "run", **settings: Any
-) -> tuple[dict[str, Any], LocalContext]:
+) -> tuple[BucketResult, LocalContext]:
     seed = settings.pop("seed", 1)
     faults = settings.pop("faults", "")
     stop_after = settings.pop("stop_after", None)
@@ -201,10 +205,10 @@ def test_run_plans_good_images_and_lists_bad_ones(awkward_dataset: Path, tmp_pat
     result, ctx = run(awkward_dataset, tmp_path)
 
     manifest_path = tmp_path / "work" / "run" / MANIFEST_NAME
-    assert result["manifest"] == str(manifest_path)
+    assert result.manifest == str(manifest_path)
     assert ctx.artifacts == [(manifest_path, "manifest")]
-    assert (result["images"], result["rejected"]) == (6, 5)
-    reasons = {item["path"]: item["reason"] for item in result["rejections"]}
+    assert (result.images, result.rejected) == (6, 5)
+    reasons = {item.path: item.reason for item in result.rejections}
     assert reasons == {
         "README.md": "not used: .md is not an image type dropkiln reads",
         "empty.png": "empty file (0 bytes)",
@@ -236,7 +240,7 @@ def test_run_plans_good_images_and_lists_bad_ones(awkward_dataset: Path, tmp_pat
     assert "same bytes as copy.png" in images["wide.png"].notes  # the first in path order
     assert images["copy.png"].sha256 == images["wide.png"].sha256
     assert sum(manifest.buckets.values()) == 6
-    assert result["buckets"] == manifest.buckets
+    assert result.buckets == manifest.buckets
     assert [r.path for r in manifest.rejected] == sorted(reasons)
 
     last_done, total, metrics = ctx.progress_log[-1]
@@ -250,7 +254,7 @@ def test_manifest_image_fields(tmp_path: Path) -> None:
     data = encode(noise((300, 200)), "PNG")
     (folder / "a.png").write_bytes(data)
     result, _ = run(folder, tmp_path, resolution=1024, min_side=256)
-    image = BucketManifest.load(result["manifest"]).images[0]
+    image = BucketManifest.load(result.manifest).images[0]
     assert image.path == "a.png"
     assert (image.original_size, image.bucket, image.resized_size) == (
         (300, 200),
@@ -259,10 +263,10 @@ def test_manifest_image_fields(tmp_path: Path) -> None:
     )
     assert image.crop_box == (16, 0, 1232, 832)
     assert (image.crop_left, image.crop_top) == (16, 0)
-    assert image.sdxl_time_ids == (200, 300, 0, 16, 832, 1216)
+    assert (image.crop_top_left, image.flipped_crop_top_left) == ((0, 16), (0, 16))
     assert (image.source_format, image.source_mode) == ("PNG", "RGB")
     assert image.notes == ["upscaled ×4.16 to cover the 1216x832 bucket"]
-    raw = json.loads(Path(result["manifest"]).read_text())
+    raw = json.loads(Path(result.manifest).read_text())
     assert raw["format"] == "dropkiln.bucket-manifest" and raw["version"] == 1
     assert raw["images"][0]["crop_box"] == [16, 0, 1232, 832]
 
@@ -275,8 +279,8 @@ def test_decompression_bomb_and_huge_caption_are_rejected(tmp_path: Path) -> Non
     (folder / "talky.png").write_bytes(encode(noise((64, 64)), "PNG"))
     (folder / "talky.txt").write_text("word " * 100)
     result, _ = run(folder, tmp_path, max_pixels=64 * 64, max_caption_bytes=100)
-    assert result["images"] == 1
-    assert [item["reason"] for item in result["rejections"]] == [
+    assert result.images == 1
+    assert [item.reason for item in result.rejections] == [
         "128×128 = 16384 pixels is over max_pixels=4096 (decompression bomb guard)",
         "caption talky.txt is 500 bytes, over max_caption_bytes=100",
     ]
@@ -285,7 +289,7 @@ def test_decompression_bomb_and_huge_caption_are_rejected(tmp_path: Path) -> Non
 def test_parallel_manifest_equals_serial_manifest(awkward_dataset: Path, tmp_path: Path) -> None:
     serial, _ = run(awkward_dataset, tmp_path, "serial", workers=1, random_crop=True)
     parallel, ctx = run(awkward_dataset, tmp_path, "parallel", workers=2, random_crop=True)
-    assert Path(serial["manifest"]).read_bytes() == Path(parallel["manifest"]).read_bytes()
+    assert Path(serial.manifest).read_bytes() == Path(parallel.manifest).read_bytes()
     assert ctx.progress_log[-1][:2] == (10, 10)
 
 
@@ -297,9 +301,9 @@ def test_runs_are_deterministic_and_the_seed_moves_random_crops(tmp_path: Path) 
     first, _ = run(folder, tmp_path, "first", random_crop=True, seed=3)
     again, _ = run(folder, tmp_path, "again", random_crop=True, seed=3)
     other, _ = run(folder, tmp_path, "other", random_crop=True, seed=4)
-    assert Path(first["manifest"]).read_bytes() == Path(again["manifest"]).read_bytes()
+    assert Path(first.manifest).read_bytes() == Path(again.manifest).read_bytes()
     boxes = [
-        [image.crop_box for image in BucketManifest.load(result["manifest"]).images]
+        [image.crop_box for image in BucketManifest.load(result.manifest).images]
         for result in (first, other)
     ]
     assert boxes[0] != boxes[1]
@@ -345,7 +349,7 @@ def test_fault_point_fires_once_per_image(awkward_dataset: Path, tmp_path: Path)
         run(awkward_dataset, tmp_path, faults="enospc@bucket.image:10")
     result, ctx = run(awkward_dataset, tmp_path, faults="enospc@bucket.image:11")
     assert ctx.faults.hits == {"bucket.image": 10, "bucket.decode": 10}
-    assert result["images"] == 6
+    assert result.images == 6
 
 
 def plan_or_crash(task: ImageTask) -> ManifestImage | Rejection:
@@ -361,8 +365,8 @@ def test_a_worker_crash_rejects_only_its_file(
     (awkward_dataset / "crash.png").write_bytes(encode(noise((64, 64)), "PNG"))
     monkeypatch.setattr(bucket_stage, "plan_image", plan_or_crash)
     result, ctx = run(awkward_dataset, tmp_path, workers=2)
-    assert result["images"] == 6
-    reasons = {item["path"]: item["reason"] for item in result["rejections"]}
+    assert result.images == 6
+    reasons = {item.path: item.reason for item in result.rejections}
     assert reasons["crash.png"] == "the decoder crashed on this file"
     assert len(reasons) == 6
     assert ctx.progress_log[-1][:2] == (11, 11)
@@ -374,8 +378,65 @@ def test_stage_definition() -> None:
     assert stage.run is run_bucket
 
 
-def test_unreadable_manifest_is_a_stage_error(tmp_path: Path) -> None:
+@pytest.fixture
+def manifest_json(tmp_path: Path) -> dict[str, Any]:
+    """A manifest as the bucket stage writes it, as JSON values."""
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / "a.png").write_bytes(encode(noise((300, 200)), "PNG"))
+    result, _ = run(folder, tmp_path, resolution=256, min_side=64)
+    data: dict[str, Any] = json.loads(Path(result.manifest).read_text())
+    return data
+
+
+@pytest.mark.parametrize(
+    ("damage", "reason"),
+    [
+        ("missing", "is unreadable"),
+        ("not json", "is not JSON"),
+        ("other format", "is not a bucket manifest"),
+        ("version 2", "is format version 2, which this dropkiln does not read .* drop the dataset"),
+        ("no images", "is damaged: .*images"),
+        ("crop box", r"is damaged: .*a\.png: crop box \(0, 0, 10, 10\) is not the bucket"),
+    ],
+)
+def test_a_manifest_that_cannot_be_used_says_why(
+    tmp_path: Path, manifest_json: dict[str, Any], damage: str, reason: str
+) -> None:
     path = tmp_path / "manifest.json"
-    path.write_text('{"format": "something else"}')
-    with pytest.raises(StageError, match="is unreadable"):
+    if damage == "not json":
+        path.write_text("{")
+    elif damage == "other format":
+        path.write_text(json.dumps({**manifest_json, "format": "dropkiln.latent-cache"}))
+    elif damage == "version 2":
+        path.write_text(json.dumps({**manifest_json, "version": 2}))
+    elif damage == "no images":
+        path.write_text(json.dumps({k: v for k, v in manifest_json.items() if k != "images"}))
+    elif damage == "crop box":
+        manifest_json["images"][0]["crop_box"] = [0, 0, 10, 10]
+        path.write_text(json.dumps(manifest_json))
+    with pytest.raises(StageError, match=reason):
         BucketManifest.load(path)
+
+
+def test_a_manifest_from_before_max_file_bytes_reads_its_images_uncapped(
+    tmp_path: Path, manifest_json: dict[str, Any]
+) -> None:
+    """Manifests written before the file size cap existed still load; the bucket stage
+    that wrote them read every image whatever its size, so the cache does too."""
+    del manifest_json["settings"]["max_file_bytes"]
+    path = tmp_path / "old-manifest.json"
+    path.write_text(json.dumps(manifest_json, indent=1))
+    manifest = BucketManifest.load(path)
+    assert manifest.settings.max_file_bytes == UNCAPPED_FILE_BYTES
+    assert manifest.bucket_pixels(manifest.images[0]).size == manifest.images[0].bucket
+
+
+def test_the_manifest_model_writes_the_bytes_it_read(
+    tmp_path: Path, manifest_json: dict[str, Any]
+) -> None:
+    """The manifest's one model reads the stage's file and writes it back unchanged."""
+    text = json.dumps(manifest_json, indent=1, ensure_ascii=False)
+    path = tmp_path / "manifest.json"
+    path.write_text(text)
+    assert BucketManifest.load(path).model_dump_json(indent=1) == text

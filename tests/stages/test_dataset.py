@@ -12,10 +12,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from dropkiln.config import Settings
+from dropkiln.options import BucketSettings, TrainSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.dataset import (
     CaptionError,
+    DatasetOptions,
     dataset_hash,
     extract_zip_safely,
     find_images,
@@ -41,8 +42,9 @@ def write(path: Path, data: bytes | str) -> Path:
 
 
 @pytest.fixture
-def settings_for(tmp_path: Path) -> Settings:
-    return Settings.load(tmp_path / "home")
+def defaults() -> DatasetOptions:
+    """The daemon's defaults (dropkiln.toml) that a dataset.toml overrides."""
+    return DatasetOptions("tiny-shapes", BucketSettings(), TrainSettings())
 
 
 # -- finding images -------------------------------------------------------------------------
@@ -126,24 +128,24 @@ def test_binary_caption_is_refused(tmp_path: Path) -> None:
 
 
 def test_without_dataset_toml_the_settings_defaults_apply(
-    tmp_path: Path, settings_for: Settings
+    tmp_path: Path, defaults: DatasetOptions
 ) -> None:
-    options = load_dataset_options(tmp_path, settings_for)
+    options = load_dataset_options(tmp_path, defaults)
     model, bucket, train = options.model, options.bucket, options.train
-    assert (model, bucket, train) == (settings_for.model, settings_for.bucket, settings_for.train)
-    assert options.vae == settings_for.vae == ""
-    assert bucket is not settings_for.bucket
+    assert (model, bucket, train) == (defaults.model, defaults.bucket, defaults.train)
+    assert options.vae == defaults.vae == ""
+    assert bucket is not defaults.bucket
 
 
-def test_dataset_toml_names_a_vae(tmp_path: Path, settings_for: Settings) -> None:
+def test_dataset_toml_names_a_vae(tmp_path: Path, defaults: DatasetOptions) -> None:
     write(tmp_path / "dataset.toml", 'vae = "/vaes/sdxl_vae.safetensors"\n')
-    assert load_dataset_options(tmp_path, settings_for).vae == "/vaes/sdxl_vae.safetensors"
+    assert load_dataset_options(tmp_path, defaults).vae == "/vaes/sdxl_vae.safetensors"
     write(tmp_path / "dataset.toml", "vae = 3\n")
     with pytest.raises(StageError, match=r"dataset\.toml: vae should be a string"):
-        load_dataset_options(tmp_path, settings_for)
+        load_dataset_options(tmp_path, defaults)
 
 
-def test_dataset_toml_overrides_flat_keys(tmp_path: Path, settings_for: Settings) -> None:
+def test_dataset_toml_overrides_flat_keys(tmp_path: Path, defaults: DatasetOptions) -> None:
     write(
         tmp_path / "dataset.toml",
         """
@@ -160,10 +162,10 @@ def test_dataset_toml_overrides_flat_keys(tmp_path: Path, settings_for: Settings
         tag_weights = { "red hair" = 2.0 }
         """,
     )
-    model, bucket, train, _ = load_dataset_options(tmp_path, settings_for)
+    model, bucket, train, _ = load_dataset_options(tmp_path, defaults)
     assert model == "tiny-sd15"
     assert (bucket.resolution, bucket.bucket_step, bucket.random_crop) == (512, 32, True)
-    assert bucket.min_side == settings_for.bucket.min_side
+    assert bucket.min_side == defaults.bucket.min_side
     assert (train.steps, train.checkpoint_every, train.rank, train.seed) == (300, 50, 8, 7)
     assert train.learning_rate == 1.0
     assert train.validation_prompts == ["a photo of sks cat"]
@@ -189,18 +191,18 @@ def test_dataset_toml_overrides_flat_keys(tmp_path: Path, settings_for: Settings
     ],
 )
 def test_bad_dataset_toml_is_a_stage_error_naming_file_and_key(
-    tmp_path: Path, settings_for: Settings, text: str, message: str
+    tmp_path: Path, defaults: DatasetOptions, text: str, message: str
 ) -> None:
     options = write(tmp_path / "dataset.toml", text)
     with pytest.raises(StageError, match=message) as caught:
-        load_dataset_options(tmp_path, settings_for)
+        load_dataset_options(tmp_path, defaults)
     assert str(caught.value).startswith(str(options))
 
 
-def test_dataset_toml_that_is_not_utf8(tmp_path: Path, settings_for: Settings) -> None:
+def test_dataset_toml_that_is_not_utf8(tmp_path: Path, defaults: DatasetOptions) -> None:
     write(tmp_path / "dataset.toml", 'model = "caf\xe9"'.encode("latin-1"))
     with pytest.raises(StageError, match="not UTF-8"):
-        load_dataset_options(tmp_path, settings_for)
+        load_dataset_options(tmp_path, defaults)
 
 
 # -- hashing --------------------------------------------------------------------------------

@@ -91,7 +91,7 @@ def test_control_image_steers_and_matches_the_diffusers_controlnet_pipeline(
 
     folder = pose_folder(tmp_path / "drop")
     (folder / "p.toml").write_text(CONTROL_TOML)
-    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root))
+    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root).generate)
     result = run(gen_root, tmp_path / "out", prompt_file, model)
     controlled, free = (pixels(p) for p in result["images"])
     assert not np.array_equal(controlled, free)
@@ -132,7 +132,7 @@ def test_control_image_gone_after_validation_is_an_entry_error(
 ) -> None:
     folder = pose_folder(tmp_path / "drop")
     (folder / "p.toml").write_text(CONTROL_TOML)
-    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root))
+    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root).generate)
     (folder / "pose.png").write_bytes(b"truncated")
     with pytest.raises(StageError, match=r"image\[0\]: control image pose.png cannot be read"):
         run(gen_root, tmp_path / "out", prompt_file)
@@ -141,7 +141,7 @@ def test_control_image_gone_after_validation_is_an_entry_error(
 def test_unknown_control_model_folder(gen_root: Path, tmp_path: Path) -> None:
     folder = pose_folder(tmp_path / "drop")
     (folder / "p.toml").write_text(CONTROL_TOML.replace("scale = 0.9", 'model = "nowhere"'))
-    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root))
+    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root).generate)
     with pytest.raises(StageError, match="control model 'nowhere': no ControlNet folder"):
         run(gen_root, tmp_path / "out", prompt_file)
 

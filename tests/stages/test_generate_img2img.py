@@ -71,7 +71,7 @@ def test_img2img_and_inpainting_match_the_diffusers_pipelines(
 
     write_inputs(tmp_path)
     (tmp_path / "p.toml").write_text(PROMPTS)
-    prompt_file = load_prompt_file(tmp_path / "p.toml", Settings(root=tmp_path))
+    prompt_file = load_prompt_file(tmp_path / "p.toml", Settings(root=tmp_path).generate)
     result = run_generate(
         spec_for(tmp_path / "out", prompt_file, model=model), local(gen_root, tmp_path)
     )

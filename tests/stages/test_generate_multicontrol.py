@@ -83,7 +83,7 @@ def test_two_controlnets_match_the_diffusers_multi_controlnet_pipeline(
     folder = tmp_path / "drop"
     write_controls(folder)
     (folder / "p.toml").write_text(TWO_CONTROLS)
-    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root))
+    prompt_file = load_prompt_file(folder / "p.toml", Settings(root=gen_root).generate)
     result = run_generate(
         spec_for(tmp_path / "out", prompt_file, model=model), local(gen_root, tmp_path)
     )
@@ -127,3 +127,20 @@ def test_canny_preprocessor_is_opencv_canny(tmp_path: Path) -> None:
     edges = np.asarray(control_image(control, "image[0]"))
     assert np.array_equal(edges, np.asarray(opencv_canny(tmp_path / "photo.png")))
     assert set(np.unique(edges)) == {0, 255}
+
+
+def test_the_tiny_controlnet_fits_a_model_whose_vae_halves_twice(
+    gen_root: Path, tmp_path: Path
+) -> None:
+    """tiny-shapes' VAE brings 64 px to 16 latents (two halvings, not three): the tiny
+    ControlNet's control-image embedding must come down to the same size."""
+    from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
+
+    write_controls(tmp_path / "drop")
+    control = {"image": str(tmp_path / "drop" / "pose.png"), "scale": 1.0}
+    prompt_file = PromptFile(
+        images=[ImageEntry(prompt="a star", steps=2, width=64, height=64, control=[control])]
+    )
+    spec = spec_for(tmp_path / "out", prompt_file, model="tiny-shapes")
+    result = run_generate(spec, local(gen_root, tmp_path))
+    assert pixels(result["images"][0]).shape == (64, 64, 3)

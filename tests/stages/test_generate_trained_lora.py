@@ -12,6 +12,7 @@ from PIL import Image
 
 from dropkiln.config import TrainSettings
 from dropkiln.stages import get_stage
+from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.generate import GenerateSpec, LoraFile, run_generate
 from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
@@ -34,7 +35,7 @@ def test_kohya_and_diffusers_files_of_a_trained_lora_give_the_same_image(
     cached = get_stage("cache").run(
         CacheSpec(name="cats", model=model),
         LocalContext(root=root, work_dir=root / "state" / "work" / "cache",
-                     upstream_results={"bucket": {"manifest": str(manifest)}}),
+                     upstream_results={"bucket": BucketResult.of(manifest)}),
     )  # fmt: skip
     options = TrainSettings(steps=2, rank=4, learning_rate=5e-2, train_text_encoder=True)
     spec = TrainSpec(name="cats", model=model, options=options,

@@ -17,6 +17,7 @@ from dataset_fixtures import make_dataset, mixed_images
 
 from dropkiln.config import TrainSettings
 from dropkiln.stages.base import StageStopped
+from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import STAGE as CACHE
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.testing import LocalContext
@@ -37,7 +38,7 @@ def cached(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[s
         root=root,
         work_dir=root / "state" / "work" / "cache",
         device=DEVICE,
-        upstream_results={"bucket": {"manifest": str(manifest)}},
+        upstream_results={"bucket": BucketResult.of(manifest)},
     )
     return {"root": root, "cache": CACHE.run(CacheSpec(name="cats"), ctx)}
 
@@ -200,3 +201,38 @@ def test_offload_rungs_on_a_real_device(cached: dict[str, Any], rung: str) -> No
     ctx = LocalContext(root=cached["root"], work_dir=out / "w", device=DEVICE, memory_rung=number)
     result = GENERATE.run(spec, ctx)
     assert len(result["images"]) == 1 and Path(result["images"][0]).is_file()
+
+
+def test_vae_and_text_encoders_leave_the_device_while_stepping(cached: dict[str, Any]) -> None:
+    """A training step finds the VAE and text encoders in RAM; validation images find them
+    back on the GPU; the warm pipeline is handed back whole. Then device memory during the
+    steps is the UNet's weights plus the working set."""
+    import torch
+
+    from dropkiln.stages.models import resolve_model, shared_pipelines
+
+    ref = resolve_model("tiny-sdxl", cached["root"] / "state" / "models")
+    pipe = shared_pipelines().get(ref, DEVICE, _dtype())
+    seen: dict[str, set[str]] = {"step": set(), "sample": set()}
+
+    def where() -> str:
+        return f"{pipe.vae.device.type}/{pipe.text_encoder.device.type}"
+
+    def in_unet(_module: Any, _args: Any) -> None:
+        if torch.is_grad_enabled():
+            seen["step"].add(where())
+
+    def in_decoder(_module: Any, _args: Any) -> None:
+        seen["sample"].add(where())
+
+    hooks = [pipe.unet.register_forward_pre_hook(in_unet),
+             pipe.vae.decoder.register_forward_pre_hook(in_decoder)]  # fmt: skip
+    try:
+        options = {**BASE, "checkpoint_every": 2, "validation_prompts": ["a cat"]}
+        ctx, spec = _train(cached, "phases", options)
+        TRAIN.run(spec, ctx)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert seen == {"step": {"cpu/cpu"}, "sample": {"cuda/cuda"}}
+    assert where() == "cuda/cuda"

@@ -11,8 +11,8 @@ import pytest
 from dropkiln.config import TrainSettings
 from dropkiln.stages.generation.lora_loading import load_lora
 from dropkiln.stages.models import CheckpointHashes, load_pipeline, pipeline_class, resolve_model
+from dropkiln.stages.models.encoding import encode_captions
 from dropkiln.stages.training.adapters import lora_adapters
-from dropkiln.stages.training.encoding import encode_captions
 from dropkiln.stages.training.lora_export import DIFFUSERS_WEIGHTS, write_diffusers, write_kohya
 
 

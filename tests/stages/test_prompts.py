@@ -65,7 +65,7 @@ def write(folder: Path, name: str, text: str) -> Path:
 
 def load_error(folder: Path, settings: Settings, name: str, text: str) -> str:
     with pytest.raises(StageError) as caught:
-        load_prompt_file(write(folder, name, text), settings)
+        load_prompt_file(write(folder, name, text), settings.generate)
     message = str(caught.value)
     assert len(message.splitlines()) <= 2
     assert message.startswith(f"{name}: ")
@@ -73,7 +73,7 @@ def load_error(folder: Path, settings: Settings, name: str, text: str) -> str:
 
 
 def test_toml_fields_defaults_and_overrides(tmp_path: Path, settings: Settings) -> None:
-    prompt_file = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings)
+    prompt_file = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings.generate)
     assert prompt_file.model == "tiny-sdxl"
     assert prompt_file.loras == [LoraRef(name="cats", weight=0.8), LoraRef(name="dogs")]
     cat, dog = prompt_file.images
@@ -93,18 +93,18 @@ def test_toml_fields_defaults_and_overrides(tmp_path: Path, settings: Settings) 
 def test_a_prompt_file_names_a_vae(tmp_path: Path, settings: Settings) -> None:
     path = tmp_path / "p.toml"
     path.write_text('vae = "/vaes/sdxl_vae.safetensors"\n[[image]]\nprompt = "x"\n')
-    assert load_prompt_file(path, settings).vae == "/vaes/sdxl_vae.safetensors"
+    assert load_prompt_file(path, settings.generate).vae == "/vaes/sdxl_vae.safetensors"
     path.write_text('vae = ""\n[[image]]\nprompt = "x"\n')
     with pytest.raises(StageError, match="vae"):
-        load_prompt_file(path, settings)
+        load_prompt_file(path, settings.generate)
 
 
 def test_json_has_the_same_shape(tmp_path: Path, settings: Settings) -> None:
     import tomllib
 
     data = tomllib.loads(FULL_TOML)
-    from_json = load_prompt_file(write(tmp_path, "p.json", json.dumps(data)), settings)
-    from_toml = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings)
+    from_json = load_prompt_file(write(tmp_path, "p.json", json.dumps(data)), settings.generate)
+    from_toml = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings.generate)
     assert from_json == from_toml
 
 
@@ -113,7 +113,7 @@ def test_txt_one_prompt_a_line_with_settings_defaults(tmp_path: Path) -> None:
     settings.generate.steps = 7
     settings.generate.width = 256
     text = "# a comment\n\na red fox\n   \n  a blue bird  \n# another\n"
-    prompt_file = load_prompt_file(write(tmp_path, "p.txt", text), settings)
+    prompt_file = load_prompt_file(write(tmp_path, "p.txt", text), settings.generate)
     assert [image.prompt for image in prompt_file.images] == ["a red fox", "a blue bird"]
     assert {(image.steps, image.width) for image in prompt_file.images} == {(7, 256)}
     assert prompt_file.model is None and prompt_file.video is None
@@ -123,7 +123,7 @@ def test_file_defaults_override_settings(tmp_path: Path) -> None:
     settings = Settings(root=tmp_path)
     settings.generate.guidance = 9.0
     text = '[defaults]\nsteps = 3\n[[image]]\nprompt = "x"\n'
-    (image,) = load_prompt_file(write(tmp_path, "p.toml", text), settings).images
+    (image,) = load_prompt_file(write(tmp_path, "p.toml", text), settings.generate).images
     assert (image.steps, image.guidance) == (3, 9.0)
 
 
@@ -202,7 +202,7 @@ def test_control_image_is_resolved_beside_the_prompt_file(
     folder.mkdir()
     Image.new("RGB", (8, 8)).save(folder / "pose.png")
     text = '[[image]]\nprompt = "a"\ncontrol = { image = "pose.png", scale = 0.5 }\n'
-    (image,) = load_prompt_file(write(folder, "p.toml", text), settings).images
+    (image,) = load_prompt_file(write(folder, "p.toml", text), settings.generate).images
     assert image.control is not None
     (control,) = image.control
     assert control.image == str((folder / "pose.png").resolve())
@@ -266,14 +266,14 @@ def test_init_image_and_mask_are_resolved_beside_the_prompt_file(
     Image.new("1", (64, 64)).save(tmp_path / "mask.png")
     text = '[[image]]\nprompt = "a"\nwidth = 64\nheight = 64\ninit_image = "start.png"\n'
     text += 'mask = "mask.png"\n'
-    (image,) = load_prompt_file(write(tmp_path, "p.toml", text), settings).images
+    (image,) = load_prompt_file(write(tmp_path, "p.toml", text), settings.generate).images
     assert image.init_image == str((tmp_path / "start.png").resolve())
     assert image.mask == str((tmp_path / "mask.png").resolve())
     assert image.strength == 0.75
 
 
 def test_expand_jobs_gives_consecutive_seeds_and_stems(tmp_path: Path, settings: Settings) -> None:
-    prompt_file = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings)
+    prompt_file = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings.generate)
     tasks = expand_jobs(prompt_file)
     assert [(t.index, t.entry, t.seed, t.stem) for t in tasks] == [
         (0, 0, 10, "000-10-cat"),
@@ -297,7 +297,7 @@ prompt = "a fox"
 name = "fox"
 vary = { seed = [1, 2, 3], guidance = [4, 7.5] }
 """
-    tasks = expand_jobs(load_prompt_file(write(tmp_path, "m.toml", text), settings))
+    tasks = expand_jobs(load_prompt_file(write(tmp_path, "m.toml", text), settings.generate))
     assert [(t.prompt, t.seed) for t in tasks[:2]] == [("a cat", 1), ("a dog", 1)]
     assert [(t.stem, t.guidance) for t in tasks[2:]] == [
         ("002-1-fox-guidance-4", 4.0),
@@ -311,11 +311,11 @@ vary = { seed = [1, 2, 3], guidance = [4, 7.5] }
     swapped = text.replace(
         "{ seed = [1, 2, 3], guidance = [4, 7.5] }", "{ guidance = [4, 7.5], seed = [1, 2, 3] }"
     )
-    again = expand_jobs(load_prompt_file(write(tmp_path, "s.toml", swapped), settings))
+    again = expand_jobs(load_prompt_file(write(tmp_path, "s.toml", swapped), settings.generate))
     assert [t.stem for t in again] == [t.stem for t in tasks]
     schedulers = '[[image]]\nprompt = "a"\nvary = { scheduler = ["euler", "dpm++ 2m karras"] }\n'
     stems = [t.stem for t in expand_jobs(load_prompt_file(write(tmp_path, "d.toml", schedulers),
-                                                          settings))]  # fmt: skip
+                                                          settings.generate))]  # fmt: skip
     assert stems == ["000-1-scheduler-euler", "001-1-scheduler-dpm---2m-karras"]
 
 
@@ -364,7 +364,7 @@ def test_specs_survive_json_and_stage_modules_import_without_torch(
     from dropkiln.stages.generate import GenerateSpec, LoraFile
     from dropkiln.stages.video import VideoSpec
 
-    prompt_file = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings)
+    prompt_file = load_prompt_file(write(tmp_path, "p.toml", FULL_TOML), settings.generate)
     spec = GenerateSpec(name="p", model="tiny-sdxl", prompt_file=prompt_file,
                         loras=[LoraFile(name="cats", path="/l/cats.safetensors", weight=0.8)],
                         output_dir="/r/outputs/images/p")  # fmt: skip

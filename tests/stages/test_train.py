@@ -12,6 +12,7 @@ from dataset_fixtures import make_dataset, mixed_images
 
 from dropkiln.config import TrainSettings
 from dropkiln.stages.base import StageError, StageStopped
+from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import STAGE as CACHE
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.faults import FaultInjector
@@ -55,7 +56,7 @@ def cached(tmp_path_factory: pytest.TempPathFactory, models_dir: Path) -> dict[s
     ctx = LocalContext(
         root=root,
         work_dir=root / "state" / "work" / "cache",
-        upstream_results={"bucket": {"manifest": str(manifest)}},
+        upstream_results={"bucket": BucketResult.of(manifest)},
     )
     result = CACHE.run(CacheSpec(name="cats", flip_augment=True), ctx)
     return {"root": root, "cache": result}
@@ -353,14 +354,14 @@ def test_warm_pipeline_is_reused_and_left_clean(cached: dict[str, Any]) -> None:
 
 
 def test_damaged_shard_is_reencoded_before_training(cached: dict[str, Any]) -> None:
-    from dropkiln.stages.cache import read_shard
-    from dropkiln.stages.training.shards import ShardStore
+    from dropkiln.stages.cache import CacheIndex, read_shard
+    from dropkiln.stages.shards import ShardStore
 
-    index = json.loads(Path(cached["cache"]["index"]).read_text())
-    store = ShardStore(Path(index["cache_dir"]))
-    entry = index["images"][0]["latents"]
+    index = CacheIndex.load(cached["cache"].index)
+    store = ShardStore(Path(index.cache_dir))
+    entry = index.images[0].latents
     good = read_shard(store, entry)
-    shard = store.root / entry["shard"]
+    shard = store.root / entry.shard
     shard.write_bytes(shard.read_bytes()[:-16])
     ctx, spec = _train(cached, "repair", {"steps": 1, "rank": 2})
     result = STAGE.run(spec, ctx)

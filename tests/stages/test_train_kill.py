@@ -7,14 +7,14 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import pytest
 from dataset_fixtures import make_dataset, mixed_images
 
 from dropkiln.config import TrainSettings
+from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import STAGE as CACHE
-from dropkiln.stages.cache import CacheSpec
+from dropkiln.stages.cache import CacheResult, CacheSpec
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import STAGE, TrainSpec, lora_path
 from dropkiln.stages.training.exports import step_lora_path
@@ -71,11 +71,11 @@ def _spec(root: Path, run: str) -> TrainSpec:
     )
 
 
-def _worker(root: Path, cache: dict[str, Any], spec: TrainSpec, faults: str) -> int:
+def _worker(root: Path, cache: CacheResult, spec: TrainSpec, faults: str) -> int:
     args = {
         "root": str(root),
         "work_dir": str(root / "state" / "work" / "killed"),
-        "cache": cache,
+        "cache": cache.model_dump(mode="json"),
         "spec": spec.model_dump(mode="json"),
         "faults": faults,
     }
@@ -100,7 +100,7 @@ def test_sigkill_then_resume_gives_the_same_lora(dropkiln_root: Path) -> None:
         LocalContext(
             root=dropkiln_root,
             work_dir=dropkiln_root / "state" / "work" / "cache",
-            upstream_results={"bucket": {"manifest": str(manifest)}},
+            upstream_results={"bucket": BucketResult.of(manifest)},
         ),
     )
     reference = _spec(dropkiln_root, "reference")

@@ -13,6 +13,7 @@ from dataset_fixtures import FixtureImage, make_dataset, mixed_images
 
 from dropkiln.config import TrainSettings
 from dropkiln.stages import get_stage
+from dropkiln.stages.bucket import BucketResult
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.testing import LocalContext
 from dropkiln.stages.train import TrainSpec
@@ -20,12 +21,12 @@ from dropkiln.stages.train import TrainSpec
 
 def _cache_then_train(
     root: Path, name: str, model: str, options: TrainSettings, flip: bool = False
-) -> tuple[dict[str, Any], dict[str, Any], LocalContext]:
+) -> tuple[Any, dict[str, Any], LocalContext]:
     manifest = root / "state" / "work" / name / "manifest.json"
     cache_ctx = LocalContext(
         root=root,
         work_dir=root / "state" / "work" / f"{name}-cache",
-        upstream_results={"bucket": {"manifest": str(manifest)}},
+        upstream_results={"bucket": BucketResult.of(manifest)},
     )
     cached = get_stage("cache").run(CacheSpec(name=name, model=model, flip_augment=flip), cache_ctx)
     train_ctx = LocalContext(
@@ -52,7 +53,7 @@ def test_whole_pipeline_runs_without_a_network(
     make_dataset(dropkiln_root, "cats", mixed_images(2))
     options = TrainSettings(steps=2, rank=2, shuffle_tags=True, validation_prompts=["sks cat"])
     cached, result, _ = _cache_then_train(dropkiln_root, "cats", "tiny-sd15", options, flip=True)
-    assert cached["encoded"] == 2
+    assert cached.encoded == 2
     assert Path(result["lora"]).is_file()
     assert len(result["validation_images"]) == 1
     assert os.environ["HF_HUB_OFFLINE"] == "1"
@@ -95,7 +96,7 @@ def test_training_on_a_flat_colour_learns_it(dropkiln_root: Path) -> None:
     first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
     assert last < 0.5 * first, (first, last)
 
-    index = json.loads(Path(cached["index"]).read_text())
+    index = json.loads(Path(cached.index).read_text())
     shards = Path(index["cache_dir"])
     target = torch.stack(
         [load_file(str(shards / e["latents"]["shard"]))["latents"] for e in index["images"]]

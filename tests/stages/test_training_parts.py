@@ -138,3 +138,35 @@ def test_min_snr_weights() -> None:
         rescale_betas_zero_snr=True,
     )
     assert torch.isfinite(min_snr_weights(zero_snr, timesteps, 5.0)).all()
+
+
+def test_looking_stages_up_leaves_the_training_modules_unimported() -> None:
+    """The training modules import torch at their top; the stage entry (train.py) imports
+    them only when the stage runs, so the daemon's planner and the CLI stay light."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from dropkiln.stages import STAGE_NAMES, get_stage\n"
+        "import dropkiln.daemon.planner\n"
+        "for name in STAGE_NAMES:\n"
+        "    get_stage(name)\n"
+        "heavy = ('torch', 'diffusers', 'transformers', 'peft')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('dropkiln.stages.training.')))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    heavy, training = done.stdout.splitlines()
+    assert heavy == "[]"
+    assert training == "[]"
+
+
+def test_the_models_a_step_does_not_use_wait_off_the_device() -> None:
+    from dropkiln.stages.training.phases import idle_while_stepping
+
+    # captions from the cache: only the UNet steps
+    assert idle_while_stepping(TrainSettings()) == ["vae", "text_encoder", "text_encoder_2"]
+    # captions that change per step are encoded on the fly; trained encoders step too
+    for options in (TrainSettings(shuffle_tags=True), TrainSettings(train_text_encoder=True)):
+        assert idle_while_stepping(options) == ["vae"]

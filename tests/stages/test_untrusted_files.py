@@ -18,7 +18,7 @@ from PIL import Image
 
 from dropkiln.config import BucketSettings
 from dropkiln.stages.base import StageError
-from dropkiln.stages.bucket import BucketSpec, run_bucket
+from dropkiln.stages.bucket import BucketResult, BucketSpec, run_bucket
 from dropkiln.stages.cache import STAGE as CACHE
 from dropkiln.stages.cache import CacheSpec
 from dropkiln.stages.faults import FaultInjector
@@ -50,7 +50,7 @@ def bucket(folder: Path, tmp_path: Path, faults: str = "", **settings: Any) -> d
 
 
 def reasons(result: dict[str, Any]) -> dict[str, str]:
-    return {item["path"]: item["reason"] for item in result["rejections"]}
+    return {item.path: item.reason for item in result.rejections}
 
 
 def test_defect16_a_decoder_crash_in_a_small_dataset_costs_only_that_file(
@@ -62,7 +62,7 @@ def test_defect16_a_decoder_crash_in_a_small_dataset_costs_only_that_file(
     pid = os.getpid()
     result = bucket(folder, tmp_path, faults="crash@bucket.decode:2")
     assert os.getpid() == pid
-    assert result["images"] == 2
+    assert result.images == 2
     assert reasons(result) == {"img1.png": "the decoder crashed on this file"}
 
 
@@ -73,7 +73,7 @@ def test_defect16_a_file_over_max_file_bytes_is_refused_before_it_is_read(
     big = folder / "huge.png"
     big.write_bytes(png((1, 2, 3)) + bytes(300_000))  # a PNG with a long tail
     result = bucket(folder, tmp_path, max_file_bytes=200_000)
-    assert result["images"] == 3
+    assert result.images == 3
     assert reasons(result) == {
         "huge.png": f"{big.stat().st_size} bytes, over max_file_bytes=200000; not read"
     }
@@ -93,7 +93,7 @@ def test_defect10_links_put_into_a_dataset_later_are_never_followed(tmp_path: Pa
     (folder / "sub").symlink_to(outside / "more", target_is_directory=True)
     (folder / "again.png").symlink_to(folder / "img2.png")  # inside the dataset: not either
     result = bucket(folder, tmp_path)
-    assert result["images"] == 2  # img1 and img2; img0's caption is a link
+    assert result.images == 2  # img1 and img2; img0's caption is a link
     link = "a symbolic link; dropkiln does not follow links"
     got = reasons(result)
     assert got.pop("img0.png").startswith("caption img0.txt: img0.txt is a symbolic link")
@@ -115,7 +115,7 @@ def test_defect10_the_cache_stage_does_not_follow_a_link_swapped_in_after_bucket
     ctx = LocalContext(
         root=root,
         work_dir=root / "state" / "work" / "cache",
-        upstream_results={"bucket": {"manifest": str(manifest)}},
+        upstream_results={"bucket": BucketResult.of(manifest)},
     )
     with pytest.raises(StageError, match=r"img00\.png.*symbolic link"):
         CACHE.run(CacheSpec(name="cats"), ctx)

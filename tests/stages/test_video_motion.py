@@ -100,7 +100,7 @@ def test_bad_motion_settings_name_the_field(tmp_path: Path, text: str, expected:
 
     (tmp_path / "bad.toml").write_text(text)
     with pytest.raises(StageError, match=expected):
-        load_prompt_file(tmp_path / "bad.toml", Settings(root=tmp_path))
+        load_prompt_file(tmp_path / "bad.toml", Settings(root=tmp_path).generate)
 
 
 def write_tone(path: Path, seconds: float, rate: int = 16_000) -> None:
@@ -167,7 +167,7 @@ def test_bad_audio_settings_name_the_field(tmp_path: Path, video: str, expected:
     write_tone(tmp_path / "tone.wav", 0.2)
     (folder / "bad.toml").write_text(f'[video]\n{video}\n[[image]]\nprompt = "a"\n')
     with pytest.raises(StageError, match=expected):
-        load_prompt_file(folder / "bad.toml", Settings(root=tmp_path))
+        load_prompt_file(folder / "bad.toml", Settings(root=tmp_path).generate)
 
 
 def test_latent_walk_frames_are_interpolated_by_blending(tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from dropkiln.store import EventStore
 from dropkiln.store.events import JobSubmitted
 
 
@@ -19,3 +20,8 @@ def submitted(job_id: str, **overrides: Any) -> JobSubmitted:
     }
     fields.update(overrides)
     return JobSubmitted(**fields)
+
+
+async def tamper(store: EventStore, sql: str) -> None:
+    """Change rows behind the store's back, as a bug or a hand edit would, on any backend."""
+    await store.transaction(lambda conn: conn.execute(sql))

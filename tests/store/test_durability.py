@@ -27,16 +27,19 @@ DROPPED = ev.Dropped(
 
 async def traced(store: EventStore, stream: str, new: list[ev.Event]) -> list[str]:
     statements: list[str] = []
-    assert store._write_connection is not None
-    store._write_connection.set_trace_callback(statements.append)
+    assert store.database._write_connection is not None
+    store.database._write_connection.set_trace_callback(statements.append)
     try:
         await store.append(stream, new)
     finally:
-        store._write_connection.set_trace_callback(None)
+        store.database._write_connection.set_trace_callback(None)
     return [s for s in statements if s.split()[0] in ("PRAGMA", "BEGIN", "COMMIT")]
 
 
-async def test_defect17_commits_before_irreversible_steps_are_durable(store: EventStore) -> None:
+async def test_defect17_commits_before_irreversible_steps_are_durable(
+    sqlite_store: EventStore,
+) -> None:
+    store = sqlite_store
     await store.append(DAEMON_STREAM, [ev.QueuePaused()])  # opens the write connection
     full = [
         "PRAGMA synchronous = FULL",

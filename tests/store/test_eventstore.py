@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
-from sqlalchemy import Connection, func, select
 
 from dropkiln.store import ConcurrencyError, EventStore, StoreError
 from dropkiln.store import events as ev
+from dropkiln.store.backend import open_store
 from dropkiln.store.events import DAEMON_STREAM, job_stream
 from dropkiln.store.schema import PROJECTIONS, events
+from dropkiln.store.sqlite import Connection
 
 from .builders import submitted
 
@@ -22,9 +25,15 @@ async def everything(store: EventStore) -> dict[str, Any]:
 
     def work(conn: Connection) -> dict[str, Any]:
         tables = (events, *PROJECTIONS)
-        return {t.name: [tuple(r) for r in conn.execute(select(t))] for t in tables}
+        return {t.name: [tuple(r) for r in conn.execute(f"SELECT * FROM {t.name}")] for t in tables}
 
     return await store.snapshot(work)
+
+
+async def version_of(store: EventStore, stream: str) -> int:
+    """The stream's version as a reader sees it (0 for a stream without events)."""
+    last = await store.last(stream)
+    return last[0].version if last else 0
 
 
 async def test_append_assigns_global_seq_and_per_stream_versions(store: EventStore) -> None:
@@ -38,8 +47,8 @@ async def test_append_assigns_global_seq_and_per_stream_versions(store: EventSto
         ("job:b", 1),
         ("job:a", 3),
     ]
-    assert await store.stream_version("job:a") == 3
-    assert await store.stream_version("job:missing") == 0
+    assert await version_of(store, "job:a") == 3
+    assert await version_of(store, "job:missing") == 0
     assert await store.last_seq() == 4
 
 
@@ -130,11 +139,13 @@ async def test_batch_without_expectations_appends_everywhere(store: EventStore) 
     assert [(e.seq, e.stream, e.version) for e in stored] == [(1, "job:a", 1), (2, "job:b", 1)]
 
 
-async def test_a_writer_with_a_stale_view_loses(store: EventStore, db_path: Path) -> None:
-    other = await EventStore.open(db_path)
+async def test_a_writer_with_a_stale_view_loses(
+    store: EventStore, db_path: Path, store_url: str
+) -> None:
+    other = await open_store(db_path, store_url)
     try:
         await store.append(job_stream("a"), [submitted("a")])
-        seen = await other.stream_version("job:a")
+        seen = await version_of(other, "job:a")
         await store.append(job_stream("a"), [ev.CancelRequested()], expected_version=seen)
         with pytest.raises(ConcurrencyError):
             await other.append(job_stream("a"), [ev.JobQueued()], expected_version=seen)
@@ -165,11 +176,37 @@ async def test_concurrent_appends_in_one_process_get_distinct_versions(store: Ev
             group.start_soon(writer, 25)
 
     def versions(conn: Connection) -> list[int]:
-        query = select(events.c.version).where(events.c.stream == DAEMON_STREAM)
-        return sorted(conn.execute(query).scalars())
+        query = "SELECT version FROM events WHERE stream = :stream"
+        return sorted(row[0] for row in conn.execute(query, {"stream": DAEMON_STREAM}))
 
     assert await store.snapshot(versions) == list(range(1, 101))
     count = await store.snapshot(
-        lambda conn: conn.execute(select(func.count()).select_from(events)).scalar_one()
+        lambda conn: conn.execute("SELECT count(*) FROM events").fetchone()[0]
     )
     assert count == 100
+
+
+async def test_close_waits_for_a_read_whose_caller_went_away(store: EventStore) -> None:
+    """A dashboard quitting cancels its workers mid-read (asyncio cancellation leaves the
+    worker thread running): closing must wait for that read, not close its connection
+    under it, and refuse what is asked afterwards."""
+    await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+    started, release = threading.Event(), threading.Event()
+    counted: list[int] = []
+
+    def slow(conn: Connection) -> None:
+        started.set()
+        release.wait(30)
+        counted.append(conn.execute("SELECT count(*) FROM events").fetchone()[0])
+
+    reading = asyncio.ensure_future(store.snapshot(slow))
+    await anyio.to_thread.run_sync(started.wait)
+    reading.cancel()
+    closing = asyncio.ensure_future(store.close())
+    await asyncio.sleep(0.3)
+    assert not closing.done()  # the read still runs in its thread
+    release.set()
+    await closing
+    assert counted == [1]
+    with pytest.raises(StoreError, match="closed"):
+        await store.read()

@@ -6,11 +6,11 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, text
 
-from dropkiln.store import EventStore, StoreError, migrate, schema
+from dropkiln.store import EventStore, StoreError, migrate
 from dropkiln.store import events as ev
 from dropkiln.store.events import DAEMON_STREAM
+from dropkiln.store.sqlite import Connection
 
 
 def stored_version(path: Path) -> str:
@@ -33,7 +33,7 @@ async def make_database(path: Path) -> None:
 
 async def test_a_new_database_records_its_schema_version(db_path: Path) -> None:
     await make_database(db_path)
-    assert stored_version(db_path) == str(schema.SCHEMA_VERSION)
+    assert stored_version(db_path) == str(migrate.SCHEMA_VERSION)
     with sqlite3.connect(db_path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
@@ -51,13 +51,13 @@ async def test_a_database_from_a_newer_dropkiln_is_refused_untouched(db_path: Pa
     with sqlite3.connect(db_path) as conn:
         conn.execute(
             "UPDATE meta SET value = ? WHERE key = 'schema_version'",
-            (str(schema.SCHEMA_VERSION + 1),),
+            (str(migrate.SCHEMA_VERSION + 1),),
         )
     before = db_path.read_bytes()
     for create in (False, True):
         with pytest.raises(StoreError, match="newer dropkiln") as caught:
             await EventStore.open(db_path, create=create)
-        assert f"schema {schema.SCHEMA_VERSION + 1}" in str(caught.value)
+        assert f"schema {migrate.SCHEMA_VERSION + 1}" in str(caught.value)
         assert "left untouched" in str(caught.value)
     assert db_path.read_bytes() == before
 
@@ -70,16 +70,16 @@ async def test_an_old_database_is_migrated_forward(
 
     def add_note(conn: Connection) -> None:
         ran.append(1)
-        conn.execute(text("ALTER TABLE drops ADD COLUMN note TEXT"))
+        conn.execute("ALTER TABLE drops ADD COLUMN note TEXT")
 
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", schema.SCHEMA_VERSION + 1)
-    monkeypatch.setitem(migrate.MIGRATIONS, schema.SCHEMA_VERSION, add_note)
+    monkeypatch.setattr(migrate, "SCHEMA_VERSION", migrate.SCHEMA_VERSION + 1)
+    monkeypatch.setitem(migrate.MIGRATIONS, migrate.SCHEMA_VERSION, add_note)
     for _ in range(2):
         store = await EventStore.open(db_path)
         assert [e.type for e in await store.read()] == ["QueuePaused"]
         await store.close()
     assert ran == [1]
-    assert stored_version(db_path) == str(schema.SCHEMA_VERSION)
+    assert stored_version(db_path) == str(migrate.SCHEMA_VERSION)
     assert "note" in columns(db_path, "drops")
 
 
@@ -90,11 +90,11 @@ async def test_a_failed_migration_leaves_the_old_schema(
     old = stored_version(db_path)
 
     def half_done(conn: Connection) -> None:
-        conn.execute(text("ALTER TABLE drops ADD COLUMN note TEXT"))
+        conn.execute("ALTER TABLE drops ADD COLUMN note TEXT")
         raise RuntimeError("migration bug")
 
-    monkeypatch.setattr(schema, "SCHEMA_VERSION", schema.SCHEMA_VERSION + 1)
-    monkeypatch.setitem(migrate.MIGRATIONS, schema.SCHEMA_VERSION, half_done)
+    monkeypatch.setattr(migrate, "SCHEMA_VERSION", migrate.SCHEMA_VERSION + 1)
+    monkeypatch.setitem(migrate.MIGRATIONS, migrate.SCHEMA_VERSION, half_done)
     with pytest.raises(RuntimeError, match="migration bug"):
         await EventStore.open(db_path)
     assert stored_version(db_path) == old

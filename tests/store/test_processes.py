@@ -7,11 +7,10 @@ import multiprocessing
 from pathlib import Path
 
 import pytest
-from sqlalchemy import Connection, select
 
 from dropkiln.store import EventStore
 from dropkiln.store.events import job_stream
-from dropkiln.store.schema import events
+from dropkiln.store.sqlite import Connection
 
 from .procs import SHARED, append_many
 
@@ -38,7 +37,7 @@ async def test_two_processes_append_concurrently(db_path: Path) -> None:
         assert [w.exitcode for w in workers] == [0, 0]
 
         def by_stream(conn: Connection) -> dict[str, list[int]]:
-            rows = conn.execute(select(events.c.stream, events.c.version).order_by(events.c.seq))
+            rows = conn.execute("SELECT stream, version FROM events ORDER BY seq")
             versions: dict[str, list[int]] = {}
             for stream, version in rows:
                 versions.setdefault(stream, []).append(version)

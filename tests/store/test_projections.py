@@ -6,12 +6,12 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select
 
 from dropkiln.store import EventStore, StoredEvent
 from dropkiln.store import events as ev
 from dropkiln.store.events import DAEMON_STREAM, EVENT_TYPES, drop_stream, job_stream
-from dropkiln.store.schema import PROJECTIONS, jobs
+from dropkiln.store.schema import PROJECTIONS
+from dropkiln.store.sqlite import Connection
 
 from .builders import submitted
 
@@ -24,14 +24,16 @@ Expect = Callable[[StoredEvent], dict[str, Any]]
 
 async def projection_rows(store: EventStore) -> dict[str, list[dict[str, Any]]]:
     def work(conn: Connection) -> dict[str, list[dict[str, Any]]]:
-        return {t.name: [dict(r._mapping) for r in conn.execute(select(t))] for t in PROJECTIONS}
+        return {
+            t.name: [dict(r) for r in conn.execute(f"SELECT * FROM {t.name}")] for t in PROJECTIONS
+        }
 
     return await store.snapshot(work)
 
 
 async def job_row(store: EventStore, job_id: str = JOB) -> dict[str, Any]:
-    query = select(jobs).where(jobs.c.id == job_id)
-    return await store.snapshot(lambda conn: dict(conn.execute(query).one()._mapping))
+    query = "SELECT * FROM jobs WHERE id = :id"
+    return await store.snapshot(lambda conn: dict(conn.execute(query, {"id": job_id}).fetchone()))
 
 
 # (events before, the event, the columns it must set). Every job event also sets version
@@ -309,3 +311,51 @@ async def test_same_path_in_two_jobs_is_two_artifacts(store: EventStore) -> None
         )
     rows = (await projection_rows(store))["artifacts"]
     assert sorted(r["job_id"] for r in rows) == ["a", "b"]
+
+
+def test_every_event_class_says_what_it_does_to_the_projections() -> None:
+    from dropkiln.store.projections import NO_PROJECTION, PROJECTORS
+
+    classes = set(EVENT_TYPES.values())
+    assert PROJECTORS.keys() | NO_PROJECTION == classes
+    assert not PROJECTORS.keys() & NO_PROJECTION
+
+
+async def test_a_renamed_event_class_still_projects(
+    store: EventStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Renaming JobSucceeded (its stored type is its class name) must not leave the job
+    # running with only its version bumped: the projection follows the class, not a string.
+    await store.append(STREAM, [submitted(JOB), *STARTED])
+    monkeypatch.setitem(EVENT_TYPES, "JobCompleted", ev.JobSucceeded)
+    ev.JobSucceeded.__name__ = "JobCompleted"
+    try:
+        await store.append(STREAM, [ev.JobSucceeded(result={"manifest": "m.json"})])
+    finally:
+        ev.JobSucceeded.__name__ = "JobSucceeded"
+    row = await job_row(store)
+    assert (row["state"], row["result"]) == ("succeeded", {"manifest": "m.json"})
+
+
+def test_an_event_without_a_projection_rule_is_refused() -> None:
+    from dropkiln.store.projections import changes_for
+
+    class JobRenamedByMistake(ev.Event):
+        pass
+
+    stored = StoredEvent(1, STREAM, 2, "JobRenamedByMistake", {}, "2026-01-01T00:00:00+00:00")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setitem(EVENT_TYPES, "JobRenamedByMistake", JobRenamedByMistake)
+        with pytest.raises(ValueError, match="no projection rule"):
+            changes_for(stored)
+
+
+def test_endings_written_before_caused_by_existed_still_read() -> None:
+    # Rows already in users' databases have no caused_by: they read as "ended on its own".
+    from dropkiln.store.projections import changes_for
+
+    for type_name in ("JobFailed", "JobCancelled"):
+        old = StoredEvent(7, STREAM, 4, type_name, {"reason": "x"}, "2026-01-01T00:00:00+00:00")
+        event = ev.parse_event(old.type, old.data)
+        assert isinstance(event, ev.JobFailed | ev.JobCancelled) and event.caused_by is None
+        assert changes_for(old)[0].values["error"] == "x"

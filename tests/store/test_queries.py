@@ -160,7 +160,7 @@ async def test_queue_paused_follows_the_last_command(store: EventStore) -> None:
 
 async def test_daemon_state_needs_a_recent_heartbeat(store: EventStore) -> None:
     state = await daemon_state(store)
-    assert (state.running, state.last_event, state.pid, state.seen_ago) == (
+    assert (state.running(), state.last_event, state.pid, state.seen_ago()) == (
         False,
         None,
         None,
@@ -169,21 +169,22 @@ async def test_daemon_state_needs_a_recent_heartbeat(store: EventStore) -> None:
     started = ev.DaemonStarted(pid=4242, host="box", version="0.1", device="cuda", root="/r")
     await store.append(DAEMON_STREAM, [started, ev.QueuePaused()])
     state = await daemon_state(store)
-    assert not state.running  # started, but no heartbeat yet
+    assert not state.running()  # started, but no heartbeat yet
     assert (state.last_event, state.pid, state.device) == ("DaemonStarted", 4242, "cuda")
 
     await record_telemetry(store, {"device": "cuda", "at": time.time() - 60}, retention_s=600)
-    assert not (await daemon_state(store)).running  # heartbeat too old: the daemon died
+    assert not (await daemon_state(store)).running()  # heartbeat too old: the daemon died
     await record_telemetry(store, {"device": "cuda"}, retention_s=600)
     state = await daemon_state(store)
-    assert state.running
-    assert state.seen_ago is not None and 0 <= state.seen_ago < 5
+    assert state.running()
+    seen = state.seen_ago()
+    assert seen is not None and 0 <= seen < 5
 
     await store.append(DAEMON_STREAM, [ev.DaemonStopping(reason="SIGTERM")])
-    assert (await daemon_state(store)).running
+    assert (await daemon_state(store)).running()
     await store.append(DAEMON_STREAM, [ev.DaemonStopped()])
     state = await daemon_state(store)
-    assert (state.running, state.last_event, state.pid) == (False, "DaemonStopped", 4242)
+    assert (state.running(), state.last_event, state.pid) == (False, "DaemonStopped", 4242)
 
 
 async def test_telemetry_is_pruned_after_the_retention_window(store: EventStore) -> None:
@@ -194,11 +195,12 @@ async def test_telemetry_is_pruned_after_the_retention_window(store: EventStore)
             {"device": "cpu", "at": now - age, "allocated": age, "unknown_key": 1},
             retention_s=1000,
         )
-    samples = await recent_telemetry(store, seconds=300)
-    assert [s["allocated"] for s in samples] == [200, 100, 10]
+    # The window ends at the newest sample, so a stopped daemon's last minutes stay visible.
+    samples = await recent_telemetry(store, seconds=290)
+    assert [s.allocated for s in samples] == [200, 100, 10]
     await record_telemetry(store, {"device": "cpu", "at": now, "rss": 7}, retention_s=150)
     samples = await recent_telemetry(store, seconds=3600)
-    assert [(s["allocated"], s["rss"]) for s in samples] == [(100, None), (10, None), (None, 7)]
+    assert [(s.allocated, s.rss) for s in samples] == [(100, None), (10, None), (None, 7)]
 
 
 async def test_drops_and_artifacts(store: EventStore) -> None:

@@ -4,30 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import importlib
-import sqlite3
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
-from sqlalchemy import Connection, select
 
 from dropkiln.store import EventStore, check, rebuild
 from dropkiln.store import events as ev
 from dropkiln.store.events import job_stream
 from dropkiln.store.schema import PROJECTIONS
+from dropkiln.store.sqlite import Connection
 
-from .builders import submitted
+from .builders import submitted, tamper
 from .histories import History, histories
 
-# The package re-exports the function rebuild under the module's name.
-rebuild_module = importlib.import_module("dropkiln.store.rebuild")
+rebuild_module = importlib.import_module("dropkiln.store.replay")
 
 
 async def projection_rows(store: EventStore) -> dict[str, list[tuple[Any, ...]]]:
     def work(conn: Connection) -> dict[str, list[tuple[Any, ...]]]:
-        return {t.name: sorted(tuple(r) for r in conn.execute(select(t))) for t in PROJECTIONS}
+        return {
+            t.name: sorted(tuple(r) for r in conn.execute(f"SELECT * FROM {t.name}"))
+            for t in PROJECTIONS
+        }
 
     return await store.snapshot(work)
 
@@ -46,11 +47,6 @@ async def two_jobs(store: EventStore) -> None:
     )
 
 
-def tamper(path: Path, sql: str) -> None:
-    with sqlite3.connect(path) as conn:
-        conn.execute(sql)
-
-
 async def test_rebuild_gives_identical_rows(
     store: EventStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -66,10 +62,10 @@ async def test_rebuild_gives_identical_rows(
     assert report.rows == {"jobs": 2, "drops": 0, "artifacts": 1}
 
 
-async def test_check_reports_a_tampered_row(store: EventStore, db_path: Path) -> None:
+async def test_check_reports_a_tampered_row(store: EventStore) -> None:
     await two_jobs(store)
     before = await projection_rows(store)
-    tamper(db_path, "UPDATE jobs SET state = 'succeeded', done = 9 WHERE id = 'a'")
+    await tamper(store, "UPDATE jobs SET state = 'succeeded', done = 9 WHERE id = 'a'")
     report = await check(store)
     assert not report.ok
     assert report.differences == [
@@ -80,11 +76,11 @@ async def test_check_reports_a_tampered_row(store: EventStore, db_path: Path) ->
     assert await projection_rows(store) == before
 
 
-async def test_check_reports_missing_and_extra_rows(store: EventStore, db_path: Path) -> None:
+async def test_check_reports_missing_and_extra_rows(store: EventStore) -> None:
     await two_jobs(store)
-    tamper(db_path, "DELETE FROM artifacts")
-    tamper(
-        db_path,
+    await tamper(store, "DELETE FROM artifacts")
+    await tamper(
+        store,
         "INSERT INTO drops (id, kind, name, source, state, at) "
         "VALUES ('ghost', 'dataset', 'g', 'drop/g', 'ingested', 'now')",
     )
@@ -95,10 +91,10 @@ async def test_check_reports_missing_and_extra_rows(store: EventStore, db_path: 
     ]
 
 
-async def test_check_stops_after_max_differences(store: EventStore, db_path: Path) -> None:
+async def test_check_stops_after_max_differences(store: EventStore) -> None:
     for index in range(5):
         await store.append(job_stream(f"j{index}"), [submitted(f"j{index}")])
-    tamper(db_path, "UPDATE jobs SET priority = 7")
+    await tamper(store, "UPDATE jobs SET priority = 7")
     assert len((await check(store, max_differences=3)).differences) == 3
     assert len((await check(store)).differences) == 5
 

@@ -13,7 +13,12 @@ from dropkiln.store.vocabulary import DropKind, DropState, JobState, Lane
 def test_members_are_the_stored_strings() -> None:
     # Rows written before the enums existed hold these exact strings; they must still match.
     assert [s.value for s in JobState] == [
-        "queued", "waiting", "running", "succeeded", "failed", "cancelled"
+        "queued",
+        "waiting",
+        "running",
+        "succeeded",
+        "failed",
+        "cancelled",
     ]
     assert {lane.value for lane in Lane} == {"gpu", "cpu"}
     assert {kind.value for kind in DropKind} == {"dataset", "prompts"}
@@ -24,7 +29,9 @@ def test_members_are_the_stored_strings() -> None:
 
 def test_terminal_states() -> None:
     assert {s for s in JobState if s.terminal} == {
-        JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED
+        JobState.SUCCEEDED,
+        JobState.FAILED,
+        JobState.CANCELLED,
     }
 
 

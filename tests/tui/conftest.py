@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from textual.pilot import Pilot
+from textual.widget import Widget
 
 from dropkiln.tui import DropkilnApp
 
@@ -87,9 +88,15 @@ async def loaded(pilot: Pilot[None]) -> None:
         previous = frame
 
 
-def text_of(widget: object) -> str:
-    """The plain text a Static shows."""
-    return str(getattr(widget, "content", ""))
+def screen_lines(app: DropkilnApp) -> list[str]:
+    """The text of each terminal row as composited: only what a person would see (a widget
+    with ``display: none`` or scrolled out of view contributes nothing)."""
+    return [strip.text for strip in app.screen._compositor.render_strips()]
+
+
+def text_of(widget: Widget) -> str:
+    """The plain text a widget renders (a Static's content, or what ``render`` draws)."""
+    return str(widget.render())
 
 
 def log_lines(log: object) -> list[str]:

@@ -23,7 +23,7 @@ async def open_job(pilot: Pilot[None], job_id: str) -> JobScreen:
     await loaded(pilot)
     app = pilot.app
     assert isinstance(app, DropkilnApp)
-    app.push_screen(JobScreen(job_id))
+    app.open_job(job_id)
     await wait_for(pilot, lambda: isinstance(app.screen, JobScreen) and app.screen.detail)
     await pilot.pause()
     assert isinstance(app.screen, JobScreen)

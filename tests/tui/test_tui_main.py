@@ -114,8 +114,10 @@ async def test_daemon_down_shows_last_state_and_notices_its_return(
         assert len(app.screen.query_one(JobsTable).ordered_rows) == 6
         async with await EventStore.open(history_db) as daemon:
             started = DaemonStarted(pid=5151, host="kiln", version="0.1.0", device="cpu", root="/")
-            await record_telemetry(daemon, {"at": later - 0.5, "device": "cpu"}, 3600)
+            # As a daemon does: started first, then its heartbeat (the other order lets a
+            # poll between the two see the old DaemonStarted with a fresh heartbeat).
             await daemon.append(DAEMON_STREAM, [started])
+            await record_telemetry(daemon, {"at": later - 0.5, "device": "cpu"}, 3600)
         await wait_for(pilot, lambda: "daemon up" in text_of(app.screen.query_one(StatusBar)))
         assert "The daemon is back (pid 5151)." in notes
 

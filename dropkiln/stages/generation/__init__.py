@@ -5,7 +5,8 @@
 - ``render``: the diffusers calls for a batch of images or a latent-walk frame
 - ``schedulers``: A1111 sampler names and diffusers schedulers
 - ``memory_ladder``: the inference memory rungs, applied to a warm pipeline and undone
-- ``controlnet``, ``img2img``, ``lora_loading``: what an entry can add to the base pipeline
+- ``controlnet``, ``img2img``, ``references``, ``lora_loading``: what an entry can add to
+  the base pipeline
 - ``latent_walk``: the walk's plan and its interpolation
 - ``png_files``: PNGs with their parameters, the contact sheet, latent previews
 

@@ -84,7 +84,11 @@ def _build_tiny_controlnet(base_folder: Path) -> Any:
     unet = UNet2DConditionModel.from_pretrained(
         base_folder, subfolder="unet", use_safetensors=True, local_files_only=True
     )
-    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(8, 8, 16, 16))
+    # the control image is brought down to the latent size: one halving per VAE down block
+    vae = json.loads((base_folder / "vae" / "config.json").read_text())
+    halvings = len(vae["block_out_channels"]) - 1
+    channels = (8, *(8 if n < halvings - 2 else 16 for n in range(halvings)))
+    controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=channels)
     generator = np.random.Generator(np.random.PCG64(TINY_CONTROLNET_SEED))
     parameters = dict(controlnet.named_parameters())
     with torch.no_grad():

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dropkiln.stages.base import StageError
 from dropkiln.stages.generation.prompt_file import ImageTask
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
+    from PIL import Image
 
 
 def image_mode(task: ImageTask) -> str | None:
@@ -16,7 +20,7 @@ def image_mode(task: ImageTask) -> str | None:
     return "inpaint" if task.mask is not None else "img2img"
 
 
-def init_pipeline(pipe: Any, mode: str) -> Any:
+def init_pipeline(pipe: DiffusionPipeline, mode: str) -> DiffusionPipeline:
     """diffusers' img2img or inpainting pipeline for ``pipe``'s family, sharing its parts."""
     from diffusers import AutoPipelineForImage2Image, AutoPipelineForInpainting
 
@@ -26,7 +30,7 @@ def init_pipeline(pipe: Any, mode: str) -> Any:
     return pipeline
 
 
-def init_inputs(task: ImageTask) -> dict[str, Any]:
+def init_inputs(task: ImageTask) -> dict[str, Image.Image]:
     """The ``image`` (RGB) and ``mask_image`` (L) arguments, or a StageError naming the entry."""
     import io
 
@@ -35,7 +39,7 @@ def init_inputs(task: ImageTask) -> dict[str, Any]:
     from dropkiln.stages.dataset import UnsafeFile
     from dropkiln.stages.generation.controlnet import read_control_bytes
 
-    inputs: dict[str, Any] = {}
+    inputs: dict[str, Image.Image] = {}
     for argument, path, mode in (("image", task.init_image, "RGB"), ("mask_image", task.mask, "L")):
         if path is None:
             continue

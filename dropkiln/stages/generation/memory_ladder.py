@@ -8,12 +8,13 @@ one image a call, since their cost is moving weights, not activations.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING
 
 from dropkiln.stages.base import MemoryRung
 from dropkiln.stages.generation.prompt_file import MAX_BATCH
+
+if TYPE_CHECKING:
+    from diffusers.pipelines.pipeline_utils import DiffusionPipeline
 
 _SLICING = {"attention_slicing": True, "vae_slicing": True, "batch_divisor": 2}
 _TILING = {**_SLICING, "vae_tiling": True}
@@ -40,17 +41,7 @@ def batch_limit(asked: int | None, rung: MemoryRung, device: str) -> int:
     return max(1, wanted // int(rung.options.get("batch_divisor", 1)))
 
 
-@contextmanager
-def rung_applied(pipe: Any, rung: MemoryRung, device: str) -> Iterator[Any]:
-    """Apply a rung's savings to ``pipe`` for the duration of the block, then undo them."""
-    try:
-        apply_rung(pipe, rung.options, device)
-        yield pipe
-    finally:
-        undo_rung(pipe, rung.options, device)
-
-
-def apply_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
+def apply_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str) -> None:
     """Switch on the rung's options through diffusers' own switches."""
     import torch
 
@@ -69,7 +60,7 @@ def apply_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
         _sequential_offload(pipe, device)
 
 
-def undo_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
+def undo_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str) -> None:
     """Leave the pipeline without hooks or slicing; after offloading its weights stay on the
     CPU (moving them all back now could run out of memory again); the next job moves them."""
     if options.get("offload"):
@@ -83,7 +74,7 @@ def undo_rung(pipe: Any, options: dict[str, Any], device: str) -> None:
         pipe.vae.disable_tiling()
 
 
-def _sequential_offload(pipe: Any, device: str) -> None:
+def _sequential_offload(pipe: DiffusionPipeline, device: str) -> None:
     import torch
 
     target = torch.device(device)
@@ -96,7 +87,7 @@ def _sequential_offload(pipe: Any, device: str) -> None:
     from accelerate import cpu_offload
 
     pipe.remove_all_hooks()
-    pipe._offload_device = target
+    vars(pipe)["_offload_device"] = target  # where diffusers reads its execution device
     for name, component in pipe.components.items():
         if not isinstance(component, torch.nn.Module):
             continue

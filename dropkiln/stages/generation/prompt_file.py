@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from dropkiln.config import Settings
+from dropkiln.options import GenerateSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.generation.schedulers import SCHEDULER_NAMES
 
@@ -75,6 +75,20 @@ class ControlRef(FileModel):
 
 
 MAX_CONTROLS = 4
+
+
+class ReferenceRef(FileModel):
+    """A reference image (IP-Adapter) for one entry; ``image`` is absolute once loaded."""
+
+    image: Annotated[str, Field(min_length=1)]
+    weight: float = Field(0.6, ge=0, le=2)
+    """How strongly the image steers (diffusers' IP-Adapter scale; 0: not at all)."""
+    adapter: Annotated[str, Field(min_length=1)] = "tiny"
+    """``tiny`` (with the tiny models) or an IP-Adapter .safetensors file under
+    state/models, with its ``image_encoder/`` folder beside it."""
+
+
+MAX_REFERENCES = 4
 
 
 def _multiple_of_8(value: int) -> int:
@@ -137,11 +151,23 @@ class ImageEntry(ImageDefaults):
     """img2img/inpainting: how much of ``init_image`` is noised away (1: all of it)."""
     mask: Annotated[str, Field(min_length=1)] | None = None
     """Inpainting: a single-channel image, white where ``init_image`` is repainted."""
+    reference: (
+        Annotated[list[ReferenceRef], Field(min_length=1, max_length=MAX_REFERENCES)] | None
+    ) = None
+    """Reference images (IP-Adapter), one table or a list, each with its own weight."""
 
-    @field_validator("control", mode="before")
+    @field_validator("control", "reference", mode="before")
     @classmethod
     def _one_or_several(cls, value: Any) -> Any:
-        return [value] if isinstance(value, dict | ControlRef) else value
+        return [value] if isinstance(value, dict | ControlRef | ReferenceRef) else value
+
+    @field_validator("reference")
+    @classmethod
+    def _one_adapter(cls, value: list[ReferenceRef] | None) -> list[ReferenceRef] | None:
+        # diffusers holds one image encoder per pipeline: the references share an adapter
+        if value is not None and len({reference.adapter for reference in value}) > 1:
+            raise ValueError("every reference of an entry must name the same adapter")
+        return value
 
     @model_validator(mode="after")
     def _image_inputs_fit_together(self) -> ImageEntry:
@@ -225,6 +251,7 @@ class ImageTask(FileModel):
     init_image: str | None = None
     strength: float = 0.75
     mask: str | None = None
+    reference: list[ReferenceRef] | None = None
     batch_size: int | None = None
     """How many images to render per call, not what an image depicts (left out of digests)."""
 
@@ -318,8 +345,10 @@ class _RawFile(FileModel):
     video: VideoOptions | None = None
 
 
-def load_prompt_file(path: Path, settings: Settings) -> PromptFile:
-    """Read and validate a prompt file; a ``StageError`` says what is wrong and where."""
+def load_prompt_file(path: Path, settings: GenerateSettings) -> PromptFile:
+    """Read and validate a prompt file; a ``StageError`` says what is wrong and where.
+
+    ``settings`` (dropkiln.toml's ``[generate]``) give the defaults under the file's own."""
     path = Path(path)
     label = path.name
     if path.suffix.lower() not in PROMPT_SUFFIXES:
@@ -349,10 +378,10 @@ def _parse_text(text: str, suffix: str, label: str) -> Any:
         raise StageError(f"{label}: not valid JSON: {exc}") from exc
 
 
-def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptFile:
+def _validate(raw: Any, label: str, folder: Path, settings: GenerateSettings) -> PromptFile:
     if not isinstance(raw, dict):
         raise StageError(f"{label}: the top level must be a table/object")
-    context = {"max_pixels": settings.generate.max_pixels}
+    context = {"max_pixels": settings.max_pixels}
     top = _checked(_RawFile, raw, label, "", context)
     if not top.image:
         raise StageError(f"{label}: no [[image]] entries")
@@ -383,6 +412,14 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
             image = image.model_copy(update={"control": controls})
         if image.init_image is not None:
             image = _resolve_img2img(image, folder, f"{label}: {where}")
+        if image.reference is not None:
+            several = isinstance(entry.get("reference"), list)
+            references = []
+            for position, reference in enumerate(image.reference):
+                field = f"{label}: {where}reference" + (f"[{position}]" if several else "")
+                resolved = _resolve_image(reference.image, folder, f"{field}.image")
+                references.append(reference.model_copy(update={"image": resolved}))
+            image = image.model_copy(update={"reference": references})
         images.append(image)
     total = sum(image.count for image in images)
     if total > MAX_IMAGES:
@@ -405,8 +442,7 @@ def _validate(raw: Any, label: str, folder: Path, settings: Settings) -> PromptF
     return prompt_file
 
 
-def _settings_defaults(settings: Settings) -> dict[str, Any]:
-    g = settings.generate
+def _settings_defaults(g: GenerateSettings) -> dict[str, Any]:
     return {
         "steps": g.steps,
         "guidance": g.guidance,
@@ -537,4 +573,8 @@ def _check_video(prompt_file: PromptFile, label: str) -> None:
         if image.init_image is not None:
             raise StageError(
                 f"{label}: image[{number}].init_image: not supported with a latent-walk video"
+            )
+        if image.reference is not None:
+            raise StageError(
+                f"{label}: image[{number}].reference: not supported with a latent-walk video"
             )

@@ -27,7 +27,7 @@ def inference_dtype(device: str) -> torch.dtype:
 
     In float16, diffusers decodes with the VAE upcast to float32 when the VAE's config
     says it overflows (SDXL's ``force_upcast``), or a fp16-fix VAE is given (``vae``)."""
-    from dropkiln.stages.training.encoding import compute_dtype
+    from dropkiln.stages.models.encoding import compute_dtype
 
     return compute_dtype(device)
 

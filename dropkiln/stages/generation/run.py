@@ -6,6 +6,7 @@ import hashlib
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +30,14 @@ from dropkiln.stages.generation.png_files import (
     read_dropkiln_record,
     write_png,
 )
+from dropkiln.stages.generation.png_writer import PngWriter
 from dropkiln.stages.generation.prompt_file import ImageTask
+from dropkiln.stages.generation.references import (
+    adapter_file,
+    attach_references,
+    detach_references,
+    reference_inputs,
+)
 from dropkiln.stages.generation.render import (
     StepCallback,
     batch_key,
@@ -85,6 +93,7 @@ class GenerationRun:
         self._stopping = False
         self._keyframes: dict[int, tuple[dict[str, Any], Any]] = {}
         self._schedulers: dict[str, Any] = {}
+        self._writer = PngWriter()
 
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
@@ -98,6 +107,9 @@ class GenerationRun:
             with inside(middle_block(pipe.vae.decoder), self._in_decode):
                 yield
         finally:
+            # after an error too, what is on disk is recorded (and its batch checkpointed)
+            self._writer.settle_quietly()
+            self._writer.close()
             self._deactivate()
             pipe.scheduler = original_scheduler
             if self.spec.loras:
@@ -129,11 +141,14 @@ class GenerationRun:
             lead = tasks[0]
             pipe = self._pipeline_for(lead)
             self._use_scheduler(pipe, lead.scheduler)
-            inputs = init_inputs(lead)
+            inputs: dict[str, object] = dict(init_inputs(lead))
             if lead.control is not None:
                 inputs.update(control_inputs(lead.control, f"image[{lead.entry}]"))
+            if lead.reference is not None:
+                inputs.update(reference_inputs(pipe, lead.reference, f"image[{lead.entry}]"))
             on_step_end = self._on_step_end("image", self.tasks[first].index, len(missing))
             images = render_batch(pipe, tasks, on_step_end, inputs)
+            self._writer.settle()  # the batch before was written while this one denoised
             if self._stopping:
                 self._stop_now("images", first)
             for position, task, image in zip(batch, tasks, images, strict=True):
@@ -145,9 +160,18 @@ class GenerationRun:
                     checkpoint_hashes(self.model).sha256,
                     self.lora_records,
                 )
-                self._write(image, paths[position], records[position], parameters, "image")
-            self.ctx.checkpoint({"phase": "images", "done": last + 1, "last": paths[last].name})
+                self.ctx.fault("generate.image")
+                info = png_info(parameters, records[position])
+                self._writer.submit(image, paths[position], info, self._image_written)
+            checkpoint = {"phase": "images", "done": last + 1, "last": paths[last].name}
+            self._writer.then(partial(self.ctx.checkpoint, checkpoint))
+        self._writer.settle()
         return paths
+
+    def _image_written(self, target: Path) -> None:
+        self.ctx.fault("generate.written")
+        self.rendered += 1
+        self.ctx.artifact(target, "image")
 
     def _batches(self) -> Iterator[list[int]]:
         """Runs of images that can share a call, each at most the rung's batch size."""
@@ -190,7 +214,7 @@ class GenerationRun:
             if self._stopping:
                 self._stop_now("walk", frame.index)
             parameters = f"latent walk frame {frame.index}: {frame.mix:.3f} from {frame.first}"
-            self._write(image, target, record, parameters, None)
+            self._write_frame(image, target, record, parameters)
             self.ctx.checkpoint({"phase": "walk", "done": frame.index + 1, "last": target.name})
         return paths
 
@@ -198,11 +222,19 @@ class GenerationRun:
         """The ``dropkiln`` chunk: what the image depicts (digested), and how it was made."""
         # the batch size says how an image was rendered, not what it shows
         unused = {"batch_size"} | (set() if task.init_image else {"init_image", "strength", "mask"})
+        if task.reference is None:
+            unused.add("reference")  # records from before references keep their digests
         image = task.model_dump(mode="json", exclude=unused)
         if task.control is not None:
             controls = [control_record(control) for control in task.control]
             # one ControlNet is recorded as before there could be several: same digest
             image["control"] = controls[0] if len(controls) == 1 else controls
+        if task.reference is not None:
+            image["reference"] = [
+                {**reference, "image": Path(reference["image"]).name,
+                 "sha256": image_digest(reference["image"])}
+                for reference in image["reference"]
+            ]  # fmt: skip
         for field in ("init_image", "mask"):
             if image.get(field):
                 source = Path(image[field])
@@ -239,20 +271,13 @@ class GenerationRun:
     def _model_label(self) -> str:
         return model_label(self.model.name)
 
-    def _write(
-        self,
-        image: Image.Image,
-        target: Path,
-        record: dict[str, Any],
-        parameters: str,
-        artifact_kind: str | None,
+    def _write_frame(
+        self, image: Image.Image, target: Path, record: dict[str, Any], parameters: str
     ) -> None:
         self.ctx.fault("generate.image")
         write_png(image, target, png_info(parameters, record))
         self.ctx.fault("generate.written")
         self.rendered += 1
-        if artifact_kind:
-            self.ctx.artifact(target, artifact_kind)
 
     def _skip(self, steps: int) -> None:
         self.skipped += 1
@@ -261,6 +286,7 @@ class GenerationRun:
 
     def _stop_point(self, phase: str, done: int) -> None:
         if self.ctx.should_stop():
+            self._writer.settle()
             self.ctx.checkpoint({"phase": phase, "done": done})
             raise StageStopped(f"generate {self.spec.name} stopped before {phase} {done}")
 
@@ -302,6 +328,9 @@ class GenerationRun:
         mode = image_mode(task)
         models = [control.model for control in task.control or []]
         key = "control:" + "+".join(models) if models else mode
+        references = task.reference or []
+        if references:
+            key = f"{key}|reference:{references[0].adapter}x{len(references)}"
         if self._active is not None and self._active[0] == key:
             return self._active[1]
         self._deactivate()
@@ -317,15 +346,21 @@ class GenerationRun:
             pipeline = control_pipeline(self._base, controlnets)
         elif mode is not None:
             pipeline = init_pipeline(self._base, mode)
+        if references:
+            models_dir = self.ctx.root / "state" / "models"
+            adapter = adapter_file(references[0].adapter, self.model, models_dir)
+            attach_references(pipeline, adapter, len(references), self.ctx.device, self.dtype)
         self._active = (key, pipeline)
         apply_rung(pipeline, self.rung.options, self.ctx.device)
         return pipeline
 
     def _deactivate(self) -> None:
         if self._active is not None:
-            pipeline = self._active[1]
+            key, pipeline = self._active
             self._active = None
             undo_rung(pipeline, self.rung.options, self.ctx.device)
+            if key is not None and "|reference:" in key:
+                detach_references(pipeline)
 
     def _use_scheduler(self, pipe: Any, name: str) -> None:
         # one per name and job: every pipeline call starts with set_timesteps, which resets

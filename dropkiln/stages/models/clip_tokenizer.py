@@ -18,11 +18,14 @@ import gzip
 import importlib.metadata
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from dropkiln.stages.base import StageError
 from dropkiln.stages.models.offline import enforce_offline
 from dropkiln.stages.models.tokenizer import BOS_TOKEN, END_OF_WORD, EOS_TOKEN, bytes_to_unicode
+
+if TYPE_CHECKING:
+    from transformers import CLIPTokenizer
 
 VOCAB_DISTRIBUTION = "open-clip-torch"
 VOCAB_FILE = "open_clip/bpe_simple_vocab_16e6.txt.gz"
@@ -64,7 +67,7 @@ def clip_vocabulary() -> tuple[dict[str, int], tuple[tuple[str, ...], ...]]:
     return {token: index for index, token in enumerate(tokens)}, merges
 
 
-def clip_tokenizer(pad: PadStyle = "endoftext") -> Any:
+def clip_tokenizer(pad: PadStyle = "endoftext") -> CLIPTokenizer:
     """A transformers CLIPTokenizer with CLIP's vocabulary, 77 tokens long, padding as ``pad``."""
     enforce_offline()
     from transformers import CLIPTokenizer

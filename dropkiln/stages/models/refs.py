@@ -38,10 +38,6 @@ class ModelRef:
     vae: Path | None = None
     """A standalone VAE file used in place of the model's own (the ``vae`` setting)."""
 
-    @property
-    def short_fingerprint(self) -> str:
-        return self.fingerprint[:16]
-
 
 def resolve_model(
     ref: str, models_dir: Path, config_root: Path | None = None, vae: str | None = None
@@ -164,8 +160,3 @@ def _memoised_sha256(path: Path, data_only: bool) -> str:
     with _memo_lock:
         _memo[key] = value
     return value
-
-
-def clear_fingerprint_memo() -> None:
-    with _memo_lock:
-        _memo.clear()

@@ -10,10 +10,13 @@ file's sha256 is pinned here and checked before the weights are used.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.models.shapes_scenes import WORDS
 from dropkiln.stages.models.tokenizer import CAPTION_WORDS, special_token_ids
+
+if TYPE_CHECKING:
+    from transformers import CLIPTextConfig
 
 SHAPES_WORDS = (*CAPTION_WORDS, *WORDS)
 """The tokenizer's whole words: the common caption words and the scene words."""
@@ -38,7 +41,7 @@ def shapes_architecture() -> dict[str, Any]:
 
     bos, eos = special_token_ids(SHAPES_WORDS)
 
-    def text_config(width: int) -> Any:
+    def text_config(width: int) -> CLIPTextConfig:
         return tiny_text_config(width, bos, eos)
 
     components: dict[str, Any] = {

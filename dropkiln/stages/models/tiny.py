@@ -28,6 +28,7 @@ from dropkiln.stages.models.tokenizer import (
 
 if TYPE_CHECKING:
     import torch
+    from transformers import CLIPTextConfig
 
 TinyName = Literal["tiny-shapes", "tiny-sdxl", "tiny-sd15"]
 TINY_NAMES: tuple[TinyName, ...] = ("tiny-shapes", "tiny-sdxl", "tiny-sd15")
@@ -99,7 +100,7 @@ def tiny_components(name: TinyName) -> dict[str, Any]:
     sdxl = name == "tiny-sdxl"
     bos, eos = special_token_ids()
 
-    def text_config(width: int) -> Any:
+    def text_config(width: int) -> CLIPTextConfig:
         return tiny_text_config(width, bos, eos)
 
     components: dict[str, Any] = {"text_encoder": CLIPTextModel(text_config(TEXT_WIDTH))}
@@ -251,7 +252,7 @@ def _fan_ins(module: torch.nn.Module) -> dict[str, float]:
     return bounds
 
 
-def tiny_text_config(width: int, bos: int, eos: int) -> Any:
+def tiny_text_config(width: int, bos: int, eos: int) -> CLIPTextConfig:
     """The CLIP text encoder of the built-in models: 3 layers at ``width``, the local
     tokenizer's vocabulary (its end token is the last id and pads)."""
     from transformers import CLIPTextConfig

@@ -11,13 +11,14 @@ architecture with 4 latent channels, so a VAE fits either family's model; a 16-c
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Literal
 
 from dropkiln.stages.base import StageError
 from dropkiln.stages.models.single_file import read_header, tensor_shape
 
 if TYPE_CHECKING:
     import torch
+    from diffusers import AutoencoderKL
 
 VaeLayout = Literal["diffusers", "ldm"]
 LATENT_CHANNELS = 4
@@ -58,7 +59,7 @@ def _latent_channels(path: Path, keys: list[str]) -> int:
     return shape[1] if len(shape) > 1 else 0
 
 
-def load_vae(path: Path, config_dir: Path, dtype: torch.dtype) -> Any:
+def load_vae(path: Path, config_dir: Path, dtype: torch.dtype) -> AutoencoderKL:
     """The AutoencoderKL in ``path`` with the model's VAE config (``config_dir``/vae)."""
     from diffusers import AutoencoderKL
     from safetensors.torch import load_file

@@ -9,12 +9,22 @@ from __future__ import annotations
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-if TYPE_CHECKING:
-    import torch
+import torch
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import recurse_remove_peft_layers
+from peft import LoraConfig, inject_adapter_in_model
+from peft.tuners.tuners_utils import BaseTunerLayer
+from peft.utils import get_peft_model_state_dict
+from transformers.modeling_utils import PreTrainedModel
+
+from dropkiln.options import TrainSettings
+from dropkiln.stages.training.pipeline import TrainingPipeline
 
 ADAPTER = "dropkiln_train"
+TrainedModel = ModelMixin | PreTrainedModel
+"""A diffusers UNet, or a transformers text encoder."""
 TEXT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "out_proj"]
 ATTENTION_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 # kohya's networks/lora.py without conv_dim: every Linear and 1x1 Conv2d inside a
@@ -28,7 +38,7 @@ TARGET_PRESETS = {
 }
 
 
-def target_modules(options: Any, component: str) -> list[str]:
+def target_modules(options: TrainSettings, component: str) -> list[str]:
     """The module names peft targets in ``component``: a preset's, or the listed ones (UNet)
     with the attention set in the text encoders."""
     targets = options.target_modules
@@ -42,7 +52,8 @@ def target_modules(options: Any, component: str) -> list[str]:
 class TrainableModels:
     """The models that carry this run's LoRA, by pipeline component name."""
 
-    models: dict[str, Any]
+    models: dict[str, TrainedModel]
+    """The UNet, and the text encoders when they are trained."""
     rank: int
     alpha: float
     trainable: dict[str, torch.nn.Parameter] = field(default_factory=dict)
@@ -56,31 +67,27 @@ class TrainableModels:
 
     def lora_state(self, component: str) -> dict[str, torch.Tensor]:
         """The component's LoRA weights in PEFT key format (no adapter name)."""
-        from peft.utils import get_peft_model_state_dict
-
         state: dict[str, torch.Tensor] = get_peft_model_state_dict(
             self.models[component], adapter_name=ADAPTER
         )
         return {k: v.detach().float().cpu().contiguous() for k, v in state.items()}
 
     def adapter_config(self, component: str) -> dict[str, Any]:
-        config = self.models[component].peft_config[ADAPTER].to_dict()
+        config: dict[str, Any] = _peft_configs(self.models[component])[ADAPTER].to_dict()
         return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
 
 
 @contextmanager
 def lora_adapters(
-    pipe: Any, options: Any, gradient_checkpointing: bool
+    pipe: TrainingPipeline, options: TrainSettings, gradient_checkpointing: bool
 ) -> Iterator[TrainableModels]:
     """Add this run's LoRA to the UNet (and text encoders when trained); remove it after."""
-    from peft import LoraConfig
-
     rank = options.rank
     alpha = float(options.alpha if options.alpha is not None else options.rank)
     components = ["unet"]
     if options.train_text_encoder:
         components += [c for c in ("text_encoder", "text_encoder_2") if getattr(pipe, c, None)]
-    models = {name: getattr(pipe, name) for name in components}
+    models: dict[str, TrainedModel] = {name: getattr(pipe, name) for name in components}
     for model in _frozen_parts(pipe):
         model.requires_grad_(False)
     try:
@@ -109,55 +116,53 @@ def lora_adapters(
             model.requires_grad_(False)
 
 
-def _attach(model: Any, config: Any) -> None:
+def _attach(model: TrainedModel, config: LoraConfig) -> None:
     """Inject this run's adapter with peft itself and make it the only active one.
 
     transformers' ``add_adapter`` refuses peft releases older than the one it was built
     against (5.24 wants a peft that does not exist yet), so the models get their layers from
     peft directly, as diffusers' own loaders do; ``peft_config`` is kept for the exporters.
     """
-    from peft import inject_adapter_in_model
-
     inject_adapter_in_model(config, model, adapter_name=ADAPTER)
-    configs = dict(getattr(model, "peft_config", None) or {})
-    configs[ADAPTER] = config
+    # peft and transformers each declare their own config type for this attribute
+    configs: dict[str, Any] = {**_peft_configs(model), ADAPTER: config}
     model.peft_config = configs
     for layer in _tuner_layers(model):
         # Only this run's adapter may shape the training forward pass.
         layer.set_adapter(ADAPTER)
 
 
-def _tuner_layers(model: Any) -> list[Any]:
-    from peft.tuners.tuners_utils import BaseTunerLayer
+def _peft_configs(model: torch.nn.Module) -> dict[str, LoraConfig]:
+    """The adapters' configs peft keeps on the model (none: empty)."""
+    configs: dict[str, LoraConfig] = getattr(model, "peft_config", None) or {}
+    return configs
 
+
+def _tuner_layers(model: torch.nn.Module) -> list[BaseTunerLayer]:
     return [m for m in model.modules() if isinstance(m, BaseTunerLayer)]
 
 
-def _frozen_parts(pipe: Any) -> list[Any]:
-    import torch
-
+def _frozen_parts(pipe: TrainingPipeline) -> list[torch.nn.Module]:
     return [c for c in pipe.components.values() if isinstance(c, torch.nn.Module)]
 
 
-def _enable_checkpointing(model: Any) -> None:
-    if hasattr(model, "enable_gradient_checkpointing"):
+def _enable_checkpointing(model: TrainedModel) -> None:
+    if isinstance(model, ModelMixin):
         model.enable_gradient_checkpointing()
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
-def _disable_checkpointing(model: Any) -> None:
-    if hasattr(model, "disable_gradient_checkpointing"):
+def _disable_checkpointing(model: TrainedModel) -> None:
+    if isinstance(model, ModelMixin):
         model.disable_gradient_checkpointing()
-    elif getattr(model, "is_gradient_checkpointing", False):
+    elif model.is_gradient_checkpointing:
         model.gradient_checkpointing_disable()
 
 
-def _remove_adapter(model: Any) -> None:
-    from diffusers.utils import recurse_remove_peft_layers
-
-    config = getattr(model, "peft_config", None)
-    if not config or ADAPTER not in config:
+def _remove_adapter(model: TrainedModel) -> None:
+    config = _peft_configs(model)
+    if ADAPTER not in config:
         return
     if any(name != ADAPTER for name in config):
         # Other adapters live on this model too: delete only ours.

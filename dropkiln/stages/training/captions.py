@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable, Mapping
-from typing import Any
+
+import numpy as np
+
+from dropkiln.options import TrainSettings
 
 
 def split_tags(caption: str) -> list[str]:
@@ -15,12 +18,12 @@ def join_tags(tags: Iterable[str]) -> str:
     return ", ".join(tags)
 
 
-def needs_text_encoder(options: Any) -> bool:
+def needs_text_encoder(options: TrainSettings) -> bool:
     """True when captions vary per step (so they are encoded on the fly, not cached)."""
     return bool(options.shuffle_tags or options.tag_dropout > 0 or options.train_text_encoder)
 
 
-def augment_caption(caption: str, rng: Any, options: Any) -> str:
+def augment_caption(caption: str, rng: np.random.Generator, options: TrainSettings) -> str:
     """The caption as one training step sees it.
 
     Caption dropout replaces the whole caption with the empty one (what unconditional

@@ -12,17 +12,29 @@ import random
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from dropkiln.stages.base import fsync_dir, write_file
 
 TENSORS = "tensors.safetensors"
 STATE = "state.json"
 
 
-def flatten(value: Any, tensors: dict[str, Any], prefix: str) -> Any:
-    """JSON-safe structure with tensors and arrays moved into ``tensors`` (by name)."""
-    import numpy as np
-    import torch
+class RngState(TypedDict, total=False):
+    """The global generators' states, as ``capture_global_rng`` takes them."""
 
+    torch: torch.Tensor
+    python: tuple[Any, ...]
+    numpy: dict[str, Any]
+    cuda: list[torch.Tensor]
+
+
+def flatten(value: object, tensors: dict[str, torch.Tensor], prefix: str) -> object:
+    """JSON-safe structure with tensors and arrays moved into ``tensors`` (by name)."""
     if isinstance(value, torch.Tensor):
         tensors[prefix] = value.detach().cpu().contiguous()
         return {"__tensor__": prefix}
@@ -42,7 +54,7 @@ def flatten(value: Any, tensors: dict[str, Any], prefix: str) -> Any:
     raise TypeError(f"cannot checkpoint {type(value).__name__} at {prefix}")
 
 
-def unflatten(value: Any, tensors: dict[str, Any]) -> Any:
+def unflatten(value: Any, tensors: dict[str, torch.Tensor]) -> Any:
     """Inverse of ``flatten``."""
     if isinstance(value, list):
         return [unflatten(v, tensors) for v in value]
@@ -59,12 +71,9 @@ def unflatten(value: Any, tensors: dict[str, Any]) -> Any:
     return {k: unflatten(v, tensors) for k, v in value["__dict__"].items()}
 
 
-def capture_global_rng(device: str) -> dict[str, Any]:
+def capture_global_rng(device: str) -> RngState:
     """torch (CPU and CUDA), Python and numpy global RNG states."""
-    import numpy as np
-    import torch
-
-    state: dict[str, Any] = {
+    state: RngState = {
         "torch": torch.get_rng_state(),
         "python": random.getstate(),
         "numpy": np.random.get_state(legacy=False),
@@ -74,10 +83,7 @@ def capture_global_rng(device: str) -> dict[str, Any]:
     return state
 
 
-def restore_global_rng(state: dict[str, Any]) -> None:
-    import numpy as np
-    import torch
-
+def restore_global_rng(state: RngState) -> None:
     torch.set_rng_state(state["torch"])
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
@@ -87,11 +93,7 @@ def restore_global_rng(state: dict[str, Any]) -> None:
 
 def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
     """Write ``state`` (nested dicts of tensors and plain values) as a checkpoint folder."""
-    from safetensors.torch import save
-
-    from dropkiln.stages.base import write_file
-
-    tensors: dict[str, Any] = {}
+    tensors: dict[str, torch.Tensor] = {}
     structure = flatten(state, tensors, "s")
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
@@ -104,7 +106,7 @@ def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
         if folder.exists():
             shutil.rmtree(folder)
         staging.rename(folder)
-        _fsync_dir(folder.parent)
+        fsync_dir(folder.parent)
     finally:
         if staging.exists():
             shutil.rmtree(staging)
@@ -113,8 +115,6 @@ def write_checkpoint(folder: Path, state: dict[str, Any]) -> Path:
 
 def read_checkpoint(folder: Path) -> dict[str, Any]:
     """The state a checkpoint folder holds; raises OSError/ValueError when it is damaged."""
-    from safetensors.torch import load_file
-
     tensors = load_file(str(folder / TENSORS))
     structure = json.loads((folder / STATE).read_text())
     result: dict[str, Any] = unflatten(structure, tensors)
@@ -157,11 +157,3 @@ def fallback_checkpoints(parent: Path, recorded: str) -> list[str]:
             reverse=True,
         )  # fmt: skip
     return [recorded, *(f"{parent.name}/{name}" for name in older)]
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -6,19 +6,29 @@ bucket batches, so resuming needs only the position, and it is the same on every
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
+import numpy as np
+import torch
+from PIL import ImageOps
+
+from dropkiln.options import TrainSettings
 from dropkiln.stages.base import StageError
+from dropkiln.stages.bucket_manifest import UNCAPPED_FILE_BYTES, bucket_pixels
+from dropkiln.stages.cache import CacheIndex, IndexedImage, ShardRef
+from dropkiln.stages.models.encoding import (
+    encode_captions,
+    encode_latents,
+    pixels_to_tensor,
+    vae_for_encoding,
+)
+from dropkiln.stages.shards import CorruptShard, ShardStore
 from dropkiln.stages.training.captions import augment_caption, tag_loss_weight
 from dropkiln.stages.training.losses import NoiseDraw, draw_noise
-from dropkiln.stages.training.shards import CorruptShard, ShardStore
-
-if TYPE_CHECKING:
-    import torch
+from dropkiln.stages.training.pipeline import TrainingPipeline
 
 Size = tuple[int, int]
 
@@ -27,20 +37,33 @@ Size = tuple[int, int]
 class CachedImage:
     caption: str
     bucket: Size
-    latents: torch.Tensor
-    flipped: torch.Tensor | None
-    time_ids: torch.Tensor
-    flipped_time_ids: torch.Tensor
+    planned: IndexedImage
+    """Its entry in the cache index: the latents' shard and the size conditioning."""
+    has_flipped: bool
     weight: float
 
 
 @dataclass
 class CachedDataset:
+    """The dataset as training sees it: the cache index's entries, with the tensors read
+    from their shards when a batch needs them.
+
+    Nothing of the dataset stays on the device between batches: latents and text-encoder
+    outputs stream from the memory-mapped safetensors shards (the OS page cache keeps the
+    hot ones), so device memory does not grow with the number of images. Every shard was
+    verified when the dataset was loaded; a read still checks its hash, and a shard damaged
+    since is re-encoded again rather than trained on.
+    """
+
     name: str
     kind: str
     images: list[CachedImage]
-    text: dict[str, dict[str, torch.Tensor]]
-    """Cached text-encoder outputs by caption (the exact captions and the empty one)."""
+    text: dict[str, ShardRef]
+    """The cached text-encoder outputs' shard by caption (the exact captions and the empty one)."""
+    shards: ShardStore
+    device: str
+    repair: Callable[[str, ShardRef], dict[str, torch.Tensor]]
+    """Re-encode a damaged shard (kind "latents" or "text"; the ShardRef names it)."""
     repaired: int = 0
 
     def buckets(self) -> dict[Size, list[int]]:
@@ -54,106 +77,88 @@ class CachedDataset:
         groups = self.buckets()
         return max(groups, key=lambda size: (len(groups[size]), size))
 
+    def latents(self, image: CachedImage, flipped: bool) -> torch.Tensor:
+        """The image's latents (or its mirror's) on the device."""
+        tensors = self._read("latents", image.planned.latents)
+        return tensors["latents_flipped" if flipped else "latents"].to(self.device)
 
-def read_index(path: Path | str) -> dict[str, Any]:
-    try:
-        index: dict[str, Any] = json.loads(Path(path).read_text())
-    except (OSError, ValueError) as exc:
-        raise StageError(f"latent cache index {path} is unreadable: {exc}") from exc
-    if index.get("format") != "dropkiln.latent-cache":
-        raise StageError(f"{path} is not a latent cache index")
-    return index
+    def time_ids(self, image: CachedImage, flipped: bool) -> torch.Tensor:
+        planned = image.planned
+        crop = planned.flipped_crop_top_left if flipped else planned.crop_top_left
+        return _time_ids(planned, crop, self.device)
+
+    def text_outputs(self, caption: str) -> dict[str, torch.Tensor]:
+        """The cached text-encoder outputs of an exact caption (or the empty one)."""
+        return {k: v.to(self.device) for k, v in self._read("text", self.text[caption]).items()}
+
+    def _read(self, kind: str, ref: ShardRef) -> dict[str, torch.Tensor]:
+        try:
+            return self.shards.read(ref.shard, ref.key)
+        except CorruptShard:
+            self.repaired += 1
+            return self.repair(kind, ref)
 
 
 def load_cached_dataset(
-    index: dict[str, Any], pipe: Any, device: str, tag_weights: dict[str, float]
+    index: CacheIndex, pipe: TrainingPipeline, device: str, tag_weights: dict[str, float]
 ) -> CachedDataset:
-    """Every shard the index names, verified; a damaged shard is re-encoded first."""
+    """Every shard the index names, verified (a damaged one is re-encoded), not kept."""
+    store = ShardStore(Path(index.cache_dir))
+    by_ref = {image.latents: image for image in index.images}
+    captions = {image.text: image.caption for image in index.images} | {index.empty_text: ""}
 
-    store = ShardStore(Path(index["cache_dir"]))
-    repaired = 0
-    text: dict[str, dict[str, torch.Tensor]] = {}
-    entries = [("", index["empty_text"])] + [(e["caption"], e["text"]) for e in index["images"]]
-    for caption, entry in entries:
-        if caption in text:
-            continue
-        try:
-            tensors = store.read(entry["shard"], entry["key"])
-        except CorruptShard:
-            tensors = _reencode_text(pipe, store, caption, entry)
-            repaired += 1
-        text[caption] = {k: v.to(device) for k, v in tensors.items()}
-    images = []
-    for entry in index["images"]:
-        try:
-            tensors = store.read(entry["latents"]["shard"], entry["latents"]["key"])
-        except CorruptShard:
-            tensors = _reencode_latents(pipe, store, index, entry)
-            repaired += 1
-        if index["flip_augment"] and "latents_flipped" not in tensors:
-            raise StageError(f"cached latents of {entry['path']} lack the flipped variant")
-        flipped = tensors.get("latents_flipped")
-        images.append(
+    def repair(kind: str, ref: ShardRef) -> dict[str, torch.Tensor]:
+        if kind == "text":
+            return _reencode_text(pipe, store, captions[ref], ref)
+        return _reencode_latents(pipe, store, index, by_ref[ref])
+
+    text = {"": index.empty_text} | {image.caption: image.text for image in index.images}
+    dataset = CachedDataset(index.name, index.model.kind, [], text, store, device, repair)
+    for ref in dict.fromkeys(text.values()):
+        dataset._read("text", ref)
+    for image in index.images:
+        tensors = dataset._read("latents", image.latents)
+        if index.flip_augment and "latents_flipped" not in tensors:
+            raise StageError(f"cached latents of {image.path} lack the flipped variant")
+        dataset.images.append(
             CachedImage(
-                caption=entry["caption"],
-                bucket=(entry["bucket"][0], entry["bucket"][1]),
-                latents=tensors["latents"].to(device),
-                flipped=None if flipped is None else flipped.to(device),
-                time_ids=_time_ids(entry, entry["crop_top_left"], device),
-                flipped_time_ids=_time_ids(entry, entry["flipped_crop_top_left"], device),
-                weight=tag_loss_weight(entry["caption"], tag_weights),
+                caption=image.caption,
+                bucket=image.bucket,
+                planned=image,
+                has_flipped="latents_flipped" in tensors,
+                weight=tag_loss_weight(image.caption, tag_weights),
             )
         )
-    return CachedDataset(index["name"], index["model"]["kind"], images, text, repaired)
+    return dataset
 
 
-def _time_ids(entry: dict[str, Any], crop_top_left: list[int], device: str) -> torch.Tensor:
+def _time_ids(image: IndexedImage, crop_top_left: tuple[int, int], device: str) -> torch.Tensor:
     """SDXL size conditioning: original (h, w), crop (top, left), target (h, w)."""
-    import torch
-
-    (orig_w, orig_h), (bucket_w, bucket_h) = entry["original_size"], entry["bucket"]
+    (orig_w, orig_h), (bucket_w, bucket_h) = image.original_size, image.bucket
     values = [orig_h, orig_w, crop_top_left[0], crop_top_left[1], bucket_h, bucket_w]
     return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def _reencode_text(
-    pipe: Any, store: ShardStore, caption: str, entry: dict[str, str]
+    pipe: TrainingPipeline, store: ShardStore, caption: str, entry: ShardRef
 ) -> dict[str, torch.Tensor]:
-    import torch
-
-    from dropkiln.stages.training.encoding import encode_captions
-
     with torch.no_grad():
         encoded = encode_captions(pipe, [caption])
     tensors = {k: v[0].detach().cpu() for k, v in encoded.items()}
-    store.write("text", entry["key"], tensors)
+    store.write("text", entry.key, tensors)
     return tensors
 
 
 def _reencode_latents(
-    pipe: Any, store: ShardStore, index: dict[str, Any], entry: dict[str, Any]
+    pipe: TrainingPipeline, store: ShardStore, index: CacheIndex, image: IndexedImage
 ) -> dict[str, torch.Tensor]:
-    from PIL import ImageOps
-
-    from dropkiln.stages.training.encoding import encode_latents, pixels_to_tensor, vae_for_encoding
-    from dropkiln.stages.training.manifest import Manifest, PlannedImage, load_bucket_pixels
-
-    planned = PlannedImage(
-        path=entry["path"],
-        sha256=entry["sha256"],
-        caption=entry["caption"],
-        original_size=tuple(entry["original_size"]),
-        resized_size=tuple(entry["resized_size"]),
-        bucket=tuple(entry["bucket"]),
-        crop_box=tuple(entry["crop_box"]),
-    )
-    picture = load_bucket_pixels(Manifest(index["name"], Path(index["dataset_dir"]), []), planned)
+    picture = bucket_pixels(Path(index.dataset_dir), image, UNCAPPED_FILE_BYTES)
     with vae_for_encoding(pipe, tiled=False) as vae:
         tensors = {"latents": encode_latents(vae, pixels_to_tensor([picture]))[0].cpu()}
-        if index["flip_augment"]:
+        if index.flip_augment:
             mirrored = pixels_to_tensor([ImageOps.mirror(picture)])
             tensors["latents_flipped"] = encode_latents(vae, mirrored)[0].cpu()
-    store.write("latents", entry["latents"]["key"], tensors)
+    store.write("latents", image.latents.key, tensors)
     return tensors
 
 
@@ -174,8 +179,6 @@ class DataOrder:
 
     @lru_cache(maxsize=2)  # noqa: B019 - one order object per training run
     def _epoch(self, epoch: int) -> tuple[tuple[int, ...], ...]:
-        import numpy as np
-
         rng = np.random.Generator(np.random.PCG64([self._seed, epoch]))
         batches: list[tuple[int, ...]] = []
         for indices in self._buckets.values():
@@ -221,27 +224,25 @@ class Batch:
 def assemble_batch(
     dataset: CachedDataset,
     indices: list[int],
-    rng: Any,
+    rng: np.random.Generator,
     generator: torch.Generator,
-    options: Any,
+    options: TrainSettings,
     num_train_timesteps: int,
     encode_on_the_fly: bool,
 ) -> Batch:
     """Flip choice and caption per image (numpy ``rng``), then the batch's noise draw."""
-    import torch
-
     latents, time_ids, captions, weights = [], [], [], []
     for index in indices:
         image = dataset.images[index]
-        flip = image.flipped is not None and bool(rng.random() < 0.5)
-        latents.append(image.flipped if flip and image.flipped is not None else image.latents)
-        time_ids.append(image.flipped_time_ids if flip else image.time_ids)
+        flip = image.has_flipped and bool(rng.random() < 0.5)
+        latents.append(dataset.latents(image, flip))
+        time_ids.append(dataset.time_ids(image, flip))
         captions.append(augment_caption(image.caption, rng, options))
         weights.append(image.weight)
     stacked = torch.stack(latents).float()
     cached_text = None
     if not encode_on_the_fly:
-        parts = [dataset.text[caption] for caption in captions]
+        parts = [dataset.text_outputs(caption) for caption in captions]
         cached_text = {key: torch.stack([p[key] for p in parts]) for key in parts[0]}
     device = stacked.device
     draw = draw_noise(stacked, generator, options, num_train_timesteps)

@@ -14,6 +14,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from dropkiln.options import TrainSettings
+from dropkiln.stages.models import ModelRef, checkpoint_hashes
+from dropkiln.stages.training.captions import tag_frequency
+from dropkiln.stages.training.lora_export import write_kohya
+from dropkiln.stages.training.session import TrainingSession
+
 STEP_FILE = re.compile(r"-step(\d{6,})\.safetensors$")
 
 
@@ -45,10 +51,9 @@ class LoraExports:
 
     name: str
     output_dir: Path
-    ref: Any
-    """The ModelRef trained on."""
-    options: Any
-    """TrainSettings."""
+    ref: ModelRef
+    """The model trained on."""
+    options: TrainSettings
     images: list[tuple[tuple[int, int], tuple[int, int]]]
     """(bucket, original size) per cached image, for kohya's bucket_info."""
     captions: list[str]
@@ -57,11 +62,8 @@ class LoraExports:
     mixed_precision: str
     gradient_checkpointing: bool
 
-    def facts(self, session: Any, steps: int) -> dict[str, Any]:
+    def facts(self, session: TrainingSession, steps: int) -> dict[str, Any]:
         """The facts kohya_metadata turns into ``ss_*`` keys, for the LoRA at ``steps``."""
-        from dropkiln.stages.models import checkpoint_hashes
-        from dropkiln.stages.training.captions import tag_frequency
-
         options, per_epoch = self.options, self.batches_per_epoch
         finished = datetime.datetime.now(datetime.UTC)
         # kohya draws a random session id per run; ours is the job's (name, options, model),
@@ -91,12 +93,10 @@ class LoraExports:
             "finished_date": finished.date().isoformat(),
         }
 
-    def write(self, path: Path, session: Any, steps: int) -> Path:
-        from dropkiln.stages.training.lora_export import write_kohya
-
+    def write(self, path: Path, session: TrainingSession, steps: int) -> Path:
         return write_kohya(path, session.models, self.facts(session, steps))
 
-    def write_step(self, session: Any, step: int) -> Path:
+    def write_step(self, session: TrainingSession, step: int) -> Path:
         """The LoRA of checkpoint ``step``, written atomically (the caller swaps in EMA)."""
         return self.write(step_lora_path(self.output_dir, self.name, step), session, step)
 

@@ -16,11 +16,56 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import psutil
+import torch
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
 
 from dropkiln.stages.base import StageContext, StageStopped
+from dropkiln.stages.fault_hooks import inside, middle_block
+from dropkiln.stages.generation.png_files import model_label
+from dropkiln.stages.models import ModelRef, checkpoint_hashes
+from dropkiln.stages.models.encoding import encode_captions
+from dropkiln.stages.training.checkpoint import (
+    RngState,
+    capture_global_rng,
+    prune_checkpoints,
+    restore_global_rng,
+)
+from dropkiln.stages.training.data import (
+    Batch,
+    CachedDataset,
+    CachedImage,
+    DataOrder,
+    assemble_batch,
+)
+from dropkiln.stages.training.exports import LoraExports
+from dropkiln.stages.training.losses import (
+    generation_scheduler,
+    min_snr_weights,
+    noisy_latents_and_target,
+    per_sample_mse,
+)
+from dropkiln.stages.training.phases import DevicePhases
+from dropkiln.stages.training.pipeline import TrainingPipeline
+from dropkiln.stages.training.report import (
+    CONTACT_SHEET,
+    ReportsStopped,
+    ValidationModel,
+    validation_images,
+    validation_sheet,
+    write_loss_csv,
+    write_loss_plot,
+)
+from dropkiln.stages.training.session import TrainingSession
+from dropkiln.stages.training.tracking import RunTracker, validation_batches
+
+if TYPE_CHECKING:
+    from dropkiln.stages.train import TrainSpec
 
 CHECKPOINTS = "checkpoints"
 
@@ -32,7 +77,7 @@ class Plan:
     micro_batch: int
     gradient_checkpointing: bool
     device: str
-    weight_dtype: Any
+    weight_dtype: torch.dtype
     autocast: bool
     fp16: bool
     mixed_precision: str
@@ -42,24 +87,25 @@ class Plan:
 class TrainingLoop:
     """One attempt's training: steps, checkpoints, progress and reports."""
 
-    spec: Any
-    """The TrainSpec: name, options (TrainSettings), output_dir."""
+    spec: TrainSpec
     ctx: StageContext
     plan: Plan
-    pipe: Any
-    session: Any
-    dataset: Any
-    order: Any
-    scheduler: Any
+    pipe: TrainingPipeline
+    session: TrainingSession
+    dataset: CachedDataset
+    order: DataOrder
+    scheduler: DDPMScheduler
     on_the_fly: bool
-    model: Any
-    """The ModelRef trained on (its name and checkpoint hash go into validation PNGs)."""
-    exports: Any
-    """LoraExports: writes the LoRA file of each checkpoint and the final one."""
-    tracker: Any
-    """RunTracker: TensorBoard event files."""
-    validation_set: Any
-    """The CachedImages of the validation loss (held out, or the first training images)."""
+    model: ModelRef
+    """The model trained on (its name and checkpoint hash go into validation PNGs)."""
+    exports: LoraExports
+    """Writes the LoRA file of each checkpoint and the final one."""
+    tracker: RunTracker
+    """TensorBoard event files."""
+    validation_set: list[CachedImage]
+    """The images of the validation loss (held out, or the first training images)."""
+    phases: DevicePhases
+    """Which models are on the device while stepping and while sampling."""
     grad_norm: float = 0.0
     """The last step's gradient norm, before clipping."""
     _measuring: bool = False
@@ -67,9 +113,10 @@ class TrainingLoop:
     _memory_at: float = -math.inf
 
     def run(self) -> None:
-        from dropkiln.stages.fault_hooks import inside, middle_block
-
-        with inside(middle_block(self.pipe.unet), self._in_forward, self._in_backward):
+        with (
+            self.phases.stepping(),
+            inside(middle_block(self.pipe.unet), self._in_forward, self._in_backward),
+        ):
             self._run()
 
     def _in_forward(self) -> None:
@@ -111,11 +158,6 @@ class TrainingLoop:
 
     def train_step(self) -> float:
         """One optimizer step: accumulate over bucket batches and their micro-batches."""
-        import torch
-
-        from dropkiln.stages.training.checkpoint import capture_global_rng
-        from dropkiln.stages.training.data import assemble_batch
-
         options, session = self.spec.options, self.session
         before = (
             session.data_rng.bit_generator.state,
@@ -131,7 +173,7 @@ class TrainingLoop:
                 session.data_rng,
                 session.noise_generator,
                 options,
-                self.scheduler.config.num_train_timesteps,
+                self.scheduler.config["num_train_timesteps"],
                 self.on_the_fly,
             )
             for position in positions
@@ -147,24 +189,17 @@ class TrainingLoop:
                 micro_batches += 1
                 micro = batch.rows(start, start + self.plan.micro_batch)
                 loss = self.micro_batch_loss(micro) / samples
-                if session.scaler is not None:
-                    session.scaler.scale(loss).backward()
-                else:
-                    loss.backward()
+                session.scaler.scale(loss).backward()
                 step_loss += float(loss.detach())
         params = session.models.parameters()
-        if session.scaler is not None:
-            session.scaler.unscale_(session.optimizer)
+        session.scaler.unscale_(session.optimizer)
         if options.max_grad_norm > 0:
             norm = torch.nn.utils.clip_grad_norm_(params, options.max_grad_norm)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self.grad_norm = float(norm)
-        if session.scaler is not None:
-            session.scaler.step(session.optimizer)
-            session.scaler.update()
-        else:
-            session.optimizer.step()
+        session.scaler.step(session.optimizer)
+        session.scaler.update()
         session.lr_scheduler.step()
         session.optimizer.zero_grad(set_to_none=True)
         if session.ema is not None:
@@ -172,26 +207,15 @@ class TrainingLoop:
         session.step += 1
         return step_loss
 
-    def _undo_step(self, before: tuple[Any, Any, Any]) -> None:
-        from dropkiln.stages.training.checkpoint import restore_global_rng
-
+    def _undo_step(self, before: tuple[Mapping[str, Any], torch.Tensor, RngState]) -> None:
         data_rng, noise, global_rng = before
         self.session.optimizer.zero_grad(set_to_none=True)
         self.session.data_rng.bit_generator.state = data_rng
         self.session.noise_generator.set_state(noise)
         restore_global_rng(global_rng)
 
-    def micro_batch_loss(self, batch: Any) -> Any:
+    def micro_batch_loss(self, batch: Batch) -> torch.Tensor:
         """Sum over the micro-batch of each image's weighted diffusion loss."""
-        import torch
-
-        from dropkiln.stages.training.encoding import encode_captions
-        from dropkiln.stages.training.losses import (
-            min_snr_weights,
-            noisy_latents_and_target,
-            per_sample_mse,
-        )
-
         noisy, target = noisy_latents_and_target(self.scheduler, batch.latents, batch.draw)
         if batch.cached_text is not None:
             text = batch.cached_text
@@ -225,17 +249,12 @@ class TrainingLoop:
         if now - self._memory_at >= 1.0:
             self._memory_at = now
             if self.plan.device.startswith("cuda"):
-                import torch
-
                 self._memory = int(torch.cuda.memory_allocated(self.plan.device))
             else:
                 self._memory = _process_rss()
         return self._memory
 
     def checkpoint(self, reports: bool) -> None:
-        from dropkiln.stages.training.checkpoint import prune_checkpoints
-        from dropkiln.stages.training.report import ReportsStopped
-
         self.ctx.fault("train.checkpoint")
         step = self.session.step
         stopped = None
@@ -267,8 +286,6 @@ class TrainingLoop:
 
     def _finish_due_reports(self) -> None:
         """The reports of a checkpoint whose validation images a stop cut short."""
-        from dropkiln.stages.training.report import ReportsStopped
-
         saved = self.ctx.resume_state() or {}
         if not saved.get("reports_due") or saved.get("step") != self.session.step:
             return
@@ -281,18 +298,6 @@ class TrainingLoop:
 
     def write_reports(self, step: int, stoppable: bool = False) -> list[Path]:
         """Loss curve files, and validation images when there are prompts."""
-        from dropkiln.stages.generation.png_files import model_label
-        from dropkiln.stages.models import checkpoint_hashes
-        from dropkiln.stages.training.losses import generation_scheduler
-        from dropkiln.stages.training.report import (
-            CONTACT_SHEET,
-            ValidationModel,
-            validation_images,
-            validation_sheet,
-            write_loss_csv,
-            write_loss_plot,
-        )
-
         out = Path(self.spec.output_dir)
         options = self.spec.options
         losses, validation = self.session.losses, self.session.validation_losses
@@ -303,18 +308,19 @@ class TrainingLoop:
         if options.validation_prompts:
             self.pipe.unet.eval()
             try:
-                written += validation_images(
-                    self.pipe,
-                    options.validation_prompts,
-                    self.dataset.resolution(),
-                    options.seed,
-                    generation_scheduler(self.pipe.scheduler, options),
-                    out / "validation",
-                    step,
-                    ValidationModel(model_label(self.model.name),
-                                    checkpoint_hashes(self.model).sha256),
-                    self.ctx.should_stop if stoppable else lambda: False,
-                )  # fmt: skip
+                with self.phases.sampling():
+                    written += validation_images(
+                        self.pipe,
+                        options.validation_prompts,
+                        self.dataset.resolution(),
+                        options.seed,
+                        generation_scheduler(self.pipe.scheduler, options),
+                        out / "validation",
+                        step,
+                        ValidationModel(model_label(self.model.name),
+                                        checkpoint_hashes(self.model).sha256),
+                        self.ctx.should_stop if stoppable else lambda: False,
+                    )  # fmt: skip
             finally:
                 self.pipe.unet.train()
             written.append(
@@ -327,17 +333,13 @@ class TrainingLoop:
 
     def measure_validation_loss(self, step: int) -> float:
         """The loss of the fixed validation set (tracking.py) with the weights as they are now."""
-        import torch
-
-        from dropkiln.stages.training.tracking import validation_batches
-
         if self.session.validation_losses and self.session.validation_losses[-1][0] == step:
             return self.session.validation_losses[-1][1]
         batches = validation_batches(
             self.validation_set,
-            self.dataset.text,
+            self.dataset,
             self.spec.options,
-            self.scheduler.config.num_train_timesteps,
+            self.scheduler.config["num_train_timesteps"],
             self.on_the_fly,
         )
         total, count = 0.0, 0
@@ -360,13 +362,11 @@ class _StepAbandoned(Exception):
     """A stop request between two micro-batches: the step was undone."""
 
 
-_this_process: Any = None
+_this_process: psutil.Process | None = None
 
 
 def _process_rss() -> int:
     global _this_process
     if _this_process is None:
-        import psutil
-
         _this_process = psutil.Process()
     return int(_this_process.memory_info().rss)

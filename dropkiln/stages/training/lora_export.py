@@ -11,16 +11,20 @@ import json
 import shutil
 import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
+import torch
+from diffusers.loaders.lora_pipeline import (
+    StableDiffusionLoraLoaderMixin,
+    StableDiffusionXLLoraLoaderMixin,
+)
+from diffusers.utils import convert_state_dict_to_diffusers
+from safetensors.torch import save
 
 from dropkiln.stages.base import atomic_path, write_atomic
 from dropkiln.stages.models.hashes import LEGACY_LENGTH, LEGACY_OFFSET
+from dropkiln.stages.training.adapters import TrainableModels
 from dropkiln.stages.training.kohya_names import kohya_module_name
-
-if TYPE_CHECKING:
-    import torch
-
-    from dropkiln.stages.training.adapters import TrainableModels
 
 DIFFUSERS_FOLDER = "diffusers"
 DIFFUSERS_WEIGHTS = "pytorch_lora_weights.safetensors"
@@ -35,8 +39,6 @@ def kohya_state_dict(models: TrainableModels, kind: str) -> dict[str, torch.Tens
     Per module: ``NAME.lora_down.weight`` (peft's ``lora_A``), ``NAME.lora_up.weight``
     (``lora_B``) and ``NAME.alpha``; the scale is alpha / rank in both formats.
     """
-    import torch
-
     unet_config = dict(models.models["unet"].config)
     kohya: dict[str, torch.Tensor] = {}
     for component in models.models:
@@ -60,8 +62,6 @@ def safetensors_hashes(
     metadata (what kohya keeps fixed): the sha256 of its data section, and the sha256 of
     the 64 KiB at offset 1 MiB of the whole file, first 8 hex digits.
     """
-    from safetensors.torch import save
-
     training = {k: v for k, v in metadata.items() if k.startswith("ss_")}
     blob = save(tensors, training)
     header_length = int.from_bytes(blob[:8], "little")
@@ -208,7 +208,7 @@ def kohya_metadata(facts: dict[str, Any], tensors: dict[str, torch.Tensor]) -> d
     return text | {k: _metadata_text(v) for k, v in spec.items()}
 
 
-def _metadata_text(value: Any) -> str:
+def _metadata_text(value: object) -> str:
     if value is None:
         return "None"
     return str(value)
@@ -216,16 +216,16 @@ def _metadata_text(value: Any) -> str:
 
 def write_kohya(path: Path, models: TrainableModels, facts: dict[str, Any]) -> Path:
     """NAME.safetensors in kohya format, written atomically."""
-    from safetensors.torch import save
-
     tensors = kohya_state_dict(models, facts["kind"])
     return write_atomic(path, save(tensors, metadata=kohya_metadata(facts, tensors)))
 
 
-def write_diffusers(folder: Path, pipeline_class: Any, models: TrainableModels) -> Path:
+def write_diffusers(
+    folder: Path,
+    pipeline_class: type[StableDiffusionLoraLoaderMixin | StableDiffusionXLLoraLoaderMixin],
+    models: TrainableModels,
+) -> Path:
     """``diffusers/pytorch_lora_weights.safetensors`` via the pipeline's own saver."""
-    from diffusers.utils import convert_state_dict_to_diffusers
-
     layers: dict[str, Any] = {}
     names = {"unet": "unet", "text_encoder": "text_encoder", "text_encoder_2": "text_encoder_2"}
     for component in models.models:

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, cast
 
-if TYPE_CHECKING:
-    import torch
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from diffusers.schedulers.scheduling_ddpm import DDPMScheduler
+from diffusers.training_utils import compute_snr
+
+from dropkiln.options import TrainSettings
 
 
-def training_scheduler(pipeline_scheduler_config: Any, options: Any) -> Any:
+def training_scheduler(
+    pipeline_scheduler_config: Mapping[str, Any], options: TrainSettings
+) -> DDPMScheduler:
     """The DDPM noise schedule of the model, with zero terminal SNR when asked."""
-    from diffusers import DDPMScheduler
-
     config = dict(pipeline_scheduler_config)
     config.update(
         prediction_type=options.prediction_type,
@@ -20,10 +25,11 @@ def training_scheduler(pipeline_scheduler_config: Any, options: Any) -> Any:
     )
     if options.zero_terminal_snr:
         config["timestep_spacing"] = "trailing"
-    return DDPMScheduler.from_config(config)
+    scheduler: DDPMScheduler = DDPMScheduler.from_config(config)
+    return scheduler
 
 
-def generation_scheduler(pipeline_scheduler: Any, options: Any) -> Any:
+def generation_scheduler(pipeline_scheduler: ConfigMixin, options: TrainSettings) -> ConfigMixin:
     """The pipeline's sampler, matched to what the LoRA was trained for."""
     if not options.zero_terminal_snr and options.prediction_type == "epsilon":
         return pipeline_scheduler
@@ -31,7 +37,9 @@ def generation_scheduler(pipeline_scheduler: Any, options: Any) -> Any:
     config["prediction_type"] = options.prediction_type
     if options.zero_terminal_snr:
         config.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
-    return type(pipeline_scheduler).from_config(config)
+    matched = type(pipeline_scheduler).from_config(config)
+    assert isinstance(matched, ConfigMixin)  # from_config returns a tuple only when asked
+    return matched
 
 
 @dataclass
@@ -44,11 +52,12 @@ class NoiseDraw:
 
 
 def draw_noise(
-    latents: torch.Tensor, generator: torch.Generator, options: Any, num_train_timesteps: int
+    latents: torch.Tensor,
+    generator: torch.Generator,
+    options: TrainSettings,
+    num_train_timesteps: int,
 ) -> NoiseDraw:
     """Noise (with offset), timesteps in the allowed range and input perturbation."""
-    import torch
-
     shape = latents.shape
     noise = torch.randn(shape, generator=generator, dtype=torch.float32)
     if options.noise_offset > 0:
@@ -63,28 +72,29 @@ def draw_noise(
 
 
 def noisy_latents_and_target(
-    scheduler: Any, latents: torch.Tensor, draw: NoiseDraw
+    scheduler: DDPMScheduler, latents: torch.Tensor, draw: NoiseDraw
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """x_t from the (perturbed) noise, and what the UNet should predict from it."""
     noise_in = draw.noise if draw.perturbation is None else draw.noise + draw.perturbation
-    noisy = scheduler.add_noise(latents, noise_in, draw.timesteps)
-    if scheduler.config.prediction_type == "v_prediction":
-        target = scheduler.get_velocity(latents, draw.noise, draw.timesteps)
+    # diffusers annotates timesteps as the legacy IntTensor; any integer tensor is meant
+    timesteps = cast(torch.IntTensor, draw.timesteps)
+    noisy = scheduler.add_noise(latents, noise_in, timesteps)
+    if scheduler.config["prediction_type"] == "v_prediction":
+        target = scheduler.get_velocity(latents, draw.noise, timesteps)
     else:
         target = draw.noise
     return noisy, target
 
 
-def min_snr_weights(scheduler: Any, timesteps: torch.Tensor, gamma: float | None) -> torch.Tensor:
+def min_snr_weights(
+    scheduler: DDPMScheduler, timesteps: torch.Tensor, gamma: float | None
+) -> torch.Tensor:
     """Min-SNR-γ loss weights (Hang et al. 2023); ones when γ is not set."""
-    import torch
-    from diffusers.training_utils import compute_snr
-
     if gamma is None:
         return torch.ones(timesteps.shape, dtype=torch.float32, device=timesteps.device)
-    snr = compute_snr(scheduler, timesteps)
+    snr: torch.Tensor = compute_snr(scheduler, timesteps)
     clipped = torch.minimum(snr, torch.full_like(snr, gamma))
-    if scheduler.config.prediction_type == "v_prediction":
+    if scheduler.config["prediction_type"] == "v_prediction":
         return clipped / (snr + 1)
     # With zero terminal SNR the last timestep has snr 0; its limit weight is 1.
     return torch.where(snr > 0, clipped / snr.clamp_min(1e-12), torch.ones_like(snr))

@@ -7,9 +7,19 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+import matplotlib
+import torch
+from diffusers.configuration_utils import ConfigMixin
+from matplotlib.figure import Figure
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL.PngImagePlugin import PngInfo
 
 from dropkiln.stages.base import write_atomic
+from dropkiln.stages.generation.png_files import THUMB_SIDE, infotext, write_png
+from dropkiln.stages.generation.schedulers import a1111_sampler_of
+from dropkiln.stages.training.checkpoint import capture_global_rng, restore_global_rng
+from dropkiln.stages.training.pipeline import TrainingPipeline
 
 VALIDATION_STEPS = 20
 VALIDATION_GUIDANCE = 5.0
@@ -40,11 +50,7 @@ def write_loss_plot(
     validation: Sequence[tuple[int, float]] = (),
 ) -> Path:
     """A PNG of the loss per step, its running mean, and the validation loss beside them."""
-    import matplotlib
-
     matplotlib.use("Agg")
-    from matplotlib.figure import Figure
-
     steps = [row[0] for row in losses]
     values = [row[1] for row in losses]
     window = max(1, len(values) // 20)
@@ -85,11 +91,11 @@ class ValidationModel:
 
 
 def validation_images(
-    pipe: Any,
+    pipe: TrainingPipeline,
     prompts: Sequence[str],
     size: tuple[int, int],
     seed: int,
-    scheduler: Any,
+    scheduler: ConfigMixin,
     folder: Path,
     step: int,
     model: ValidationModel,
@@ -100,13 +106,6 @@ def validation_images(
     Each carries A1111's ``parameters`` text with the fields of a generated image. ``stop``
     is asked before each image: a long validation never holds up a preemption by more than
     one image (ReportsStopped)."""
-    import torch
-    from PIL.PngImagePlugin import PngInfo
-
-    from dropkiln.stages.generation.png_files import infotext
-    from dropkiln.stages.generation.schedulers import a1111_sampler_of
-    from dropkiln.stages.training.checkpoint import capture_global_rng, restore_global_rng
-
     device = str(pipe.device)
     saved_rng = capture_global_rng(device)
     original_scheduler = pipe.scheduler
@@ -159,10 +158,6 @@ def validation_sheet(folder: Path, name: str, prompts: Sequence[str]) -> Path:
 
     Built from the images on disk, so a resumed run's sheet also has the steps before the kill.
     """
-    from PIL import Image, ImageDraw, ImageFont, ImageOps
-
-    from dropkiln.stages.generation.png_files import THUMB_SIDE, write_png
-
     cells: dict[tuple[int, int], Path] = {}
     for found in folder.glob("step-*.png"):
         match = _VALIDATION_IMAGE.match(found.name)

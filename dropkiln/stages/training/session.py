@@ -13,37 +13,39 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+import numpy as np
+import torch
+from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
+
+from dropkiln.options import TrainSettings
 from dropkiln.stages.base import StageError
+from dropkiln.stages.training.adapters import TrainableModels
 from dropkiln.stages.training.checkpoint import (
+    RngState,
     capture_global_rng,
     read_checkpoint,
     restore_global_rng,
     write_checkpoint,
 )
 
-if TYPE_CHECKING:
-    import torch
-
-    from dropkiln.stages.training.adapters import TrainableModels
-
 
 def seed_everything(seed: int) -> None:
     """Seed the global RNGs (peft draws the initial LoRA weights from torch's)."""
-    import numpy as np
-    import torch
-
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
 
 
-def build_optimizer(models: TrainableModels, options: Any, device: str) -> Any:
+def build_optimizer(models: TrainableModels, options: TrainSettings, device: str) -> Optimizer:
     """The optimizer named by ``options.optimizer`` (OPTIMIZERS says what each needs)."""
-    import torch
-
-    groups = [{"params": models.parameters("unet"), "lr": options.learning_rate}]
+    groups: list[dict[str, Any]] = [
+        {"params": models.parameters("unet"), "lr": options.learning_rate}
+    ]
     text_lr = options.text_encoder_learning_rate or options.learning_rate
     for component in ("text_encoder", "text_encoder_2"):
         params = models.parameters(component)
@@ -55,21 +57,24 @@ def build_optimizer(models: TrainableModels, options: Any, device: str) -> Any:
     if options.optimizer == "adafactor":
         from transformers.optimization import Adafactor
 
-        return Adafactor(
+        adafactor: Optimizer = Adafactor(
             groups, lr=lr, scale_parameter=False, relative_step=False, warmup_init=False
         )
+        return adafactor
     if options.optimizer == "prodigy":
         from prodigyopt import Prodigy
 
         # Prodigy estimates the step size itself; learning_rate scales its estimate
         # (1.0 is the usual setting), as in kohya's and OneTrainer's Prodigy option.
-        return Prodigy(
+        prodigy: Optimizer = Prodigy(
             groups, lr=lr, weight_decay=0.0, safeguard_warmup=options.lr_warmup_steps > 0
         )
+        return prodigy
     if options.optimizer == "soap":
         from pytorch_optimizer import SOAP
 
-        return SOAP(groups, lr=lr)
+        soap: Optimizer = SOAP(groups, lr=lr)
+        return soap
     if not device.startswith("cuda"):
         raise StageError(f"optimizer adamw8bit needs a CUDA device (this job runs on {device})")
     try:
@@ -78,32 +83,33 @@ def build_optimizer(models: TrainableModels, options: Any, device: str) -> Any:
         raise StageError(
             "optimizer adamw8bit needs the bitsandbytes package: pip install 'dropkiln[cuda]'"
         ) from exc
-    return bitsandbytes.optim.AdamW8bit(groups, lr=lr)
+    adamw8bit: Optimizer = bitsandbytes.optim.AdamW8bit(groups, lr=lr)
+    return adamw8bit
 
 
-def build_lr_scheduler(optimizer: Any, options: Any) -> Any:
-    from diffusers.optimization import get_scheduler
-
-    name = options.lr_scheduler
+def build_lr_scheduler(optimizer: Optimizer, options: TrainSettings) -> LRScheduler:
+    name: str = options.lr_scheduler
     if name == "constant" and options.lr_warmup_steps:
         name = "constant_with_warmup"
-    return get_scheduler(
+    scheduler: LRScheduler = get_scheduler(
         name,
         optimizer,
         num_warmup_steps=options.lr_warmup_steps,
         num_training_steps=options.steps,
     )
+    return scheduler
 
 
 @dataclass
 class TrainingSession:
     models: TrainableModels
-    optimizer: Any
-    lr_scheduler: Any
-    ema: Any | None
-    scaler: Any | None
-    data_rng: Any
-    """numpy Generator for flips and caption augmentation."""
+    optimizer: Optimizer
+    lr_scheduler: LRScheduler
+    ema: EMAModel | None
+    scaler: torch.amp.GradScaler
+    """Enabled for fp16 only; disabled, its calls pass the loss and the step straight through."""
+    data_rng: np.random.Generator
+    """For flips and caption augmentation."""
     noise_generator: torch.Generator
     step: int = 0
     losses: list[tuple[int, float, float]] = field(default_factory=list)
@@ -112,16 +118,15 @@ class TrainingSession:
     started_at: float = field(default_factory=time.time)
 
     @classmethod
-    def start(cls, models: TrainableModels, options: Any, device: str, fp16: bool) -> Any:
-        import numpy as np
-        import torch
-        from diffusers.training_utils import EMAModel
-
+    def start(
+        cls, models: TrainableModels, options: TrainSettings, device: str, fp16: bool
+    ) -> TrainingSession:
         optimizer = build_optimizer(models, options, device)
         ema = None
         if options.ema_decay is not None:
             ema = EMAModel(models.parameters(), decay=options.ema_decay)
-        scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        # Built disabled rather than branched on, as nanoGPT's train.py does.
+        scaler = torch.amp.GradScaler(torch.device(device).type, enabled=fp16)
         return cls(
             models=models,
             optimizer=optimizer,
@@ -157,7 +162,8 @@ class TrainingSession:
             "ema": None if self.ema is None else self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            # A disabled scaler has no state; None, as checkpoints have always said then.
+            "scaler": self.scaler.state_dict() or None,
             "data_rng": self.data_rng.bit_generator.state,
             "noise_generator": self.noise_generator.get_state(),
             "global_rng": capture_global_rng(device),
@@ -178,8 +184,6 @@ class TrainingSession:
         caller throws the session away. The LoRA weights (shared with the pipeline) and the
         global RNGs come last, from values already checked to fit.
         """
-        import torch
-
         try:
             state = read_checkpoint(folder)
             lora = _checked_lora(state["lora"], self.models.trainable)
@@ -194,7 +198,7 @@ class TrainingSession:
                 self.ema.to(device=device)
             self.optimizer.load_state_dict(state["optimizer"])
             self.lr_scheduler.load_state_dict(state["lr_scheduler"])
-            if self.scaler is not None and state["scaler"] is not None:
+            if state["scaler"] is not None:
                 self.scaler.load_state_dict(state["scaler"])
             self.data_rng.bit_generator.state = state["data_rng"]
             self.noise_generator.set_state(state["noise_generator"])
@@ -215,7 +219,9 @@ class CheckpointUnusable(Exception):
     """A checkpoint that cannot be restored; the message says why."""
 
 
-def _checked_lora(saved: dict[str, Any], trainable: dict[str, Any]) -> dict[str, Any]:
+def _checked_lora(
+    saved: dict[str, torch.Tensor], trainable: dict[str, torch.nn.Parameter]
+) -> dict[str, torch.Tensor]:
     if set(saved) != set(trainable):
         missing, extra = sorted(set(trainable) - set(saved)), sorted(set(saved) - set(trainable))
         raise CheckpointUnusable(
@@ -231,7 +237,7 @@ def _checked_lora(saved: dict[str, Any], trainable: dict[str, Any]) -> dict[str,
     return saved
 
 
-def _check_optimizer_state(saved: dict[str, Any], optimizer: Any) -> None:
+def _check_optimizer_state(saved: dict[str, Any], optimizer: Optimizer) -> None:
     """torch checks the parameter groups' sizes but not the shapes of the saved moments."""
     params = [p for group in optimizer.param_groups for p in group["params"]]
     groups = saved["param_groups"]
@@ -250,7 +256,7 @@ def _check_optimizer_state(saved: dict[str, Any], optimizer: Any) -> None:
                 )
 
 
-def _restore_global_rng_or_nothing(state: dict[str, Any], device: str) -> None:
+def _restore_global_rng_or_nothing(state: RngState, device: str) -> None:
     before = capture_global_rng(device)
     try:
         restore_global_rng(state)
@@ -259,9 +265,7 @@ def _restore_global_rng_or_nothing(state: dict[str, Any], device: str) -> None:
         raise
 
 
-def _check_global_rng(state: dict[str, Any]) -> None:
-    import torch
-
+def _check_global_rng(state: RngState) -> None:
     if not isinstance(state["torch"], torch.Tensor) or state["torch"].dtype != torch.uint8:
         raise CheckpointUnusable("the saved torch RNG state is not a byte tensor")
     if not isinstance(state["python"], tuple | list) or len(state["python"]) != 3:

@@ -14,7 +14,21 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from dropkiln.options import TrainSettings
+from dropkiln.stages.training.data import Batch, CachedDataset, CachedImage
+from dropkiln.stages.training.losses import NoiseDraw
+
+if TYPE_CHECKING:
+    from dropkiln.stages.training.loop import Plan
+
+Hyperparameters = dict[str, bool | int | float | str]
 
 TENSORBOARD = "tensorboard"
 VALIDATION_LOSS_IMAGES = 4
@@ -23,13 +37,13 @@ SMOOTHING_WINDOW = 20
 _NOISE_SEED_OFFSET = 0x5EED
 
 
-def smoothed(losses: Sequence[tuple[Any, ...]]) -> float:
+def smoothed(losses: Sequence[tuple[int, float, float]]) -> float:
     """Mean of the last SMOOTHING_WINDOW losses (a function of the history, so exact on resume)."""
     window = [row[1] for row in losses[-SMOOTHING_WINDOW:]]
     return sum(window) / len(window)
 
 
-def validation_timesteps(options: Any, num_train_timesteps: int) -> list[int]:
+def validation_timesteps(options: TrainSettings, num_train_timesteps: int) -> list[int]:
     """Evenly spaced over the trained timestep range."""
     upper = min(options.timestep_max, num_train_timesteps) - 1
     count = VALIDATION_LOSS_TIMESTEPS
@@ -37,30 +51,31 @@ def validation_timesteps(options: Any, num_train_timesteps: int) -> list[int]:
             for i in range(count)]  # fmt: skip
 
 
-def validation_batches(images: Sequence[Any], text: dict[str, Any], options: Any,
-                       num_train_timesteps: int, encode_on_the_fly: bool) -> list[Any]:  # fmt: skip
+def validation_batches(
+    images: Sequence[CachedImage],
+    dataset: CachedDataset,
+    options: TrainSettings,
+    num_train_timesteps: int,
+    encode_on_the_fly: bool,
+) -> list[Batch]:
     """One batch per image: the image at each fixed timestep, each with its fixed noise."""
-    import torch
-
-    from dropkiln.stages.training.data import Batch
-    from dropkiln.stages.training.losses import NoiseDraw
-
     generator = torch.Generator().manual_seed(options.seed + _NOISE_SEED_OFFSET)
     timesteps = torch.tensor(validation_timesteps(options, num_train_timesteps))
     batches = []
     for image in images[:VALIDATION_LOSS_IMAGES]:
         count = len(timesteps)
-        latents = image.latents.unsqueeze(0).float().repeat(count, 1, 1, 1)
+        latents = dataset.latents(image, False).unsqueeze(0).float().repeat(count, 1, 1, 1)
         noise = torch.randn(latents.shape, generator=generator, dtype=torch.float32)
         device = latents.device
         cached = None
         if not encode_on_the_fly:
             cached = {k: v.unsqueeze(0).repeat(count, *[1] * v.dim())
-                      for k, v in text[image.caption].items()}  # fmt: skip
+                      for k, v in dataset.text_outputs(image.caption).items()}  # fmt: skip
+        time_ids = dataset.time_ids(image, False)
         batches.append(
             Batch(
                 latents,
-                image.time_ids.unsqueeze(0).repeat(count, *[1] * image.time_ids.dim()),
+                time_ids.unsqueeze(0).repeat(count, *[1] * time_ids.dim()),
                 [image.caption] * count,
                 cached,
                 torch.ones(count, dtype=torch.float32, device=device),
@@ -73,9 +88,7 @@ def validation_batches(images: Sequence[Any], text: dict[str, Any], options: Any
 class RunTracker:
     """TensorBoard scalars, images and hyper-parameters of one run."""
 
-    def __init__(self, folder: Path, resumed_at: int, hparams: dict[str, Any]) -> None:
-        from torch.utils.tensorboard import SummaryWriter
-
+    def __init__(self, folder: Path, resumed_at: int, hparams: Hyperparameters) -> None:
         self.folder = folder
         self.hparams = hparams
         # purge_step drops events a killed attempt wrote after the checkpoint resumed from
@@ -83,7 +96,7 @@ class RunTracker:
             log_dir=str(folder), purge_step=resumed_at + 1 if resumed_at else None
         )
 
-    def step(self, step: int, losses: Sequence[tuple[Any, ...]], lr: float,
+    def step(self, step: int, losses: Sequence[tuple[int, float, float]], lr: float,
              grad_norm: float) -> None:  # fmt: skip
         self.writer.add_scalar("loss/train", losses[-1][1], step)
         self.writer.add_scalar("loss/train_smoothed", smoothed(losses), step)
@@ -91,9 +104,6 @@ class RunTracker:
         self.writer.add_scalar("grad_norm", grad_norm, step)
 
     def checkpoint(self, step: int, validation_loss: float | None, images: Sequence[Path]) -> None:
-        import numpy as np
-        from PIL import Image
-
         if validation_loss is not None:
             self.writer.add_scalar("loss/validation", validation_loss, step)
         for path in images:
@@ -113,9 +123,9 @@ class RunTracker:
         self.writer.close()
 
 
-def hyperparameters(options: Any, plan: Any) -> dict[str, Any]:
+def hyperparameters(options: TrainSettings, plan: Plan) -> Hyperparameters:
     """The settings TensorBoard's HPARAMS tab compares runs by (scalars and strings only)."""
-    values: dict[str, Any] = {}
+    values: Hyperparameters = {}
     for key, value in options.model_dump().items():
         if isinstance(value, bool | int | float | str):
             values[key] = value

@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from dropkiln.stages.base import write_atomic
 
@@ -24,7 +24,7 @@ class CorruptShard(Exception):
     """A shard that is missing, unreadable, or whose tensors do not match their hash."""
 
 
-def shard_key(kind: str, **inputs: Any) -> str:
+def shard_key(kind: str, **inputs: object) -> str:
     """sha256 of everything that determines a shard's content."""
     payload = json.dumps({"kind": kind, "version": SHARD_VERSION, **inputs}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()
@@ -32,7 +32,7 @@ def shard_key(kind: str, **inputs: Any) -> str:
 
 def tensors_sha256(tensors: dict[str, torch.Tensor]) -> str:
     """sha256 over tensor names, dtypes, shapes and raw bytes."""
-    import torch
+    import torch  # here, not at the top: the cache stage's module imports this one on lookup
 
     digest = hashlib.sha256()
     for name in sorted(tensors):

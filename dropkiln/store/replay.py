@@ -1,5 +1,6 @@
-"""Recreate the projections from the events alone; check live ones against a replay, and the
-log itself against the job state machine (``statemachine``, independent of the projections)."""
+"""Replays of the log: recreate the projections from the events alone (``rebuild``); check
+live ones against a replay, and the log itself against the job state machine (``check``;
+``statemachine`` is independent of the projections)."""
 
 from __future__ import annotations
 
@@ -10,26 +11,26 @@ from typing import Any
 
 import anyio.to_thread
 from sqlalchemy import JSON, Table
-from sqlalchemy.dialects import sqlite
 from sqlalchemy.schema import CreateIndex, CreateTable
 
-from dropkiln.store.engine import connect
-from dropkiln.store.eventstore import EventStore
-from dropkiln.store.projections import StoredEvent, apply, changes_for, clear
+from dropkiln.store.eventstore import EVENT_COLUMNS, EventStore
+from dropkiln.store.projections import apply, changes_for, clear
+from dropkiln.store.rawsql import SqlConnection
 from dropkiln.store.schema import PROJECTIONS
+from dropkiln.store.sqlite import ddl_dialect
 from dropkiln.store.statemachine import check_state_machine
+from dropkiln.store.stored import StoredEvent
 
 CHUNK = 5000
 
 
-def _replay(source: sqlite3.Connection, target: sqlite3.Connection) -> int:
+def _replay(source: SqlConnection, target: SqlConnection) -> int:
     """Apply every event read from ``source`` to the projections in ``target``."""
     after, count = 0, 0
     while True:
         rows = source.execute(
-            "SELECT seq, stream, version, type, data, at FROM events WHERE seq > ? "
-            "ORDER BY seq LIMIT ?",
-            (after, CHUNK),
+            f"SELECT {EVENT_COLUMNS} FROM events WHERE seq > :after ORDER BY seq LIMIT :chunk",
+            {"after": after, "chunk": CHUNK},
         ).fetchall()
         if not rows:
             return count
@@ -68,7 +69,7 @@ class CheckReport:
 def _scratch() -> sqlite3.Connection:
     """An in-memory database with the projection tables, to replay into."""
     scratch = sqlite3.connect(":memory:", isolation_level=None)
-    dialect = sqlite.dialect()
+    dialect = ddl_dialect()
     for table in PROJECTIONS:
         scratch.execute(str(CreateTable(table).compile(dialect=dialect)))
         for index in table.indexes:
@@ -76,7 +77,7 @@ def _scratch() -> sqlite3.Connection:
     return scratch
 
 
-def _rows(conn: sqlite3.Connection, table: Table) -> dict[tuple[Any, ...], dict[str, Any]]:
+def _rows(conn: SqlConnection, table: Table) -> dict[tuple[Any, ...], dict[str, Any]]:
     names = [c.name for c in table.columns]
     keys = [c.name for c in table.primary_key.columns]
     json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
@@ -91,15 +92,13 @@ def _rows(conn: sqlite3.Connection, table: Table) -> dict[tuple[Any, ...], dict[
 
 
 def _check(store: EventStore, max_differences: int, files: bool) -> CheckReport:
-    live = connect(store.path)
+    # One read snapshot for the state machine, the replay and the live rows; never the
+    # write lock, so the daemon keeps running while this runs.
+    live = store.read_connection()
     scratch = _scratch()
     try:
-        # One read snapshot for the state machine, the replay and the live rows; never the
-        # write lock, so the daemon keeps running while this runs.
-        live.execute("BEGIN")
         scratch.execute("BEGIN")
-        root = store.path.parent.parent  # ROOT/state/dropkiln.db
-        violations = check_state_machine(live, root, files)
+        violations = check_state_machine(live, store.root, files)
         report = CheckReport(events=_replay(live, scratch), violations=violations)
         for table in PROJECTIONS:
             want = _rows(scratch, table)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
+    from PIL import Image
 
 
 def compute_dtype(device: str, requested: str = "auto") -> torch.dtype:
@@ -23,7 +24,7 @@ def compute_dtype(device: str, requested: str = "auto") -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def pixels_to_tensor(images: Sequence[Any]) -> torch.Tensor:
+def pixels_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
     """PIL RGB images of one size → a (B, 3, H, W) float tensor in [-1, 1]."""
     import numpy as np
     import torch
@@ -60,9 +61,10 @@ def encode_latents(vae: Any, pixels: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         pixels = pixels.to(vae.device, vae.dtype)
         distribution = vae.encode(pixels).latent_dist
-        latents = distribution.mode()
-        shift = getattr(vae.config, "shift_factor", None) or 0.0
-        return (latents - shift) * vae.config.scaling_factor
+        latents: torch.Tensor = distribution.mode()
+        shift = float(getattr(vae.config, "shift_factor", None) or 0.0)
+        scaled: torch.Tensor = (latents - shift) * vae.config.scaling_factor
+        return scaled
 
 
 def encode_captions(pipe: Any, captions: Sequence[str]) -> dict[str, torch.Tensor]:

@@ -1,0 +1,293 @@
+"""The SQLite backend: every statement and setting only SQLite understands lives here.
+
+The rest of the store writes standard SQL with ``:name`` parameters (the stdlib driver runs
+it as it is; a backend on SQLAlchemy runs the same text through ``text()``) and reaches the
+database only through a ``Database``: ``read`` (one consistent snapshot), ``write`` (one
+write transaction, durable when asked), ``watch`` (wake on a commit from any process) and
+``close``. A second backend (PostgreSQL) implements those and the few helpers at the end.
+
+Plain ``sqlite3``, not SQLAlchemy: readers (``dropkiln status`` must answer in a quarter of a
+second) never import SQLAlchemy; it only generates the DDL, when a database is created or
+migrated (``migrate``).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from dropkiln.store.errors import StoreError
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine.interfaces import Dialect
+
+T = TypeVar("T")
+
+BUSY_TIMEOUT_MS = 30_000
+READ_CONNECTIONS = 4
+
+# Per connection. cache_size is in KiB when negative; temp_store keeps sorts off the disk;
+# journal_size_limit truncates a WAL that a long reader let grow once it is checkpointed.
+PRAGMAS = (
+    f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}",
+    "PRAGMA synchronous = NORMAL",
+    "PRAGMA cache_size = -16000",
+    "PRAGMA temp_store = MEMORY",
+    "PRAGMA journal_size_limit = 67108864",
+)
+# In WAL mode FULL fsyncs the WAL at every commit; it applies from the next BEGIN.
+SYNCHRONOUS_FULL = "PRAGMA synchronous = FULL"
+SYNCHRONOUS_NORMAL = "PRAGMA synchronous = NORMAL"
+# Writers take the write lock up front: a deferred transaction that later writes can fail
+# with "database is locked" instead of waiting for the busy timeout. BEGIN IMMEDIATE waits.
+BEGIN_WRITE = "BEGIN IMMEDIATE"
+BEGIN_READ = "BEGIN"
+
+Connection = sqlite3.Connection
+"""What the work given to ``read`` and ``write`` receives. Read connections return rows
+that are read by column name, with JSON columns decoded; the write connection returns
+plain tuples."""
+Error = sqlite3.Error
+"""Any failure of the driver; ``EventStore`` turns those into StoreError."""
+IntegrityError = sqlite3.IntegrityError
+DatabaseError = sqlite3.DatabaseError
+
+# Columns declared JSON (schema.py) come back decoded on read connections. NULL never
+# reaches a converter.
+sqlite3.register_converter("JSON", json.loads)
+
+
+def connect(path: Path, *, rows: bool = False) -> sqlite3.Connection:
+    """A configured connection that may be used from any one thread at a time; with
+    ``rows``, rows by column name and JSON columns decoded (what readers get)."""
+    connection = sqlite3.connect(
+        path,
+        check_same_thread=False,
+        # We say BEGIN ourselves (pysqlite's implicit one is deferred; see BEGIN_WRITE).
+        isolation_level=None,
+        detect_types=sqlite3.PARSE_DECLTYPES if rows else 0,
+    )
+    if rows:
+        connection.row_factory = sqlite3.Row
+    try:
+        for pragma in PRAGMAS:
+            connection.execute(pragma)
+    except sqlite3.DatabaseError as exc:
+        connection.close()
+        raise StoreError(f"{path} is not a usable dropkiln database: {exc}") from exc
+    return connection
+
+
+class Database:
+    """One SQLite file: a few read connections, one write connection, used from threads."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._idle: list[sqlite3.Connection] = []
+        self._lock = threading.Condition()
+        self._closed = False
+        self._busy = 0
+        """Reads and writes running now, in whatever thread; ``close`` waits for them."""
+        # Made on the first write, so readers (`status`, the dashboard) never hold one.
+        self._write_connection: sqlite3.Connection | None = None
+
+    def read(self, work: Callable[[Connection], T]) -> T:
+        """Run ``work`` in one read snapshot (BEGIN ... COMMIT), blocking."""
+        self._enter()
+        try:
+            conn = self._borrow()
+        except BaseException:
+            self._leave()
+            raise
+        try:
+            conn.execute(BEGIN_READ)
+            try:
+                return work(conn)
+            finally:
+                if conn.in_transaction:
+                    conn.execute("COMMIT")
+        finally:
+            self._give_back(conn)
+            self._leave()
+
+    def write(self, work: Callable[[Connection], T], *, durable: bool = False) -> T:
+        """Run ``work`` in one write transaction (rolled back if it raises), blocking; callers
+        serialise writes. With ``durable`` the commit survives a power cut once this returns;
+        otherwise a power cut may roll back the last commits, never corrupt the database."""
+        self._enter()
+        try:
+            return self._write(work, durable)
+        finally:
+            self._leave()
+
+    def _write(self, work: Callable[[Connection], T], durable: bool) -> T:
+        if self._write_connection is None:
+            self._write_connection = connect(self.path)
+        conn = self._write_connection
+        if durable:
+            conn.execute(SYNCHRONOUS_FULL)
+        try:
+            conn.execute(BEGIN_WRITE)
+            try:
+                result = work(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if durable:
+                conn.execute(SYNCHRONOUS_NORMAL)
+        return result
+
+    def append(self, pending: Any, expected: dict[str, int | None], conn: Connection) -> Any:
+        """The events appended in the write transaction on ``conn``, projected."""
+        from dropkiln.store.eventstore import _append
+
+        return _append(pending, expected, conn)
+
+    def lock_schema(self, conn: Connection) -> None:
+        """Nothing to do: the write transaction (BEGIN IMMEDIATE) already excludes others."""
+
+    def raw_snapshot(self) -> sqlite3.Connection:
+        """A new write-style connection (tuples, JSON as text) inside one read snapshot."""
+        conn = connect(self.path)
+        conn.execute(BEGIN_READ)
+        return conn
+
+    def follow_copied_seqs(self, conn: Connection) -> None:
+        """Nothing to do: SQLite's autoincrement continues after the highest seq."""
+
+    def use_wal(self) -> None:
+        """Switch the file to write-ahead logging (persistent; refused inside a transaction)."""
+        self._enter()
+        try:
+            conn = self._borrow()
+            try:
+                conn.execute("PRAGMA journal_mode = WAL")
+            finally:
+                self._give_back(conn)
+        finally:
+            self._leave()
+
+    @asynccontextmanager
+    async def watch(self, poll_interval: float) -> AsyncIterator[CommitWatch]:
+        """A ``CommitWatch`` for tails; see there."""
+        import anyio.to_thread
+
+        conn = await anyio.to_thread.run_sync(connect, self.path)
+        try:
+            yield CommitWatch(self.path, conn, poll_interval)
+        finally:
+            conn.close()
+
+    def close(self) -> None:
+        """Refuse new work, wait for the reads and writes still running (also those whose
+        caller was cancelled and went away), then close every connection. Blocking."""
+        with self._lock:
+            self._closed = True
+            self._lock.wait_for(lambda: self._busy == 0)
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            conn.close()
+        if self._write_connection is not None:
+            self._write_connection.close()
+            self._write_connection = None
+
+    def _enter(self) -> None:
+        with self._lock:
+            if self._closed:
+                raise StoreError(f"the store at {self.path} is closed")
+            self._busy += 1
+
+    def _leave(self) -> None:
+        with self._lock:
+            self._busy -= 1
+            self._lock.notify_all()
+
+    def _borrow(self) -> sqlite3.Connection:
+        with self._lock:
+            if self._idle:
+                return self._idle.pop()
+        return connect(self.path, rows=True)
+
+    def _give_back(self, conn: sqlite3.Connection) -> None:
+        with self._lock:
+            if not self._closed and len(self._idle) < READ_CONNECTIONS:
+                self._idle.append(conn)
+                return
+        conn.close()
+
+
+class CommitWatch:
+    """Wakes a tail when another connection commits.
+
+    Every commit, from this process or another, writes the WAL file, and the kernel says so
+    (inotify, through watchfiles); ``PRAGMA data_version`` then tells a real commit from a
+    checkpoint. Where change notifications do not reach (some network filesystems) it looks
+    every ``poll_interval`` seconds anyway."""
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, poll_interval: float) -> None:
+        self.path = path
+        self._conn = conn
+        self._poll_interval = poll_interval
+
+    async def version(self) -> int:
+        """The database's commit counter as this connection sees it."""
+        import anyio.to_thread
+
+        return await anyio.to_thread.run_sync(self._data_version)
+
+    async def changed_since(self, version: int) -> None:
+        """Return once the database has a commit newer than ``version``."""
+        import anyio.to_thread
+        import watchfiles
+
+        name = self.path.name
+        changes = watchfiles.awatch(
+            self.path.parent,
+            watch_filter=lambda _, changed: Path(changed).name.startswith(name),
+            recursive=False,
+            debounce=50,
+            # Each step takes the GIL: 15 ms (a commit seen within two steps) instead of
+            # 2 ms cuts an idle daemon's CPU by over 1% of a core (issue 16).
+            step=15,
+            rust_timeout=max(1, round(self._poll_interval * 1000)),
+            yield_on_timeout=True,
+        )
+        try:
+            async for _ in changes:
+                if await anyio.to_thread.run_sync(self._data_version) != version:
+                    return
+        finally:
+            await changes.aclose()
+
+    def _data_version(self) -> int:
+        return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+
+
+# SQL that differs between backends ----------------------------------------------------------
+
+
+def table_exists(conn: Connection, name: str) -> bool:
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = :name", {"name": name}
+    ).fetchone()
+    return found is not None
+
+
+def json_number(column: str, *path: str) -> str:
+    """An SQL expression: the number at ``path`` inside a JSON column (NULL if absent)."""
+    return f"json_extract({column}, '$.{'.'.join(path)}')"
+
+
+def ddl_dialect() -> Dialect:
+    """The SQLAlchemy dialect the schema's DDL is compiled for (creation, migrations)."""
+    from sqlalchemy.dialects import sqlite
+
+    return sqlite.dialect()
