@@ -35,6 +35,7 @@ from dropkiln.bench.cache import link_models
 from dropkiln.bench.clean import CleanDiffusers
 from dropkiln.bench.generate import script_per_job, write_prompt_files
 from dropkiln.config import Settings
+from dropkiln.store.vocabulary import DropState, JobState
 
 POLL_S = 0.2
 """How often to ask whether the jobs are done: the times come from the PNGs' mtimes and the
@@ -198,7 +199,7 @@ class _DaemonRun:
                 break
         results = []
         for job in mine:
-            if job.state != "succeeded" or job.result is None or job.started_at is None:
+            if job.state != JobState.SUCCEEDED or job.result is None or job.started_at is None:
                 raise RuntimeError(f"generate job {job.name} ended {job.state}: {job.error}")
             last_png = max(Path(p).stat().st_mtime for p in job.result["images"])
             started = datetime.fromisoformat(job.started_at).timestamp()
@@ -217,7 +218,7 @@ class _DaemonRun:
 
         store = await EventStore.open(self.settings.paths.db)
         try:
-            failed = [d for d in await list_drops(store) if d["state"] == "failed"]
+            failed = [d for d in await list_drops(store) if d["state"] == DropState.FAILED]
             if failed:
                 raise RuntimeError(f"drop {failed[0]['name']} rejected: {failed[0]['reason']}")
             jobs = {j.name: j for j in await list_jobs(store) if j.stage == "generate"}

@@ -34,6 +34,7 @@ from dropkiln.bench.cache import link_models, write_bench_dataset
 from dropkiln.bench.generate import write_prompt_files
 from dropkiln.bench.record import SuiteRecord
 from dropkiln.config import Settings
+from dropkiln.store.vocabulary import JobState
 
 POLL_S = 0.05
 """The figures come from event timestamps; polling only decides when to drop the next file."""
@@ -118,10 +119,12 @@ class _PreemptRun:
         while True:
             await anyio.sleep(POLL_S)
             jobs = await list_jobs(daemon.store)
-            failed = [j for j in jobs if j.state == "failed"]
+            failed = [j for j in jobs if j.state == JobState.FAILED]
             if failed:
                 raise RuntimeError(f"{failed[0].stage} job failed: {failed[0].error}")
-            train = next((j for j in jobs if j.stage == "train" and j.state == "running"), None)
+            train = next(
+                (j for j in jobs if j.stage == "train" and j.state == JobState.RUNNING), None
+            )
             if train is not None and train.done >= 1:
                 return train.id
 
@@ -152,7 +155,7 @@ class _PreemptRun:
             job = jobs.get(stem)
             if job is not None and job.terminal:
                 break
-        if job.state != "succeeded":
+        if job.state != JobState.SUCCEEDED:
             raise RuntimeError(f"generate job {stem} ended {job.state}: {job.error}")
         taken = await self._dropped_at(daemon, stem)
         generate = await daemon.store.read(0, stream=job_stream(job.id), limit=None)
@@ -162,7 +165,7 @@ class _PreemptRun:
         # the training job resumed and made a step: the next drop meets it running
         while True:
             job_now = await find_job(daemon.store, train)
-            if job_now.state == "running" and job_now.done > before.done:
+            if job_now.state == JobState.RUNNING and job_now.done > before.done:
                 break
             await anyio.sleep(POLL_S)
         return {

@@ -34,6 +34,7 @@ import anyio
 from dropkiln.bench.cache import link_models, write_bench_dataset
 from dropkiln.bench.daemon import start_daemon, stop_daemon
 from dropkiln.config import Settings
+from dropkiln.store.vocabulary import DropState, JobState
 
 POLL_S = 0.5
 VALIDATION_PROMPT = "a photo of sks cat"
@@ -267,7 +268,7 @@ def _wait_for_train(settings: Settings, name: str) -> tuple[float, float]:
         job = anyio.run(_train_job, settings, name)
         if job is not None and job.terminal:
             break
-    if job.state != "succeeded" or job.started_at is None or job.finished_at is None:
+    if job.state != JobState.SUCCEEDED or job.started_at is None or job.finished_at is None:
         raise RuntimeError(f"train job {name} ended {job.state}: {job.error}")
     started = datetime.fromisoformat(job.started_at).timestamp()
     return started, datetime.fromisoformat(job.finished_at).timestamp()
@@ -278,7 +279,7 @@ async def _train_job(settings: Settings, name: str) -> Any:
 
     store = await EventStore.open(settings.paths.db)
     try:
-        failed = [d for d in await list_drops(store) if d["state"] == "failed"]
+        failed = [d for d in await list_drops(store) if d["state"] == DropState.FAILED]
         if failed:
             raise RuntimeError(f"drop {failed[0]['name']} rejected: {failed[0]['reason']}")
         jobs = [j for j in await list_jobs(store) if j.stage == "train" and j.name == name]
