@@ -22,7 +22,6 @@ _HANDLER_NAME = "dropkiln.stderr"
 # Libraries that log per file change or per SQL statement: their chatter would bury ours.
 QUIET_LOGGERS = {
     "watchfiles": logging.WARNING,
-    "aiosqlite": logging.INFO,
     "PIL": logging.INFO,
     "matplotlib": logging.WARNING,
 }
