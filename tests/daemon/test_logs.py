@@ -173,7 +173,7 @@ def test_chatty_libraries_are_held_back_unless_they_have_something_to_say(
     setup_logging("DEBUG", stream=stderr_file)
 
     logging.getLogger("watchfiles.main").info("1 change detected")
-    logging.getLogger("aiosqlite").debug("executing statement")
+    logging.getLogger("PIL.PngImagePlugin").debug("STREAM b'IHDR' 16 13")
     logging.getLogger("watchfiles.main").warning("watch lost")
     logging.getLogger("dropkiln.store").debug("appended 3 events")
 
