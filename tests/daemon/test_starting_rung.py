@@ -43,7 +43,7 @@ def test_a_24gb_card_starts_sdxl_1024_rank_16_at_the_default_rung() -> None:
 
 
 def test_smaller_cards_start_lower() -> None:
-    # 12 GB: gradient checkpointing, as kohya's SDXL LoRA guides set for 12 GB cards.
+    # 12 GB: gradient checkpointing is enough for one image at 1024.
     assert LADDER[sdxl_rung(FREE_12GB) or 0].name == "gradient-checkpointing"
     # 8 GB: nothing is estimated to fit, so the safest rung, not an OOM first.
     assert sdxl_rung(FREE_8GB) == len(LADDER) - 1
