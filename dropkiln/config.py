@@ -44,6 +44,17 @@ class LimitsSettings(Section):
     max_images: int = Field(1000, ge=1, description="images per prompt file")
 
 
+class MemorySettings(Section):
+    """How a GPU job picks its first memory rung (``stages/starting_rung.py``)."""
+
+    reprobe_after: int = Field(
+        5,
+        ge=0,
+        description="clean runs at a remembered memory rung before the next job tries one "
+        "rung up (0: never)",
+    )
+
+
 class ApiSettings(Section):
     """`dropkiln serve`: where it listens and what it accepts."""
 
@@ -127,6 +138,7 @@ class Settings(BaseSettings):
     train: TrainSettings = Field(default_factory=TrainSettings)
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
+    memory: MemorySettings = Field(default_factory=MemorySettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
@@ -211,6 +223,9 @@ max_resolution = 2048
 max_rank = 256
 max_generate_steps = 150
 max_images = 1000
+
+[memory]                     # the first memory rung of a GPU job (README: memory ladder)
+reprobe_after = 5            # clean runs at a remembered rung before a job tries one rung up
 
 [api]                        # dropkiln serve (the HTTP API); the token is in state/api-token
 host = "127.0.0.1"

@@ -4,6 +4,11 @@ The memory ladder lives here: on an out-of-memory error (``stages/oom.py``) it i
 ``OutOfMemory`` with a memory snapshot, memory is released, and the job is requeued one
 rung down (``RetryScheduled``) to resume from its last checkpoint; at the bottom rung it
 fails with a reason that lists what was tried.
+
+The first rung of an attempt (``starting_rung``): on a GPU, the stage's estimate from the
+memory available now; a remembered rung that is safer wins; after ``[memory]
+reprobe_after`` clean runs at that rung, one rung up is tried; a retry keeps the rung it
+was scheduled on. JobStarted records which of these chose it.
 """
 
 from __future__ import annotations
@@ -23,7 +28,15 @@ from dropkiln.daemon.device_thread import DeviceThread
 from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
 from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
 from dropkiln.stages.faults import FaultInjector, take_torn_write
-from dropkiln.store import EventStore, JobView, find_job, job_artifacts, remembered_rung
+from dropkiln.stages.starting_rung import StartFacts
+from dropkiln.store import (
+    EventStore,
+    JobView,
+    clean_runs,
+    find_job,
+    job_artifacts,
+    remembered_rung,
+)
 from dropkiln.store.events import (
     Event,
     JobCancelled,
@@ -73,10 +86,7 @@ class Executor:
     async def prepare(self, job: JobView) -> RunningJob:
         """Pick the rung, gather upstream results, record JobStarted."""
         stage = get_stage(job.stage)
-        rung = job.memory_rung
-        if job.rung_key:
-            rung = max(rung, await remembered_rung(self.store, job.rung_key))
-        rung = min(rung, len(stage.ladder) - 1)
+        rung, reason = await self.starting_rung(job, stage)
         upstream: dict[str, dict[str, Any]] = {}
         for dep in job.depends_on:
             dep_job = await find_job(self.store, dep)
@@ -100,17 +110,56 @@ class Executor:
         )
         # With the version the scheduler read: a cancel (or anything) written since makes
         # this raise ConcurrencyError, and the job is not started on a stale decision.
-        started = JobStarted(attempt=attempt, memory_rung=rung, rung_name=stage.rung(rung).name)
+        started = JobStarted(
+            attempt=attempt, memory_rung=rung, rung_name=stage.rung(rung).name, rung_reason=reason
+        )
         await self.store.append(job_stream(job.id), [started], job.version)
         log.info(
-            "started %s job %s (%s), attempt %d, memory rung %s",
+            "started %s job %s (%s), attempt %d, memory rung %s (%s)",
             job.stage,
             job.id,
             job.name,
             attempt,
             stage.rung(rung).name,
+            reason,
         )
         return RunningJob(job, stage, context)
+
+    async def starting_rung(self, job: JobView, stage: StageDef) -> tuple[int, str]:
+        """The rung this attempt starts on, and why (JobStarted's ``rung_reason``)."""
+        rung, reason = 0, "default"
+        remembered = await remembered_rung(self.store, job.rung_key) if job.rung_key else 0
+        if remembered > 0:
+            rung, reason = remembered, "remembered"
+        estimate = await self._estimate(job, stage)
+        if estimate is not None and (estimate > rung or reason == "default"):
+            rung, reason = estimate, "estimate"
+        # A rung learned while something else filled the device would stick forever: after
+        # enough clean runs on it, one job tries the rung above (an OOM there steps back).
+        reprobe = self.settings.memory.reprobe_after
+        if (
+            job.rung_key
+            and rung > 0
+            and reprobe > 0
+            and await clean_runs(self.store, job.rung_key, rung, reprobe) >= reprobe
+        ):
+            rung, reason = rung - 1, "re-probe"
+        if job.memory_rung > rung:
+            rung, reason = job.memory_rung, "retry"
+        return min(rung, len(stage.ladder) - 1), reason
+
+    async def _estimate(self, job: JobView, stage: StageDef) -> int | None:
+        """The stage's estimate from the memory available on a GPU; None on the CPU, for
+        stages without one, and when it cannot be made (the job then starts as before)."""
+        if stage.start_rung is None or not self.device.startswith("cuda"):
+            return None
+        try:
+            return await self.device_thread.run(
+                _estimate_start_rung, stage, job, str(self.settings.root), self.device
+            )
+        except Exception:
+            log.warning("no starting-rung estimate for job %s", job.id, exc_info=True)
+            return None
 
     async def run(self, running: RunningJob, limiter: anyio.CapacityLimiter) -> JobState:
         """Run the attempt (GPU lane: on the device thread; CPU lane, which never touches
@@ -198,6 +247,16 @@ def _evict_other_pipelines(device: str) -> list[str]:
     from dropkiln.stages.models import shared_pipelines
 
     return shared_pipelines().evict_all_but_newest(device)
+
+
+def _estimate_start_rung(stage: StageDef, job: JobView, root: str, device: str) -> int | None:
+    from dropkiln.stages.models import shared_pipelines
+
+    assert stage.start_rung is not None
+    free = int(memory_snapshot(device)["free"])
+    # Warm pipelines of dropkiln's own are reused by the job or evicted for it.
+    facts = StartFacts(root, job.rung_key, free + shared_pipelines().device_bytes(device))
+    return stage.start_rung(stage.spec.model_validate(job.spec), facts)
 
 
 def _run_stage(stage: StageDef, spec: Any, ctx: DaemonContext) -> dict[str, Any]:

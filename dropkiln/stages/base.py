@@ -12,9 +12,12 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
+
+if TYPE_CHECKING:
+    from dropkiln.stages.starting_rung import StartFacts
 
 Lane = Literal["cpu", "gpu"]
 
@@ -135,6 +138,9 @@ class StageDef:
     run: RunFn
     ladder: tuple[MemoryRung, ...] = (MemoryRung("default"),)
     priority: int = 0
+    start_rung: Callable[[Any, StartFacts], int | None] | None = None
+    """The first rung the spec is estimated to fit on a GPU (``stages/starting_rung.py``);
+    None (or returning None): no estimate, the job starts at the default rung."""
 
     def rung(self, index: int) -> MemoryRung:
         return self.ladder[min(index, len(self.ladder) - 1)]

@@ -25,6 +25,7 @@ from dropkiln.stages.base import (
     StageError,
     StageSpec,
 )
+from dropkiln.stages.starting_rung import training_start_rung
 
 if TYPE_CHECKING:
     from diffusers.loaders.lora_pipeline import (
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
     )
 
     from dropkiln.stages.models import ModelRef
+    from dropkiln.stages.starting_rung import StartFacts
     from dropkiln.stages.training.data import CachedDataset, CachedImage
     from dropkiln.stages.training.loop import Plan, TrainingLoop
     from dropkiln.stages.training.session import TrainingSession
@@ -288,6 +290,30 @@ def _report_kind(path: Path) -> str:
     return "loss-plot"
 
 
+def estimated_start_rung(spec: TrainSpec, facts: StartFacts) -> int | None:
+    """The first rung the job is estimated to fit (None for the tiny test models, whose
+    footprint is nothing like their family's, and for a model that does not resolve: the
+    stage reports that itself)."""
+    from dropkiln.stages.models import TINY_NAMES, resolve_model
+
+    if spec.model in TINY_NAMES:
+        return None
+    try:
+        family: str = resolve_model(spec.model, Path(facts.root) / "state" / "models").kind
+    except StageError:
+        return None
+    options = spec.options
+    return training_start_rung(
+        STAGE.ladder,
+        family,
+        facts.resolution(1024),
+        options.batch_size,
+        options.rank,
+        options.optimizer,
+        facts.available,
+    )
+
+
 STAGE = StageDef(
     "train",
     "gpu",
@@ -303,4 +329,5 @@ STAGE = StageDef(
         MemoryRung("micro-batch-1", {"gradient_checkpointing": True, "micro_batch": 1}),
     ),
     priority=0,
+    start_rung=estimated_start_rung,
 )

@@ -128,6 +128,8 @@ class JobStarted(Event):
     attempt: int
     memory_rung: int
     rung_name: str = "default"
+    rung_reason: str | None = None
+    """Why this rung: default, estimate, remembered, re-probe or retry (None: older rows)."""
 
 
 class JobProgress(Event):

@@ -14,7 +14,7 @@ from typing import Any
 from dropkiln.store import dialect, sqlite
 from dropkiln.store.errors import StoreError
 from dropkiln.store.eventstore import HIGH_RATE_TYPE, EventStore, newest_events, stored_events
-from dropkiln.store.stored import DAEMON_STREAM, job_stream
+from dropkiln.store.stored import DAEMON_STREAM, JOB_PREFIX, job_stream
 from dropkiln.store.telemetry import daemon_state
 from dropkiln.store.vocabulary import TERMINAL_STATES, DropState, JobState, Lane
 
@@ -259,6 +259,34 @@ async def remembered_rung(store: EventStore, rung_key: str) -> int:
     def work(conn: sqlite.Connection) -> int:
         row = conn.execute(sql, {"key": rung_key, "succeeded": JobState.SUCCEEDED}).fetchone()
         return int(row[0] or 0) if row else 0
+
+    return await store.snapshot(work)
+
+
+async def clean_runs(store: EventStore, rung_key: str, rung: int, limit: int) -> int:
+    """How many of the newest successful jobs of this key ran at ``rung`` without running
+    out of memory, counted back to the first that did not (at most ``limit``)."""
+    sql = (
+        "SELECT memory_rung, EXISTS (SELECT 1 FROM events WHERE events.stream = :prefix || "
+        "jobs.id AND events.type = 'OutOfMemory' AND events.type != :high_rate) "
+        "FROM jobs WHERE rung_key = :key AND state = :succeeded "
+        "ORDER BY finished_at DESC LIMIT :limit"
+    )
+    params = {
+        "prefix": JOB_PREFIX,
+        "high_rate": HIGH_RATE_TYPE,
+        "key": rung_key,
+        "succeeded": JobState.SUCCEEDED,
+        "limit": limit,
+    }
+
+    def work(conn: sqlite.Connection) -> int:
+        count = 0
+        for memory_rung, ran_out in conn.execute(sql, params).fetchall():
+            if memory_rung != rung or ran_out:
+                break
+            count += 1
+        return count
 
     return await store.snapshot(work)
 

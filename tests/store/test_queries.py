@@ -9,6 +9,7 @@ import pytest
 from dropkiln.store import (
     EventStore,
     StoreError,
+    clean_runs,
     daemon_state,
     drop_by_hash,
     find_job,
@@ -144,6 +145,31 @@ async def test_remembered_rung(store: EventStore) -> None:
     await run_job(store, "ok2", ev.JobSucceeded(), key, rung=3)
     assert await remembered_rung(store, key) == 3
     assert await remembered_rung(store, "tiny-sdxl/train/512") == 1
+
+
+async def test_clean_runs_count_back_to_a_different_rung_or_an_oom(store: EventStore) -> None:
+    key = "train:sdxl:1024"
+    await run_job(store, "old", ev.JobSucceeded(), key, rung=1)
+    await store.append(
+        job_stream("probe"),
+        [
+            submitted("probe", rung_key=key),
+            ev.JobQueued(),
+            ev.JobStarted(attempt=1, memory_rung=1),
+            ev.OutOfMemory(memory_rung=1, rung_name="r1", snapshot={}, message="OOM"),
+            ev.RetryScheduled(next_rung=2, rung_name="r2"),
+            ev.JobStarted(attempt=2, memory_rung=2),
+            ev.JobSucceeded(),
+        ],
+    )
+    assert await clean_runs(store, key, 2, 5) == 0  # the newest success ran out of memory
+    for n in range(3):
+        await run_job(store, f"ok{n}", ev.JobSucceeded(), key, rung=2)
+    await run_job(store, "failed", ev.JobFailed(reason="bad"), key, rung=2)
+    await run_job(store, "elsewhere", ev.JobSucceeded(), "train:sdxl:512", rung=2)
+    assert await clean_runs(store, key, 2, 5) == 3
+    assert await clean_runs(store, key, 2, 2) == 2
+    assert await clean_runs(store, key, 1, 5) == 0
 
 
 async def test_queue_paused_follows_the_last_command(store: EventStore) -> None:
