@@ -56,6 +56,8 @@ def apply_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str)
         pipe.to(device)  # back from the CPU, where an offloading job left it
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
+        if torch.device(device).type == "cpu":
+            _run_on_plain_cpu(pipe)
     elif offload == "sequential":
         _sequential_offload(pipe, device)
 
@@ -72,6 +74,23 @@ def undo_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str) 
         pipe.vae.disable_slicing()
     if options.get("vae_tiling"):
         pipe.vae.disable_tiling()
+
+
+def _run_on_plain_cpu(pipe: DiffusionPipeline) -> None:
+    """Point diffusers' model-offload hooks at ``cpu`` instead of its ``cpu:0``.
+
+    accelerate takes ``cpu:0`` for another device than ``cpu``, so each hook copied its
+    component's weights at every call; the copies lie at other memory alignments than the
+    loaded weights, and the CPU matmul kernels round some results differently there, so the
+    warm pipeline no longer rendered exactly as a fresh load (issue 12). With plain ``cpu``
+    the weights stay where they were loaded.
+    """
+    import torch
+
+    target = torch.device("cpu")
+    for hook in pipe._all_hooks:
+        hook.hook.execution_device = target
+    vars(pipe)["_offload_device"] = target  # where diffusers reads its execution device
 
 
 def _sequential_offload(pipe: DiffusionPipeline, device: str) -> None:
