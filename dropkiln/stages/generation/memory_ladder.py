@@ -52,12 +52,18 @@ def apply_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str)
     if options.get("vae_tiling"):
         pipe.vae.enable_tiling()
     offload = options.get("offload")
+    if offload == "model" and torch.device(device).type == "cpu":
+        # Weights already live on the CPU, so model offload saves nothing there; and diffusers
+        # would hook every component on "cpu:0", which accelerate takes for another device
+        # than "cpu" and so copies each component's weights at each call. The copies lie at
+        # other memory alignments than the loaded weights, where the CPU matmul kernels round
+        # some results differently: the warm pipeline then no longer rendered exactly as a
+        # fresh load (issue 12). The rung's slicing, tiling and one image a call still apply.
+        offload = None
     if offload is None and pipe.device != torch.device(device):
         pipe.to(device)  # back from the CPU, where an offloading job left it
     elif offload == "model":
         pipe.enable_model_cpu_offload(device=device)
-        if torch.device(device).type == "cpu":
-            _run_on_plain_cpu(pipe)
     elif offload == "sequential":
         _sequential_offload(pipe, device)
 
@@ -74,23 +80,6 @@ def undo_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str) 
         pipe.vae.disable_slicing()
     if options.get("vae_tiling"):
         pipe.vae.disable_tiling()
-
-
-def _run_on_plain_cpu(pipe: DiffusionPipeline) -> None:
-    """Point diffusers' model-offload hooks at ``cpu`` instead of its ``cpu:0``.
-
-    accelerate takes ``cpu:0`` for another device than ``cpu``, so each hook copied its
-    component's weights at every call; the copies lie at other memory alignments than the
-    loaded weights, and the CPU matmul kernels round some results differently there, so the
-    warm pipeline no longer rendered exactly as a fresh load (issue 12). With plain ``cpu``
-    the weights stay where they were loaded.
-    """
-    import torch
-
-    target = torch.device("cpu")
-    for hook in pipe._all_hooks:
-        hook.hook.execution_device = target
-    vars(pipe)["_offload_device"] = target  # where diffusers reads its execution device
 
 
 def _sequential_offload(pipe: DiffusionPipeline, device: str) -> None:
