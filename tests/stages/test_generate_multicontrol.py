@@ -18,16 +18,6 @@ from dropkiln.stages.generation.prompt_file import load_prompt_file
 torch = pytest.importorskip("torch")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def fresh_warm_pipeline() -> None:
-    """A warm pipeline loaded for this module: after test_generate's model-CPU-offload rung
-    the shared one renders some pixels one level off (a known ladder issue), and these tests
-    compare with a clean diffusers load bit for bit."""
-    from dropkiln.stages.models import shared_pipelines
-
-    shared_pipelines().clear()
-
-
 __all__ = ["gen_root", "one_thread"]  # test_generate's fixtures
 
 TWO_CONTROLS = """\

@@ -52,6 +52,14 @@ def apply_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str)
     if options.get("vae_tiling"):
         pipe.vae.enable_tiling()
     offload = options.get("offload")
+    if offload == "model" and torch.device(device).type == "cpu":
+        # Weights already live on the CPU, so model offload saves nothing there; and diffusers
+        # would hook every component on "cpu:0", which accelerate takes for another device
+        # than "cpu" and so copies each component's weights at each call. The copies lie at
+        # other memory alignments than the loaded weights, where the CPU matmul kernels round
+        # some results differently: the warm pipeline then no longer rendered exactly as a
+        # fresh load (issue 12). The rung's slicing, tiling and one image a call still apply.
+        offload = None
     if offload is None and pipe.device != torch.device(device):
         pipe.to(device)  # back from the CPU, where an offloading job left it
     elif offload == "model":
