@@ -17,6 +17,11 @@ SHARED = job_stream("shared")
 async def _append_many(path: Path, worker: str, count: int, start: Barrier) -> None:
     store = await EventStore.open(path)
     try:
+        # Import and warm everything an append and a read load on first use (the store loads
+        # its modules lazily), so that both workers are appending when the barrier opens;
+        # otherwise the first can finish before the second has imported the projections.
+        await store.append(job_stream(f"{worker}-warm-up"), [ev.JobProgress(done=0, total=1)])
+        await list_jobs(store)
         await asyncio.to_thread(start.wait)
         own = job_stream(worker)
         for i in range(count):
