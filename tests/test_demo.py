@@ -40,3 +40,21 @@ def test_demo_lora_teaches_the_new_word(tmp_path: Path, monkeypatch: pytest.Monk
         assert image.width >= SEEDS * 64
     for label in ("LoRA:", "loss curve:", "video:"):
         assert label in text
+
+
+@pytest.mark.slow
+@pytest.mark.full
+def test_demo_full_gives_one_contact_sheet_per_feature(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dropkiln.demo_features import FEATURES
+    from dropkiln.stages.generate import CONTACT_SHEET
+
+    monkeypatch.delenv("DROPKILN_MODEL", raising=False)
+    out = io.StringIO()
+    assert run_demo(tmp_path / "demo", out=out, full=True) == 0, out.getvalue()
+    images = tmp_path / "demo" / "outputs" / "images"
+    for feature in FEATURES:
+        with Image.open(images / feature / CONTACT_SHEET) as sheet:
+            assert sheet.width >= 64, feature
+    assert list((tmp_path / "demo" / "outputs").rglob("*.mp4")), "the slideshow's video"

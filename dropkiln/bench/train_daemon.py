@@ -37,6 +37,7 @@ from dropkiln.config import Settings
 from dropkiln.store.vocabulary import DropState, JobState
 
 POLL_S = 0.5
+WAIT_S = 1800.0
 VALIDATION_PROMPT = "a photo of sks cat"
 CHECKPOINTS_PER_JOB = 8
 """The default cadence: 2000 steps with ``checkpoint_every = 250``."""
@@ -213,7 +214,8 @@ def bench_train_daemon(
             for attempt in range(repeat):
                 name = f"bench{attempt:02d}"
                 staged = root / "staging" / name
-                _copy_dataset(source, staged, options)
+                # a drop identical to an earlier one is recognised and not trained again
+                _copy_dataset(source, staged, {**options, "seed": 1 + attempt})
                 dropped = time.time()
                 staged.rename(settings.paths.datasets / name)
                 started, finished = _wait_for_train(settings, name)
@@ -263,11 +265,14 @@ def _copy_dataset(source: Path, target: Path, options: dict[str, Any]) -> None:
 
 def _wait_for_train(settings: Settings, name: str) -> tuple[float, float]:
     """The train job's start and end (epoch seconds), once it succeeded."""
+    deadline = time.monotonic() + WAIT_S
     while True:
         time.sleep(POLL_S)
         job = anyio.run(_train_job, settings, name)
         if job is not None and job.terminal:
             break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"no train job for {name} ended within {WAIT_S:.0f} s")
     if job.state != JobState.SUCCEEDED or job.started_at is None or job.finished_at is None:
         raise RuntimeError(f"train job {name} ended {job.state}: {job.error}")
     started = datetime.fromisoformat(job.started_at).timestamp()
