@@ -27,6 +27,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from dropkiln.store.vocabulary import JobState
+
 EVENTS_PER_JOB = 100
 POLL_INTERVAL = 0.1
 PROBE_DEADLINE_S = 20.0
@@ -189,7 +191,8 @@ def _job(index: int, at: datetime, running: bool) -> BenchJob:
     ]
     row = (
         ident, "train", f"set{index}", None, "gpu", 10, "[]", json.dumps(spec), None,
-        "running" if running else "succeeded", 1, 0, steps, total, json.dumps(metrics),
+        JobState.RUNNING if running else JobState.SUCCEEDED, 1, 0, steps, total,
+        json.dumps(metrics),
         None, None if running else "{}", None, None, submitted_seq, len(data), iso, iso,
         None if running else iso, iso,
     )  # fmt: skip
@@ -306,7 +309,7 @@ async def _latency(db_path: Path, samples: int) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the dashboard did not start on {db_path}: {app.problem}")
             await pilot.pause(0.01)
-        stream_job = next(job.id for job in app.jobs if job.state == "running")
+        stream_job = next(job.id for job in app.jobs if job.state == JobState.RUNNING)
         appender = await asyncio.create_subprocess_exec(
             sys.executable, "-c", APPENDER, str(db_path), f"job:{stream_job}",
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
