@@ -44,14 +44,15 @@ for line in sys.stdin:
 """
 
 
-class CleanDiffusers:
-    """The baseline server process, kept warm between requests like the daemon's model."""
+class CleanProcess:
+    """A baseline script in a fresh process of its own, kept warm between requests: it says
+    its torch thread count once, then answers each JSON request line with one JSON line."""
 
-    def __init__(self, model_folder: Path, threads: int = 0) -> None:
+    def __init__(self, script: str, model_folder: Path, threads: int = 0) -> None:
         environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         environment.pop("PYTHONPATH", None)
         self.process = subprocess.Popen(
-            [sys.executable, "-c", SERVER, str(model_folder), str(threads)],
+            [sys.executable, "-c", script, str(model_folder), str(threads)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -59,21 +60,17 @@ class CleanDiffusers:
         )
         self.threads = int(self._answer()["threads"])
 
-    def render(self, images: list[dict[str, Any]], out: Path, batch: int = 1) -> float:
-        """Seconds from the request to the last PNG saved in ``out``; ``batch`` images of the
-        same settings per pipeline call, each from its own seed."""
-        out.mkdir(parents=True, exist_ok=True)
+    def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.process.stdin is not None
-        request = {"images": images, "out": str(out), "batch": batch}
         self.process.stdin.write(json.dumps(request) + "\n")
         self.process.stdin.flush()
-        return float(self._answer()["seconds"])
+        return self._answer()
 
     def _answer(self) -> dict[str, Any]:
         assert self.process.stdout is not None
         line = self.process.stdout.readline()
         if not line:
-            raise RuntimeError(f"the clean diffusers process exited ({self.process.wait()})")
+            raise RuntimeError(f"the clean baseline process exited ({self.process.wait()})")
         answer: dict[str, Any] = json.loads(line)
         return answer
 
@@ -87,3 +84,17 @@ class CleanDiffusers:
             self.process.wait()
         if self.process.stdout is not None:
             self.process.stdout.close()
+
+
+class CleanDiffusers(CleanProcess):
+    """Plain diffusers rendering, kept warm between requests like the daemon's model."""
+
+    def __init__(self, model_folder: Path, threads: int = 0) -> None:
+        super().__init__(SERVER, model_folder, threads)
+
+    def render(self, images: list[dict[str, Any]], out: Path, batch: int = 1) -> float:
+        """Seconds from the request to the last PNG saved in ``out``; ``batch`` images of the
+        same settings per pipeline call, each from its own seed."""
+        out.mkdir(parents=True, exist_ok=True)
+        request = {"images": images, "out": str(out), "batch": batch}
+        return float(self.ask(request)["seconds"])

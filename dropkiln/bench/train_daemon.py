@@ -20,7 +20,6 @@ import argparse
 import json
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from typing import Any
 import anyio
 
 from dropkiln.bench.cache import link_models, write_bench_dataset
+from dropkiln.bench.clean import CleanProcess
 from dropkiln.bench.daemon import start_daemon, stop_daemon
 from dropkiln.config import Settings
 from dropkiln.store.vocabulary import DropState, JobState
@@ -136,46 +136,15 @@ for line in sys.stdin:
 """
 
 
-class CleanTrainer:
+class CleanTrainer(CleanProcess):
     """The baseline training process, model loaded once, one job a line on stdin."""
 
     def __init__(self, model_folder: Path, threads: int = 0) -> None:
-        environment = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-        environment.pop("PYTHONPATH", None)
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", CLEAN_TRAINER, str(model_folder), str(threads)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            text=True,
-            env=environment,
-        )
-        self.threads = int(self._answer()["threads"])
+        super().__init__(CLEAN_TRAINER, model_folder, threads)
 
     def train(self, job: dict[str, Any]) -> float:
         """Seconds of the training loop with its saves (encoding excluded)."""
-        assert self.process.stdin is not None
-        self.process.stdin.write(json.dumps(job) + "\n")
-        self.process.stdin.flush()
-        return float(self._answer()["seconds"])
-
-    def _answer(self) -> dict[str, Any]:
-        assert self.process.stdout is not None
-        line = self.process.stdout.readline()
-        if not line:
-            raise RuntimeError(f"the clean training process exited ({self.process.wait()})")
-        answer: dict[str, Any] = json.loads(line)
-        return answer
-
-    def close(self) -> None:
-        if self.process.stdin is not None:
-            self.process.stdin.close()
-        try:
-            self.process.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout is not None:
-            self.process.stdout.close()
+        return float(self.ask(job)["seconds"])
 
 
 def bench_train_daemon(
