@@ -21,7 +21,6 @@ from __future__ import annotations
 import functools
 import json
 import re
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -32,6 +31,7 @@ from psycopg.rows import RowMaker
 from psycopg.types.string import TextLoader
 
 from dropkiln.store.errors import ConcurrencyError, StoreError
+from dropkiln.store.pool import ConnectionPool
 from dropkiln.store.stored import StoredEvent
 
 if TYPE_CHECKING:
@@ -131,23 +131,24 @@ class PostgresDatabase:
     def __init__(self, url: str) -> None:
         self.url = url
         self.path = redacted(url)
-        self._idle: list[PgConnection] = []
-        self._lock = threading.Condition()
-        self._closed = False
-        self._busy = 0
-        """Reads and writes running now, in whatever thread; ``close`` waits for them."""
+        self._pool: ConnectionPool[PgConnection] = ConnectionPool(
+            str(self.path),
+            lambda: PgConnection(self.url, rows=True),
+            READ_CONNECTIONS,
+            lambda conn: not conn.broken,
+        )
         self._write: PgConnection | None = None
 
     def read(self, work: Callable[[PgConnection], T]) -> T:
         """Run ``work`` in one read snapshot (REPEATABLE READ), blocking."""
-        self._enter()
+        self._pool.enter()
         try:
             return self._read(work)
         finally:
-            self._leave()
+            self._pool.leave()
 
     def _read(self, work: Callable[[PgConnection], T]) -> T:
-        conn = self._borrow()
+        conn = self._pool.borrow()
         try:
             conn.execute(BEGIN_READ)
         except psycopg.OperationalError:
@@ -162,15 +163,15 @@ class PostgresDatabase:
                 if not conn.broken and conn.in_transaction:
                     conn.execute("COMMIT")
         finally:
-            self._give_back(conn)
+            self._pool.give_back(conn)
 
     def write(self, work: Callable[[PgConnection], T], *, durable: bool = False) -> T:
         """Run ``work`` in one write transaction (rolled back if it raises), blocking."""
-        self._enter()
+        self._pool.enter()
         try:
             return self._write_transaction(work, durable)
         finally:
-            self._leave()
+            self._pool.leave()
 
     def _write_transaction(self, work: Callable[[PgConnection], T], durable: bool) -> T:
         begin = f"BEGIN; SET LOCAL synchronous_commit = {'on' if durable else 'off'}"
@@ -238,42 +239,10 @@ class PostgresDatabase:
     def close(self) -> None:
         """Refuse new work, wait for the reads and writes still running (also those whose
         caller was cancelled and went away), then close every connection. Blocking."""
-        with self._lock:
-            self._closed = True
-            self._lock.wait_for(lambda: self._busy == 0)
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._pool.drain()
         if self._write is not None:
             self._write.close()
             self._write = None
-
-    def _enter(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"the store at {self.path} is closed")
-            self._busy += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._busy -= 1
-            self._lock.notify_all()
-
-    def _borrow(self) -> PgConnection:
-        with self._lock:
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.broken:
-                    return conn
-                conn.close()
-        return PgConnection(self.url, rows=True)
-
-    def _give_back(self, conn: PgConnection) -> None:
-        with self._lock:
-            if not self._closed and not conn.broken and len(self._idle) < READ_CONNECTIONS:
-                self._idle.append(conn)
-                return
-        conn.close()
 
 
 class NotifyWatch:

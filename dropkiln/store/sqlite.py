@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from dropkiln.store.errors import StoreError
+from dropkiln.store.pool import ConnectionPool
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect
@@ -88,21 +88,19 @@ class Database:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._idle: list[sqlite3.Connection] = []
-        self._lock = threading.Condition()
-        self._closed = False
-        self._busy = 0
-        """Reads and writes running now, in whatever thread; ``close`` waits for them."""
+        self._pool: ConnectionPool[sqlite3.Connection] = ConnectionPool(
+            str(self.path), lambda: connect(self.path, rows=True), READ_CONNECTIONS
+        )
         # Made on the first write, so readers (`status`, the dashboard) never hold one.
         self._write_connection: sqlite3.Connection | None = None
 
     def read(self, work: Callable[[Connection], T]) -> T:
         """Run ``work`` in one read snapshot (BEGIN ... COMMIT), blocking."""
-        self._enter()
+        self._pool.enter()
         try:
-            conn = self._borrow()
+            conn = self._pool.borrow()
         except BaseException:
-            self._leave()
+            self._pool.leave()
             raise
         try:
             conn.execute(BEGIN_READ)
@@ -112,18 +110,18 @@ class Database:
                 if conn.in_transaction:
                     conn.execute("COMMIT")
         finally:
-            self._give_back(conn)
-            self._leave()
+            self._pool.give_back(conn)
+            self._pool.leave()
 
     def write(self, work: Callable[[Connection], T], *, durable: bool = False) -> T:
         """Run ``work`` in one write transaction (rolled back if it raises), blocking; callers
         serialise writes. With ``durable`` the commit survives a power cut once this returns;
         otherwise a power cut may roll back the last commits, never corrupt the database."""
-        self._enter()
+        self._pool.enter()
         try:
             return self._write(work, durable)
         finally:
-            self._leave()
+            self._pool.leave()
 
     def _write(self, work: Callable[[Connection], T], durable: bool) -> T:
         if self._write_connection is None:
@@ -165,15 +163,15 @@ class Database:
 
     def use_wal(self) -> None:
         """Switch the file to write-ahead logging (persistent; refused inside a transaction)."""
-        self._enter()
+        self._pool.enter()
         try:
-            conn = self._borrow()
+            conn = self._pool.borrow()
             try:
                 conn.execute("PRAGMA journal_mode = WAL")
             finally:
-                self._give_back(conn)
+                self._pool.give_back(conn)
         finally:
-            self._leave()
+            self._pool.leave()
 
     @asynccontextmanager
     async def watch(self, poll_interval: float) -> AsyncIterator[CommitWatch]:
@@ -189,39 +187,10 @@ class Database:
     def close(self) -> None:
         """Refuse new work, wait for the reads and writes still running (also those whose
         caller was cancelled and went away), then close every connection. Blocking."""
-        with self._lock:
-            self._closed = True
-            self._lock.wait_for(lambda: self._busy == 0)
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
+        self._pool.drain()
         if self._write_connection is not None:
             self._write_connection.close()
             self._write_connection = None
-
-    def _enter(self) -> None:
-        with self._lock:
-            if self._closed:
-                raise StoreError(f"the store at {self.path} is closed")
-            self._busy += 1
-
-    def _leave(self) -> None:
-        with self._lock:
-            self._busy -= 1
-            self._lock.notify_all()
-
-    def _borrow(self) -> sqlite3.Connection:
-        with self._lock:
-            if self._idle:
-                return self._idle.pop()
-        return connect(self.path, rows=True)
-
-    def _give_back(self, conn: sqlite3.Connection) -> None:
-        with self._lock:
-            if not self._closed and len(self._idle) < READ_CONNECTIONS:
-                self._idle.append(conn)
-                return
-        conn.close()
 
 
 class CommitWatch:
