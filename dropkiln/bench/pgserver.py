@@ -101,7 +101,9 @@ class PostgresServer:
     def _run(self, program: str, *args: str) -> None:
         command = [str(self.bindir / program), *args]
         if self.run_as is not None:
-            command = ["runuser", "-u", self.run_as, "--", *command]
+            # runuser lives in /usr/sbin, which a non-login root shell may not have on PATH
+            runuser = shutil.which("runuser", path=f"{os.environ.get('PATH', '')}:/usr/sbin:/sbin")
+            command = [runuser or "runuser", "-u", self.run_as, "--", *command]
         done = subprocess.run(command, capture_output=True, text=True, check=False)
         if done.returncode != 0:
             log = self.datadir.parent / "log"
