@@ -106,6 +106,10 @@ def _queued(s: StoredEvent, e: ev.JobQueued) -> Changes:
     return _job_update(s, state=JobState.QUEUED, error=None, finished_at=None, requested=None)
 
 
+def _claimed(s: StoredEvent, e: ev.JobClaimed) -> Changes:
+    return _job_update(s, executor=e.executor)
+
+
 def _started(s: StoredEvent, e: ev.JobStarted) -> Changes:
     return _job_update(
         s, state=JobState.RUNNING, attempt=e.attempt, memory_rung=e.memory_rung, started_at=s.at
@@ -154,6 +158,7 @@ Projector = Callable[[StoredEvent, Any], Changes]
 PROJECTORS: dict[type[ev.Event], Projector] = {
     ev.JobSubmitted: _submitted,
     ev.JobQueued: _queued,
+    ev.JobClaimed: _claimed,
     ev.JobStarted: _started,
     ev.JobProgress: _progress,
     ev.CheckpointSaved: _checkpoint,

@@ -44,6 +44,11 @@ JOB_CASES: dict[str, tuple[list[ev.Event], ev.Event, Expect]] = {
         ev.JobQueued(reason="retry"),
         lambda e: {"state": "queued", "error": None, "finished_at": None, "requested": None},
     ),
+    "JobClaimed": (
+        [ev.JobQueued()],
+        ev.JobClaimed(executor="box/cuda:1", attempt=1, lease_until=1.5e9, pid=7),
+        lambda e: {"state": "queued", "executor": "box/cuda:1"},
+    ),
     "JobStarted": (
         [ev.JobQueued()],
         ev.JobStarted(attempt=2, memory_rung=1, rung_name="slicing"),
@@ -224,6 +229,7 @@ async def test_job_submitted_inserts_a_queued_job(store: EventStore) -> None:
         "result": None,
         "error": None,
         "requested": None,
+        "executor": None,
         "submitted_seq": stored.seq,
         "version": 1,
         "created_at": stored.at,
