@@ -228,6 +228,8 @@ class DaemonStarted(Event):
     version: str
     device: str
     root: str
+    executor: str | None = None
+    """Its id as an executor (host/device), as its claims name it (None: older daemons)."""
 
 
 class DaemonStopping(Event):
