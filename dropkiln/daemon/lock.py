@@ -98,15 +98,11 @@ class ExecutorLock:
     def acquire(self) -> None:
         root = _open(self.root_lock)
         self._fds.append(root)
-        # Exclusive first, to learn whether any other daemon runs; then shared (blocking:
-        # a `store rebuild` that slipped in between is waited for).
+        # Exclusive first, to learn whether any other daemon runs; else shared, waiting for
+        # a daemon that is starting alone (until ``shared``) or a `store rebuild` to finish.
         self.alone = _try_lock(root, fcntl.LOCK_EX)
-        if not self.alone and not _try_lock(root, fcntl.LOCK_SH):
-            self.release()
-            raise AlreadyRunning(
-                f"{self.root_lock.parent.parent} is locked by a command that needs every "
-                "daemon stopped (store rebuild or copy)"
-            )
+        if not self.alone:
+            fcntl.flock(root, fcntl.LOCK_SH)
         device = _open(self.device_lock)
         self._fds.append(device)
         if not _try_lock(device, fcntl.LOCK_EX):

@@ -82,10 +82,15 @@ class Executors:
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.paused: set[str] = set()
 
+    def log_path(self, device: str) -> Path:
+        return self.home.root / f"daemon-{device.replace(':', '-')}.log"
+
+    def log(self, device: str) -> str:
+        return self.log_path(device).read_text(errors="replace")
+
     def start(self, device: str) -> None:
         assert not self.alive(device), f"{device} is still running"
-        log = self.home.root / f"daemon-{device.replace(':', '-')}.log"
-        with open(log, "ab") as handle:
+        with open(self.log_path(device), "ab") as handle:
             handle.write(f"---- start {device}\n".encode())
             handle.flush()
             command = [sys.executable, "-m", "dropkiln", "daemon", "--root", str(self.home.root)]
@@ -99,6 +104,16 @@ class Executors:
     def start_all(self) -> None:
         for device in self.devices:
             self.start(device)
+
+    def check(self) -> None:
+        """Fail if a daemon exited on its own (not killed by the test, not stopped by it)."""
+        for device, proc in self.procs.items():
+            if proc.poll() not in (None, -9):
+                raise AssertionError(f"{device} exited {proc.returncode}:\n{self.logs()}")
+
+    def holds(self, device: str, pid: int | None) -> bool:
+        """Whether ``device``'s daemon is alive and is the process ``pid``."""
+        return self.alive(device) and self.procs[device].pid == pid
 
     def alive(self, device: str) -> bool:
         proc = self.procs.get(device)
@@ -162,6 +177,9 @@ ATTEMPT_EVENTS = frozenset(
 that is not running, so JobCancelled is not among them)."""
 
 
+ATTEMPT_ENDINGS = ("JobSucceeded", "JobFailed", "JobCancelled", "JobPreempted", "RetryScheduled")
+
+
 def writes_without_a_lease(events: list[dict[str, Any]]) -> list[str]:
     """Events an attempt wrote after its lease was taken from it: between a JobInterrupted
     (the lease was lost, the job requeued) and the next JobClaimed, nothing but the requeue
@@ -176,11 +194,8 @@ def writes_without_a_lease(events: list[dict[str, Any]]) -> list[str]:
             holding = False
         elif kind in ATTEMPT_EVENTS and not holding and kind != "JobStarted":
             found.append(f"{kind} (seq {event['seq']}) with no lease held")
-        elif kind in ("JobSucceeded", "JobFailed", "JobCancelled", "JobPreempted", "RetryScheduled"):
+        elif kind in ATTEMPT_ENDINGS:
             holding = False
         if kind == "JobStarted" and not holding:
             found.append(f"JobStarted (seq {event['seq']}) without a JobClaimed before it")
     return found
-
-
-__all__ = ["LEASES", "Executors", "Path", "PostgresReader"]
