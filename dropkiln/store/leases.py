@@ -212,6 +212,21 @@ async def append_fenced(store: EventStore, fence: Fence, events: Sequence[Event]
     await store.transaction(work, durable=any(event.durable for event in events))
 
 
+async def queued_jobs(store: EventStore, limit: int) -> list[tuple[str, int, int]]:
+    """(id, version, attempt) of the first ``limit`` queued jobs in scheduling order
+    (priority, then submission), dependencies not considered: what a claim loop reads."""
+    sql = (
+        "SELECT id, version, attempt FROM jobs WHERE state = :queued "
+        "ORDER BY priority DESC, submitted_seq LIMIT :limit"
+    )
+
+    def work(conn: Any) -> list[tuple[str, int, int]]:
+        rows = conn.execute(sql, {"queued": JobState.QUEUED, "limit": limit})
+        return [(str(row[0]), int(row[1]), int(row[2])) for row in rows]
+
+    return await store.snapshot(work)
+
+
 # Lost leases --------------------------------------------------------------------------------
 
 
@@ -268,6 +283,7 @@ __all__ = [
     "claim",
     "executor_id",
     "lost_leases",
+    "queued_jobs",
     "renew",
     "requeue_lost",
     "store_clock",

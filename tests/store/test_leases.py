@@ -8,10 +8,12 @@ worker that comes back after losing it must not be able to record anything for i
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import anyio
 import pytest
 
-from dropkiln.store import ConcurrencyError, EventStore, check, find_job
+from dropkiln.store import ConcurrencyError, EventStore, check, find_job, list_jobs
 from dropkiln.store import events as ev
 from dropkiln.store.events import job_stream
 from dropkiln.store.leases import (
@@ -162,3 +164,18 @@ async def test_running_jobs_without_a_lease_or_held_by_my_dead_self_are_lost(
     assert mine is not None and theirs is not None
     assert await lost_leases(store) == ["old"]
     assert sorted(await lost_leases(store, mine=A)) == ["mine", "old"]
+
+
+async def test_executor_processes_claim_every_job_exactly_once(
+    store: EventStore, db_path: Path, store_url: str
+) -> None:
+    """Three processes run the claim loop over the same head of the queue (the bench's
+    claimers): each job is claimed by one of them, once."""
+    from dropkiln.bench.claims import run_claimers, submit_jobs
+
+    await submit_jobs(db_path, store_url, 24)
+    run = await anyio.to_thread.run_sync(run_claimers, db_path, store_url, 3, 24)
+    assert len(run["latencies"]) == 24
+    claims = await store.read(types=["JobClaimed"], limit=None)
+    assert sorted(e.stream for e in claims) == sorted(job_stream(f"c{n}") for n in range(24))
+    assert {j.state for j in await list_jobs(store)} == {"running"}
