@@ -50,6 +50,11 @@ RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})
 ENDINGS = (JobFailed.type_name(), JobCancelled.type_name())
 
 
+def _negated(at: str | None) -> tuple[int, ...]:
+    """Sorts ISO timestamps newest first."""
+    return tuple(-ord(c) for c in at or "")
+
+
 async def _no_drops() -> set[str]:
     return set()
 
@@ -118,6 +123,12 @@ class Scheduler:
         if self.paused or not self.accepting:
             return
         runnable.sort(key=lambda j: (-j.priority, j.submitted_seq))
+        # GPU jobs of every executor, the first to give way first: lowest priority, then
+        # the one that started last (least work since its checkpoint).
+        yielding = sorted(
+            (j for j in jobs if j.state == JobState.RUNNING and j.lane == Lane.GPU),
+            key=lambda j: (j.priority, _negated(j.started_at)),
+        )
         for job in runnable:
             lane = Lane(job.lane)
             busy = self.lane_jobs(lane)
@@ -125,7 +136,13 @@ class Scheduler:
             if len(busy) < capacity:
                 await self._start(tg, job)
             elif lane == Lane.GPU:
-                self._maybe_preempt(job, busy[0])
+                # Several executors see the same waiting job: only the one whose job is
+                # next to give way preempts it, so one job waiting costs one preemption.
+                victim = next((j for j in yielding if j.priority < job.priority), None)
+                if victim is not None:
+                    yielding.remove(victim)
+                    if victim.id == busy[0].id:
+                        self._maybe_preempt(job, busy[0])
 
     async def requeue_lost(self, mine: str | None = None) -> list[str]:
         """Running jobs whose lease is lost (see ``leases.lost_leases``; ``mine`` is this
