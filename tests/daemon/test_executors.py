@@ -54,3 +54,32 @@ async def test_two_executors_share_the_work_and_one_gives_way_to_an_urgent_job(
             assert kinds.count("JobSucceeded") == 1
             assert kinds.count("JobClaimed") == kinds.count("JobStarted")
         assert (await check(store)).ok
+
+
+async def test_a_start_requeues_its_own_dead_jobs_and_leaves_live_leases_alone(
+    settings: Settings,
+) -> None:
+    """Before leases, a starting daemon took every running job for its dead predecessor's.
+    With other executors on the store, only its own (same host and device) and those whose
+    lease ran out are; a job another executor holds under a live lease keeps running there."""
+    from dropkiln.store.backend import open_store
+    from dropkiln.store.events import JobStarted
+    from dropkiln.store.leases import Candidate, claim, executor_id
+
+    store = await open_store(settings.paths.db, settings.store_url, create=True)
+    try:
+        for job_id, holder in (("mine", executor_id("cpu")), ("theirs", "box-b/cuda:0")):
+            await submit(store, job_id, steps=2)
+            [job] = [j for j in await list_jobs(store) if j.id == job_id]
+            started = [JobStarted(attempt=1, memory_rung=0)]
+            assert await claim(store, [Candidate(job_id, job.version, 1, started)], holder, 600)
+    finally:
+        await store.close()
+
+    async with running_daemon(on(settings, "cpu")) as daemon:
+        mine = await wait_job(daemon.store, "mine", ended)
+        assert mine.state == "succeeded"
+        assert "JobInterrupted" in await types_of(daemon.store, "mine")
+        theirs = await wait_job(daemon.store, "theirs", lambda j: True)
+        assert theirs.state == "running" and theirs.executor == "box-b/cuda:0"
+        assert "JobInterrupted" not in await types_of(daemon.store, "theirs")
