@@ -55,6 +55,8 @@ FALLBACK_S = 5.0
 IDLE_STEP_MAX_MS = 500
 SETTLING_STEP_MS = 10
 DEBOUNCE_MS = 100
+# How late a woken thread may run on a loaded machine (2 cores, load 8: a few hundred ms).
+BUSY_SLACK_S = 0.5
 
 Signature = tuple[tuple[str, int, int], ...]
 
@@ -130,9 +132,10 @@ class DropWatcher:
         self._handed: dict[Path, tuple[int, int]] = {}
         self._last_scan: float | None = None
         self.idle_step_ms = idle_step_ms(settle_seconds)
-        # A change is seen up to two steps after it happened; the settle clock starts from
-        # the entry's own ctime (a rename or a new file sets it), back-dated by no more.
-        self._max_backdate_s = 2 * self.idle_step_ms / 1000
+        # A change is seen two steps after it happened, or later on a busy machine; the
+        # settle clock starts from the entry's own ctime (a rename or a new file sets it),
+        # back-dated by no more than that: an older ctime belongs to no change we saw.
+        self._max_backdate_s = 2 * self.idle_step_ms / 1000 + BUSY_SLACK_S
 
     def scan(self, now: float | None = None) -> list[Path]:
         """One pass: update signatures; return entries that have just settled. With ``now``
