@@ -19,7 +19,7 @@ from dropkiln.store.vocabulary import DropKind, Lane
 class Event(BaseModel):
     """Base of every event; ``type`` is the class name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     command: ClassVar[bool] = False
     """A request written by the CLI, the dashboard or the API, which the daemon tails and
     obeys; the daemon's list of commands to tail is every class that says so."""
