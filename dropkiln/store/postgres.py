@@ -51,10 +51,10 @@ BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
 STALLED_WRITER_S = 10
 
 _STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream = %s"
-_LOCK_AND_VERSION = (
-    f"SELECT pg_advisory_xact_lock({APPEND_LOCK}), "
-    "(SELECT coalesce(max(version), 0) FROM events WHERE stream = %s)"
-)
+# Its own statement: in READ COMMITTED a statement reads the snapshot taken when it began, so
+# a version read in the statement that waited for the lock misses the append the lock's
+# previous holder committed meanwhile, and the insert then collides with it.
+_LOCK_APPENDS = f"SELECT pg_advisory_xact_lock({APPEND_LOCK})"
 _INSERT_EVENT = (
     "INSERT INTO events (stream, version, type, data, at) VALUES (%s, %s, %s, %s, %s) RETURNING seq"
 )
@@ -316,11 +316,10 @@ def _append(
     stored: list[StoredEvent] = []
     at = ""
     for index, (stream, new) in enumerate(pending):
-        if index == 0:  # the lock and the first stream's version in one round trip
-            row = raw.execute(_LOCK_AND_VERSION, (stream,)).fetchone()
+        if index == 0:
+            raw.execute(_LOCK_APPENDS)
             at = utc_now()  # under the lock, so ``at`` follows ``seq``
-        else:
-            row = raw.execute(_STREAM_VERSION, (stream,)).fetchone()
+        row = raw.execute(_STREAM_VERSION, (stream,)).fetchone()
         current = int(row[-1]) if row else 0
         want = expected.get(stream)
         if want is not None and want != current:

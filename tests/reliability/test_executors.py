@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import time
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import pytest
@@ -45,6 +46,19 @@ def wait(condition: Callable[[], bool], timeout: float, what: str, executors: Ex
     raise AssertionError(f"timed out waiting for {what}\n{executors.logs()}")
 
 
+def until(condition: Callable[[], bool], timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def noticed_lost_lease(executors: Executors, device: str, before: int) -> bool:
+    return executors.log(device).count("lease lost") > before
+
+
 def claimed_by(reader: Reader, job_id: str) -> int | None:
     """The pid of the process that claimed the job's latest attempt."""
     claims = [e for e in reader.events_of(job_id) if e["type"] == "JobClaimed"]
@@ -66,7 +80,7 @@ def run_with_chaos(
     restart it. Returns how many of each disturbance landed on a running job."""
     executors.start_all()
     drop_prompt_files(home, files)
-    landed = {"paused": 0, "killed": 0}
+    landed = {"paused": 0, "killed": 0, "stalled": 0}
     deadline = time.monotonic() + 40 * files
     while time.monotonic() < deadline:
         executors.check()
@@ -84,19 +98,22 @@ def run_with_chaos(
             continue
         if landed["paused"] <= landed["killed"]:
             executors.pause(device)
-            # Another executor takes the job over once the lease runs out (3 s).
-            wait(
-                lambda job=victim: interrupted(reader, job["id"], job["attempt"]),
-                30,
-                f"job {victim['id']} to be taken from paused {device}",
-                executors,
-            )
+            # Another executor takes the job over once the lease runs out (3 s), unless the
+            # pause caught the executor inside a write transaction: on SQLite that holds the
+            # one write lock until it runs again (PostgreSQL ends such a session after
+            # STALLED_WRITER_S), so then it is woken and the pause tried again later.
+            taken = until(partial(interrupted, reader, victim["id"], victim["attempt"]), 15)
+            if not taken:
+                executors.check()
+                executors.resume(device)
+                landed["stalled"] += 1
+                continue
             time.sleep(rng.uniform(0, 1.0))
             lost_before = executors.log(device).count("lease lost")
             executors.resume(device)
             # Awake, it finds its lease gone at its next check and stops the attempt.
             wait(
-                lambda d=device, n=lost_before: executors.log(d).count("lease lost") > n,
+                partial(noticed_lost_lease, executors, device, lost_before),
                 30,
                 f"{device} to notice it lost the lease of job {victim['id']}",
                 executors,

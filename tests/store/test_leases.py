@@ -216,3 +216,28 @@ async def test_a_writer_stopped_inside_its_transaction_does_not_stall_the_others
 async def _expect_failure(write: Awaitable[object]) -> None:
     with pytest.raises(Exception, match=r"idle-in-transaction|terminat|closed"):
         await write
+
+
+async def test_executors_appending_to_one_stream_at_once_never_conflict(
+    db_path: Path, store_url: str
+) -> None:
+    """Several daemons append to the shared ``daemon`` stream (DaemonStarted, DropWaiting…)
+    and to one job's stream (the executor and a CLI command) without a version to check:
+    each append goes after the others, none is refused as a conflict."""
+    from dropkiln.store.backend import open_store
+
+    stores = [await open_store(db_path, store_url, create=True) for _ in range(3)]
+    try:
+
+        async def append_many(store: EventStore) -> None:
+            for _ in range(30):
+                await store.append(ev.DAEMON_STREAM, [ev.DaemonStopping(reason="x")])
+
+        async with anyio.create_task_group() as tg:
+            for store in stores:
+                tg.start_soon(append_many, store)
+        versions = [e.version for e in await stores[0].read(stream=ev.DAEMON_STREAM, limit=None)]
+        assert versions == list(range(1, 91))
+    finally:
+        for store in stores:
+            await store.close()
