@@ -303,7 +303,7 @@ def _append(
 ) -> list[StoredEvent]:
     # Imported here, as on SQLite: only writers need the projections.
     from dropkiln.store.eventstore import utc_now
-    from dropkiln.store.projections import apply, changes_for
+    from dropkiln.store.rows import apply, changes_for
 
     raw = conn.raw
     stored: list[StoredEvent] = []

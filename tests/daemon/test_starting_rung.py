@@ -23,6 +23,7 @@ from dropkiln.store import EventStore, find_job
 from dropkiln.store import events as ev
 from dropkiln.store.backend import open_store
 from dropkiln.store.events import job_stream
+from dropkiln.store.leases import executor_id
 
 LADDER = TRAIN.ladder
 MODEL = "sdxl-base.safetensors"
@@ -83,7 +84,7 @@ async def store(tmp_path: Path) -> AsyncIterator[EventStore]:
 def executor(tmp_path: Path, store: EventStore, device: str, reprobe_after: int = 5) -> Executor:
     settings = Settings(root=tmp_path, memory={"reprobe_after": reprobe_after})
     thread = cast(Any, FakeDeviceThread(device))
-    return Executor(settings, store, thread, FaultInjector())
+    return Executor(settings, store, thread, FaultInjector(), executor_id(device))
 
 
 @pytest.fixture
