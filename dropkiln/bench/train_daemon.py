@@ -147,7 +147,7 @@ for line in sys.stdin:
                      guidance_scale=job["validation_guidance"],
                      generator=torch.Generator().manual_seed(1)).images[0]
         image.save(out / f"validation-step{step:06d}.png")
-        pixels = torch.from_numpy(__import__("numpy").asarray(image)).permute(2, 0, 1)
+        pixels = torch.from_numpy(__import__("numpy").array(image)).permute(2, 0, 1)
         writer.add_image("validation", pixels, step)
 
     def validation_loss(step):
