@@ -39,7 +39,6 @@ from dropkiln.store import (
     ConcurrencyError,
     EventStore,
     JobView,
-    StoreError,
     clean_runs,
     find_job,
     job_artifacts,
@@ -203,9 +202,9 @@ class Executor:
             asked = time.monotonic()
             try:
                 renewed = await renew(self.store, running.fence, self.lease_s)
-            except StoreError:
-                # The store is unreachable: the attempt goes on until its lease runs out on
-                # its own clock (the context checks), then stops.
+            except Exception:
+                # The store is unreachable (or ended this session): the attempt goes on until
+                # its lease runs out on its own clock (the context checks), then stops.
                 log.warning("could not renew the lease of job %s", running.id, exc_info=True)
                 continue
             if renewed is None:
