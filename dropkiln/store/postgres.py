@@ -92,6 +92,10 @@ def _named_rows(cursor: Any) -> RowMaker[Row]:
     return lambda values: kind(values)
 
 
+class _SessionEnded(Exception):
+    """The write connection broke inside a transaction, before its commit was sent."""
+
+
 class PgConnection:
     """A psycopg connection that takes the store's SQL text as sqlite3 does.
 
@@ -173,7 +177,16 @@ class PostgresDatabase:
         """Run ``work`` in one write transaction (rolled back if it raises), blocking."""
         self._pool.enter()
         try:
-            return self._write_transaction(work, durable)
+            try:
+                return self._write_transaction(work, durable)
+            except _SessionEnded:
+                # The server ended the session before the commit was asked for (idle in the
+                # transaction too long: this process was stopped; a server restart). Nothing
+                # was written, so the work runs once more on a new connection; it reads
+                # again what it decides on (versions, leases).
+                return self._write_transaction(work, durable)
+            except psycopg.Error as exc:
+                raise StoreError(f"writing {self.path} failed: {exc}") from exc
         finally:
             self._pool.leave()
 
@@ -197,10 +210,28 @@ class PostgresDatabase:
             conn.raw.execute(begin)
         try:
             conn.notify_at_commit = None
-            result = work(conn)
+            try:
+                result = work(conn)
+            except (
+                psycopg.OperationalError,
+                psycopg.errors.IdleInTransactionSessionTimeout,
+            ) as exc:
+                if not conn.broken:
+                    raise
+                conn.close()
+                self._write = None
+                raise _SessionEnded(str(exc)) from exc
             # NOTIFY is delivered at COMMIT; sent together, they cost one round trip.
             notify = conn.notify_at_commit
-            conn.raw.execute(f"NOTIFY {CHANNEL}, '{int(notify)}'; COMMIT" if notify else "COMMIT")
+            try:
+                commit = f"NOTIFY {CHANNEL}, '{int(notify)}'; COMMIT" if notify else "COMMIT"
+                conn.raw.execute(commit)
+            except psycopg.errors.IdleInTransactionSessionTimeout as exc:
+                # Ended before the commit arrived (unlike a connection lost during the
+                # commit, whose outcome is unknown and is not made again).
+                conn.close()
+                self._write = None
+                raise _SessionEnded(str(exc)) from exc
         except BaseException:
             if not conn.broken and conn.in_transaction:
                 conn.execute("ROLLBACK")

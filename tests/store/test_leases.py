@@ -8,8 +8,8 @@ worker that comes back after losing it must not be able to record anything for i
 
 from __future__ import annotations
 
+import threading
 import time
-from collections.abc import Awaitable
 from pathlib import Path
 
 import anyio
@@ -188,34 +188,33 @@ async def test_a_writer_stopped_inside_its_transaction_does_not_stall_the_others
 ) -> None:
     """PostgreSQL: an executor paused in the middle of a write holds the append lock; the
     server ends its session once it has been idle in the transaction too long, so the other
-    executors' writes (a requeue of the paused one's job, among them) go through."""
+    executors' writes (a requeue of the paused one's job, among them) go through. When the
+    paused one runs again its write, rolled back, is made again on a new connection, after
+    theirs, deciding again on what it reads then (a fenced write finds its lease gone)."""
     from dropkiln.store import postgres
     from dropkiln.store.backend import open_store
 
     monkeypatch.setattr(postgres, "STALLED_WRITER_S", 1)
     paused = await open_store(db_path, postgres_url, create=True)
     other = await open_store(db_path, postgres_url)
+    stopped = threading.Event()
     try:
 
         def stop_inside(conn: object) -> None:
             paused.database.append([("job:p", [("JobQueued", {"reason": "x"})])], {}, conn)
-            time.sleep(4)  # SIGSTOP: the lock is held, the session idle in its transaction
+            if not stopped.is_set():
+                stopped.set()
+                time.sleep(4)  # SIGSTOP: the lock is held, the session idle in its transaction
 
         async with anyio.create_task_group() as tg:
-            tg.start_soon(_expect_failure, paused.transaction(stop_inside))
+            tg.start_soon(paused.transaction, stop_inside)
             await anyio.sleep(0.5)
             with anyio.fail_after(3):
                 await other.append(job_stream("o"), [submitted("o")])
-        assert [e.stream for e in await other.read()] == ["job:o"]  # the stopped one rolled back
-        await paused.append(job_stream("p2"), [submitted("p2")])  # and it reconnects after
+        assert [e.stream for e in await other.read()] == ["job:o", "job:p"]
     finally:
         await other.close()
         await paused.close()
-
-
-async def _expect_failure(write: Awaitable[object]) -> None:
-    with pytest.raises(Exception, match=r"idle-in-transaction|terminat|closed"):
-        await write
 
 
 async def test_executors_appending_to_one_stream_at_once_never_conflict(
