@@ -130,11 +130,11 @@ async def test_an_expired_lease_refuses_writes_before_anyone_claims_again(
 
 
 async def test_heartbeats_keep_the_lease_and_the_job(store: EventStore) -> None:
-    a = await claim(store, [await queued(store)], A, lease_s=0.3)
+    a = await claim(store, [await queued(store)], A, lease_s=1.5)
     assert a is not None
-    for _ in range(4):
-        await anyio.sleep(0.1)
-        assert await renew(store, a.fence, 0.3) is not None
+    for _ in range(4):  # 2 s in all: past the first lease, kept by the renewals
+        await anyio.sleep(0.5)
+        assert await renew(store, a.fence, 1.5) is not None
     assert await lost_leases(store) == []
     job = await find_job(store, "j")
     requeue = [ev.JobInterrupted(previous_attempt=1), ev.JobQueued()]
