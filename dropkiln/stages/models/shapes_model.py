@@ -71,10 +71,9 @@ def shapes_architecture() -> dict[str, Any]:
             block_out_channels=(8, 16, 32),
             layers_per_block=1,
             latent_channels=4,
-            # one group: a group norm removes each group's mean and spread per picture, and
-            # on flat pictures those are the colours themselves; with one group only their
-            # overall level goes (at four groups the decoder gave back one colour for all)
-            norm_num_groups=1,
+            # few groups: a group norm per channel would wipe out each channel's mean,
+            # which on flat pictures is the colour itself
+            norm_num_groups=4,
             sample_size=64,
             force_upcast=False,
         ),
