@@ -104,6 +104,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     from dropkiln.daemon.service import Daemon
 
     settings = _settings(args)
+    if args.device:
+        settings.device = args.device
     setup_logging(settings.log_level)
     daemon = Daemon(settings, early_stop=early)
     anyio.run(daemon.run)
@@ -461,7 +463,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("init", cmd_init, "create a dropkiln home: settings, folders, database")
     p.add_argument("path", nargs="?", help="where (default: --root or ./dropkiln-home)")
-    add("daemon", cmd_daemon, "run the daemon in the foreground")
+    p = add("daemon", cmd_daemon, "run the daemon in the foreground")
+    p.add_argument(
+        "--device",
+        help="the device this daemon runs on: cuda:N (one daemon per GPU on one root), cpu, "
+        "cpu:N (another CPU executor); default: the device setting",
+    )
     p = add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
     p.add_argument(
         "--full", action="store_true", help="also one contact sheet per generation feature"

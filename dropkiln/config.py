@@ -55,6 +55,29 @@ class MemorySettings(Section):
     )
 
 
+class ExecutorSettings(Section):
+    """How daemons sharing one store hold their jobs (``store/leases.py``)."""
+
+    lease_seconds: float = Field(
+        30.0,
+        gt=0,
+        description="a running job whose executor has not renewed its lease for this long is "
+        "claimed by another executor (a dead or paused daemon, a lost box)",
+    )
+    heartbeat_seconds: float = Field(
+        5.0, gt=0, description="how often a running job's lease is renewed"
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> ExecutorSettings:
+        if self.heartbeat_seconds * 2 > self.lease_seconds:
+            raise ValueError(
+                "heartbeat_seconds must be at most half of lease_seconds, or one slow "
+                "heartbeat loses the lease"
+            )
+        return self
+
+
 class ApiSettings(Section):
     """`dropkiln serve`: where it listens and what it accepts."""
 
@@ -139,6 +162,7 @@ class Settings(BaseSettings):
     generate: GenerateSettings = Field(default_factory=GenerateSettings)
     limits: LimitsSettings = Field(default_factory=LimitsSettings)
     memory: MemorySettings = Field(default_factory=MemorySettings)
+    executor: ExecutorSettings = Field(default_factory=ExecutorSettings)
     api: ApiSettings = Field(default_factory=ApiSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
 
@@ -226,6 +250,10 @@ max_images = 1000
 
 [memory]                     # the first memory rung of a GPU job (README: memory ladder)
 reprobe_after = 5            # clean runs at a remembered rung before a job tries one rung up
+
+[executor]                   # several daemons on one store (README: several GPUs and boxes)
+lease_seconds = 30           # a job whose daemon stopped renewing its lease this long is taken over
+heartbeat_seconds = 5        # how often a running job's lease is renewed
 
 [api]                        # dropkiln serve (the HTTP API); the token is in state/api-token
 host = "127.0.0.1"

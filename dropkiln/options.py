@@ -73,6 +73,9 @@ class TrainSettings(Section):
     validation_holdout: int = Field(
         0, ge=0, description="images held out of training for the validation loss"
     )
+    wandb_project: str = Field(
+        "", description="a Weights & Biases project (needs the [wandb] extra; offline)"
+    )
     seed: int = 1
 
 

@@ -255,3 +255,34 @@ def test_tmpfiles_creates_root_and_drop_folders(tmp_path: Path) -> None:
         if as_root:
             assert stat.st_uid == int(passwd["dropkiln"][2]), path
             assert stat.st_gid == int(passwd["dropkiln"][3]), path
+
+
+TEMPLATE = SYSTEMD_DIR / "dropkiln@.service"
+
+
+@needs_analyze
+def test_the_per_device_template_verifies_and_stays_sandboxed(tmp_path: Path) -> None:
+    # Verified as an instance; offline, systemd-analyze misreads a ':' in a file name, so the
+    # instance here is "cpu" (a real one is dropkiln@cuda:1.service).
+    copy = installable_copy(tmp_path, unit=TEMPLATE)
+    instance = copy.rename(tmp_path / "dropkiln@cpu.service")
+    assert verify(instance) == []
+    done = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--no-pager", str(instance)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    found = re.search(r"Overall exposure level for \S+: (\d+(?:\.\d+)?)", done.stdout)
+    assert found is not None and float(found[1]) <= MAX_EXPOSURE, done.stdout + done.stderr
+
+
+def test_the_per_device_template_is_the_daemon_unit_with_a_device() -> None:
+    single, template = unit_settings(), unit_settings(TEMPLATE)
+    exec_start = one(template, "Service.ExecStart")
+    assert exec_start == one(single, "Service.ExecStart") + " --device %i"
+    assert one(template, "Unit.Conflicts") == "dropkiln.service"
+    differ = {"Unit.Description", "Unit.Conflicts", "Service.ExecStart"}
+    assert {k: v for k, v in template.items() if k not in differ} == {
+        k: v for k, v in single.items() if k not in differ
+    }

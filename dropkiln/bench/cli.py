@@ -38,6 +38,7 @@ SUITE_NAMES = (
     *("store", "bucket", "cache", "train", "generate", "video", "daemon", "preempt", "api"),
     "scaleout",
     "idle",
+    "cli",
 )
 MODEL_SUITES = frozenset({"cache", "train", "generate", "daemon", "preempt"})
 
@@ -132,6 +133,7 @@ def _suites() -> dict[str, Suite]:
         api_suite,
         bucket_suite,
         cache_suite,
+        cli_suite,
         idle_suite,
         store_suite,
         video_suite,
@@ -149,6 +151,7 @@ def _suites() -> dict[str, Suite]:
         "api": api_suite,
         "scaleout": scaleout_suite,
         "idle": idle_suite,
+        "cli": cli_suite,
     }
 
 

@@ -54,6 +54,7 @@ def bench_daemon(
     ``settle_seconds`` and ``threads`` left at None/0 are the daemon's defaults."""
     from dropkiln.stages.models import resolve_model
 
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="dropkiln-bench-") as scratch:
         root = Path(scratch)
         link_models(root, models_dir)
@@ -83,7 +84,8 @@ def bench_daemon(
         "warmup": warmup,
         "warm": warm,
         "row": row,
-        "load_average_after": round(os.getloadavg()[0], 2),
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
 
 

@@ -257,6 +257,10 @@ def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecor
         f"settle_seconds is {settle} (the daemon's default unless --settle); pickup p95 "
         f"{warm['pickup_p95_s']:.3f} s (goal <= {settle + 0.05:.2f} s) is reported apart."
     )
+    record.notes.append(
+        f"torch threads {figures['torch_threads']}; load average before "
+        f"{figures['load_average_before']}, after {figures['load_average_after']}"
+    )
     if profiler is not None:
         record.notes.append("--profile: the daemon runs in its own process; profile generate")
     record.raw = figures

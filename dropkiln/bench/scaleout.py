@@ -1,5 +1,6 @@
-"""Scale-out figures: events appended per second and append latency with 1, 2 and 4 writer
-processes, on the SQLite store and on PostgreSQL, in one run.
+"""Scale-out figures, with 1, 2 and 4 processes, on the SQLite store and on PostgreSQL, in
+one run: events appended per second and append latency; jobs claimed per second and claim
+latency (``claims``).
 
 Each writer is a process of its own with its own store, as each daemon of a scaled-out
 setup is, and appends single-event commits to its own job stream (a running attempt's
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing
+import os
 import statistics
 import tempfile
 import time
@@ -23,6 +25,7 @@ from typing import Any
 
 import anyio
 
+from dropkiln.bench.claims import run_claimers, submit_jobs
 from dropkiln.bench.pgserver import PostgresServer
 from dropkiln.bench.profile import Profiler
 from dropkiln.bench.record import SuiteRecord
@@ -35,9 +38,17 @@ WRITERS = (1, 2, 4)
 BACKENDS = ("sqlite", "postgres")
 
 
-def bench_scaleout(*, commits: int = 400, writers: Sequence[int] = WRITERS) -> dict[str, Any]:
-    """Every (backend, writer count) pair; figures keyed ``{backend}_{n}w_…``."""
-    figures: dict[str, Any] = {"commits_per_writer": commits, "writers": list(writers)}
+def bench_scaleout(
+    *, commits: int = 400, claims: int = 400, writers: Sequence[int] = WRITERS
+) -> dict[str, Any]:
+    """Every (backend, process count) pair; figures keyed ``{backend}_{n}w_…`` (appends) and
+    ``{backend}_{n}x_…`` (claims by n executors of ``claims`` queued jobs)."""
+    figures: dict[str, Any] = {
+        "commits_per_writer": commits,
+        "claimed_jobs": claims,
+        "writers": list(writers),
+        "load_average_before": [round(value, 2) for value in os.getloadavg()],
+    }
     server = PostgresServer.start(durable=True)
     try:
         with tempfile.TemporaryDirectory() as tmp:
@@ -50,8 +61,18 @@ def bench_scaleout(*, commits: int = 400, writers: Sequence[int] = WRITERS) -> d
                     figures[f"{backend}_{count}w_events_per_s"] = run["events_per_s"]
                     figures[f"{backend}_{count}w_append_p95_ms"] = run["p95_ms"]
                     figures[f"{backend}_{count}w_append_s"] = run["latencies"]
+                for count in writers:
+                    db = Path(tmp) / f"{backend}-claims-{count}" / "state" / "dropkiln.db"
+                    url = server.create_database() if backend == "postgres" else ""
+                    anyio.run(submit_jobs, db, url, claims)
+                    run = run_claimers(db, url, count, claims)
+                    figures[f"{backend}_{count}x_claims_per_s"] = run["claims_per_s"]
+                    figures[f"{backend}_{count}x_claim_p95_ms"] = run["p95_ms"]
+                    figures[f"{backend}_{count}x_lost_races"] = run["lost_races"]
+                    figures[f"{backend}_{count}x_claim_s"] = run["latencies"]
     finally:
         server.stop()
+    figures["load_average_after"] = [round(value, 2) for value in os.getloadavg()]
     figures["postgres_vs_sqlite_1w"] = round(
         figures[f"postgres_{writers[0]}w_events_per_s"]
         / figures[f"sqlite_{writers[0]}w_events_per_s"],
@@ -61,8 +82,10 @@ def bench_scaleout(*, commits: int = 400, writers: Sequence[int] = WRITERS) -> d
 
 
 def scaleout_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
-    """Appends/s and append p95 with 1, 2 and 4 writer processes, SQLite and PostgreSQL."""
-    config: dict[str, Any] = {"commits": options.pick(options.events, 400, 100)}
+    """Appends/s and append p95 with 1, 2 and 4 writer processes, claims/s and claim p95 with
+    1, 2 and 4 executor processes; SQLite and PostgreSQL."""
+    size = options.pick(options.events, 400, 100)
+    config: dict[str, Any] = {"commits": size, "claims": size}
     figures = bench_scaleout(**config)
     record = SuiteRecord("scaleout", config=config)
     for backend in BACKENDS:
@@ -72,6 +95,13 @@ def scaleout_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRec
             record.latencies(f"{key}_append", figures.pop(f"{key}_append_s"), what)
             record.metric(
                 f"{key}_events_per_s", figures[f"{key}_events_per_s"], "events/s", "higher",
+                headline=True,
+            )  # fmt: skip
+            key = f"{backend}_{count}x"
+            what = f"one job claimed, {count} executor process(es) contending, {backend}"
+            record.latencies(f"{key}_claim", figures.pop(f"{key}_claim_s"), what)
+            record.metric(
+                f"{key}_claims_per_s", figures[f"{key}_claims_per_s"], "jobs/s", "higher",
                 headline=True,
             )  # fmt: skip
     record.compared(
@@ -153,9 +183,11 @@ async def _append_all(
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--commits", type=int, default=400)
+    parser.add_argument("--claims", type=int, default=400)
     args = parser.parse_args()
-    figures = bench_scaleout(commits=args.commits)
-    print(json.dumps({k: v for k, v in figures.items() if not k.endswith("_append_s")}, indent=1))
+    figures = bench_scaleout(commits=args.commits, claims=args.claims)
+    shown = {k: v for k, v in figures.items() if not k.endswith(("_append_s", "_claim_s"))}
+    print(json.dumps(shown, indent=1))
 
 
 if __name__ == "__main__":

@@ -269,6 +269,33 @@ def idle_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
     return record
 
 
+def cli_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
+    """`status`, `events` and `cancel` in fresh processes, against a bare interpreter."""
+    from dropkiln.bench.cli_start import COMMANDS, bench_cli_start
+
+    config: dict[str, Any] = {"runs": options.pick(options.repeats, 7, 3)}
+    figures = bench_cli_start(**config)
+    record = SuiteRecord("cli", config=config)
+    record.latencies("python", figures["all_s"]["python"], "`python -c pass`, fresh process")
+    for name in COMMANDS:
+        what = f"`dropkiln {name}`, fresh process, spawn to exit"
+        record.latencies(name, figures["all_s"][name], what)
+        record.metric(f"{name}_s", figures[f"{name}_s"], "s", "lower", "<= 0.25", headline=True)
+    record.notes.append(f"each *_s is the best of {config['runs']} runs")
+    record.compared(
+        "a bare interpreter (`python -c pass`, same turns)",
+        max(figures[f"{name}_s"] for name in COMMANDS) / figures["python_s"],
+        "slowest quick command ÷ bare interpreter start, best of each",
+    )
+    record.notes.append(
+        f"load average before {figures['load_average_before']}, "
+        f"after {figures['load_average_after']} (other work on the machine inflates both)"
+    )
+    record.raw = figures
+    _no_profile(record, profiler)
+    return record
+
+
 def _no_profile(record: SuiteRecord, profiler: Profiler | None) -> None:
     if profiler is not None:
         record.notes.append(f"--profile: the {record.suite} suite runs no torch operators")

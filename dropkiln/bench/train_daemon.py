@@ -9,9 +9,14 @@ state, a validation image, the loss curve and TensorBoard. The figure is the tra
 The baseline is a plain diffusers + peft script in a fresh process of its own that imports
 no dropkiln module (``CLEAN_TRAINER``). Like diffusers' ``train_text_to_image_lora_sdxl.py``
 it encodes the dataset first (not timed: the daemon does that in its cache job), then runs the
-same steps with the same saves at the same checkpoints, timed. The two take turns.
+same steps with the same saves at the same checkpoints, timed: the LoRA, the optimizer
+state, the loss CSV, a validation image (also into TensorBoard, as diffusers' script logs
+it) and the held-out validation loss the job tracks (4 images at 4 fixed timesteps). What
+the job makes besides (kohya metadata, loss.png, the contact sheet, the diffusers-format
+export, events) is the product's own cost; ``--profile`` shows each part. The two take turns.
 
-Run ``python -m dropkiln.bench.train_daemon [--steps N] [--repeat N]``.
+Run ``python -m dropkiln.bench.train_daemon [--steps N] [--repeat N] [--threads N]
+[--profile]``.
 """
 
 from __future__ import annotations
@@ -33,6 +38,13 @@ import anyio
 from dropkiln.bench.cache import link_models, write_bench_dataset
 from dropkiln.bench.clean import CleanProcess
 from dropkiln.bench.daemon import start_daemon, stop_daemon
+from dropkiln.bench.train_profile import (
+    CLEAN_PARTS,
+    DAEMON_PARTS,
+    seconds_by_part,
+    start_spy,
+    stop_spy,
+)
 from dropkiln.config import Settings
 from dropkiln.store.vocabulary import DropState, JobState
 
@@ -93,10 +105,17 @@ for line in sys.stdin:
     optimizer = torch.optim.AdamW(params, lr=job["learning_rate"])
     noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
     generator = torch.Generator().manual_seed(0)
+    # The held-out loss the job tracks: the first 4 images, each at 4 fixed timesteps with
+    # fixed noise, no gradients, at every checkpoint.
+    val_t = torch.tensor([0, 333, 666, 999])
+    val_generator = torch.Generator().manual_seed(job["seed"] + 0x5EED)
+    val_noise = [torch.randn((len(val_t), *latents.shape[1:]), generator=val_generator)
+                 for _ in range(min(4, len(latents)))]
     writer = SummaryWriter(str(out / "tensorboard"))
     losses = []
-    batch_size, every, steps = job["batch_size"], job["checkpoint_every"], job["steps"]
-    for step in range(1, steps + 1):
+
+    # One function a part, so a profile (bench --profile) names each.
+    def train_step(step):
         rows = torch.randint(0, len(latents), (batch_size,), generator=generator)
         noise = torch.randn(latents[rows].shape, generator=generator)
         timesteps = torch.randint(0, 1000, (batch_size,), generator=generator)
@@ -111,22 +130,47 @@ for line in sys.stdin:
         optimizer.zero_grad(set_to_none=True)
         losses.append((step, float(loss.item())))
         writer.add_scalar("loss", losses[-1][1], step)
+
+    def save_files(step):
+        lora = {k: v.contiguous() for k, v in
+                get_peft_model_state_dict(unet, adapter_name="job").items()}
+        save_file(lora, str(out / f"lora-step{step:06d}.safetensors"))
+        state = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items()
+                 for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0}
+        save_file(state, str(out / f"state-step{step:06d}.safetensors"))
+        with open(out / "loss.csv", "w", newline="") as handle:
+            csv.writer(handle).writerows([("step", "loss"), *losses])
+
+    def validation_image(step):
+        image = pipe(job["validation_prompt"], width=w, height=h,
+                     num_inference_steps=job["validation_steps"],
+                     guidance_scale=job["validation_guidance"],
+                     generator=torch.Generator().manual_seed(1)).images[0]
+        image.save(out / f"validation-step{step:06d}.png")
+        pixels = torch.from_numpy(__import__("numpy").array(image)).permute(2, 0, 1)
+        writer.add_image("validation", pixels, step)
+
+    def validation_loss(step):
+        total = 0.0
+        for i, noise in enumerate(val_noise):
+            rows = [i] * len(val_t)
+            noisy = noise_scheduler.add_noise(latents[rows], noise, val_t)
+            extra = {"text_embeds": pooled[rows], "time_ids": time_ids[rows]}
+            prediction = unet(noisy, val_t, encoder_hidden_states=embeds[rows],
+                              added_cond_kwargs=extra).sample
+            total += float(torch.nn.functional.mse_loss(
+                prediction.float(), noise.float(), reduction="sum")) / noise[0].numel()
+        writer.add_scalar("loss/validation", total / (len(val_noise) * len(val_t)), step)
+
+    batch_size, every, steps = job["batch_size"], job["checkpoint_every"], job["steps"]
+    for step in range(1, steps + 1):
+        train_step(step)
         if step % every == 0 or step == steps:
-            lora = {k: v.contiguous() for k, v in
-                    get_peft_model_state_dict(unet, adapter_name="job").items()}
-            save_file(lora, str(out / f"lora-step{step:06d}.safetensors"))
-            state = {f"{i}.{k}": v for i, s in optimizer.state_dict()["state"].items()
-                     for k, v in s.items() if torch.is_tensor(v) and v.dim() > 0}
-            save_file(state, str(out / f"state-step{step:06d}.safetensors"))
-            with open(out / "loss.csv", "w", newline="") as handle:
-                csv.writer(handle).writerows([("step", "loss"), *losses])
+            save_files(step)
             unet.eval()
             with torch.no_grad():
-                image = pipe(job["validation_prompt"], width=w, height=h,
-                             num_inference_steps=job["validation_steps"],
-                             guidance_scale=job["validation_guidance"],
-                             generator=torch.Generator().manual_seed(1)).images[0]
-            image.save(out / f"validation-step{step:06d}.png")
+                validation_image(step)
+                validation_loss(step)
             unet.train()
     writer.close()
     seconds = time.perf_counter() - started
@@ -150,13 +194,17 @@ class CleanTrainer(CleanProcess):
 def bench_train_daemon(
     steps: int = 40, size: int = 64, batch_size: int = 2, rank: int = 8, images: int = 8,
     repeat: int = 2, model: str = "tiny-sdxl", models_dir: Path | None = None,
-    threads: int = 0,
+    threads: int = 0, profile: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
-    """Train-job seconds in a daemon against the clean script; their ratio (daemon ÷ clean)."""
+    """Train-job seconds in a daemon against the clean script; their ratio (daemon ÷ clean).
+
+    With ``profile``, py-spy samples both processes throughout (train_profile.py) and the
+    figures say where each side's time went, part by part."""
     from dropkiln.stages.models import resolve_model
     from dropkiln.stages.training.report import VALIDATION_GUIDANCE, VALIDATION_STEPS
 
     every = max(1, steps // CHECKPOINTS_PER_JOB)
+    load_before = round(os.getloadavg()[0], 2)
     options = {
         "resolution": size, "min_side": size, "steps": steps, "checkpoint_every": every,
         "batch_size": batch_size, "rank": rank, "learning_rate": 1e-4,
@@ -178,6 +226,10 @@ def bench_train_daemon(
         source = root / "source" / "drop" / "datasets" / "source"
         clean = CleanTrainer(folder, threads)
         daemon = start_daemon(settings, environment)
+        spies = []
+        if profile:
+            spies = [start_spy(daemon.pid, root / "daemon.raw"),
+                     start_spy(clean.process.pid, root / "clean.raw")]  # fmt: skip
         job_s, drop_s, clean_s = [], [], []
         try:
             for attempt in range(repeat):
@@ -199,12 +251,27 @@ def bench_train_daemon(
                             "validation_prompt": VALIDATION_PROMPT,
                             "validation_steps": VALIDATION_STEPS,
                             "validation_guidance": VALIDATION_GUIDANCE,
+                            "seed": 1 + attempt,
                         }
                     )
                 )  # fmt: skip
         finally:
+            for spy in spies:
+                stop_spy(spy)
             stop_daemon(daemon)
             clean.close()
+        parts = None
+        if profile:
+            parts = {
+                "daemon_device_thread_s": seconds_by_part(
+                    root / "daemon.raw", "dropkiln-device", DAEMON_PARTS
+                ),
+                "clean_main_thread_s": seconds_by_part(root / "clean.raw", "MainThread",
+                                                       CLEAN_PARTS),
+                "note": f"py-spy samples over all {repeat} repeats (and the daemon's cache jobs)",
+            }  # fmt: skip
+            if None in spies:
+                parts = {"note": "py-spy is not installed (pip install py-spy)"}
     return {
         "model": model,
         "steps": steps,
@@ -219,7 +286,9 @@ def bench_train_daemon(
         "clean_s": [round(s, 3) for s in clean_s],
         "ratio": round(statistics.median(job_s) / statistics.median(clean_s), 3),
         "ratio_best": round(min(job_s) / min(clean_s), 3),
+        "load_average_before": load_before,
         "load_average_after": round(os.getloadavg()[0], 2),
+        "profile": parts,
     }
 
 
@@ -268,10 +337,12 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
+    parser.add_argument("--profile", action="store_true", help="py-spy both sides, by part")
     args = parser.parse_args(list(argv))
     figures = bench_train_daemon(
-        steps=args.steps, size=args.size, repeat=args.repeat, threads=args.threads
-    )
+        steps=args.steps, size=args.size, repeat=args.repeat, threads=args.threads,
+        profile=args.profile,
+    )  # fmt: skip
     print(
         f"train job in the daemon {statistics.median(figures['train_job_s']):.2f}s, clean "
         f"script {statistics.median(figures['clean_s']):.2f}s: ratio {figures['ratio']} "

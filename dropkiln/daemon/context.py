@@ -17,6 +17,7 @@ from typing import Any
 import anyio.from_thread
 from anyio.lowlevel import EventLoopToken
 
+from dropkiln.stages.base import StageStopped
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.store.events import (
     ArtifactWritten,
@@ -25,8 +26,11 @@ from dropkiln.store.events import (
     Event,
     JobProgress,
 )
+from dropkiln.store.leases import LeaseLost
 
 PROGRESS_EVERY_S = 0.5
+LEASE_LOST = "lease lost"
+"""The stop reason of an attempt whose lease is gone: it records nothing more."""
 
 AppendFn = Callable[[list[Event]], Coroutine[Any, Any, None]]
 
@@ -57,6 +61,7 @@ class DaemonContext:
         recorded: dict[str, str | None] | None = None,
         append: AppendFn,
         token: EventLoopToken,
+        lease_s: float = float("inf"),
     ) -> None:
         self.job_id = job_id
         self.attempt = attempt
@@ -79,14 +84,33 @@ class DaemonContext:
         taken for hung (the watchdog stops pinging, shutdown stops waiting)."""
         self._pending_progress: JobProgress | None = None
         self.latest_metrics: dict[str, Any] = {}
+        self._lease_s = lease_s
+        self._lease_ends = time.monotonic() + lease_s
+        """When the lease runs out by this process's clock, counted from before the claim or
+        the last renewal was asked for, so never later than the store's ``lease_until``."""
 
     # Called from the event loop ------------------------------------------------------------
 
     def request_stop(self, reason: str) -> None:
-        """Ask the stage to checkpoint and stop (cancel, preempt or shutdown)."""
-        if self.stop_reason is None or reason == "cancel":
+        """Ask the stage to checkpoint and stop (cancel, preempt or shutdown). A lost lease
+        overrides every other reason: nothing may be recorded then, not even a cancel."""
+        if self.stop_reason == LEASE_LOST:
+            return
+        if self.stop_reason is None or reason in ("cancel", LEASE_LOST):
             self.stop_reason = reason
         self._stop.set()
+
+    def lease_renewed(self, asked_at: float) -> None:
+        """A renewal asked for at ``asked_at`` (monotonic) was committed."""
+        self._lease_ends = asked_at + self._lease_s
+
+    @property
+    def lease_lost(self) -> bool:
+        """The lease ran out on this clock without a renewal (after a SIGSTOP, a stalled
+        loop, an unreachable store), or the store refused a write or a renewal."""
+        if self.stop_reason != LEASE_LOST and time.monotonic() > self._lease_ends:
+            self.request_stop(LEASE_LOST)
+        return self.stop_reason == LEASE_LOST
 
     def take_pending_progress(self) -> JobProgress | None:
         pending, self._pending_progress = self._pending_progress, None
@@ -95,7 +119,15 @@ class DaemonContext:
     # Called from the stage's thread ---------------------------------------------------------
 
     def _send(self, events: list[Event]) -> None:
-        anyio.from_thread.run(self._append, events, token=self._token)
+        """Record events of this attempt; a stage whose lease is lost is stopped instead
+        (StageStopped), before it writes or when the store refuses the write."""
+        if self.lease_lost:
+            raise StageStopped(LEASE_LOST)
+        try:
+            anyio.from_thread.run(self._append, events, token=self._token)
+        except LeaseLost:
+            self.request_stop(LEASE_LOST)
+            raise StageStopped(LEASE_LOST) from None
 
     def progress(self, done: int, total: int, **metrics: Any) -> None:
         self.last_sign_of_life = time.monotonic()
@@ -138,7 +170,7 @@ class DaemonContext:
 
     def should_stop(self) -> bool:
         self.last_sign_of_life = time.monotonic()
-        return self._stop.is_set()
+        return self.lease_lost or self._stop.is_set()
 
     def upstream(self, stage: str) -> dict[str, Any]:
         try:

@@ -9,6 +9,12 @@ The first rung of an attempt (``starting_rung``): on a GPU, the stage's estimate
 memory available now; a remembered rung that is safer wins; after ``[memory]
 reprobe_after`` clean runs at that rung, one rung up is tried; a retry keeps the rung it
 was scheduled on. JobStarted records which of these chose it.
+
+Each daemon is one executor (``store.leases``): it claims a job (JobClaimed with JobStarted,
+one transaction), renews the lease every ``[executor] heartbeat_seconds`` while the attempt
+runs, and every write of the attempt is fenced by it. An attempt whose lease is lost (the
+heartbeat says so, or the context sees the lease run out on its own clock, as after a
+SIGSTOP) stops at its next check and writes nothing more: another executor has the job.
 """
 
 from __future__ import annotations
@@ -23,13 +29,14 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from dropkiln.config import Settings
-from dropkiln.daemon.context import DaemonContext
+from dropkiln.daemon.context import LEASE_LOST, DaemonContext
 from dropkiln.daemon.device_thread import DeviceThread
 from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
 from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
 from dropkiln.stages.faults import FaultInjector, take_torn_write
 from dropkiln.stages.starting_rung import StartFacts
 from dropkiln.store import (
+    ConcurrencyError,
     EventStore,
     JobView,
     clean_runs,
@@ -46,8 +53,8 @@ from dropkiln.store.events import (
     JobSucceeded,
     OutOfMemory,
     RetryScheduled,
-    job_stream,
 )
+from dropkiln.store.leases import Candidate, Fence, LeaseLost, append_fenced, claim, renew
 from dropkiln.store.vocabulary import JobState, Lane
 
 log = logging.getLogger(__name__)
@@ -58,6 +65,7 @@ class RunningJob:
     job: JobView
     stage: StageDef
     context: DaemonContext
+    fence: Fence
     started: float = field(default_factory=time.monotonic)
     """When this attempt started (monotonic): ``preempt_after_s`` counts from here."""
 
@@ -73,18 +81,24 @@ class Executor:
         store: EventStore,
         device_thread: DeviceThread,
         faults: FaultInjector,
+        executor_id: str,
     ) -> None:
         self.settings = settings
         self.store = store
         self.device_thread = device_thread
         self.device = device_thread.device
         self.faults = faults
+        self.id = executor_id
+        self.lease_s = settings.executor.lease_seconds
+        self.heartbeat_s = settings.executor.heartbeat_seconds
 
-    async def append(self, job_id: str, events: list[Event]) -> None:
-        await self.store.append(job_stream(job_id), events)
+    async def append(self, fence: Fence, events: list[Event]) -> None:
+        """Record events of the attempt ``fence`` names; LeaseLost once it is not current."""
+        await append_fenced(self.store, fence, events)
 
     async def prepare(self, job: JobView) -> RunningJob:
-        """Pick the rung, gather upstream results, record JobStarted."""
+        """Pick the rung, gather upstream results, claim the job (JobClaimed, JobStarted).
+        ConcurrencyError when another executor claimed it or it changed since it was read."""
         stage = get_stage(job.stage)
         rung, reason = await self.starting_rung(job, stage)
         upstream: dict[str, dict[str, Any]] = {}
@@ -94,6 +108,7 @@ class Executor:
         work_dir = self.settings.paths.work / job.id
         work_dir.mkdir(parents=True, exist_ok=True)
         attempt = job.attempt + 1
+        fence = Fence(job.id, self.id, attempt)
         context = DaemonContext(
             job_id=job.id,
             attempt=attempt,
@@ -105,15 +120,18 @@ class Executor:
             upstream=upstream,
             recorded={a["path"]: a["sha256"] for a in await job_artifacts(self.store, job.id)},
             faults=self.faults,
-            append=lambda events: self.append(job.id, events),
+            append=lambda events: self.append(fence, events),
             token=anyio.lowlevel.current_token(),
+            lease_s=self.lease_s,
         )
-        # With the version the scheduler read: a cancel (or anything) written since makes
-        # this raise ConcurrencyError, and the job is not started on a stale decision.
+        # With the version the scheduler read: a cancel (or anything) written since, or a
+        # claim by another executor, and the job is not started on a stale decision.
         started = JobStarted(
             attempt=attempt, memory_rung=rung, rung_name=stage.rung(rung).name, rung_reason=reason
         )
-        await self.store.append(job_stream(job.id), [started], job.version)
+        candidate = Candidate(job.id, job.version, attempt, [started])
+        if await claim(self.store, [candidate], self.id, self.lease_s) is None:
+            raise ConcurrencyError(f"job {job.id} was claimed or changed since it was read")
         log.info(
             "started %s job %s (%s), attempt %d, memory rung %s (%s)",
             job.stage,
@@ -123,7 +141,7 @@ class Executor:
             stage.rung(rung).name,
             reason,
         )
-        return RunningJob(job, stage, context)
+        return RunningJob(job, stage, context, fence)
 
     async def starting_rung(self, job: JobView, stage: StageDef) -> tuple[int, str]:
         """The rung this attempt starts on, and why (JobStarted's ``rung_reason``)."""
@@ -163,7 +181,39 @@ class Executor:
 
     async def run(self, running: RunningJob, limiter: anyio.CapacityLimiter) -> JobState:
         """Run the attempt (GPU lane: on the device thread; CPU lane, which never touches
-        torch: in a worker thread); returns the state the job ended in."""
+        torch: in a worker thread) while heart-beating its lease; returns the state the job
+        ended in (queued when the lease was lost: another executor has it now)."""
+        ended = JobState.QUEUED
+        async with anyio.create_task_group() as heartbeats:
+            heartbeats.start_soon(self._heartbeat, running, name=f"lease {running.id}")
+            try:
+                ended = await self._attempt(running, limiter)
+            except LeaseLost as exc:
+                running.context.request_stop(LEASE_LOST)
+                log.warning("%s; the attempt stopped without writing more", exc)
+            finally:
+                heartbeats.cancel_scope.cancel()
+        return ended
+
+    async def _heartbeat(self, running: RunningJob) -> None:
+        ctx = running.context
+        while True:
+            await anyio.sleep(self.heartbeat_s)
+            asked = time.monotonic()
+            try:
+                renewed = await renew(self.store, running.fence, self.lease_s)
+            except Exception:
+                # The store is unreachable (or ended this session): the attempt goes on until
+                # its lease runs out on its own clock (the context checks), then stops.
+                log.warning("could not renew the lease of job %s", running.id, exc_info=True)
+                continue
+            if renewed is None:
+                log.warning("job %s: lease lost; stopping the attempt", running.id)
+                ctx.request_stop(LEASE_LOST)
+                return
+            ctx.lease_renewed(asked)
+
+    async def _attempt(self, running: RunningJob, limiter: anyio.CapacityLimiter) -> JobState:
         job, stage, ctx = running.job, running.stage, running.context
         oom: OutOfMemory | None = None
         try:
@@ -207,12 +257,15 @@ class Executor:
     async def _finish(self, running: RunningJob, final: Event, state: JobState) -> JobState:
         pending = running.context.take_pending_progress()
         events: list[Event] = [pending] if pending else []
-        await self.append(running.id, [*events, final])
+        await self.append(running.fence, [*events, final])
         log.info("%s job %s %s", running.job.stage, running.id, state)
         return state
 
     async def _stopped(self, running: RunningJob) -> JobState:
         reason = running.context.stop_reason
+        if reason == LEASE_LOST:
+            log.warning("job %s: lease lost; the attempt stopped, nothing recorded", running.id)
+            return JobState.QUEUED
         if reason == "cancel":
             return await self._finish(running, JobCancelled(), JobState.CANCELLED)
         if reason is None:
@@ -235,11 +288,11 @@ class Executor:
                 oom.rung_name,
                 retry.rung_name,
             )
-            await self.append(running.id, [oom, retry])
+            await self.append(running.fence, [oom, retry])
             return JobState.QUEUED
         tried = ", ".join(r.name for r in ladder)
         reason = f"out of memory on every memory rung (tried: {tried}); last: {oom.message}"
-        await self.append(running.id, [oom, JobFailed(reason=reason)])
+        await self.append(running.fence, [oom, JobFailed(reason=reason)])
         return JobState.FAILED
 
 

@@ -9,6 +9,10 @@ each preemption costs a checkpoint write and a model switch, so a stream of prom
 must not keep a training run from ever making progress. A higher-priority job therefore
 waits at most ``preempt_after_s`` plus the time the running stage takes to notice (one
 micro-batch, or one validation image) and save its checkpoint.
+
+Several daemons (executors) may share the store: each runs this scheduler over its own
+lanes, starting a job claims it (``store.leases``), so each job runs on one of them, and
+every pass requeues the running jobs whose lease ran out, wherever they ran.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import anyio
 from anyio.abc import TaskGroup
@@ -28,10 +32,12 @@ from dropkiln.store.events import (
     Event,
     JobCancelled,
     JobFailed,
+    JobInterrupted,
     JobQueued,
     job_stream,
     parse_event,
 )
+from dropkiln.store.leases import lost_leases, requeue_lost
 from dropkiln.store.vocabulary import JobState, Lane
 
 log = logging.getLogger(__name__)
@@ -42,6 +48,15 @@ log = logging.getLogger(__name__)
 DECISION_ATTEMPTS = 5
 RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})
 ENDINGS = (JobFailed.type_name(), JobCancelled.type_name())
+
+
+def _negated(at: str | None) -> tuple[int, ...]:
+    """Sorts ISO timestamps newest first."""
+    return tuple(-ord(c) for c in at or "")
+
+
+async def _no_drops() -> set[str]:
+    return set()
 
 
 class Scheduler:
@@ -58,8 +73,8 @@ class Scheduler:
             Lane.CPU: anyio.CapacityLimiter(settings.cpu_workers),
         }
         self.accepting = True
-        # Drops whose move is not done (the ingestor sets this): their jobs wait for it.
-        self.held_drops: Callable[[], set[str]] = set
+        # Drops whose move is not done (the daemon sets this): their jobs wait for it.
+        self.held_drops: Callable[[], Awaitable[set[str]]] = _no_drops
         self.paused = False
         self.abandoned: list[str] = []
         """Jobs still running when a shutdown stopped waiting for them."""
@@ -91,10 +106,13 @@ class Scheduler:
             self._wake = anyio.Event()
 
     async def schedule(self, tg: TaskGroup) -> None:
-        """One pass: settle dependency failures, start what may start, preempt if needed."""
+        """One pass: requeue jobs whose lease was lost, settle dependency failures, start
+        what may start, preempt if needed."""
+        if await self.requeue_lost():
+            self.wake()
         jobs = await list_jobs(self.store, active_only=True)
         runnable: list[JobView] = []
-        held = self.held_drops()
+        held = await self.held_drops()
         for job in jobs:
             if job.id in self.running or job.drop_id in held:
                 continue
@@ -105,6 +123,12 @@ class Scheduler:
         if self.paused or not self.accepting:
             return
         runnable.sort(key=lambda j: (-j.priority, j.submitted_seq))
+        # GPU jobs of every executor, the first to give way first: lowest priority, then
+        # the one that started last (least work since its checkpoint).
+        yielding = sorted(
+            (j for j in jobs if j.state == JobState.RUNNING and j.lane == Lane.GPU),
+            key=lambda j: (j.priority, _negated(j.started_at)),
+        )
         for job in runnable:
             lane = Lane(job.lane)
             busy = self.lane_jobs(lane)
@@ -112,7 +136,39 @@ class Scheduler:
             if len(busy) < capacity:
                 await self._start(tg, job)
             elif lane == Lane.GPU:
-                self._maybe_preempt(job, busy[0])
+                # Several executors see the same waiting job: only the one whose job is
+                # next to give way preempts it, so one job waiting costs one preemption.
+                victim = next((j for j in yielding if j.priority < job.priority), None)
+                if victim is not None:
+                    yielding.remove(victim)
+                    if victim.id == busy[0].id:
+                        self._maybe_preempt(job, busy[0])
+
+    async def requeue_lost(self, mine: str | None = None) -> list[str]:
+        """Running jobs whose lease is lost (see ``leases.lost_leases``; ``mine`` is this
+        executor's id at start-up, when its leases belong to its dead predecessor) go back to
+        the queue to resume from their checkpoint; a cancel asked for meanwhile ends them
+        instead (JobQueued would clear the request). Returns the jobs requeued."""
+        lost = set(await lost_leases(self.store, mine)) - self.running.keys()
+        if not lost:
+            return []
+        requeued: list[str] = []
+        for job in await list_jobs(self.store, active_only=True):
+            if job.id not in lost or job.state != JobState.RUNNING:
+                continue
+            then: Event
+            if job.requested == "cancel":
+                then = JobCancelled(reason="cancelled by a request made while its daemon was gone")
+            else:
+                then = JobQueued(reason=f"lease of {job.executor or 'a daemon'} lost")
+            events = [JobInterrupted(previous_attempt=job.attempt), then]
+            try:
+                if await requeue_lost(self.store, job.id, job.version, job.attempt, events, mine):
+                    log.warning("job %s lost its executor's lease: %s", job.id, then.type_name())
+                    requeued.append(job.id)
+            except ConcurrencyError:
+                continue  # another executor requeued it, or a command came: next pass
+        return requeued
 
     def _maybe_preempt(self, waiting: JobView, current: RunningJob) -> None:
         if waiting.priority > current.job.priority and current.context.stop_reason is None:

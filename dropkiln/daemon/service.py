@@ -1,5 +1,9 @@
 """The daemon: one task group that owns the database, the watcher, the scheduler and the
 telemetry; all torch work runs on the device thread. SIGTERM/SIGINT stop it cleanly.
+
+Several daemons may serve one ROOT, one per device (``--device cuda:1``; ``cpu:N`` names
+extra CPU executors): each is an executor that claims jobs with leases (``store.leases``),
+and the one that holds ``state/intake.lock`` also takes drops (``daemon.lock``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from dropkiln.config import Settings
 from dropkiln.daemon.device_thread import DeviceThread
 from dropkiln.daemon.executor import Executor
 from dropkiln.daemon.ingest import Ingestor
-from dropkiln.daemon.lock import DaemonLock
+from dropkiln.daemon.lock import ExecutorLock, IntakeLock, device_lock_path
 from dropkiln.daemon.notify import SystemdNotifier, keep_extending_timeout, watchdog_loop
 from dropkiln.daemon.planner import Planner
 from dropkiln.daemon.scheduler import DECISION_ATTEMPTS, Scheduler
@@ -29,7 +33,7 @@ from dropkiln.daemon.webhooks import WebhookSender
 from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.models import configure_shared_pipelines
-from dropkiln.store import ConcurrencyError, EventStore, list_jobs, record_telemetry
+from dropkiln.store import EventStore, list_jobs, record_telemetry, unmoved_drops
 from dropkiln.store.backend import open_store
 from dropkiln.store.events import (
     DAEMON_STREAM,
@@ -39,17 +43,13 @@ from dropkiln.store.events import (
     DaemonStopped,
     DaemonStopping,
     DropWaiting,
-    Event,
-    JobCancelled,
-    JobInterrupted,
-    JobQueued,
     QueuePaused,
     QueueResumed,
     RetryRequested,
-    job_stream,
     parse_event,
 )
-from dropkiln.store.vocabulary import JobState, Lane
+from dropkiln.store.leases import executor_id
+from dropkiln.store.vocabulary import Lane
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +59,14 @@ STOP_TIMEOUT_EXTENSION_S = 30
 MOVE_RETRY_TICK_S = 0.5
 # Readers call the daemon down when its heartbeat is older than 5 s (store.daemon_state).
 IDLE_TELEMETRY_S = 2.5
+# A daemon without the intake lock tries to take it this often (its holder may have died).
+INTAKE_RETRY_S = 2.0
+
+
+def torch_device(device: str) -> str:
+    """The torch device of a daemon's ``--device``: ``cpu:N`` names one of several CPU
+    executors on a box (tests, CPU-only boxes) and runs on the CPU."""
+    return "cpu" if device.startswith("cpu:") else device
 
 
 class Daemon:
@@ -70,6 +78,8 @@ class Daemon:
         self.faults = FaultInjector(settings.faults)
         self.started = anyio.Event()
         self.device = "cpu"
+        self.executor_id = ""
+        self.intake = IntakeLock(self.paths.state / "intake.lock")
         self.device_thread: DeviceThread
         self._stop = anyio.Event()
         self._stop_reason = "stopped"
@@ -84,27 +94,36 @@ class Daemon:
     async def run(self, *, handle_signals: bool = True) -> None:
         """Serve until stopped; the caller's process may exit with 0 afterwards."""
         async with AsyncExitStack() as stack:
-            stack.enter_context(DaemonLock(self.paths.lock))
+            requested = self.settings.device
+            label = requested if requested.startswith("cpu:") else None
+            self.device_thread = DeviceThread(torch_device(requested), self.settings.torch_threads)
+            stack.callback(self.device_thread.close)
+            self.device = await self.device_thread.run(resolve_device, torch_device(requested))
+            await self.device_thread.run(self.device_thread.use_device, self.device)
+            self.executor_id = executor_id(label or self.device)
+            lock = ExecutorLock(
+                self.paths.lock, device_lock_path(self.paths.state, label or self.device)
+            )
+            stack.enter_context(lock)
+            stack.callback(self.intake.release)
             self.paths.create()
             self.store = await open_store(self.paths.db, self.settings.store_url, create=True)
             stack.push_async_callback(self.store.close)
-            self.device_thread = DeviceThread(self.settings.device, self.settings.torch_threads)
-            stack.callback(self.device_thread.close)
-            self.device = await self.device_thread.run(resolve_device, self.settings.device)
-            await self.device_thread.run(self.device_thread.use_device, self.device)
             device_gb = self.settings.device_budget_gb
             configure_shared_pipelines(
                 int(self.settings.ram_budget_gb * 2**30),
                 None if device_gb is None else int(device_gb * 2**30),
             )
-            executor = Executor(self.settings, self.store, self.device_thread, self.faults)
+            executor = Executor(
+                self.settings, self.store, self.device_thread, self.faults, self.executor_id
+            )
             self.scheduler = Scheduler(self.settings, self.store, executor)
             self.ingestor = Ingestor(self.settings, self.store, Planner(self.settings, self.store))
-            self.scheduler.held_drops = self.ingestor.held_drops
-            start_seq = await self._start()
+            self.scheduler.held_drops = self._held_drops
+            start_seq = await self._start(alone=lock.alone)
+            lock.shared()
             async with anyio.create_task_group() as tg:
-                tg.start_soon(self._watch, name="watcher")
-                tg.start_soon(self._retry_moves, name="mover")
+                tg.start_soon(self._take_drops, name="intake")
                 tg.start_soon(self._obey_commands, start_seq, name="commands")
                 tg.start_soon(self._telemetry, name="telemetry")
                 tg.start_soon(watchdog_loop, self.notifier, self._hung, name="watchdog")
@@ -124,52 +143,33 @@ class Daemon:
                 await self._stop.wait()
                 await self._shutdown(tg)
 
-    async def _start(self) -> int:
-        """Record the start, clear a dead daemon's unfinished writes, finish drop moves, requeue
-        jobs it left running."""
+    async def _start(self, *, alone: bool) -> int:
+        """Record the start, clear a dead daemon's unfinished writes (when no other daemon
+        runs on the root: theirs are not left-overs), requeue the jobs this executor's dead
+        predecessor left running and those whose lease ran out."""
         started = DaemonStarted(
             pid=os.getpid(),
             host=socket.gethostname(),
             version=__version__,
             device=await self.device_thread.run(device_name, self.device),
             root=str(self.settings.root),
+            executor=self.executor_id,
         )
         stored = await self.store.append(DAEMON_STREAM, [started])
-        await anyio.to_thread.run_sync(sweep_leftovers, self.paths)
-        await self.ingestor.reconcile()
+        if alone:
+            await anyio.to_thread.run_sync(sweep_leftovers, self.paths)
+        if await anyio.to_thread.run_sync(self.intake.try_take):
+            await self.ingestor.reconcile()
         for _ in range(DECISION_ATTEMPTS):
-            try:
-                await self._requeue_interrupted()
+            # Again while one was refused (a command was written meanwhile): read again.
+            if not await self.scheduler.requeue_lost(mine=self.executor_id):
                 break
-            except ConcurrencyError:
-                continue  # a command was written meanwhile: read again
         for job in await list_jobs(self.store):
             if job.requested == "cancel" and not job.terminal:
                 await self.scheduler.cancel(job.id, by="a request made while the daemon was down")
             elif job.requested == "retry":
                 await self.scheduler.retry(job.id)
         return stored[0].seq
-
-    async def _requeue_interrupted(self) -> None:
-        """Jobs the dead daemon left running go back to the queue, unless a cancel was
-        written for them: then they end cancelled (JobQueued would clear the request)."""
-        batch: list[tuple[str, list[Event]]] = []
-        read_at: dict[str, int | None] = {}
-        for job in await list_jobs(self.store, active_only=True):
-            if job.state != JobState.RUNNING:
-                continue
-            then: Event
-            if job.requested == "cancel":
-                log.warning("job %s was running when the daemon died: cancelled as asked", job.id)
-                then = JobCancelled(reason="cancelled by a request made while the daemon was down")
-            else:
-                log.warning("job %s was running when the daemon died: requeued", job.id)
-                then = JobQueued(reason="daemon restarted")
-            stream = job_stream(job.id)
-            batch.append((stream, [JobInterrupted(previous_attempt=job.attempt), then]))
-            read_at[stream] = job.version
-        if batch:
-            await self.store.append_batch(batch, read_at)
 
     async def _shutdown(self, tg: TaskGroup) -> None:
         log.info("stopping: %s", self._stop_reason)
@@ -186,6 +186,26 @@ class Daemon:
         await self.store.append(DAEMON_STREAM, [DaemonStopped(requeued=requeued)])
         log.info("stopped cleanly; %d job(s) will resume at next start", len(requeued))
         tg.cancel_scope.cancel()
+
+    async def _held_drops(self) -> set[str]:
+        """Drops whose move has not finished (their jobs wait): the intake's own list, or for
+        the other daemons, the drops whose move the store does not record as done."""
+        if self.intake.held:
+            return self.ingestor.held_drops()
+        return {drop["id"] for drop in await unmoved_drops(self.store)}
+
+    async def _take_drops(self) -> None:
+        """Take the intake lock once its holder is gone (unless it was taken at the start),
+        finish the moves its holder left undone, then watch the drop folders."""
+        if not self.intake.held:
+            while not await anyio.to_thread.run_sync(self.intake.try_take):
+                await anyio.sleep(INTAKE_RETRY_S)
+            log.info("%s takes drops from now on", self.executor_id)
+            await self.ingestor.reconcile()
+            self.scheduler.wake()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._watch, name="watcher")
+            tg.start_soon(self._retry_moves, name="mover")
 
     async def _watch(self) -> None:
         folders = [self.paths.datasets, self.paths.prompts]

@@ -17,6 +17,12 @@ Nothing is scanned on a clock while nothing is pending: the kernel's change noti
 (inotify, through watchfiles) wake the watcher, and a pending drop wakes it when it may
 have settled. A look every ``FALLBACK_S`` seconds covers filesystems whose changes are not
 notified (some network mounts).
+
+watchfiles hands over the kernel's notifications only when its thread wakes, every "step".
+While nothing is pending the step is long (``idle_step_ms``: a tenth of the settle time,
+at most ``IDLE_STEP_MAX_MS``): a change only has to be noticed well within the settle time,
+because settling is timed from the entry's own ctime, not from when it was noticed. While a
+drop settles the step is short, so it is handed over within ``SETTLING_STEP_MS`` of settling.
 """
 
 from __future__ import annotations
@@ -41,16 +47,16 @@ log = logging.getLogger(__name__)
 # (.partial, qBittorrent .!qb) and copy tools (.tmp) name a file that is still arriving.
 PARTIAL_SUFFIXES = (".part", ".partial", ".tmp", ".crdownload", ".download", ".!qb")
 REPORT_AFTER_S = 60.0
-FALLBACK_S = 1.0
+FALLBACK_S = 5.0
 # watchfiles wakes every step to look for changes (taking the GIL each time), and a change
 # is handed over once a step sees no more: between one and two steps after it happened.
-# Idle, 50 ms costs little; while a drop settles, 10 ms keeps pickup close to settle_seconds.
-IDLE_STEP_MS = 50
+# Idle, a step is a tenth of the settle time (200 ms at the default 2 s: 5 wakes a second);
+# while a drop settles, 10 ms keeps pickup close to settle_seconds.
+IDLE_STEP_MAX_MS = 500
 SETTLING_STEP_MS = 10
 DEBOUNCE_MS = 100
-# A change is seen up to two steps after it happened; the settle clock starts from the
-# entry's own ctime (a rename or a new file sets it), back-dated by no more than that.
-MAX_BACKDATE_S = 2 * IDLE_STEP_MS / 1000
+# How late a woken thread may run on a loaded machine (2 cores, load 8: a few hundred ms).
+BUSY_SLACK_S = 0.5
 
 Signature = tuple[tuple[str, int, int], ...]
 
@@ -81,6 +87,11 @@ def signature(entry: Path) -> tuple[Signature, str | None]:
                 continue  # gone between the listing and now: the next scan sees the change
             files.append((relative, st.st_size, st.st_mtime_ns))
     return tuple(files), partial
+
+
+def idle_step_ms(settle_seconds: float) -> int:
+    """How often watchfiles looks for notifications while no drop is pending."""
+    return max(SETTLING_STEP_MS, min(IDLE_STEP_MAX_MS, round(settle_seconds * 100)))
 
 
 @dataclass(frozen=True)
@@ -120,6 +131,11 @@ class DropWatcher:
         # just moved away is new, even if no scan saw the name missing in between.
         self._handed: dict[Path, tuple[int, int]] = {}
         self._last_scan: float | None = None
+        self.idle_step_ms = idle_step_ms(settle_seconds)
+        # A change is seen two steps after it happened, or later on a busy machine; the
+        # settle clock starts from the entry's own ctime (a rename or a new file sets it),
+        # back-dated by no more than that: an older ctime belongs to no change we saw.
+        self._max_backdate_s = 2 * self.idle_step_ms / 1000 + BUSY_SLACK_S
 
     def scan(self, now: float | None = None) -> list[Path]:
         """One pass: update signatures; return entries that have just settled. With ``now``
@@ -132,7 +148,7 @@ class DropWatcher:
         # nothing (a file changed deeper in a folder), and the clock starts now.
         floor = now
         if real_clock and self._last_scan is not None:
-            floor = max(self._last_scan, now - MAX_BACKDATE_S)
+            floor = max(self._last_scan, now - self._max_backdate_s)
         present: set[Path] = set()
         ready: list[Path] = []
         for folder in self.folders:
@@ -231,7 +247,7 @@ class DropWatcher:
         wait_s = self.fallback_s if due is None else min(due, self.fallback_s)
         # 0 means "no timeout" to watchfiles: a drop already due waits one millisecond.
         timeout_ms = max(1, math.ceil(wait_s * 1000))
-        step = SETTLING_STEP_MS if settling else IDLE_STEP_MS
+        step = SETTLING_STEP_MS if settling else self.idle_step_ms
         stop = threading.Event()
         try:
             await anyio.to_thread.run_sync(

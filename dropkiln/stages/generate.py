@@ -10,14 +10,18 @@ rendered again, whether after an OOM retry, a preemption or a kill.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from dropkiln.stages.base import StageContext, StageDef, StageError, StageSpec
-from dropkiln.stages.generation.memory_ladder import GENERATE_LADDER
+from dropkiln.stages.generation.memory_ladder import GENERATE_LADDER, batch_limit
 from dropkiln.stages.generation.png_files import contact_sheet
 from dropkiln.stages.generation.prompt_file import PromptFile, expand_jobs
+from dropkiln.stages.starting_rung import generation_start_rung
+
+if TYPE_CHECKING:
+    from dropkiln.stages.starting_rung import StartFacts
 
 CONTACT_SHEET = "contact-sheet.png"
 PREVIEW = "preview.png"
@@ -95,4 +99,36 @@ def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
     }
 
 
-STAGE = StageDef("generate", "gpu", GenerateSpec, run_generate, GENERATE_LADDER, priority=10)
+def estimated_start_rung(spec: GenerateSpec, facts: StartFacts) -> int | None:
+    """The first rung the job's largest image is estimated to fit at its batch size (None
+    for the tiny test models and a model that does not resolve, as for training)."""
+    from dropkiln.stages.models import TINY_NAMES, resolve_model
+
+    if spec.model in TINY_NAMES:
+        return None
+    try:
+        family: str = resolve_model(spec.model, Path(facts.root) / "state" / "models").kind
+    except StageError:
+        return None
+    images = spec.prompt_file.images
+    largest = max(images, key=lambda image: image.width * image.height)
+    asked = max((image.batch_size or 0 for image in images), default=0) or None
+    return generation_start_rung(
+        STAGE.ladder,
+        family,
+        largest.width,
+        largest.height,
+        lambda rung: batch_limit(asked, rung, "cuda"),
+        facts.available,
+    )
+
+
+STAGE = StageDef(
+    "generate",
+    "gpu",
+    GenerateSpec,
+    run_generate,
+    GENERATE_LADDER,
+    priority=10,
+    start_rung=estimated_start_rung,
+)

@@ -1,4 +1,4 @@
-"""The first memory rung of a training job, from the device's memory and an estimate.
+"""The first memory rung of a training or generate job, from device memory and an estimate.
 
 A first job on a small card should not have to run out of memory to find its rung. The
 estimate adds up what a LoRA training step holds on the device, per rung, for the model
@@ -7,12 +7,15 @@ memory available (free memory plus dropkiln's own warm pipelines, which are reus
 evicted) with some headroom. The executor then refines it with the remembered rung
 (``store.queries.rung_memory``). The figures are estimates for half-precision frozen
 weights on CUDA, not measurements; the ladder still steps down when they are wrong, and a
-rung that is too safe is re-probed after ``[memory] reprobe_after`` clean runs.
+rung that is too safe is re-probed after ``[memory] reprobe_after`` clean runs. A generate
+job's estimate is the resident weights (all, the UNet alone with model offload, a layer with
+sequential offload) plus the larger of the UNet's and the VAE decode's activations.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from dropkiln.stages.base import MemoryRung
@@ -119,3 +122,80 @@ class StartFacts:
     def resolution(self, default: int) -> int:
         last = (self.rung_key or "").rsplit(":", 1)[-1]
         return int(last) if last.isdigit() else default
+
+
+@dataclass(frozen=True)
+class InferenceFootprint:
+    """What one family's image generation holds on the device, in GiB (weights in half
+    precision, the CUDA context included)."""
+
+    native: int
+    """The resolution the activation figures are for (its side, in pixels)."""
+    weights_gib: float
+    """UNet, text encoders and VAE, all on the device."""
+    largest_gib: float
+    """The largest component (the UNet): all model CPU offload keeps at once."""
+    layer_gib: float
+    """Sequential CPU offload: a layer's weights at a time, the context and buffers."""
+    unet_image_gib: float
+    """UNet activations of one image at the native resolution, both guidance halves."""
+    decode_image_gib: float
+    """Decoding one image's latents at the native resolution (the VAE runs in fp32)."""
+
+
+INFERENCE_FOOTPRINTS: dict[str, InferenceFootprint] = {
+    "sdxl": InferenceFootprint(
+        native=1024, weights_gib=7.2, largest_gib=5.3, layer_gib=1.0,
+        unet_image_gib=1.5, decode_image_gib=2.5,
+    ),
+    "sd15": InferenceFootprint(
+        native=512, weights_gib=2.6, largest_gib=2.1, layer_gib=0.6,
+        unet_image_gib=0.5, decode_image_gib=0.8,
+    ),
+}  # fmt: skip
+
+SLICED_ATTENTION_SHARE = 0.6
+"""Share of the UNet's activations left with attention slicing (the attention maps go)."""
+
+
+def generation_need_gib(
+    family: str, width: int, height: int, images: int, options: dict[str, object]
+) -> float:
+    """Estimated device memory of one pipeline call of ``images`` images at a generate rung.
+
+    The UNet's activations are freed before the VAE decodes, so the peak is the resident
+    weights plus the larger of the two. VAE slicing decodes one image at a time; tiling
+    decodes in tiles of the native size, so a larger image costs no more than a native one.
+    """
+    fp = INFERENCE_FOOTPRINTS[family]
+    scale = width * height / fp.native**2
+    unet = fp.unet_image_gib * scale * images
+    if options.get("attention_slicing"):
+        unet *= SLICED_ATTENTION_SHARE
+    decoded = 1 if options.get("vae_slicing") else images
+    decode = fp.decode_image_gib * scale * decoded
+    if options.get("vae_tiling"):
+        decode = fp.decode_image_gib * min(scale, 1.0) * decoded
+    resident = {"model": fp.largest_gib, "sequential": fp.layer_gib}.get(
+        str(options.get("offload")), fp.weights_gib
+    )
+    return resident + max(unet, decode)
+
+
+def generation_start_rung(
+    ladder: tuple[MemoryRung, ...],
+    family: str | None,
+    width: int,
+    height: int,
+    images_per_call: Callable[[MemoryRung], int],
+    available: int,
+) -> int | None:
+    """The first generate rung whose estimate fits ``available`` bytes (the bottom rung when
+    none does); None when the family has no footprint."""
+    if family not in INFERENCE_FOOTPRINTS:
+        return None
+    for index, rung in enumerate(ladder):
+        need = generation_need_gib(family, width, height, images_per_call(rung), rung.options)
+        if need * HEADROOM * GIB <= available:
+            return index
+    return len(ladder) - 1

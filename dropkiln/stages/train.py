@@ -68,6 +68,7 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
     from dropkiln.stages.training.phases import DevicePhases, idle_while_stepping
     from dropkiln.stages.training.session import TrainingSession, seed_everything
     from dropkiln.stages.training.tracking import TENSORBOARD, RunTracker, hyperparameters
+    from dropkiln.stages.training.wandb_run import open_wandb
 
     options = spec.options
     _check_options(options)
@@ -114,7 +115,16 @@ def run_train(spec: TrainSpec, ctx: StageContext) -> dict[str, Any]:
             model=ref,
             exports=exports,
             tracker=RunTracker(
-                Path(spec.output_dir) / TENSORBOARD, session.step, hyperparameters(options, plan)
+                Path(spec.output_dir) / TENSORBOARD,
+                session.step,
+                hyperparameters(options, plan),
+                open_wandb(
+                    options.wandb_project,
+                    Path(spec.output_dir),
+                    spec.name,
+                    f"{spec.name}-{int(session.started_at)}",  # the same run when resumed
+                    hyperparameters(options, plan),
+                ),
             ),
             validation_set=validation_set,
             phases=DevicePhases(pipe, idle_while_stepping(options), ctx.device),

@@ -19,7 +19,7 @@ from dropkiln.store.vocabulary import DropKind, Lane
 class Event(BaseModel):
     """Base of every event; ``type`` is the class name."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, defer_build=True)
     command: ClassVar[bool] = False
     """A request written by the CLI, the dashboard or the API, which the daemon tails and
     obeys; the daemon's list of commands to tail is every class that says so."""
@@ -124,6 +124,19 @@ class JobQueued(Event):
     reason: str = "submitted"
 
 
+class JobClaimed(Event):
+    """An executor took the queued job for its next attempt, with a lease until
+    ``lease_until`` (seconds since the epoch, the store's clock) that its heartbeats renew
+    while the attempt runs. Every write of the attempt carries ``attempt``; once the lease is
+    lost (expired, and the job requeued or claimed again) the store refuses them."""
+
+    executor: str
+    """host/device of the daemon (``store.leases.executor_id``)."""
+    attempt: int
+    lease_until: float
+    pid: int | None = None
+
+
 class JobStarted(Event):
     attempt: int
     memory_rung: int
@@ -200,7 +213,8 @@ class JobPreempted(Event):
 
 
 class JobInterrupted(Event):
-    """Found running when the daemon started: its process died with it."""
+    """Its attempt is gone: found running when its own executor started again (the process
+    died with it), or its lease expired (a dead or paused process, a lost box)."""
 
     previous_attempt: int
 
@@ -214,6 +228,8 @@ class DaemonStarted(Event):
     version: str
     device: str
     root: str
+    executor: str | None = None
+    """Its id as an executor (host/device), as its claims name it (None: older daemons)."""
 
 
 class DaemonStopping(Event):
@@ -296,6 +312,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         DropWaiting,
         JobSubmitted,
         JobQueued,
+        JobClaimed,
         JobStarted,
         JobProgress,
         CheckpointSaved,

@@ -201,8 +201,8 @@ def _append(
     expected: dict[str, int | None],
     conn: sqlite.Connection,
 ) -> list[StoredEvent]:
-    # Imported here: only writers need the projections (and the schema behind them).
-    from dropkiln.store.projections import apply, changes_for
+    # Imported here: only writers need the projections.
+    from dropkiln.store.rows import apply, changes_for
 
     at = utc_now()  # under the write lock, so ``at`` follows ``seq`` on one machine
     stored: list[StoredEvent] = []

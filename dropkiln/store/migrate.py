@@ -13,7 +13,7 @@ from dropkiln.store import dialect, sqlite
 from dropkiln.store.errors import StoreError
 from dropkiln.store.rawsql import Database
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 VERSION_KEY = "schema_version"
 
 
@@ -31,9 +31,31 @@ def _lookup_indexes(conn: sqlite.Connection) -> None:
         _ddl(conn, CreateIndex(index, if_not_exists=True))
 
 
+def _leases(conn: sqlite.Connection) -> None:
+    """Schema 3: the leases table, and the executor that claimed each job."""
+    from sqlalchemy.schema import CreateTable
+
+    from dropkiln.store import schema
+
+    _ddl(conn, CreateTable(schema.leases, if_not_exists=True))
+    if not _has_column(conn, "jobs", "executor"):
+        conn.execute("ALTER TABLE jobs ADD COLUMN executor VARCHAR")
+
+
+def _has_column(conn: sqlite.Connection, table: str, column: str) -> bool:
+    if getattr(conn, "backend", None) == "postgresql":
+        found = conn.execute(
+            "SELECT 1 FROM information_schema.columns WHERE table_schema = current_schema() "
+            "AND table_name = :table AND column_name = :column",
+            {"table": table, "column": column},
+        ).fetchone()
+        return found is not None
+    return any(row[1] == column for row in conn.execute(f"PRAGMA table_info({table})"))
+
+
 # MIGRATIONS[n] takes a schema n-1 database to schema n, inside the write transaction that
 # records n, so a migration that fails leaves the database at n-1. Schema 1 is the first.
-MIGRATIONS: dict[int, Callable[[sqlite.Connection], None]] = {2: _lookup_indexes}
+MIGRATIONS: dict[int, Callable[[sqlite.Connection], None]] = {2: _lookup_indexes, 3: _leases}
 
 
 def _stored_version(conn: sqlite.Connection) -> int | None:

@@ -45,6 +45,10 @@ CHANNEL = "dropkiln_events"
 APPEND_LOCK = 0x64_6B_01
 SCHEMA_LOCK = 0x64_6B_02
 BEGIN_READ = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+# A writer stopped inside its transaction (SIGSTOP, a frozen VM, a lost box) holds the append
+# lock, and every other daemon's writes wait behind it, lease expiry included: the server
+# ends a session idle in a write transaction this long, which rolls it back and frees the lock.
+STALLED_WRITER_S = 10
 
 _STREAM_VERSION = "SELECT coalesce(max(version), 0) FROM events WHERE stream = %s"
 _LOCK_AND_VERSION = (
@@ -174,7 +178,10 @@ class PostgresDatabase:
             self._pool.leave()
 
     def _write_transaction(self, work: Callable[[PgConnection], T], durable: bool) -> T:
-        begin = f"BEGIN; SET LOCAL synchronous_commit = {'on' if durable else 'off'}"
+        begin = (
+            f"BEGIN; SET LOCAL synchronous_commit = {'on' if durable else 'off'}; "
+            f"SET LOCAL idle_in_transaction_session_timeout = '{STALLED_WRITER_S}s'"
+        )
         conn = self._write
         if conn is not None:
             try:
@@ -303,7 +310,7 @@ def _append(
 ) -> list[StoredEvent]:
     # Imported here, as on SQLite: only writers need the projections.
     from dropkiln.store.eventstore import utc_now
-    from dropkiln.store.projections import apply, changes_for
+    from dropkiln.store.rows import apply, changes_for
 
     raw = conn.raw
     stored: list[StoredEvent] = []

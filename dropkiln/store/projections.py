@@ -4,41 +4,25 @@ Every change here is a function of the event alone (no read-modify-write), so re
 the log gives exactly the rows that were written live. Changes are plain data; `apply`
 runs them as SQL text made once per shape, because the write path is hot (thousands of
 events a second) and building a SQLAlchemy statement per event costs more than SQLite.
+The rows and their SQL are in ``rows`` (no SQLAlchemy, no pydantic); commands' changes,
+which need nothing but the event's type, in ``commands``.
 """
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
-
-from sqlalchemy import JSON, Table
+from collections.abc import Callable
+from typing import Any
 
 from dropkiln.store import events as ev
-from dropkiln.store.rawsql import SqlConnection
-from dropkiln.store.schema import PROJECTIONS, artifacts, drops, jobs
+from dropkiln.store.commands import command_changes
+from dropkiln.store.rows import PROJECTIONS as PROJECTIONS
+from dropkiln.store.rows import Changes, RowChange, artifacts, drops, jobs
+from dropkiln.store.rows import apply as apply
+from dropkiln.store.rows import changes_for as changes_for
+from dropkiln.store.rows import clear as clear
+from dropkiln.store.rows import job_update as _job_update
 from dropkiln.store.stored import StoredEvent
 from dropkiln.store.vocabulary import DropState, JobState
-
-
-@dataclass(frozen=True)
-class RowChange:
-    """One projection row written: inserted, updated by its key, or upserted on its key."""
-
-    table: Table
-    action: Literal["insert", "update", "upsert"]
-    values: Mapping[str, Any]
-    key: tuple[str, ...] = ()
-
-
-Changes = list[RowChange]
-
-
-def _job_update(stored: StoredEvent, **values: Any) -> Changes:
-    values.update(id=stored.job_id, version=stored.version, updated_at=stored.at)
-    return [RowChange(jobs, "update", values, key=("id",))]
 
 
 def _submitted(stored: StoredEvent, e: ev.JobSubmitted) -> Changes:
@@ -106,6 +90,10 @@ def _queued(s: StoredEvent, e: ev.JobQueued) -> Changes:
     return _job_update(s, state=JobState.QUEUED, error=None, finished_at=None, requested=None)
 
 
+def _claimed(s: StoredEvent, e: ev.JobClaimed) -> Changes:
+    return _job_update(s, executor=e.executor)
+
+
 def _started(s: StoredEvent, e: ev.JobStarted) -> Changes:
     return _job_update(
         s, state=JobState.RUNNING, attempt=e.attempt, memory_rung=e.memory_rung, started_at=s.at
@@ -140,7 +128,8 @@ def _retry_scheduled(s: StoredEvent, e: ev.RetryScheduled) -> Changes:
 
 
 def _requested(s: StoredEvent, e: ev.CancelRequested | ev.RetryRequested) -> Changes:
-    return _job_update(s, requested="cancel" if isinstance(e, ev.CancelRequested) else "retry")
+    # The rule the write path uses without reading the event (commands.py).
+    return command_changes(s) or []
 
 
 def _version_only(s: StoredEvent, e: ev.CheckpointUnusable) -> Changes:
@@ -154,6 +143,7 @@ Projector = Callable[[StoredEvent, Any], Changes]
 PROJECTORS: dict[type[ev.Event], Projector] = {
     ev.JobSubmitted: _submitted,
     ev.JobQueued: _queued,
+    ev.JobClaimed: _claimed,
     ev.JobStarted: _started,
     ev.JobProgress: _progress,
     ev.CheckpointSaved: _checkpoint,
@@ -194,7 +184,7 @@ NO_PROJECTION: frozenset[type[ev.Event]] = frozenset(
 )
 
 
-def changes_for(stored: StoredEvent) -> Changes:
+def typed_changes(stored: StoredEvent) -> Changes:
     """The projection changes one event causes, read as its typed event.
 
     An event class in neither PROJECTORS nor NO_PROJECTION is an error, not a silent
@@ -206,45 +196,3 @@ def changes_for(stored: StoredEvent) -> Changes:
     if type(event) in NO_PROJECTION:
         return []
     raise ValueError(f"{stored.type} has no projection rule (PROJECTORS or NO_PROJECTION)")
-
-
-@functools.cache
-def _json_columns(table: Table) -> frozenset[str]:
-    return frozenset(c.name for c in table.columns if isinstance(c.type, JSON))
-
-
-@functools.cache
-def _sql(table: Table, action: str, columns: tuple[str, ...], key: tuple[str, ...]) -> str:
-    for name in (*columns, *key):
-        if name not in table.c:
-            raise KeyError(f"{table.name} has no column {name!r}")
-    if action == "update":
-        assignments = ", ".join(f"{c} = :{c}" for c in columns if c not in key)
-        where = " AND ".join(f"{k} = :{k}" for k in key)
-        return f"UPDATE {table.name} SET {assignments} WHERE {where}"
-    insert = (
-        f"INSERT INTO {table.name} ({', '.join(columns)}) "
-        f"VALUES ({', '.join(f':{c}' for c in columns)})"
-    )
-    if action == "insert":
-        return insert
-    assignments = ", ".join(f"{c} = excluded.{c}" for c in columns if c not in key)
-    return f"{insert} ON CONFLICT ({', '.join(key)}) DO UPDATE SET {assignments}"
-
-
-def apply(connection: SqlConnection, changes: Iterable[RowChange]) -> None:
-    """Write the changes on a connection that is inside a write transaction."""
-    for change in changes:
-        json_columns = _json_columns(change.table)
-        params = {
-            name: json.dumps(value) if name in json_columns and value is not None else value
-            for name, value in change.values.items()
-        }
-        sql = _sql(change.table, change.action, tuple(change.values), change.key)
-        connection.execute(sql, params)
-
-
-def clear(connection: SqlConnection) -> None:
-    """Empty every projection (children first), inside a write transaction."""
-    for table in reversed(PROJECTIONS):
-        connection.execute(f"DELETE FROM {table.name}")

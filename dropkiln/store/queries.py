@@ -50,6 +50,8 @@ class JobView:
     started_at: str | None
     finished_at: str | None
     updated_at: str
+    executor: str | None = None
+    """The executor (host/device) that claimed the latest attempt."""
 
     @property
     def progress(self) -> float:

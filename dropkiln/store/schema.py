@@ -73,6 +73,7 @@ jobs = Table(
     Column("result", JSON),
     Column("error", Text),
     Column("requested", String),
+    Column("executor", String),
     Column("submitted_seq", Int, nullable=False),
     Column("version", Int, nullable=False),
     Column("created_at", String, nullable=False),
@@ -127,6 +128,18 @@ telemetry = Table(
     Column("memory_rung", Int),
 )
 Index("ix_telemetry_at", telemetry.c.at)
+
+# Who holds each job's current attempt and until when. Not a projection: heartbeats move
+# ``lease_until`` many times an attempt without an event (JobClaimed records the claim);
+# the rows of jobs that are not running mean nothing. See ``leases``.
+leases = Table(
+    "leases",
+    metadata,
+    Column("job_id", String, primary_key=True),
+    Column("executor", String, nullable=False),
+    Column("attempt", Int, nullable=False),
+    Column("lease_until", Float, nullable=False),
+)
 
 meta = Table(
     "meta",

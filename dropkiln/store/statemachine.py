@@ -22,6 +22,7 @@ from dropkiln.store.vocabulary import JobState
 NEW = "new"  # before JobSubmitted
 QUEUED = JobState.QUEUED  # includes waiting: dependencies are not part of the stream
 RUNNING = JobState.RUNNING
+CLAIMED = "claimed"  # between JobClaimed and JobStarted (one transaction)
 OUT_OF_MEMORY = "out of memory"  # between OutOfMemory and the retry or the failure
 SUCCEEDED = JobState.SUCCEEDED
 FAILED = JobState.FAILED
@@ -44,7 +45,9 @@ TRANSITIONS: dict[tuple[str, str], str] = {
     (QUEUED, "JobQueued"): QUEUED,  # the first JobQueued after JobSubmitted
     (FAILED, "JobQueued"): QUEUED,  # retried
     (CANCELLED, "JobQueued"): QUEUED,  # retried
-    (QUEUED, "JobStarted"): RUNNING,
+    (QUEUED, "JobClaimed"): CLAIMED,
+    (CLAIMED, "JobStarted"): RUNNING,
+    (QUEUED, "JobStarted"): RUNNING,  # logs written before claims
     **{(RUNNING, report): RUNNING for report in REPORTS_WHILE_RUNNING},
     (RUNNING, "JobSucceeded"): SUCCEEDED,
     (RUNNING, "JobFailed"): FAILED,

@@ -260,3 +260,16 @@ def test_api_benchmark_serves_a_big_store_and_times_sse_against_the_cli(tmp_path
         api["metrics"]
     )
     assert api["raw"] == {} or "store_events" in api["metrics"]
+
+
+def test_cli_start_benchmark_times_the_quick_commands_in_fresh_processes(tmp_path: Path) -> None:
+    # Issue 16: status, events and cancel must answer in a quarter of a second; the figure is
+    # best-of-N wall-clock of real processes beside a bare interpreter, with the load.
+    code, out = _bench(tmp_path / "home", "cli", "--quick", "--repeats", "2")
+    assert code == 0
+    record = _check_report(out, ["cli"])["suites"]["cli"]
+    for name in ("status", "events", "cancel"):
+        assert record["metrics"][f"{name}_s"]["goal"] == "<= 0.25"
+        assert record["latency"][name]["n"] == 2
+    assert record["raw"]["python_s"] > 0
+    assert any(note.startswith("load average before") for note in record["notes"])

@@ -56,3 +56,40 @@ def test_bench_train_daemon_times_a_real_daemon_against_a_clean_process(
     assert all(d > j for d, j in zip(figures["drop_to_lora_s"], jobs, strict=True))
     assert figures["ratio_best"] == pytest.approx(min(jobs) / min(cleans), rel=0.01)
     assert figures["settle_seconds"] == 2.0  # the daemon's default, not a bench setting
+
+
+def test_profile_parts_count_each_sample_once_in_its_first_matching_part(tmp_path: Path) -> None:
+    from dropkiln.bench.train_profile import DAEMON_PARTS, RATE_HZ, seconds_by_part
+
+    device = "thread (11): dropkiln-device_0;_run_stage (x.py:1);run_train (train.py:9)"
+    raw = tmp_path / "daemon.raw"
+    raw.write_text(
+        "\n".join(
+            [
+                # validation images are made inside the final reports, not counted twice
+                f"{device};_finish (train.py:2);validation_images (report.py:3) 50",
+                f"{device};TrainingLoop._run (loop.py:1);TrainingLoop.train_step (loop.py:2) 100",
+                f"{device};load_cached_dataset (data.py:4) 25",
+                "thread (12): MainThread;EventStore.tail (s.py:1) 999",  # another thread
+            ]
+        )
+        + "\n"
+    )
+    parts = seconds_by_part(raw, "dropkiln-device", DAEMON_PARTS)
+    assert parts == {
+        "steps": 100 / RATE_HZ,
+        "validation images": 50 / RATE_HZ,
+        "set-up (dataset, adapters)": 25 / RATE_HZ,
+    }
+
+
+@pytest.mark.slow
+def test_bench_train_memory_reports_one_load_and_two_dataset_sizes(bench_models: Path) -> None:
+    from dropkiln.bench.train_memory import bench_train_memory
+
+    figures = bench_train_memory(images=(2, 6), size=64, steps=2, models_dir=bench_models)
+    assert list(figures["one_load"]["loads_after"].values()) == [1, 1, 1, 1]
+    small, large = figures["dataset_sizes"]
+    assert (small["images"], large["images"]) == (2, 6)
+    assert large["shard_bytes"] > small["shard_bytes"] > 0
+    assert small["train_peak_rss_bytes"] >= small["train_start_rss_bytes"] > 0

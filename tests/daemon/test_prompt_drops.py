@@ -196,3 +196,35 @@ async def test_a_vae_file_is_checked_at_drop_time_and_used_by_the_render(
 
 
 IMAGE = '[[image]]\nprompt = "x"\n'
+
+
+def test_the_first_drop_after_start_imports_nothing(tmp_path: Path) -> None:
+    # Issue 16: reading a drop imported the prompt-file models, the dataset reader and each
+    # stage's spec on first use: a third of a second (busy 2-core box) in the pickup of the
+    # first drop after the daemon started. The daemon's planner loads them when it is made.
+    import subprocess
+    import sys
+
+    probe = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from dropkiln.config import Settings\n"
+        "from dropkiln.daemon.planner import PROMPTS, Planner, parse_drop\n"
+        f"root = Path({str(tmp_path)!r})\n"
+        "settings = Settings.load(root=root)\n"
+        "settings.paths.create()\n"
+        "Planner(settings, None)\n"
+        "before = set(sys.modules)\n"
+        "entry = settings.paths.prompts / 'p.toml'\n"
+        "entry.write_text('[[image]]\\nprompt = \"a cat\"\\n')\n"
+        "parse_drop(settings, entry, PROMPTS, 'd1')\n"
+        "from dropkiln.stages.generate import GenerateSpec\n"
+        "from dropkiln.stages.video import VideoSpec\n"
+        "from dropkiln.stages.train import TrainSpec\n"
+        "late = sorted(m for m in set(sys.modules) - before if m.startswith('dropkiln'))\n"
+        "assert not late, late\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr[-2000:]

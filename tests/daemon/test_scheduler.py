@@ -55,7 +55,8 @@ async def test_job_runs_once_and_records_its_lifecycle(settings: Settings) -> No
         assert job.state == "succeeded"
         assert job.result == {"ran": [1, 2, 3], "rung": 0, "upstream": None}
         types = await types_of(daemon.store, "a1")
-        assert types[:2] == ["JobSubmitted", "JobStarted"]
+        assert types[:3] == ["JobSubmitted", "JobClaimed", "JobStarted"]
+        assert job.executor is not None and job.executor.endswith("/cpu")
         assert types.count("CheckpointSaved") == 3
         assert types[-2:] == ["ArtifactWritten", "JobSucceeded"]
         assert (await check(daemon.store)).ok
@@ -208,9 +209,16 @@ async def test_shutdown_checkpoints_requeues_and_resumes_after_restart(settings:
         assert "JobPreempted" in await types_of(daemon.store, "s1")
 
 
-async def test_a_second_daemon_on_the_same_root_refuses(settings: Settings) -> None:
-    from dropkiln.daemon.lock import AlreadyRunning, DaemonLock
+async def test_a_second_daemon_on_the_same_root_and_device_refuses(settings: Settings) -> None:
+    from dropkiln.daemon.lock import AlreadyRunning, DaemonLock, ExecutorLock, device_lock_path
 
     async with running_daemon(settings):
+        # store rebuild and copy need every daemon stopped
         with pytest.raises(AlreadyRunning, match="already running"):
             DaemonLock(settings.paths.lock).acquire()
+        same_device = device_lock_path(settings.paths.state, "cpu")
+        with pytest.raises(AlreadyRunning, match="already running"):
+            ExecutorLock(settings.paths.lock, same_device).acquire()
+        # another device beside it is welcome
+        with ExecutorLock(settings.paths.lock, device_lock_path(settings.paths.state, "cpu:1")):
+            pass

@@ -23,6 +23,7 @@ from dropkiln.store import EventStore, find_job
 from dropkiln.store import events as ev
 from dropkiln.store.backend import open_store
 from dropkiln.store.events import job_stream
+from dropkiln.store.leases import executor_id
 
 LADDER = TRAIN.ladder
 MODEL = "sdxl-base.safetensors"
@@ -83,7 +84,7 @@ async def store(tmp_path: Path) -> AsyncIterator[EventStore]:
 def executor(tmp_path: Path, store: EventStore, device: str, reprobe_after: int = 5) -> Executor:
     settings = Settings(root=tmp_path, memory={"reprobe_after": reprobe_after})
     thread = cast(Any, FakeDeviceThread(device))
-    return Executor(settings, store, thread, FaultInjector())
+    return Executor(settings, store, thread, FaultInjector(), executor_id(device))
 
 
 @pytest.fixture
@@ -203,3 +204,66 @@ async def test_the_cpu_starts_where_it_always_did(
 def test_old_job_started_rows_still_read() -> None:
     old = ev.JobStarted.model_validate({"attempt": 1, "memory_rung": 0, "rung_name": "default"})
     assert old.rung_reason is None
+
+
+# Generate jobs: the same start from device facts, per family, image size and batch.
+
+GENERATE = get_stage("generate")
+
+
+def generate_spec(model: str, side: int = 1024, batch: int | None = None) -> dict[str, Any]:
+    image = {"prompt": "a cat", "width": side, "height": side, "batch_size": batch}
+    return {"name": "cats", "model": model, "output_dir": "/out/cats",
+            "prompt_file": {"images": [image]}}  # fmt: skip
+
+
+def generate_rung(free: int, family: str = "sdxl", **spec: Any) -> str | None:
+    from dropkiln.stages.starting_rung import StartFacts
+
+    parsed = GENERATE.spec.model_validate(generate_spec("real.safetensors", **spec))
+    assert GENERATE.start_rung is not None
+    models = SimpleNamespace(kind=family)
+    original = models_module.resolve_model
+    models_module.resolve_model = lambda *a, **k: models  # type: ignore[assignment]
+    try:
+        rung = GENERATE.start_rung(parsed, StartFacts("/root", None, free))
+    finally:
+        models_module.resolve_model = original
+    return None if rung is None else GENERATE.ladder[rung].name
+
+
+def test_generate_sdxl_at_1024_starts_by_card_size() -> None:
+    # The GPU's default batch of four images a call.
+    assert generate_rung(FREE_24GB) == "default"
+    assert generate_rung(FREE_12GB) == "attention-vae-slicing"
+    assert generate_rung(FREE_8GB) == "sequential-cpu-offload"
+
+
+def test_generate_batch_size_and_image_size_move_the_rung() -> None:
+    assert generate_rung(FREE_12GB, batch=1) == "default"
+    assert generate_rung(FREE_8GB, side=768) == "model-cpu-offload"
+    assert generate_rung(FREE_24GB, side=2048) != "default"
+    # SD 1.5 at its own size fits an 8 GB card as it is.
+    assert generate_rung(FREE_8GB, family="sd15", side=512) == "default"
+
+
+def test_no_generate_estimate_for_the_tiny_models() -> None:
+    from dropkiln.stages.starting_rung import StartFacts
+
+    parsed = GENERATE.spec.model_validate(generate_spec("tiny-sdxl"))
+    assert GENERATE.start_rung is not None
+    assert GENERATE.start_rung(parsed, StartFacts("/root", None, FREE_8GB)) is None
+
+
+async def test_a_first_generate_job_starts_at_its_estimate(
+    tmp_path: Path, store: EventStore, free_memory: Callable[[int], None]
+) -> None:
+    ex = executor(tmp_path, store, "cuda")
+    submitted = ev.JobSubmitted(
+        job_id="render", stage="generate", name="cats", lane="gpu", priority=10,
+        spec=generate_spec(MODEL), rung_key=f"generate:{MODEL}:1024x1024",
+    )  # fmt: skip
+    await store.append(job_stream("render"), [submitted, ev.JobQueued()])
+    free_memory(FREE_12GB)
+    job = await find_job(store, "render")
+    assert await ex.starting_rung(job, GENERATE) == (1, "estimate")

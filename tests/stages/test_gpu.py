@@ -3,7 +3,8 @@
 Mixed precision (fp16 with GradScaler, bf16) and 8-bit AdamW resumed exactly; real CUDA
 out-of-memory errors, forced with a per-process memory fraction, on every rung of the train
 and generate ladders; one warm copy shared by train and generate, measured with
-``torch.cuda.max_memory_allocated``; the offload rungs on a real device.
+``torch.cuda.max_memory_allocated``; the offload rungs on a real device; device memory the
+same at two dataset sizes.
 """
 
 from __future__ import annotations
@@ -236,3 +237,35 @@ def test_vae_and_text_encoders_leave_the_device_while_stepping(cached: dict[str,
             hook.remove()
     assert seen == {"step": {"cpu/cpu"}, "sample": {"cuda/cuda"}}
     assert where() == "cuda/cuda"
+
+
+def test_device_memory_does_not_grow_with_the_dataset(cached: dict[str, Any]) -> None:
+    """Two datasets, 2 and 12 images: a training run's peak device memory is the same, since
+    latents and text embeddings stream from the shards through the bounded prefetch."""
+    import torch
+
+    from dropkiln.stages.cache import CacheIndex, CacheResult
+
+    root = cached["root"]
+    peaks, shard_bytes = {}, {}
+    for count in (2, 12):
+        name = f"size{count}"
+        manifest = make_dataset(root, name, mixed_images(count))
+        work = root / "state" / "work" / f"cache-{name}"
+        result = CACHE.run(CacheSpec(name=name), LocalContext(root=root, work_dir=work,
+                           device=DEVICE,
+                           upstream_results={"bucket": BucketResult.of(manifest)}))  # fmt: skip
+        assert isinstance(result, CacheResult)
+        index = CacheIndex.load(result.index)
+        refs = {i.latents for i in index.images} | {i.text for i in index.images}
+        shard_bytes[count] = sum((Path(index.cache_dir) / r.shard).stat().st_size for r in refs)
+        sized = {"root": root, "cache": result}
+        ctx, spec = _train(sized, f"{name}-warm", {**BASE, "steps": 1})
+        TRAIN.run(spec, ctx)  # the model warm and the allocator's first blocks made
+        torch.cuda.reset_peak_memory_stats()
+        ctx, spec = _train(sized, name, BASE)
+        TRAIN.run(spec, ctx)
+        peaks[count] = torch.cuda.max_memory_allocated()
+    print(f"peak device memory {peaks}, shard bytes {shard_bytes}, by dataset size")
+    # Were the dataset held on the device, the ten more images would add their shards' bytes.
+    assert abs(peaks[12] - peaks[2]) < (shard_bytes[12] - shard_bytes[2]) / 2, peaks

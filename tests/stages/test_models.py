@@ -164,3 +164,51 @@ def test_a_pipeline_over_budget_is_kept_alone() -> None:
     cache.get(ref, "cpu", torch.float32)
     cache.get(ref, "cpu", torch.float32)
     assert cache.loads == 1
+
+
+class _CyclicPipeline(_FakePipeline):
+    """A pipeline whose parts refer to each other (as hooks and configs do): only the cyclic
+    collector can free it."""
+
+    def __init__(self, nbytes: int) -> None:
+        super().__init__(nbytes)
+        self.components["self"] = self  # type: ignore[assignment]
+
+
+def test_a_warm_load_takes_the_long_lived_heap_out_of_full_collections() -> None:
+    # Issue 16: with torch and diffusers loaded, a full (generation 2) collection walks
+    # hundreds of thousands of objects, about 100 ms on an idle 2-core box, and it falls
+    # wherever allocation triggers it: in the middle of a drop's pickup. After a load the
+    # survivors (modules, the warm pipeline) are frozen, so later collections skip them;
+    # an evicted pipeline is still freed.
+    import gc
+    import weakref
+
+    import torch
+
+    made: list[weakref.ref[Any]] = []
+
+    def loader(ref: ModelRef, device: str, dtype: Any) -> Any:
+        pipeline = _CyclicPipeline(400)
+        made.append(weakref.ref(pipeline))
+        return pipeline
+
+    gc.unfreeze()
+    try:
+        cache = PipelineCache(ram_budget_bytes=500, loader=loader)
+        refs = [ModelRef(n, "sd15", Path(n), n * 8) for n in ("a", "b")]
+        cache.get(refs[0], "cpu", torch.float32)
+        assert gc.get_freeze_count() > 0
+        garbage = _CyclicPipeline(4)  # made after the load: not frozen, still collected
+        dead = weakref.ref(garbage)
+        del garbage
+        gc.collect()
+        assert dead() is None
+        cache.get(refs[1], "cpu", torch.float32)  # over budget: a is evicted
+        assert cache.evictions == 1
+        assert made[0]() is None, "the evicted pipeline was kept alive by the freeze"
+        assert made[1]() is not None
+        cache.clear()
+        assert made[1]() is None
+    finally:
+        gc.unfreeze()

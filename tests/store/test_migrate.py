@@ -127,7 +127,23 @@ async def test_a_schema_1_database_gains_the_lookup_indexes(db_path: Path) -> No
         conn.execute("UPDATE meta SET value = '1' WHERE key = 'schema_version'")
     store = await EventStore.open(db_path)
     await store.close()
-    assert stored_version(db_path) == "2"
+    assert stored_version(db_path) == str(migrate.SCHEMA_VERSION)
     with sqlite3.connect(db_path) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
     assert {"ix_events_type", "ix_jobs_submitted"} <= names
+
+
+async def test_a_schema_2_database_gains_leases_and_the_claiming_executor(db_path: Path) -> None:
+    await make_database(db_path)
+    with sqlite3.connect(db_path) as conn:
+        # What schema 2 had: no leases table, no jobs.executor.
+        conn.execute("DROP TABLE leases")
+        conn.execute("ALTER TABLE jobs DROP COLUMN executor")
+        conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
+    store = await EventStore.open(db_path)
+    await store.close()
+    assert stored_version(db_path) == "3"
+    with sqlite3.connect(db_path) as conn:
+        names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
+    assert "leases" in names and "executor" in columns

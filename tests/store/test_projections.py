@@ -44,6 +44,11 @@ JOB_CASES: dict[str, tuple[list[ev.Event], ev.Event, Expect]] = {
         ev.JobQueued(reason="retry"),
         lambda e: {"state": "queued", "error": None, "finished_at": None, "requested": None},
     ),
+    "JobClaimed": (
+        [ev.JobQueued()],
+        ev.JobClaimed(executor="box/cuda:1", attempt=1, lease_until=1.5e9, pid=7),
+        lambda e: {"state": "queued", "executor": "box/cuda:1"},
+    ),
     "JobStarted": (
         [ev.JobQueued()],
         ev.JobStarted(attempt=2, memory_rung=1, rung_name="slicing"),
@@ -224,6 +229,7 @@ async def test_job_submitted_inserts_a_queued_job(store: EventStore) -> None:
         "result": None,
         "error": None,
         "requested": None,
+        "executor": None,
         "submitted_seq": stored.seq,
         "version": 1,
         "created_at": stored.at,
@@ -359,3 +365,40 @@ def test_endings_written_before_caused_by_existed_still_read() -> None:
         event = ev.parse_event(old.type, old.data)
         assert isinstance(event, ev.JobFailed | ev.JobCancelled) and event.caused_by is None
         assert changes_for(old)[0].values["error"] == "x"
+
+
+def test_the_write_paths_tables_are_the_schemas() -> None:
+    # Issue 16: the projections write SQL without importing SQLAlchemy (a command must answer
+    # in a quarter of a second); what they know of the schema must be what schema.py makes.
+    from sqlalchemy import JSON
+
+    from dropkiln.store import projections, schema
+
+    assert [t.name for t in projections.PROJECTIONS] == [t.name for t in schema.PROJECTIONS]
+    for mine, table in zip(projections.PROJECTIONS, schema.PROJECTIONS, strict=True):
+        json_columns = {c.name for c in table.columns if isinstance(c.type, JSON)}
+        assert mine.json_columns == json_columns, table.name
+
+
+def test_a_plain_command_is_the_typed_command_event() -> None:
+    # Issue 16: the CLI writes commands without loading pydantic; what it writes must be
+    # exactly what the daemon reads back as the typed event, and project as it says.
+    from dropkiln.store.commands import COMMANDS, Command, command_changes
+
+    typed = {name for name, cls in EVENT_TYPES.items() if cls.command}
+    assert set(COMMANDS.values()) == typed
+    for type_name in typed:
+        cls = EVENT_TYPES[type_name]
+        plain = Command(type_name, "cli")
+        assert plain.type_name() == cls.type_name()
+        assert plain.durable == cls.durable
+        data = plain.model_dump(mode="json")
+        assert data == cls(by="cli").model_dump(mode="json")  # type: ignore[call-arg]
+        assert ev.parse_event(type_name, data) == cls(by="cli")  # type: ignore[call-arg]
+        stored = StoredEvent(9, STREAM, 3, type_name, data, "2026-01-01T00:00:00+00:00")
+        changes = command_changes(stored)
+        assert changes is not None
+        requested = {"CancelRequested": "cancel", "RetryRequested": "retry"}.get(type_name)
+        assert [c.values.get("requested") for c in changes] == ([requested] if requested else [])
+    stored = StoredEvent(9, STREAM, 3, "JobQueued", {}, "2026-01-01T00:00:00+00:00")
+    assert command_changes(stored) is None

@@ -105,3 +105,63 @@ async def test_filtered_tails_miss_nothing(store: EventStore) -> None:
         await type_tail.aclose()
     assert by_stream == await store.read(stream=job_stream("a"), limit=None)
     assert by_type == await store.read(types=wanted_types, limit=None)
+
+
+async def test_an_idle_tail_wakes_neither_the_loop_nor_its_thread_on_a_fast_clock(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 16: a tail on the SQLite store (the daemon's default) with nothing to read waits
+    # in one worker thread; the event loop is woken for a commit only (not at each fallback
+    # look), and the thread's watchfiles steps come at most 25 times a second (each one
+    # takes the GIL). (PostgreSQL's tail sleeps on LISTEN and looks every poll_interval.)
+    import anyio.to_thread
+    import watchfiles._rust_notify
+
+    real_notify = watchfiles._rust_notify.RustNotify
+    steps = [0]
+
+    class CountingNotify:
+        def __init__(self, *args: object) -> None:
+            self._real = real_notify(*args)  # type: ignore[arg-type]
+
+        def watch(self, debounce_ms: int, step_ms: int, timeout_ms: int, stop: object) -> object:
+            class Counting:
+                def is_set(self) -> bool:
+                    steps[0] += 1
+                    return bool(stop is not None and stop.is_set())  # type: ignore[attr-defined]
+
+            return self._real.watch(debounce_ms, step_ms, timeout_ms, Counting())
+
+        def close(self) -> None:
+            self._real.close()
+
+    hops = [0]
+    real_run_sync = anyio.to_thread.run_sync
+
+    async def counting_run_sync(*args: object, **kwargs: object) -> object:
+        hops[0] += 1
+        return await real_run_sync(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watchfiles._rust_notify, "RustNotify", CountingNotify)
+    store = await EventStore.open(db_path, create=True)
+    tail = store.tail(poll_interval=0.1)  # the fallback looks 20 times in the window
+    got: list[StoredEvent] = []
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(take, tail, 1, got)
+            await anyio.sleep(0.3)  # opened, read the (empty) log, waiting
+            monkeypatch.setattr(anyio.to_thread, "run_sync", counting_run_sync)
+            steps[0] = 0
+            await anyio.sleep(2.0)
+            idle_hops, idle_steps = hops[0], steps[0]
+            monkeypatch.setattr(anyio.to_thread, "run_sync", real_run_sync)
+            with anyio.fail_after(2):
+                await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+                while not got:
+                    await anyio.sleep(0.01)
+    finally:
+        await tail.aclose()
+        await store.close()
+    assert idle_hops == 0
+    assert 0 < idle_steps <= 55
+    assert [e.type for e in got] == ["QueuePaused"]

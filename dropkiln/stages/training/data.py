@@ -7,7 +7,7 @@ bucket batches, so resuming needs only the position, and it is the same on every
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -25,7 +25,7 @@ from dropkiln.stages.models.encoding import (
     pixels_to_tensor,
     vae_for_encoding,
 )
-from dropkiln.stages.shards import CorruptShard, ShardStore
+from dropkiln.stages.shards import CorruptShard, FetchedShard, ShardStore, tensors
 from dropkiln.stages.training.captions import augment_caption, tag_loss_weight
 from dropkiln.stages.training.losses import NoiseDraw, draw_noise
 from dropkiln.stages.training.pipeline import TrainingPipeline
@@ -65,6 +65,17 @@ class CachedDataset:
     repair: Callable[[str, ShardRef], dict[str, torch.Tensor]]
     """Re-encode a damaged shard (kind "latents" or "text"; the ShardRef names it)."""
     repaired: int = 0
+    prefetched: dict[ShardRef, FetchedShard] = field(default_factory=dict)
+    """Shards already read for the batch being assembled (prefetch.py), by reference."""
+
+    def shards_of(self, indices: list[int], with_text: bool) -> list[ShardRef]:
+        """The shards a batch of these images reads: latents, and the captions' text outputs
+        (the empty caption's too, which caption dropout may pick)."""
+        refs = [self.images[index].planned.latents for index in indices]
+        if with_text:
+            refs += [self.text[self.images[index].caption] for index in indices]
+            refs.append(self.text[""])
+        return refs
 
     def buckets(self) -> dict[Size, list[int]]:
         groups: dict[Size, list[int]] = {}
@@ -92,7 +103,10 @@ class CachedDataset:
         return {k: v.to(self.device) for k, v in self._read("text", self.text[caption]).items()}
 
     def _read(self, kind: str, ref: ShardRef) -> dict[str, torch.Tensor]:
+        fetched = self.prefetched.get(ref)
         try:
+            if fetched is not None:
+                return tensors(fetched)
             return self.shards.read(ref.shard, ref.key)
         except CorruptShard:
             self.repaired += 1

@@ -52,6 +52,7 @@ from dropkiln.stages.training.losses import (
 )
 from dropkiln.stages.training.phases import DevicePhases
 from dropkiln.stages.training.pipeline import TrainingPipeline
+from dropkiln.stages.training.prefetch import ShardPrefetch
 from dropkiln.stages.training.report import (
     CONTACT_SHEET,
     ReportsStopped,
@@ -65,6 +66,7 @@ from dropkiln.stages.training.session import TrainingSession
 from dropkiln.stages.training.tracking import RunTracker, validation_batches
 
 if TYPE_CHECKING:
+    from dropkiln.stages.cache import ShardRef
     from dropkiln.stages.train import TrainSpec
 
 CHECKPOINTS = "checkpoints"
@@ -108,16 +110,30 @@ class TrainingLoop:
     """Which models are on the device while stepping and while sampling."""
     grad_norm: float = 0.0
     """The last step's gradient norm, before clipping."""
+    prefetch: ShardPrefetch | None = None
+    """Reads the next batches' shards while a step runs (set while ``run`` runs)."""
     _measuring: bool = False
     _memory: int = 0
     _memory_at: float = -math.inf
 
     def run(self) -> None:
+        accumulation = self.spec.options.gradient_accumulation
+        with_text = not self.on_the_fly
+
+        def refs_at(position: int) -> list[ShardRef]:
+            return self.dataset.shards_of(self.order.batch(position), with_text)
+
+        prefetch = ShardPrefetch(self.dataset.shards, refs_at, self.session.step * accumulation)
         with (
             self.phases.stepping(),
             inside(middle_block(self.pipe.unet), self._in_forward, self._in_backward),
+            prefetch,
         ):
-            self._run()
+            self.prefetch = prefetch
+            try:
+                self._run()
+            finally:
+                self.prefetch = None
 
     def _in_forward(self) -> None:
         if not self._measuring:  # the validation loss's forwards are not training's
@@ -166,18 +182,7 @@ class TrainingLoop:
         )
         first = session.step * options.gradient_accumulation
         positions = range(first, first + options.gradient_accumulation)
-        batches = [
-            assemble_batch(
-                self.dataset,
-                self.order.batch(position),
-                session.data_rng,
-                session.noise_generator,
-                options,
-                self.scheduler.config["num_train_timesteps"],
-                self.on_the_fly,
-            )
-            for position in positions
-        ]
+        batches = [self._assemble(position) for position in positions]
         samples = sum(len(batch) for batch in batches)
         step_loss = 0.0
         micro_batches = 0
@@ -206,6 +211,23 @@ class TrainingLoop:
             session.ema.step(params)
         session.step += 1
         return step_loss
+
+    def _assemble(self, position: int) -> Batch:
+        """The batch at ``position``, its shards from the prefetch when it has them."""
+        if self.prefetch is not None:
+            self.dataset.prefetched = self.prefetch.take(position)
+        try:
+            return assemble_batch(
+                self.dataset,
+                self.order.batch(position),
+                self.session.data_rng,
+                self.session.noise_generator,
+                self.spec.options,
+                self.scheduler.config["num_train_timesteps"],
+                self.on_the_fly,
+            )
+        finally:
+            self.dataset.prefetched = {}
 
     def _undo_step(self, before: tuple[Mapping[str, Any], torch.Tensor, RngState]) -> None:
         data_rng, noise, global_rng = before

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -54,10 +55,9 @@ def write_loss_plot(
     steps = [row[0] for row in losses]
     values = [row[1] for row in losses]
     window = max(1, len(values) // 20)
-    smooth = [
-        sum(values[max(0, i - window + 1) : i + 1]) / len(values[max(0, i - window + 1) : i + 1])
-        for i in range(len(values))
-    ]
+    sums = [0.0, *itertools.accumulate(values)]  # running sums: O(steps), not O(steps × window)
+    smooth = [(sums[i + 1] - sums[max(0, i - window + 1)]) / min(i + 1, window)
+              for i in range(len(values))]  # fmt: skip
     figure = Figure(figsize=(7, 3.5), dpi=100)
     axes = figure.add_subplot()
     axes.plot(steps, values, color="#9ab", linewidth=0.8, label="loss")
@@ -76,7 +76,9 @@ def write_loss_plot(
     axes.set_title(title)
     axes.legend(loc="upper right")
     axes.grid(alpha=0.3)
-    figure.tight_layout()
+    # Fixed margins: tight_layout drew the whole figure once more only to measure it, which
+    # made the plot, redrawn at every checkpoint, twice as slow.
+    figure.subplots_adjust(left=0.1, right=0.97, top=0.9, bottom=0.15)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png")
     return write_atomic(path, buffer.getvalue())

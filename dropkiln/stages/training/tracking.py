@@ -24,6 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dropkiln.options import TrainSettings
 from dropkiln.stages.training.data import Batch, CachedDataset, CachedImage
 from dropkiln.stages.training.losses import NoiseDraw
+from dropkiln.stages.training.wandb_run import WandbRun
 
 if TYPE_CHECKING:
     from dropkiln.stages.training.loop import Plan
@@ -86,11 +87,19 @@ def validation_batches(
 
 
 class RunTracker:
-    """TensorBoard scalars, images and hyper-parameters of one run."""
+    """TensorBoard scalars, images and hyper-parameters of one run (and the same in a
+    wandb run when one is configured: wandb_run.py)."""
 
-    def __init__(self, folder: Path, resumed_at: int, hparams: Hyperparameters) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        resumed_at: int,
+        hparams: Hyperparameters,
+        wandb: WandbRun | None = None,
+    ) -> None:
         self.folder = folder
         self.hparams = hparams
+        self.wandb = wandb
         # purge_step drops events a killed attempt wrote after the checkpoint resumed from
         self.writer = SummaryWriter(
             log_dir=str(folder), purge_step=resumed_at + 1 if resumed_at else None
@@ -98,10 +107,16 @@ class RunTracker:
 
     def step(self, step: int, losses: Sequence[tuple[int, float, float]], lr: float,
              grad_norm: float) -> None:  # fmt: skip
-        self.writer.add_scalar("loss/train", losses[-1][1], step)
-        self.writer.add_scalar("loss/train_smoothed", smoothed(losses), step)
-        self.writer.add_scalar("lr", lr, step)
-        self.writer.add_scalar("grad_norm", grad_norm, step)
+        values = {
+            "loss/train": losses[-1][1],
+            "loss/train_smoothed": smoothed(losses),
+            "lr": lr,
+            "grad_norm": grad_norm,
+        }
+        for tag, value in values.items():
+            self.writer.add_scalar(tag, value, step)
+        if self.wandb is not None:
+            self.wandb.log(step, values)
 
     def checkpoint(self, step: int, validation_loss: float | None, images: Sequence[Path]) -> None:
         if validation_loss is not None:
@@ -111,16 +126,26 @@ class RunTracker:
                 pixels = np.asarray(image.convert("RGB"))
             self.writer.add_image(f"validation/{path.stem[-2:]}", pixels, step, dataformats="HWC")
         self.writer.flush()
+        if self.wandb is not None:
+            if validation_loss is not None:
+                self.wandb.log(step, {"loss/validation": validation_loss})
+            self.wandb.images(step, images)
 
     def finish(self, final_loss: float | None, validation_loss: float | None) -> None:
         metrics = {"hparam/final_loss": final_loss if final_loss is not None else float("nan")}
         if validation_loss is not None:
             metrics["hparam/validation_loss"] = validation_loss
         self.writer.add_hparams(self.hparams, metrics, run_name="hparams")
+        if self.wandb is not None:
+            self.wandb.finish(metrics)
+            self.wandb = None
         self.close()
 
     def close(self) -> None:
         self.writer.close()
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
 
 
 def hyperparameters(options: TrainSettings, plan: Plan) -> Hyperparameters:

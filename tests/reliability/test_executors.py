@@ -1,0 +1,167 @@
+"""Several executors on one store, with kill -9 and SIGSTOP/SIGCONT of the ones running jobs.
+
+What the job queues built on PostgreSQL promise (procrastinate, Oban, graphile-worker), and
+issue 15 asks of dropkiln: every job ends exactly once however its executors die or
+stall; a paused executor's job is taken over once its lease runs out; and the paused one,
+when it wakes, writes nothing more for the job it lost. `store check` passes after.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from tests.reliability.executors import (
+    LEASES,
+    Executors,
+    PostgresReader,
+    drop_prompt_files,
+    executor_device,
+    writes_without_a_lease,
+)
+from tests.reliability.home import CONFIG, TERMINAL, TERMINAL_EVENTS, Home
+
+pytestmark = pytest.mark.slow
+
+Reader = Any  # Home (SQLite) or PostgresReader
+
+
+def running_on(reader: Reader, device: str | None = None) -> list[dict[str, Any]]:
+    jobs = [j for j in reader.jobs() if j["state"] == "running"]
+    return [j for j in jobs if device is None or executor_device(j["executor"]) == device]
+
+
+def wait(condition: Callable[[], bool], timeout: float, what: str, executors: Executors) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        executors.check()
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}\n{executors.logs()}")
+
+
+def claimed_by(reader: Reader, job_id: str) -> int | None:
+    """The pid of the process that claimed the job's latest attempt."""
+    claims = [e for e in reader.events_of(job_id) if e["type"] == "JobClaimed"]
+    return int(claims[-1]["data"]["pid"]) if claims else None
+
+
+def interrupted(reader: Reader, job_id: str, attempt: int) -> bool:
+    return any(
+        e["type"] == "JobInterrupted" and e["data"]["previous_attempt"] == attempt
+        for e in reader.events_of(job_id)
+    )
+
+
+def run_with_chaos(
+    home: Home, reader: Reader, executors: Executors, files: int, rng: random.Random
+) -> dict[str, int]:
+    """Drop ``files`` prompt files, then until every job ended: pause the executor of a
+    running job past its lease (and check the job was taken over), kill -9 another's and
+    restart it. Returns how many of each disturbance landed on a running job."""
+    executors.start_all()
+    drop_prompt_files(home, files)
+    landed = {"paused": 0, "killed": 0}
+    deadline = time.monotonic() + 40 * files
+    while time.monotonic() < deadline:
+        executors.check()
+        jobs = reader.jobs()
+        if len(jobs) >= 2 * files and all(j["state"] in TERMINAL for j in jobs):
+            return landed
+        busy = running_on(reader)
+        if not busy:
+            time.sleep(0.2)
+            continue
+        victim = rng.choice(busy)
+        device = executor_device(victim["executor"])
+        if device is None or not executors.holds(device, claimed_by(reader, victim["id"])):
+            time.sleep(0.2)  # its holder is already dead: its lease is running out
+            continue
+        if landed["paused"] <= landed["killed"]:
+            executors.pause(device)
+            # Another executor takes the job over once the lease runs out (3 s).
+            wait(
+                lambda job=victim: interrupted(reader, job["id"], job["attempt"]),
+                30,
+                f"job {victim['id']} to be taken from paused {device}",
+                executors,
+            )
+            time.sleep(rng.uniform(0, 1.0))
+            lost_before = executors.log(device).count("lease lost")
+            executors.resume(device)
+            # Awake, it finds its lease gone at its next check and stops the attempt.
+            wait(
+                lambda d=device, n=lost_before: executors.log(d).count("lease lost") > n,
+                30,
+                f"{device} to notice it lost the lease of job {victim['id']}",
+                executors,
+            )
+            landed["paused"] += 1
+        else:
+            time.sleep(rng.uniform(0, 1.5))
+            executors.kill(device)
+            landed["killed"] += 1
+            time.sleep(rng.uniform(0.2, 1.0))
+            executors.start(device)
+        time.sleep(rng.uniform(0.5, 2.0))
+    raise AssertionError(f"jobs did not all end: {reader.jobs()}\n{executors.logs()}")
+
+
+def assert_each_job_ended_once_under_its_lease(reader: Reader, files: int) -> None:
+    jobs = reader.jobs()
+    assert len(jobs) == 2 * files
+    assert [j["state"] for j in jobs] == ["succeeded"] * len(jobs), [
+        (j["stage"], j["state"], j["error"]) for j in jobs
+    ]
+    for job in jobs:
+        events = reader.events_of(job["id"])
+        ends = [e["type"] for e in events if e["type"] in TERMINAL_EVENTS]
+        assert ends == ["JobSucceeded"], (job["id"], ends)
+        assert writes_without_a_lease(events) == [], (job["id"], [e["type"] for e in events])
+
+
+def check_store(home: Home) -> None:
+    checked = home.cli("store", "check")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+
+def executors_home(home: Home, store_url: str = "") -> Home:
+    config = CONFIG + LEASES
+    if store_url:
+        config = f'store_url = "{store_url}"\n' + config
+    return Home(home.root, config)
+
+
+def test_two_executors_on_one_sqlite_root(home: Home) -> None:
+    home = executors_home(home)
+    executors = Executors(home, 2)
+    try:
+        landed = run_with_chaos(home, home, executors, files=4, rng=random.Random(15))
+    finally:
+        executors.stop_all()
+    assert landed["paused"] >= 1 and landed["killed"] >= 1, landed
+    assert_each_job_ended_once_under_its_lease(home, files=4)
+    check_store(home)
+
+
+@pytest.mark.parametrize("files", [pytest.param(15, marks=pytest.mark.full)])
+def test_three_executors_on_postgres(home: Home, postgres_url: str, files: int) -> None:
+    home = executors_home(home, postgres_url)
+    reader = PostgresReader(postgres_url)
+    executors = Executors(home, 3)
+    try:
+        landed = run_with_chaos(home, reader, executors, files=files, rng=random.Random(16))
+    finally:
+        executors.stop_all()
+    assert landed["paused"] >= 1 and landed["killed"] >= 1, landed
+    assert_each_job_ended_once_under_its_lease(reader, files)
+    check_store(home)
+
+
+def test_three_executors_on_postgres_small(home: Home, postgres_url: str) -> None:
+    test_three_executors_on_postgres(home, postgres_url, files=3)
