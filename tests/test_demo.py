@@ -58,3 +58,24 @@ def test_demo_full_gives_one_contact_sheet_per_feature(
         with Image.open(images / feature / CONTACT_SHEET) as sheet:
             assert sheet.width >= 64, feature
     assert list((tmp_path / "demo" / "outputs").rglob("*.mp4")), "the slideshow's video"
+
+
+def test_before_after_titles_wrap_inside_a_narrow_picture(tmp_path: Path) -> None:
+    # Two seeds make a 192-pixel-wide picture; the prompt line is longer than that and
+    # used to run off its right edge, cut mid-word. Wrapped, no title pixel reaches the edge.
+    from dropkiln.demo import CONCEPT_PROMPT
+    from dropkiln.demo_story import before_after_picture
+
+    cells = []
+    for number in range(2):
+        cells.append(tmp_path / f"{number}.png")
+        Image.new("RGB", (64, 64), (24, 24, 24)).save(cells[-1])
+    picture = before_after_picture(
+        [("tiny-shapes", cells), ("tiny-shapes + the zorp LoRA, weight 1.0", cells)],
+        CONCEPT_PROMPT,
+        tmp_path / "before-after.png",
+    )
+    with Image.open(picture) as image:
+        edge = image.convert("L").crop((image.width - 2, 0, image.width, image.height))
+        assert edge.getextrema()[1] <= 24, "a title runs past the picture's right edge"
+        assert image.height > 2 * 96 + 3 * 14  # the header took more than one line

@@ -26,12 +26,18 @@ SHIPPED_SHA256 = "940a30a917db429866d613d51e2b425e24552bfaf85ec1b96e31e0968fd41b
 """The weights file the documented run wrote (README: "Retraining tiny-shapes")."""
 
 HELD_OUT_PROMPTS = 40
-# The goal of issue 17. The shipped weights (1500 UNet steps) measured colour 0.225,
-# position 0.25, shape 0.225 on these 40 prompts (20 Euler steps, guidance 5, seeds 0..39):
-# barely above chance, so the test is a strict xfail until a longer training run meets it.
-MIN_COLOUR = 0.9
-MIN_POSITION = 0.7
-MIN_SHAPE = 0.7
+GOAL = {"colour": 0.9, "position": 0.7, "shape": 0.7}
+"""Issue 17's goal for prompt following on the held-out prompts."""
+MEASURED = {"colour": 0.225, "position": 0.25, "shape": 0.225}
+"""What the shipped weights measured on these 40 prompts (20 Euler steps, guidance 5, seeds
+0..39); the floor test allows two prompts less per attribute, for other CPUs' kernels. A
+candidate recipe (commit 363f818) measured colour 0.925, position 0.95, shape 0.40 but lost
+the demo's one purple star, so it is not shipped (README "Retraining tiny-shapes")."""
+VAE_GOAL = {"colour": 0.95, "position": 0.95, "shape": 0.9, "concept": 0.9}
+VAE_MEASURED = {"colour": 0.15, "position": 0.6, "shape": 0.3}
+"""The shipped VAE's read-back of 40 held-out scenes (it turns every shape one or two colours
+per background) and of 40 purple stars: none. The candidate's VAE: 0.95, 0.90, 0.475, 0.025."""
+MARGIN = 2 / HELD_OUT_PROMPTS
 
 
 def test_shipped_weights_are_the_pinned_file() -> None:
@@ -85,12 +91,11 @@ def test_tiny_shapes_loads_like_any_built_in(tmp_path: Path) -> None:
     assert len(pipe.tokenizer) > len(_tiny_sdxl_tokenizer(tmp_path))
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="tiny-shapes is undertrained: colour 0.225, shape 0.225")
-def test_tiny_shapes_follows_held_out_prompts(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def prompt_following(tmp_path_factory: pytest.TempPathFactory) -> dict[str, float]:
     import torch
 
-    pipe = _pipeline(tmp_path)
+    pipe = _pipeline(tmp_path_factory.mktemp("shapes"))
     held = _held_out()
     picks = np.random.Generator(np.random.PCG64(0)).choice(len(held), HELD_OUT_PROMPTS, False)
     right: Counter[str] = Counter()
@@ -109,28 +114,53 @@ def test_tiny_shapes_follows_held_out_prompts(tmp_path: Path) -> None:
             colour=found.colour == colour, position=found.position == position,
             shape=found.shape == shape,
         )  # fmt: skip
-    accuracy = {name: right[name] / HELD_OUT_PROMPTS for name in ("colour", "position", "shape")}
+    accuracy = {name: right[name] / HELD_OUT_PROMPTS for name in GOAL}
     print(f"prompt following on {HELD_OUT_PROMPTS} held-out prompts: {accuracy}")
-    assert accuracy["colour"] >= MIN_COLOUR, accuracy
-    assert accuracy["position"] >= MIN_POSITION, accuracy
-    assert accuracy["shape"] >= MIN_SHAPE, accuracy
+    return accuracy
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="tiny-shapes' VAE gives back colour 0.15, shape 0.30")
-def test_tiny_shapes_vae_gives_back_what_prompts_name() -> None:
-    # The UNet draws through the VAE's decoder: a colour or shape the decoder cannot give
-    # back caps prompt following however long the UNet trains. The shipped VAE measured
-    # colour 0.15, position 0.60, shape 0.30 on 40 held-out scenes (it turns every shape
-    # one or two colours per background); the goal needs it near perfect.
+def test_tiny_shapes_follows_held_out_prompts_as_measured(
+    prompt_following: dict[str, float],
+) -> None:
+    for name, measured in MEASURED.items():
+        assert prompt_following[name] >= measured - MARGIN, (name, prompt_following)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="tiny-shapes is undertrained: colour 0.225, shape 0.225")
+def test_tiny_shapes_follows_held_out_prompts(prompt_following: dict[str, float]) -> None:
+    for name, goal in GOAL.items():
+        assert prompt_following[name] >= goal, (name, prompt_following)
+
+
+@pytest.fixture(scope="module")
+def shipped_readback() -> dict[str, float]:
     from dropkiln.stages.models.shapes_detect import vae_readback
     from dropkiln.stages.models.shapes_model import shapes_components
 
     readback = vae_readback(shapes_components()["vae"])
-    print(f"VAE read-back on 40 held-out scenes: {readback}")
-    assert readback["colour"] >= 0.95, readback
-    assert readback["position"] >= 0.95, readback
-    assert readback["shape"] >= 0.9, readback
+    print(f"VAE read-back on 40 held-out scenes and 40 purple stars: {readback}")
+    return readback
+
+
+@pytest.mark.slow
+def test_tiny_shapes_vae_gives_back_as_measured(shipped_readback: dict[str, float]) -> None:
+    for name, measured in VAE_MEASURED.items():
+        assert shipped_readback[name] >= measured - MARGIN, (name, shipped_readback)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="tiny-shapes' VAE gives back colour 0.15, shape 0.30")
+def test_tiny_shapes_vae_gives_back_what_prompts_name(shipped_readback: dict[str, float]) -> None:
+    # The UNet draws through the VAE's decoder: a colour or shape the decoder cannot give
+    # back caps prompt following however long the UNet trains.
+    _assert_vae_gives_back(shipped_readback)
+
+
+def _assert_vae_gives_back(readback: dict[str, float]) -> None:
+    for name, goal in VAE_GOAL.items():
+        assert readback[name] >= goal, (name, readback)
 
 
 @pytest.mark.slow
