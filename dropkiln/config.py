@@ -67,6 +67,12 @@ class ExecutorSettings(Section):
     heartbeat_seconds: float = Field(
         5.0, gt=0, description="how often a running job's lease is renewed"
     )
+    input_wait_seconds: float = Field(
+        60.0,
+        ge=0,
+        description="how long a job waits for a file an earlier job recorded (another box "
+        "may have written it, and a shared filesystem can show it late) before it fails",
+    )
 
     @model_validator(mode="after")
     def _heartbeat_within_lease(self) -> ExecutorSettings:
@@ -254,6 +260,7 @@ reprobe_after = 5            # clean runs at a remembered rung before a job trie
 [executor]                   # several daemons on one store (README: several GPUs and boxes)
 lease_seconds = 30           # a job whose daemon stopped renewing its lease this long is taken over
 heartbeat_seconds = 5        # how often a running job's lease is renewed
+input_wait_seconds = 60      # a file an earlier job recorded, not visible yet: wait, then fail
 
 [api]                        # dropkiln serve (the HTTP API); the token is in state/api-token
 host = "127.0.0.1"

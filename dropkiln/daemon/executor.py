@@ -31,6 +31,7 @@ import anyio.to_thread
 from dropkiln.config import Settings
 from dropkiln.daemon.context import LEASE_LOST, DaemonContext
 from dropkiln.daemon.device_thread import DeviceThread
+from dropkiln.daemon.inputs import job_inputs, wait_for_inputs
 from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
 from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
 from dropkiln.stages.faults import FaultInjector, take_torn_write
@@ -91,6 +92,7 @@ class Executor:
         self.id = executor_id
         self.lease_s = settings.executor.lease_seconds
         self.heartbeat_s = settings.executor.heartbeat_seconds
+        self.input_wait_s = settings.executor.input_wait_seconds
 
     async def append(self, fence: Fence, events: list[Event]) -> None:
         """Record events of the attempt ``fence`` names; LeaseLost once it is not current."""
@@ -187,13 +189,22 @@ class Executor:
         async with anyio.create_task_group() as heartbeats:
             heartbeats.start_soon(self._heartbeat, running, name=f"lease {running.id}")
             try:
-                ended = await self._attempt(running, limiter)
+                unseen = await self._wait_for_inputs(running)
+                if unseen is not None:
+                    ended = await self._finish(running, JobFailed(reason=unseen), JobState.FAILED)
+                else:
+                    ended = await self._attempt(running, limiter)
             except LeaseLost as exc:
                 running.context.request_stop(LEASE_LOST)
                 log.warning("%s; the attempt stopped without writing more", exc)
             finally:
                 heartbeats.cancel_scope.cancel()
         return ended
+
+    async def _wait_for_inputs(self, running: RunningJob) -> str | None:
+        """The reason the job cannot start: a file its dependencies recorded is not visible."""
+        inputs = await job_inputs(self.store, running.job.depends_on, running.stage.inputs)
+        return await wait_for_inputs(inputs, self.input_wait_s, running.context.should_stop)
 
     async def _heartbeat(self, running: RunningJob) -> None:
         ctx = running.context

@@ -141,6 +141,10 @@ class StageDef:
     start_rung: Callable[[Any, StartFacts], int | None] | None = None
     """The first rung the spec is estimated to fit on a GPU (``stages/starting_rung.py``);
     None (or returning None): no estimate, the job starts at the default rung."""
+    inputs: tuple[str, ...] = ()
+    """The artifact kinds of its dependencies the stage reads. The executor waits until those
+    files are visible before an attempt starts: another box may have written them
+    (``daemon/inputs.py``)."""
 
     def rung(self, index: int) -> MemoryRung:
         return self.ladder[min(index, len(self.ladder) - 1)]

@@ -354,6 +354,7 @@ STAGE = StageDef(
         MemoryRung("vae-tiling", {"vae_batch_divisor": 1 << 30, "vae_tiling": True}),
     ),
     priority=0,
+    inputs=("manifest",),
 )
 
 __all__ = [

@@ -131,4 +131,5 @@ STAGE = StageDef(
     GENERATE_LADDER,
     priority=10,
     start_rung=estimated_start_rung,
+    inputs=("lora",),
 )

@@ -340,4 +340,5 @@ STAGE = StageDef(
     ),
     priority=0,
     start_rung=estimated_start_rung,
+    inputs=("cache-index",),
 )

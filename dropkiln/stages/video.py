@@ -244,4 +244,4 @@ def _fitted(
     return loaded[index]
 
 
-STAGE = StageDef("video", "cpu", VideoSpec, run_video, priority=10)
+STAGE = StageDef("video", "cpu", VideoSpec, run_video, priority=10, inputs=("image",))

@@ -165,6 +165,18 @@ async def job_artifacts(store: EventStore, job_id: str) -> list[Row]:
     return await store.snapshot(lambda conn: _dicts(conn, sql, {"job_id": job_id}))
 
 
+async def dependency_artifacts(
+    store: EventStore, job_ids: Sequence[str], kinds: Sequence[str]
+) -> list[Row]:
+    """The artifacts of these kinds that these jobs recorded (the files a dependent reads)."""
+    params: dict[str, Any] = {}
+    sql = (
+        f"SELECT * FROM artifacts WHERE job_id IN ({_placeholders('job', job_ids, params)}) "
+        f"AND kind IN ({_placeholders('kind', kinds, params)}) ORDER BY seq"
+    )
+    return await store.snapshot(lambda conn: _dicts(conn, sql, params))
+
+
 async def artifact_by_seq(store: EventStore, seq: int) -> Row | None:
     """The artifact whose latest ArtifactWritten event has this seq (its id in the HTTP API)."""
     sql = "SELECT * FROM artifacts WHERE seq = :seq LIMIT 1"

@@ -52,6 +52,7 @@ def stage(name: str, lane: str = "gpu", priority: int = 0) -> StageDef:
         run_steps,
         ladder=(MemoryRung("default"), MemoryRung("lighter"), MemoryRung("lightest")),
         priority=priority,
+        inputs=("result",),
     )
 
 
