@@ -101,14 +101,9 @@ def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
 
 def estimated_start_rung(spec: GenerateSpec, facts: StartFacts) -> int | None:
     """The first rung the job's largest image is estimated to fit at its batch size (None
-    for the tiny test models and a model that does not resolve, as for training)."""
-    from dropkiln.stages.models import TINY_NAMES, resolve_model
-
-    if spec.model in TINY_NAMES:
-        return None
-    try:
-        family: str = resolve_model(spec.model, Path(facts.root) / "state" / "models").kind
-    except StageError:
+    without a known family, as for training)."""
+    family = facts.family(spec.model)
+    if family is None:
         return None
     images = spec.prompt_file.images
     largest = max(images, key=lambda image: image.width * image.height)

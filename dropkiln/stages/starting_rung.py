@@ -123,6 +123,22 @@ class StartFacts:
         last = (self.rung_key or "").rsplit(":", 1)[-1]
         return int(last) if last.isdigit() else default
 
+    def family(self, model: str) -> str | None:
+        """The model's family for the footprint tables; None for the tiny test models, whose
+        footprint is nothing like their family's, and for a model that does not resolve (the
+        stage reports that itself)."""
+        from pathlib import Path
+
+        from dropkiln.stages.base import StageError
+        from dropkiln.stages.models import TINY_NAMES, resolve_model
+
+        if model in TINY_NAMES:
+            return None
+        try:
+            return str(resolve_model(model, Path(self.root) / "state" / "models").kind)
+        except StageError:
+            return None
+
 
 @dataclass(frozen=True)
 class InferenceFootprint:

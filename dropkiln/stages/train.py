@@ -301,16 +301,9 @@ def _report_kind(path: Path) -> str:
 
 
 def estimated_start_rung(spec: TrainSpec, facts: StartFacts) -> int | None:
-    """The first rung the job is estimated to fit (None for the tiny test models, whose
-    footprint is nothing like their family's, and for a model that does not resolve: the
-    stage reports that itself)."""
-    from dropkiln.stages.models import TINY_NAMES, resolve_model
-
-    if spec.model in TINY_NAMES:
-        return None
-    try:
-        family: str = resolve_model(spec.model, Path(facts.root) / "state" / "models").kind
-    except StageError:
+    """The first rung the job is estimated to fit (None without a known family)."""
+    family = facts.family(spec.model)
+    if family is None:
         return None
     options = spec.options
     return training_start_rung(
