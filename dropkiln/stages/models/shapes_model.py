@@ -2,7 +2,7 @@
 
 The same pipeline classes as ``tiny-sdxl`` (two CLIP text encoders, a text-time UNet, a KL
 VAE), small enough to train on a CPU: a VAE that downsamples 4× (64 px → 16×16 latents),
-a three-level UNet, and the seeded text encoders left as they were made. Its weights were
+a three-level UNet and two narrow text encoders. Its weights were
 trained by ``python -m dropkiln.stages.models.train_tiny`` and ship with the package; the
 file's sha256 is pinned here and checked before the weights are used.
 """
