@@ -12,34 +12,57 @@ from dropkiln.demo import CONCEPT_COLOUR, CONCEPT_SHAPE, SEEDS, run_demo
 from dropkiln.demo_story import concept_hits, rendered_images
 
 
-@pytest.mark.slow
-def test_demo_lora_teaches_the_new_word(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # the suite pins tiny-sdxl through the environment; the demo is about tiny-shapes
-    monkeypatch.delenv("DROPKILN_MODEL", raising=False)
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """One demo run for the tests below: its home and what it printed."""
+    home = tmp_path_factory.mktemp("demo") / "demo"
     out = io.StringIO()
-    assert run_demo(tmp_path / "demo", out=out) == 0, out.getvalue()
-    images = tmp_path / "demo" / "outputs" / "images"
+    with pytest.MonkeyPatch.context() as patch:
+        # the suite pins tiny-sdxl through the environment; the demo is about tiny-shapes
+        patch.delenv("DROPKILN_MODEL", raising=False)
+        assert run_demo(home, out=out) == 0, out.getvalue()
+    return home, out.getvalue()
+
+
+def _concept_hits(home: Path) -> tuple[int, int]:
+    """(purple stars with the LoRA, without it) among the demo's images."""
+    images = home / "outputs" / "images"
     before, after = rendered_images(images / "before"), rendered_images(images / "after")
     assert len(before) == len(after) == SEEDS
-    with_lora = concept_hits(after, CONCEPT_COLOUR, CONCEPT_SHAPE)
-    without = concept_hits(before, CONCEPT_COLOUR, CONCEPT_SHAPE)
+    return (
+        concept_hits(after, CONCEPT_COLOUR, CONCEPT_SHAPE),
+        concept_hits(before, CONCEPT_COLOUR, CONCEPT_SHAPE),
+    )
+
+
+@pytest.mark.slow
+def test_demo_lora_teaches_the_new_word(demo_run: tuple[Path, str]) -> None:
+    home, text = demo_run
+    with_lora, without = _concept_hits(home)
     print(f"purple star with the LoRA {with_lora}/{SEEDS}, without {without}/{SEEDS}")
-    # Issue 17 asks for >= 80% with the LoRA and <= 10% without; the shipped tiny-shapes
-    # measured 1/8 and 0/8 (its stars are not yet stars), so only "never without" holds.
+    # Issue 17's "<= 10% without" holds; its ">= 80% with" is the strict xfail below.
     assert without <= 0.1 * SEEDS
+    images = home / "outputs" / "images"
+    before, after = rendered_images(images / "before"), rendered_images(images / "after")
     changed = 0
     for first, second in zip(before, after, strict=True):
         with Image.open(first) as a, Image.open(second) as b:
             changed += a.tobytes() != b.tobytes()
     assert changed == SEEDS, "the LoRA must change every image of its word"
-    assert f"images with the LoRA, {without}/{SEEDS} without" in out.getvalue()
-    text = out.getvalue()
-    picture = tmp_path / "demo" / "outputs" / "before-after.png"
+    assert f"images with the LoRA, {without}/{SEEDS} without" in text
+    picture = home / "outputs" / "before-after.png"
     assert f"before/after: {picture}" in text
     with Image.open(picture) as image:
         assert image.width >= SEEDS * 64
     for label in ("LoRA:", "loss curve:", "video:"):
         assert label in text
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="tiny-shapes' VAE gives stars back as blobs")
+def test_demo_lora_draws_the_new_word_on_most_seeds(demo_run: tuple[Path, str]) -> None:
+    with_lora, _ = _concept_hits(demo_run[0])
+    assert with_lora >= 0.8 * SEEDS, with_lora
 
 
 @pytest.mark.slow

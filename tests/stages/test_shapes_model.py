@@ -22,21 +22,22 @@ from dropkiln.stages.models.shapes_scenes import (
     scene_caption,
 )
 
-SHIPPED_SHA256 = "940a30a917db429866d613d51e2b425e24552bfaf85ec1b96e31e0968fd41b2b"
+SHIPPED_SHA256 = "6333516cf8e7cb28d84021666a544a29880f43dccac37c4dc010d3c75b25a707"
 """The weights file the documented run wrote (README: "Retraining tiny-shapes")."""
 
 HELD_OUT_PROMPTS = 40
 GOAL = {"colour": 0.9, "position": 0.7, "shape": 0.7}
 """Issue 17's goal for prompt following on the held-out prompts."""
-MEASURED = {"colour": 0.225, "position": 0.25, "shape": 0.225}
+MEASURED = {"colour": 0.925, "position": 0.95, "shape": 0.40}
 """What the shipped weights measured on these 40 prompts (20 Euler steps, guidance 5, seeds
-0..39); the floor test allows two prompts less per attribute, for other CPUs' kernels. A
-candidate recipe (commit 363f818) measured colour 0.925, position 0.95, shape 0.40 but lost
-the demo's one purple star, so it is not shipped (README "Retraining tiny-shapes")."""
+0..39); the floor test allows two prompts less per attribute, for other CPUs' kernels. The
+weights before them (commit 1cba31c, the recipe before 363f818) measured colour 0.225,
+position 0.25, shape 0.225."""
 VAE_GOAL = {"colour": 0.95, "position": 0.95, "shape": 0.9, "concept": 0.9}
-VAE_MEASURED = {"colour": 0.15, "position": 0.6, "shape": 0.3}
-"""The shipped VAE's read-back of 40 held-out scenes (it turns every shape one or two colours
-per background) and of 40 purple stars: none. The candidate's VAE: 0.95, 0.90, 0.475, 0.025."""
+VAE_MEASURED = {"colour": 0.95, "position": 0.9, "shape": 0.475, "concept": 0.025}
+"""The shipped VAE's read-back of 40 held-out scenes and of 40 purple stars (the demo's
+concept). It blurs edges by about two pixels: colours and places come back, stars come back
+as blobs. The VAE before it read back colour 0.15, position 0.60, shape 0.30, purple none."""
 MARGIN = 2 / HELD_OUT_PROMPTS
 
 
@@ -128,10 +129,15 @@ def test_tiny_shapes_follows_held_out_prompts_as_measured(
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="tiny-shapes is undertrained: colour 0.225, shape 0.225")
-def test_tiny_shapes_follows_held_out_prompts(prompt_following: dict[str, float]) -> None:
-    for name, goal in GOAL.items():
-        assert prompt_following[name] >= goal, (name, prompt_following)
+def test_tiny_shapes_colour_and_position_meet_the_goal(prompt_following: dict[str, float]) -> None:
+    for name in ("colour", "position"):
+        assert prompt_following[name] >= GOAL[name], (name, prompt_following)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="tiny-shapes draws stars and triangles as blobs: 0.40")
+def test_tiny_shapes_shape_meets_the_goal(prompt_following: dict[str, float]) -> None:
+    assert prompt_following["shape"] >= GOAL["shape"], prompt_following
 
 
 @pytest.fixture(scope="module")
@@ -151,7 +157,7 @@ def test_tiny_shapes_vae_gives_back_as_measured(shipped_readback: dict[str, floa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="tiny-shapes' VAE gives back colour 0.15, shape 0.30")
+@pytest.mark.xfail(strict=True, reason="tiny-shapes' VAE blurs shapes: 0.475, purple 0.025")
 def test_tiny_shapes_vae_gives_back_what_prompts_name(shipped_readback: dict[str, float]) -> None:
     # The UNet draws through the VAE's decoder: a colour or shape the decoder cannot give
     # back caps prompt following however long the UNet trains.
@@ -164,12 +170,50 @@ def _assert_vae_gives_back(readback: dict[str, float]) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.full
+def test_recipe_vae_reads_back_as_the_shipped_vae() -> None:
+    # The recipe's first phase alone (the VAE every run starts the UNet from), on the scenes
+    # and the purple stars it never saw: it must give back what the shipped VAE does.
+    from dropkiln.stages.models.shapes_detect import vae_readback
+    from dropkiln.stages.models.train_tiny import Recipe, train_vae
+
+    readback = vae_readback(train_vae(Recipe()))
+    print(f"the recipe's VAE reads back: {readback}")
+    for name, measured in VAE_MEASURED.items():
+        assert readback[name] >= measured - MARGIN, (name, readback)
+
+
+def test_reconstruction_error_pins_the_shape_colour() -> None:
+    # A decoder that gets every background pixel right and turns a small red square
+    # orange is almost right per pixel; the colour term sees the whole shape go wrong.
+    import torch
+
+    from dropkiln.stages.models.shapes_scenes import Scene
+    from dropkiln.stages.models.train_tiny import reconstruction_errors
+
+    red = Scene("square", "red", "white", "small", "center", (220, 30, 30))
+    orange = Scene("square", "orange", "white", "small", "center", (240, 130, 20))
+    drawn, shifted = (
+        torch.from_numpy(np.asarray(draw_scene(s), dtype=np.float32)).permute(2, 0, 1)[None] / 127.5
+        - 1
+        for s in (red, orange)
+    )
+    error, colour = reconstruction_errors(shifted, drawn, shape_weight=8.0)
+    plain = (shifted - drawn).abs().mean()
+    assert colour > 4 * plain
+    assert error > 4 * plain  # the shape's pixels weigh 9 times the background's
+    assert reconstruction_errors(drawn, drawn, shape_weight=8.0)[1] == 0
+
+
+@pytest.mark.slow
 def test_training_script_is_deterministic(tmp_path: Path) -> None:
-    # The documented command, shortened, run twice in separate processes: the same recipe
-    # must give the same bytes (what makes the shipped file reproducible).
-    short = ["--vae-steps", "3", "--vae-batch", "4", "--scenes", "64"]
-    short += ["--unet-steps", "3", "--unet-batch", "4"]
-    runs = [short, short]
+    # The documented command, shortened, run twice in separate processes (all three phases):
+    # the same recipe must give the same bytes, which is what makes the shipped file
+    # reproducible; and writing checkpoints on the way (the EMA weights swapped in and out)
+    # must not change the final file.
+    short = ["--vae-steps", "3", "--vae-batch", "4", "--text-steps", "3", "--text-batch", "4"]
+    short += ["--scenes", "64", "--unet-steps", "4", "--unet-batch", "4"]
+    runs = [short, [*short, "--checkpoint-every", "2"]]
     digests = []
     for number, flags in enumerate(runs):
         target = tmp_path / f"{number}.safetensors"
@@ -177,6 +221,8 @@ def test_training_script_is_deterministic(tmp_path: Path) -> None:
         subprocess.run([*command, *flags], check=True, capture_output=True, timeout=600)
         digests.append(hashlib.sha256(target.read_bytes()).hexdigest())
     assert digests[0] == digests[1]
+    assert (tmp_path / "1-step2.safetensors").is_file()
+    assert not (tmp_path / "0-step2.safetensors").exists()
 
 
 @pytest.mark.slow

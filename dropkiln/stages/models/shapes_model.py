@@ -2,7 +2,7 @@
 
 The same pipeline classes as ``tiny-sdxl`` (two CLIP text encoders, a text-time UNet, a KL
 VAE), small enough to train on a CPU: a VAE that downsamples 4× (64 px → 16×16 latents),
-a three-level UNet, and the seeded text encoders left as they were made. Its weights were
+a three-level UNet and two narrow text encoders. Its weights were
 trained by ``python -m dropkiln.stages.models.train_tiny`` and ship with the package; the
 file's sha256 is pinned here and checked before the weights are used.
 """
@@ -23,7 +23,7 @@ SHAPES_WORDS = (*CAPTION_WORDS, *WORDS)
 
 SHAPES_SEED = 20261130
 SHAPES_WEIGHTS = Path(__file__).with_name("weights") / "tiny-shapes.safetensors"
-SHAPES_WEIGHTS_SHA256 = "940a30a917db429866d613d51e2b425e24552bfaf85ec1b96e31e0968fd41b2b"
+SHAPES_WEIGHTS_SHA256 = "6333516cf8e7cb28d84021666a544a29880f43dccac37c4dc010d3c75b25a707"
 """sha256 of the shipped weights file, as ``train_tiny`` wrote it."""
 
 TEXT_WIDTH = 32
@@ -71,9 +71,10 @@ def shapes_architecture() -> dict[str, Any]:
             block_out_channels=(8, 16, 32),
             layers_per_block=1,
             latent_channels=4,
-            # few groups: a group norm per channel would wipe out each channel's mean,
-            # which on flat pictures is the colour itself
-            norm_num_groups=4,
+            # one group: a group norm removes each group's mean and spread per picture, and
+            # on flat pictures those are the colours themselves; with one group only their
+            # overall level goes (at four groups the decoder gave back one colour for all)
+            norm_num_groups=1,
             sample_size=64,
             force_upcast=False,
         ),

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -122,6 +122,17 @@ def random_scene(rng: np.random.Generator, held_out: bool = False) -> Scene:
         dy=float(rng.uniform(-_JITTER, _JITTER)),
         scale=float(rng.uniform(0.9, 1.1)),
     )
+
+
+def codec_scene(rng: np.random.Generator) -> Scene:
+    """A scene for the VAE to learn: a training scene, but half the time in a colour drawn
+    uniformly. The VAE is the model's image codec, so it must give back colours no caption
+    names (a LoRA's purple); taught only the five named ones, it drew everything in them."""
+    scene = random_scene(rng)
+    if rng.random() < 0.5:
+        r, g, b = (int(c) for c in rng.integers(0, 256, 3))
+        scene = replace(scene, rgb=(r, g, b))
+    return scene
 
 
 def concept_scene(
