@@ -516,8 +516,8 @@ def build_parser() -> argparse.ArgumentParser:
         "suite",
         nargs="?",
         default="store",
-        help="store, bucket, cache, train, generate, video, daemon, preempt, api, idle or all "
-        "(default store); or compare A.json B.json",
+        help="store, bucket, cache, train, generate, video, daemon, preempt, api, scaleout, "
+        "idle, cli or all (default store); or compare A.json B.json",
     )
     p.add_argument("files", nargs="*", help="compare only: A.json B.json")
     p.add_argument("--model", help="model for cache/train/generate/daemon (default: settings)")
