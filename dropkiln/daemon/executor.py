@@ -93,6 +93,12 @@ class Executor:
         self.lease_s = settings.executor.lease_seconds
         self.heartbeat_s = settings.executor.heartbeat_seconds
         self.input_wait_s = settings.executor.input_wait_seconds
+        self.device_class = settings.executor.device_class or self.device.split(":")[0]
+        """What jobs pinned to a device class must name for this executor to claim them."""
+
+    def serves(self, job: JobView) -> bool:
+        """Whether this executor may claim the job: it is pinned to no class, or to ours."""
+        return job.device_class is None or job.device_class == self.device_class
 
     async def append(self, fence: Fence, events: list[Event]) -> None:
         """Record events of the attempt ``fence`` names; LeaseLost once it is not current."""

@@ -118,7 +118,7 @@ class Scheduler:
                 continue
             if job.state == JobState.WAITING:
                 await self._check_dependencies(job)
-            elif job.state == JobState.QUEUED:
+            elif job.state == JobState.QUEUED and self.executor.serves(job):
                 runnable.append(job)
         if self.paused or not self.accepting:
             return

@@ -74,6 +74,7 @@ jobs = Table(
     Column("error", Text),
     Column("requested", String),
     Column("executor", String),
+    Column("device_class", String),
     Column("submitted_seq", Int, nullable=False),
     Column("version", Int, nullable=False),
     Column("created_at", String, nullable=False),
