@@ -43,9 +43,15 @@ def _leases(conn: sqlite.Connection) -> None:
 
 
 def _device_class(conn: sqlite.Connection) -> None:
-    """Schema 4: the device class a job is pinned to (None: any executor may run it)."""
-    if not _has_column(conn, "jobs", "device_class"):
-        conn.execute("ALTER TABLE jobs ADD COLUMN device_class VARCHAR")
+    """Schema 4: the device class a job is pinned to (None: any executor may run it), and
+    the executor and device class each telemetry sample is of (where a GPU job has room)."""
+    for table, column in (
+        ("jobs", "device_class"),
+        ("telemetry", "executor"),
+        ("telemetry", "device_class"),
+    ):
+        if not _has_column(conn, table, column):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} VARCHAR")
 
 
 def _has_column(conn: sqlite.Connection, table: str, column: str) -> bool:

@@ -127,6 +127,8 @@ telemetry = Table(
     Column("rss", Int),
     Column("job_id", String),
     Column("memory_rung", Int),
+    Column("executor", String),
+    Column("device_class", String),
 )
 Index("ix_telemetry_at", telemetry.c.at)
 

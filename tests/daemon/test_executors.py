@@ -91,6 +91,7 @@ async def test_a_job_pinned_to_a_device_class_runs_only_on_an_executor_of_that_c
     """Two executors, one of class "big": pinned jobs all run there, unpinned ones anywhere,
     and a job pinned to a class no executor serves stays queued, showing its class."""
     from dropkiln.store.leases import executor_id
+    from dropkiln.store.telemetry import device_rooms
 
     big = settings.executor.model_copy(update={"device_class": "big"})
     async with AsyncExitStack() as stack:
@@ -111,6 +112,9 @@ async def test_a_job_pinned_to_a_device_class_runs_only_on_an_executor_of_that_c
             assert (await wait_job(store, f"any{n}", ended, timeout=60)).state == "succeeded"
         anywhere = {j.executor for j in await list_jobs(store) if j.id.startswith("any")}
         assert executor_id("cpu:0") in anywhere  # the unpinned work was not all left to one
+        # Each daemon's memory samples name it and its class: what steering reads.
+        rooms = {r.executor: r.device_class for r in await device_rooms(store, 10.0)}
+        assert rooms == {executor_id("cpu:0"): "cpu", executor_id("cpu:1"): "big"}
         nowhere = await wait_job(store, "nowhere", lambda j: True)
         assert nowhere.state == "queued" and nowhere.executor is None
         assert nowhere.summary()["device_class"] == "a100"
