@@ -22,7 +22,6 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any
 
 import anyio
@@ -98,8 +97,10 @@ class Executor:
         self.input_wait_s = settings.executor.input_wait_seconds
         self.device_class = settings.executor.device_class or self.device.split(":")[0]
         """What jobs pinned to a device class must name for this executor to claim them."""
-        self._left: set[str] = set()
-        """GPU jobs left to a roomier device (logged once each)."""
+        self._left: dict[str, float] = {}
+        """GPU jobs left to a roomier device, and when (monotonic) this executor first did:
+        the bound counts from then, not from submission (a train job that waited for its
+        cache job is as new to placement as a fresh one)."""
 
     def serves(self, job: JobView) -> bool:
         """Whether this executor may claim the job: it is pinned to no class, or to ours."""
@@ -158,16 +159,18 @@ class Executor:
 
     async def roomier_executor(self, job: JobView) -> str | None:
         """Another live executor whose device would start this GPU job on a higher rung
-        than this one's, while the job has been queued less than ``lease_seconds``
+        than this one's, until this executor has left it for ``lease_seconds``
         (``daemon/placement.py``); None: claim it here. Never raises: a claim is not
         held up by a failed look."""
         stage = get_stage(job.stage)
-        waited = _seconds_since(job.updated_at)
+        waited = time.monotonic() - self._left.get(job.id, time.monotonic())
+        if waited >= self.lease_s:
+            del self._left[job.id]  # taken now; a requeue later is judged afresh
+            return None
         if (
             Lane(stage.lane) != Lane.GPU
             or stage.start_rung is None
             or not self.device.startswith("cuda")
-            or waited >= self.lease_s
         ):
             return None
         try:
@@ -202,9 +205,10 @@ class Executor:
             self.lease_s,
         )
         if chosen is None:
+            self._left.pop(job.id, None)
             return None
         if job.id not in self._left:
-            self._left.add(job.id)
+            self._left[job.id] = time.monotonic()
             log.info(
                 "leaving %s job %s to %s, whose device has room for a higher rung (for %g s "
                 "at most)",
@@ -408,10 +412,6 @@ def _estimate_rungs(
         rung = stage.start_rung(spec, StartFacts(root, job.rung_key, free))
         theirs[free] = len(stage.ladder) - 1 if rung is None else rung
     return mine, theirs
-
-
-def _seconds_since(iso: str) -> float:
-    return time.time() - datetime.fromisoformat(iso).timestamp()
 
 
 def _run_stage(stage: StageDef, spec: Any, ctx: DaemonContext) -> dict[str, Any]:

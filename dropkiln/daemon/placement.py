@@ -8,7 +8,7 @@ claiming a GPU job, an executor works out the rung the stage's estimate
 device from that device's newest telemetry sample (its free memory), never above the
 rung the job would start on anyway (remembered, or its retry's). When another device
 would start it on a higher rung (less memory saved, faster), this executor leaves the job
-to that one, for ``[executor] lease_seconds`` at most since the job was queued: then it
+to that one, for ``[executor] lease_seconds`` at most from when it first did: then it
 claims it anyway and steps down rungs as usual, so a job never starves because the roomier
 device is busy, stopped, or judged wrongly.
 
@@ -53,7 +53,7 @@ def roomier(
     ``mine`` is the rung the job would start on here; ``rung_on(free)`` the rung it would
     start on with ``free`` bytes; ``pinned_to`` the job's device class (None: any). Only a
     live (``age_s < fresh_s``) GPU of the pinned class whose rung is strictly higher than
-    ``mine`` counts, and only while the job has waited less than ``bound_s``.
+    ``mine`` counts, and only while the job has been left less than ``bound_s``.
     """
     if waited_s >= bound_s or mine == 0:
         return None
