@@ -156,6 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             status_report,
             waiting_drops,
         )
+        from dropkiln.store.telemetry import HEARTBEAT_TIMEOUT_S, device_rooms
 
         store = await _open(paths)
         try:
@@ -164,6 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 return 0
             jobs = await list_jobs(store, limit=args.limit)
             daemon = await daemon_state(store)
+            served = {r.device_class for r in await device_rooms(store, HEARTBEAT_TIMEOUT_S)}
             paused = await queue_paused(store)
             waiting = await waiting_drops(store)
         finally:
@@ -196,7 +198,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"{'':{w}} └ {job.error.splitlines()[0][:100]}")
             elif job.device_class and job.state in (JobState.QUEUED, JobState.WAITING):
                 # Otherwise a job pinned to a class no daemon serves just sits there.
-                print(f"{'':{w}} └ runs only on a daemon of device class {job.device_class}")
+                none = "" if job.device_class in served else " (none is running)"
+                print(f"{'':{w}} └ runs only on a daemon of device class {job.device_class}{none}")
         return 0
 
     return _run(main)
