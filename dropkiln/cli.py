@@ -106,6 +106,8 @@ def cmd_daemon(args: argparse.Namespace) -> int:
     settings = _settings(args)
     if args.device:
         settings.device = args.device
+    if args.device_class:
+        settings.executor.device_class = args.device_class
     setup_logging(settings.log_level)
     daemon = Daemon(settings, early_stop=early)
     anyio.run(daemon.run)
@@ -154,6 +156,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             status_report,
             waiting_drops,
         )
+        from dropkiln.store.telemetry import HEARTBEAT_TIMEOUT_S, device_rooms
 
         store = await _open(paths)
         try:
@@ -162,6 +165,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 return 0
             jobs = await list_jobs(store, limit=args.limit)
             daemon = await daemon_state(store)
+            served = {r.device_class for r in await device_rooms(store, HEARTBEAT_TIMEOUT_S)}
             paused = await queue_paused(store)
             waiting = await waiting_drops(store)
         finally:
@@ -192,6 +196,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
             if job.state == JobState.FAILED and job.error:
                 print(f"{'':{w}} └ {job.error.splitlines()[0][:100]}")
+            elif job.device_class and job.state in (JobState.QUEUED, JobState.WAITING):
+                # Otherwise a job pinned to a class no daemon serves just sits there.
+                none = "" if job.device_class in served else " (none is running)"
+                print(f"{'':{w}} └ runs only on a daemon of device class {job.device_class}{none}")
         return 0
 
     return _run(main)
@@ -468,6 +476,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--device",
         help="the device this daemon runs on: cuda:N (one daemon per GPU on one root), cpu, "
         "cpu:N (another CPU executor); default: the device setting",
+    )
+    p.add_argument(
+        "--device-class",
+        help="this daemon's device class, which drops may pin their GPU jobs to "
+        "(default: [executor] device_class, else the device's type: cuda, cpu)",
     )
     p = add("demo", cmd_demo, "run the whole pipeline on a generated sample, end to end")
     p.add_argument(

@@ -19,8 +19,8 @@ from pydantic_settings import (
 
 # Re-exported: dropkiln.toml's [bucket], [train] and [generate] tables are these.
 from dropkiln.options import BucketSettings as BucketSettings
+from dropkiln.options import DeviceClass, Section
 from dropkiln.options import GenerateSettings as GenerateSettings
-from dropkiln.options import Section
 from dropkiln.options import TrainSettings as TrainSettings
 
 # Paths and the ROOT rule live apart so the CLI's read commands need not load the settings.
@@ -72,6 +72,11 @@ class ExecutorSettings(Section):
         ge=0,
         description="how long a job waits for a file an earlier job recorded (another box "
         "may have written it, and a shared filesystem can show it late) before it fails",
+    )
+    device_class: DeviceClass | None = Field(
+        None,
+        description="this executor's device class, which a dataset.toml or prompt file may pin "
+        "its GPU jobs to (default: the device's type, cuda or cpu)",
     )
 
     @model_validator(mode="after")

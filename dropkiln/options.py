@@ -7,9 +7,15 @@ never the whole Settings (``dropkiln.config`` imports them from here).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+DeviceClass = Annotated[
+    str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._:+-]*$")
+]
+"""A name for the kind of device an executor runs on (``cuda``, ``cpu``, ``24gb``, ``a100``):
+a drop that names one runs its GPU jobs only on executors of that class."""
 
 
 class Section(BaseModel):

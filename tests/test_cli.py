@@ -85,6 +85,25 @@ def test_status_json_has_the_documented_shape(
     assert status["daemon"]["running"] is False and status["paused"] is False
 
 
+def test_status_says_a_job_waits_for_a_device_class_no_daemon_serves(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    async def queue_pinned() -> None:
+        async with await EventStore.open(home / "state" / "dropkiln.db") as store:
+            submitted = JobSubmitted(
+                job_id="pinned01", stage="train", name="cats", lane="gpu", priority=0,
+                spec={}, device_class="24gb",
+            )  # fmt: skip
+            await store.append(job_stream("pinned01"), [submitted])
+
+    anyio.run(queue_pinned)
+    code, out, _ = run(capsys, "status", "--root", str(home))
+    assert code == 0
+    assert "runs only on a daemon of device class 24gb (none is running)" in out
+    code, out, _ = run(capsys, "status", "--json", "--root", str(home))
+    assert json.loads(out)["jobs"][0]["device_class"] == "24gb"
+
+
 def test_events_json_is_one_object_a_line(home: Path, capsys: pytest.CaptureFixture[str]) -> None:
     add_job(home, "abc12345")
     code, out, _ = run(capsys, "events", "--json", "--job", "abc", "--root", str(home))

@@ -26,7 +26,7 @@ from dropkiln.stages import StageError, StageSpec, get_stage
 from dropkiln.stages.dataset import DatasetOptions
 from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted
-from dropkiln.store.vocabulary import DropKind, JobState
+from dropkiln.store.vocabulary import DropKind, JobState, Lane
 
 if TYPE_CHECKING:
     from dropkiln.stages.generation.prompt_file import PromptFile
@@ -255,20 +255,24 @@ class Planner:
         depends_on: list[str] | None = None,
         rung_key: str | None = None,
         lane: str | None = None,
+        device_class: str | None = None,
     ) -> JobSubmitted:
         definition = get_stage(stage)
+        lane = lane or definition.lane
         if not isinstance(spec, definition.spec):
             raise TypeError(f"a {stage} job takes a {definition.spec.__name__}")
         return JobSubmitted(
             job_id=new_id(),
             stage=stage,
             name=name,
-            lane=lane or definition.lane,
+            lane=lane,
             priority=definition.priority,
             spec=spec.model_dump(mode="json"),
             depends_on=depends_on or [],
             drop_id=drop_id,
             rung_key=rung_key,
+            # A pin is about the GPU: CPU-lane work (bucketing, encoding) runs anywhere.
+            device_class=device_class if Lane(lane) == Lane.GPU else None,
         )
 
     def _plan_dataset(
@@ -301,6 +305,7 @@ class Planner:
             drop_id,
             depends_on=[bucket.job_id],
             rung_key=f"cache:{model}:{resolution}",
+            device_class=options.device_class,
         )
         train_job = self._job(
             "train",
@@ -315,6 +320,7 @@ class Planner:
             drop_id,
             depends_on=[cache.job_id],
             rung_key=f"train:{model}:{resolution}",
+            device_class=options.device_class,
         )
         return [bucket, cache, train_job]
 
@@ -355,6 +361,7 @@ class Planner:
             drop_id,
             depends_on=depends_on,
             rung_key=f"generate:{model}:{largest.width}x{largest.height}",
+            device_class=prompt_file.device_class,
         )
         jobs = [generate]
         if rebased.video is not None:
@@ -366,6 +373,7 @@ class Planner:
                     VideoSpec(name=stem, options=rebased.video, output=str(output)),
                     drop_id,
                     depends_on=[generate.job_id],
+                    device_class=prompt_file.device_class,
                 )
             )
         return jobs

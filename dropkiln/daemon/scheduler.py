@@ -118,7 +118,7 @@ class Scheduler:
                 continue
             if job.state == JobState.WAITING:
                 await self._check_dependencies(job)
-            elif job.state == JobState.QUEUED:
+            elif job.state == JobState.QUEUED and self.executor.serves(job):
                 runnable.append(job)
         if self.paused or not self.accepting:
             return
@@ -134,6 +134,8 @@ class Scheduler:
             busy = self.lane_jobs(lane)
             capacity = 1 if lane == Lane.GPU else self.settings.cpu_workers
             if len(busy) < capacity:
+                if lane == Lane.GPU and await self.executor.roomier_executor(job):
+                    continue  # another device has more room for it: left to that one a while
                 await self._start(tg, job)
             elif lane == Lane.GPU:
                 # Several executors see the same waiting job: only the one whose job is

@@ -49,6 +49,7 @@ from dropkiln.store.events import (
     parse_event,
 )
 from dropkiln.store.leases import executor_id
+from dropkiln.store.telemetry import IDLE_TELEMETRY_S
 from dropkiln.store.vocabulary import Lane
 
 log = logging.getLogger(__name__)
@@ -57,8 +58,6 @@ log = logging.getLogger(__name__)
 COMMANDS = tuple(name for name, cls in EVENT_TYPES.items() if cls.command)
 STOP_TIMEOUT_EXTENSION_S = 30
 MOVE_RETRY_TICK_S = 0.5
-# Readers call the daemon down when its heartbeat is older than 5 s (store.daemon_state).
-IDLE_TELEMETRY_S = 2.5
 # A daemon without the intake lock tries to take it this often (its holder may have died).
 INTAKE_RETRY_S = 2.0
 
@@ -264,6 +263,10 @@ class Daemon:
             if gpu:
                 sample["job_id"] = gpu[0].id
                 sample["memory_rung"] = gpu[0].context.memory_rung
+            if hasattr(self, "scheduler"):
+                # Other executors read it to steer GPU jobs to room (daemon/placement.py).
+                sample["executor"] = self.scheduler.executor.id
+                sample["device_class"] = self.scheduler.executor.device_class
             await record_telemetry(self.store, sample, self.settings.telemetry_retention_s)
             self.notifier.status(self._status_text())
             await anyio.sleep(self._telemetry_interval())

@@ -36,9 +36,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
-from dropkiln.options import BucketSettings, TrainSettings
+from dropkiln.options import BucketSettings, DeviceClass, TrainSettings
 from dropkiln.stages.base import StageError
 
 OPTIONS_FILE = "dataset.toml"
@@ -209,6 +209,8 @@ class DatasetOptions(NamedTuple):
     bucket: BucketSettings
     train: TrainSettings
     vae: str = ""
+    device_class: str | None = None
+    """Its GPU jobs run only on executors of this class (``[executor] device_class``)."""
 
 
 def load_dataset_options(folder: Path, defaults: DatasetOptions) -> DatasetOptions:
@@ -217,11 +219,16 @@ def load_dataset_options(folder: Path, defaults: DatasetOptions) -> DatasetOptio
     path = folder / OPTIONS_FILE
     if not path.is_file():
         return DatasetOptions(
-            defaults.model, defaults.bucket.model_copy(), defaults.train.model_copy(), defaults.vae
+            defaults.model,
+            defaults.bucket.model_copy(),
+            defaults.train.model_copy(),
+            defaults.vae,
+            defaults.device_class,
         )
     table = _read_toml(path)
     model = defaults.model
     vae = defaults.vae
+    device_class = defaults.device_class
     bucket_overrides: dict[str, object] = {}
     train_overrides: dict[str, object] = {}
     for key, value in table.items():
@@ -235,6 +242,8 @@ def load_dataset_options(folder: Path, defaults: DatasetOptions) -> DatasetOptio
                     f"{path}: vae should be a string (a .safetensors path), got {value!r}"
                 )
             vae = value.strip()
+        elif key == "device_class":
+            device_class = _device_class(value, path)
         elif key in DAEMON_LIMITS:
             raise StageError(
                 f"{path}: {key!r} is a daemon limit; set it in dropkiln.toml [bucket], not here"
@@ -251,7 +260,22 @@ def load_dataset_options(folder: Path, defaults: DatasetOptions) -> DatasetOptio
         raise StageError(
             f"{path}: min_side ({bucket.min_side}) is larger than max_side ({bucket.max_side})"
         )
-    return DatasetOptions(model, bucket, train, vae)
+    return DatasetOptions(model, bucket, train, vae, device_class)
+
+
+_DEVICE_CLASS = TypeAdapter(DeviceClass)
+
+
+def _device_class(value: object, path: Path) -> str:
+    if not isinstance(value, str):
+        raise StageError(f'{path}: device_class should be a string (e.g. "24gb"), got {value!r}')
+    try:
+        return _DEVICE_CLASS.validate_python(value)
+    except ValidationError:
+        raise StageError(
+            f"{path}: device_class should be a name of letters, digits and . _ : + - "
+            f'(e.g. "24gb"), got {value!r}'
+        ) from None
 
 
 def dataset_hash(folder: Path) -> str:

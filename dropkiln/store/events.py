@@ -118,6 +118,8 @@ class JobSubmitted(Event):
     drop_id: str | None = None
     rung_key: str | None = None
     memory_rung: int = 0
+    device_class: str | None = None
+    """Only an executor of this device class may claim the job (None: any may)."""
 
 
 class JobQueued(Event):

@@ -13,7 +13,7 @@ from dropkiln.store import dialect, sqlite
 from dropkiln.store.errors import StoreError
 from dropkiln.store.rawsql import Database
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 VERSION_KEY = "schema_version"
 
 
@@ -42,6 +42,18 @@ def _leases(conn: sqlite.Connection) -> None:
         conn.execute("ALTER TABLE jobs ADD COLUMN executor VARCHAR")
 
 
+def _device_class(conn: sqlite.Connection) -> None:
+    """Schema 4: the device class a job is pinned to (None: any executor may run it), and
+    the executor and device class each telemetry sample is of (where a GPU job has room)."""
+    for table, column in (
+        ("jobs", "device_class"),
+        ("telemetry", "executor"),
+        ("telemetry", "device_class"),
+    ):
+        if not _has_column(conn, table, column):
+            conn.execute(f"ALTER TABLE {table} ADD COLUMN {column} VARCHAR")
+
+
 def _has_column(conn: sqlite.Connection, table: str, column: str) -> bool:
     if getattr(conn, "backend", None) == "postgresql":
         found = conn.execute(
@@ -55,7 +67,11 @@ def _has_column(conn: sqlite.Connection, table: str, column: str) -> bool:
 
 # MIGRATIONS[n] takes a schema n-1 database to schema n, inside the write transaction that
 # records n, so a migration that fails leaves the database at n-1. Schema 1 is the first.
-MIGRATIONS: dict[int, Callable[[sqlite.Connection], None]] = {2: _lookup_indexes, 3: _leases}
+MIGRATIONS: dict[int, Callable[[sqlite.Connection], None]] = {
+    2: _lookup_indexes,
+    3: _leases,
+    4: _device_class,
+}
 
 
 def _stored_version(conn: sqlite.Connection) -> int | None:

@@ -36,6 +36,7 @@ def _submitted(stored: StoredEvent, e: ev.JobSubmitted) -> Changes:
         "depends_on": e.depends_on,
         "spec": e.spec,
         "rung_key": e.rung_key,
+        "device_class": e.device_class,
         "state": JobState.QUEUED,
         "attempt": 0,
         "memory_rung": e.memory_rung,

@@ -52,6 +52,8 @@ class JobView:
     updated_at: str
     executor: str | None = None
     """The executor (host/device) that claimed the latest attempt."""
+    device_class: str | None = None
+    """Only an executor of this device class may claim it (None: any may)."""
 
     @property
     def progress(self) -> float:
@@ -78,6 +80,7 @@ class JobView:
             "metrics": self.metrics,
             "depends_on": self.depends_on,
             "error": self.error,
+            "device_class": self.device_class,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
         }

@@ -74,6 +74,7 @@ jobs = Table(
     Column("error", Text),
     Column("requested", String),
     Column("executor", String),
+    Column("device_class", String),
     Column("submitted_seq", Int, nullable=False),
     Column("version", Int, nullable=False),
     Column("created_at", String, nullable=False),
@@ -126,6 +127,8 @@ telemetry = Table(
     Column("rss", Int),
     Column("job_id", String),
     Column("memory_rung", Int),
+    Column("executor", String),
+    Column("device_class", String),
 )
 Index("ix_telemetry_at", telemetry.c.at)
 

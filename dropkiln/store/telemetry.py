@@ -12,6 +12,9 @@ from dropkiln.store.eventstore import EventStore, newest_events, stored_events
 from dropkiln.store.stored import DAEMON_STREAM
 
 DAEMON_LIFECYCLE = ("DaemonStarted", "DaemonStopping", "DaemonStopped")
+IDLE_TELEMETRY_S = 2.5
+"""How often an idle daemon samples (``telemetry_every_s`` while a job runs); readers call
+the daemon down when its heartbeat is older than HEARTBEAT_TIMEOUT_S."""
 HEARTBEAT_TIMEOUT_S = 5.0
 """The daemon samples device memory about once a second (telemetry): that is its
 heartbeat. A daemon silent this long is not running, whatever its last event says."""
@@ -79,6 +82,8 @@ TELEMETRY_COLUMNS = (
     "rss",
     "job_id",
     "memory_rung",
+    "executor",
+    "device_class",
 )
 _INSERT_SAMPLE = (
     f"INSERT INTO telemetry ({', '.join(TELEMETRY_COLUMNS)}) "
@@ -100,6 +105,9 @@ class TelemetrySample:
     rss: int | None
     job_id: str | None
     memory_rung: int | None
+    executor: str | None = None
+    """The daemon (host/device) that took it (None: before schema 4)."""
+    device_class: str | None = None
 
 
 async def record_telemetry(store: EventStore, sample: dict[str, Any], retention_s: float) -> None:
@@ -124,3 +132,20 @@ async def recent_telemetry(store: EventStore, seconds: float = 300.0) -> list[Te
     )
     rows = await store.snapshot(lambda conn: conn.execute(sql, {"seconds": seconds}).fetchall())
     return [TelemetrySample(*row) for row in rows]
+
+
+async def device_rooms(store: EventStore, within_s: float) -> list[TelemetrySample]:
+    """Each executor's newest sample of the last ``within_s`` seconds (by this machine's
+    clock): the executors alive now, and how much memory their device has free."""
+    sql = (
+        f"SELECT {', '.join(TELEMETRY_COLUMNS)} FROM telemetry "
+        "WHERE at >= :since AND executor IS NOT NULL ORDER BY id DESC"
+    )
+    since = time.time() - within_s
+    rows = await store.snapshot(lambda conn: conn.execute(sql, {"since": since}).fetchall())
+    newest: dict[str, TelemetrySample] = {}
+    for row in rows:
+        sample = TelemetrySample(*row)
+        assert sample.executor is not None
+        newest.setdefault(sample.executor, sample)
+    return list(newest.values())

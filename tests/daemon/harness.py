@@ -45,6 +45,7 @@ async def submit(
     stage: str = "steps",
     depends_on: list[str] | None = None,
     rung_key: str | None = None,
+    device_class: str | None = None,
     **spec: Any,
 ) -> None:
     definition = STAGES[stage]
@@ -60,6 +61,7 @@ async def submit(
                 spec=definition.spec.model_validate(spec).model_dump(),
                 depends_on=depends_on or [],
                 rung_key=rung_key,
+                device_class=device_class,
             )
         ],
     )

@@ -83,3 +83,39 @@ async def test_a_start_requeues_its_own_dead_jobs_and_leaves_live_leases_alone(
         theirs = await wait_job(daemon.store, "theirs", lambda j: True)
         assert theirs.state == "running" and theirs.executor == "box-b/cuda:0"
         assert "JobInterrupted" not in await types_of(daemon.store, "theirs")
+
+
+async def test_a_job_pinned_to_a_device_class_runs_only_on_an_executor_of_that_class(
+    settings: Settings,
+) -> None:
+    """Two executors, one of class "big": pinned jobs all run there, unpinned ones anywhere,
+    and a job pinned to a class no executor serves stays queued, showing its class."""
+    from dropkiln.store.leases import executor_id
+    from dropkiln.store.telemetry import device_rooms
+
+    big = settings.executor.model_copy(update={"device_class": "big"})
+    async with AsyncExitStack() as stack:
+        first = await stack.enter_async_context(running_daemon(on(settings, "cpu:0")))
+        await stack.enter_async_context(
+            running_daemon(settings.model_copy(update={"device": "cpu:1", "executor": big}))
+        )
+        store = first.store
+        await submit(store, "nowhere", device_class="a100", steps=1)
+        for n in range(4):
+            await submit(store, f"pinned{n}", device_class="big", steps=2, sleep=0.2)
+            await submit(store, f"any{n}", steps=2, sleep=0.2)
+        for n in range(4):
+            pinned = await wait_job(store, f"pinned{n}", ended, timeout=60)
+            assert pinned.state == "succeeded"
+            assert pinned.executor == executor_id("cpu:1"), pinned.executor
+            assert pinned.device_class == "big"
+            assert (await wait_job(store, f"any{n}", ended, timeout=60)).state == "succeeded"
+        anywhere = {j.executor for j in await list_jobs(store) if j.id.startswith("any")}
+        assert executor_id("cpu:0") in anywhere  # the unpinned work was not all left to one
+        # Each daemon's memory samples name it and its class: what steering reads.
+        rooms = {r.executor: r.device_class for r in await device_rooms(store, 10.0)}
+        assert rooms == {executor_id("cpu:0"): "cpu", executor_id("cpu:1"): "big"}
+        nowhere = await wait_job(store, "nowhere", lambda j: True)
+        assert nowhere.state == "queued" and nowhere.executor is None
+        assert nowhere.summary()["device_class"] == "a100"
+        assert (await check(store)).ok

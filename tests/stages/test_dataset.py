@@ -145,6 +145,21 @@ def test_dataset_toml_names_a_vae(tmp_path: Path, defaults: DatasetOptions) -> N
         load_dataset_options(tmp_path, defaults)
 
 
+def test_dataset_toml_pins_a_device_class(tmp_path: Path, defaults: DatasetOptions) -> None:
+    assert load_dataset_options(tmp_path, defaults).device_class is None
+    write(tmp_path / "dataset.toml", 'device_class = "24gb"\n')
+    assert load_dataset_options(tmp_path, defaults).device_class == "24gb"
+
+
+@pytest.mark.parametrize("value", ['""', "24", '"two words"', "[]"])
+def test_a_bad_device_class_in_dataset_toml_names_the_file_and_field(
+    tmp_path: Path, defaults: DatasetOptions, value: str
+) -> None:
+    write(tmp_path / "dataset.toml", f"device_class = {value}\n")
+    with pytest.raises(StageError, match=r"dataset\.toml: device_class should be"):
+        load_dataset_options(tmp_path, defaults)
+
+
 def test_dataset_toml_overrides_flat_keys(tmp_path: Path, defaults: DatasetOptions) -> None:
     write(
         tmp_path / "dataset.toml",
@@ -162,7 +177,7 @@ def test_dataset_toml_overrides_flat_keys(tmp_path: Path, defaults: DatasetOptio
         tag_weights = { "red hair" = 2.0 }
         """,
     )
-    model, bucket, train, _ = load_dataset_options(tmp_path, defaults)
+    model, bucket, train, *_ = load_dataset_options(tmp_path, defaults)
     assert model == "tiny-sd15"
     assert (bucket.resolution, bucket.bucket_step, bucket.random_crop) == (512, 32, True)
     assert bucket.min_side == defaults.bucket.min_side

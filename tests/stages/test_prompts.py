@@ -381,3 +381,29 @@ def test_specs_survive_json_and_stage_modules_import_without_torch(
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "[]"
+
+
+def test_a_prompt_file_pins_a_device_class_that_its_spec_leaves_out(
+    tmp_path: Path, settings: Settings
+) -> None:
+    path = write(tmp_path, "p.toml", 'device_class = "24gb"\n[[image]]\nprompt = "x"\n')
+    prompt_file = load_prompt_file(path, settings.generate)
+    assert prompt_file.device_class == "24gb"
+    # Where the jobs run is not what they render: the spec (and its digests) stays the same.
+    assert "device_class" not in prompt_file.model_dump(mode="json")
+    unpinned = load_prompt_file(
+        write(tmp_path, "q.toml", '[[image]]\nprompt = "x"\n'), settings.generate
+    )
+    assert unpinned.device_class is None
+    assert unpinned.model_dump(mode="json") == prompt_file.model_dump(mode="json")
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['""', "24", "true", '"two words"', '["24gb"]'],
+)
+def test_a_bad_device_class_names_the_file_and_field(
+    tmp_path: Path, settings: Settings, value: str
+) -> None:
+    text = f'device_class = {value}\n[[image]]\nprompt = "x"\n'
+    assert "device_class:" in load_error(tmp_path, settings, "bad.toml", text)

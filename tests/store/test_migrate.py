@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dropkiln.store import EventStore, StoreError, migrate
+from dropkiln.store import EventStore, StoreError, check, list_jobs, migrate
 from dropkiln.store import events as ev
 from dropkiln.store.events import DAEMON_STREAM
 from dropkiln.store.sqlite import Connection
@@ -142,8 +142,28 @@ async def test_a_schema_2_database_gains_leases_and_the_claiming_executor(db_pat
         conn.execute("UPDATE meta SET value = '2' WHERE key = 'schema_version'")
     store = await EventStore.open(db_path)
     await store.close()
-    assert stored_version(db_path) == "3"
+    assert stored_version(db_path) == str(migrate.SCHEMA_VERSION)
     with sqlite3.connect(db_path) as conn:
         names = {row[0] for row in conn.execute("SELECT name FROM sqlite_master")}
         columns = {row[1] for row in conn.execute("PRAGMA table_info(jobs)")}
     assert "leases" in names and "executor" in columns
+
+
+async def test_a_schema_3_database_gains_the_device_class_jobs_are_pinned_to(
+    db_path: Path,
+) -> None:
+    store = await EventStore.open(db_path, create=True)
+    old = ev.JobSubmitted(job_id="old", stage="steps", name="old", lane="gpu", priority=0, spec={})
+    await store.append("job:old", [old])
+    await store.close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("ALTER TABLE jobs DROP COLUMN device_class")
+        conn.execute("UPDATE meta SET value = '3' WHERE key = 'schema_version'")
+    store = await EventStore.open(db_path)
+    try:
+        [job] = await list_jobs(store)
+        assert job.device_class is None  # a job submitted before pins runs anywhere
+        assert (await check(store)).ok
+    finally:
+        await store.close()
+    assert stored_version(db_path) == "4"

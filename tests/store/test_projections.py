@@ -230,6 +230,7 @@ async def test_job_submitted_inserts_a_queued_job(store: EventStore) -> None:
         "error": None,
         "requested": None,
         "executor": None,
+        "device_class": None,
         "submitted_seq": stored.seq,
         "version": 1,
         "created_at": stored.at,

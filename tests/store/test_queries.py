@@ -252,3 +252,20 @@ async def test_drops_and_artifacts(store: EventStore) -> None:
         ],
     )
     assert [a["path"] for a in await job_artifacts(store, "a")] == ["b.png", "a.png"]
+
+
+async def test_device_rooms_are_each_executors_newest_fresh_sample(store: EventStore) -> None:
+    from dropkiln.store.telemetry import device_rooms
+
+    now = time.time()
+    samples = [
+        {"executor": "a/cuda:0", "device": "cuda:0", "free": 1, "at": now - 3},
+        {"executor": "a/cuda:0", "device": "cuda:0", "free": 2, "at": now - 1},  # newest of a
+        {"executor": "a/cuda:1", "device": "cuda:1", "free": 9, "at": now - 30},  # stale
+        {"executor": "b/cuda:0", "device": "cuda:0", "free": 5, "at": now, "device_class": "24gb"},
+        {"device": "cuda:0", "free": 7, "at": now},  # written before samples named executors
+    ]
+    for sample in samples:
+        await record_telemetry(store, sample, retention_s=600)
+    rooms = {r.executor: (r.free, r.device_class) for r in await device_rooms(store, 10.0)}
+    assert rooms == {"a/cuda:0": (2, None), "b/cuda:0": (5, "24gb")}

@@ -22,7 +22,7 @@ from pydantic import (
     model_validator,
 )
 
-from dropkiln.options import GenerateSettings
+from dropkiln.options import DeviceClass, GenerateSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.generation.schedulers import SCHEDULER_NAMES
 
@@ -226,6 +226,9 @@ class PromptFile(FileModel):
 
     model: str | None = None
     vae: str | None = None
+    device_class: str | None = Field(None, exclude=True)
+    """Where its GPU jobs run (``[executor] device_class``), not what they render: left out
+    of the spec the jobs carry."""
     loras: list[LoraRef] = Field(default_factory=list)
     defaults: ImageDefaults = Field(default_factory=ImageDefaults)
     images: list[ImageEntry] = Field(min_length=1)
@@ -339,6 +342,7 @@ class _RawFile(FileModel):
 
     model: Annotated[str, Field(min_length=1)] | None = None
     vae: Annotated[str, Field(min_length=1)] | None = None
+    device_class: DeviceClass | None = None
     loras: list[LoraRef] = Field(default_factory=list)
     defaults: dict[str, Any] = Field(default_factory=dict)
     image: list[dict[str, Any]] = Field(default_factory=list)
@@ -433,6 +437,7 @@ def _validate(raw: Any, label: str, folder: Path, settings: GenerateSettings) ->
     prompt_file = PromptFile(
         model=top.model,
         vae=top.vae,
+        device_class=top.device_class,
         loras=top.loras,
         defaults=defaults,
         images=images,
