@@ -25,6 +25,7 @@ from tests.reliability.executors import (
     writes_without_a_lease,
 )
 from tests.reliability.home import CONFIG, TERMINAL, TERMINAL_EVENTS, Home
+from tests.reliability.pipeline import Outputs, assert_same_outputs, collect_outputs
 
 pytestmark = pytest.mark.slow
 
@@ -154,20 +155,53 @@ def executors_home(home: Home, store_url: str = "") -> Home:
     return Home(home.root, config)
 
 
-def test_two_executors_on_one_sqlite_root(home: Home) -> None:
+_UNDISTURBED: dict[int, Outputs] = {}
+
+
+def undisturbed_outputs(tmp_path_factory: pytest.TempPathFactory, files: int) -> Outputs:
+    """The outputs of the same prompt files made by one executor that nothing disturbs."""
+    if files not in _UNDISTURBED:
+        home = executors_home(Home(tmp_path_factory.mktemp("undisturbed") / "home"))
+        executors = Executors(home, 1)
+        try:
+            executors.start_all()
+            drop_prompt_files(home, files)
+            wait(
+                lambda: (
+                    len(jobs := home.jobs()) >= 2 * files
+                    and all(j["state"] in TERMINAL for j in jobs)
+                ),
+                40 * files,
+                "the undisturbed run",
+                executors,
+            )
+        finally:
+            executors.stop_all()
+        assert_each_job_ended_once_under_its_lease(home, files)
+        _UNDISTURBED[files] = collect_outputs(home.root)
+    return _UNDISTURBED[files]
+
+
+@pytest.mark.parametrize("files", [4, pytest.param(15, marks=pytest.mark.full)])
+def test_two_executors_on_one_sqlite_root(
+    home: Home, tmp_path_factory: pytest.TempPathFactory, files: int
+) -> None:
     home = executors_home(home)
     executors = Executors(home, 2)
     try:
-        landed = run_with_chaos(home, home, executors, files=4, rng=random.Random(15))
+        landed = run_with_chaos(home, home, executors, files=files, rng=random.Random(15))
     finally:
         executors.stop_all()
     assert landed["paused"] >= 1 and landed["killed"] >= 1, landed
-    assert_each_job_ended_once_under_its_lease(home, files=4)
+    assert_each_job_ended_once_under_its_lease(home, files)
     check_store(home)
+    assert_same_outputs(collect_outputs(home.root), undisturbed_outputs(tmp_path_factory, files))
 
 
 @pytest.mark.parametrize("files", [pytest.param(15, marks=pytest.mark.full)])
-def test_three_executors_on_postgres(home: Home, postgres_url: str, files: int) -> None:
+def test_three_executors_on_postgres(
+    home: Home, postgres_url: str, tmp_path_factory: pytest.TempPathFactory, files: int
+) -> None:
     home = executors_home(home, postgres_url)
     reader = PostgresReader(postgres_url)
     executors = Executors(home, 3)
@@ -178,7 +212,10 @@ def test_three_executors_on_postgres(home: Home, postgres_url: str, files: int) 
     assert landed["paused"] >= 1 and landed["killed"] >= 1, landed
     assert_each_job_ended_once_under_its_lease(reader, files)
     check_store(home)
+    assert_same_outputs(collect_outputs(home.root), undisturbed_outputs(tmp_path_factory, files))
 
 
-def test_three_executors_on_postgres_small(home: Home, postgres_url: str) -> None:
-    test_three_executors_on_postgres(home, postgres_url, files=3)
+def test_three_executors_on_postgres_small(
+    home: Home, postgres_url: str, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    test_three_executors_on_postgres(home, postgres_url, tmp_path_factory, files=3)
