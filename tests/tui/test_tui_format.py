@@ -81,7 +81,8 @@ def test_event_types_can_be_left_out() -> None:
     everything_but_progress = event_types_for("-progress")
     assert "JobProgress" not in everything_but_progress and "JobFailed" in everything_but_progress
     assert LogFilter(types=everything_but_progress).label() == "all but JobProgress"
-    assert event_types_for("job, -progress, -submitted")[:2] == ("JobQueued", "JobStarted")
+    lifecycle = ("JobQueued", "JobClaimed", "JobStarted")
+    assert event_types_for("job, -progress, -submitted")[:3] == lifecycle
     with pytest.raises(ValueError, match="no event type matches '-'"):
         event_types_for("-")
 
