@@ -32,11 +32,10 @@ from dropkiln.config import Settings
 from dropkiln.daemon.context import LEASE_LOST, DaemonContext
 from dropkiln.daemon.device_thread import DeviceThread
 from dropkiln.daemon.inputs import job_inputs, wait_for_inputs
-from dropkiln.daemon.placement import FRESH_SAMPLES, DeviceRoom, roomier
+from dropkiln.daemon.placement import Steering, estimate_start_rung
 from dropkiln.stages import StageDef, StageError, StageStopped, get_stage
 from dropkiln.stages.device import is_out_of_memory, memory_snapshot, release_memory
 from dropkiln.stages.faults import FaultInjector, take_torn_write
-from dropkiln.stages.starting_rung import StartFacts
 from dropkiln.store import (
     ConcurrencyError,
     EventStore,
@@ -57,7 +56,6 @@ from dropkiln.store.events import (
     RetryScheduled,
 )
 from dropkiln.store.leases import Candidate, Fence, LeaseLost, append_fenced, claim, renew
-from dropkiln.store.telemetry import IDLE_TELEMETRY_S, device_rooms
 from dropkiln.store.vocabulary import JobState, Lane
 
 log = logging.getLogger(__name__)
@@ -97,10 +95,7 @@ class Executor:
         self.input_wait_s = settings.executor.input_wait_seconds
         self.device_class = settings.executor.device_class or self.device.split(":")[0]
         """What jobs pinned to a device class must name for this executor to claim them."""
-        self._left: dict[str, float] = {}
-        """GPU jobs left to a roomier device, and when (monotonic) this executor first did:
-        the bound counts from then, not from submission (a train job that waited for its
-        cache job is as new to placement as a fresh one)."""
+        self.steering = Steering(self)
 
     def serves(self, job: JobView) -> bool:
         """Whether this executor may claim the job: it is pinned to no class, or to ours."""
@@ -158,66 +153,9 @@ class Executor:
         return RunningJob(job, stage, context, fence)
 
     async def roomier_executor(self, job: JobView) -> str | None:
-        """Another live executor whose device would start this GPU job on a higher rung
-        than this one's, until this executor has left it for ``lease_seconds``
-        (``daemon/placement.py``); None: claim it here. Never raises: a claim is not
-        held up by a failed look."""
-        stage = get_stage(job.stage)
-        waited = time.monotonic() - self._left.get(job.id, time.monotonic())
-        if waited >= self.lease_s:
-            del self._left[job.id]  # taken now; a requeue later is judged afresh
-            return None
-        if (
-            Lane(stage.lane) != Lane.GPU
-            or stage.start_rung is None
-            or not self.device.startswith("cuda")
-        ):
-            return None
-        try:
-            fresh_s = FRESH_SAMPLES * max(self.settings.telemetry_every_s, IDLE_TELEMETRY_S)
-            now = time.time()
-            rooms = [
-                DeviceRoom(s.executor, s.device_class, s.device, s.free, now - s.at)
-                for s in await device_rooms(self.store, fresh_s)
-                if s.executor is not None and s.executor != self.id
-            ]
-            if not rooms:
-                return None
-            remembered = await remembered_rung(self.store, job.rung_key) if job.rung_key else 0
-            floor = max(job.memory_rung, remembered)
-            frees = [room.free for room in rooms if room.free is not None]
-            rungs = await self.device_thread.run(
-                _estimate_rungs, stage, job, str(self.settings.root), self.device, frees
-            )
-        except Exception:
-            log.warning("could not compare devices for job %s", job.id, exc_info=True)
-            return None
-        if rungs is None:
-            return None
-        mine, theirs = rungs
-        chosen = roomier(
-            max(mine, floor),
-            rooms,
-            lambda free: max(theirs[free], floor),
-            job.device_class,
-            fresh_s,
-            waited,
-            self.lease_s,
-        )
-        if chosen is None:
-            self._left.pop(job.id, None)
-            return None
-        if job.id not in self._left:
-            self._left[job.id] = time.monotonic()
-            log.info(
-                "leaving %s job %s to %s, whose device has room for a higher rung (for %g s "
-                "at most)",
-                job.stage,
-                job.id,
-                chosen.executor,
-                self.lease_s,
-            )
-        return chosen.executor
+        """Another live executor to leave this GPU job to, or None: claim it here
+        (``daemon/placement.py``)."""
+        return await self.steering.roomier_executor(job, get_stage(job.stage))
 
     async def starting_rung(self, job: JobView, stage: StageDef) -> tuple[int, str]:
         """The rung this attempt starts on, and why (JobStarted's ``rung_reason``)."""
@@ -249,7 +187,7 @@ class Executor:
             return None
         try:
             return await self.device_thread.run(
-                _estimate_start_rung, stage, job, str(self.settings.root), self.device
+                estimate_start_rung, stage, job, str(self.settings.root), self.device
             )
         except Exception:
             log.warning("no starting-rung estimate for job %s", job.id, exc_info=True)
@@ -385,33 +323,6 @@ def _evict_other_pipelines(device: str) -> list[str]:
     from dropkiln.stages.models import shared_pipelines
 
     return shared_pipelines().evict_all_but_newest(device)
-
-
-def _estimate_start_rung(stage: StageDef, job: JobView, root: str, device: str) -> int | None:
-    from dropkiln.stages.models import shared_pipelines
-
-    assert stage.start_rung is not None
-    free = int(memory_snapshot(device)["free"])
-    # Warm pipelines of dropkiln's own are reused by the job or evicted for it.
-    facts = StartFacts(root, job.rung_key, free + shared_pipelines().device_bytes(device))
-    return stage.start_rung(stage.spec.model_validate(job.spec), facts)
-
-
-def _estimate_rungs(
-    stage: StageDef, job: JobView, root: str, device: str, frees: list[int]
-) -> tuple[int, dict[int, int]] | None:
-    """The estimated starting rung here, and with each of ``frees`` bytes available; None
-    when the stage cannot estimate this job."""
-    mine = _estimate_start_rung(stage, job, root, device)
-    if mine is None:
-        return None
-    assert stage.start_rung is not None
-    spec = stage.spec.model_validate(job.spec)
-    theirs: dict[int, int] = {}
-    for free in frees:
-        rung = stage.start_rung(spec, StartFacts(root, job.rung_key, free))
-        theirs[free] = len(stage.ladder) - 1 if rung is None else rung
-    return mine, theirs
 
 
 def _run_stage(stage: StageDef, spec: Any, ctx: DaemonContext) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import pytest
 
-import dropkiln.daemon.executor as executor_module
+import dropkiln.daemon.placement as placement_module
 import dropkiln.stages.models as models_module
 from dropkiln.config import Settings
 from dropkiln.daemon.executor import Executor
@@ -96,7 +96,7 @@ def free_memory(monkeypatch: pytest.MonkeyPatch) -> Callable[[int], None]:
     )
 
     def set_free(free: int) -> None:
-        monkeypatch.setattr(executor_module, "memory_snapshot", lambda device: {"free": free})
+        monkeypatch.setattr(placement_module, "memory_snapshot", lambda device: {"free": free})
 
     return set_free
 
