@@ -177,7 +177,7 @@ class EventStore:
         types: Sequence[str] | None = None,
     ) -> AsyncGenerator[StoredEvent, None]:
         """Every event after ``after``, forever; it sleeps until another commit (see
-        ``sqlite.CommitWatch``)."""
+        ``commitwatch.CommitWatch``)."""
         async with self.database.watch(poll_interval) as watch:
             while True:
                 # Read before the batch: a commit the batch misses changes it afterwards.

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import statistics
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -107,15 +110,23 @@ async def test_filtered_tails_miss_nothing(store: EventStore) -> None:
     assert by_type == await store.read(types=wanted_types, limit=None)
 
 
-async def test_an_idle_tail_wakes_neither_the_loop_nor_its_thread_on_a_fast_clock(
+async def test_an_idle_tail_without_inotify_wakes_neither_the_loop_nor_its_thread_on_a_fast_clock(
     db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Issue 16: a tail on the SQLite store (the daemon's default) with nothing to read waits
     # in one worker thread; the event loop is woken for a commit only (not at each fallback
-    # look), and the thread's watchfiles steps come at most 25 times a second (each one
-    # takes the GIL). (PostgreSQL's tail sleeps on LISTEN and looks every poll_interval.)
+    # look). Where there is no inotify (not Linux) the thread's watchfiles steps come at most
+    # 25 times a second (each one takes the GIL). (PostgreSQL's tail sleeps on LISTEN and
+    # looks every poll_interval.)
     import anyio.to_thread
     import watchfiles._rust_notify
+
+    from dropkiln.store import commitwatch
+
+    def no_inotify(*args: object) -> None:
+        raise OSError("inotify instances exhausted")
+
+    monkeypatch.setattr(commitwatch, "KernelNotices", no_inotify)
 
     real_notify = watchfiles._rust_notify.RustNotify
     steps = [0]
@@ -165,3 +176,50 @@ async def test_an_idle_tail_wakes_neither_the_loop_nor_its_thread_on_a_fast_cloc
     assert idle_hops == 0
     assert 0 < idle_steps <= 55
     assert [e.type for e in got] == ["QueuePaused"]
+
+
+def thread_wakes() -> dict[int, int]:
+    """How often each thread of this process but the main one went to sleep and was woken
+    (the kernel's count of voluntary context switches)."""
+    main = threading.main_thread().native_id
+    wakes: dict[int, int] = {}
+    for task in Path("/proc/self/task").iterdir():
+        if int(task.name) == main:
+            continue
+        with contextlib.suppress(FileNotFoundError):  # a thread that ended meanwhile
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches:"):
+                    wakes[int(task.name)] = int(line.split()[1])
+    return wakes
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="counts wakes in /proc")
+async def test_an_idle_tail_thread_does_not_run_between_commits(db_path: Path) -> None:
+    # Issue 16: watchfiles' 40 ms step woke the tail's thread 25 times a second, taking the
+    # GIL each time (0.27% of a core in an idle daemon). On Linux the thread sleeps on the
+    # kernel's notice of a write, so with nothing committed it is not woken at all, and a
+    # commit still reaches the tail at once.
+    store = await EventStore.open(db_path, create=True)
+    tail = store.tail(poll_interval=60)  # no fallback look within the test
+    got: list[StoredEvent] = []
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(take, tail, 1, got)
+            await anyio.sleep(0.3)  # opened, read the (empty) log, waiting
+            before = thread_wakes()
+            await anyio.sleep(2.0)
+            after = thread_wakes()
+            with anyio.fail_after(2):
+                await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+                appended = time.monotonic()
+                while not got:
+                    await anyio.sleep(0.005)
+                reaction = time.monotonic() - appended
+    finally:
+        await tail.aclose()
+        await store.close()
+    woken = {tid: after[tid] - before.get(tid, 0) for tid in after}
+    assert sum(woken.values()) <= 2, woken
+    assert [e.type for e in got] == ["QueuePaused"]
+    print(f"an idle tail saw a commit after {reaction * 1000:.1f} ms")
+    assert reaction < 1.0  # a generous bound for a busy machine; the bench times it
