@@ -26,7 +26,7 @@ from dropkiln.daemon.ingest import Ingestor
 from dropkiln.daemon.lock import ExecutorLock, IntakeLock, device_lock_path
 from dropkiln.daemon.notify import SystemdNotifier, keep_extending_timeout, watchdog_loop
 from dropkiln.daemon.planner import Planner
-from dropkiln.daemon.scheduler import DECISION_ATTEMPTS, Scheduler
+from dropkiln.daemon.scheduler import DECISION_ATTEMPTS, RUNNABLE_CHANGES, Scheduler
 from dropkiln.daemon.sweep import sweep_leftovers
 from dropkiln.daemon.watcher import DropWatcher, Waiting
 from dropkiln.daemon.webhooks import WebhookSender
@@ -241,7 +241,12 @@ class Daemon:
                 log.exception("could not record a drop move; trying again")
 
     async def _obey_commands(self, after: int) -> None:
-        async for stored in self.store.tail(after, types=COMMANDS):
+        """Carry out the commands written to the store, and wake the scheduler when any
+        process writes what may let a job start (it has no other way to know soon)."""
+        async for stored in self.store.tail(after, types=COMMANDS + RUNNABLE_CHANGES):
+            if stored.type in RUNNABLE_CHANGES:
+                self.scheduler.wake()
+                continue
             try:
                 command = parse_event(stored.type, stored.data)
                 if isinstance(command, CancelRequested) and stored.job_id:
