@@ -82,6 +82,8 @@ class Daemon:
         self.device_thread: DeviceThread
         self._stop = anyio.Event()
         self._stop_reason = "stopped"
+        # Set when a drop's move failed and waits for its retry (the mover sleeps till then).
+        self._move_pending = anyio.Event()
         self.store: EventStore
         self.scheduler: Scheduler
         self.ingestor: Ingestor
@@ -201,6 +203,7 @@ class Daemon:
                 await anyio.sleep(INTAKE_RETRY_S)
             log.info("%s takes drops from now on", self.executor_id)
             await self.ingestor.reconcile()
+            self._note_pending_moves()
             self.scheduler.wake()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, name="watcher")
@@ -229,10 +232,20 @@ class Daemon:
                 # The store refused a write (disk full, a bug): the drop stays where it
                 # is, untouched, and is taken at the next start.
                 log.exception("could not take drop %s; it stays in the drop folder", entry)
+            self._note_pending_moves()
             self.scheduler.wake()
 
+    def _note_pending_moves(self) -> None:
+        if self.ingestor.pending:
+            self._move_pending.set()
+
     async def _retry_moves(self) -> None:
+        """Retry the failed moves of drops as they fall due; asleep while none failed."""
         while True:
+            if not self.ingestor.pending:
+                await self._move_pending.wait()
+                self._move_pending = anyio.Event()
+                continue
             await anyio.sleep(MOVE_RETRY_TICK_S)
             try:
                 if await self.ingestor.retry_moves():
