@@ -1,8 +1,9 @@
 """Waking a tail when the SQLite file gets a commit, from this process or another.
 
 Every commit writes the WAL (or, outside WAL mode, the database file), and the kernel says
-so; ``PRAGMA data_version`` then tells a real commit from a checkpoint. The wait runs in one
-worker thread and wakes the event loop only for a commit.
+so; the newest event's ``seq`` then tells a commit that appended events from one that did
+not (a telemetry sample, a lease renewal, a checkpoint). The wait runs in one worker thread
+and wakes the event loop only when there are new events to read.
 
 On Linux the thread blocks on an inotify descriptor (``inotify_simple``): it does not run at
 all while nothing is written, and a commit is seen as soon as the thread is scheduled.
@@ -38,8 +39,9 @@ DEBOUNCE_MS = 50
 """watchfiles groups the notifications of one commit (WAL writes, then the -shm index)."""
 LOOK_AGAIN_MS = (5, 25, 100)
 """A commit's frames reach the WAL (the kernel's notice) just before the commit is marked
-in the shared-memory index, which no notice follows: when a notice finds no new commit, the
+in the shared-memory index, which no notice follows: when a notice finds no new event, the
 watch looks again after each of these pauses unless another notice comes first."""
+NEWEST_SEQ = "SELECT coalesce(max(seq), 0) FROM events"
 
 
 class FolderNotices(Protocol):
@@ -147,16 +149,16 @@ class CommitWatch:
         self._closed = False
 
     async def version(self) -> int:
-        """The database's commit counter as this connection sees it."""
+        """The newest event's seq as this connection sees it."""
         import anyio.to_thread
 
-        version = await anyio.to_thread.run_sync(self._data_version)
+        version = await anyio.to_thread.run_sync(self._newest_seq)
         if version is None:
             raise StoreError(f"the watch on {self.path} is closed")
         return version
 
     async def changed_since(self, version: int) -> None:
-        """Return once the database has a commit newer than ``version``."""
+        """Return once the database has an event newer than ``version`` (a seq)."""
         import anyio.to_thread
 
         stop = threading.Event()
@@ -198,13 +200,14 @@ class CommitWatch:
 
     def _wait(self, notices: FolderNotices, version: int, stop: threading.Event) -> None:
         look_again: list[int] = []
-        notice: Notice = "ours"  # a commit may have come since the version was read
+        notice: Notice = "ours"  # an event may have come since the version was read
         while not stop.is_set():
             if notice in ("ours", "timeout"):
-                now = self._data_version()
-                if now is None or now != version:
+                newest = self._newest_seq()
+                if newest is None or newest > version:
                     return
-                # A write but no commit yet (or a checkpoint): look again shortly.
+                # A write but no new event yet (it may not be marked committed yet), or a
+                # commit of no event: look again shortly.
                 if notice == "ours":
                     look_again = list(LOOK_AGAIN_MS)
             notice = notices.wait(look_again.pop(0) if look_again else self._poll_ms)
@@ -220,9 +223,9 @@ class CommitWatch:
         if notices is not None:
             notices.close()
 
-    def _data_version(self) -> int | None:
+    def _newest_seq(self) -> int | None:
         """None once the watch is closed."""
         with self._lock:
             if self._conn is None:
                 return None
-            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
+            return int(self._conn.execute(NEWEST_SEQ).fetchone()[0])

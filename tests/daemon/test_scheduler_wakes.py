@@ -87,3 +87,36 @@ async def test_a_job_another_process_submits_starts_at_once_though_passes_are_10
             delays.append(at["JobClaimed"] - at["JobSubmitted"])
     print("submitted to claimed (ms):", [round(d * 1000) for d in delays])
     assert max(delays) < 0.5, delays
+
+
+async def test_an_idle_daemon_leaves_its_event_loop_asleep(
+    settings: Settings, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 16: with nothing to do, the daemon's loop still woke for a scheduling pass every
+    # second (each a few thread hops: jobs, leases, unmoved drops) and for the drop mover
+    # twice a second: about 70 times in 5 s. Apart from the heartbeat (a telemetry sample
+    # every 2.5 s; put off here) only the watcher's look every 5 s remains. Counted: the
+    # loop's returns from its selector.
+    import asyncio
+
+    from dropkiln.daemon import service
+
+    monkeypatch.setattr(service, "IDLE_TELEMETRY_S", 3600.0)
+    async with running_daemon(settings) as daemon:
+        await anyio.sleep(1.0)  # past the start-up work
+        selector = asyncio.get_running_loop()._selector  # type: ignore[attr-defined]
+        real_select = selector.select
+        wakes = [0]
+
+        def counting_select(timeout: float | None = None) -> object:
+            wakes[0] += 1
+            return real_select(timeout)
+
+        selector.select = counting_select
+        try:
+            await anyio.sleep(5.0)
+        finally:
+            selector.select = real_select
+        assert not daemon.scheduler.running
+    print(f"an idle daemon's loop woke {wakes[0]} times in 5 s")
+    assert wakes[0] <= 20  # about 10: one look of the watcher (two at most)

@@ -63,7 +63,7 @@ async def test_a_local_append_wakes_the_tail_without_polling(store: EventStore) 
 @pytest.mark.slow
 async def test_a_commit_in_another_process_wakes_the_tail(db_path: Path) -> None:
     # The benchmark's measurement: the writer is another process and this one never
-    # appends, so only PRAGMA data_version polling can wake the tail.
+    # appends, so only the watch on the database's files can wake the tail.
     count = 12
     figures = await tail_latency(db_path, count)
     ordered = sorted(figures["tail_latency_s"])
@@ -223,3 +223,50 @@ async def test_an_idle_tail_thread_does_not_run_between_commits(db_path: Path) -
     assert [e.type for e in got] == ["QueuePaused"]
     print(f"an idle tail saw a commit after {reaction * 1000:.1f} ms")
     assert reaction < 1.0  # a generous bound for a busy machine; the bench times it
+
+
+async def test_a_commit_that_appends_no_event_leaves_the_tails_loop_asleep(
+    db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Issue 16: every commit woke each tail's event loop (three thread hops: the version,
+    # an empty read, the next wait), also the telemetry sample an idle daemon writes every
+    # 2.5 s and each lease renewal, which append no event. Now the tail's thread tells
+    # them apart and only new events reach the loop.
+    import sqlite3
+
+    import anyio.to_thread
+
+    hops = [0]
+    real_run_sync = anyio.to_thread.run_sync
+
+    async def counting_run_sync(*args: object, **kwargs: object) -> object:
+        hops[0] += 1
+        return await real_run_sync(*args, **kwargs)  # type: ignore[arg-type]
+
+    store = await EventStore.open(db_path, create=True)
+    tail = store.tail(poll_interval=60)
+    got: list[StoredEvent] = []
+    # Another writer, as another process would be: a row in a table that is not the log.
+    other = sqlite3.connect(db_path, isolation_level=None)
+    try:
+        async with anyio.create_task_group() as group:
+            group.start_soon(take, tail, 1, got)
+            await anyio.sleep(0.3)  # opened, read the (empty) log, waiting
+            monkeypatch.setattr(anyio.to_thread, "run_sync", counting_run_sync)
+            for sample in range(5):
+                other.execute(
+                    "INSERT INTO telemetry (at, device) VALUES (?, 'cpu')", (float(sample),)
+                )
+                await anyio.sleep(0.2)
+            quiet_hops = hops[0]
+            monkeypatch.setattr(anyio.to_thread, "run_sync", real_run_sync)
+            with anyio.fail_after(2):
+                await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+                while not got:
+                    await anyio.sleep(0.01)
+    finally:
+        other.close()
+        await tail.aclose()
+        await store.close()
+    assert quiet_hops == 0
+    assert [e.type for e in got] == ["QueuePaused"]
