@@ -57,6 +57,7 @@ class KernelNotices:
         from inotify_simple import INotify, flags
 
         self._prefix = prefix
+        self._lost = flags.Q_OVERFLOW | flags.IGNORED
         self._inotify = INotify()
         try:
             self._inotify.add_watch(folder, flags.MODIFY | flags.CREATE | flags.MOVED_TO)
@@ -77,7 +78,11 @@ class KernelNotices:
             return "interrupted"
         if not ready:
             return "timeout"
-        names = [event.name for event in self._inotify.read(timeout=0)]
+        events = self._inotify.read(timeout=0)
+        # An overflowed queue lost notices, and a removed watch gives no more: look anyway.
+        if any(event.mask & self._lost for event in events):
+            return "ours"
+        names = [event.name for event in events]
         return "ours" if any(name.startswith(self._prefix) for name in names) else "other"
 
     def interrupt(self) -> None:
@@ -162,13 +167,16 @@ class CommitWatch:
         import anyio.to_thread
 
         stop = threading.Event()
+        waited = False
         try:
             await anyio.to_thread.run_sync(
                 self._wait_for_commit, version, stop, abandon_on_cancel=True
             )
+            waited = True
         finally:
             stop.set()
-            self._interrupt()  # a cancelled wait's thread ends now
+            if not waited:
+                self._interrupt()  # a cancelled wait's thread ends now
 
     def close(self) -> None:
         with self._lock:

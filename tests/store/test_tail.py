@@ -270,3 +270,29 @@ async def test_a_commit_that_appends_no_event_leaves_the_tails_loop_asleep(
         await store.close()
     assert quiet_hops == 0
     assert [e.type for e in got] == ["QueuePaused"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="counts descriptors in /proc")
+async def test_tails_cancelled_while_waiting_leave_no_thread_or_descriptor_behind(
+    db_path: Path,
+) -> None:
+    # A tail's wait runs in a worker thread that a cancel abandons: the cancel interrupts
+    # it at once, and the thread closes the watch's descriptors as it leaves.
+    store = await EventStore.open(db_path, create=True)
+    try:
+        await store.append(DAEMON_STREAM, [ev.QueuePaused()])
+        for round_ in range(21):
+            if round_ == 1:  # the store's read connections are open now
+                descriptors = len(list(Path("/proc/self/fd").iterdir()))
+                threads = threading.active_count()
+            tail = store.tail(after=1, poll_interval=60)
+            with anyio.move_on_after(0.05):
+                await anext(tail)  # nothing after seq 1: it waits, and is cancelled
+            await tail.aclose()
+        with anyio.fail_after(5):
+            while len(list(Path("/proc/self/fd").iterdir())) > descriptors:
+                await anyio.sleep(0.05)
+        busy = [t for t in threading.enumerate() if "commitwatch" in repr(t)]
+        assert threading.active_count() <= threads + 2, busy
+    finally:
+        await store.close()
