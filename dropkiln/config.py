@@ -141,7 +141,10 @@ class Settings(BaseSettings):
         "postgresql://user@host/db for one store shared by daemons on several boxes",
     )
     torch_threads: int = Field(
-        0, ge=0, description="CPU threads of the device thread's torch pool; 0: torch's default"
+        0,
+        ge=0,
+        description="CPU threads of the device thread's torch pool; 0: on a CPU device the "
+        "physical cores less one (OMP_NUM_THREADS wins), on a GPU torch's default",
     )
     settle_seconds: float = Field(2.0, ge=0)
     waiting_report_s: float = Field(

@@ -244,6 +244,7 @@ class Executor:
             # Abandoned, not awaited, if the daemon is cancelled: a hung stage must not hold
             # up a shutdown past stop_timeout_s (its job resumes at the next start).
             if Lane(stage.lane) == Lane.GPU:
+                await self.device_thread.run(self.device_thread.prepare_torch)
                 result = await self.device_thread.run(
                     _run_stage, stage, spec, ctx, abandon_on_cancel=True
                 )
