@@ -15,7 +15,7 @@ from dropkiln.bench.suites import BenchOptions
 def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
     """Train stage steps/s against the minimal diffusers + peft loop, by micro-batch."""
     from dropkiln.bench.train import WARMUP_STEPS, bench_train
-    from dropkiln.bench.train_daemon import bench_train_daemon
+    from dropkiln.bench.train_daemon import STEPS, bench_train_daemon
     from dropkiln.bench.train_job import bench_train_job
 
     warmup = options.warmup if options.warmup is not None else WARMUP_STEPS
@@ -79,7 +79,7 @@ def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord
     record.metric("in_process_ratio_median_step", rows[0]["ratio_median_step"], "x", None,
                   ">= 0.95")  # fmt: skip
     daemon = bench_train_daemon(
-        steps=options.pick(options.steps, 40, 16), size=config["size"], rank=config["rank"],
+        steps=options.pick(options.steps, STEPS, 16), size=config["size"], rank=config["rank"],
         repeat=options.pick(options.repeats, 2, 1), model=options.model,
         models_dir=options.models_dir, threads=options.threads or 0,
     )  # fmt: skip
@@ -95,8 +95,9 @@ def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord
     )
     record.notes.append(
         f"daemon train job: settle_seconds {daemon['settle_seconds']}, torch threads "
-        f"{daemon['torch_threads']}; the steps/s sweep and whole_job_ratio run in one process "
-        "(LocalContext) as a breakdown."
+        f"{daemon['torch_threads']}, {daemon['steps']} steps with a checkpoint every "
+        f"{daemon['checkpoint_every']} (the default cadence); the steps/s sweep and "
+        "whole_job_ratio run in one process (LocalContext) as a breakdown."
     )
     job = bench_train_job(
         steps=options.pick(options.steps, 40, 16),

@@ -49,13 +49,16 @@ def test_bench_train_daemon_times_a_real_daemon_against_a_clean_process(
 ) -> None:
     from dropkiln.bench.train_daemon import bench_train_daemon
 
-    figures = bench_train_daemon(steps=4, images=2, repeat=2, models_dir=bench_models)
+    figures = bench_train_daemon(
+        steps=4, checkpoint_every=2, images=2, repeat=2, models_dir=bench_models
+    )
     jobs, cleans = figures["train_job_s"], figures["clean_s"]
     assert len(jobs) == len(cleans) == 2  # each repeat trains: no drop is a repeat of another
     assert min(jobs) > 0 and min(cleans) > 0
     assert all(d > j for d, j in zip(figures["drop_to_lora_s"], jobs, strict=True))
     assert figures["ratio_best"] == pytest.approx(min(jobs) / min(cleans), rel=0.01)
     assert figures["settle_seconds"] == 2.0  # the daemon's default, not a bench setting
+    assert figures["checkpoint_every"] == 2
 
 
 def test_profile_parts_count_each_sample_once_in_its_first_matching_part(tmp_path: Path) -> None:
