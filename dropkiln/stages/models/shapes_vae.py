@@ -71,7 +71,8 @@ def train_codec(vae: Any, recipe: Recipe, rng: np.random.Generator, log: Any) ->
 
 def sharpen_decoder(vae: Any, recipe: Recipe, log: Any = sys.stdout) -> None:
     """Phase 2: the decoder (and its post-quant conv) learns with the shape's margin weighed
-    as the shape; the encoder is frozen, and the scenes come from their own seeded stream."""
+    as the shape, plus the error along its edge; the encoder is frozen, and the scenes come
+    from their own seeded stream."""
     import numpy as np
     import torch
 
@@ -93,14 +94,15 @@ def sharpen_decoder(vae: Any, recipe: Recipe, log: Any = sys.stdout) -> None:
         error, colour = reconstruction_errors(
             reconstruction, images, recipe.shape_weight, margin=recipe.edge_margin
         )
-        loss = error + recipe.colour_weight * colour
+        edge = edge_error(reconstruction, images)
+        loss = error + recipe.colour_weight * colour + recipe.edge_weight * edge
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         schedule.step()
         if step % 50 == 0 or step == recipe.decoder_steps - 1:
-            line = f"decoder {step:5d} reconstruction {error.item():.5f}"
-            print(f"{line} colour {colour.item():.5f} at {_clock()}", file=log, flush=True)
+            line = f"decoder {step:5d} reconstruction {error.item():.5f} edge {edge.item():.5f}"
+            print(f"{line} at {_clock()}", file=log, flush=True)
     vae.eval().requires_grad_(False)
 
 
@@ -128,6 +130,17 @@ def reconstruction_errors(
     drawn = (images * mask).sum(dim=(2, 3)) / area
     given = (reconstruction * mask).sum(dim=(2, 3)) / area
     return error, (given - drawn).abs().mean()
+
+
+def edge_error(reconstruction: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Mean L1 error over the band a pixel either side of the shape's edge: a star's
+    points and the gaps between them are all edge, and the whole-picture mean dilutes them."""
+    import torch
+
+    mask = shape_mask(images)
+    pool = torch.nn.functional.max_pool2d
+    band = pool(mask, 3, 1, 1) + pool(-mask, 3, 1, 1)  # dilated minus eroded
+    return (band * (reconstruction - images).abs()).sum() / band.sum().clamp(min=1.0)
 
 
 def shape_mask(images: torch.Tensor) -> torch.Tensor:

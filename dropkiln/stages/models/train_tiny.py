@@ -47,8 +47,9 @@ class Recipe:
     shape_weight: float = 8.0
     colour_weight: float = 1.0
     decoder_steps: int = 0
-    decoder_lr: float = 5e-4
+    decoder_lr: float = 1e-3
     edge_margin: int = 2
+    edge_weight: float = 2.0
     text_steps: int = 300
     text_batch: int = 32
     text_lr: float = 2e-3
