@@ -49,6 +49,21 @@ def test_shipped_weights_are_the_pinned_file() -> None:
     assert SHAPES_WEIGHTS.stat().st_size <= 20 * 1024 * 1024
 
 
+def test_shipped_weights_name_the_default_recipe() -> None:
+    # The documented run writes the recipe into the file; a knob added to the recipe (the
+    # decoder phase, off by default) must not change what the default run writes.
+    import json
+
+    from safetensors import safe_open
+
+    from dropkiln.stages.models.train_tiny import Recipe
+
+    with safe_open(str(SHAPES_WEIGHTS), "pt") as weights:
+        named = json.loads(weights.metadata()["dropkiln.recipe"])
+    assert named == Recipe().recorded()
+    assert "decoder_steps" in replace(Recipe(), decoder_steps=1).recorded()
+
+
 def test_detector_reads_drawn_scenes() -> None:
     # The detector is the judge of prompt following, so it must read clean scenes perfectly.
     rng = np.random.Generator(np.random.PCG64(11))

@@ -79,6 +79,7 @@ def sharpen_decoder(vae: Any, recipe: Recipe, log: Any = sys.stdout) -> None:
     if recipe.decoder_steps <= 0:
         return
     rng = np.random.Generator(np.random.PCG64(recipe.seed + DECODER_SCENES_SEED))
+    generator = torch.Generator().manual_seed(recipe.seed + DECODER_SCENES_SEED)
     trained = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
     optimizer = torch.optim.AdamW(trained, lr=recipe.decoder_lr, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.decoder_steps)
@@ -90,6 +91,10 @@ def sharpen_decoder(vae: Any, recipe: Recipe, log: Any = sys.stdout) -> None:
         images, _ = scene_batch(rng, recipe.vae_batch, codec_scene)
         with torch.no_grad():
             means = vae.encode(images).latent_dist.mean
+            # the UNet's latents are near the encoder's, not on them: a decoder taught the
+            # exact means alone turned that slack into speckles and shifted colours
+            noise = torch.randn(means.shape, generator=generator)
+            means = means + recipe.latent_noise * means.std() * noise
         reconstruction = vae.decode(means).sample
         error, colour = reconstruction_errors(
             reconstruction, images, recipe.shape_weight, margin=recipe.edge_margin

@@ -50,6 +50,7 @@ class Recipe:
     decoder_lr: float = 1e-3
     edge_margin: int = 2
     edge_weight: float = 2.0
+    latent_noise: float = 0.0
     text_steps: int = 300
     text_batch: int = 32
     text_lr: float = 2e-3
@@ -60,6 +61,20 @@ class Recipe:
     text_encoder_lr: float = 3e-4
     uncond_probability: float = 0.1
     min_snr_gamma: float = 5.0
+
+    def recorded(self) -> dict[str, Any]:
+        """The knobs a weights file names: those of a phase that did not run are left out,
+        so a recipe that gained an optional phase still writes the bytes it wrote before."""
+        from dataclasses import asdict
+
+        knobs = asdict(self)
+        if self.decoder_steps <= 0:
+            for name in _DECODER_KNOBS:
+                del knobs[name]
+        return knobs
+
+
+_DECODER_KNOBS = ("decoder_steps", "decoder_lr", "edge_margin", "edge_weight", "latent_noise")
 
 
 Checkpoint = tuple[int, Callable[[int, dict[str, "torch.Tensor"]], None]]
@@ -255,7 +270,6 @@ def _warmup_then_cosine(total: int, warmup: int = 100) -> Any:
 def save_weights(state: dict[str, torch.Tensor], path: Path, recipe: Recipe) -> str:
     """Write the weights (sorted keys, no timestamps: the same run gives the same bytes)."""
     import json
-    from dataclasses import asdict
 
     from safetensors.torch import save_file
 
@@ -263,7 +277,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, recipe: Recipe) -> 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # One metadata key: safetensors writes several in a per-process random (hash) order.
-    metadata = {"dropkiln.recipe": json.dumps(asdict(recipe), sort_keys=True)}
+    metadata = {"dropkiln.recipe": json.dumps(recipe.recorded(), sort_keys=True)}
     save_file(dict(sorted(state.items())), str(path), metadata=metadata)
     return file_sha256(path)
 
