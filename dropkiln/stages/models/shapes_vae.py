@@ -1,5 +1,6 @@
 """The VAE phases of ``tiny-shapes``' training: the codec learns to give back scenes in any
-colour, then its decoder alone learns to give back their edges.
+colour, then (optionally, ``decoder_steps``; off in the shipped recipe) its decoder alone
+learns to give back their edges.
 
 The first phase weighs the shape's pixels above the background's, so the shape and its
 colour come back at all; but that weighting also makes a blob cheaper than a star (a

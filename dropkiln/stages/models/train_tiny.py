@@ -3,8 +3,9 @@
     python -m dropkiln.stages.models.train_tiny --out tiny-shapes.safetensors
 
 Three phases, all seeded: the VAE learns to reconstruct scenes in any colour (from the
-posterior mean, its loss weighted toward the shape and its colour), then its decoder alone
-learns their edges (shapes_vae); the text encoders learn
+posterior mean, its loss weighted toward the shape and its colour), and optionally
+(``--decoder-steps``, off in the shipped recipe) its decoder alone then learns their edges
+(shapes_vae); the text encoders learn
 to tell the caption words apart (shapes_text); then the UNet learns the noise-prediction
 loss on the VAE's latent means of a fixed set of scenes, conditioned on the captions through
 the text encoders, which keep learning alongside it. With the defaults the file it writes is
