@@ -79,7 +79,8 @@ def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
     with run.prepared(pipe):
         images = run.render_images()
         walk_frames = run.render_walk()
-    sheet = contact_sheet(images, [task.stem for task in tasks], output_dir / CONTACT_SHEET)
+    pictures = [run.thumbnails.get(path, path) for path in images]
+    sheet = contact_sheet(pictures, [task.stem for task in tasks], output_dir / CONTACT_SHEET)
     ctx.artifact(sheet, "contact-sheet")
     first = tasks[0]
     return {

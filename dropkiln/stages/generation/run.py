@@ -94,6 +94,8 @@ class GenerationRun:
         self._keyframes: dict[int, tuple[dict[str, Any], Any]] = {}
         self._schedulers: dict[str, Any] = {}
         self._writer = PngWriter()
+        self.thumbnails: dict[Path, Image.Image] = {}
+        """The contact-sheet thumbnails of the images this run wrote (the others are read)."""
 
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
@@ -168,9 +170,10 @@ class GenerationRun:
         self._writer.settle()
         return paths
 
-    def _image_written(self, target: Path) -> None:
+    def _image_written(self, target: Path, thumbnail: Image.Image) -> None:
         self.ctx.fault("generate.written")
         self.rendered += 1
+        self.thumbnails[target] = thumbnail
         self.ctx.artifact(target, "image")
 
     def _batches(self) -> Iterator[list[int]]:
