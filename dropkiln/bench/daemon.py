@@ -194,13 +194,12 @@ class _DaemonRun:
             "batched": batched,
             "speedup_batched_vs_single": (
                 round(statistics.median(run) / statistics.median(batched["run_s"]), 3)
-                if batched else None
+                if batched
+                else None
             ),
         }
 
-    def _batched(
-        self, clean: CleanBatched, warmup: int, repeat: int, batch: int
-    ) -> dict[str, Any]:
+    def _batched(self, clean: CleanBatched, warmup: int, repeat: int, batch: int) -> dict[str, Any]:
         """Prompt files with ``batch_size = batch`` against the clean process's batched calls
         saving the same files (pixels and ``parameters`` text compared)."""
         for number in range(warmup):  # the first call at this batch size, on both sides
