@@ -11,7 +11,8 @@ runs beside them, its images are encoded and fsynced two at a time instead of on
 another. The writer stays one thread, so during a denoise it takes one core at most.
 
 Each write first makes the image's contact-sheet thumbnail, so the sheet is built from
-memory (no PNG decoded again), even while the writer thread still encodes the last image.
+memory (no PNG decoded again); it is encoded on the writer thread while the settling thread
+records the last batch's images.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from dropkiln.stages.faults import arm_torn_write, take_torn_write
 from dropkiln.stages.generation.png_files import sheet_thumbnail, write_png
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
     from PIL.PngImagePlugin import PngInfo
 
 Written = Callable[[Path], None]
+T = TypeVar("T")
 
 
 @dataclass(eq=False)
@@ -78,6 +80,11 @@ class PngWriter:
         write = _Write(image, target, info, written, take_torn_write())
         write.future = self._pool.submit(write.run)
         self._pending.append(write)
+
+    def after_writes(self, work: Callable[[], T]) -> Future[T]:
+        """Run ``work`` (the contact sheet) on the writer thread once its writes are done, while
+        this thread records them."""
+        return self._pool.submit(work)
 
     def then(self, after: Callable[[], None]) -> None:
         """Run ``after`` (the batch's checkpoint) once every pending write has been recorded."""

@@ -177,15 +177,15 @@ class GenerationRun:
         self.ctx.artifact(target, "image")
 
     def contact_sheet(self, images: list[Path], target: Path) -> Path:
-        """The contact sheet of ``images``, then every image recorded. The sheet is drawn from
-        the thumbnails the writes made (a kept image is read), so it is made while the writer
-        thread still encodes the last batch's last PNG."""
+        """The contact sheet of ``images``, drawn from the thumbnails the writes made (a kept
+        image is read) and written on the writer thread while this one records the images."""
         if self._writer.failed():
             self._writer.settle()  # raises the write's error, the written ones recorded
         pictures = [self._writer.thumbnail(path) or path for path in images]
-        sheet = contact_sheet(pictures, [task.stem for task in self.tasks], target)
+        labels = [task.stem for task in self.tasks]
+        sheet = self._writer.after_writes(partial(contact_sheet, pictures, labels, target))
         self._writer.settle()
-        return sheet
+        return sheet.result()
 
     def _batches(self) -> Iterator[list[int]]:
         """Runs of images that can share a call, each at most the rung's batch size."""
