@@ -165,7 +165,8 @@ def cmd_status(args: argparse.Namespace) -> int:
                 return 0
             jobs = await list_jobs(store, limit=args.limit)
             daemon = await daemon_state(store)
-            served = {r.device_class for r in await device_rooms(store, HEARTBEAT_TIMEOUT_S)}
+            rooms = await device_rooms(store, HEARTBEAT_TIMEOUT_S)
+            served = {r.device_class for r in rooms}
             paused = await queue_paused(store)
             waiting = await waiting_drops(store)
         finally:
@@ -196,6 +197,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             )
             if job.state == JobState.FAILED and job.error:
                 print(f"{'':{w}} └ {job.error.splitlines()[0][:100]}")
+            elif job.state == JobState.RUNNING and job.executor and len(rooms) > 1:
+                print(f"{'':{w}} └ on {job.executor}")
             elif job.device_class and job.state in (JobState.QUEUED, JobState.WAITING):
                 # Otherwise a job pinned to a class no daemon serves just sits there.
                 none = "" if job.device_class in served else " (none is running)"

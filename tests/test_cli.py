@@ -12,7 +12,7 @@ import pytest
 
 from dropkiln.cli import main
 from dropkiln.store import EventStore
-from dropkiln.store.events import JobStarted, JobSubmitted, job_stream
+from dropkiln.store.events import JobQueued, JobStarted, JobSubmitted, job_stream
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -102,6 +102,30 @@ def test_status_says_a_job_waits_for_a_device_class_no_daemon_serves(
     assert "runs only on a daemon of device class 24gb (none is running)" in out
     code, out, _ = run(capsys, "status", "--json", "--root", str(home))
     assert json.loads(out)["jobs"][0]["device_class"] == "24gb"
+
+
+def test_status_names_the_executor_of_a_running_job_when_several_daemons_run(
+    home: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from dropkiln.store.leases import Candidate, claim
+    from dropkiln.store.telemetry import record_telemetry
+
+    async def two_daemons_one_claim() -> None:
+        async with await EventStore.open(home / "state" / "dropkiln.db") as store:
+            submitted = JobSubmitted(
+                job_id="claimed1", stage="train", name="cats", lane="gpu", priority=0, spec={}
+            )
+            await store.append(job_stream("claimed1"), [submitted, JobQueued()])
+            for executor in ("box/cuda:0", "box/cuda:1"):
+                sample = {"device": "cuda", "executor": executor, "device_class": "cuda"}
+                await record_telemetry(store, sample, retention_s=600)
+            start = [JobStarted(attempt=1, memory_rung=0)]
+            await claim(store, [Candidate("claimed1", 2, 1, start)], "box/cuda:1", lease_s=60)
+
+    anyio.run(two_daemons_one_claim)
+    code, out, _ = run(capsys, "status", "--root", str(home))
+    assert code == 0
+    assert "└ on box/cuda:1" in out
 
 
 def test_events_json_is_one_object_a_line(home: Path, capsys: pytest.CaptureFixture[str]) -> None:

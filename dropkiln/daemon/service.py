@@ -27,7 +27,7 @@ from dropkiln.daemon.lock import ExecutorLock, IntakeLock, device_lock_path
 from dropkiln.daemon.notify import SystemdNotifier, keep_extending_timeout, watchdog_loop
 from dropkiln.daemon.planner import Planner
 from dropkiln.daemon.scheduler import DECISION_ATTEMPTS, Scheduler
-from dropkiln.daemon.sweep import sweep_leftovers
+from dropkiln.daemon.sweep import STALE_LEFTOVER_S, sweep_leftovers
 from dropkiln.daemon.watcher import DropWatcher, Waiting
 from dropkiln.daemon.webhooks import WebhookSender
 from dropkiln.stages.device import device_name, memory_snapshot, resolve_device
@@ -143,9 +143,9 @@ class Daemon:
                 await self._shutdown(tg)
 
     async def _start(self, *, alone: bool) -> int:
-        """Record the start, clear a dead daemon's unfinished writes (when no other daemon
-        runs on the root: theirs are not left-overs), requeue the jobs this executor's dead
-        predecessor left running and those whose lease ran out."""
+        """Record the start, clear a dead daemon's unfinished writes (beside other daemons,
+        only those untouched for an hour: theirs are not left-overs), requeue the jobs this
+        executor's dead predecessor left running and those whose lease ran out."""
         started = DaemonStarted(
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -155,8 +155,9 @@ class Daemon:
             executor=self.executor_id,
         )
         stored = await self.store.append(DAEMON_STREAM, [started])
-        if alone:
-            await anyio.to_thread.run_sync(sweep_leftovers, self.paths)
+        # Beside other daemons, only what no live write could still be touching.
+        stale = None if alone else STALE_LEFTOVER_S
+        await anyio.to_thread.run_sync(sweep_leftovers, self.paths, stale)
         if await anyio.to_thread.run_sync(self.intake.try_take):
             await self.ingestor.reconcile()
         for _ in range(DECISION_ATTEMPTS):

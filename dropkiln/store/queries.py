@@ -81,6 +81,7 @@ class JobView:
             "depends_on": self.depends_on,
             "error": self.error,
             "device_class": self.device_class,
+            "executor": self.executor,
             "created_at": self.created_at,
             "finished_at": self.finished_at,
         }

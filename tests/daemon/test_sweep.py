@@ -54,3 +54,31 @@ def test_defect01_a_leftover_that_cannot_be_removed_does_not_stop_the_start(
         removed = sweep_leftovers(settings.paths)
     assert stuck.exists() and stuck not in removed
     assert not gone.exists() and gone in removed
+
+
+def test_a_daemon_starting_beside_others_sweeps_only_stale_leftovers(settings: Settings) -> None:
+    """On a shared root another daemon may be writing right now: its temporaries change as it
+    writes, so only those untouched for ``STALE_LEFTOVER_S`` are a dead writer's."""
+    import os
+    import time
+
+    from dropkiln.daemon.sweep import STALE_LEFTOVER_S
+
+    paths = settings.paths
+    old = time.time() - STALE_LEFTOVER_S - 60
+    stale_file = paths.videos / ".cats.mp4.zz9.part"
+    stale_dir = paths.loras / "cats" / "diffusers" / ".lora.q1w2"
+    live_file = paths.images / "dogs" / ".000-2.png.k3j4.part"
+    live_dir = paths.loras / "dogs" / "diffusers" / ".lora.x9y8"
+    for path in (stale_file, stale_dir / "a.safetensors", live_file, live_dir / "b.safetensors"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"x")
+    os.utime(stale_file, (old, old))
+    os.utime(stale_dir / "a.safetensors", (old, old))
+    os.utime(stale_dir, (old, old))
+    os.utime(live_dir, (old, old))  # an old folder whose file is still being written
+
+    removed = sweep_leftovers(paths, older_than_s=STALE_LEFTOVER_S)
+
+    assert set(removed) == {stale_file, stale_dir}
+    assert live_file.exists() and (live_dir / "b.safetensors").exists()

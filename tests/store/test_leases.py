@@ -62,6 +62,17 @@ async def test_a_claim_records_the_executor_and_starts_the_attempt(store: EventS
     assert report.ok, (report.violations, report.differences)
 
 
+async def test_status_json_names_the_executor_running_each_job(store: EventStore) -> None:
+    """With several daemons, ``status --json`` (and ``GET /v1/jobs``) says which one runs a
+    job, as procrastinate's and Oban's job listings name the worker."""
+    from dropkiln.store.queries import status_report
+
+    await claim(store, [await queued(store)], A, lease_s=30)
+    await queued(store, "waiting")
+    jobs = {job["id"]: job for job in (await status_report(store))["jobs"]}
+    assert (jobs["j"]["executor"], jobs["waiting"]["executor"]) == (A, None)
+
+
 async def test_only_one_of_several_claims_of_one_job_wins(store: EventStore) -> None:
     candidate = await queued(store)
     results: list[object] = []
