@@ -2,18 +2,28 @@
 
 A real ``dropkiln daemon`` subprocess (default settings) sits with nothing to do; its CPU
 time (user + system, all threads, from ``/proc/<pid>/stat``) over a window is the idle
-cost, as a share of one core. Then drops arrive one at a time: each is a prompt file the
-daemon must reject (no model is needed for that), and the time from its last write to the
-``DropRejected`` commit, less ``settle_seconds``, is how long the watcher took to notice
-that it had settled. The machine may be busy with other work: the load average before and
-after is reported with the figures.
+cost, as a share of one core, with each thread's share (``/proc/<pid>/task``, named by
+``py-spy dump`` where it is installed). Then it must react, one thing at a time:
+- drops: each is a prompt file the daemon must reject (no model is needed for that), and
+  the time from its last write to the ``DropRejected`` commit, less ``settle_seconds``, is
+  how long the watcher took to notice that it had settled;
+- jobs another process writes: this process submits a job that depends on a failed one,
+  and the time from its ``JobSubmitted`` commit to the daemon's ``JobFailed`` is how long
+  its tail and scheduler took to see it (no model is needed either).
+The machine may be busy with other work: the load average before and after is reported
+with the figures.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import shutil
+import subprocess
+import sys
 import tempfile
 import time
+import uuid
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,32 +44,91 @@ def process_cpu_seconds(pid: int) -> float:
     return (utime + stime) / os.sysconf("SC_CLK_TCK")
 
 
-def bench_idle(seconds: float = 60.0, drops: int = 5, warmup_s: float = 5.0) -> dict[str, Any]:
-    """Idle CPU share of a real daemon over ``seconds``, then the drop-to-reaction delay."""
+def thread_ticks(pid: int) -> dict[int, tuple[str, int]]:
+    """Each thread's (kernel name, user + system clock ticks), from /proc."""
+    ticks: dict[int, tuple[str, int]] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            stat = (task / "stat").read_text()
+        except FileNotFoundError:
+            continue  # ended meanwhile
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        fields = stat.rsplit(")", 1)[1].split()
+        ticks[int(task.name)] = (name, int(fields[11]) + int(fields[12]))
+    return ticks
+
+
+def python_threads(pid: int) -> dict[int, str]:
+    """Python thread names and where each waits, by thread id (``py-spy dump``); empty
+    without py-spy."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+    if not Path(spy).exists():
+        return {}
+    dump = subprocess.run([spy, "dump", "--pid", str(pid)], capture_output=True, text=True)
+    threads: dict[int, str] = {}
+    lines = dump.stdout.splitlines()
+    for number, line in enumerate(lines):
+        found = re.match(r'Thread (\d+) \(\w+\): "(.*)"', line)
+        if found:
+            frame = lines[number + 1].strip() if number + 1 < len(lines) else ""
+            threads[int(found.group(1))] = f"{found.group(2)} in {frame}"
+    return threads
+
+
+def bench_idle(
+    seconds: float = 60.0, drops: int = 5, jobs: int = 5, warmup_s: float = 5.0
+) -> dict[str, Any]:
+    """Idle CPU share of a real daemon over ``seconds`` (per thread too), then the
+    drop-to-reaction and job-to-reaction delays."""
     load_before = os.getloadavg()
+    tick = os.sysconf("SC_CLK_TCK")
     with tempfile.TemporaryDirectory(prefix="dropkiln-idle-") as scratch:
         settings = Settings.load(root=Path(scratch))
         settings.paths.create()
         process = start_daemon(settings, dict(os.environ))
         try:
             time.sleep(warmup_s)  # past the start-up work: reconcile, first telemetry
+            threads_start = thread_ticks(process.pid)
             cpu_start, wall_start = process_cpu_seconds(process.pid), time.monotonic()
             time.sleep(seconds)
             cpu = process_cpu_seconds(process.pid) - cpu_start
             wall = time.monotonic() - wall_start
+            threads_end = thread_ticks(process.pid)
+            names = python_threads(process.pid)
             reactions = [_reaction(settings, number) for number in range(drops)]
+            pickups = anyio.run(_job_reactions, settings, jobs)
         finally:
             stop_daemon(process)
+    threads = []
+    for tid, (name, ticks) in sorted(threads_end.items()):
+        used = ticks - threads_start.get(tid, (name, 0))[1]
+        if used:
+            threads.append(
+                {
+                    "thread": names.get(tid, name),
+                    "ticks": used,
+                    "core_percent": round(100 * used / tick / wall, 3),
+                }
+            )
     return {
         "window_s": round(wall, 2),
+        "warmup_s": warmup_s,
         "cpu_s": round(cpu, 3),
         "idle_core_percent": round(100 * cpu / wall, 3),
+        "threads": sorted(threads, key=lambda t: -t["ticks"]),
+        "clock_ticks_per_s": tick,
         "settle_seconds": settings.settle_seconds,
         "reaction_s": reactions,
-        "reaction_p95_s": round(sorted(reactions)[max(0, round(0.95 * len(reactions)) - 1)], 4),
+        "reaction_p95_s": _p95(reactions),
+        "job_reaction_s": pickups,
+        "job_reaction_p95_s": _p95(pickups),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
+
+
+def _p95(values: list[float]) -> float:
+    return round(sorted(values)[max(0, round(0.95 * len(values)) - 1)], 4)
 
 
 def _reaction(settings: Settings, number: int) -> float:
@@ -90,3 +159,42 @@ async def _rejected_at(settings: Settings, source: str) -> float | None:
     finally:
         await store.close()
     return None
+
+
+async def _job_reactions(settings: Settings, count: int) -> list[float]:
+    """Seconds from a job's JobSubmitted, written here, to the daemon's JobFailed for it:
+    each depends on a job that failed already, so the daemon's first look ends it."""
+    from dropkiln.store import EventStore
+    from dropkiln.store.events import JobFailed, JobSubmitted, job_stream
+
+    def submitted(job_id: str, depends_on: list[str]) -> JobSubmitted:
+        return JobSubmitted(
+            job_id=job_id,
+            stage="generate",
+            name=f"idle-{job_id}",
+            lane="gpu",
+            priority=0,
+            spec={},
+            depends_on=depends_on,
+        )
+
+    store = await EventStore.open(settings.paths.db)
+    delays: list[float] = []
+    try:
+        for _ in range(count):
+            await anyio.sleep(1.0)  # the daemon is idle again, waiting
+            failed, job_id = f"idle-failed-{uuid.uuid4().hex[:8]}", f"idle-{uuid.uuid4().hex[:8]}"
+            ending = JobFailed(reason="failed on purpose, so the job after it cannot run")
+            await store.append(job_stream(failed), [submitted(failed, []), ending])
+            sent = await store.append(job_stream(job_id), [submitted(job_id, [failed])])
+            with anyio.fail_after(30):
+                while not (ended := await store.last(job_stream(job_id), types=["JobFailed"])):
+                    await anyio.sleep(POLL_S / 5)
+            delays.append(round(_at(ended[0].at) - _at(sent[0].at), 4))
+    finally:
+        await store.close()
+    return delays
+
+
+def _at(iso: str) -> float:
+    return datetime.fromisoformat(iso).timestamp()

@@ -242,11 +242,17 @@ def idle_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
     config: dict[str, Any] = {
         "seconds": 60.0 if not options.quick else 15.0,
         "drops": options.pick(options.repeats, 10, 3),
+        "jobs": options.pick(options.repeats, 10, 3),
     }
     figures = bench_idle(**config)
     record = SuiteRecord("idle", config=config)
     record.latencies(
         "reaction", figures.pop("reaction_s"), "drop's last write → DropRejected, less settle"
+    )
+    record.latencies(
+        "job_reaction",
+        figures.pop("job_reaction_s"),
+        "another process's JobSubmitted → the daemon's JobFailed (its dependency had failed)",
     )
     record.metric(
         "idle_core_percent",
@@ -259,7 +265,17 @@ def idle_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
     record.metric(
         "reaction_p95_s", figures["reaction_p95_s"], "s", "lower", "<= 0.05", headline=True
     )
+    record.metric(
+        "job_reaction_p95_s", figures["job_reaction_p95_s"], "s", "lower", "< 0.1", headline=True
+    )
     record.metric("settle_seconds", figures["settle_seconds"], "s")
+    record.metric("window_s", figures["window_s"], "s")
+    record.notes.append(
+        f"CPU over a {figures['window_s']} s window after a {figures['warmup_s']:g} s warm-up; "
+        "by thread: "
+        + ", ".join(f"{t['thread']}: {t['ticks']} ticks" for t in figures["threads"])
+        + f" ({figures['clock_ticks_per_s']} ticks a second)"
+    )
     record.notes.append(
         f"load average before {figures['load_average_before']}, "
         f"after {figures['load_average_after']} (other work on the machine inflates both)"

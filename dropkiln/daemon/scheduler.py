@@ -13,6 +13,12 @@ micro-batch, or one validation image) and save its checkpoint.
 Several daemons (executors) may share the store: each runs this scheduler over its own
 lanes, starting a job claims it (``store.leases``), so each job runs on one of them, and
 every pass requeues the running jobs whose lease ran out, wherever they ran.
+
+A pass runs when something may have changed what can start: this daemon's own job ended,
+a command came, or the store's tail saw one of ``RUNNABLE_CHANGES`` (a job submitted,
+requeued or ended, a drop's move done), written by this process or any other. Nothing
+says when a lease runs out, so a pass also runs every ``pass_every_s`` (a third of
+``lease_seconds``); an idle daemon does nothing in between.
 """
 
 from __future__ import annotations
@@ -29,11 +35,18 @@ from dropkiln.config import Settings
 from dropkiln.daemon.executor import Executor, RunningJob
 from dropkiln.store import ConcurrencyError, EventStore, JobView, find_job, list_jobs, queue_paused
 from dropkiln.store.events import (
+    DropMoveAbandoned,
+    DropMoved,
     Event,
     JobCancelled,
     JobFailed,
     JobInterrupted,
+    JobPreempted,
     JobQueued,
+    JobSubmitted,
+    JobSucceeded,
+    OutOfMemory,
+    RetryScheduled,
     job_stream,
     parse_event,
 )
@@ -48,6 +61,29 @@ log = logging.getLogger(__name__)
 DECISION_ATTEMPTS = 5
 RETRYABLE = frozenset({JobState.FAILED, JobState.CANCELLED})
 ENDINGS = (JobFailed.type_name(), JobCancelled.type_name())
+RUNNABLE_CHANGES = tuple(
+    event.type_name()
+    for event in (
+        JobSubmitted,  # a new job
+        JobQueued,  # requeued: a retry, a lost lease, a shutdown
+        OutOfMemory,  # back in the queue at a lower rung
+        RetryScheduled,
+        JobPreempted,  # its GPU is free for the job it gave way to
+        JobInterrupted,
+        JobSucceeded,  # its dependents may start, its lane is free
+        JobFailed,  # its dependents end too
+        JobCancelled,
+        DropMoved,  # the jobs of a drop wait for its move
+        DropMoveAbandoned,
+    )
+)
+"""Events after which a job may start (or must end) that could not before, from any process:
+the daemon's tail wakes the scheduler for them."""
+LEASE_CHECKS_PER_LEASE = 3
+"""Passes per ``lease_seconds`` when nothing else wakes the scheduler: a job whose daemon
+died is requeued at most a third of a lease after its lease ran out."""
+LEFT_JOB_PASS_S = 1.0
+"""How often the scheduler looks again while it leaves a GPU job to a roomier device."""
 
 
 def _negated(at: str | None) -> tuple[int, ...]:
@@ -81,7 +117,8 @@ class Scheduler:
         self._ended_in: dict[str, JobState] = {}
         """The state each job's latest attempt ended in, as its executor reported it."""
         self._wake = anyio.Event()
-        self._next_pass_in = 1.0
+        self.pass_every_s = settings.executor.lease_seconds / LEASE_CHECKS_PER_LEASE
+        self._next_pass_in = self.pass_every_s
         self._idle = anyio.Event()
         self._idle.set()
 
@@ -99,7 +136,7 @@ class Scheduler:
     async def run(self, tg: TaskGroup) -> None:
         self.paused = await queue_paused(self.store)
         while self.accepting:
-            self._next_pass_in = 1.0
+            self._next_pass_in = self.pass_every_s
             await self.schedule(tg)
             with anyio.move_on_after(self._next_pass_in):
                 await self._wake.wait()
@@ -135,7 +172,10 @@ class Scheduler:
             capacity = 1 if lane == Lane.GPU else self.settings.cpu_workers
             if len(busy) < capacity:
                 if lane == Lane.GPU and await self.executor.roomier_executor(job):
-                    continue  # another device has more room for it: left to that one a while
+                    # Another device has more room for it: left to that one a while, and
+                    # nothing but the clock says when the while is over.
+                    self._next_pass_in = min(self._next_pass_in, LEFT_JOB_PASS_S)
+                    continue
                 await self._start(tg, job)
             elif lane == Lane.GPU:
                 # Several executors see the same waiting job: only the one whose job is

@@ -26,7 +26,7 @@ from dropkiln.daemon.ingest import Ingestor
 from dropkiln.daemon.lock import ExecutorLock, IntakeLock, device_lock_path
 from dropkiln.daemon.notify import SystemdNotifier, keep_extending_timeout, watchdog_loop
 from dropkiln.daemon.planner import Planner
-from dropkiln.daemon.scheduler import DECISION_ATTEMPTS, Scheduler
+from dropkiln.daemon.scheduler import DECISION_ATTEMPTS, RUNNABLE_CHANGES, Scheduler
 from dropkiln.daemon.sweep import STALE_LEFTOVER_S, sweep_leftovers
 from dropkiln.daemon.watcher import DropWatcher, Waiting
 from dropkiln.daemon.webhooks import WebhookSender
@@ -82,6 +82,8 @@ class Daemon:
         self.device_thread: DeviceThread
         self._stop = anyio.Event()
         self._stop_reason = "stopped"
+        # Set when a drop's move failed and waits for its retry (the mover sleeps till then).
+        self._move_pending = anyio.Event()
         self.store: EventStore
         self.scheduler: Scheduler
         self.ingestor: Ingestor
@@ -202,6 +204,7 @@ class Daemon:
                 await anyio.sleep(INTAKE_RETRY_S)
             log.info("%s takes drops from now on", self.executor_id)
             await self.ingestor.reconcile()
+            self._note_pending_moves()
             self.scheduler.wake()
         async with anyio.create_task_group() as tg:
             tg.start_soon(self._watch, name="watcher")
@@ -230,10 +233,20 @@ class Daemon:
                 # The store refused a write (disk full, a bug): the drop stays where it
                 # is, untouched, and is taken at the next start.
                 log.exception("could not take drop %s; it stays in the drop folder", entry)
+            self._note_pending_moves()
             self.scheduler.wake()
 
+    def _note_pending_moves(self) -> None:
+        if self.ingestor.pending:
+            self._move_pending.set()
+
     async def _retry_moves(self) -> None:
+        """Retry the failed moves of drops as they fall due; asleep while none failed."""
         while True:
+            if not self.ingestor.pending:
+                await self._move_pending.wait()
+                self._move_pending = anyio.Event()
+                continue
             await anyio.sleep(MOVE_RETRY_TICK_S)
             try:
                 if await self.ingestor.retry_moves():
@@ -242,7 +255,12 @@ class Daemon:
                 log.exception("could not record a drop move; trying again")
 
     async def _obey_commands(self, after: int) -> None:
-        async for stored in self.store.tail(after, types=COMMANDS):
+        """Carry out the commands written to the store, and wake the scheduler when any
+        process writes what may let a job start (it has no other way to know soon)."""
+        async for stored in self.store.tail(after, types=COMMANDS + RUNNABLE_CHANGES):
+            if stored.type in RUNNABLE_CHANGES:
+                self.scheduler.wake()
+                continue
             try:
                 command = parse_event(stored.type, stored.data)
                 if isinstance(command, CancelRequested) and stored.job_id:

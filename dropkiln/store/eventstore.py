@@ -176,8 +176,8 @@ class EventStore:
         stream: str | None = None,
         types: Sequence[str] | None = None,
     ) -> AsyncGenerator[StoredEvent, None]:
-        """Every event after ``after``, forever; it sleeps until another commit (see
-        ``sqlite.CommitWatch``)."""
+        """Every event after ``after``, forever; it sleeps until a commit appends events
+        (see ``commitwatch.CommitWatch``)."""
         async with self.database.watch(poll_interval) as watch:
             while True:
                 # Read before the batch: a commit the batch misses changes it afterwards.

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -26,6 +25,8 @@ from dropkiln.store.pool import ConnectionPool
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect
+
+    from dropkiln.store.commitwatch import CommitWatch
 
 T = TypeVar("T")
 
@@ -48,8 +49,6 @@ SYNCHRONOUS_NORMAL = "PRAGMA synchronous = NORMAL"
 # with "database is locked" instead of waiting for the busy timeout. BEGIN IMMEDIATE waits.
 BEGIN_WRITE = "BEGIN IMMEDIATE"
 BEGIN_READ = "BEGIN"
-# watchfiles groups the notifications of one commit (WAL writes, then the -shm index).
-DEBOUNCE_MS = 50
 
 Connection = sqlite3.Connection
 """What the work given to ``read`` and ``write`` receives. Read connections return rows
@@ -181,6 +180,8 @@ class Database:
         """A ``CommitWatch`` for tails; see there."""
         import anyio.to_thread
 
+        from dropkiln.store.commitwatch import CommitWatch
+
         conn = await anyio.to_thread.run_sync(connect, self.path)
         watch = CommitWatch(self.path, conn, poll_interval)
         try:
@@ -195,85 +196,6 @@ class Database:
         if self._write_connection is not None:
             self._write_connection.close()
             self._write_connection = None
-
-
-class CommitWatch:
-    """Wakes a tail when another connection commits.
-
-    Every commit, from this process or another, writes the WAL file, and the kernel says so
-    (inotify, through watchfiles); ``PRAGMA data_version`` then tells a real commit from a
-    checkpoint. The wait runs in one worker thread and wakes the event loop only for a
-    commit. watchfiles hands a notification over one or two steps (``STEP_MS``) after it
-    arrives; each step wakes the thread, so the step is what an idle tail costs. Where
-    notifications do not reach (some network filesystems) it looks every ``poll_interval``
-    seconds anyway."""
-
-    STEP_MS = 40
-    """A commit is seen 40 to 80 ms after it (the tail's goal: p95 < 100 ms), for 25 wakes
-    a second of a thread that does nothing else."""
-
-    def __init__(self, path: Path, conn: sqlite3.Connection, poll_interval: float) -> None:
-        from watchfiles._rust_notify import RustNotify
-        from watchfiles.main import _default_force_polling
-
-        self.path = path
-        self._conn: sqlite3.Connection | None = conn
-        self._poll_ms = max(1, round(poll_interval * 1000))
-        # Kept open for the whole tail: a commit made while the tail reads a batch is already
-        # noted when it waits again. The folder, not the files: the WAL comes and goes.
-        self._notify = RustNotify(
-            [str(path.parent)], False, _default_force_polling(None), 300, False, False
-        )
-        self._lock = threading.Lock()
-
-    async def version(self) -> int:
-        """The database's commit counter as this connection sees it."""
-        import anyio.to_thread
-
-        version = await anyio.to_thread.run_sync(self._data_version)
-        if version is None:
-            raise StoreError(f"the watch on {self.path} is closed")
-        return version
-
-    async def changed_since(self, version: int) -> None:
-        """Return once the database has a commit newer than ``version``."""
-        import anyio.to_thread
-
-        stop = threading.Event()
-        try:
-            await anyio.to_thread.run_sync(
-                self._wait_for_commit, version, stop, abandon_on_cancel=True
-            )
-        finally:
-            stop.set()  # a cancelled wait's thread ends at its next step
-
-    def close(self) -> None:
-        with self._lock:
-            self._notify.close()
-            if self._conn is not None:
-                self._conn.close()
-                self._conn = None
-
-    def _wait_for_commit(self, version: int, stop: threading.Event) -> None:
-        name = self.path.name
-        while not stop.is_set():
-            changes = self._notify.watch(DEBOUNCE_MS, self.STEP_MS, self._poll_ms, stop)
-            if changes == "stop":
-                return
-            if isinstance(changes, set) and not any(
-                Path(changed).name.startswith(name) for _, changed in changes
-            ):
-                continue  # another file in the folder
-            now = self._data_version()
-            if now is None or now != version:
-                return
-
-    def _data_version(self) -> int | None:
-        """None once the watch is closed."""
-        with self._lock:
-            if self._conn is None:
-                return None
-            return int(self._conn.execute("PRAGMA data_version").fetchone()[0])
 
 
 # SQL that differs between backends ----------------------------------------------------------
