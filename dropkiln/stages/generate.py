@@ -16,7 +16,6 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from dropkiln.stages.base import StageContext, StageDef, StageError, StageSpec
 from dropkiln.stages.generation.memory_ladder import GENERATE_LADDER, batch_limit
-from dropkiln.stages.generation.png_files import contact_sheet
 from dropkiln.stages.generation.prompt_file import PromptFile, expand_jobs
 from dropkiln.stages.starting_rung import generation_start_rung
 
@@ -79,7 +78,7 @@ def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
     with run.prepared(pipe):
         images = run.render_images()
         walk_frames = run.render_walk()
-    sheet = contact_sheet(images, [task.stem for task in tasks], output_dir / CONTACT_SHEET)
+        sheet = run.contact_sheet(images, output_dir / CONTACT_SHEET)
     ctx.artifact(sheet, "contact-sheet")
     first = tasks[0]
     return {

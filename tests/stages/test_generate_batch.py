@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -124,3 +125,48 @@ def test_an_oom_inside_a_batch_resumes_with_half_the_batch_and_nothing_twice(
     assert steps_per_call(retry.progress_log) == [2, 2, 1, 1, 1, 1]  # two kept, two alone
     for name, stamp in stamps.items():
         assert (tmp_path / "out" / name).stat().st_mtime_ns == stamp
+
+
+def test_the_contact_sheet_is_built_from_memory_not_by_reading_the_images_again(
+    gen_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from PIL import Image
+
+    from dropkiln.stages.generation.png_files import contact_sheet
+
+    opened: list[str] = []
+    real_open = Image.open
+
+    def spying_open(source: Any, *args: Any, **kwargs: Any) -> Any:
+        opened.append(Path(source).name if isinstance(source, str | Path) else "<stream>")
+        return real_open(source, *args, **kwargs)
+
+    monkeypatch.setattr(Image, "open", spying_open)
+    prompt_file = PromptFile(
+        images=[ImageEntry(prompt="a", count=3, steps=2, width=64, height=96, batch_size=2)]
+    )
+    result = run_generate(spec_for(tmp_path / "out", prompt_file), local(gen_root, tmp_path))
+    images = [Path(p) for p in result["images"]]
+    assert not [name for name in opened if name.endswith(".png")]
+    monkeypatch.setattr(Image, "open", real_open)
+    # the same sheet, byte for byte, as one made by reading the written files
+    again = contact_sheet(images, [p.stem for p in images], tmp_path / "from-files.png")
+    assert Path(result["contact_sheet"]).read_bytes() == again.read_bytes()
+
+
+def test_a_resumed_job_puts_the_images_it_kept_on_its_contact_sheet(
+    gen_root: Path, tmp_path: Path
+) -> None:
+    from dropkiln.stages.generation.png_files import contact_sheet
+
+    prompt_file = PromptFile(
+        images=[ImageEntry(prompt="a", count=3, steps=2, width=64, height=64, batch_size=1)]
+    )
+    spec = spec_for(tmp_path / "out", prompt_file)
+    with pytest.raises(torch.OutOfMemoryError):
+        run_generate(spec, local(gen_root, tmp_path, faults=FaultInjector("oom@generate.image:2")))
+    result = run_generate(spec, local(gen_root, tmp_path / "again"))
+    assert (result["rendered"], result["skipped"]) == (2, 1)
+    images = [Path(p) for p in result["images"]]
+    again = contact_sheet(images, [p.stem for p in images], tmp_path / "from-files.png")
+    assert Path(result["contact_sheet"]).read_bytes() == again.read_bytes()

@@ -4,9 +4,11 @@ script that made the weights."""
 from __future__ import annotations
 
 import hashlib
+import io
 import subprocess
 import sys
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +47,21 @@ def test_shipped_weights_are_the_pinned_file() -> None:
     digest = hashlib.sha256(SHAPES_WEIGHTS.read_bytes()).hexdigest()
     assert digest == SHIPPED_SHA256
     assert SHAPES_WEIGHTS.stat().st_size <= 20 * 1024 * 1024
+
+
+def test_shipped_weights_name_the_default_recipe() -> None:
+    # The documented run writes the recipe into the file; a knob added to the recipe (the
+    # decoder phase, off by default) must not change what the default run writes.
+    import json
+
+    from safetensors import safe_open
+
+    from dropkiln.stages.models.train_tiny import Recipe
+
+    with safe_open(str(SHAPES_WEIGHTS), "pt") as weights:
+        named = json.loads(weights.metadata()["dropkiln.recipe"])
+    assert named == Recipe().recorded()
+    assert "decoder_steps" in replace(Recipe(), decoder_steps=1).recorded()
 
 
 def test_detector_reads_drawn_scenes() -> None:
@@ -189,7 +206,7 @@ def test_reconstruction_error_pins_the_shape_colour() -> None:
     import torch
 
     from dropkiln.stages.models.shapes_scenes import Scene
-    from dropkiln.stages.models.train_tiny import reconstruction_errors
+    from dropkiln.stages.models.shapes_vae import reconstruction_errors
 
     red = Scene("square", "red", "white", "small", "center", (220, 30, 30))
     orange = Scene("square", "orange", "white", "small", "center", (240, 130, 20))
@@ -203,6 +220,54 @@ def test_reconstruction_error_pins_the_shape_colour() -> None:
     assert colour > 4 * plain
     assert error > 4 * plain  # the shape's pixels weigh 9 times the background's
     assert reconstruction_errors(drawn, drawn, shape_weight=8.0)[1] == 0
+
+
+def test_margin_makes_a_blob_cost_what_a_shrunken_shape_does() -> None:
+    # Weighted toward the shape alone, a reconstruction that spills the shape's colour a
+    # pixel past its edge (a star's gaps filled: a blob) costs far less than one that falls
+    # a pixel short of it; with the margin weighed as the shape, the two cost about alike.
+    import torch
+
+    from dropkiln.stages.models.shapes_scenes import Scene
+    from dropkiln.stages.models.shapes_vae import reconstruction_errors
+
+    def pixels(scale: float) -> torch.Tensor:
+        scene = Scene("square", "red", "white", "large", "center", (220, 30, 30), scale=scale)
+        array = np.asarray(draw_scene(scene), dtype=np.float32)
+        return torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
+
+    drawn, spilled, shrunk = pixels(1.0), pixels(32 / 28), pixels(24 / 28)
+
+    def cost(reconstruction: torch.Tensor, margin: int) -> float:
+        return float(reconstruction_errors(reconstruction, drawn, 8.0, margin=margin)[0])
+
+    assert cost(spilled, 0) < 0.4 * cost(shrunk, 0)
+    assert 0.7 < cost(spilled, 2) / cost(shrunk, 2) < 1.5
+
+
+@pytest.mark.slow
+def test_decoder_phase_changes_only_the_decoder() -> None:
+    # The decoder phase draws its own scenes and leaves the encoder frozen, so every other
+    # tensor (the latents the UNet learns, the text encoders, the UNet) is bit for bit what
+    # the recipe without it gives.
+    import torch
+
+    from dropkiln.stages.models.train_tiny import Recipe, train
+
+    short = Recipe(
+        vae_steps=2, vae_batch=2, text_steps=2, text_batch=2, scenes=8, unet_steps=2,
+        unet_batch=2, decoder_steps=0,
+    )  # fmt: skip
+    threads = torch.get_num_threads()
+    try:
+        without = train(short, log=io.StringIO())
+        sharpened = train(replace(short, decoder_steps=2), log=io.StringIO())
+    finally:
+        torch.set_num_threads(threads)
+    decoder = ("vae.decoder.", "vae.post_quant_conv.")
+    assert without.keys() == sharpened.keys()
+    changed = {k for k in without if not torch.equal(without[k], sharpened[k])}
+    assert changed and all(k.startswith(decoder) for k in changed), sorted(changed)[:5]
 
 
 @pytest.mark.slow

@@ -141,13 +141,28 @@ def read_dropkiln_record(path: Path) -> dict[str, Any] | None:
         return None
 
 
-def contact_sheet(images: Sequence[Path], labels: Sequence[str], target: Path) -> Path:
+def sheet_thumbnail(image: Image.Image) -> Image.Image:
+    """What the contact sheet needs of ``image``: itself if it fits a cell, else scaled down
+    to THUMB_SIDE (the sheet's cells are never larger, so the sheet comes out the same)."""
+    picture = image.convert("RGB")  # a copy: the caller may go on using its image
+    if max(picture.size) <= THUMB_SIDE:
+        return picture
+    return ImageOps.contain(picture, (THUMB_SIDE, THUMB_SIDE), Image.Resampling.LANCZOS)
+
+
+def contact_sheet(
+    images: Sequence[Path | Image.Image], labels: Sequence[str], target: Path
+) -> Path:
     """A grid of thumbnails (small images scaled up to the cell) with labels wrapped inside
-    their cells, written atomically."""
+    their cells, written atomically. An image is given in memory (its ``sheet_thumbnail``,
+    when the caller has just written it) or as a file to read."""
     pictures = []
-    for path in images:
-        with Image.open(path) as img:
-            pictures.append(img.convert("RGB"))
+    for image in images:
+        if isinstance(image, Image.Image):
+            pictures.append(sheet_thumbnail(image))
+            continue
+        with Image.open(image) as img:
+            pictures.append(sheet_thumbnail(img))
     side = min(THUMB_SIDE, max((max(p.size) for p in pictures), default=THUMB_SIDE))
     side = max(side, MIN_CELL_SIDE)
     font = ImageFont.load_default()

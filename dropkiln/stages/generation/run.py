@@ -24,6 +24,7 @@ from dropkiln.stages.generation.latent_walk import WalkFrame, lerp_embeddings, s
 from dropkiln.stages.generation.memory_ladder import apply_rung, batch_limit, undo_rung
 from dropkiln.stages.generation.png_files import (
     a1111_parameters,
+    contact_sheet,
     latent_preview,
     model_label,
     png_info,
@@ -165,13 +166,26 @@ class GenerationRun:
                 self._writer.submit(image, paths[position], info, self._image_written)
             checkpoint = {"phase": "images", "done": last + 1, "last": paths[last].name}
             self._writer.then(partial(self.ctx.checkpoint, checkpoint))
-        self._writer.settle()
+        # the last batch's writes are settled by the walk or the contact sheet; until then
+        # this thread writes the ones the writer thread has not started
+        self._writer.help()
         return paths
 
     def _image_written(self, target: Path) -> None:
         self.ctx.fault("generate.written")
         self.rendered += 1
         self.ctx.artifact(target, "image")
+
+    def contact_sheet(self, images: list[Path], target: Path) -> Path:
+        """The contact sheet of ``images``, drawn from the thumbnails the writes made (a kept
+        image is read) and written on the writer thread while this one records the images."""
+        if self._writer.failed():
+            self._writer.settle()  # raises the write's error, the written ones recorded
+        pictures = [self._writer.thumbnail(path) or path for path in images]
+        labels = [task.stem for task in self.tasks]
+        sheet = self._writer.after_writes(partial(contact_sheet, pictures, labels, target))
+        self._writer.settle()
+        return sheet.result()
 
     def _batches(self) -> Iterator[list[int]]:
         """Runs of images that can share a call, each at most the rung's batch size."""
@@ -190,7 +204,10 @@ class GenerationRun:
 
     def render_walk(self) -> list[Path]:
         """The latent-walk frames (none unless the prompt file asks for a latent walk)."""
-        paths = []
+        paths: list[Path] = []
+        if not self.walk:
+            return paths
+        self._writer.settle()  # the images are recorded before the first frame
         lead = self.tasks[0]
         for frame in self.walk:
             target = self.output_dir / "walk" / f"{frame.index:04d}.png"

@@ -3,7 +3,9 @@
     python -m dropkiln.stages.models.train_tiny --out tiny-shapes.safetensors
 
 Three phases, all seeded: the VAE learns to reconstruct scenes in any colour (from the
-posterior mean, its loss weighted toward the shape and its colour); the text encoders learn
+posterior mean, its loss weighted toward the shape and its colour), and optionally
+(``--decoder-steps``, off in the shipped recipe) its decoder alone then learns their edges
+(shapes_vae); the text encoders learn
 to tell the caption words apart (shapes_text); then the UNet learns the noise-prediction
 loss on the VAE's latent means of a fixed set of scenes, conditioned on the captions through
 the text encoders, which keep learning alongside it. With the defaults the file it writes is
@@ -24,14 +26,13 @@ from typing import TYPE_CHECKING, Any
 
 from dropkiln.stages.models.shapes_detect import vae_readback
 from dropkiln.stages.models.shapes_model import COMPONENTS, SHAPES_WORDS, shapes_architecture
-from dropkiln.stages.models.shapes_scenes import SIZE, codec_scene, draw_scene, random_scene
+from dropkiln.stages.models.shapes_scenes import SIZE, random_scene
 from dropkiln.stages.models.shapes_text import separate_caption_words
+from dropkiln.stages.models.shapes_vae import scene_batch, sharpen_decoder, train_codec
 
 if TYPE_CHECKING:
     import numpy as np
     import torch
-
-    from dropkiln.stages.models.shapes_scenes import Scene
 
 
 @dataclass(frozen=True)
@@ -46,6 +47,11 @@ class Recipe:
     kl_weight: float = 1e-5
     shape_weight: float = 8.0
     colour_weight: float = 1.0
+    decoder_steps: int = 0
+    decoder_lr: float = 1e-3
+    edge_margin: int = 2
+    edge_weight: float = 2.0
+    latent_noise: float = 0.0
     text_steps: int = 300
     text_batch: int = 32
     text_lr: float = 2e-3
@@ -56,6 +62,20 @@ class Recipe:
     text_encoder_lr: float = 3e-4
     uncond_probability: float = 0.1
     min_snr_gamma: float = 5.0
+
+    def recorded(self) -> dict[str, Any]:
+        """The knobs a weights file names: those of a phase that did not run are left out,
+        so a recipe that gained an optional phase still writes the bytes it wrote before."""
+        from dataclasses import asdict
+
+        knobs = asdict(self)
+        if self.decoder_steps <= 0:
+            for name in _DECODER_KNOBS:
+                del knobs[name]
+        return knobs
+
+
+_DECODER_KNOBS = ("decoder_steps", "decoder_lr", "edge_margin", "edge_weight", "latent_noise")
 
 
 Checkpoint = tuple[int, Callable[[int, dict[str, "torch.Tensor"]], None]]
@@ -87,10 +107,15 @@ def train(
 
 
 def train_vae(recipe: Recipe, log: Any = sys.stdout) -> Any:
-    """The VAE as ``train`` gives it (its first phase, alone)."""
+    """The VAE as ``train`` gives it (its two VAE phases, alone)."""
     components, rng = _start(recipe)
     _train_vae(components["vae"], recipe, rng, log)
     return components["vae"]
+
+
+def _train_vae(vae: Any, recipe: Recipe, rng: np.random.Generator, log: Any) -> None:
+    train_codec(vae, recipe, rng, log)
+    sharpen_decoder(vae, recipe, log)
 
 
 def _start(recipe: Recipe) -> tuple[dict[str, Any], np.random.Generator]:
@@ -117,73 +142,6 @@ def _weights(components: dict[str, Any]) -> dict[str, torch.Tensor]:
     scaling = float(components["vae"].config.scaling_factor)
     state["vae_scaling_factor"] = torch.tensor(scaling, dtype=torch.float32)
     return state
-
-
-def scene_batch(
-    rng: np.random.Generator, count: int, draw: Callable[..., Scene] = random_scene
-) -> tuple[torch.Tensor, list[str]]:
-    """``count`` scenes from ``draw`` as a [-1, 1] channels-last image batch, with captions."""
-    import numpy as np
-    import torch
-
-    scenes = [draw(rng) for _ in range(count)]
-    pixels = np.stack([np.asarray(draw_scene(scene), dtype=np.float32) for scene in scenes])
-    batch = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
-    return batch.contiguous(memory_format=torch.channels_last), [s.caption for s in scenes]
-
-
-def _train_vae(vae: Any, recipe: Recipe, rng: np.random.Generator, log: Any) -> None:
-    import torch
-
-    vae.train()
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, recipe.vae_steps)
-    for step in range(recipe.vae_steps):
-        images, _ = scene_batch(rng, recipe.vae_batch, codec_scene)
-        posterior = vae.encode(images).latent_dist
-        # The mean, not a sample: at this KL weight the posterior's spread stays near its
-        # initial 1, as wide as the means' own, and a decoder fed samples learned one
-        # colour per background. The UNet learns these means (encoding.encode_latents).
-        reconstruction = vae.decode(posterior.mean).sample
-        error, colour = reconstruction_errors(reconstruction, images, recipe.shape_weight)
-        loss = error + recipe.colour_weight * colour + recipe.kl_weight * posterior.kl().mean()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0 or step == recipe.vae_steps - 1:
-            line = f"vae {step:5d} reconstruction {error.item():.5f} colour {colour.item():.5f}"
-            print(f"{line} at {_clock()}", file=log, flush=True)
-    vae.eval().requires_grad_(False)
-
-
-def reconstruction_errors(
-    reconstruction: torch.Tensor, images: torch.Tensor, shape_weight: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(L1 error weighted toward the shape, L1 error of the shape's mean colour).
-
-    The shape covers a few percent of the picture: unweighted, the background's pixels
-    outvote it and the VAE gives back a blob in the background's colour; and a per-pixel
-    error lets the colour drift toward its neighbours' (red and yellow both came back
-    orange), which the error of the whole shape's mean colour pins."""
-    mask = shape_mask(images)
-    weights = 1.0 + shape_weight * mask
-    error = (weights * (reconstruction - images).abs()).mean() / weights.mean()
-    area = mask.sum(dim=(2, 3)).clamp(min=1.0)
-    drawn = (images * mask).sum(dim=(2, 3)) / area
-    given = (reconstruction * mask).sum(dim=(2, 3)) / area
-    return error, (given - drawn).abs().mean()
-
-
-def shape_mask(images: torch.Tensor) -> torch.Tensor:
-    """1 where a [-1, 1] scene differs from its background (its border's median), else 0."""
-    import torch
-
-    border = torch.cat(
-        [images[:, :, 0], images[:, :, -1], images[:, :, :, 0], images[:, :, :, -1]], dim=2
-    )
-    background = border.median(dim=2).values[:, :, None, None]
-    return ((images - background).abs().amax(dim=1, keepdim=True) > 0.1).float()
 
 
 def _encode_scenes(
@@ -313,7 +271,6 @@ def _warmup_then_cosine(total: int, warmup: int = 100) -> Any:
 def save_weights(state: dict[str, torch.Tensor], path: Path, recipe: Recipe) -> str:
     """Write the weights (sorted keys, no timestamps: the same run gives the same bytes)."""
     import json
-    from dataclasses import asdict
 
     from safetensors.torch import save_file
 
@@ -321,7 +278,7 @@ def save_weights(state: dict[str, torch.Tensor], path: Path, recipe: Recipe) -> 
 
     path.parent.mkdir(parents=True, exist_ok=True)
     # One metadata key: safetensors writes several in a per-process random (hash) order.
-    metadata = {"dropkiln.recipe": json.dumps(asdict(recipe), sort_keys=True)}
+    metadata = {"dropkiln.recipe": json.dumps(recipe.recorded(), sort_keys=True)}
     save_file(dict(sorted(state.items())), str(path), metadata=metadata)
     return file_sha256(path)
 
