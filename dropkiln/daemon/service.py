@@ -274,18 +274,18 @@ class Daemon:
                 log.exception("could not carry out command %s #%d", stored.type, stored.seq)
 
     async def _telemetry(self) -> None:
+        # Started once the scheduler exists, as _status_text and _telemetry_interval assume.
         while True:
             # Allocator counters and psutil only, no torch op: safe beside the device thread,
             # and it must not wait for a running stage.
             sample = await anyio.to_thread.run_sync(memory_snapshot, self.device)
-            gpu = self.scheduler.lane_jobs(Lane.GPU) if hasattr(self, "scheduler") else []
+            gpu = self.scheduler.lane_jobs(Lane.GPU)
             if gpu:
                 sample["job_id"] = gpu[0].id
                 sample["memory_rung"] = gpu[0].context.memory_rung
-            if hasattr(self, "scheduler"):
-                # Other executors read it to steer GPU jobs to room (daemon/placement.py).
-                sample["executor"] = self.scheduler.executor.id
-                sample["device_class"] = self.scheduler.executor.device_class
+            # Other executors read it to steer GPU jobs to room (daemon/placement.py).
+            sample["executor"] = self.scheduler.executor.id
+            sample["device_class"] = self.scheduler.executor.device_class
             await record_telemetry(self.store, sample, self.settings.telemetry_retention_s)
             self.notifier.status(self._status_text())
             await anyio.sleep(self._telemetry_interval())
@@ -293,7 +293,7 @@ class Daemon:
     def _telemetry_interval(self) -> float:
         """telemetry_every_s while a job runs; idle, a sample is only the heartbeat that says
         the daemon is up, and each one wakes every tail, so it comes less often."""
-        if hasattr(self, "scheduler") and self.scheduler.running:
+        if self.scheduler.running:
             return self.settings.telemetry_every_s
         return max(self.settings.telemetry_every_s, IDLE_TELEMETRY_S)
 
