@@ -115,10 +115,7 @@ class PngWriter:
 
     def failed(self) -> bool:
         """A pending write has failed (by now; a running one may still fail)."""
-        return any(
-            w.outcome is not None if w.helped else w.future.done() and w.error() is not None
-            for w in self._pending
-        )
+        return any((w.helped or w.future.done()) and w.error() is not None for w in self._pending)
 
     def settle(self) -> None:
         """Wait for the pending writes, then record them in order; a failed write raises its
