@@ -55,8 +55,8 @@ class _ImageClock(LocalContext):
 
     timeline: PhaseTimeline = field(default_factory=PhaseTimeline)
 
-    def artifact(self, path: Path, kind: str) -> None:
-        super().artifact(path, kind)
+    def artifact(self, path: Path, kind: str, sha256: str | None = None) -> None:
+        super().artifact(path, kind, sha256)
         if kind == "image":
             self.timeline.mark()
 

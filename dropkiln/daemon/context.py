@@ -10,14 +10,14 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import Any
 
 import anyio.from_thread
 from anyio.lowlevel import EventLoopToken
 
-from dropkiln.stages.base import StageStopped
+from dropkiln.stages.base import Artifact, StageStopped
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.store.events import (
     ArtifactWritten,
@@ -141,12 +141,15 @@ class DaemonContext:
         else:
             self._pending_progress = event
 
-    def checkpoint(self, state: dict[str, Any]) -> None:
+    def checkpoint(self, state: dict[str, Any], artifacts: Sequence[Artifact] = ()) -> None:
         self.last_sign_of_life = time.monotonic()
         pending = self.take_pending_progress()
         events: list[Event] = [pending] if pending else []
-        self._send([*events, CheckpointSaved(state=_jsonable(state))])
+        records = [record for record in map(self._unrecorded, artifacts) if record is not None]
+        # one commit for the checkpoint and the files it covers, not one per file
+        self._send([*events, *records, CheckpointSaved(state=_jsonable(state))])
         self._resume = state
+        self._recorded.update((record.path, record.sha256) for record in records)
 
     def resume_state(self) -> dict[str, Any] | None:
         return self._resume
@@ -157,16 +160,22 @@ class DaemonContext:
         )
         self._send([unusable])
 
-    def artifact(self, path: Path, kind: str) -> None:
+    def artifact(self, path: Path, kind: str, sha256: str | None = None) -> None:
         self.last_sign_of_life = time.monotonic()
-        path = Path(path)
-        digest = file_sha256(path)
-        if self._recorded.get(str(path)) == digest:
+        record = self._unrecorded(Artifact(Path(path), kind, sha256))
+        if record is None:
             return  # recorded by an earlier attempt: a stage re-reports what it finds on disk
-        self._send(
-            [ArtifactWritten(path=str(path), kind=kind, bytes=path.stat().st_size, sha256=digest)]
-        )
-        self._recorded[str(path)] = digest
+        self._send([record])
+        self._recorded[record.path] = record.sha256
+
+    def _unrecorded(self, artifact: Artifact) -> ArtifactWritten | None:
+        """The record of ``artifact``, or None when this job recorded the same bytes before."""
+        path = Path(artifact.path)
+        digest = artifact.sha256 or file_sha256(path)
+        if self._recorded.get(str(path)) == digest:
+            return None
+        size = path.stat().st_size
+        return ArtifactWritten(path=str(path), kind=artifact.kind, bytes=size, sha256=digest)
 
     def should_stop(self) -> bool:
         self.last_sign_of_life = time.monotonic()

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, Self
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -67,6 +67,15 @@ class StageError(Exception):
     """A failure with a reason meant for the user (bad input, impossible request)."""
 
 
+class Artifact(NamedTuple):
+    """An output file, written atomically, for ``StageContext.checkpoint`` to record."""
+
+    path: Path
+    kind: str
+    sha256: str | None = None
+    """Of the bytes the stage wrote, when it hashed them as it wrote (None: hash the file)."""
+
+
 class StageContext(Protocol):
     """The stage's window on the daemon."""
 
@@ -82,8 +91,10 @@ class StageContext(Protocol):
     def progress(self, done: int, total: int, **metrics: Any) -> None:
         """Report progress; cheap, may be called every step (the daemon coalesces)."""
 
-    def checkpoint(self, state: dict[str, Any]) -> None:
-        """Record a checkpoint (small JSON: a step and the files already written atomically).
+    def checkpoint(self, state: dict[str, Any], artifacts: Sequence[Artifact] = ()) -> None:
+        """Record a checkpoint (small JSON: a step and the files already written atomically),
+        with the records of the ``artifacts`` it covers, in one durable write (as ``artifact``
+        records each, idempotent).
 
         Returns once the record is durable: after a kill, ``resume_state()`` returns it.
         """
@@ -94,8 +105,9 @@ class StageContext(Protocol):
     def checkpoint_unusable(self, checkpoint: str, reason: str, resumed_from_step: int) -> None:
         """Record that a saved checkpoint could not be restored and where the stage went on."""
 
-    def artifact(self, path: Path, kind: str) -> None:
-        """Record an output file (already written atomically), with its hash.
+    def artifact(self, path: Path, kind: str, sha256: str | None = None) -> None:
+        """Record an output file (already written atomically), with its hash: ``sha256`` of
+        the bytes written when the stage has it, else the file's.
 
         Idempotent: a file already recorded with the same content is not recorded again,
         so a resumed stage reports every output it finds on disk, and a kill between a

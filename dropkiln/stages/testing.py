@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dropkiln.stages.base import StageResult
+from dropkiln.stages.base import Artifact, StageResult
 from dropkiln.stages.faults import FaultInjector
 
 
@@ -38,7 +39,9 @@ class LocalContext:
     def progress(self, done: int, total: int, **metrics: Any) -> None:
         self.progress_log.append((done, total, metrics))
 
-    def checkpoint(self, state: dict[str, Any]) -> None:
+    def checkpoint(self, state: dict[str, Any], artifacts: Sequence[Artifact] = ()) -> None:
+        for artifact in artifacts:
+            self.artifact(*artifact)
         self.checkpoints.append(state)
         self.saved = state
 
@@ -48,8 +51,8 @@ class LocalContext:
     def checkpoint_unusable(self, checkpoint: str, reason: str, resumed_from_step: int) -> None:
         self.unusable.append((checkpoint, reason, resumed_from_step))
 
-    def artifact(self, path: Path, kind: str) -> None:
-        digest = hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    def artifact(self, path: Path, kind: str, sha256: str | None = None) -> None:
+        digest = sha256 or hashlib.sha256(Path(path).read_bytes()).hexdigest()
         if self._recorded.get(Path(path)) != digest:  # idempotent, as the daemon's
             self._recorded[Path(path)] = digest
             self.artifacts.append((Path(path), kind))

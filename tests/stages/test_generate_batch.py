@@ -3,7 +3,10 @@ seed, and come out pixel-identical to the same image rendered alone or by diffus
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -11,11 +14,13 @@ import numpy as np
 import pytest
 from test_generate import direct_pipeline, gen_root, local, one_thread, pixels, spec_for
 
+from dropkiln.stages.base import Artifact
 from dropkiln.stages.faults import FaultInjector
 from dropkiln.stages.generate import run_generate
 from dropkiln.stages.generation.memory_ladder import GENERATE_LADDER, batch_limit
 from dropkiln.stages.generation.png_files import read_dropkiln_record
 from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
+from dropkiln.stages.testing import LocalContext
 
 torch = pytest.importorskip("torch")
 
@@ -170,3 +175,48 @@ def test_a_resumed_job_puts_the_images_it_kept_on_its_contact_sheet(
     images = [Path(p) for p in result["images"]]
     again = contact_sheet(images, [p.stem for p in images], tmp_path / "from-files.png")
     assert Path(result["contact_sheet"]).read_bytes() == again.read_bytes()
+
+
+@dataclass
+class WriteCounter(LocalContext):
+    """Logs each durable write a stage asks for (a commit each in the daemon), and the image
+    records that came without the hash of the bytes written (the daemon reads those back)."""
+
+    writes: list[tuple[str, ...]] = field(default_factory=list)
+    unhashed: list[str] = field(default_factory=list)
+    _inside: bool = False
+
+    def checkpoint(self, state: dict[str, Any], artifacts: Sequence[Artifact] = ()) -> None:
+        self.writes.append(("checkpoint", *(Path(a.path).name for a in artifacts)))
+        self.unhashed += [Path(a.path).name for a in artifacts if a.sha256 is None]
+        self._inside = True
+        try:
+            super().checkpoint(state, artifacts)
+        finally:
+            self._inside = False
+
+    def artifact(self, path: Path, kind: str, sha256: str | None = None) -> None:
+        if not self._inside:
+            self.writes.append(("artifact", Path(path).name))
+            if sha256 is None and kind == "image":
+                self.unhashed.append(Path(path).name)
+        super().artifact(path, kind, sha256)
+
+
+def test_a_batch_is_recorded_in_one_write_with_its_checkpoint_hashed_as_it_was_written(
+    gen_root: Path, tmp_path: Path
+) -> None:
+    prompt_file = PromptFile(
+        images=[ImageEntry(prompt="a", count=5, steps=2, width=64, height=64, batch_size=3)]
+    )
+    ctx = WriteCounter(root=gen_root, work_dir=tmp_path / "work")
+    result = run_generate(spec_for(tmp_path / "out", prompt_file), ctx)
+    images = [Path(p).name for p in result["images"]]
+    # a write per batch, its checkpoint and its images together; no write per image
+    image_writes = [write for write in ctx.writes if set(write[1:]) & set(images)]
+    assert image_writes == [("checkpoint", *images[:3]), ("checkpoint", *images[3:])]
+    assert ctx.unhashed == []
+    # the hashes handed over are those of the files on disk
+    assert [a[0] for a in ctx.artifacts if a[1] == "image"] == [Path(p) for p in result["images"]]
+    for path, digest in ctx._recorded.items():
+        assert digest == hashlib.sha256(path.read_bytes()).hexdigest()

@@ -10,8 +10,8 @@ import pytest
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
+from dropkiln.stages.base import write_atomic
 from dropkiln.stages.generation import png_writer
-from dropkiln.stages.generation.png_files import write_png
 from dropkiln.stages.generation.png_writer import PngWriter
 
 
@@ -21,16 +21,16 @@ def test_settling_writes_the_images_the_writer_thread_has_not_started(
     first_may_finish = threading.Event()
     writers: dict[str, str] = {}
 
-    def recording_write(image: Image.Image, target: Path, *args: object, **kw: object) -> Path:
+    def recording_write(target: Path, data: bytes) -> Path:
         writers[target.name] = threading.current_thread().name
         if target.name == "0.png":
             # the writer thread is busy with this one until another thread wrote the last
             first_may_finish.wait(timeout=5)
         if target.name == "2.png":
             first_may_finish.set()
-        return write_png(image, target, *args, **kw)  # type: ignore[arg-type]
+        return write_atomic(target, data)
 
-    monkeypatch.setattr(png_writer, "write_png", recording_write)
+    monkeypatch.setattr(png_writer, "write_atomic", recording_write)
     writer = PngWriter()
     recorded: list[str] = []
     try:
@@ -57,15 +57,15 @@ def test_a_failed_write_on_the_settling_thread_raises_after_the_ones_before_are_
 ) -> None:
     release = threading.Event()
 
-    def failing_write(image: Image.Image, target: Path, *args: object, **kw: object) -> Path:
+    def failing_write(target: Path, data: bytes) -> Path:
         if target.name == "0.png":
             release.wait(timeout=5)
         if target.name == "1.png":
             release.set()
             raise OSError(28, "No space left on device")
-        return write_png(image, target, *args, **kw)  # type: ignore[arg-type]
+        return write_atomic(target, data)
 
-    monkeypatch.setattr(png_writer, "write_png", failing_write)
+    monkeypatch.setattr(png_writer, "write_atomic", failing_write)
     writer = PngWriter()
     recorded: list[str] = []
     try:

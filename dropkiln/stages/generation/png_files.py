@@ -120,9 +120,14 @@ def write_png(
     image: Image.Image, target: Path, info: PngInfo | None = None, compress_level: int = 6
 ) -> Path:
     """Save a PNG atomically; the same pixels and chunks always give the same bytes."""
+    return write_atomic(target, png_bytes(image, info, compress_level))
+
+
+def png_bytes(image: Image.Image, info: PngInfo | None = None, compress_level: int = 6) -> bytes:
+    """The PNG file ``write_png`` writes, in memory."""
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", pnginfo=info, compress_level=compress_level)
-    return write_atomic(target, buffer.getvalue())
+    return buffer.getvalue()
 
 
 def read_png_text(path: Path) -> dict[str, str]:

@@ -10,6 +10,9 @@ writer thread has not started yet itself (``help``): after the last batch, when 
 runs beside them, its images are encoded and fsynced two at a time instead of one after
 another. The writer stays one thread, so during a denoise it takes one core at most.
 
+A write hashes the bytes it writes, so the image is recorded with its sha256 without
+reading the file back.
+
 Each write first makes the image's contact-sheet thumbnail, so the sheet is built from
 memory (no PNG decoded again); it is encoded on the writer thread while the settling thread
 records the last batch's images.
@@ -17,6 +20,7 @@ records the last batch's images.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -24,14 +28,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
+from dropkiln.stages.base import write_atomic
 from dropkiln.stages.faults import arm_torn_write, take_torn_write
-from dropkiln.stages.generation.png_files import sheet_thumbnail, write_png
+from dropkiln.stages.generation.png_files import png_bytes, sheet_thumbnail
 
 if TYPE_CHECKING:
     from PIL import Image
     from PIL.PngImagePlugin import PngInfo
 
-Written = Callable[[Path], None]
+Written = Callable[[Path, str], None]
+"""Told a written file and the sha256 of its bytes."""
 T = TypeVar("T")
 
 
@@ -48,14 +54,17 @@ class _Write:
     thumbnailed: threading.Event = field(default_factory=threading.Event)
     helped: bool = False
     """Written on the thread that settles (``future`` is then cancelled)."""
+    sha256: str = ""
 
     def run(self) -> None:
         try:
             self.thumbnail = sheet_thumbnail(self.image)
         finally:
             self.thumbnailed.set()
+        data = png_bytes(self.image, self.info)
+        self.sha256 = hashlib.sha256(data).hexdigest()
         arm_torn_write(self.torn)
-        write_png(self.image, self.target, self.info)
+        write_atomic(self.target, data)
 
     def error(self) -> BaseException | None:
         """The write's error (waiting for it to end)."""
@@ -75,7 +84,8 @@ class PngWriter:
         """The contact-sheet thumbnails of the images written (and recorded) so far."""
 
     def submit(self, image: Image.Image, target: Path, info: PngInfo, written: Written) -> None:
-        """Write ``image`` atomically in the background; ``written(target)`` runs at ``settle``."""
+        """Write ``image`` atomically in the background; ``written(target, sha256)`` runs at
+        ``settle``."""
         # a torn-write fault armed on this thread is meant for this write: hand it over
         write = _Write(image, target, info, written, take_torn_write())
         write.future = self._pool.submit(write.run)
@@ -155,4 +165,4 @@ class PngWriter:
     def _record(self, write: _Write) -> None:
         if write.thumbnail is not None:
             self.thumbnails[write.target] = write.thumbnail
-        write.written(write.target)
+        write.written(write.target, write.sha256)

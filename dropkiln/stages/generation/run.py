@@ -10,7 +10,13 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dropkiln.stages.base import MemoryRung, StageContext, StageError, StageStopped
+from dropkiln.stages.base import (
+    Artifact,
+    MemoryRung,
+    StageContext,
+    StageError,
+    StageStopped,
+)
 from dropkiln.stages.generation.controlnet import (
     control_inputs,
     control_pipeline,
@@ -95,6 +101,8 @@ class GenerationRun:
         self._keyframes: dict[int, tuple[dict[str, Any], Any]] = {}
         self._schedulers: dict[str, Any] = {}
         self._writer = PngWriter()
+        self._written: list[Artifact] = []
+        """Images written and not yet recorded: recorded with their batch's checkpoint."""
 
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
@@ -111,6 +119,7 @@ class GenerationRun:
             # after an error too, what is on disk is recorded (and its batch checkpointed)
             self._writer.settle_quietly()
             self._writer.close()
+            self._record_written()
             self._deactivate()
             pipe.scheduler = original_scheduler
             if self.spec.loras:
@@ -165,16 +174,28 @@ class GenerationRun:
                 info = png_info(parameters, records[position])
                 self._writer.submit(image, paths[position], info, self._image_written)
             checkpoint = {"phase": "images", "done": last + 1, "last": paths[last].name}
-            self._writer.then(partial(self.ctx.checkpoint, checkpoint))
+            self._writer.then(partial(self._checkpoint_batch, checkpoint))
         # the last batch's writes are settled by the walk or the contact sheet; until then
         # this thread writes the ones the writer thread has not started
         self._writer.help()
         return paths
 
-    def _image_written(self, target: Path) -> None:
+    def _image_written(self, target: Path, sha256: str) -> None:
         self.ctx.fault("generate.written")
         self.rendered += 1
-        self.ctx.artifact(target, "image")
+        self._written.append(Artifact(target, "image", sha256))
+
+    def _checkpoint_batch(self, checkpoint: dict[str, Any]) -> None:
+        """The batch's checkpoint and its images' records: one durable write per batch (each
+        is a round trip to the event loop and a commit the device thread waits for)."""
+        written, self._written = self._written, []
+        self.ctx.checkpoint(checkpoint, written)
+
+    def _record_written(self) -> None:
+        """Images written before an error, recorded without their batch's checkpoint."""
+        written, self._written = self._written, []
+        for artifact in written:
+            self.ctx.artifact(*artifact)
 
     def contact_sheet(self, images: list[Path], target: Path) -> Path:
         """The contact sheet of ``images``, drawn from the thumbnails the writes made (a kept
