@@ -15,7 +15,11 @@ neither runs while the other is measured. Per drop:
   The daemon side is timed to its last PNG and to ``JobSucceeded`` (its contact sheet and
   records included), the clean side to its last PNG saved.
 
-Run ``python -m dropkiln.bench.daemon [--images N] [--size PX] [--steps N] [--files N]``.
+With ``--profile``, py-spy samples the daemon through the warm drops and the figures say
+where its device thread's time went, part by part (``generate_profile.py``).
+
+Run ``python -m dropkiln.bench.daemon [--images N] [--size PX] [--steps N] [--files N]
+[--threads N] [--profile]``.
 """
 
 from __future__ import annotations
@@ -39,6 +43,8 @@ import anyio
 from dropkiln.bench.cache import link_models
 from dropkiln.bench.clean import CleanDiffusers, CleanProcess
 from dropkiln.bench.generate import script_per_job, write_prompt_files
+from dropkiln.bench.generate_profile import generation_parts
+from dropkiln.bench.train_profile import start_spy, stop_spy
 from dropkiln.config import Settings
 from dropkiln.store.vocabulary import DropState, JobState
 
@@ -97,11 +103,12 @@ def bench_daemon(
     images: int = 4, size: int = 96, steps: int = 12, repeat: int = 5, files: int = 10,
     file_images: int = 1, model: str = "tiny-sdxl", models_dir: Path | None = None,
     settle_seconds: float | None = None, device: str = "cpu", processes: bool = True,
-    warmup: int = 1, threads: int = 0, batch: int = 4,
+    warmup: int = 1, threads: int = 0, batch: int = 4, profile: bool = False,
 ) -> dict[str, Any]:  # fmt: skip
     """Warm drops against the clean process, and a row of files against a process per file.
 
-    ``settle_seconds`` and ``threads`` left at None/0 are the daemon's defaults."""
+    ``settle_seconds`` and ``threads`` left at None/0 are the daemon's defaults; with
+    ``profile``, py-spy samples the daemon through the warm drops (single and batched apart)."""
     from dropkiln.stages.models import resolve_model
 
     load_before = os.getloadavg()
@@ -114,7 +121,7 @@ def bench_daemon(
         settings = Settings.load(root=root, **overrides)
         settings.paths.create()
         folder = resolve_model(model, settings.paths.models).path  # builds a tiny model
-        run = _DaemonRun(settings, images, size, steps, overrides)
+        run = _DaemonRun(settings, images, size, steps, overrides, profile)
         clean = CleanDiffusers(folder, threads)
         clean_batched = CleanBatched(folder, threads) if batch > 1 else None
         try:
@@ -137,6 +144,7 @@ def bench_daemon(
         "warmup": warmup,
         "warm": warm,
         "row": row,
+        "profile": run.profile_parts,
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
@@ -144,9 +152,12 @@ def bench_daemon(
 
 class _DaemonRun:
     def __init__(
-        self, settings: Settings, images: int, size: int, steps: int, overrides: dict[str, Any]
-    ) -> None:
+        self, settings: Settings, images: int, size: int, steps: int, overrides: dict[str, Any],
+        profile: bool = False,
+    ) -> None:  # fmt: skip
         self.settings = settings
+        self.profile = profile
+        self.profile_parts: dict[str, Any] = {}
         self.images, self.size, self.steps = images, size, steps
         self.staging = settings.root / "staging"
         self.prompt_sets: dict[str, list[str]] = {}
@@ -167,6 +178,7 @@ class _DaemonRun:
                 clean.render(self._request([f"warm-up {number}"]), self._clean_out("warm-up"))
             pickup, run, baseline = [], [], []
             same = True
+            spy = self._spy(daemon, "single")
             for attempt in range(repeat):
                 prompts = [f"a lighthouse, drop {attempt} image {n}" for n in range(self.images)]
                 (job,) = self._drop_and_wait([f"warm{attempt:02d}"], [prompts])
@@ -175,9 +187,10 @@ class _DaemonRun:
                 out = self._clean_out(str(attempt))
                 baseline.append(clean.render(self._request(prompts), out))
                 same = same and _same_pixels(Path(job["images"][0]), out / "000.png")
+            self._unspy(spy, "single", repeat)
             batched = {}
             if clean_batched is not None:
-                batched = self._batched(clean_batched, warmup, repeat, batch)
+                batched = self._batched(daemon, clean_batched, warmup, repeat, batch)
         finally:
             stop_daemon(daemon)
         return {
@@ -199,7 +212,10 @@ class _DaemonRun:
             ),
         }
 
-    def _batched(self, clean: CleanBatched, warmup: int, repeat: int, batch: int) -> dict[str, Any]:
+    def _batched(
+        self, daemon: subprocess.Popen[bytes], clean: CleanBatched, warmup: int, repeat: int,
+        batch: int,
+    ) -> dict[str, Any]:  # fmt: skip
         """Prompt files with ``batch_size = batch`` against the clean process's batched calls
         saving the same files (pixels and ``parameters`` text compared)."""
         for number in range(warmup):  # the first call at this batch size, on both sides
@@ -208,6 +224,7 @@ class _DaemonRun:
             out = self._clean_out(f"batch-warm-up{number}")
             clean.render(self._batch_request(job, prompts), out, batch)
         run, done, baseline, same = [], [], [], True
+        spy = self._spy(daemon, "batched")
         for attempt in range(repeat):
             prompts = [f"a harbour, batch {attempt} image {n}" for n in range(self.images)]
             (job,) = self._drop_and_wait([f"batch{attempt:02d}"], [prompts], batch)
@@ -217,6 +234,7 @@ class _DaemonRun:
             baseline.append(clean.render(self._batch_request(job, prompts), out, batch))
             pairs = zip(sorted(job["images"]), sorted(out.glob("*.png")), strict=True)
             same = same and all(_same_file(Path(mine), theirs) for mine, theirs in pairs)
+        self._unspy(spy, "batched", repeat)
         return {
             "batch": batch,
             "run_s": run,
@@ -229,6 +247,21 @@ class _DaemonRun:
             "clean_images_per_s": round(self.images / statistics.median(baseline), 3),
             "same_images": same,
         }
+
+    def _spy(self, daemon: subprocess.Popen[bytes], name: str) -> subprocess.Popen[bytes] | None:
+        return start_spy(daemon.pid, self._raw(name)) if self.profile else None
+
+    def _unspy(self, spy: subprocess.Popen[bytes] | None, name: str, turns: int) -> None:
+        if not self.profile:
+            return
+        stop_spy(spy)
+        if spy is None:
+            self.profile_parts[name] = {"note": "py-spy is not installed (pip install py-spy)"}
+        else:
+            self.profile_parts[name] = generation_parts(self._raw(name), turns)
+
+    def _raw(self, name: str) -> Path:
+        return self.settings.root / f"profile-{name}.raw"
 
     def _batch_request(self, job: dict[str, Any], prompts: list[str]) -> list[dict[str, Any]]:
         """The daemon job's images as the clean process makes them: prompt, seed, stem, and
@@ -415,10 +448,11 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--settle", type=float, default=None, help="default: the daemon's")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
+    parser.add_argument("--profile", action="store_true", help="py-spy the daemon, by part")
     args = parser.parse_args(list(argv))
     figures = bench_daemon(
         args.images, args.size, args.steps, args.repeat, args.files,
-        settle_seconds=args.settle, threads=args.threads,
+        settle_seconds=args.settle, threads=args.threads, profile=args.profile,
     )  # fmt: skip
     warm, row = figures["warm"], figures["row"]
     print(f"{figures['model']}, {args.size}x{args.size}, {args.steps} steps, settle_seconds "
@@ -437,6 +471,8 @@ def main(argv: Sequence[str] = ()) -> None:
               f"{warm['speedup_batched_vs_single']}x")  # fmt: skip
     print(f"{row['files']} files: daemon {row['daemon_s']:.2f}s, "
           f"one process each {row.get('processes_s')}s")  # fmt: skip
+    for name, parts in figures["profile"].items():
+        print(f"profile, {name} drops: {json.dumps(parts)}")
     print(json.dumps(figures))
 
 

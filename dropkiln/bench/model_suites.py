@@ -217,7 +217,8 @@ def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecor
         "warmup": options.pick(options.warmup, 1, 1),
         "threads": options.threads or 0,
     }
-    figures = bench_daemon(**config, models_dir=options.models_dir)
+    # --profile: py-spy samples the daemon's process (torch.profiler cannot reach into it)
+    figures = bench_daemon(**config, models_dir=options.models_dir, profile=profiler is not None)
     warm, row = figures["warm"], figures["row"]
     config["settle_seconds"] = figures["settle_seconds"]
     config["torch_threads"] = figures["torch_threads"]
@@ -273,7 +274,6 @@ def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecor
         f"torch threads {figures['torch_threads']}; load average before "
         f"{figures['load_average_before']}, after {figures['load_average_after']}"
     )
-    if profiler is not None:
-        record.notes.append("--profile: the daemon runs in its own process; profile generate")
+    record.profile = figures.pop("profile", None) or None
     record.raw = figures
     return record
