@@ -43,8 +43,8 @@ import anyio
 from dropkiln.bench.cache import link_models
 from dropkiln.bench.clean import CleanDiffusers, CleanProcess
 from dropkiln.bench.generate import script_per_job, write_prompt_files
-from dropkiln.bench.generate_profile import generation_parts
-from dropkiln.bench.train_profile import start_spy, stop_spy
+from dropkiln.bench.generate_profile import generation_parts, start_spy
+from dropkiln.bench.train_profile import stop_spy
 from dropkiln.config import Settings
 from dropkiln.store.vocabulary import DropState, JobState
 

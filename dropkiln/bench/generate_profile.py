@@ -1,18 +1,23 @@
 """Where a generate job's time goes in the daemon: py-spy samples of its device thread (and
 of its PNG writer thread), cut into the job's parts.
 
-``python -m dropkiln.bench.daemon --profile`` attaches ``py-spy record`` (train_profile.py)
-to the daemon for the warm drops; idle samples are not recorded, so each figure is the
-seconds a thread spent in that part over all of them. A sample belongs to the first part
-whose function is on its stack, the most specific first.
+``python -m dropkiln.bench.daemon --profile`` attaches ``py-spy record --idle`` to the
+daemon for the warm drops. Idle samples are kept: the device thread waiting for the event
+loop to commit its records, or for the writer thread, is time the job takes (between jobs it
+waits in its pool: "other"). Each figure is the seconds a thread spent in that part over all
+the drops; a sample belongs to the first part whose function is on its stack, the most
+specific first.
 """
 
 from __future__ import annotations
 
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
-from dropkiln.bench.train_profile import seconds_by_part
+from dropkiln.bench.train_profile import RATE_HZ, seconds_by_part
 
 DEVICE_THREAD = "dropkiln-device"
 PNG_THREAD = "dropkiln-png"
@@ -50,7 +55,18 @@ WRITER_PARTS = (
 def generation_parts(raw: Path, turns: int) -> dict[str, Any]:
     """Seconds per part of each thread, over ``turns`` warm drops."""
     return {
-        "note": f"py-spy samples of the daemon over {turns} warm drops, idle time left out",
+        "note": f"py-spy samples (idle kept) of the daemon over {turns} warm drops",
         "device_thread": seconds_by_part(raw, DEVICE_THREAD, GENERATE_PARTS),
         "png_writer_thread": seconds_by_part(raw, PNG_THREAD, WRITER_PARTS),
     }
+
+
+def start_spy(pid: int, out: Path) -> subprocess.Popen[bytes] | None:
+    """``py-spy record --idle`` of process ``pid`` into ``out`` (raw stacks); None without
+    py-spy."""
+    spy = shutil.which("py-spy") or shutil.which("py-spy", path=str(Path(sys.executable).parent))
+    if spy is None:
+        return None
+    command = [spy, "record", "--pid", str(pid), "--rate", str(RATE_HZ), "--format", "raw",
+               "--threads", "--idle", "--output", str(out)]  # fmt: skip
+    return subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
