@@ -4,9 +4,9 @@ of its PNG writer thread), cut into the job's parts.
 ``python -m dropkiln.bench.daemon --profile`` attaches ``py-spy record --idle`` to the
 daemon for the warm drops. Idle samples are kept: the device thread waiting for the event
 loop to commit its records, or for the writer thread, is time the job takes (between jobs it
-waits in its pool: "other"). Each figure is the seconds a thread spent in that part over all
-the drops; a sample belongs to the first part whose function is on its stack, the most
-specific first.
+waits in its pool: "other"). Each figure is the milliseconds a thread spent in that part,
+per drop; a sample belongs to the first part whose function is on its stack, the
+most specific first.
 """
 
 from __future__ import annotations
@@ -53,11 +53,16 @@ WRITER_PARTS = (
 
 
 def generation_parts(raw: Path, turns: int) -> dict[str, Any]:
-    """Seconds per part of each thread, over ``turns`` warm drops."""
+    """Milliseconds per drop in each part, for each thread, over ``turns`` warm drops."""
+
+    def per_drop(seconds: dict[str, float]) -> dict[str, float]:
+        return {part: round(1000 * value / turns, 1) for part, value in seconds.items()}
+
     return {
-        "note": f"py-spy samples (idle kept) of the daemon over {turns} warm drops",
-        "device_thread": seconds_by_part(raw, DEVICE_THREAD, GENERATE_PARTS),
-        "png_writer_thread": seconds_by_part(raw, PNG_THREAD, WRITER_PARTS),
+        "note": f"ms per drop, py-spy samples at {RATE_HZ} Hz (idle kept; 'other' is mostly "
+        f"the device thread waiting for its next job) over {turns} warm drops",
+        "device_thread": per_drop(seconds_by_part(raw, DEVICE_THREAD, GENERATE_PARTS)),
+        "png_writer_thread": per_drop(seconds_by_part(raw, PNG_THREAD, WRITER_PARTS)),
     }
 
 
