@@ -99,7 +99,8 @@ def cmd_tui(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Validate a prompt file or dataset as the daemon would, without dropping it."""
-    from dropkiln.daemon.planner import DropRejection, check_drop
+    from dropkiln.daemon.drops import DropRejection
+    from dropkiln.daemon.planner import check_drop
     from dropkiln.submit import guess_kind
 
     settings = settings_of(args)
