@@ -122,7 +122,8 @@ def _read_dataset(
     settings: Settings, entry: Path, unzip_to: Path, stored: Path
 ) -> tuple[Path, DatasetOptions]:
     """(where the bucket job will read it, its model/bucket/train options)."""
-    from dropkiln.stages.dataset import extract_zip_safely, load_dataset_options
+    from dropkiln.stages.dataset import load_dataset_options
+    from dropkiln.stages.dataset_zip import extract_zip_safely
 
     if entry.is_file():
         if entry.suffix.lower() != ".zip":
