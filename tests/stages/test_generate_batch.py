@@ -220,3 +220,19 @@ def test_a_batch_is_recorded_in_one_write_with_its_checkpoint_hashed_as_it_was_w
     assert [a[0] for a in ctx.artifacts if a[1] == "image"] == [Path(p) for p in result["images"]]
     for path, digest in ctx._recorded.items():
         assert digest == hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_a_failed_write_in_a_batch_records_the_images_before_it_without_the_checkpoint(
+    gen_root: Path, tmp_path: Path
+) -> None:
+    prompt_file = PromptFile(
+        images=[ImageEntry(prompt="a", count=4, steps=2, width=64, height=64, batch_size=4)]
+    )
+    faults = FaultInjector("enospc@generate.image:3")  # the third image's write is torn
+    ctx = WriteCounter(root=gen_root, work_dir=tmp_path / "work", faults=faults)
+    with pytest.raises(OSError, match="No space"):
+        run_generate(spec_for(tmp_path / "out", prompt_file), ctx)
+    names = sorted(p.name for p in (tmp_path / "out").glob("0*.png"))
+    assert len(names) == 3  # the fourth was written too: a rerun finds it by its content
+    assert ctx.writes == [("artifact", names[0]), ("artifact", names[1])]
+    assert ctx.saved is None and ctx.unhashed == []
