@@ -274,6 +274,10 @@ def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecor
         f"torch threads {figures['torch_threads']}; load average before "
         f"{figures['load_average_before']}, after {figures['load_average_after']}"
     )
-    record.profile = figures.pop("profile", None) or None
+    # py-spy's parts, not a torch.profiler table (``record.profile``): notes, and in raw
+    for drops, parts in figures["profile"].items():
+        for thread in ("device_thread", "png_writer_thread"):
+            spent = ", ".join(f"{part} {ms:g}" for part, ms in parts.get(thread, {}).items())
+            record.notes.append(f"--profile, {drops} drops, {thread}, ms per drop: {spent}")
     record.raw = figures
     return record
