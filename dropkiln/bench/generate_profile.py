@@ -31,11 +31,11 @@ GENERATE_PARTS = (
     ("VAE decode", "AutoencoderKL.decode ("),
     ("to PIL", ".postprocess ("),
     ("pipeline, rest", "Pipeline.__call__ ("),
-    # around it: the daemon's own work
+    # around it: the daemon's own work (records first: a batch's are made inside a settle)
+    ("records (event round trips)", "DaemonContext."),
+    ("contact sheet (after the last PNG)", "GenerationRun.contact_sheet ("),
     ("PNG encode + fsync (written here)", "PngWriter.help ("),
     ("waiting for the writer thread", "PngWriter.settle ("),
-    ("contact sheet", "contact_sheet ("),
-    ("records (event round trips)", "DaemonContext."),
     ("infotext", "a1111_parameters ("),
     ("image records (digests)", "image_record ("),
     ("resume check (reads kept PNGs)", "_finished ("),
