@@ -167,7 +167,7 @@ def _prompt_file_in(entry: Path) -> Path:
 def _read_prompts(settings: Settings, entry: Path) -> PromptDrop:
     """The validated prompt file, and where it was dropped (for control image paths)."""
     prompt_path = _prompt_file_in(entry)
-    from dropkiln.stages.generation.prompt_file import load_prompt_file
+    from dropkiln.stages.generation.prompt_loading import load_prompt_file
 
     try:
         prompt_file = load_prompt_file(prompt_path, settings.generate)
@@ -219,8 +219,10 @@ def load_drop_modules() -> None:
     import dropkiln.stages.bucket
     import dropkiln.stages.cache
     import dropkiln.stages.dataset
+    import dropkiln.stages.dataset_zip
     import dropkiln.stages.generate
     import dropkiln.stages.generation.prompt_file
+    import dropkiln.stages.generation.prompt_loading
     import dropkiln.stages.train
     import dropkiln.stages.video  # noqa: F401
 
