@@ -179,8 +179,8 @@ class TrainingLoop:
         positions = range(first, first + options.gradient_accumulation)
         # A stop is obeyed between micro-batches, so only a step of several can be undone;
         # the generators' states are copied for that undo alone.
-        micro = self.plan.micro_batch
-        undoable = sum(-(-len(self.order.batch(p)) // micro) for p in positions) > 1
+        size = self.plan.micro_batch
+        undoable = sum(-(-len(self.order.batch(p)) // size) for p in positions) > 1
         before = self._random_state() if undoable else None
         batches = [self._assemble(position) for position in positions]
         samples = sum(len(batch) for batch in batches)
