@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import scalar
 
 from dropkiln.options import TrainSettings
 from dropkiln.stages.training.data import Batch, CachedDataset, CachedImage
@@ -113,8 +115,10 @@ class RunTracker:
             "lr": lr,
             "grad_norm": grad_norm,
         }
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        # One event holding the step's scalars, not one event each (add_scalar's way): each
+        # event is serialised and handed to the writer's thread on its own, per step.
+        merged = Summary(value=[v for tag, x in values.items() for v in scalar(tag, x).value])
+        self.writer._get_file_writer().add_summary(merged, step)
         if self.wandb is not None:
             self.wandb.log(step, values)
 
