@@ -24,6 +24,11 @@ What each side's span covers (``ratio`` = ``jobs_s`` ÷ ``clean_s``, medians):
 - ``clean_s``: the script's job from reading the first image to its last save.
 - Secondary: ``train_job_s`` (the train job alone: it reads the cached shards, adds the
   adapters, trains and saves) against ``clean_after_encode_s`` (adapters, steps, saves).
+- ``cpu_s``: each process's CPU seconds (all its threads) over its span; the daemon's from
+  the drop to the poll that saw its train job succeed. On a loaded box wall time measures
+  the neighbours too; with the same torch threads on both sides (``--threads 1``: a second
+  OpenMP thread spins at barriers and bills CPU for it) CPU time is the steadier figure of
+  the work each side did.
 
 The model is loaded on neither span: the daemon keeps the pipeline warm between jobs
 (stages/models/warm.py; cache and train share one copy), and the script loads it once at
@@ -58,6 +63,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 
 from dropkiln.bench.cache import link_models, write_bench_dataset
 from dropkiln.bench.clean import CleanProcess
@@ -116,7 +122,7 @@ for line in sys.stdin:
     job = json.loads(line)
     # The whole job is timed, as a user's script run on a fresh dataset would be: reading
     # the images and captions, encoding them, adding the adapters, the steps and the saves.
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     latents, embeds, pooled = encode(job["dataset"])
     encoded = time.perf_counter()
     out = Path(job["out"])
@@ -205,8 +211,8 @@ for line in sys.stdin:
     finished = time.perf_counter()
     unet.delete_adapters("job")
     unet.eval()
-    print(json.dumps({"seconds": finished - started, "after_encode": finished - encoded}),
-          flush=True)
+    print(json.dumps({"seconds": finished - started, "after_encode": finished - encoded,
+                      "cpu_seconds": time.process_time() - cpu}), flush=True)
 """
 
 
@@ -216,11 +222,11 @@ class CleanTrainer(CleanProcess):
     def __init__(self, model_folder: Path, threads: int = 0) -> None:
         super().__init__(CLEAN_TRAINER, model_folder, threads)
 
-    def train(self, job: dict[str, Any]) -> tuple[float, float]:
-        """Seconds of the whole job (reading and encoding the dataset included), and of the
-        part after encoding (adapters, steps, saves)."""
+    def train(self, job: dict[str, Any]) -> tuple[float, float, float]:
+        """Seconds of the whole job (reading and encoding the dataset included), of the part
+        after encoding (adapters, steps, saves), and the process's CPU seconds in the job."""
         answer = self.ask(job)
-        return float(answer["seconds"]), float(answer["after_encode"])
+        return float(answer["seconds"]), float(answer["after_encode"]), answer["cpu_seconds"]
 
 
 def bench_train_daemon(
@@ -264,8 +270,12 @@ def bench_train_daemon(
             spies = [start_spy(daemon.pid, root / "daemon.raw"),
                      start_spy(clean.process.pid, root / "clean.raw")]  # fmt: skip
         jobs_s, job_s, drop_s, clean_s, clean_train_s = [], [], [], [], []
+        daemon_cpu_s, clean_cpu_s = [], []
+        daemon_process = psutil.Process(daemon.pid)
 
-        def clean_job(name: str, job_steps: int, job_every: int, seed: int) -> tuple[float, float]:
+        def clean_job(
+            name: str, job_steps: int, job_every: int, seed: int
+        ) -> tuple[float, float, float]:
             return clean.train(
                 {
                     "dataset": str(source), "out": str(root / "clean" / name),
@@ -277,13 +287,15 @@ def bench_train_daemon(
                 }
             )  # fmt: skip
 
-        def daemon_job(name: str, job_options: dict[str, Any]) -> tuple[Times, float]:
+        def daemon_job(name: str, job_options: dict[str, Any]) -> tuple[Times, float, float]:
             staged = root / "staging" / name
             # a drop identical to an earlier one is recognised and not trained again
             _copy_dataset(source, staged, job_options)
+            cpu = sum(daemon_process.cpu_times()[:2])
             dropped = time.time()
             staged.rename(settings.paths.datasets / name)
-            return _wait_for_train(settings, name), dropped
+            times = _wait_for_train(settings, name)
+            return times, dropped, sum(daemon_process.cpu_times()[:2]) - cpu
 
         try:
             # Untimed, on both sides: the daemon imports torch and loads the model at its
@@ -294,11 +306,13 @@ def bench_train_daemon(
             clean_job("warmup", 2, 2, 0)
             for attempt in range(repeat):
                 name = f"bench{attempt:02d}"
-                times, dropped = daemon_job(name, {**options, "seed": 1 + attempt})
+                times, dropped, cpu = daemon_job(name, {**options, "seed": 1 + attempt})
+                daemon_cpu_s.append(cpu)
                 jobs_s.append(times.finished - times.first_started)
                 job_s.append(times.finished - times.train_started)
                 drop_s.append(times.finished - dropped)
-                whole, after_encode = clean_job(name, steps, every, 1 + attempt)
+                whole, after_encode, cpu = clean_job(name, steps, every, 1 + attempt)
+                clean_cpu_s.append(cpu)
                 clean_s.append(whole)
                 clean_train_s.append(after_encode)
         finally:
@@ -340,6 +354,11 @@ def bench_train_daemon(
         "clean_after_encode_s": [round(s, 3) for s in clean_train_s],
         "train_job_ratio": round(statistics.median(job_s) / statistics.median(clean_train_s), 3),
         "drop_to_lora_s": [round(s, 3) for s in drop_s],
+        "cpu_s": {
+            "daemon": [round(s, 2) for s in daemon_cpu_s],
+            "clean": [round(s, 2) for s in clean_cpu_s],
+            "ratio": round(statistics.median(daemon_cpu_s) / statistics.median(clean_cpu_s), 3),
+        },
         "load_average_before": load_before,
         "load_average_after": round(os.getloadavg()[0], 2),
         "profile": parts,

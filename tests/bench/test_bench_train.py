@@ -60,6 +60,8 @@ def test_bench_train_daemon_times_a_real_daemon_against_a_clean_process(
     assert all(c >= t for c, t in zip(cleans, figures["clean_after_encode_s"], strict=True))
     assert all(d > j for d, j in zip(figures["drop_to_lora_s"], jobs, strict=True))
     assert figures["ratio_best"] == pytest.approx(min(jobs) / min(cleans), rel=0.01)
+    assert len(figures["cpu_s"]["daemon"]) == len(figures["cpu_s"]["clean"]) == 2
+    assert min(figures["cpu_s"]["daemon"]) > 0 and min(figures["cpu_s"]["clean"]) > 0
     assert figures["settle_seconds"] == 2.0  # the daemon's default, not a bench setting
     assert figures["checkpoint_every"] == 2
 
