@@ -35,7 +35,7 @@ The model is loaded on neither span: the daemon keeps the pipeline warm between 
 (stages/models/warm.py; cache and train share one copy), and the script loads it once at
 its start. Before the timed jobs, both sides run one untimed 2-step job, so the daemon's
 torch import and model load, and each side's first-call costs, fall outside every figure.
-The two sides take turns.
+The two sides take turns, and swap who goes first each run.
 
 The cadence is the default one: a checkpoint every ``checkpoint_every = 250`` steps (the
 product's default), 500 steps, so 2 checkpoints with their saves on both sides. What a
@@ -307,15 +307,24 @@ def bench_train_daemon(
             clean_job("warmup", 2, 2, 0)
             for attempt in range(repeat):
                 name = f"bench{attempt:02d}"
-                times, dropped, cpu = daemon_job(name, {**options, "seed": 1 + attempt})
-                daemon_cpu_s.append(cpu)
-                jobs_s.append(times.finished - times.first_started)
-                job_s.append(times.finished - times.train_started)
-                drop_s.append(times.finished - dropped)
-                whole, after_encode, cpu = clean_job(name, steps, every, 1 + attempt)
-                clean_cpu_s.append(cpu)
-                clean_s.append(whole)
-                clean_train_s.append(after_encode)
+
+                def run_daemon(name: str = name, seed: int = 1 + attempt) -> None:
+                    times, dropped, cpu = daemon_job(name, {**options, "seed": seed})
+                    daemon_cpu_s.append(cpu)
+                    jobs_s.append(times.finished - times.first_started)
+                    job_s.append(times.finished - times.train_started)
+                    drop_s.append(times.finished - dropped)
+
+                def run_clean(name: str = name, seed: int = 1 + attempt) -> None:
+                    whole, after_encode, cpu = clean_job(name, steps, every, seed)
+                    clean_cpu_s.append(cpu)
+                    clean_s.append(whole)
+                    clean_train_s.append(after_encode)
+
+                # the sides swap who goes first each run, so a neighbour's load that follows
+                # the bench's rhythm does not always fall on the same side
+                for run in (run_daemon, run_clean) if attempt % 2 == 0 else (run_clean, run_daemon):
+                    run()
         finally:
             for spy in spies:
                 stop_spy(spy)
