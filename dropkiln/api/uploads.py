@@ -24,7 +24,8 @@ from fastapi import APIRouter, Query, Request
 from dropkiln.api.errors import ApiError
 from dropkiln.api.receive import Limits, plain_name, save_body, save_multipart
 from dropkiln.api.state import ApiState, State
-from dropkiln.daemon.planner import DATASET, PROMPT_SUFFIXES, PROMPTS, DropRejection, check_drop
+from dropkiln.daemon.drops import DATASET, PROMPT_SUFFIXES, PROMPTS, DropRejection
+from dropkiln.daemon.planner import check_drop
 from dropkiln.store import drop_by_hash
 from dropkiln.submit import drop_folder, reveal
 

@@ -39,6 +39,7 @@ import anyio
 from dropkiln.bench.cache import link_models
 from dropkiln.bench.clean import CleanDiffusers, CleanProcess
 from dropkiln.bench.generate import script_per_job, write_prompt_files
+from dropkiln.bench.stats import percentile
 from dropkiln.config import Settings
 from dropkiln.store.vocabulary import DropState, JobState
 
@@ -189,7 +190,7 @@ class _DaemonRun:
             "clean_median_s": round(statistics.median(baseline), 4),
             "ratio": round(statistics.median(run) / statistics.median(baseline), 3),
             "ratio_best": round(min(run) / min(baseline), 3),
-            "pickup_p95_s": round(_p95(pickup), 4),
+            "pickup_p95_s": round(percentile(pickup, 95), 4),
             "same_images": same,
             "batched": batched,
             "speedup_batched_vs_single": (
@@ -373,11 +374,6 @@ def _processes(
         folder, run.settings.root / "scripts", prompt_sets, run.steps, run.size, threads
     )
     return {"processes_s": round(sum(seconds), 3), "process_file_s": seconds}
-
-
-def _p95(values: Sequence[float]) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(0.95 * (len(ordered) - 1)))]
 
 
 def _same_file(path: Path, other: Path) -> bool:

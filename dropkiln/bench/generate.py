@@ -30,7 +30,8 @@ from dropkiln.bench.profile import Profiler
 from dropkiln.bench.stats import intervals
 from dropkiln.config import Settings
 from dropkiln.stages.generate import GenerateSpec, run_generate
-from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile, load_prompt_file
+from dropkiln.stages.generation.prompt_file import ImageEntry, PromptFile
+from dropkiln.stages.generation.prompt_loading import load_prompt_file
 from dropkiln.stages.testing import LocalContext
 
 # What a script-per-job setup runs for every prompt file: load, generate, save, exit.

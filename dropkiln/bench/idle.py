@@ -31,6 +31,7 @@ from typing import Any
 import anyio
 
 from dropkiln.bench.daemon import start_daemon, stop_daemon
+from dropkiln.bench.stats import percentile
 from dropkiln.config import Settings
 
 POLL_S = 0.05
@@ -119,16 +120,12 @@ def bench_idle(
         "clock_ticks_per_s": tick,
         "settle_seconds": settings.settle_seconds,
         "reaction_s": reactions,
-        "reaction_p95_s": _p95(reactions),
+        "reaction_p95_s": round(percentile(reactions, 95), 4),
         "job_reaction_s": pickups,
-        "job_reaction_p95_s": _p95(pickups),
+        "job_reaction_p95_s": round(percentile(pickups, 95), 4),
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
     }
-
-
-def _p95(values: list[float]) -> float:
-    return round(sorted(values)[max(0, round(0.95 * len(values)) - 1)], 4)
 
 
 def _reaction(settings: Settings, number: int) -> float:

@@ -23,6 +23,7 @@ from typing import Any
 
 import anyio
 
+from dropkiln.bench.stats import percentile
 from dropkiln.store import EventStore, StoredEvent, daemon_state, list_jobs, queue_paused
 from dropkiln.store import events as ev
 from dropkiln.store.events import DAEMON_STREAM, job_stream
@@ -151,10 +152,9 @@ async def tail_latency(path: Path, samples: int) -> dict[str, Any]:
         if writer.is_alive():
             writer.kill()
         await store.close()
-    cuts = statistics.quantiles(latencies, n=20)
     return {
         "tail_p50_ms": round(statistics.median(latencies) * 1000, 1),
-        "tail_p95_ms": round(cuts[18] * 1000, 1),
+        "tail_p95_ms": round(percentile(latencies, 95) * 1000, 1),
         "tail_max_ms": round(max(latencies) * 1000, 1),
         "tail_latency_s": latencies,
     }

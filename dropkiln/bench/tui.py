@@ -27,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from dropkiln.bench.stats import percentile
 from dropkiln.store.vocabulary import JobState
 
 EVENTS_PER_JOB = 100
@@ -337,7 +338,7 @@ async def _latency(db_path: Path, samples: int) -> dict[str, Any]:
     return {
         "latency_samples": len(ms),
         "latency_median_ms": round(statistics.median(ms), 1),
-        "latency_p95_ms": round(ms[max(0, int(len(ms) * 0.95) - 1)], 1),
+        "latency_p95_ms": round(percentile(ms, 95), 1),
         "latency_max_ms": round(ms[-1], 1),
         "poll_interval_ms": POLL_INTERVAL * 1000,
     }

@@ -23,12 +23,11 @@ from pathlib import Path
 import anyio
 
 from dropkiln.config import Settings
-from dropkiln.daemon.planner import (
+from dropkiln.daemon.drops import (
     DATASET,
     PROMPTS,
     DropRejection,
     ParsedDrop,
-    Planner,
     drop_name,
     error_text,
     new_id,
@@ -36,6 +35,7 @@ from dropkiln.daemon.planner import (
     stored_path,
     unique_path,
 )
+from dropkiln.daemon.planner import Planner
 from dropkiln.stages import fsync_dir, write_atomic
 from dropkiln.store import EventStore, StoreError, drop_by_hash, unmoved_drops
 from dropkiln.store.events import (

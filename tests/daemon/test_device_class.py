@@ -6,7 +6,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from dropkiln.config import Settings
-from dropkiln.daemon.planner import ParsedDrop, Planner
+from dropkiln.daemon.drops import ParsedDrop
+from dropkiln.daemon.planner import Planner
 from dropkiln.options import BucketSettings, TrainSettings
 from dropkiln.stages.dataset import DatasetOptions
 from dropkiln.store.vocabulary import DropKind, Lane

@@ -11,7 +11,7 @@ import pytest
 from dropkiln.cli import main
 from dropkiln.config import Settings
 from dropkiln.daemon import planner
-from dropkiln.daemon.planner import DATASET, PROMPTS, DropRejection, parse_drop
+from dropkiln.daemon.drops import DATASET, PROMPTS, DropRejection, parse_drop
 from dropkiln.store import EventStore, list_jobs
 from dropkiln.store.events import JobSubmitted, QueuePaused, job_stream
 from tests.daemon.harness import running_daemon

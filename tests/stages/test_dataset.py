@@ -18,12 +18,12 @@ from dropkiln.stages.dataset import (
     CaptionError,
     DatasetOptions,
     dataset_hash,
-    extract_zip_safely,
     find_images,
     load_dataset_options,
     read_caption,
     scan_dataset,
 )
+from dropkiln.stages.dataset_zip import extract_zip_safely
 
 
 def png_bytes(size: tuple[int, int] = (8, 8), color: str = "red") -> bytes:

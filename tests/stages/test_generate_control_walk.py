@@ -18,8 +18,8 @@ from dropkiln.stages.generation.prompt_file import (
     ImageEntry,
     PromptFile,
     VideoOptions,
-    load_prompt_file,
 )
+from dropkiln.stages.generation.prompt_loading import load_prompt_file
 from dropkiln.stages.testing import LocalContext
 
 torch = pytest.importorskip("torch")

@@ -12,7 +12,7 @@ from test_generate import direct_pipeline, gen_root, local, one_thread, pixels, 
 from dropkiln.config import Settings
 from dropkiln.stages.generate import run_generate
 from dropkiln.stages.generation.png_files import read_dropkiln_record
-from dropkiln.stages.generation.prompt_file import load_prompt_file
+from dropkiln.stages.generation.prompt_loading import load_prompt_file
 
 torch = pytest.importorskip("torch")
 

@@ -13,7 +13,7 @@ from test_generate import gen_root, local, one_thread, pixels, spec_for
 from dropkiln.config import Settings
 from dropkiln.stages.generate import run_generate
 from dropkiln.stages.generation.controlnet import ensure_tiny_controlnet
-from dropkiln.stages.generation.prompt_file import load_prompt_file
+from dropkiln.stages.generation.prompt_loading import load_prompt_file
 
 torch = pytest.importorskip("torch")
 

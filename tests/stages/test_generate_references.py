@@ -13,7 +13,7 @@ from test_generate import gen_root, local, one_thread, pixels, spec_for
 from dropkiln.options import GenerateSettings
 from dropkiln.stages.base import StageError
 from dropkiln.stages.generate import run_generate
-from dropkiln.stages.generation.prompt_file import load_prompt_file
+from dropkiln.stages.generation.prompt_loading import load_prompt_file
 from dropkiln.stages.generation.references import ADAPTER_FILE, ensure_tiny_adapter
 
 torch = pytest.importorskip("torch")

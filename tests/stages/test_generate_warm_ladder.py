@@ -82,3 +82,26 @@ def test_after_model_offload_a_warm_img2img_renders_as_a_fresh_diffusers_load(
 
     expected = img2img(load(AutoPipelineForImage2Image))
     assert np.array_equal(img2img(AutoPipelineForImage2Image.from_pipe(warm)), expected)
+
+
+@pytest.mark.parametrize(
+    ("weights", "wanted", "current", "same"),
+    [
+        ("cuda:0", "cuda", 0, True),  # torch names a weight's card; settings may not
+        ("cuda:1", "cuda", 0, False),
+        ("cuda:1", "cuda", 1, True),
+        ("cuda:0", "cuda:0", 0, True),
+        ("cuda:0", "cuda:1", 0, False),
+        ("cpu", "cpu", 0, True),
+        ("cpu", "cuda", 0, False),
+    ],
+)
+def test_weights_on_the_card_an_unnumbered_cuda_names_count_as_in_place(
+    monkeypatch: pytest.MonkeyPatch, weights: str, wanted: str, current: int, same: bool
+) -> None:
+    """torch puts weights on "cuda:N" and reports them so; "cuda" means the current card.
+    Compared as plain devices they differed, so every job on a GPU moved the pipeline again."""
+    from dropkiln.stages.generation.memory_ladder import on_device
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: current)
+    assert on_device(torch.device(weights), torch.device(wanted)) is same

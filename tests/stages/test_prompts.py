@@ -17,8 +17,8 @@ from dropkiln.stages.generation.prompt_file import (
     LoraRef,
     PromptFile,
     expand_jobs,
-    load_prompt_file,
 )
+from dropkiln.stages.generation.prompt_loading import load_prompt_file
 
 FULL_TOML = """\
 model = "tiny-sdxl"

@@ -96,7 +96,7 @@ def test_mp4_is_h264_yuv420p_with_the_index_before_the_media(tmp_path: Path) -> 
 def test_bad_motion_settings_name_the_field(tmp_path: Path, text: str, expected: str) -> None:
     from dropkiln.config import Settings
     from dropkiln.stages.base import StageError
-    from dropkiln.stages.generation.prompt_file import load_prompt_file
+    from dropkiln.stages.generation.prompt_loading import load_prompt_file
 
     (tmp_path / "bad.toml").write_text(text)
     with pytest.raises(StageError, match=expected):
@@ -159,7 +159,7 @@ def test_an_audio_track_cuts_the_video_or_loops(
 def test_bad_audio_settings_name_the_field(tmp_path: Path, video: str, expected: str) -> None:
     from dropkiln.config import Settings
     from dropkiln.stages.base import StageError
-    from dropkiln.stages.generation.prompt_file import load_prompt_file
+    from dropkiln.stages.generation.prompt_loading import load_prompt_file
 
     folder = tmp_path / "drop"
     folder.mkdir()

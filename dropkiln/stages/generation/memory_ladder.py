@@ -79,9 +79,21 @@ def _away_from(pipe: DiffusionPipeline, device: torch.device) -> bool:
     for component in pipe.components.values():
         if isinstance(component, torch.nn.Module):
             first = next(itertools.chain(component.parameters(), component.buffers()), None)
-            if first is not None and first.device != device:
-                return True  # compared as pipe.device was: "cuda" is not "cuda:0"
+            if first is not None and not on_device(first.device, device):
+                return True
     return False
+
+
+def on_device(actual: torch.device, wanted: torch.device) -> bool:
+    """A tensor on ``actual`` is where ``wanted`` points: torch reports weights on "cuda:N",
+    while "cuda" alone means the current card."""
+    import torch
+
+    if actual.type != wanted.type:
+        return False
+    if wanted.type != "cuda" or wanted.index is not None:
+        return actual == wanted
+    return actual.index == torch.cuda.current_device()
 
 
 def undo_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str) -> None:

@@ -1,0 +1,43 @@
+"""What every ``dropkiln`` command shares: its one-line error, ROOT's settings or layout,
+and the root's store."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Coroutine
+from typing import TYPE_CHECKING, Any
+
+import anyio
+
+from dropkiln.paths import Paths, root_from
+
+if TYPE_CHECKING:
+    from dropkiln.config import Settings
+    from dropkiln.store import EventStore
+
+
+class CommandError(Exception):
+    """A one-line reason; the command exits non-zero."""
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    from dropkiln.config import Settings
+
+    return Settings.load(root=args.root)
+
+
+def paths_of(args: argparse.Namespace) -> Paths:
+    """The layout under ROOT, without loading the settings (for the quick commands)."""
+    return Paths(root_from(args.root).absolute())
+
+
+def run_async(coro_fn: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    return anyio.run(coro_fn) or 0
+
+
+async def open_root_store(paths: Paths, store_url: str | None = None) -> EventStore:
+    """The root's store: its SQLite file, or the PostgreSQL database ``store_url`` names
+    (by default as the settings say, read without loading them)."""
+    from dropkiln.store.backend import open_store
+
+    return await open_store(paths.db, paths.store_url if store_url is None else store_url)
