@@ -27,9 +27,9 @@ is the median of each run's ratio, the two sides of a run being back to back):
   adapters, trains and saves) against ``clean_after_encode_s`` (adapters, steps, saves).
 - ``cpu_s``: each process's CPU seconds (all its threads) over its span; the daemon's from
   the drop to the poll that saw its train job succeed. On a loaded box wall time measures
-  the neighbours too; with the same torch threads on both sides (``--threads 1``: a second
-  OpenMP thread spins at barriers and bills CPU for it) CPU time is the steadier figure of
-  the work each side did.
+  the neighbours' waits too; with the same torch threads on both sides (``--threads 1``: a
+  second OpenMP thread spins at barriers and bills CPU for it) CPU time is less sensitive
+  to them, not immune (they share the caches and the memory bus).
 
 The model is loaded on neither span: the daemon keeps the pipeline warm between jobs
 (stages/models/warm.py; cache and train share one copy), and the script loads it once at
@@ -44,7 +44,7 @@ steps, 8 checkpoints) has the same 250. A shorter cadence (``--checkpoint-every 
 this bench used to run) weighs each checkpoint's saves up to 50 times more than users see.
 
 Run ``python -m dropkiln.bench.train_daemon [--steps N] [--checkpoint-every N] [--repeat N]
-[--threads N] [--profile]``.
+[--threads N] [--profile] [--profile-dir DIR]``.
 """
 
 from __future__ import annotations
