@@ -37,6 +37,10 @@ its start. Before the timed jobs, both sides run one untimed 2-step job, so the 
 torch import and model load, and each side's first-call costs, fall outside every figure.
 The two sides take turns, and swap who goes first each run.
 
+Take the ratio from a run without ``--profile``: py-spy stops a process for each sample, and
+the daemon, with more threads to walk, stays stopped longer (on the loaded 2-core box the
+same 1-thread runs gave 1.21 with the profile, 1.07 without, paired medians).
+
 The cadence is the default one: a checkpoint every ``checkpoint_every = 250`` steps (the
 product's default), 500 steps, so 2 checkpoints with their saves on both sides. What a
 checkpoint costs weighs in a job by steps per checkpoint only, and a default job (2000
