@@ -1,19 +1,45 @@
 """A whole train job through the path users run, against a clean training script process.
 
 A dataset folder is dropped into a real `dropkiln daemon` process (default settings and torch
-threads unless told otherwise). The daemon buckets it, caches latents and text embeddings,
-and trains with its saves at every checkpoint: the LoRA in kohya's format, the training
-state, a validation image, the loss curve and TensorBoard. The figure is the train job's
-``JobStarted`` → ``JobSucceeded``.
+threads unless told otherwise). The daemon runs the drop's jobs: bucket (scan, check and
+size the images), cache (VAE latents and text embeddings into shards) and train, with its
+saves at every checkpoint: the LoRA in kohya's format, the training state, a validation
+image, the loss curve and TensorBoard.
 
 The baseline is a plain diffusers + peft script in a fresh process of its own that imports
 no dropkiln module (``CLEAN_TRAINER``). Like diffusers' ``train_text_to_image_lora_sdxl.py``
-it encodes the dataset first (not timed: the daemon does that in its cache job), then runs the
-same steps with the same saves at the same checkpoints, timed: the LoRA, the optimizer
-state, the loss CSV, a validation image (also into TensorBoard, as diffusers' script logs
-it) and the held-out validation loss the job tracks (4 images at 4 fixed timesteps). What
-the job makes besides (kohya metadata, loss.png, the contact sheet, the diffusers-format
-export, events) is the product's own cost; ``--profile`` shows each part. The two take turns.
+it reads the images and captions, encodes them (VAE latents, prompt embeddings), adds the
+adapters, then runs the same steps with the same saves at the same checkpoints: the LoRA,
+the optimizer state, the loss CSV, a validation image (also into TensorBoard, as diffusers'
+script logs it) and the held-out validation loss the job tracks (4 images at 4 fixed
+timesteps). What the job makes besides (kohya metadata, loss.png, the contact sheet, the
+diffusers-format export, events) is the product's own cost; ``--profile`` shows each part.
+
+What each side's span covers (``ratio`` = ``jobs_s`` ÷ ``clean_s``, medians; ``ratio_paired``
+is the median of each run's ratio, the two sides of a run being back to back):
+
+- ``jobs_s``: the drop's first job's ``JobStarted`` (bucket) → the train job's
+  ``JobSucceeded``: reading and checking the images, encoding them, the training with its
+  saves, and the daemon's hand-offs between the three jobs. Pickup (settle) is not in it;
+  ``drop_to_lora_s`` adds it.
+- ``clean_s``: the script's job from reading the first image to its last save.
+- Secondary: ``train_job_s`` (the train job alone: it reads the cached shards, adds the
+  adapters, trains and saves) against ``clean_after_encode_s`` (adapters, steps, saves).
+- ``cpu_s``: each process's CPU seconds (all its threads) over its span; the daemon's from
+  the drop to the poll that saw its train job succeed. On a loaded box wall time measures
+  the neighbours' waits too; with the same torch threads on both sides (``--threads 1``: a
+  second OpenMP thread spins at barriers and bills CPU for it) CPU time is less sensitive
+  to them, not immune (they share the caches and the memory bus).
+
+The model is loaded on neither span: the daemon keeps the pipeline warm between jobs
+(stages/models/warm.py; cache and train share one copy), and the script loads it once at
+its start. Before the timed jobs, both sides run one untimed 2-step job, so the daemon's
+torch import and model load, and each side's first-call costs, fall outside every figure.
+The two sides take turns, and swap who goes first each run.
+
+Take the ratio from a run without ``--profile``: py-spy stops a process for each sample, and
+the daemon, with more threads to walk, stays stopped longer (on the loaded 2-core box the
+same 1-thread runs gave 1.21 with the profile, 1.07 without, paired medians).
 
 The cadence is the default one: a checkpoint every ``checkpoint_every = 250`` steps (the
 product's default), 500 steps, so 2 checkpoints with their saves on both sides. What a
@@ -22,7 +48,7 @@ steps, 8 checkpoints) has the same 250. A shorter cadence (``--checkpoint-every 
 this bench used to run) weighs each checkpoint's saves up to 50 times more than users see.
 
 Run ``python -m dropkiln.bench.train_daemon [--steps N] [--checkpoint-every N] [--repeat N]
-[--threads N] [--profile]``.
+[--threads N] [--profile] [--profile-dir DIR]``.
 """
 
 from __future__ import annotations
@@ -30,16 +56,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import anyio
+import psutil
 
 from dropkiln.bench.cache import link_models, write_bench_dataset
 from dropkiln.bench.clean import CleanProcess
@@ -96,10 +125,13 @@ def encode(dataset):
 
 for line in sys.stdin:
     job = json.loads(line)
+    # The whole job is timed, as a user's script run on a fresh dataset would be: reading
+    # the images and captions, encoding them, adding the adapters, the steps and the saves.
+    started, cpu = time.perf_counter(), time.process_time()
     latents, embeds, pooled = encode(job["dataset"])
+    encoded = time.perf_counter()
     out = Path(job["out"])
     out.mkdir(parents=True, exist_ok=True)
-    started = time.perf_counter()
     h, w = latents.shape[-2] * 8, latents.shape[-1] * 8
     time_ids = torch.tensor([[h, w, 0, 0, h, w]] * len(latents), dtype=torch.float32)
     unet = pipe.unet
@@ -181,10 +213,11 @@ for line in sys.stdin:
                 validation_loss(step)
             unet.train()
     writer.close()
-    seconds = time.perf_counter() - started
+    finished = time.perf_counter()
     unet.delete_adapters("job")
     unet.eval()
-    print(json.dumps({"seconds": seconds}), flush=True)
+    print(json.dumps({"seconds": finished - started, "after_encode": finished - encoded,
+                      "cpu_seconds": time.process_time() - cpu}), flush=True)
 """
 
 
@@ -194,15 +227,18 @@ class CleanTrainer(CleanProcess):
     def __init__(self, model_folder: Path, threads: int = 0) -> None:
         super().__init__(CLEAN_TRAINER, model_folder, threads)
 
-    def train(self, job: dict[str, Any]) -> float:
-        """Seconds of the training loop with its saves (encoding excluded)."""
-        return float(self.ask(job)["seconds"])
+    def train(self, job: dict[str, Any]) -> tuple[float, float, float]:
+        """Seconds of the whole job (reading and encoding the dataset included), of the part
+        after encoding (adapters, steps, saves), and the process's CPU seconds in the job."""
+        answer = self.ask(job)
+        return float(answer["seconds"]), float(answer["after_encode"]), answer["cpu_seconds"]
 
 
 def bench_train_daemon(
     steps: int = STEPS, size: int = 64, batch_size: int = 2, rank: int = 8, images: int = 8,
     repeat: int = 2, model: str = "tiny-sdxl", models_dir: Path | None = None,
     threads: int = 0, profile: bool = False, checkpoint_every: int = CHECKPOINT_EVERY,
+    profile_dir: Path | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Train-job seconds in a daemon against the clean script; their ratio (daemon ÷ clean).
 
@@ -238,31 +274,61 @@ def bench_train_daemon(
         if profile:
             spies = [start_spy(daemon.pid, root / "daemon.raw"),
                      start_spy(clean.process.pid, root / "clean.raw")]  # fmt: skip
-        job_s, drop_s, clean_s = [], [], []
+        jobs_s, job_s, drop_s, clean_s, clean_train_s = [], [], [], [], []
+        daemon_cpu_s, clean_cpu_s = [], []
+        daemon_process = psutil.Process(daemon.pid)
+
+        def clean_job(
+            name: str, job_steps: int, job_every: int, seed: int
+        ) -> tuple[float, float, float]:
+            return clean.train(
+                {
+                    "dataset": str(source), "out": str(root / "clean" / name),
+                    "steps": job_steps, "checkpoint_every": job_every,
+                    "batch_size": batch_size, "rank": rank, "learning_rate": 1e-4,
+                    "validation_prompt": VALIDATION_PROMPT,
+                    "validation_steps": VALIDATION_STEPS,
+                    "validation_guidance": VALIDATION_GUIDANCE, "seed": seed,
+                }
+            )  # fmt: skip
+
+        def daemon_job(name: str, job_options: dict[str, Any]) -> tuple[Times, float, float]:
+            staged = root / "staging" / name
+            # a drop identical to an earlier one is recognised and not trained again
+            _copy_dataset(source, staged, job_options)
+            cpu = sum(daemon_process.cpu_times()[:2])
+            dropped = time.time()
+            staged.rename(settings.paths.datasets / name)
+            times = _wait_for_train(settings, name)
+            return times, dropped, sum(daemon_process.cpu_times()[:2]) - cpu
+
         try:
+            # Untimed, on both sides: the daemon imports torch and loads the model at its
+            # first job and keeps the pipeline warm after (stages/models/warm.py); the
+            # script loaded it once at its start. Both then run one short job, so neither
+            # side's timed jobs carry a first call's one-time costs.
+            daemon_job("warmup", {**options, "steps": 2, "checkpoint_every": 2, "seed": 0})
+            clean_job("warmup", 2, 2, 0)
             for attempt in range(repeat):
                 name = f"bench{attempt:02d}"
-                staged = root / "staging" / name
-                # a drop identical to an earlier one is recognised and not trained again
-                _copy_dataset(source, staged, {**options, "seed": 1 + attempt})
-                dropped = time.time()
-                staged.rename(settings.paths.datasets / name)
-                started, finished = _wait_for_train(settings, name)
-                job_s.append(finished - started)
-                drop_s.append(finished - dropped)
-                clean_s.append(
-                    clean.train(
-                        {
-                            "dataset": str(source), "out": str(root / "clean" / name),
-                            "steps": steps, "checkpoint_every": every,
-                            "batch_size": batch_size, "rank": rank, "learning_rate": 1e-4,
-                            "validation_prompt": VALIDATION_PROMPT,
-                            "validation_steps": VALIDATION_STEPS,
-                            "validation_guidance": VALIDATION_GUIDANCE,
-                            "seed": 1 + attempt,
-                        }
-                    )
-                )  # fmt: skip
+
+                def run_daemon(name: str = name, seed: int = 1 + attempt) -> None:
+                    times, dropped, cpu = daemon_job(name, {**options, "seed": seed})
+                    daemon_cpu_s.append(cpu)
+                    jobs_s.append(times.finished - times.first_started)
+                    job_s.append(times.finished - times.train_started)
+                    drop_s.append(times.finished - dropped)
+
+                def run_clean(name: str = name, seed: int = 1 + attempt) -> None:
+                    whole, after_encode, cpu = clean_job(name, steps, every, seed)
+                    clean_cpu_s.append(cpu)
+                    clean_s.append(whole)
+                    clean_train_s.append(after_encode)
+
+                # the sides swap who goes first each run, so a neighbour's load that follows
+                # the bench's rhythm does not always fall on the same side
+                for run in (run_daemon, run_clean) if attempt % 2 == 0 else (run_clean, run_daemon):
+                    run()
         finally:
             for spy in spies:
                 stop_spy(spy)
@@ -280,6 +346,11 @@ def bench_train_daemon(
             }  # fmt: skip
             if None in spies:
                 parts = {"note": "py-spy is not installed (pip install py-spy)"}
+            elif profile_dir is not None:
+                profile_dir.mkdir(parents=True, exist_ok=True)
+                for raw in ("daemon.raw", "clean.raw"):
+                    shutil.copy2(root / raw, profile_dir / raw)
+    per_run = [d / c for d, c in zip(jobs_s, clean_s, strict=True)]
     return {
         "model": model,
         "steps": steps,
@@ -289,11 +360,22 @@ def bench_train_daemon(
         "size": size,
         "settle_seconds": settings.settle_seconds,
         "torch_threads": {"daemon": cpu_threads(threads) or "default", "clean": clean.threads},
-        "train_job_s": [round(s, 3) for s in job_s],
-        "drop_to_lora_s": [round(s, 3) for s in drop_s],
+        "jobs_s": [round(s, 3) for s in jobs_s],
         "clean_s": [round(s, 3) for s in clean_s],
-        "ratio": round(statistics.median(job_s) / statistics.median(clean_s), 3),
-        "ratio_best": round(min(job_s) / min(clean_s), 3),
+        "ratio": round(statistics.median(jobs_s) / statistics.median(clean_s), 3),
+        "ratio_best": round(min(jobs_s) / min(clean_s), 3),
+        "ratio_per_run": [round(r, 3) for r in per_run],
+        # each pair ran back to back: on a box whose load changes, the steadier figure
+        "ratio_paired": round(statistics.median(per_run), 3),
+        "train_job_s": [round(s, 3) for s in job_s],
+        "clean_after_encode_s": [round(s, 3) for s in clean_train_s],
+        "train_job_ratio": round(statistics.median(job_s) / statistics.median(clean_train_s), 3),
+        "drop_to_lora_s": [round(s, 3) for s in drop_s],
+        "cpu_s": {
+            "daemon": [round(s, 2) for s in daemon_cpu_s],
+            "clean": [round(s, 2) for s in clean_cpu_s],
+            "ratio": round(statistics.median(daemon_cpu_s) / statistics.median(clean_cpu_s), 3),
+        },
         "load_average_before": load_before,
         "load_average_after": round(os.getloadavg()[0], 2),
         "profile": parts,
@@ -309,23 +391,39 @@ def _copy_dataset(source: Path, target: Path, options: dict[str, Any]) -> None:
     (target / "dataset.toml").write_text("\n".join(lines) + "\n")
 
 
-def _wait_for_train(settings: Settings, name: str) -> tuple[float, float]:
-    """The train job's start and end (epoch seconds), once it succeeded."""
+@dataclass(frozen=True)
+class Times:
+    """A drop's jobs, epoch seconds: the first one's JobStarted (the bucket job), the train
+    job's JobStarted and its JobSucceeded."""
+
+    first_started: float
+    train_started: float
+    finished: float
+
+
+def _wait_for_train(settings: Settings, name: str) -> Times:
+    """When the drop's jobs ran, once its train job succeeded."""
     deadline = time.monotonic() + WAIT_S
     while True:
         time.sleep(POLL_S)
-        job = anyio.run(_train_job, settings, name)
+        jobs = anyio.run(_drop_jobs, settings, name)
+        job = next((j for j in jobs if j.stage == "train"), None)
         if job is not None and job.terminal:
             break
         if time.monotonic() > deadline:
             raise RuntimeError(f"no train job for {name} ended within {WAIT_S:.0f} s")
     if job.state != JobState.SUCCEEDED or job.started_at is None or job.finished_at is None:
         raise RuntimeError(f"train job {name} ended {job.state}: {job.error}")
-    started = datetime.fromisoformat(job.started_at).timestamp()
-    return started, datetime.fromisoformat(job.finished_at).timestamp()
+    first = min(datetime.fromisoformat(j.started_at) for j in jobs if j.started_at is not None)
+    return Times(
+        first.timestamp(),
+        datetime.fromisoformat(job.started_at).timestamp(),
+        datetime.fromisoformat(job.finished_at).timestamp(),
+    )
 
 
-async def _train_job(settings: Settings, name: str) -> Any:
+async def _drop_jobs(settings: Settings, name: str) -> list[Any]:
+    """The jobs of the drop ``name`` (bucket, cache, train)."""
     from dropkiln.store import EventStore, list_drops, list_jobs
 
     store = await EventStore.open(settings.paths.db)
@@ -333,10 +431,9 @@ async def _train_job(settings: Settings, name: str) -> Any:
         failed = [d for d in await list_drops(store) if d["state"] == DropState.FAILED]
         if failed:
             raise RuntimeError(f"drop {failed[0]['name']} rejected: {failed[0]['reason']}")
-        jobs = [j for j in await list_jobs(store) if j.stage == "train" and j.name == name]
+        return [j for j in await list_jobs(store) if j.name == name]
     finally:
         await store.close()
-    return jobs[0] if jobs else None
 
 
 def main(argv: Sequence[str] = ()) -> None:
@@ -347,15 +444,21 @@ def main(argv: Sequence[str] = ()) -> None:
     parser.add_argument("--repeat", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
     parser.add_argument("--profile", action="store_true", help="py-spy both sides, by part")
+    parser.add_argument("--profile-dir", type=Path, help="keep py-spy's raw stacks here")
     args = parser.parse_args(list(argv))
     figures = bench_train_daemon(
         steps=args.steps, size=args.size, repeat=args.repeat, threads=args.threads,
-        profile=args.profile, checkpoint_every=args.checkpoint_every,
+        profile=args.profile or args.profile_dir is not None,
+        checkpoint_every=args.checkpoint_every, profile_dir=args.profile_dir,
     )  # fmt: skip
     print(
-        f"train job in the daemon {statistics.median(figures['train_job_s']):.2f}s, clean "
+        f"a dataset's jobs in the daemon {statistics.median(figures['jobs_s']):.2f}s, clean "
         f"script {statistics.median(figures['clean_s']):.2f}s: ratio {figures['ratio']} "
-        f"(goal <= 1.10), {figures['steps']} steps, a checkpoint every "
+        f"(goal <= 1.10; per run {figures['ratio_per_run']}, their median "
+        f"{figures['ratio_paired']}; CPU seconds {figures['cpu_s']['ratio']}; the train job "
+        f"alone against the "
+        f"script after encoding: {figures['train_job_ratio']}), {figures['steps']} steps, "
+        f"a checkpoint every "
         f"{figures['checkpoint_every']}, torch threads {figures['torch_threads']}, load average "
         f"{figures['load_average_before']} before, {figures['load_average_after']} after"
     )

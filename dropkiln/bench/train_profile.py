@@ -30,10 +30,17 @@ DAEMON_PARTS = (
     ("TensorBoard", "RunTracker."),
     ("steps", "TrainingLoop.train_step ("),
     ("events", "DaemonContext."),
+    # once a daemon: torch's import at the first job, the model's load (warm after)
+    ("torch import", "DeviceThread.prepare_torch ("),
+    ("model load", "load_pipeline ("),
+    ("imports (first train job)", "_find_and_load ("),
     ("set-up (dataset, adapters)", "run_train ("),
     ("cache job", "run_cache ("),
     ("bucket job", "run_bucket ("),
 )
+IDLE_LEAF = "_worker (concurrent/futures/thread.py"
+"""The device thread's pool waiting for its next call (py-spy takes a thread just woken, or
+waiting for a core on a loaded box, for active)."""
 CLEAN_PARTS = (
     ("validation images", "validation_image ("),
     ("validation loss", "validation_loss ("),
@@ -67,7 +74,8 @@ def stop_spy(spy: subprocess.Popen[bytes] | None) -> None:
 
 
 def seconds_by_part(raw: Path, thread: str, parts: tuple[tuple[str, str], ...]) -> dict[str, float]:
-    """Seconds of the threads whose name starts with ``thread`` in each part ("other": none)."""
+    """Seconds of the threads whose name starts with ``thread`` in each part ("other": none;
+    "idle": the device thread's pool waiting between calls)."""
     counts: Counter[str] = Counter()
     if not raw.is_file():
         return {}
@@ -77,6 +85,8 @@ def seconds_by_part(raw: Path, thread: str, parts: tuple[tuple[str, str], ...]) 
         if not frames or not frames[0].split(": ", 1)[-1].startswith(thread):
             continue
         part = next((name for name, needle in parts if needle in stack), "other")
+        if part == "other" and frames[-1].startswith(IDLE_LEAF):
+            part = "idle (between calls)"
         counts[part] += int(number)
     return {part: round(count / RATE_HZ, 2) for part, count in counts.most_common()}
 

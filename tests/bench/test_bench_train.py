@@ -52,11 +52,16 @@ def test_bench_train_daemon_times_a_real_daemon_against_a_clean_process(
     figures = bench_train_daemon(
         steps=4, checkpoint_every=2, images=2, repeat=2, models_dir=bench_models
     )
-    jobs, cleans = figures["train_job_s"], figures["clean_s"]
+    jobs, cleans = figures["jobs_s"], figures["clean_s"]
     assert len(jobs) == len(cleans) == 2  # each repeat trains: no drop is a repeat of another
     assert min(jobs) > 0 and min(cleans) > 0
+    # the drop's jobs span its train job; the script's whole job spans its part after encoding
+    assert all(j >= t for j, t in zip(jobs, figures["train_job_s"], strict=True))
+    assert all(c >= t for c, t in zip(cleans, figures["clean_after_encode_s"], strict=True))
     assert all(d > j for d, j in zip(figures["drop_to_lora_s"], jobs, strict=True))
     assert figures["ratio_best"] == pytest.approx(min(jobs) / min(cleans), rel=0.01)
+    assert len(figures["cpu_s"]["daemon"]) == len(figures["cpu_s"]["clean"]) == 2
+    assert min(figures["cpu_s"]["daemon"]) > 0 and min(figures["cpu_s"]["clean"]) > 0
     assert figures["settle_seconds"] == 2.0  # the daemon's default, not a bench setting
     assert figures["checkpoint_every"] == 2
 
@@ -73,6 +78,12 @@ def test_profile_parts_count_each_sample_once_in_its_first_matching_part(tmp_pat
                 f"{device};_finish (train.py:2);validation_images (report.py:3) 50",
                 f"{device};TrainingLoop._run (loop.py:1);TrainingLoop.train_step (loop.py:2) 100",
                 f"{device};load_cached_dataset (data.py:4) 25",
+                # torch's import at the daemon's first job, outside any stage
+                "thread (11): dropkiln-device_0;_worker (concurrent/futures/thread.py:83);"
+                "DeviceThread._call (d.py:1);DeviceThread.prepare_torch (d.py:2) 10",
+                # the pool waiting for its next call
+                "thread (11): dropkiln-device_0;Thread.run (threading.py:982);"
+                "_worker (concurrent/futures/thread.py:81) 5",
                 "thread (12): MainThread;EventStore.tail (s.py:1) 999",  # another thread
             ]
         )
@@ -83,6 +94,8 @@ def test_profile_parts_count_each_sample_once_in_its_first_matching_part(tmp_pat
         "steps": 100 / RATE_HZ,
         "validation images": 50 / RATE_HZ,
         "set-up (dataset, adapters)": 25 / RATE_HZ,
+        "torch import": 10 / RATE_HZ,
+        "idle (between calls)": 5 / RATE_HZ,
     }
 
 

@@ -687,3 +687,33 @@ def test_prodigy_and_soap_train_and_resume_bit_exactly(
     _assert_identical(_lora_tensors(spec), full)
     initial = {k: v for k, v in full.items() if k.endswith("lora_up.weight")}
     assert any(v.abs().sum() > 0 for v in initial.values())  # it trained (lora_up starts at 0)
+
+
+# Issue 16: per-step work the clean loop does not do ----------------------------------------
+
+
+def test_a_step_of_one_micro_batch_keeps_no_random_state_to_undo(
+    cached: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stop is obeyed between micro-batches only: a step of one cannot be undone, so the
+    random generators' states (which the undo would put back) are not copied every step."""
+    from dropkiln.stages.training import loop
+
+    captured: list[str] = []
+    capture = loop.capture_global_rng
+
+    def counted(device: str) -> Any:
+        captured.append(device)
+        return capture(device)
+
+    monkeypatch.setattr(loop, "capture_global_rng", counted)
+    ctx, spec = _train(cached, "one-micro-batch", {"steps": 3, "checkpoint_every": 3, "rank": 2})
+    STAGE.run(spec, ctx)
+    assert captured == []
+    # two micro-batches a step (gradient accumulation): each step can be undone
+    ctx, spec = _train(
+        cached, "two-micro-batches",
+        {"steps": 3, "checkpoint_every": 3, "rank": 2, "gradient_accumulation": 2},
+    )  # fmt: skip
+    STAGE.run(spec, ctx)
+    assert len(captured) == 3

@@ -175,13 +175,13 @@ class TrainingLoop:
     def train_step(self) -> float:
         """One optimizer step: accumulate over bucket batches and their micro-batches."""
         options, session = self.spec.options, self.session
-        before = (
-            session.data_rng.bit_generator.state,
-            session.noise_generator.get_state(),
-            capture_global_rng(self.plan.device),
-        )
         first = session.step * options.gradient_accumulation
         positions = range(first, first + options.gradient_accumulation)
+        # A stop is obeyed between micro-batches, so only a step of several can be undone;
+        # the generators' states are copied for that undo alone.
+        size = self.plan.micro_batch
+        undoable = sum(-(-len(self.order.batch(p)) // size) for p in positions) > 1
+        before = self._random_state() if undoable else None
         batches = [self._assemble(position) for position in positions]
         samples = sum(len(batch) for batch in batches)
         step_loss = 0.0
@@ -189,6 +189,7 @@ class TrainingLoop:
         for batch in batches:
             for start in range(0, len(batch), self.plan.micro_batch):
                 if micro_batches and self.ctx.should_stop():
+                    assert before is not None  # a second micro-batch: the step is undoable
                     self._undo_step(before)
                     raise _StepAbandoned
                 micro_batches += 1
@@ -228,6 +229,14 @@ class TrainingLoop:
             )
         finally:
             self.dataset.prefetched = {}
+
+    def _random_state(self) -> tuple[Mapping[str, Any], torch.Tensor, RngState]:
+        session = self.session
+        return (
+            session.data_rng.bit_generator.state,
+            session.noise_generator.get_state(),
+            capture_global_rng(self.plan.device),
+        )
 
     def _undo_step(self, before: tuple[Mapping[str, Any], torch.Tensor, RngState]) -> None:
         data_rng, noise, global_rng = before

@@ -19,7 +19,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 from PIL import Image
+from tensorboard.compat.proto.summary_pb2 import Summary
 from torch.utils.tensorboard import SummaryWriter
+from torch.utils.tensorboard.summary import scalar
 
 from dropkiln.options import TrainSettings
 from dropkiln.stages.training.data import Batch, CachedDataset, CachedImage
@@ -35,6 +37,9 @@ TENSORBOARD = "tensorboard"
 VALIDATION_LOSS_IMAGES = 4
 VALIDATION_LOSS_TIMESTEPS = 4
 SMOOTHING_WINDOW = 20
+STEPS_PER_HANDOVER = 100
+"""Steps whose scalars wait to go to the writer's thread together (the writer itself puts
+them in the file only every 2 minutes, and at each checkpoint)."""
 _NOISE_SEED_OFFSET = 0x5EED
 
 
@@ -104,6 +109,7 @@ class RunTracker:
         self.writer = SummaryWriter(
             log_dir=str(folder), purge_step=resumed_at + 1 if resumed_at else None
         )
+        self._pending: list[tuple[Summary, int]] = []
 
     def step(self, step: int, losses: Sequence[tuple[int, float, float]], lr: float,
              grad_norm: float) -> None:  # fmt: skip
@@ -113,12 +119,24 @@ class RunTracker:
             "lr": lr,
             "grad_norm": grad_norm,
         }
-        for tag, value in values.items():
-            self.writer.add_scalar(tag, value, step)
+        # One event holding the step's scalars, not one event each (add_scalar's way), and
+        # the events of many steps handed over at once: each event handed over wakes the
+        # writer's thread, which then takes the GIL from the training thread.
+        merged = Summary(value=[v for tag, x in values.items() for v in scalar(tag, x).value])
+        self._pending.append((merged, step))
+        if len(self._pending) >= STEPS_PER_HANDOVER:
+            self._hand_over()
         if self.wandb is not None:
             self.wandb.log(step, values)
 
+    def _hand_over(self) -> None:
+        writer = self.writer._get_file_writer()
+        for summary, step in self._pending:
+            writer.add_summary(summary, step)
+        self._pending.clear()
+
     def checkpoint(self, step: int, validation_loss: float | None, images: Sequence[Path]) -> None:
+        self._hand_over()
         if validation_loss is not None:
             self.writer.add_scalar("loss/validation", validation_loss, step)
         for path in images:
@@ -135,6 +153,7 @@ class RunTracker:
         metrics = {"hparam/final_loss": final_loss if final_loss is not None else float("nan")}
         if validation_loss is not None:
             metrics["hparam/validation_loss"] = validation_loss
+        self._hand_over()
         self.writer.add_hparams(self.hparams, metrics, run_name="hparams")
         if self.wandb is not None:
             self.wandb.finish(metrics)
@@ -142,6 +161,7 @@ class RunTracker:
         self.close()
 
     def close(self) -> None:
+        self._hand_over()
         self.writer.close()
         if self.wandb is not None:
             self.wandb.close()
