@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import statistics
 import subprocess
 import sys
@@ -41,7 +40,8 @@ from typing import Any
 import anyio
 
 from dropkiln.bench.cache import link_models
-from dropkiln.bench.clean import CleanDiffusers, CleanProcess
+from dropkiln.bench.clean import CleanBatched, CleanDiffusers
+from dropkiln.bench.daemon_process import start_daemon, stop_daemon
 from dropkiln.bench.generate import script_per_job, write_prompt_files
 from dropkiln.bench.generate_profile import generation_parts, start_spy
 from dropkiln.bench.stats import percentile
@@ -53,51 +53,6 @@ POLL_S = 0.2
 """How often to ask whether the jobs are done: the times come from the PNGs' mtimes and the
 jobs' start events, so a slow poll loses no precision and takes no CPU from the daemon."""
 GUIDANCE = 5.0
-
-BATCHED_SERVER = r"""
-import json, sys, time
-import torch
-from diffusers import DiffusionPipeline, EulerDiscreteScheduler
-from PIL.PngImagePlugin import PngInfo
-folder, threads = sys.argv[1], int(sys.argv[2])
-if threads > 0:
-    torch.set_num_threads(threads)
-pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-pipe.set_progress_bar_config(disable=True)
-print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
-for line in sys.stdin:
-    request = json.loads(line)
-    started = time.perf_counter()
-    images, batch = request["images"], request["batch"]
-    for first in range(0, len(images), batch):
-        group = images[first:first + batch]  # one call, one generator per image
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        pictures = pipe(prompt=[image["prompt"] for image in group],
-                        num_inference_steps=group[0]["steps"],
-                        guidance_scale=group[0]["guidance"], width=group[0]["width"],
-                        height=group[0]["height"],
-                        generator=[torch.Generator().manual_seed(image["seed"])
-                                   for image in group]).images
-        for image, picture in zip(group, pictures):
-            info = PngInfo()
-            info.add_text("parameters", image["parameters"])
-            picture.save(f"{request['out']}/{image['stem']}.png", pnginfo=info)
-    print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
-"""
-"""What a user's batched script does to get the daemon's files: a diffusers call per batch,
-then each image saved with its A1111 infotext (no fsync: a script does not make one)."""
-
-
-class CleanBatched(CleanProcess):
-    """Batched plain diffusers in a fresh process, saving PNGs with their infotext."""
-
-    def __init__(self, model_folder: Path, threads: int = 0) -> None:
-        super().__init__(BATCHED_SERVER, model_folder, threads)
-
-    def render(self, images: list[dict[str, Any]], out: Path, batch: int) -> float:
-        """Seconds from the request to the last PNG saved in ``out``."""
-        out.mkdir(parents=True, exist_ok=True)
-        return float(self.ask({"images": images, "out": str(out), "batch": batch})["seconds"])
 
 
 def bench_daemon(
@@ -353,49 +308,6 @@ class _DaemonRun:
         finally:
             await store.close()
         return [jobs.get(stem) for stem in stems]
-
-
-def start_daemon(settings: Settings, environment: dict[str, str]) -> subprocess.Popen[bytes]:
-    """`dropkiln daemon --root ROOT` as a child process, once its store says it is serving."""
-    log = open(settings.root / "daemon.log", "ab")  # noqa: SIM115 - the child owns it
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dropkiln", "daemon", "--root", str(settings.root)],
-        env=environment,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    log.close()
-    deadline = time.monotonic() + 120
-    while not anyio.run(_serving, settings, process.pid):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError(f"the daemon did not start; see {settings.root}/daemon.log")
-        time.sleep(POLL_S)
-    return process
-
-
-async def _serving(settings: Settings, pid: int) -> bool:
-    from dropkiln.store import EventStore, StoreError, daemon_state
-
-    try:
-        store = await EventStore.open(settings.paths.db)
-    except StoreError:
-        return False  # not made yet, or the daemon is making it now
-    try:
-        state = await daemon_state(store)
-    finally:
-        await store.close()
-    return state.running() and state.pid == pid
-
-
-def stop_daemon(process: subprocess.Popen[bytes]) -> None:
-    """SIGTERM, then SIGKILL if the daemon has not stopped within a minute."""
-    process.send_signal(signal.SIGTERM)
-    try:
-        process.wait(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 def _processes(

@@ -30,7 +30,7 @@ from typing import Any
 
 import anyio
 
-from dropkiln.bench.daemon import start_daemon, stop_daemon
+from dropkiln.bench.daemon_process import start_daemon, stop_daemon
 from dropkiln.bench.stats import percentile
 from dropkiln.config import Settings
 

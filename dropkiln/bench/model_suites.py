@@ -89,7 +89,7 @@ def train_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord
     record.latencies("clean_train_job", daemon["clean_s"], "the same work, clean script")
     record.metric("daemon_ratio_best", daemon["ratio_best"], "x", None)
     record.compared(
-        "a clean diffusers + peft training script in its own process (bench/train_daemon.py)",
+        "a clean diffusers + peft training script in its own process (bench/clean.py)",
         daemon["ratio"],
         "median seconds of a dataset's jobs in a `dropkiln daemon` (default settings), from the "
         "bucket job's start to the train job's end ÷ median seconds of the clean script from "
