@@ -130,6 +130,8 @@ class RunTracker:
             self.wandb.log(step, values)
 
     def _hand_over(self) -> None:
+        # SummaryWriter has no public call for a ready Summary; its own add_scalar hands
+        # one to this same file writer (torch is pinned in the lock, so this stays put)
         writer = self.writer._get_file_writer()
         for summary, step in self._pending:
             writer.add_summary(summary, step)
