@@ -97,7 +97,10 @@ def run_with_chaos(
         if device is None or not executors.holds(device, claimed_by(reader, victim["id"])):
             time.sleep(0.2)  # its holder is already dead: its lease is running out
             continue
-        if landed["paused"] <= landed["killed"]:
+        # A kill first: it lands on any running job at once, and the job it interrupts runs
+        # again once its lease is out, which leaves a running job for the pause (paused
+        # first, the takeover could end the last job before a kill found one)
+        if landed["killed"] > landed["paused"]:
             executors.pause(device)
             # Another executor takes the job over once the lease runs out (3 s), unless the
             # pause caught the executor inside a write transaction: on SQLite that holds the
