@@ -2,7 +2,10 @@
 
 Reports go back to the event loop, which owns the database: checkpoints and artifacts wait
 until their event is committed (so a kill right after never loses a record of a file that
-exists); progress is coalesced to about two events a second.
+exists). Progress does not: the stage leaves its latest report here and goes on, and the
+executor records it about twice a second and with the job's end (``take_pending_progress``).
+A kill loses at most the last half second of progress, which the next attempt reports anew;
+waiting for that commit cost a stage 8-36 ms per generate job and 0.2-0.3 s per train job.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from dropkiln.store.events import (
 from dropkiln.store.leases import LeaseLost
 
 PROGRESS_EVERY_S = 0.5
+"""How often the executor records a running job's latest progress."""
 LEASE_LOST = "lease lost"
 """The stop reason of an attempt whose lease is gone: it records nothing more."""
 
@@ -78,11 +82,11 @@ class DaemonContext:
         self._token = token
         self._stop = threading.Event()
         self.stop_reason: str | None = None
-        self._last_progress = 0.0
         self.last_sign_of_life = time.monotonic()
         """When the stage last called its context: a stage silent for ``stall_after_s`` is
         taken for hung (the watchdog stops pinging, shutdown stops waiting)."""
         self._pending_progress: JobProgress | None = None
+        self._progress_lock = threading.Lock()
         self.latest_metrics: dict[str, Any] = {}
         self._lease_s = lease_s
         self._lease_ends = time.monotonic() + lease_s
@@ -113,7 +117,9 @@ class DaemonContext:
         return self.stop_reason == LEASE_LOST
 
     def take_pending_progress(self) -> JobProgress | None:
-        pending, self._pending_progress = self._pending_progress, None
+        """The latest progress not yet recorded (the caller records it), or None."""
+        with self._progress_lock:
+            pending, self._pending_progress = self._pending_progress, None
         return pending
 
     # Called from the stage's thread ---------------------------------------------------------
@@ -130,15 +136,11 @@ class DaemonContext:
             raise StageStopped(LEASE_LOST) from None
 
     def progress(self, done: int, total: int, **metrics: Any) -> None:
+        """Kept for the executor to record; the stage does not wait for a commit."""
         self.last_sign_of_life = time.monotonic()
         event = JobProgress(done=done, total=total, metrics=_jsonable(metrics))
         self.latest_metrics = event.metrics
-        now = time.monotonic()
-        if now - self._last_progress >= PROGRESS_EVERY_S or done >= total:
-            self._last_progress = now
-            self._pending_progress = None
-            self._send([event])
-        else:
+        with self._progress_lock:
             self._pending_progress = event
 
     def checkpoint(self, state: dict[str, Any], artifacts: Sequence[Artifact] = ()) -> None:

@@ -29,7 +29,7 @@ import anyio.lowlevel
 import anyio.to_thread
 
 from dropkiln.config import Settings
-from dropkiln.daemon.context import LEASE_LOST, DaemonContext
+from dropkiln.daemon.context import LEASE_LOST, PROGRESS_EVERY_S, DaemonContext
 from dropkiln.daemon.device_thread import DeviceThread
 from dropkiln.daemon.inputs import job_inputs, wait_for_inputs
 from dropkiln.daemon.placement import Steering, estimate_start_rung
@@ -69,6 +69,9 @@ class RunningJob:
     fence: Fence
     started: float = field(default_factory=time.monotonic)
     """When this attempt started (monotonic): ``preempt_after_s`` counts from here."""
+    recording: anyio.Lock = field(default_factory=anyio.Lock)
+    """Held while the loop records the attempt's progress or its end, so no progress is
+    recorded after the job has ended."""
 
     @property
     def id(self) -> str:
@@ -200,6 +203,7 @@ class Executor:
         ended = JobState.QUEUED
         async with anyio.create_task_group() as heartbeats:
             heartbeats.start_soon(self._heartbeat, running, name=f"lease {running.id}")
+            heartbeats.start_soon(self._report_progress, running, name=f"progress {running.id}")
             try:
                 unseen = await self._wait_for_inputs(running)
                 if unseen is not None:
@@ -235,6 +239,25 @@ class Executor:
                 ctx.request_stop(LEASE_LOST)
                 return
             ctx.lease_renewed(asked)
+
+    async def _report_progress(self, running: RunningJob) -> None:
+        """Record the stage's latest progress about twice a second (its end records the last)."""
+        while True:
+            await anyio.sleep(PROGRESS_EVERY_S)
+            async with running.recording:
+                pending = running.context.take_pending_progress()
+                if pending is None:
+                    continue
+                try:
+                    await self.append(running.fence, [pending])
+                except LeaseLost:
+                    running.context.request_stop(LEASE_LOST)
+                    return
+                except Exception:
+                    # progress is only shown: a failed write is not worth stopping the job for
+                    log.warning(
+                        "could not record the progress of job %s", running.id, exc_info=True
+                    )
 
     async def _attempt(self, running: RunningJob, limiter: anyio.CapacityLimiter) -> JobState:
         job, stage, ctx = running.job, running.stage, running.context
@@ -279,9 +302,10 @@ class Executor:
         return await self._finish(running, JobSucceeded(result=result or {}), JobState.SUCCEEDED)
 
     async def _finish(self, running: RunningJob, final: Event, state: JobState) -> JobState:
-        pending = running.context.take_pending_progress()
-        events: list[Event] = [pending] if pending else []
-        await self.append(running.fence, [*events, final])
+        async with running.recording:
+            pending = running.context.take_pending_progress()
+            events: list[Event] = [pending] if pending else []
+            await self.append(running.fence, [*events, final])
         log.info("%s job %s %s", running.job.stage, running.id, state)
         return state
 
@@ -312,11 +336,13 @@ class Executor:
                 oom.rung_name,
                 retry.rung_name,
             )
-            await self.append(running.fence, [oom, retry])
+            async with running.recording:
+                await self.append(running.fence, [oom, retry])
             return JobState.QUEUED
         tried = ", ".join(r.name for r in ladder)
         reason = f"out of memory on every memory rung (tried: {tried}); last: {oom.message}"
-        await self.append(running.fence, [oom, JobFailed(reason=reason)])
+        async with running.recording:
+            await self.append(running.fence, [oom, JobFailed(reason=reason)])
         return JobState.FAILED
 
 
