@@ -43,7 +43,10 @@ def _cuda_available() -> bool:
 @pytest.fixture
 def settings(tmp_path: Path) -> Settings:
     root = tmp_path / "home"
-    # preempt at once: tests of preemption say so when they test preempt_after_s itself
-    s = Settings.load(root=root, settle_seconds=0.2, telemetry_every_s=0.2, preempt_after_s=0)
+    # preempt at once: tests of preemption say so when they test preempt_after_s itself;
+    # one torch thread: the suite shares the box with other work (README, torch_threads)
+    s = Settings.load(
+        root=root, settle_seconds=0.2, telemetry_every_s=0.2, preempt_after_s=0, torch_threads=1
+    )
     s.paths.create()
     return s
