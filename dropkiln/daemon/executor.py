@@ -246,10 +246,10 @@ class Executor:
             await anyio.sleep(PROGRESS_EVERY_S)
             async with running.recording:
                 pending = running.context.take_pending_progress()
-                if pending is None:
+                if not pending:
                     continue
                 try:
-                    await self.append(running.fence, [pending])
+                    await self.append(running.fence, [*pending])
                 except LeaseLost:
                     running.context.request_stop(LEASE_LOST)
                     return
@@ -304,8 +304,7 @@ class Executor:
     async def _finish(self, running: RunningJob, final: Event, state: JobState) -> JobState:
         async with running.recording:
             pending = running.context.take_pending_progress()
-            events: list[Event] = [pending] if pending else []
-            await self.append(running.fence, [*events, final])
+            await self.append(running.fence, [*pending, final])
         log.info("%s job %s %s", running.job.stage, running.id, state)
         return state
 
