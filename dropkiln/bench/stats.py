@@ -49,3 +49,21 @@ def intervals(stamps: Sequence[float]) -> list[float]:
 def _round(value: float) -> float:
     # Six significant digits: microseconds on fast appends, milliseconds on long runs.
     return float(f"{value:.6g}")
+
+
+def paired_ratio(measured: Sequence[float], baseline: Sequence[float]) -> dict[str, Any]:
+    """The median of each turn's ``measured / baseline``, the lowest and highest, and each.
+
+    Each turn ran its two sides back to back, so a load that comes and goes on a shared box
+    slows both sides of a turn alike; the ratio of the two sides' medians would pair one
+    turn's daemon with another's clean process."""
+    if not measured or len(measured) != len(baseline):
+        raise ValueError(f"{len(measured)} and {len(baseline)} turns: a ratio needs pairs")
+    per_turn = [round(m / b, 3) for m, b in zip(measured, baseline, strict=True)]
+    return {
+        "ratio": round(statistics.median(per_turn), 3),
+        "min": min(per_turn),
+        "max": max(per_turn),
+        "turns": len(per_turn),
+        "per_turn": per_turn,
+    }

@@ -43,3 +43,23 @@ def test_latency_summary_and_intervals() -> None:
     assert summary["p95"] <= summary["p99"] <= summary["max"]
     assert latency_summary([]) == {"n": 0}
     assert intervals([1.0, 1.5, 3.0]) == [0.5, 1.5]
+
+
+def test_paired_ratio_is_the_median_of_each_turns_ratio_with_its_spread() -> None:
+    from dropkiln.bench.stats import paired_ratio
+
+    # turns 2 and 4 ran while a neighbour loaded the box: both sides slowed down alike
+    daemon = [1.04, 3.12, 1.03, 5.2, 1.05]
+    clean = [1.00, 3.00, 1.00, 5.0, 1.00]
+    paired = paired_ratio(daemon, clean)
+    assert paired == {
+        "ratio": 1.04, "min": 1.03, "max": 1.05, "turns": 5,
+        "per_turn": [1.04, 1.04, 1.03, 1.04, 1.05],
+    }  # fmt: skip
+    # the ratio of the two medians mixes turns: here a loaded daemon turn over a quiet
+    # clean one, a figure no turn measured
+    assert round(sorted(daemon)[2] / sorted(clean)[2], 3) != paired["ratio"]
+    with pytest.raises(ValueError, match="turns"):
+        paired_ratio([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="turns"):
+        paired_ratio([], [])
