@@ -17,6 +17,7 @@ from dropkiln.stages.base import (
     StageError,
     StageStopped,
 )
+from dropkiln.stages.generation.batch_records import BatchRecords
 from dropkiln.stages.generation.controlnet import (
     control_inputs,
     control_pipeline,
@@ -101,6 +102,8 @@ class GenerationRun:
         self._keyframes: dict[int, tuple[dict[str, Any], Any]] = {}
         self._schedulers: dict[str, Any] = {}
         self._writer = PngWriter()
+        self._records = BatchRecords()
+        """Each batch's checkpoint, committed while the next batch denoises."""
         self._written: list[Artifact] = []
         """Images written and not yet recorded: recorded with their batch's checkpoint."""
 
@@ -119,6 +122,7 @@ class GenerationRun:
             # after an error too, what is on disk is recorded (and its batch checkpointed)
             self._writer.settle_quietly()
             self._writer.close()
+            self._records.close()
             self._record_written()
             self._deactivate()
             pipe.scheduler = original_scheduler
@@ -141,6 +145,7 @@ class GenerationRun:
             for position in batch:
                 if position not in missing:
                     # recorded again from the file: a kill may have come before its record
+                    self._records.wait()
                     self.ctx.artifact(paths[position], "image")
                     self._skip(self.tasks[position].steps)
             if not missing:
@@ -186,10 +191,10 @@ class GenerationRun:
         self._written.append(Artifact(target, "image", sha256))
 
     def _checkpoint_batch(self, checkpoint: dict[str, Any]) -> None:
-        """The batch's checkpoint and its images' records: one durable write per batch (each
-        is a round trip to the event loop and a commit the device thread waits for)."""
+        """The batch's checkpoint and its images' records: one durable write per batch, made
+        while the next batch denoises (``batch_records.py``)."""
         written, self._written = self._written, []
-        self.ctx.checkpoint(checkpoint, written)
+        self._records.submit(self.ctx.checkpoint, checkpoint, written)
 
     def _record_written(self) -> None:
         """Images written before an error, recorded without their batch's checkpoint."""
@@ -206,6 +211,7 @@ class GenerationRun:
         labels = [task.stem for task in self.tasks]
         sheet = self._writer.after_writes(partial(contact_sheet, pictures, labels, target))
         self._writer.settle()
+        self._records.wait()  # the last batch's checkpoint, committed while the sheet was made
         return sheet.result()
 
     def _batches(self) -> Iterator[list[int]]:
@@ -253,6 +259,7 @@ class GenerationRun:
                 self._stop_now("walk", frame.index)
             parameters = f"latent walk frame {frame.index}: {frame.mix:.3f} from {frame.first}"
             self._write_frame(image, target, record, parameters)
+            self._records.wait()
             self.ctx.checkpoint({"phase": "walk", "done": frame.index + 1, "last": target.name})
         return paths
 
@@ -325,11 +332,13 @@ class GenerationRun:
     def _stop_point(self, phase: str, done: int) -> None:
         if self.ctx.should_stop():
             self._writer.settle()
+            self._records.wait()
             self.ctx.checkpoint({"phase": phase, "done": done})
             raise StageStopped(f"generate {self.spec.name} stopped before {phase} {done}")
 
     def _stop_now(self, phase: str, done: int) -> None:
         """Stopped mid-image: the image is dropped, the job resumes before it."""
+        self._records.wait()
         self.ctx.checkpoint({"phase": phase, "done": done})
         raise StageStopped(f"generate {self.spec.name} stopped while denoising {phase} {done}")
 
@@ -358,6 +367,7 @@ class GenerationRun:
     def _write_preview(self, pipe: Any, latents: Any) -> None:
         target = self.output_dir / "preview.png"
         write_png(latent_preview(latents, "XL" in type(pipe).__name__), target, compress_level=1)
+        self._records.wait()
         self.ctx.artifact(target, "preview")
 
     def _pipeline_for(self, task: ImageTask) -> Any:
