@@ -60,6 +60,10 @@ def test_bench_train_daemon_times_a_real_daemon_against_a_clean_process(
     assert all(c >= t for c, t in zip(cleans, figures["clean_after_encode_s"], strict=True))
     assert all(d > j for d, j in zip(figures["drop_to_lora_s"], jobs, strict=True))
     assert figures["ratio_best"] == pytest.approx(min(jobs) / min(cleans), rel=0.01)
+    # the headline: the median of each run's ratio, the two sides of a run back to back
+    per_run = [j / c for j, c in zip(jobs, cleans, strict=True)]
+    assert figures["ratio"] == pytest.approx(sum(per_run) / 2, abs=0.002)  # two runs
+    assert figures["ratio_spread"] == pytest.approx([min(per_run), max(per_run)], abs=0.002)
     assert len(figures["cpu_s"]["daemon"]) == len(figures["cpu_s"]["clean"]) == 2
     assert min(figures["cpu_s"]["daemon"]) > 0 and min(figures["cpu_s"]["clean"]) > 0
     assert figures["settle_seconds"] == 2.0  # the daemon's default, not a bench setting
