@@ -47,6 +47,7 @@ from dropkiln.bench.generate_profile import generation_parts, start_spy
 from dropkiln.bench.stats import paired_ratio, percentile
 from dropkiln.bench.train_profile import stop_spy
 from dropkiln.config import Settings
+from dropkiln.daemon.device_thread import cpu_threads
 from dropkiln.store.vocabulary import DropState, JobState
 
 POLL_S = 0.2
@@ -96,7 +97,9 @@ def bench_daemon(
         "size": size,
         "steps": steps,
         "settle_seconds": settings.settle_seconds,
-        "torch_threads": {"daemon": threads or "default", "clean": clean.threads},
+        # the count the daemon's device thread runs (OMP_NUM_THREADS set: torch's, as the
+        # clean process's)
+        "torch_threads": {"daemon": cpu_threads(threads) or clean.threads, "clean": clean.threads},
         "warmup": warmup,
         "warm": warm,
         "row": row,
