@@ -9,9 +9,10 @@ release and device queries all run here, one at a time, and the event loop await
 On the CPU the thread's torch pool has one OpenMP thread per physical core, as a user's
 own script has (``cpu_threads``). Whatever else takes a core from one of them (another
 program, even a niced one) makes every parallel op wait at its barrier: on a 2-core box
-with other work running, a plain 2-thread diffusers script and a 2-thread daemon both ran
-5-30x slower, a 1-thread one 1-1.5x. ``torch_threads = 1`` (README) is for such a box; the
-default serves the box that runs the daemon alone, where leaving a core free cost ~10%.
+with niced trainings running, a plain 2-thread diffusers script and a 2-thread daemon both
+ran 7-14x slower than idle (medians), a 1-thread one 1-1.6x. ``torch_threads = 1``
+(README) is for such a box; the default serves the box that runs the daemon alone, where
+leaving a core free cost ~10%.
 """
 
 from __future__ import annotations
