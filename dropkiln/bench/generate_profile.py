@@ -33,6 +33,7 @@ GENERATE_PARTS = (
     ("pipeline, rest", "Pipeline.__call__ ("),
     # around it: the daemon's own work (records first: a batch's are made inside a settle)
     ("records (event round trips)", "DaemonContext."),
+    ("waiting for a batch's records (records thread)", "BatchRecords.wait ("),
     ("contact sheet (after the last PNG)", "GenerationRun.contact_sheet ("),
     ("PNG encode + fsync (written here)", "PngWriter.help ("),
     ("waiting for the writer thread", "PngWriter.settle ("),
@@ -44,6 +45,9 @@ GENERATE_PARTS = (
     ("set-up (prompt file, model, LoRAs)", "run_generate ("),
     ("torch set-up", "prepare_torch ("),
 )
+RECORDS_THREAD = "dropkiln-records"
+RECORDS_PARTS = (("records (event round trips)", "DaemonContext."),)
+"""A batch's checkpoint, committed there while the next batch denoises."""
 WRITER_PARTS = (
     ("thumbnail", "sheet_thumbnail ("),
     ("contact sheet", "contact_sheet ("),
@@ -63,6 +67,7 @@ def generation_parts(raw: Path, turns: int) -> dict[str, Any]:
         f"the device thread waiting for its next job) over {turns} warm drops",
         "device_thread": per_drop(seconds_by_part(raw, DEVICE_THREAD, GENERATE_PARTS)),
         "png_writer_thread": per_drop(seconds_by_part(raw, PNG_THREAD, WRITER_PARTS)),
+        "records_thread": per_drop(seconds_by_part(raw, RECORDS_THREAD, RECORDS_PARTS)),
     }
 
 

@@ -287,7 +287,7 @@ def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecor
     )
     # py-spy's parts, not a torch.profiler table (``record.profile``): notes, and in raw
     for drops, parts in figures["profile"].items():
-        for thread in ("device_thread", "png_writer_thread"):
+        for thread in ("device_thread", "png_writer_thread", "records_thread"):
             spent = ", ".join(f"{part} {ms:g}" for part, ms in parts.get(thread, {}).items())
             record.notes.append(f"--profile, {drops} drops, {thread}, ms per drop: {spent}")
     record.raw = figures

@@ -29,3 +29,24 @@ def test_parts_name_records_inside_a_settle_and_keep_the_sheet_apart(tmp_path: P
         "waiting for the writer thread": 3 * per_sample_ms,
         "contact sheet (after the last PNG)": 2 * per_sample_ms,
     }
+
+
+def test_a_batch_record_on_the_records_thread_is_apart_from_the_device_threads_wait_for_it(
+    tmp_path: Path,
+) -> None:
+    device = "thread (0x1): dropkiln-device_0;_run_stage (executor.py:1)"
+    records = "thread (0x2): dropkiln-records_0;_worker (thread.py:1)"
+    lines = [
+        f"{records};DaemonContext.checkpoint (context.py:1);run (from_thread.py:1) 4",
+        f"{device};GenerationRun.contact_sheet (run.py:3);BatchRecords.wait (b.py:1) 1",
+        f"{device};GenerationRun.contact_sheet (run.py:3);PngWriter.settle (png_writer.py:1) 2",
+    ]
+    raw = tmp_path / "daemon.raw"
+    raw.write_text("\n".join(lines) + "\n")
+    parts = generation_parts(raw, turns=1)
+    per_sample_ms = 1000 / RATE_HZ
+    assert parts["records_thread"] == {"records (event round trips)": 4 * per_sample_ms}
+    assert parts["device_thread"] == {
+        "waiting for a batch's records (records thread)": 1 * per_sample_ms,
+        "contact sheet (after the last PNG)": 2 * per_sample_ms,
+    }
