@@ -280,3 +280,13 @@ def test_cli_start_benchmark_times_the_quick_commands_in_fresh_processes(tmp_pat
         assert record["latency"][name]["n"] == 2
     assert record["raw"]["python_s"] > 0
     assert any(note.startswith("load average before") for note in record["notes"])
+
+
+@pytest.mark.slow
+def test_threads_benchmark_times_one_clean_process_per_thread_count(tiny_models: Path) -> None:
+    from dropkiln.bench.threads import bench_threads
+
+    figures = bench_threads((1, 2), busy=1, turns=2, size=32, models_dir=tiny_models)
+    assert set(figures["seconds"]) == {"1", "2"}
+    assert all(len(values) == 2 and min(values) > 0 for values in figures["seconds"].values())
+    assert figures["busy_loops"] == 1 and len(figures["load_average_after"]) == 3
