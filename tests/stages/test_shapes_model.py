@@ -339,7 +339,7 @@ def test_unet_footprint_covers_the_shape_and_one_latent_pixel_around_it() -> Non
     footprint = latent_footprint(torch.cat([image, blank]), 16)
     assert footprint.shape == (2, 1, 16, 16)
     assert footprint[1].sum() == 0
-    cx, cy = POSITIONS["top left"]
+    cx, _ = POSITIONS["top left"]
     half = SIZES["small"] / 2
     first, last = int((cx - half) // 4) - 1, int((cx + half - 1) // 4) + 1
     expected = torch.zeros(16, 16)
