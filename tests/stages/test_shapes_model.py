@@ -345,14 +345,3 @@ def test_unet_footprint_covers_the_shape_and_one_latent_pixel_around_it() -> Non
     expected = torch.zeros(16, 16)
     expected[first : last + 1, first : last + 1] = 1
     assert torch.equal(footprint[0, 0], expected)
-
-
-def test_every_shape_stays_inside_the_picture() -> None:
-    # A shape cut by the picture's edge changes its box fill (the detector's shape measure)
-    # and its place: the largest, most jittered shape at a corner must still fit.
-    from dropkiln.stages.models.shapes_scenes import _JITTER, POSITIONS, SIZE, SIZES
-
-    reach = max(SIZES.values()) * 1.1 / 2 + _JITTER
-    for x, y in POSITIONS.values():
-        assert reach <= min(x, y) and max(x, y) + reach <= SIZE, (x, y, reach)
-

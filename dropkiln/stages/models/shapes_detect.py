@@ -4,8 +4,7 @@ The background is the colour of the picture's border; the shape is every pixel w
 from it. Its colour is the nearest named colour to the shape's median pixel, its place the
 nearest named place to its bounding box's centre, and its shape the nearest of the drawn
 shapes by two measures: how much of its bounding box it fills (square 1, circle π/4,
-triangle ½, star a little less) and how low its mass sits in that box (a triangle's point
-is up).
+triangle ½, star about ⅓) and how low its mass sits in that box (a triangle's point is up).
 """
 
 from __future__ import annotations
@@ -23,8 +22,8 @@ PALETTE = {**COLOURS, **NEW_COLOURS}
 SHAPE_MEASURES: dict[str, tuple[float, float]] = {
     "square": (1.0, 0.5),
     "circle": (0.785, 0.5),
-    "triangle": (0.525, 0.66),
-    "star": (0.465, 0.55),
+    "triangle": (0.54, 0.655),
+    "star": (0.39, 0.55),
 }
 """(fill of the bounding box, height of the mass centre in it from the top) per shape, as
 drawn by shapes_scenes, measured on clean scenes (tests/stages/test_shapes_model.py)."""

@@ -38,19 +38,17 @@ BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "gray": (128, 128, 128),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-SIZES: dict[str, float] = {"small": 24.0, "large": 32.0}
-"""Side of the shape's bounding box in pixels. The VAE downsamples 4×: at 16 px a small
-shape was four latent pixels across and came back a blob whatever its shape."""
+SIZES: dict[str, float] = {"small": 16.0, "large": 28.0}
+"""Side of the shape's bounding box in pixels."""
 
 POSITIONS: dict[str, tuple[float, float]] = {
-    "top left": (21.0, 21.0),
-    "top right": (43.0, 21.0),
+    "top left": (16.0, 16.0),
+    "top right": (48.0, 16.0),
     "center": (32.0, 32.0),
-    "bottom left": (21.0, 43.0),
-    "bottom right": (43.0, 43.0),
+    "bottom left": (16.0, 48.0),
+    "bottom right": (48.0, 48.0),
 }
-"""Centre (x, y) of the shape for each place a caption can name: far enough in that a large
-shape, scaled and jittered at most, stays inside the picture."""
+"""Centre (x, y) of the shape for each place a caption can name."""
 
 WORDS = ("circle", "square", "triangle", "star", "top", "bottom", "left", "right", "center")
 """Caption words tiny-shapes' tokenizer has merges for (besides the common caption words)."""
@@ -58,7 +56,6 @@ WORDS = ("circle", "square", "triangle", "star", "top", "bottom", "left", "right
 _SUPERSAMPLE = 4
 _JITTER = 3.0
 _HELD_OUT_EVERY = 8
-_STAR_INNER = 0.5
 
 
 @dataclass(frozen=True)
@@ -186,11 +183,10 @@ def draw_scene(scene: Scene) -> Image.Image:
 
 
 def _star_points(cx: float, cy: float, radius: float) -> list[tuple[float, float]]:
-    # A five-pointed star, point up. Its inner radius is half the outer (a regular star's is
-    # 0.38): the thin points of the regular one blurred away in the VAE.
+    # A five-pointed star, point up, inner radius at the regular star's 0.38.
     points = []
     for i in range(10):
-        r = radius if i % 2 == 0 else radius * _STAR_INNER
+        r = radius if i % 2 == 0 else radius * 0.38
         angle = -math.pi / 2 + i * math.pi / 5
         points.append((cx + r * math.cos(angle), cy + r * math.sin(angle)))
     return points

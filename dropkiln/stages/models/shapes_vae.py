@@ -1,10 +1,10 @@
 """The VAE phases of ``tiny-shapes``' training: the codec learns to give back scenes in any
-colour, then (``decoder_steps``, 0 turns it off) its decoder alone learns to give back
-their edges.
+colour, then (optionally, ``decoder_steps``; off in the shipped recipe) its decoder alone
+learns to give back their edges.
 
 The first phase weighs the shape's pixels above the background's, so the shape and its
 colour come back at all; but that weighting also makes a blob cheaper than a star (a
-background pixel painted in the shape's colour costs a fraction of a shape pixel missed), so
+background pixel painted in the shape's colour costs a ninth of a shape pixel missed), so
 its decoder fills the gaps between a star's points. The second phase weighs a margin of
 background around the shape as much as the shape itself, on the decoder alone: the encoder,
 and so every latent the UNet learns, stays as the first phase left it.

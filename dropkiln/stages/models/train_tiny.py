@@ -3,12 +3,12 @@
     python -m dropkiln.stages.models.train_tiny --out tiny-shapes.safetensors
 
 Three phases, all seeded: the VAE learns to reconstruct scenes in any colour (from the
-posterior mean, its loss weighted toward the shape and its colour), then
-(``--decoder-steps``) its decoder alone learns their edges (shapes_vae); the text encoders
-learn to tell the caption words apart (shapes_text); then the UNet learns the
-noise-prediction loss, weighted toward the shape's latent pixels (``--footprint-weight``),
-on the VAE's latent means of a fixed set of scenes, conditioned on the captions through the
-text encoders, which keep learning alongside it. With the defaults the file it writes is
+posterior mean, its loss weighted toward the shape and its colour), and optionally
+(``--decoder-steps``, off in the shipped recipe) its decoder alone then learns their edges
+(shapes_vae); the text encoders learn
+to tell the caption words apart (shapes_text); then the UNet learns the noise-prediction
+loss on the VAE's latent means of a fixed set of scenes, conditioned on the captions through
+the text encoders, which keep learning alongside it. With the defaults the file it writes is
 the one the package ships; torch's CPU kernels give the same bits for the same build, CPU
 features and thread count.
 """
@@ -50,9 +50,9 @@ class Recipe:
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5
-    shape_weight: float = 3.0
+    shape_weight: float = 8.0
     colour_weight: float = 1.0
-    decoder_steps: int = 400
+    decoder_steps: int = 0
     decoder_lr: float = 1e-3
     edge_margin: int = 2
     edge_weight: float = 2.0
@@ -61,13 +61,13 @@ class Recipe:
     text_batch: int = 32
     text_lr: float = 2e-3
     scenes: int = 6000
-    unet_steps: int = 1800
+    unet_steps: int = 1500
     unet_batch: int = 16
     unet_lr: float = 1e-3
     text_encoder_lr: float = 3e-4
     uncond_probability: float = 0.1
     min_snr_gamma: float = 5.0
-    footprint_weight: float = 3.0
+    footprint_weight: float = 0.0
 
     def recorded(self) -> dict[str, Any]:
         """The knobs a weights file names: those of a phase that did not run are left out,
