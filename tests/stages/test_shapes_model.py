@@ -321,3 +321,28 @@ def _pipeline(tmp_path: Path) -> object:
     ref = resolve_model("tiny-shapes", tmp_path / "models")
     assert ref.kind == "sdxl"
     return load_pipeline(ref, "cpu", torch.float32)
+
+
+def test_unet_footprint_covers_the_shape_and_one_latent_pixel_around_it() -> None:
+    # The UNet's loss can weigh the shape's latent pixels above the background's: the mask
+    # comes from the drawn scene, on the VAE's 4x-downsampled grid, grown by one latent pixel
+    # (the decoder reads an edge from its neighbours too).
+    import torch
+
+    from dropkiln.stages.models.shapes_scenes import Scene
+    from dropkiln.stages.models.train_tiny import latent_footprint
+
+    scene = Scene("square", "red", "white", "small", "top left", (220, 30, 30))
+    array = np.asarray(draw_scene(scene), dtype=np.float32)
+    image = torch.from_numpy(array).permute(2, 0, 1)[None] / 127.5 - 1
+    blank = torch.full_like(image, 245 / 127.5 - 1)
+    footprint = latent_footprint(torch.cat([image, blank]), 16)
+    assert footprint.shape == (2, 1, 16, 16)
+    assert footprint[1].sum() == 0
+    # the 4x4 pixel blocks the square touches, then every block next to one of them
+    touched = (np.abs(array - 245).max(axis=2) > 12).reshape(16, 4, 16, 4).any(axis=(1, 3))
+    rows, cols = np.nonzero(touched)
+    expected = torch.zeros(16, 16)
+    expected[rows.min() - 1 : rows.max() + 2, cols.min() - 1 : cols.max() + 2] = 1
+    assert 4 <= rows.max() - rows.min() + 1 <= 6
+    assert torch.equal(footprint[0, 0], expected)

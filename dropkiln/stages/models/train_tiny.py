@@ -28,7 +28,12 @@ from dropkiln.stages.models.shapes_detect import vae_readback
 from dropkiln.stages.models.shapes_model import COMPONENTS, SHAPES_WORDS, shapes_architecture
 from dropkiln.stages.models.shapes_scenes import SIZE, random_scene
 from dropkiln.stages.models.shapes_text import separate_caption_words
-from dropkiln.stages.models.shapes_vae import scene_batch, sharpen_decoder, train_codec
+from dropkiln.stages.models.shapes_vae import (
+    scene_batch,
+    shape_mask,
+    sharpen_decoder,
+    train_codec,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -62,6 +67,7 @@ class Recipe:
     text_encoder_lr: float = 3e-4
     uncond_probability: float = 0.1
     min_snr_gamma: float = 5.0
+    footprint_weight: float = 0.0
 
     def recorded(self) -> dict[str, Any]:
         """The knobs a weights file names: those of a phase that did not run are left out,
@@ -72,6 +78,8 @@ class Recipe:
         if self.decoder_steps <= 0:
             for name in _DECODER_KNOBS:
                 del knobs[name]
+        if self.footprint_weight <= 0:
+            del knobs["footprint_weight"]
         return knobs
 
 
@@ -98,10 +106,11 @@ def train(
     print(f"vae reconstructions read back: {readback}", file=log, flush=True)
     text_steps = (recipe.text_steps, recipe.text_batch, recipe.text_lr)
     separate_caption_words(shapes_pipeline(components), text_steps, lambda: random_scene(rng), log)
-    latents, captions = _encode_scenes(components["vae"], recipe, rng)
+    latents, footprints, captions = _encode_scenes(components["vae"], recipe, rng)
     scaling = float(1.0 / latents.std())
     components["vae"].register_to_config(scaling_factor=scaling)
-    _train_unet(components, recipe, latents, captions, generator, log, checkpoint)
+    scenes = (latents, footprints, captions)
+    _train_unet(components, recipe, scenes, generator, log, checkpoint)
     print(f"trained in {time.monotonic() - started:.0f} s", file=log, flush=True)
     return _weights(components)
 
@@ -146,17 +155,29 @@ def _weights(components: dict[str, Any]) -> dict[str, torch.Tensor]:
 
 def _encode_scenes(
     vae: Any, recipe: Recipe, rng: np.random.Generator
-) -> tuple[torch.Tensor, list[str]]:
-    """Latent means of a fixed set of training scenes, with their captions."""
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Latent means of a fixed set of training scenes, their shapes' footprints on the
+    latent grid, and their captions."""
     import torch
 
-    means, captions = [], []
+    means, footprints, captions = [], [], []
     with torch.no_grad():
         for start in range(0, recipe.scenes, 250):
             images, texts = scene_batch(rng, min(250, recipe.scenes - start))
             means.append(vae.encode(images).latent_dist.mean)
+            footprints.append(latent_footprint(images, means[-1].shape[-1]))
             captions += texts
-    return torch.cat(means), captions
+    return torch.cat(means), torch.cat(footprints), captions
+
+
+def latent_footprint(images: torch.Tensor, side: int) -> torch.Tensor:
+    """1 on the latent pixels a scene's shape covers, and one latent pixel around them
+    (the decoder reads a shape's edge from its neighbours too), else 0."""
+    import torch
+
+    pool = torch.nn.functional.max_pool2d
+    covered = pool(shape_mask(images), images.shape[-1] // side)
+    return pool(covered, 3, 1, 1)
 
 
 def shapes_pipeline(components: dict[str, Any]) -> Any:
@@ -180,8 +201,7 @@ def shapes_pipeline(components: dict[str, Any]) -> Any:
 def _train_unet(
     components: dict[str, Any],
     recipe: Recipe,
-    latents: torch.Tensor,
-    captions: list[str],
+    scenes: tuple[torch.Tensor, torch.Tensor, list[str]],
     generator: torch.Generator,
     log: Any,
     checkpoint: Checkpoint | None = None,
@@ -192,6 +212,7 @@ def _train_unet(
 
     from dropkiln.stages.training.losses import min_snr_weights
 
+    latents, footprints, captions = scenes
     unet = components["unet"]
     encoders = [components["text_encoder"], components["text_encoder_2"]]
     pipe = shapes_pipeline(components)
@@ -233,7 +254,11 @@ def _train_unet(
             added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids.repeat(len(pick), 1)},
         ).sample
         weights = min_snr_weights(scheduler, timesteps, recipe.min_snr_gamma)
-        per_sample = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+        # The shape covers a few of the 1024 latent values (a square's corners fewer still):
+        # weighed k times there, its edges are what the loss is about, not the background.
+        footprint = 1.0 + recipe.footprint_weight * footprints[pick]
+        squared = footprint * (prediction - noise) ** 2
+        per_sample = squared.mean(dim=(1, 2, 3)) / footprint.mean(dim=(1, 2, 3))
         loss = (per_sample * weights).mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
