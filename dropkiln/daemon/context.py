@@ -174,7 +174,8 @@ class DaemonContext:
         record = self._unrecorded(Artifact(Path(path), kind, sha256))
         if record is None:
             return  # recorded by an earlier attempt: a stage re-reports what it finds on disk
-        self._send([record])
+        # the progress reported before the file goes first: the log keeps the stage's order
+        self._send([*self.take_pending_progress(), record])
         self._recorded[record.path] = record.sha256
 
     def _unrecorded(self, artifact: Artifact) -> ArtifactWritten | None:
