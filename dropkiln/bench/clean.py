@@ -18,16 +18,24 @@ import sys
 from pathlib import Path
 from typing import Any
 
-SERVER = r"""
+_LOAD_PIPELINE = r"""
 import json, sys, time
 import torch
 from diffusers import DiffusionPipeline, EulerDiscreteScheduler
+from PIL.PngImagePlugin import PngInfo
 folder, threads = sys.argv[1], int(sys.argv[2])
 if threads > 0:
     torch.set_num_threads(threads)
 pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
 pipe.set_progress_bar_config(disable=True)
 print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+"""
+"""The start both clean image servers share: load the pipeline from the folder, set the
+thread count, and say which count torch runs with."""
+
+SERVER = (
+    _LOAD_PIPELINE
+    + r"""
 for line in sys.stdin:
     request = json.loads(line)
     started = time.perf_counter()
@@ -45,6 +53,7 @@ for line in sys.stdin:
             picture.save(f"{request['out']}/{number:03d}.png")
     print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 """
+)
 
 
 class CleanProcess:
@@ -103,17 +112,9 @@ class CleanDiffusers(CleanProcess):
         return float(self.ask(request)["seconds"])
 
 
-BATCHED_SERVER = r"""
-import json, sys, time
-import torch
-from diffusers import DiffusionPipeline, EulerDiscreteScheduler
-from PIL.PngImagePlugin import PngInfo
-folder, threads = sys.argv[1], int(sys.argv[2])
-if threads > 0:
-    torch.set_num_threads(threads)
-pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
-pipe.set_progress_bar_config(disable=True)
-print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+BATCHED_SERVER = (
+    _LOAD_PIPELINE
+    + r"""
 for line in sys.stdin:
     request = json.loads(line)
     started = time.perf_counter()
@@ -133,6 +134,7 @@ for line in sys.stdin:
             picture.save(f"{request['out']}/{image['stem']}.png", pnginfo=info)
     print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
 """
+)
 """What a user's batched script does to get the daemon's files: a diffusers call per batch,
 then each image saved with its A1111 infotext (no fsync: a script does not make one)."""
 
