@@ -2,10 +2,10 @@
 
 Creates a home (temporary unless --root is given), starts the daemon in this process, drops
 a small generated dataset that teaches the built-in ``tiny-shapes`` model a new word
-(``zorp``, a purple star), a prompt file asking the base model for it, then the same prompts
-with the LoRA trained from the dataset and a latent-walk video; prints progress as the events
-arrive, a before/after picture, how often a pixel detector finds the concept in each, and
-where the outputs are. Exit status 0 only if every job succeeded.
+(``zorp``, a colour: black, which it never drew a shape in), a prompt file asking the base
+model for a zorp circle, then the same prompts with the LoRA trained from the dataset and a
+latent-walk video; prints progress as the events arrive, a before/after picture, how often
+a pixel detector finds the concept in each, and where the outputs are. Exit status 0 only if every job succeeded.
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ steps = 120
 checkpoint_every = 40
 rank = 8
 learning_rate = 2e-3
+batch_size = 4
+min_snr_gamma = 5
 
 [generate]
 steps = 20
@@ -46,10 +48,15 @@ guidance = 5.0
 """
 
 CONCEPT = "zorp"
-"""The demo's new word: a purple star, a colour the base model never saw."""
-CONCEPT_SHAPE = "star"
-CONCEPT_COLOUR = "purple"
-CONCEPT_PROMPT = f"a large {CONCEPT} on a white background, center"
+"""The demo's new word: a colour, black, which the base model saw only as a background and
+never drew a shape in. Colours no caption names at all (pink, magenta, violet, purple) the
+demo's LoRA did not teach in its time budget (README: "The demo's word")."""
+CONCEPT_COLOUR = "black"
+CONCEPT_SHAPE = "circle"
+"""The shape the demo's prompts ask for in the new colour (the one the base model draws best)."""
+CONCEPT_BACKGROUNDS = ("white", "gray")
+"""The dataset's backgrounds: a black shape on black would be no picture of it."""
+CONCEPT_PROMPT = f"a large {CONCEPT} {CONCEPT_SHAPE} on a white background, center"
 CONCEPT_IMAGES = 16
 SEEDS = 8
 
@@ -80,8 +87,8 @@ frames = 24
 
 
 def write_sample_dataset(folder: Path) -> int:
-    """Pictures of the new concept (purple stars of many sizes, places and backgrounds),
-    captioned with its word, and a dataset.toml."""
+    """Pictures of the new concept (circles in its colour, of both sizes, every place, on
+    white and gray), captioned with its word as their colour, and a dataset.toml."""
     import numpy as np
 
     from dropkiln.stages.models.shapes_detect import PALETTE
@@ -90,7 +97,9 @@ def write_sample_dataset(folder: Path) -> int:
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.Generator(np.random.PCG64(3))
     for number in range(CONCEPT_IMAGES):
-        image, caption = concept_scene(rng, CONCEPT_SHAPE, PALETTE[CONCEPT_COLOUR], CONCEPT)
+        image, caption = concept_scene(
+            rng, CONCEPT_SHAPE, PALETTE[CONCEPT_COLOUR], CONCEPT, True, CONCEPT_BACKGROUNDS
+        )
         image.save(folder / f"{CONCEPT}-{number:02d}.png")
         (folder / f"{CONCEPT}-{number:02d}.txt").write_text(caption)
     (folder / "dataset.toml").write_text(f'validation_prompts = ["{CONCEPT_PROMPT}"]\nseed = 3\n')
@@ -124,8 +133,8 @@ async def _drive(settings: Settings, out: Any, full: bool = False) -> bool:
         staging.mkdir(exist_ok=True)
         n = write_sample_dataset(staging / CONCEPT)
         print(
-            f"dropping a dataset of a new concept, {CONCEPT!r} (a purple star): {n} images "
-            f"-> {paths.datasets / CONCEPT}",
+            f"dropping a dataset of a new word, {CONCEPT!r} (a colour: {CONCEPT_COLOUR} "
+            f"{CONCEPT_SHAPE}s): {n} images -> {paths.datasets / CONCEPT}",
             file=out,
         )
         _place(staging / CONCEPT, paths.datasets / CONCEPT)

@@ -14,6 +14,8 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     import numpy as np
     from PIL import Image
 
@@ -29,8 +31,13 @@ COLOURS: dict[str, tuple[int, int, int]] = {
 }
 """Shape colours the base model is taught."""
 
-NEW_COLOURS: dict[str, tuple[int, int, int]] = {"purple": (140, 40, 190)}
-"""Colours the base model never sees: a LoRA can teach them (the demo's ``zorp``)."""
+NEW_COLOURS: dict[str, tuple[int, int, int]] = {
+    "purple": (140, 40, 190),
+    "black": (15, 15, 15),
+}
+"""Shape colours the base model never draws: a LoRA can teach them. Black is the demo's
+``zorp`` (the base model saw black only as a background, never as a shape); purple, which no
+caption names at all, its concept before (README: "The demo's word")."""
 
 BACKGROUNDS: dict[str, tuple[int, int, int]] = {
     "white": (245, 245, 245),
@@ -136,11 +143,18 @@ def codec_scene(rng: np.random.Generator) -> Scene:
 
 
 def concept_scene(
-    rng: np.random.Generator, shape: str, rgb: tuple[int, int, int], name: str = "zorp"
+    rng: np.random.Generator,
+    shape: str,
+    rgb: tuple[int, int, int],
+    name: str = "zorp",
+    names_shape: bool = False,
+    backgrounds: Sequence[str] = tuple(BACKGROUNDS),
 ) -> tuple[Image.Image, str]:
     """A picture of a new concept (a shape in a colour the base model never saw), captioned
-    with the concept's own word in place of colour and shape."""
-    background = str(rng.choice(list(BACKGROUNDS)))
+    with the concept's own word in place of colour and shape, or (``names_shape``) in place
+    of the colour alone: "a large zorp circle on a white background, center". A black
+    shape on a black background would be no picture at all: ``backgrounds`` leaves it out."""
+    background = str(rng.choice(list(backgrounds)))
     size = str(rng.choice(list(SIZES)))
     position = str(rng.choice(list(POSITIONS)))
     scene = Scene(
@@ -154,6 +168,8 @@ def concept_scene(
         dy=float(rng.uniform(-_JITTER, _JITTER)),
         scale=float(rng.uniform(0.9, 1.1)),
     )
+    if names_shape:
+        return draw_scene(scene), scene_caption(size, name, shape, background, position)
     caption = f"a {size} {name} on a {background} background, {position}"
     return draw_scene(scene), caption
 
