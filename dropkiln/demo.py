@@ -5,7 +5,8 @@ a small generated dataset that teaches the built-in ``tiny-shapes`` model a new 
 (``zorp``, a colour: black, which it never drew a shape in), a prompt file asking the base
 model for a zorp circle, then the same prompts with the LoRA trained from the dataset and a
 latent-walk video; prints progress as the events arrive, a before/after picture, how often
-a pixel detector finds the concept in each, and where the outputs are. Exit status 0 only if every job succeeded.
+a pixel detector finds the concept in each, and where the outputs are. Exit status 0 only
+if every job succeeded.
 """
 
 from __future__ import annotations

@@ -38,7 +38,7 @@ position 0.25, shape 0.225."""
 VAE_GOAL = {"colour": 0.95, "position": 0.95, "shape": 0.9, "concept": 0.9}
 VAE_MEASURED = {"colour": 0.95, "position": 0.9, "shape": 0.475, "concept": 0.025}
 """The shipped VAE's read-back of 40 held-out scenes and of 40 purple stars (the demo's
-concept). It blurs edges by about two pixels: colours and places come back, stars come back
+first concept). It blurs edges by about two pixels: colours and places come back, stars come back
 as blobs. The VAE before it read back colour 0.15, position 0.60, shape 0.30, purple none."""
 MARGIN = 2 / HELD_OUT_PROMPTS
 

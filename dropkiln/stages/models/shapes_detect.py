@@ -101,7 +101,8 @@ def vae_readback(vae: Any, count: int = 40, seed: int = 5) -> dict[str, float]:
     """How often the detector reads a held-out scene's colour, place and shape off the VAE's
     reconstruction of it (from the latent mean), and (``concept``) a purple star's colour and
     shape together. The UNet draws through this decoder, so this is the ceiling of prompt
-    following; purple is the demo LoRA's colour, which no caption of the base model names."""
+    following; purple, which no caption of the base model names, was the demo LoRA's first
+    colour (README: "The demo's word")."""
     import numpy as np
 
     from dropkiln.stages.models.shapes_scenes import concept_scene, draw_scene, random_scene
