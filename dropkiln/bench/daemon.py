@@ -44,6 +44,7 @@ from dropkiln.bench.clean import CleanBatched, CleanDiffusers
 from dropkiln.bench.daemon_process import start_daemon, stop_daemon
 from dropkiln.bench.generate import script_per_job, write_prompt_files
 from dropkiln.bench.generate_profile import generation_parts, start_spy
+from dropkiln.bench.same_images import same_file, same_pixels
 from dropkiln.bench.stats import paired_ratio, percentile
 from dropkiln.bench.train_profile import stop_spy
 from dropkiln.config import Settings
@@ -150,7 +151,7 @@ class _DaemonRun:
                 run.append(job["run_s"])
                 if not attempt % 2:
                     baseline.append(clean.render(self._request(prompts), out))
-                same = same and _same_pixels(Path(job["images"][0]), out / "000.png")
+                same = same and same_pixels(Path(job["images"][0]), out / "000.png")
             self._unspy(spy, "single", repeat)
             batched = {}
             if clean_batched is not None:
@@ -210,7 +211,7 @@ class _DaemonRun:
             if not attempt % 2:
                 baseline.append(clean.render(self._batch_request(job, prompts), out, batch))
             pairs = zip(sorted(job["images"]), sorted(out.glob("*.png")), strict=True)
-            same = same and all(_same_file(Path(mine), theirs) for mine, theirs in pairs)
+            same = same and all(same_file(Path(mine), theirs) for mine, theirs in pairs)
         self._unspy(spy, "batched", repeat)
         paired = paired_ratio(run, baseline)
         return {
@@ -351,32 +352,6 @@ def _processes(
         folder, run.settings.root / "scripts", prompt_sets, run.steps, run.size, threads
     )
     return {"processes_s": round(sum(seconds), 3), "process_file_s": seconds}
-
-
-def _same_file(path: Path, other: Path) -> bool:
-    """The same pixels (within ``PIXEL_TOLERANCE``) and the same A1111 ``parameters`` text."""
-    from dropkiln.stages.generation.png_files import PARAMETERS_KEY, read_png_text
-
-    same_text = read_png_text(path)[PARAMETERS_KEY] == read_png_text(other).get(PARAMETERS_KEY)
-    return same_text and _same_pixels(path, other)
-
-
-PIXEL_TOLERANCE = 1
-"""How far (in 8-bit levels) a pixel of the daemon's image may be from the clean process's.
-The two may run torch on different thread counts (the daemon leaves a core to the rest of
-itself; the script takes torch's default), and a different count sums in a different order:
-the images differ by ~1e-6, which rounds a few pixels of a hundred thousand one level apart.
-A different model, sampler, seed or prompt moves pixels by tens of levels."""
-
-
-def _same_pixels(path: Path, other: Path) -> bool:
-    import numpy as np
-    from PIL import Image
-
-    with Image.open(path) as mine, Image.open(other) as theirs:
-        a = np.asarray(mine.convert("RGB"), dtype=np.int16)
-        b = np.asarray(theirs.convert("RGB"), dtype=np.int16)
-    return a.shape == b.shape and int(np.abs(a - b).max()) <= PIXEL_TOLERANCE
 
 
 def main(argv: Sequence[str] = ()) -> None:

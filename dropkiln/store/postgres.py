@@ -25,12 +25,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any, TypeVar
 
-import anyio
 import psycopg
 from psycopg.rows import RowMaker
 from psycopg.types.string import TextLoader
 
 from dropkiln.store.errors import ConcurrencyError, StoreError
+from dropkiln.store.pg_notify import CHANNEL, NotifyWatch
 from dropkiln.store.pool import ConnectionPool
 from dropkiln.store.stored import StoredEvent
 
@@ -40,7 +40,6 @@ if TYPE_CHECKING:
 T = TypeVar("T")
 
 READ_CONNECTIONS = 4
-CHANNEL = "dropkiln_events"
 # pg_advisory_xact_lock keys: one for appends (the log's order), one for schema changes.
 APPEND_LOCK = 0x64_6B_01
 SCHEMA_LOCK = 0x64_6B_02
@@ -281,57 +280,6 @@ class PostgresDatabase:
         if self._write is not None:
             self._write.close()
             self._write = None
-
-
-class NotifyWatch:
-    """Wakes a tail on another commit: NOTIFY, else every ``poll_interval``."""
-
-    def __init__(self, url: str, poll_interval: float) -> None:
-        self.url = url
-        self.poll_interval = poll_interval
-        self._listener: psycopg.AsyncConnection[Any] | None = None
-        self._seen = 0
-
-    async def listen(self) -> None:
-        """Start listening, or leave it to polling when the server will not have it."""
-        try:
-            listener = await psycopg.AsyncConnection.connect(self.url, autocommit=True)
-            await listener.execute(f"LISTEN {CHANNEL}")
-        except psycopg.Error:
-            self._listener = None
-            return
-        self._listener = listener
-
-    async def version(self) -> int:
-        """Notifications seen so far (those already waiting count)."""
-        await self._take(timeout=0)
-        return self._seen
-
-    async def changed_since(self, version: int) -> None:
-        """Return after a notification newer than ``version``, or after poll_interval."""
-        if self._seen > version:
-            return
-        if self._listener is None:
-            await anyio.sleep(self.poll_interval)
-            await self.listen()  # before the next read, so no commit goes unnoticed
-            return
-        await self._take(timeout=self.poll_interval)
-
-    async def _take(self, timeout: float) -> None:
-        if self._listener is None:
-            return
-        try:
-            async for _ in self._listener.notifies(timeout=timeout or 0.001, stop_after=1):
-                self._seen += 1
-        except psycopg.Error:
-            await self._listener.close()
-            self._listener = None
-            self._seen += 1  # something may have been missed: read again
-
-    async def close(self) -> None:
-        if self._listener is not None:
-            await self._listener.close()
-            self._listener = None
 
 
 def _append(

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import partial
@@ -21,11 +19,10 @@ from dropkiln.stages.generation.batch_records import BatchRecords
 from dropkiln.stages.generation.controlnet import (
     control_inputs,
     control_pipeline,
-    control_record,
     controlnet_folder,
-    image_digest,
     load_controlnet,
 )
+from dropkiln.stages.generation.image_records import ImageRecords
 from dropkiln.stages.generation.img2img import image_mode, init_inputs, init_pipeline
 from dropkiln.stages.generation.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
 from dropkiln.stages.generation.memory_ladder import apply_rung, batch_limit, undo_rung
@@ -65,8 +62,6 @@ if TYPE_CHECKING:
     from dropkiln.stages.generate import GenerateSpec
     from dropkiln.stages.models import ModelRef
 
-RECORD_VERSION = 1
-
 
 class GenerationRun:
     """Renders a job's images and walk frames on one warm pipeline, skipping finished ones."""
@@ -87,6 +82,7 @@ class GenerationRun:
             {"name": lo.name, "weight": lo.weight, "sha256": safetensors_data_sha256(Path(lo.path))}
             for lo in spec.loras
         ]
+        self.records = ImageRecords(model, rung, self.lora_records, tasks)
         video = spec.prompt_file.video
         self.walk: list[WalkFrame] = []
         if video is not None and video.kind == "latent-walk":
@@ -139,7 +135,7 @@ class GenerationRun:
         missing images are written.
         """
         paths = [self.output_dir / f"{task.stem}.png" for task in self.tasks]
-        records = [self.image_record(task) for task in self.tasks]
+        records = [self.records.image_record(task) for task in self.tasks]
         for batch in self._batches():
             missing = [p for p in batch if not _finished(paths[p], records[p]["digest"])]
             for position in batch:
@@ -239,7 +235,7 @@ class GenerationRun:
         for frame in self.walk:
             target = self.output_dir / "walk" / f"{frame.index:04d}.png"
             paths.append(target)
-            record = self.walk_record(frame)
+            record = self.records.walk_record(frame)
             if _finished(target, record["digest"]):
                 self._skip(lead.steps)
                 continue
@@ -262,56 +258,6 @@ class GenerationRun:
             self._records.wait()
             self.ctx.checkpoint({"phase": "walk", "done": frame.index + 1, "last": target.name})
         return paths
-
-    def image_record(self, task: ImageTask) -> dict[str, Any]:
-        """The ``dropkiln`` chunk: what the image depicts (digested), and how it was made."""
-        # the batch size says how an image was rendered, not what it shows
-        unused = {"batch_size"} | (set() if task.init_image else {"init_image", "strength", "mask"})
-        if task.reference is None:
-            unused.add("reference")  # records from before references keep their digests
-        image = task.model_dump(mode="json", exclude=unused)
-        if task.control is not None:
-            controls = [control_record(control) for control in task.control]
-            # one ControlNet is recorded as before there could be several: same digest
-            image["control"] = controls[0] if len(controls) == 1 else controls
-        if task.reference is not None:
-            image["reference"] = [
-                {**reference, "image": Path(reference["image"]).name,
-                 "sha256": image_digest(reference["image"])}
-                for reference in image["reference"]
-            ]  # fmt: skip
-        for field in ("init_image", "mask"):
-            if image.get(field):
-                source = Path(image[field])
-                image[field] = {"image": source.name, "sha256": image_digest(source)}
-        content = {"image": image, "model": self._model_record(), "loras": self.lora_records}
-        return self._sealed(content)
-
-    def walk_record(self, frame: WalkFrame) -> dict[str, Any]:
-        lead = self.tasks[0]
-        content = {
-            "walk": {"frame": frame.index, "first": frame.first, "second": frame.second,
-                     "mix": frame.mix},
-            "keyframes": [self.image_record(self.tasks[i])["digest"]
-                          for i in (frame.first, frame.second)],
-            "lead": lead.model_dump(mode="json", include={"steps", "guidance", "scheduler",
-                                                          "width", "height", "seed"}),
-        }  # fmt: skip
-        return self._sealed(content)
-
-    def _sealed(self, content: dict[str, Any]) -> dict[str, Any]:
-        digest = hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-        return {
-            "version": RECORD_VERSION,
-            **content,
-            "digest": digest,
-            "model_name": self.model.name,
-            "memory_rung": self.rung.name,
-        }
-
-    def _model_record(self) -> dict[str, str]:
-        # the weights, not the name or path they were found under, decide what an image shows
-        return {"kind": self.model.kind, "fingerprint": self.model.fingerprint}
 
     def _model_label(self) -> str:
         return model_label(self.model.name)
