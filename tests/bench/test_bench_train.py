@@ -59,9 +59,10 @@ def test_bench_train_daemon_times_a_real_daemon_against_a_clean_process(
     assert all(j >= t for j, t in zip(jobs, figures["train_job_s"], strict=True))
     assert all(c >= t for c, t in zip(cleans, figures["clean_after_encode_s"], strict=True))
     assert all(d > j for d, j in zip(figures["drop_to_lora_s"], jobs, strict=True))
-    # rounded to three decimals: a relative tolerance fails a small ratio (0.011 against
-    # 0.0106 when a loaded box stalled the clean 2-thread script)
-    assert figures["ratio_best"] == pytest.approx(min(jobs) / min(cleans), abs=5e-4)
+    # the figure and the seconds it comes from are rounded: 1% of the ratio, or half a unit
+    # of its third decimal for a small one (0.011 against 0.0106 when a loaded box stalled
+    # the clean 2-thread script)
+    assert figures["ratio_best"] == pytest.approx(min(jobs) / min(cleans), rel=0.01, abs=5e-4)
     # the headline: the median of each run's ratio, the two sides of a run back to back
     per_run = [j / c for j, c in zip(jobs, cleans, strict=True)]
     assert figures["ratio"] == pytest.approx(sum(per_run) / 2, abs=0.002)  # two runs
