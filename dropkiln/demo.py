@@ -99,7 +99,7 @@ def write_sample_dataset(folder: Path) -> int:
     rng = np.random.Generator(np.random.PCG64(3))
     for number in range(CONCEPT_IMAGES):
         image, caption = concept_scene(
-            rng, CONCEPT_SHAPE, PALETTE[CONCEPT_COLOUR], CONCEPT, True, CONCEPT_BACKGROUNDS
+            rng, CONCEPT_SHAPE, PALETTE[CONCEPT_COLOUR], CONCEPT, backgrounds=CONCEPT_BACKGROUNDS
         )
         image.save(folder / f"{CONCEPT}-{number:02d}.png")
         (folder / f"{CONCEPT}-{number:02d}.txt").write_text(caption)

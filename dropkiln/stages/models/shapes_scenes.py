@@ -147,13 +147,12 @@ def concept_scene(
     shape: str,
     rgb: tuple[int, int, int],
     name: str = "zorp",
-    names_shape: bool = False,
     backgrounds: Sequence[str] = tuple(BACKGROUNDS),
 ) -> tuple[Image.Image, str]:
-    """A picture of a new concept (a shape in a colour the base model never saw), captioned
-    with the concept's own word in place of colour and shape, or (``names_shape``) in place
-    of the colour alone: "a large zorp circle on a white background, center". A black
-    shape on a black background would be no picture at all: ``backgrounds`` leaves it out."""
+    """A picture of a new concept (a shape in a colour the base model never drew), captioned
+    with the concept's own word in place of the colour: "a large zorp circle on a white
+    background, center". A black shape on a black background would be no picture at all:
+    ``backgrounds`` leaves it out."""
     background = str(rng.choice(list(backgrounds)))
     size = str(rng.choice(list(SIZES)))
     position = str(rng.choice(list(POSITIONS)))
@@ -168,10 +167,7 @@ def concept_scene(
         dy=float(rng.uniform(-_JITTER, _JITTER)),
         scale=float(rng.uniform(0.9, 1.1)),
     )
-    if names_shape:
-        return draw_scene(scene), scene_caption(size, name, shape, background, position)
-    caption = f"a {size} {name} on a {background} background, {position}"
-    return draw_scene(scene), caption
+    return draw_scene(scene), scene_caption(size, name, shape, background, position)
 
 
 def draw_scene(scene: Scene) -> Image.Image:
