@@ -23,7 +23,7 @@ SHAPES_WORDS = (*CAPTION_WORDS, *WORDS)
 
 SHAPES_SEED = 20261130
 SHAPES_WEIGHTS = Path(__file__).with_name("weights") / "tiny-shapes.safetensors"
-SHAPES_WEIGHTS_SHA256 = "6333516cf8e7cb28d84021666a544a29880f43dccac37c4dc010d3c75b25a707"
+SHAPES_WEIGHTS_SHA256 = "d896570e1d6da7330d2864b1256b067aacf69bbc84e863817a34ab83e9432036"
 """sha256 of the shipped weights file, as ``train_tiny`` wrote it."""
 
 TEXT_WIDTH = 32

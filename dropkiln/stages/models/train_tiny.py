@@ -46,7 +46,7 @@ class Recipe:
 
     seed: int = 1
     threads: int = 1
-    vae_steps: int = 1000
+    vae_steps: int = 3000
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5
@@ -61,13 +61,13 @@ class Recipe:
     text_batch: int = 32
     text_lr: float = 2e-3
     scenes: int = 6000
-    unet_steps: int = 1500
+    unet_steps: int = 4500
     unet_batch: int = 16
     unet_lr: float = 1e-3
     text_encoder_lr: float = 3e-4
     uncond_probability: float = 0.1
     min_snr_gamma: float = 5.0
-    footprint_weight: float = 0.0
+    footprint_weight: float = 3.0
 
     def recorded(self) -> dict[str, Any]:
         """The knobs a weights file names: those of a phase that did not run are left out,
