@@ -78,8 +78,6 @@ class Recipe:
         if self.decoder_steps <= 0:
             for name in _DECODER_KNOBS:
                 del knobs[name]
-        if self.footprint_weight <= 0:
-            del knobs["footprint_weight"]
         return knobs
 
 
