@@ -298,6 +298,10 @@ def cli_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
         record.latencies(name, figures["all_s"][name], what)
         record.metric(f"{name}_s", figures[f"{name}_s"], "s", "lower", "<= 0.25", headline=True)
     record.notes.append(f"each *_s is the best of {config['runs']} runs")
+    record.notes.append(
+        "after one untimed run of each, with the bytecode cache written and read "
+        "(PYTHONDONTWRITEBYTECODE cleared for the commands, as a user's shell has it)"
+    )
     record.compared(
         "a bare interpreter (`python -c pass`, same turns)",
         max(figures[f"{name}_s"] for name in COMMANDS) / figures["python_s"],
