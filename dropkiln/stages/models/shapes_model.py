@@ -23,7 +23,7 @@ SHAPES_WORDS = (*CAPTION_WORDS, *WORDS)
 
 SHAPES_SEED = 20261130
 SHAPES_WEIGHTS = Path(__file__).with_name("weights") / "tiny-shapes.safetensors"
-SHAPES_WEIGHTS_SHA256 = "d896570e1d6da7330d2864b1256b067aacf69bbc84e863817a34ab83e9432036"
+SHAPES_WEIGHTS_SHA256 = "0aa447e5a2be2a18f6b0ae4e6ca65758dd813a933683eb6768d92cb89de43a47"
 """sha256 of the shipped weights file, as ``train_tiny`` wrote it."""
 
 TEXT_WIDTH = 32

@@ -46,7 +46,7 @@ class Recipe:
 
     seed: int = 1
     threads: int = 1
-    vae_steps: int = 3000
+    vae_steps: int = 6000
     vae_batch: int = 16
     vae_lr: float = 1e-3
     kl_weight: float = 1e-5
