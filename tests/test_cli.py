@@ -190,6 +190,38 @@ def test_read_commands_never_import_torch(home: Path) -> None:
     assert result.returncode == 0, result.stderr
 
 
+def test_quick_commands_start_no_event_loop(home: Path) -> None:
+    # Importing asyncio and starting anyio's backend was half of `status`'s 0.2 s on the
+    # 2-core box: the quick commands read and append in their own thread, and only
+    # `events --follow` (which waits for new events) runs an event loop.
+    add_job(home, "abc12345")
+    probe = (
+        "import sys; from dropkiln.cli import main\n"
+        f"root = {str(home)!r}\n"
+        "for args in (['status', '--root', root], ['status', '--json', '--root', root],\n"
+        "             ['events', '--job', 'abc', '--root', root],\n"
+        "             ['cancel', 'abc', '--root', root],\n"
+        "             ['pause', '--root', root], ['resume', '--root', root]):\n"
+        "    assert main(args) == 0, args\n"
+        "loaded = [m for m in ('asyncio', 'anyio._backends._asyncio') if m in sys.modules]\n"
+        "assert not loaded, loaded\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0, result.stderr
+    written = _events(home)
+    assert "CancelRequested" in written and "QueueResumed" in written, written
+
+
+def _events(home: Path) -> str:
+    result = subprocess.run(
+        [sys.executable, "-m", "dropkiln", "events", "--root", str(home)],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    return result.stdout
+
+
 def test_quick_commands_load_neither_sqlalchemy_nor_the_settings(home: Path) -> None:
     """`status`, `events` and `cancel` must answer in a quarter of a second (issue 16): they
     find the database from ROOT alone and read through the stdlib driver. SQLAlchemy

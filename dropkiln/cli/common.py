@@ -7,8 +7,6 @@ import argparse
 from collections.abc import Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
-import anyio
-
 from dropkiln.paths import Paths, root_from
 
 if TYPE_CHECKING:
@@ -32,12 +30,31 @@ def paths_of(args: argparse.Namespace) -> Paths:
 
 
 def run_async(coro_fn: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    import anyio
+
     return anyio.run(coro_fn) or 0
 
 
-async def open_root_store(paths: Paths, store_url: str | None = None) -> EventStore:
+def run_inline(coro_fn: Callable[[], Coroutine[Any, Any, int | None]]) -> int:
+    """Run a command whose store is inline (``open_root_store(..., inline=True)``): its
+    coroutine never waits, so it finishes at its first step, with no event loop. Starting
+    asyncio and anyio's backend was half of `status`'s 0.2 s on a 2-core box."""
+    coro = coro_fn()
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return int(done.value or 0)
+    coro.close()
+    raise RuntimeError("a command on an inline store waited for something")
+
+
+async def open_root_store(
+    paths: Paths, store_url: str | None = None, *, inline: bool = False
+) -> EventStore:
     """The root's store: its SQLite file, or the PostgreSQL database ``store_url`` names
-    (by default as the settings say, read without loading them)."""
+    (by default as the settings say, read without loading them); ``inline`` for
+    ``run_inline``."""
     from dropkiln.store.backend import open_store
 
-    return await open_store(paths.db, paths.store_url if store_url is None else store_url)
+    url = paths.store_url if store_url is None else store_url
+    return await open_store(paths.db, url, inline=inline)

@@ -7,13 +7,9 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from dropkiln.cli.common import open_root_store, paths_of, run_async, settings_of
-
-if TYPE_CHECKING:
-    pass
-
+from dropkiln.cli.common import open_root_store, paths_of, run_async, run_inline, settings_of
 
 # Read commands --------------------------------------------------------------------------------
 
@@ -39,7 +35,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         )
         from dropkiln.store.telemetry import HEARTBEAT_TIMEOUT_S, device_rooms
 
-        store = await open_root_store(paths)
+        store = await open_root_store(paths, inline=True)
         try:
             if args.json:
                 print(json.dumps(await status_report(store, limit=args.limit)))
@@ -86,7 +82,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 print(f"{'':{w}} └ runs only on a daemon of device class {job.device_class}{none}")
         return 0
 
-    return run_async(main)
+    return run_inline(main)
 
 
 def _event_line(event: Any) -> str:
@@ -101,7 +97,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     async def main() -> int:
         from dropkiln.store import find_job
 
-        store = await open_root_store(paths)
+        store = await open_root_store(paths, inline=not args.follow)
         try:
             stream = None
             if args.job:
@@ -125,7 +121,7 @@ def cmd_events(args: argparse.Namespace) -> int:
         return 0
 
     try:
-        return run_async(main)
+        return run_async(main) if args.follow else run_inline(main)
     except KeyboardInterrupt:
         return 0
 
@@ -140,7 +136,7 @@ def cmd_command(args: argparse.Namespace) -> int:
     async def main() -> int:
         from dropkiln.store import request_command
 
-        store = await open_root_store(paths)
+        store = await open_root_store(paths, inline=True)
         try:
             job = getattr(args, "job", None)
             target = await request_command(store, args.command, job, by="cli")
@@ -150,7 +146,7 @@ def cmd_command(args: argparse.Namespace) -> int:
         print(f"{args.command}{what}: requested")
         return 0
 
-    return run_async(main)
+    return run_inline(main)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

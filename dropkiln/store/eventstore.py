@@ -46,14 +46,26 @@ EVENT_COLUMNS = "seq, stream, version, type, data, at"
 class EventStore:
     """One database under ``state/``; safe to open from several processes."""
 
-    def __init__(self, path: Path, database: Database) -> None:
+    def __init__(self, path: Path, database: Database, *, inline: bool = False) -> None:
+        """``inline``: every read and write runs in the caller's thread, so a one-shot
+        command's coroutine never waits and needs no event loop (``run_inline``); the
+        daemon's store hands them to worker threads."""
         self.path = path
         self.database = database
-        self._write_lock = anyio.CapacityLimiter(1)
-        self._read_limiter = anyio.CapacityLimiter(sqlite.READ_CONNECTIONS)
+        self._inline = inline
+        if not inline:
+            self._write_lock = anyio.CapacityLimiter(1)
+            self._read_limiter = anyio.CapacityLimiter(sqlite.READ_CONNECTIONS)
+
+    async def call(self, work: Callable[[], T], limiter: str | None = None) -> T:
+        """``work`` in a worker thread (under the limiter of that name), or here when inline."""
+        if self._inline:
+            return work()
+        chosen = getattr(self, limiter) if limiter else None
+        return await anyio.to_thread.run_sync(work, limiter=chosen)
 
     @classmethod
-    async def open(cls, path: Path, *, create: bool = False) -> EventStore:
+    async def open(cls, path: Path, *, create: bool = False, inline: bool = False) -> EventStore:
         """Open (or with ``create``, make) the database at ``path``."""
         from dropkiln.store.migrate import ensure_schema
 
@@ -66,10 +78,9 @@ class EventStore:
             path.parent.mkdir(parents=True, exist_ok=True)
         database = sqlite.Database(path)
         try:
-            await anyio.to_thread.run_sync(
-                functools.partial(ensure_schema, database, create=create)
-            )
-            return cls(path, database)
+            store = cls(path, database, inline=inline)
+            await store.call(functools.partial(ensure_schema, database, create=create))
+            return store
         except BaseException:
             database.close()
             raise
@@ -77,7 +88,7 @@ class EventStore:
     async def close(self) -> None:
         """Close the database once the reads and writes still running are done, also those
         whose caller was cancelled; anything asked after this fails with StoreError."""
-        await anyio.to_thread.run_sync(self.database.close)
+        await self.call(self.database.close)
 
     @property
     def root(self) -> Path:
@@ -112,7 +123,7 @@ class EventStore:
         corrupt the database; the next durable commit makes them durable too."""
         run = functools.partial(self.database.write, work, durable=durable)
         try:
-            return await anyio.to_thread.run_sync(run, limiter=self._write_lock)
+            return await self.call(run, "_write_lock")
         except sqlite.Error as exc:
             raise StoreError(f"writing {self.path} failed: {exc}") from exc
 
@@ -120,7 +131,7 @@ class EventStore:
         """Run ``work`` on a read connection, in one consistent snapshot, in a worker thread."""
         run = functools.partial(self.database.read, work)
         try:
-            return await anyio.to_thread.run_sync(run, limiter=self._read_limiter)
+            return await self.call(run, "_read_limiter")
         except sqlite.Error as exc:
             raise StoreError(f"reading {self.path} failed: {exc}") from exc
 
