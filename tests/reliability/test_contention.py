@@ -38,6 +38,13 @@ async def until(condition: Any, timeout: float, what: str) -> None:
         await asyncio.sleep(0.1)
 
 
+def _ctrl_c_stops() -> None:
+    """In the follower, before it starts: SIGINT as a terminal gives it. A shell that starts
+    the test run in the background (``pytest … &`` without job control) ignores SIGINT,
+    every child inherits that, and a follower would never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _seqs(path: Path) -> list[int]:
     lines = path.read_text().splitlines() if path.exists() else []
     return [json.loads(line)["seq"] for line in lines if line.strip()]
@@ -57,7 +64,7 @@ async def test_no_reader_is_locked_out_or_misses_an_event(tmp_path: Path) -> Non
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "dropkiln", "events", "--follow", "--json",
                      "--since", "0", "--root", str(home.root)],
-                    env=home.env, stdout=stdout, stderr=stderr,
+                    env=home.env, stdout=stdout, stderr=stderr, preexec_fn=_ctrl_c_stops,
                 )  # fmt: skip
             followers.append((proc, out, err))
         app = DropkilnApp(db, poll_interval=0.05, clock=time.time)
