@@ -184,10 +184,7 @@ def test_read_commands_never_import_torch(home: Path) -> None:
         "heavy = [m for m in ('torch', 'diffusers', 'transformers', 'peft') if m in sys.modules]\n"
         "assert not heavy, heavy\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
+    _run_probe(probe)
 
 
 def test_quick_commands_start_no_event_loop(home: Path) -> None:
@@ -206,12 +203,17 @@ def test_quick_commands_start_no_event_loop(home: Path) -> None:
         "loaded = [m for m in ('asyncio', 'anyio._backends._asyncio') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
+    _run_probe(probe)
+    written = _events(home)
+    assert "CancelRequested" in written and "QueueResumed" in written, written
+
+
+def _run_probe(probe: str) -> None:
+    """Run ``probe`` in a fresh interpreter (sys.modules as a user's command leaves it)."""
     result = subprocess.run(
         [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0, result.stderr
-    written = _events(home)
-    assert "CancelRequested" in written and "QueueResumed" in written, written
 
 
 def _events(home: Path) -> str:
@@ -242,10 +244,7 @@ def test_quick_commands_load_neither_sqlalchemy_nor_the_settings(home: Path) -> 
         "loaded = [m for m in ('pydantic_settings', 'dropkiln.config') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
+    _run_probe(probe)
 
 
 def test_commands_are_written_without_sqlalchemy_or_pydantic(home: Path) -> None:
@@ -264,10 +263,7 @@ def test_commands_are_written_without_sqlalchemy_or_pydantic(home: Path) -> None
         "                      'dropkiln.store.projections') if m in sys.modules]\n"
         "assert not loaded, loaded\n"
     )
-    result = subprocess.run(
-        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60
-    )
-    assert result.returncode == 0, result.stderr
+    _run_probe(probe)
     code = main(["store", "check", "--root", str(home)])
     assert code == 0
 
