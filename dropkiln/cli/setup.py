@@ -4,12 +4,9 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING
-
-import anyio
 
 from dropkiln.cli.common import CommandError, open_root_store, run_async, settings_of
 
@@ -35,7 +32,7 @@ def cmd_init(args: argparse.Namespace) -> int:
         store = await open_store(settings.paths.db, settings.store_url, create=True)
         await store.close()
 
-    anyio.run(create_db)
+    run_async(create_db)
     from dropkiln.api.token import ensure_token
 
     ensure_token(settings.paths.api_token)
@@ -55,7 +52,10 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_daemon(args: argparse.Namespace) -> int:
+    import logging
     import signal
+
+    import anyio
 
     # A stop asked for while we are still importing and opening the store is honoured
     # once the daemon is up, instead of killing it half-started.
