@@ -23,7 +23,7 @@ SHAPES_WORDS = (*CAPTION_WORDS, *WORDS)
 
 SHAPES_SEED = 20261130
 SHAPES_WEIGHTS = Path(__file__).with_name("weights") / "tiny-shapes.safetensors"
-SHAPES_WEIGHTS_SHA256 = "0aa447e5a2be2a18f6b0ae4e6ca65758dd813a933683eb6768d92cb89de43a47"
+SHAPES_WEIGHTS_SHA256 = "08c75b9c8f8bc549a68bc05e9c36967300ca0b901d804f589ead5c230744ab36"
 """sha256 of the shipped weights file, as ``train_tiny`` wrote it."""
 
 TEXT_WIDTH = 32
