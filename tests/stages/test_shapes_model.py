@@ -35,10 +35,10 @@ MEASURED = {"colour": 0.95, "position": 1.0, "shape": 0.75}
 """What the shipped weights measured on these 40 prompts (20 Euler steps, guidance 5, seeds
 0..39); the floor test allows two prompts less per attribute, for other CPUs' kernels. The
 weights before them (the same recipe trained with seed 1 on one thread; sha256 0aa447e5...)
-measured colour 1.0, position 1.0,
-shape 0.725; those before (VAE 3000 steps; sha256 d896570e...) 1.0 / 0.975 / 0.60; those
-before (VAE 1000 steps, UNet 1500, no footprint weight; sha256 6333516c...) 0.925 / 0.95 /
-0.40; those before that (commit 1cba31c) 0.225 / 0.25 / 0.225."""
+measured colour 1.0, position 1.0, shape 0.725; those before (VAE 3000 steps; sha256
+d896570e...) 1.0 / 0.975 / 0.60; those before (VAE 1000 steps, UNet 1500, no footprint
+weight; sha256 6333516c...) 0.925 / 0.95 / 0.40; those before that (commit 1cba31c) 0.225 /
+0.25 / 0.225."""
 VAE_GOAL = {"colour": 0.95, "position": 0.95, "shape": 0.9, "concept": 0.9}
 VAE_MEASURED = {"colour": 1.0, "position": 0.95, "shape": 0.825, "concept": 0.4}
 """The shipped VAE's read-back of 40 held-out scenes and of 40 purple stars (the demo's

@@ -51,13 +51,10 @@ def prompt_following(pipe: Any, picks: int = 0, count: int = PROMPTS) -> dict[st
 
 def weights_pipeline(path: Path) -> Any:
     """tiny-shapes' pipeline over the weights in ``path`` (a file the training script wrote)."""
-    from safetensors.torch import load_file
-
-    from dropkiln.stages.models.shapes_model import COMPONENTS, apply_weights, shapes_architecture
+    from dropkiln.stages.models.shapes_model import COMPONENTS, shapes_components
     from dropkiln.stages.models.train_tiny import shapes_pipeline
 
-    components = shapes_architecture()
-    apply_weights(components, load_file(str(path)))
+    components = shapes_components(path)
     for key in COMPONENTS:
         components[key].eval().requires_grad_(False)
     return shapes_pipeline(components)

@@ -85,13 +85,15 @@ def shapes_architecture() -> dict[str, Any]:
     return components
 
 
-def shapes_components() -> dict[str, Any]:
-    """tiny-shapes with its shipped, trained weights (checked against the pinned sha256)."""
+def shapes_components(weights: Path | None = None) -> dict[str, Any]:
+    """tiny-shapes with its shipped, trained weights (checked against the pinned sha256), or
+    with ``weights``, a file the training script wrote."""
     from safetensors.torch import load_file
 
-    check_shipped_weights()
+    if weights is None:
+        check_shipped_weights()
     components = shapes_architecture()
-    state = load_file(str(SHAPES_WEIGHTS))
+    state = load_file(str(weights or SHAPES_WEIGHTS))
     apply_weights(components, state)
     return components
 
