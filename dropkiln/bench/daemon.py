@@ -15,6 +15,11 @@ neither runs while the other is measured. Per drop:
   The daemon side is timed to its last PNG and to ``JobSucceeded`` (its contact sheet and
   records included), the clean side to its last PNG saved.
 
+The goal ratios are against the clean process at torch's default thread count, as a user's
+script runs. When the daemon's default count differs (on the CPU it leaves a core free:
+``torch_threads``), a second clean process runs at the daemon's count in the same turns, so
+one run also says what the daemon costs at equal threads, apart from the thread policy.
+
 With ``--profile``, py-spy samples the daemon through the warm drops and the figures say
 where its device thread's time went, part by part (``generate_profile.py``).
 
@@ -81,13 +86,16 @@ def bench_daemon(
         folder = resolve_model(model, settings.paths.models).path  # builds a tiny model
         run = _DaemonRun(settings, images, size, steps, overrides, profile)
         clean = CleanDiffusers(folder, threads)
-        clean_batched = CleanBatched(folder, threads) if batch > 1 else None
+        daemon_threads = cpu_threads(threads) or clean.threads
+        alike = [] if daemon_threads == clean.threads else [CleanDiffusers(folder, daemon_threads)]
+        clean_batched = [CleanBatched(folder, threads)] if batch > 1 else []
+        if clean_batched and alike:
+            clean_batched.append(CleanBatched(folder, daemon_threads))
         try:
-            warm = run.warm(clean, warmup, repeat, batch, clean_batched)
+            warm = run.warm([clean, *alike], warmup, repeat, batch, clean_batched)
         finally:
-            clean.close()
-            if clean_batched is not None:
-                clean_batched.close()
+            for process in [clean, *alike, *clean_batched]:
+                process.close()
         row = run.row(files, file_images)
         if processes:
             row.update(_processes(run, folder, files, file_images, clean.threads))
@@ -100,7 +108,7 @@ def bench_daemon(
         "settle_seconds": settings.settle_seconds,
         # the count the daemon's device thread runs (OMP_NUM_THREADS set: torch's, as the
         # clean process's)
-        "torch_threads": {"daemon": cpu_threads(threads) or clean.threads, "clean": clean.threads},
+        "torch_threads": {"daemon": daemon_threads, "clean": clean.threads},
         "warmup": warmup,
         "warm": warm,
         "row": row,
@@ -129,35 +137,41 @@ class _DaemonRun:
         }
 
     def warm(
-        self, clean: CleanDiffusers, warmup: int, repeat: int, batch: int,
-        clean_batched: CleanBatched | None = None,
+        self, cleans: list[CleanDiffusers], warmup: int, repeat: int, batch: int,
+        clean_batched: list[CleanBatched],
     ) -> dict[str, Any]:  # fmt: skip
+        """``cleans``: the clean process at torch's default threads, then (when it differs)
+        one at the daemon's count; ``clean_batched`` the same, batched (empty: no batches)."""
         daemon = self._start()
         try:
             for number in range(warmup):
                 # a first drop loads the model; its time belongs to neither side
                 self._drop_and_wait([f"warm-up{number}"], [[f"warm-up {number}"]])
-                clean.render(self._request([f"warm-up {number}"]), self._clean_out("warm-up"))
-            pickup, run, baseline = [], [], []
+                for clean in cleans:
+                    clean.render(self._request([f"warm-up {number}"]), self._clean_out("warm-up"))
+            pickup: list[float] = []
+            run: list[float] = []
+            baselines: list[list[float]] = [[] for _ in cleans]
             same = True
             spy = self._spy(daemon, "single")
             for attempt in range(repeat):
                 prompts = [f"a lighthouse, drop {attempt} image {n}" for n in range(self.images)]
-                out = self._clean_out(str(attempt))
+                outs = [self._clean_out(f"{attempt}-{arm}") for arm in range(len(cleans))]
                 if attempt % 2:  # the sides swap who goes first (_batched says why)
-                    baseline.append(clean.render(self._request(prompts), out))
+                    _clean_turn(cleans, baselines, outs, self._request(prompts))
                 (job,) = self._drop_and_wait([f"warm{attempt:02d}"], [prompts])
                 pickup.append(job["pickup_s"])
                 run.append(job["run_s"])
                 if not attempt % 2:
-                    baseline.append(clean.render(self._request(prompts), out))
-                same = same and same_pixels(Path(job["images"][0]), out / "000.png")
+                    _clean_turn(cleans, baselines, outs, self._request(prompts))
+                same = same and same_pixels(Path(job["images"][0]), outs[-1] / "000.png")
             self._unspy(spy, "single", repeat)
             batched = {}
-            if clean_batched is not None:
+            if clean_batched:
                 batched = self._batched(daemon, clean_batched, warmup, repeat, batch)
         finally:
             stop_daemon(daemon)
+        baseline = baselines[0]
         paired = paired_ratio(run, baseline)
         return {
             "repeat": repeat,
@@ -173,6 +187,7 @@ class _DaemonRun:
             "ratio_best": round(min(run) / min(baseline), 3),
             "pickup_p95_s": round(percentile(pickup, 95), 4),
             "same_images": same,
+            "same_threads": _same_threads(run, baselines),
             "batched": batched,
             "speedup_batched_vs_single": (
                 round(statistics.median(run) / statistics.median(batched["run_s"]), 3)
@@ -182,37 +197,44 @@ class _DaemonRun:
         }
 
     def _batched(
-        self, daemon: subprocess.Popen[bytes], clean: CleanBatched, warmup: int, repeat: int,
-        batch: int,
+        self, daemon: subprocess.Popen[bytes], cleans: list[CleanBatched], warmup: int,
+        repeat: int, batch: int,
     ) -> dict[str, Any]:  # fmt: skip
-        """Prompt files with ``batch_size = batch`` against the clean process's batched calls
-        saving the same files (pixels and ``parameters`` text compared)."""
+        """Prompt files with ``batch_size = batch`` against the clean processes' batched calls
+        saving the same files (pixels and ``parameters`` text compared with the last one's,
+        the one at the daemon's thread count)."""
         for number in range(warmup):  # the first call at this batch size, on both sides
             prompts = [f"batch warm-up {number} image {n}" for n in range(self.images)]
             (job,) = self._drop_and_wait([f"batch-warm-up{number}"], [prompts], batch)
-            out = self._clean_out(f"batch-warm-up{number}")
-            clean.render(self._batch_request(job, prompts), out, batch)
-        run, done, baseline, same = [], [], [], True
+            for arm, clean in enumerate(cleans):
+                out = self._clean_out(f"batch-warm-up{number}-{arm}")
+                clean.render(self._batch_request(job, prompts), out, batch)
+        run: list[float] = []
+        done: list[float] = []
+        baselines: list[list[float]] = [[] for _ in cleans]
+        same = True
         spy = self._spy(daemon, "batched")
         for attempt in range(repeat):
             prompts = [f"a harbour, batch {attempt} image {n}" for n in range(self.images)]
-            out = self._clean_out(f"batch{attempt}")
+            outs = [self._clean_out(f"batch{attempt}-{arm}") for arm in range(len(cleans))]
+
             # The sides swap who goes first each turn, so a neighbour's load that follows
             # the bench's rhythm does not always fall on the same side. The clean process
             # needs the daemon's infotext: going first, it takes the one this turn's daemon
             # job will write (the same settings and seeds; only the prompts differ).
             if attempt % 2:
                 request = self._batch_request(self._last_batched, prompts)
-                baseline.append(clean.render(request, out, batch))
+                _clean_turn(cleans, baselines, outs, request, batch)
             (job,) = self._drop_and_wait([f"batch{attempt:02d}"], [prompts], batch)
             self._last_batched = job
             run.append(job["run_s"])
             done.append(job["done_s"])
             if not attempt % 2:
-                baseline.append(clean.render(self._batch_request(job, prompts), out, batch))
-            pairs = zip(sorted(job["images"]), sorted(out.glob("*.png")), strict=True)
+                _clean_turn(cleans, baselines, outs, self._batch_request(job, prompts), batch)
+            pairs = zip(sorted(job["images"]), sorted(outs[-1].glob("*.png")), strict=True)
             same = same and all(same_file(Path(mine), theirs) for mine, theirs in pairs)
         self._unspy(spy, "batched", repeat)
+        baseline = baselines[0]
         paired = paired_ratio(run, baseline)
         return {
             "batch": batch,
@@ -230,6 +252,7 @@ class _DaemonRun:
             "images_per_s_ratio": round(1 / paired["ratio"], 3),
             "images_per_s_ratio_spread": [round(1 / paired["max"], 3), round(1 / paired["min"], 3)],
             "same_images": same,
+            "same_threads": _same_threads(run, baselines),
         }
 
     def _spy(self, daemon: subprocess.Popen[bytes], name: str) -> subprocess.Popen[bytes] | None:
@@ -343,6 +366,33 @@ class _DaemonRun:
         return [jobs.get(stem) for stem in stems]
 
 
+def _clean_turn(
+    cleans: Sequence[CleanDiffusers | CleanBatched], baselines: list[list[float]],
+    outs: list[Path], request: list[dict[str, Any]], batch: int = 1,
+) -> None:  # fmt: skip
+    """One turn of each clean process, back to back, each into its own folder."""
+    for clean, seconds, out in zip(cleans, baselines, outs, strict=True):
+        seconds.append(clean.render(request, out, batch))
+
+
+def _same_threads(run: list[float], baselines: list[list[float]]) -> dict[str, Any] | None:
+    """The daemon against the clean process at its own thread count (None: the counts are
+    equal, and the main ratio is that figure): the median of the turns' ratios, the spread,
+    and how many times as fast the clean process at torch's default count ran (its seconds
+    at the daemon's count ÷ at the default: the thread policy's part of the main ratio)."""
+    if len(baselines) < 2:
+        return None
+    alike, default = baselines[-1], baselines[0]
+    paired = paired_ratio(run, alike)
+    return {
+        "clean_s": alike,
+        "ratio": paired["ratio"],
+        "ratio_spread": [paired["min"], paired["max"]],
+        "images_per_s_ratio": round(1 / paired["ratio"], 3),
+        "default_threads_speedup": paired_ratio(alike, default)["ratio"],
+    }
+
+
 def _processes(
     run: _DaemonRun, folder: Path, files: int, file_images: int, threads: int
 ) -> dict[str, Any]:
@@ -378,6 +428,12 @@ def main(argv: Sequence[str] = ()) -> None:
           f"diffusers process {warm['clean_median_s']:.3f}s: ratio {warm['ratio']:.3f}, median "
           f"of {warm['repeat']} turns' ratios, {warm['ratio_spread'][0]:.3f}-"
           f"{warm['ratio_spread'][1]:.3f} (goal <= 1.05)")  # fmt: skip
+    alike = warm["same_threads"]
+    if alike:
+        print(f"  at the daemon's thread count ({figures['torch_threads']['daemon']}), a clean "
+              f"process: ratio {alike['ratio']:.3f} ({alike['ratio_spread'][0]:.3f}-"
+              f"{alike['ratio_spread'][1]:.3f}); at torch's default count the clean process ran "
+              f"{alike['default_threads_speedup']:.3f}x as fast")  # fmt: skip
     print(f"pickup (drop → JobStarted): p95 {warm['pickup_p95_s']:.3f}s "
           f"(goal <= settle + 0.05 s)")  # fmt: skip
     batched = warm["batched"]
@@ -389,6 +445,11 @@ def main(argv: Sequence[str] = ()) -> None:
               f"{batched['images_per_s_ratio_spread'][1]:.3f}; goal >= 0.97), to JobSucceeded "
               f"{batched['ratio_done']:.3f}; batch {batched['batch']} vs 1 in the daemon: "
               f"{warm['speedup_batched_vs_single']}x")  # fmt: skip
+        alike = batched["same_threads"]
+        if alike:
+            print(f"  at the daemon's thread count, a clean batched process: images/s ratio "
+                  f"{alike['images_per_s_ratio']:.3f}; at torch's default count the clean process "
+                  f"ran {alike['default_threads_speedup']:.3f}x as fast")  # fmt: skip
     print(f"{row['files']} files: daemon {row['daemon_s']:.2f}s, "
           f"one process each {row.get('processes_s')}s")  # fmt: skip
     for name, parts in figures["profile"].items():

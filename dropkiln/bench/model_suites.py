@@ -205,6 +205,27 @@ def generate_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRec
     return record
 
 
+def _same_threads(
+    record: SuiteRecord, alike: dict[str, Any] | None, threads: int, prefix: str,
+    suffix: str = "",
+) -> None:  # fmt: skip
+    """The daemon against a clean process at its own thread count, when that is not torch's
+    default: what the daemon costs apart from its thread policy."""
+    if alike is None:
+        return
+    record.latencies(f"{prefix}clean_same_threads{suffix}", alike["clean_s"],
+                     f"clean process at the daemon's {threads} torch threads")  # fmt: skip
+    record.metric(f"{prefix}ratio_same_threads{suffix}", alike["ratio"], "x", "lower")
+    record.metric(f"{prefix}default_threads_speedup{suffix}", alike["default_threads_speedup"],
+                  "x", None)  # fmt: skip
+    low, high = alike["ratio_spread"]
+    record.notes.append(
+        f"{prefix or 'single-image '}drops against a clean process at the daemon's {threads} "
+        f"torch threads: {alike['ratio']} (per turn {low}-{high}); the clean process at torch's "
+        f"default count ran {alike['default_threads_speedup']}x as fast as that one"
+    )
+
+
 def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecord:
     """Prompt files through a `dropkiln daemon` process (default settings) against a clean
     diffusers process, and a row of files against a process per file."""
@@ -254,9 +275,12 @@ def daemon_suite(options: BenchOptions, profiler: Profiler | None) -> SuiteRecor
         f"the two back to back (per turn {warm['ratio_spread'][0]}-{warm['ratio_spread'][1]})",
         "<= 1.05",
     )
+    _same_threads(record, warm.pop("same_threads"), figures["torch_threads"]["daemon"], "")
     batched = warm["batched"]
     if batched:
         size = batched["batch"]
+        _same_threads(record, batched.pop("same_threads"), figures["torch_threads"]["daemon"],
+                      "batched_", f"[batch={size}]")  # fmt: skip
         record.latencies(f"batched_run[batch={size}]", batched["run_s"], "batched prompt file")
         record.latencies(f"batched_clean[batch={size}]", batched["clean_s"], "clean, batched")
         record.latencies(f"batched_done[batch={size}]", batched["done_s"], "to JobSucceeded")

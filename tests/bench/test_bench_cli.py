@@ -241,6 +241,16 @@ def test_daemon_benchmark_drops_into_a_daemon_process_against_a_clean_process(
     assert batched["batch"] == 2 and len(batched["run_s"]) == len(batched["clean_s"]) == 2
     # a batch_size = 2 prompt file draws what one diffusers call with two generators draws
     assert batched["same_images"] is True
+    # a second clean process at the daemon's own count, when that is not torch's default:
+    # the thread policy's share of the ratio, apart from the daemon's own cost
+    for figures_of, runs in ((warm, warm["run_s"]), (batched, batched["run_s"])):
+        alike = figures_of["same_threads"]
+        if threads["daemon"] == threads["clean"]:
+            assert alike is None
+            continue
+        per_turn = [run / clean for run, clean in zip(runs, alike["clean_s"], strict=True)]
+        assert alike["ratio"] == pytest.approx(statistics.median(per_turn), abs=0.002)
+        assert alike["clean_s"] != figures_of["clean_s"]  # its own process, its own times
 
 
 @pytest.mark.slow
