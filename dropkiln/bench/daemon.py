@@ -63,7 +63,7 @@ GUIDANCE = 5.0
 
 
 def bench_daemon(
-    images: int = 4, size: int = 96, steps: int = 12, repeat: int = 5, files: int = 10,
+    images: int = 4, size: int = 96, steps: int = 12, repeat: int = 21, files: int = 10,
     file_images: int = 1, model: str = "tiny-sdxl", models_dir: Path | None = None,
     settle_seconds: float | None = None, device: str = "cpu", processes: bool = True,
     warmup: int = 1, threads: int = 0, batch: int = 4, profile: bool = False,
@@ -182,6 +182,7 @@ class _DaemonRun:
             "clean_median_s": round(statistics.median(baseline), 4),
             "ratio": paired["ratio"],
             "ratio_spread": [paired["min"], paired["max"]],
+            "ratio_ci95": paired["ci95"],
             "ratio_per_turn": paired["per_turn"],
             "ratio_of_medians": round(statistics.median(run) / statistics.median(baseline), 3),
             "ratio_best": round(min(run) / min(baseline), 3),
@@ -243,6 +244,7 @@ class _DaemonRun:
             "clean_s": baseline,
             "ratio": paired["ratio"],
             "ratio_spread": [paired["min"], paired["max"]],
+            "ratio_ci95": paired["ci95"],
             "ratio_per_turn": paired["per_turn"],
             "ratio_of_medians": round(statistics.median(run) / statistics.median(baseline), 3),
             "ratio_done": paired_ratio(done, baseline)["ratio"],
@@ -251,6 +253,7 @@ class _DaemonRun:
             "clean_images_per_s": round(self.images / statistics.median(baseline), 3),
             "images_per_s_ratio": round(1 / paired["ratio"], 3),
             "images_per_s_ratio_spread": [round(1 / paired["max"], 3), round(1 / paired["min"], 3)],
+            "images_per_s_ratio_ci95": [round(1 / bound, 3) for bound in paired["ci95"][::-1]],
             "same_images": same,
             "same_threads": _same_threads(run, baselines),
         }
@@ -388,6 +391,7 @@ def _same_threads(run: list[float], baselines: list[list[float]]) -> dict[str, A
         "clean_s": alike,
         "ratio": paired["ratio"],
         "ratio_spread": [paired["min"], paired["max"]],
+        "ratio_ci95": paired["ci95"],
         "images_per_s_ratio": round(1 / paired["ratio"], 3),
         "default_threads_speedup": paired_ratio(alike, default)["ratio"],
     }
@@ -404,12 +408,18 @@ def _processes(
     return {"processes_s": round(sum(seconds), 3), "process_file_s": seconds}
 
 
+def _interval(figures: dict[str, Any], key: str = "ratio_ci95") -> str:
+    low, high = figures[key]
+    return f"{low:.3f}-{high:.3f}"
+
+
 def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(prog="python -m dropkiln.bench.daemon")
     parser.add_argument("--images", type=int, default=4, help="images per warm prompt file")
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--repeat", type=int, default=5)
+    # 21 turns: the median's 95% interval is the 6th to 16th of them, about +-3% here
+    parser.add_argument("--repeat", type=int, default=21, help="warm turns")
     parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--settle", type=float, default=None, help="default: the daemon's")
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0: default")
@@ -427,12 +437,14 @@ def main(argv: Sequence[str] = ()) -> None:
     print(f"run (JobStarted → last PNG): daemon {warm['run_median_s']:.3f}s, clean "
           f"diffusers process {warm['clean_median_s']:.3f}s: ratio {warm['ratio']:.3f}, median "
           f"of {warm['repeat']} turns' ratios, {warm['ratio_spread'][0]:.3f}-"
-          f"{warm['ratio_spread'][1]:.3f} (goal <= 1.05)")  # fmt: skip
+          f"{warm['ratio_spread'][1]:.3f}, the median's 95% interval {_interval(warm)} (goal "
+          f"<= 1.05)")  # fmt: skip
     alike = warm["same_threads"]
     if alike:
         print(f"  at the daemon's thread count ({figures['torch_threads']['daemon']}), a clean "
               f"process: ratio {alike['ratio']:.3f} ({alike['ratio_spread'][0]:.3f}-"
-              f"{alike['ratio_spread'][1]:.3f}); at torch's default count the clean process ran "
+              f"{alike['ratio_spread'][1]:.3f}; 95% {_interval(alike)}); at torch's default "
+              f"count the clean process ran "
               f"{alike['default_threads_speedup']:.3f}x as fast")  # fmt: skip
     print(f"pickup (drop → JobStarted): p95 {warm['pickup_p95_s']:.3f}s "
           f"(goal <= settle + 0.05 s)")  # fmt: skip
@@ -442,7 +454,8 @@ def main(argv: Sequence[str] = ()) -> None:
               f"PNG), clean batched process {batched['clean_images_per_s']} images/s: images/s "
               f"ratio {batched['images_per_s_ratio']:.3f} (per turn "
               f"{batched['images_per_s_ratio_spread'][0]:.3f}-"
-              f"{batched['images_per_s_ratio_spread'][1]:.3f}; goal >= 0.97), to JobSucceeded "
+              f"{batched['images_per_s_ratio_spread'][1]:.3f}, the median's 95% interval "
+              f"{_interval(batched, 'images_per_s_ratio_ci95')}; goal >= 0.97), to JobSucceeded "
               f"{batched['ratio_done']:.3f}; batch {batched['batch']} vs 1 in the daemon: "
               f"{warm['speedup_batched_vs_single']}x")  # fmt: skip
         alike = batched["same_threads"]

@@ -66,4 +66,26 @@ def paired_ratio(measured: Sequence[float], baseline: Sequence[float]) -> dict[s
         "max": max(per_turn),
         "turns": len(per_turn),
         "per_turn": per_turn,
+        "ci95": median_interval(per_turn),
     }
+
+
+def median_interval(values: Sequence[float], level: float = 0.95) -> list[float]:
+    """A distribution-free confidence interval for the median: the k-th lowest and k-th
+    highest value, k the largest rank with P(Binomial(n, 1/2) < k) <= (1 - level) / 2, so
+    the interval covers the median with at least ``level``'s probability whatever the
+    spread's shape. Too few values for that level (fewer than 6 at 95%): the whole range."""
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        raise ValueError("an interval of no values")
+    tail = (1 - level) / 2
+    k, below = 0, 0.0  # below: P(Binomial(n, 1/2) <= k - 1)
+    while k < n // 2:
+        nxt = below + math.comb(n, k) / 2**n
+        if nxt > tail:
+            break
+        k, below = k + 1, nxt
+    if k == 0:
+        return [ordered[0], ordered[-1]]
+    return [ordered[k - 1], ordered[n - k]]

@@ -225,6 +225,7 @@ def bench_train_daemon(
         # each pair ran back to back: on a box whose load changes, the steadier figure
         "ratio": paired["ratio"],
         "ratio_spread": [paired["min"], paired["max"]],
+        "ratio_ci95": paired["ci95"],
         "ratio_per_run": paired["per_turn"],
         "ratio_of_medians": round(statistics.median(jobs_s) / statistics.median(clean_s), 3),
         "ratio_best": round(min(jobs_s) / min(clean_s), 3),

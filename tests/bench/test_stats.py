@@ -55,6 +55,7 @@ def test_paired_ratio_is_the_median_of_each_turns_ratio_with_its_spread() -> Non
     assert paired == {
         "ratio": 1.04, "min": 1.03, "max": 1.05, "turns": 5,
         "per_turn": [1.04, 1.04, 1.03, 1.04, 1.05],
+        "ci95": [1.03, 1.05],  # five turns cannot narrow a 95% interval: the whole range
     }  # fmt: skip
     # the ratio of the two medians mixes turns: here a loaded daemon turn over a quiet
     # clean one, a figure no turn measured
@@ -63,3 +64,19 @@ def test_paired_ratio_is_the_median_of_each_turns_ratio_with_its_spread() -> Non
         paired_ratio([1.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="turns"):
         paired_ratio([], [])
+
+
+def test_the_median_interval_takes_the_ranks_of_the_published_tables() -> None:
+    """The order-statistic interval for a median, as tabulated (e.g. Conover, Practical
+    Nonparametric Statistics, table A3; NIST's Engineering Statistics Handbook): at 95%,
+    n = 6 gives ranks 1 and 6, n = 9 ranks 2 and 8, n = 10 ranks 2 and 9, n = 21 ranks 6
+    and 16, n = 25 ranks 8 and 18; below 6 values no pair of ranks reaches 95%."""
+    from dropkiln.bench.stats import median_interval
+
+    for n, (low, high) in {6: (1, 6), 9: (2, 8), 10: (2, 9), 21: (6, 16), 25: (8, 18)}.items():
+        values = [float(rank) for rank in range(n, 0, -1)]  # unsorted on purpose
+        assert median_interval(values) == [low, high], n
+    assert median_interval([3.0, 1.0, 2.0]) == [1.0, 3.0]
+    assert median_interval([0.9] * 12) == [0.9, 0.9]
+    with pytest.raises(ValueError):
+        median_interval([])
