@@ -38,20 +38,22 @@ SERVER = (
     + r"""
 for line in sys.stdin:
     request = json.loads(line)
-    started = time.perf_counter()
+    started, inside = time.perf_counter(), 0.0
     images, batch = request["images"], request.get("batch", 1)
     for first in range(0, len(images), batch):
         group = images[first:first + batch]  # one call, one generator per image
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        called = time.perf_counter()
         pictures = pipe(prompt=[image["prompt"] for image in group],
                         num_inference_steps=group[0]["steps"],
                         guidance_scale=group[0]["guidance"], width=group[0]["width"],
                         height=group[0]["height"],
                         generator=[torch.Generator().manual_seed(image["seed"])
                                    for image in group]).images
+        inside += time.perf_counter() - called
         for number, picture in enumerate(pictures, start=first):
             picture.save(f"{request['out']}/{number:03d}.png")
-    print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+    print(json.dumps({"seconds": time.perf_counter() - started, "pipeline": inside}), flush=True)
 """
 )
 
@@ -71,6 +73,8 @@ class CleanProcess:
             env=environment,
         )
         self.threads = int(self._answer()["threads"])
+        self.outside_s: list[float] = []
+        """Per render: its seconds outside pipeline calls (scheduler set-up, PNG saves)."""
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.process.stdin is not None
@@ -85,6 +89,12 @@ class CleanProcess:
             raise RuntimeError(f"the clean baseline process exited ({self.process.wait()})")
         answer: dict[str, Any] = json.loads(line)
         return answer
+
+    def _timed(self, answer: dict[str, Any]) -> float:
+        """A render's seconds; those outside its pipeline calls are kept in ``outside_s``."""
+        seconds = float(answer["seconds"])
+        self.outside_s.append(seconds - float(answer["pipeline"]))
+        return seconds
 
     def close(self) -> None:
         if self.process.stdin is not None:
@@ -109,7 +119,7 @@ class CleanDiffusers(CleanProcess):
         same settings per pipeline call, each from its own seed."""
         out.mkdir(parents=True, exist_ok=True)
         request = {"images": images, "out": str(out), "batch": batch}
-        return float(self.ask(request)["seconds"])
+        return self._timed(self.ask(request))
 
 
 BATCHED_SERVER = (
@@ -117,22 +127,24 @@ BATCHED_SERVER = (
     + r"""
 for line in sys.stdin:
     request = json.loads(line)
-    started = time.perf_counter()
+    started, inside = time.perf_counter(), 0.0
     images, batch = request["images"], request["batch"]
     for first in range(0, len(images), batch):
         group = images[first:first + batch]  # one call, one generator per image
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+        called = time.perf_counter()
         pictures = pipe(prompt=[image["prompt"] for image in group],
                         num_inference_steps=group[0]["steps"],
                         guidance_scale=group[0]["guidance"], width=group[0]["width"],
                         height=group[0]["height"],
                         generator=[torch.Generator().manual_seed(image["seed"])
                                    for image in group]).images
+        inside += time.perf_counter() - called
         for image, picture in zip(group, pictures):
             info = PngInfo()
             info.add_text("parameters", image["parameters"])
             picture.save(f"{request['out']}/{image['stem']}.png", pnginfo=info)
-    print(json.dumps({"seconds": time.perf_counter() - started}), flush=True)
+    print(json.dumps({"seconds": time.perf_counter() - started, "pipeline": inside}), flush=True)
 """
 )
 """What a user's batched script does to get the daemon's files: a diffusers call per batch,
@@ -148,7 +160,7 @@ class CleanBatched(CleanProcess):
     def render(self, images: list[dict[str, Any]], out: Path, batch: int) -> float:
         """Seconds from the request to the last PNG saved in ``out``."""
         out.mkdir(parents=True, exist_ok=True)
-        return float(self.ask({"images": images, "out": str(out), "batch": batch})["seconds"])
+        return self._timed(self.ask({"images": images, "out": str(out), "batch": batch}))
 
 
 CLEAN_TRAINER = r"""

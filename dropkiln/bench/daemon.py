@@ -151,6 +151,7 @@ class _DaemonRun:
                     clean.render(self._request([f"warm-up {number}"]), self._clean_out("warm-up"))
             pickup: list[float] = []
             run: list[float] = []
+            outside: list[float] = []
             baselines: list[list[float]] = [[] for _ in cleans]
             same = True
             spy = self._spy(daemon, "single")
@@ -162,6 +163,7 @@ class _DaemonRun:
                 (job,) = self._drop_and_wait([f"warm{attempt:02d}"], [prompts])
                 pickup.append(job["pickup_s"])
                 run.append(job["run_s"])
+                outside.append(job["outside_s"])
                 if not attempt % 2:
                     _clean_turn(cleans, baselines, outs, self._request(prompts))
                 same = same and same_pixels(Path(job["images"][0]), outs[-1] / "000.png")
@@ -189,6 +191,7 @@ class _DaemonRun:
             "pickup_p95_s": round(percentile(pickup, 95), 4),
             "same_images": same,
             "same_threads": _same_threads(run, baselines),
+            "outside_pipeline_ms": _outside(outside, cleans, repeat),
             "batched": batched,
             "speedup_batched_vs_single": (
                 round(statistics.median(run) / statistics.median(batched["run_s"]), 3)
@@ -212,6 +215,7 @@ class _DaemonRun:
                 clean.render(self._batch_request(job, prompts), out, batch)
         run: list[float] = []
         done: list[float] = []
+        outside: list[float] = []
         baselines: list[list[float]] = [[] for _ in cleans]
         same = True
         spy = self._spy(daemon, "batched")
@@ -230,6 +234,7 @@ class _DaemonRun:
             self._last_batched = job
             run.append(job["run_s"])
             done.append(job["done_s"])
+            outside.append(job["outside_s"])
             if not attempt % 2:
                 _clean_turn(cleans, baselines, outs, self._batch_request(job, prompts), batch)
             pairs = zip(sorted(job["images"]), sorted(outs[-1].glob("*.png")), strict=True)
@@ -256,6 +261,7 @@ class _DaemonRun:
             "images_per_s_ratio_ci95": [round(1 / bound, 3) for bound in paired["ci95"][::-1]],
             "same_images": same,
             "same_threads": _same_threads(run, baselines),
+            "outside_pipeline_ms": _outside(outside, cleans, repeat),
         }
 
     def _spy(self, daemon: subprocess.Popen[bytes], name: str) -> subprocess.Popen[bytes] | None:
@@ -349,6 +355,8 @@ class _DaemonRun:
                     "prompts": self.prompt_sets[stem],
                     "pickup_s": started - dropped_at,
                     "run_s": last_png - started,
+                    # JobStarted → last PNG less the time in diffusers' calls: dropkiln's own
+                    "outside_s": last_png - started - job.result["pipeline_seconds"],
                     "done_s": finished - started,
                     "latency_s": last_png - dropped_at,
                 }
@@ -376,6 +384,20 @@ def _clean_turn(
     """One turn of each clean process, back to back, each into its own folder."""
     for clean, seconds, out in zip(cleans, baselines, outs, strict=True):
         seconds.append(clean.render(request, out, batch))
+
+
+def _outside(
+    daemon: list[float], cleans: Sequence[CleanDiffusers | CleanBatched], turns: int
+) -> dict[str, Any]:
+    """Median milliseconds per drop outside diffusers' pipeline calls: the daemon's from
+    JobStarted to its last PNG (set-up, records, infotext, PNG writes), each clean process's
+    its scheduler set-up and PNG saves. Less noisy than the ratios: the calls' own time,
+    which moves with the box's speed from one second to the next, is left out."""
+    figures = {"daemon": round(1000 * statistics.median(daemon), 1)}
+    names = ["clean", "clean_same_threads"][: len(cleans)]
+    for name, clean in zip(names, cleans, strict=True):
+        figures[name] = round(1000 * statistics.median(clean.outside_s[-turns:]), 1)
+    return figures
 
 
 def _same_threads(run: list[float], baselines: list[list[float]]) -> dict[str, Any] | None:
@@ -446,6 +468,7 @@ def main(argv: Sequence[str] = ()) -> None:
               f"{alike['ratio_spread'][1]:.3f}; 95% {_interval(alike)}); at torch's default "
               f"count the clean process ran "
               f"{alike['default_threads_speedup']:.3f}x as fast")  # fmt: skip
+    print(f"  outside diffusers' calls, ms per drop (median): {warm['outside_pipeline_ms']}")
     print(f"pickup (drop → JobStarted): p95 {warm['pickup_p95_s']:.3f}s "
           f"(goal <= settle + 0.05 s)")  # fmt: skip
     batched = warm["batched"]
@@ -463,6 +486,8 @@ def main(argv: Sequence[str] = ()) -> None:
             print(f"  at the daemon's thread count, a clean batched process: images/s ratio "
                   f"{alike['images_per_s_ratio']:.3f}; at torch's default count the clean process "
                   f"ran {alike['default_threads_speedup']:.3f}x as fast")  # fmt: skip
+        print(f"  outside diffusers' calls, ms per drop (median): "
+              f"{batched['outside_pipeline_ms']}")  # fmt: skip
     print(f"{row['files']} files: daemon {row['daemon_s']:.2f}s, "
           f"one process each {row.get('processes_s')}s")  # fmt: skip
     for name, parts in figures["profile"].items():

@@ -95,6 +95,8 @@ def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
         "height": first.height,
         "rendered": run.rendered,
         "skipped": run.skipped,
+        # inside diffusers' calls, this attempt: the job's other time is dropkiln's own
+        "pipeline_seconds": round(run.pipeline_seconds, 4),
     }
 
 

@@ -243,6 +243,11 @@ def test_daemon_benchmark_drops_into_a_daemon_process_against_a_clean_process(
     assert batched["batch"] == 2 and len(batched["run_s"]) == len(batched["clean_s"]) == 2
     # a batch_size = 2 prompt file draws what one diffusers call with two generators draws
     assert batched["same_images"] is True
+    # dropkiln's own time per drop, outside diffusers' calls, on each side
+    for figures_of in (warm, batched):
+        outside = figures_of["outside_pipeline_ms"]
+        assert 0 < outside["daemon"] < 1000 * min(figures_of["run_s"])
+        assert 0 < outside["clean"] < 1000 * max(figures_of["clean_s"])
     # a second clean process at the daemon's own count, when that is not torch's default:
     # the thread policy's share of the ratio, apart from the daemon's own cost
     for figures_of, runs in ((warm, warm["run_s"]), (batched, batched["run_s"])):

@@ -132,6 +132,38 @@ def test_an_oom_inside_a_batch_resumes_with_half_the_batch_and_nothing_twice(
         assert (tmp_path / "out" / name).stat().st_mtime_ns == stamp
 
 
+def test_a_job_reports_the_seconds_it_spent_inside_diffusers_calls(
+    gen_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The time inside the pipeline's calls, measured where diffusers is entered, is in the
+    result; the rest of the job (set-up, PNGs, records, contact sheet) is dropkiln's own."""
+    import time
+
+    from diffusers import StableDiffusionXLPipeline
+
+    calls: list[float] = []
+    real_call = StableDiffusionXLPipeline.__call__
+
+    def slow_call(pipe: Any, *args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        time.sleep(0.2)  # a call that takes a known time at least
+        try:
+            return real_call(pipe, *args, **kwargs)
+        finally:
+            calls.append(time.perf_counter() - started)
+
+    monkeypatch.setattr(StableDiffusionXLPipeline, "__call__", slow_call)
+    prompt_file = PromptFile(
+        images=[ImageEntry(prompt="a", count=3, steps=2, width=64, height=64, batch_size=2)]
+    )
+    started = time.perf_counter()
+    result = run_generate(spec_for(tmp_path / "out", prompt_file), local(gen_root, tmp_path))
+    wall = time.perf_counter() - started
+    assert len(calls) == 2  # a batch of two, then one
+    assert sum(calls) <= result["pipeline_seconds"] <= sum(calls) + 0.01
+    assert result["pipeline_seconds"] < wall
+
+
 def test_the_contact_sheet_is_built_from_memory_not_by_reading_the_images_again(
     gen_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cached_property, partial
@@ -102,6 +103,8 @@ class GenerationRun:
         """Each batch's checkpoint, committed while the next batch denoises."""
         self._written: list[Artifact] = []
         """Images written and not yet recorded: recorded with their batch's checkpoint."""
+        self.pipeline_seconds = 0.0
+        """Wall time inside diffusers' pipeline calls: the rest of a job's time is dropkiln's."""
 
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
@@ -158,7 +161,8 @@ class GenerationRun:
             if lead.reference is not None:
                 inputs.update(reference_inputs(pipe, lead.reference, f"image[{lead.entry}]"))
             on_step_end = self._on_step_end("image", self.tasks[first].index, len(missing))
-            images = render_batch(pipe, tasks, on_step_end, inputs)
+            with self._in_pipeline():
+                images = render_batch(pipe, tasks, on_step_end, inputs)
             self._writer.settle()  # the batch before was written while this one denoised
             if self._stopping:
                 self._stop_now("images", first)
@@ -244,13 +248,14 @@ class GenerationRun:
             self._use_scheduler(pipe, lead.scheduler)
             first_embeds, first_noise = self._keyframe(pipe, frame.first)
             second_embeds, second_noise = self._keyframe(pipe, frame.second)
-            image = render_from_embeddings(
-                pipe,
-                lead,
-                lerp_embeddings(first_embeds, second_embeds, frame.mix),
-                slerp(first_noise, second_noise, frame.mix),
-                self._on_step_end("frame", frame.index),
-            )
+            with self._in_pipeline():
+                image = render_from_embeddings(
+                    pipe,
+                    lead,
+                    lerp_embeddings(first_embeds, second_embeds, frame.mix),
+                    slerp(first_noise, second_noise, frame.mix),
+                    self._on_step_end("frame", frame.index),
+                )
             if self._stopping:
                 self._stop_now("walk", frame.index)
             parameters = f"latent walk frame {frame.index}: {frame.mix:.3f} from {frame.first}"
@@ -258,6 +263,14 @@ class GenerationRun:
             self._records.wait()
             self.ctx.checkpoint({"phase": "walk", "done": frame.index + 1, "last": target.name})
         return paths
+
+    @contextmanager
+    def _in_pipeline(self) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.pipeline_seconds += time.perf_counter() - started
 
     def _model_label(self) -> str:
         return model_label(self.model.name)
