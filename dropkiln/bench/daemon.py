@@ -430,6 +430,20 @@ def _processes(
     return {"processes_s": round(sum(seconds), 3), "process_file_s": seconds}
 
 
+def _print_apart(part: dict[str, Any], threads: int) -> None:
+    """The same turns against the clean process at the daemon's thread count, and each side's
+    time outside diffusers' calls."""
+    alike = part["same_threads"]
+    if alike:
+        low, high = alike["ratio_spread"]
+        print(f"  against a clean process at the daemon's {threads} torch threads: time ratio "
+              f"{alike['ratio']:.3f} (per turn {low:.3f}-{high:.3f}, the median's 95% interval "
+              f"{_interval(alike)}; images/s {alike['images_per_s_ratio']:.3f}); at torch's "
+              f"default count that process ran {alike['default_threads_speedup']:.3f}x as "
+              f"fast")  # fmt: skip
+    print(f"  outside diffusers' calls, ms per drop (median): {part['outside_pipeline_ms']}")
+
+
 def _interval(figures: dict[str, Any], key: str = "ratio_ci95") -> str:
     low, high = figures[key]
     return f"{low:.3f}-{high:.3f}"
@@ -461,14 +475,8 @@ def main(argv: Sequence[str] = ()) -> None:
           f"of {warm['repeat']} turns' ratios, {warm['ratio_spread'][0]:.3f}-"
           f"{warm['ratio_spread'][1]:.3f}, the median's 95% interval {_interval(warm)} (goal "
           f"<= 1.05)")  # fmt: skip
-    alike = warm["same_threads"]
-    if alike:
-        print(f"  at the daemon's thread count ({figures['torch_threads']['daemon']}), a clean "
-              f"process: ratio {alike['ratio']:.3f} ({alike['ratio_spread'][0]:.3f}-"
-              f"{alike['ratio_spread'][1]:.3f}; 95% {_interval(alike)}); at torch's default "
-              f"count the clean process ran "
-              f"{alike['default_threads_speedup']:.3f}x as fast")  # fmt: skip
-    print(f"  outside diffusers' calls, ms per drop (median): {warm['outside_pipeline_ms']}")
+    threads = figures["torch_threads"]["daemon"]
+    _print_apart(warm, threads)
     print(f"pickup (drop → JobStarted): p95 {warm['pickup_p95_s']:.3f}s "
           f"(goal <= settle + 0.05 s)")  # fmt: skip
     batched = warm["batched"]
@@ -481,13 +489,7 @@ def main(argv: Sequence[str] = ()) -> None:
               f"{_interval(batched, 'images_per_s_ratio_ci95')}; goal >= 0.97), to JobSucceeded "
               f"{batched['ratio_done']:.3f}; batch {batched['batch']} vs 1 in the daemon: "
               f"{warm['speedup_batched_vs_single']}x")  # fmt: skip
-        alike = batched["same_threads"]
-        if alike:
-            print(f"  at the daemon's thread count, a clean batched process: images/s ratio "
-                  f"{alike['images_per_s_ratio']:.3f}; at torch's default count the clean process "
-                  f"ran {alike['default_threads_speedup']:.3f}x as fast")  # fmt: skip
-        print(f"  outside diffusers' calls, ms per drop (median): "
-              f"{batched['outside_pipeline_ms']}")  # fmt: skip
+        _print_apart(batched, threads)
     print(f"{row['files']} files: daemon {row['daemon_s']:.2f}s, "
           f"one process each {row.get('processes_s')}s")  # fmt: skip
     for name, parts in figures["profile"].items():
