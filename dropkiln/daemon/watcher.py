@@ -57,6 +57,12 @@ SETTLING_STEP_MS = 10
 DEBOUNCE_MS = 100
 # How late a woken thread may run on a loaded machine (2 cores, load 8: a few hundred ms).
 BUSY_SLACK_S = 0.5
+# How much older than the truth a ctime can look to a scan: the scan reads the monotonic
+# clock, then the wall clock, and a thread preempted between the two (a busy machine) sees
+# every ctime older by that gap; on kernels whose file times come from the coarse clock, a
+# change can also be stamped up to a tick (1-10 ms by CONFIG_HZ) early. Either can put a
+# change made just after a scan before that scan.
+CTIME_SLACK_S = 0.02
 
 Signature = tuple[tuple[str, int, int], ...]
 
@@ -144,11 +150,12 @@ class DropWatcher:
         now = time.monotonic() if now is None else now
         wall = time.time()
         # A change seen now happened after the last scan looked, and at most two steps ago:
-        # an entry's ctime inside that window is when it changed; outside it, it says
-        # nothing (a file changed deeper in a folder), and the clock starts now.
+        # an entry's ctime inside that window (less CTIME_SLACK_S) is when
+        # it changed; outside it, it says nothing (a file changed deeper in a folder), and
+        # the clock starts now.
         floor = now
         if real_clock and self._last_scan is not None:
-            floor = max(self._last_scan, now - self._max_backdate_s)
+            floor = max(self._last_scan, now - self._max_backdate_s) - CTIME_SLACK_S
         present: set[Path] = set()
         ready: list[Path] = []
         for folder in self.folders:
