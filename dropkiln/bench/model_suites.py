@@ -209,9 +209,10 @@ def _outside(record: SuiteRecord, ms: dict[str, float], prefix: str, suffix: str
     """Milliseconds per drop outside diffusers' calls, the daemon's and each clean process's."""
     for side, value in ms.items():
         record.metric(f"{prefix}outside_pipeline_ms_{side}{suffix}", value, "ms", "lower")
+    drops = "batched drops" if prefix else "single-image drops"
     record.notes.append(
-        f"{prefix or 'single-image '}drops, median ms outside diffusers' pipeline calls "
-        f"(the daemon: JobStarted → last PNG less its calls): {ms}"
+        f"{drops}, median ms outside diffusers' pipeline calls (the daemon: JobStarted → last "
+        f"PNG less its calls): {ms}"
     )
 
 
@@ -230,8 +231,9 @@ def _same_threads(
                   "x", None)  # fmt: skip
     low, high = alike["ratio_spread"]
     record.notes.append(
-        f"{prefix or 'single-image '}drops against a clean process at the daemon's {threads} "
-        f"torch threads: {alike['ratio']} (per turn {low}-{high}, the median's 95% interval "
+        f"{'batched' if prefix else 'single-image'} drops against a clean process at the "
+        f"daemon's {threads} torch threads: {alike['ratio']} (per turn {low}-{high}, the "
+        f"median's 95% interval "
         f"{alike['ratio_ci95'][0]}-{alike['ratio_ci95'][1]}); the clean process at torch's "
         f"default count ran {alike['default_threads_speedup']}x as fast as that one"
     )
