@@ -65,8 +65,15 @@ def test_bench_train_daemon_times_a_real_daemon_against_a_clean_process(
     assert figures["ratio_best"] == pytest.approx(min(jobs) / min(cleans), rel=0.01, abs=5e-4)
     # the headline: the median of each run's ratio, the two sides of a run back to back
     per_run = [j / c for j, c in zip(jobs, cleans, strict=True)]
-    assert figures["ratio"] == pytest.approx(sum(per_run) / 2, abs=0.002)  # two runs
-    assert figures["ratio_spread"] == pytest.approx([min(per_run), max(per_run)], abs=0.002)
+    # the seconds are given to the millisecond and each run's ratio to three decimals: the
+    # figure lies within that rounding of the given seconds' ratio (a fixed 0.002 failed
+    # once on a 1.77 ratio of short runs: 1.765 against 1.7676)
+    slack = max(
+        ratio * (5e-4 / job + 5e-4 / clean) + 5e-4
+        for ratio, job, clean in zip(per_run, jobs, cleans, strict=True)
+    )
+    assert figures["ratio"] == pytest.approx(sum(per_run) / 2, abs=slack)  # two runs
+    assert figures["ratio_spread"] == pytest.approx([min(per_run), max(per_run)], abs=slack)
     assert len(figures["cpu_s"]["daemon"]) == len(figures["cpu_s"]["clean"]) == 2
     assert min(figures["cpu_s"]["daemon"]) > 0 and min(figures["cpu_s"]["clean"]) > 0
     assert figures["settle_seconds"] == 2.0  # the daemon's default, not a bench setting
