@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import select
+import threading
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
@@ -56,7 +58,7 @@ def _run_batch(
     dispatch: Callable[[Task], Task],
 ) -> list[Task]:
     """Run queued tasks in a pool; if a worker dies, return the tasks it lost."""
-    pool = ProcessPoolExecutor(max_workers=workers, mp_context=process_context())
+    pool = new_pool(workers)
     in_flight: dict[Future[Outcome], Task] = {}
     try:
         while queue or in_flight:
@@ -102,7 +104,7 @@ def _run_one_by_one(
     pool: ProcessPoolExecutor | None = None
     try:
         for task in tasks:
-            pool = pool or ProcessPoolExecutor(max_workers=1, mp_context=process_context())
+            pool = pool or new_pool(1)
             try:
                 record(pool.submit(work, task).result())
             except BrokenProcessPool:
@@ -125,6 +127,38 @@ class _StopCheck:
         if self.count % STOP_CHECK_EVERY == 0 and self.ctx.should_stop():
             raise StageStopped(f"stopped after {self.count} files")
         self.count += 1
+
+
+def new_pool(workers: int) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes that end when this process ends, even by SIGKILL."""
+    return ProcessPoolExecutor(
+        max_workers=workers,
+        mp_context=process_context(),
+        initializer=_end_with,
+        initargs=(os.getpid(),),
+    )
+
+
+def _end_with(owner: int) -> None:
+    """In a worker: exit as soon as ``owner`` (the daemon) has ended.
+
+    A forkserver worker holds a copy of the fork server's liveness pipe and of its own task
+    pipe, so after the daemon is killed with SIGKILL neither the worker nor the fork server
+    ever reads end-of-file: both would wait forever, holding their memory. A pidfd becomes
+    readable when its process ends; the worker's exit then closes the last copy of the
+    liveness pipe, and the fork server ends too."""
+    try:
+        watched = os.pidfd_open(owner)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        return  # no pidfd here (Linux before 5.3, other systems): nothing to wait on
+
+    def wait_for_owner() -> None:
+        select.select([watched], [], [])
+        os._exit(1)
+
+    threading.Thread(target=wait_for_owner, name="dropkiln-owner", daemon=True).start()
 
 
 def process_context() -> multiprocessing.context.BaseContext:
