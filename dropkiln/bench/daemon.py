@@ -15,10 +15,8 @@ neither runs while the other is measured. Per drop:
   The daemon side is timed to its last PNG and to ``JobSucceeded`` (its contact sheet and
   records included), the clean side to its last PNG saved.
 
-The goal ratios are against the clean process at torch's default thread count, as a user's
-script runs. When the daemon's default count differs (on the CPU it leaves a core free:
-``torch_threads``), a second clean process runs at the daemon's count in the same turns, so
-one run also says what the daemon costs at equal threads, apart from the thread policy.
+The goal ratios are against a clean process at torch's default thread count; a second one at
+the daemon's own count takes the same turns when that differs (``daemon_figures.py``).
 
 With ``--profile``, py-spy samples the daemon through the warm drops and the figures say
 where its device thread's time went, part by part (``generate_profile.py``).
@@ -30,7 +28,6 @@ Run ``python -m dropkiln.bench.daemon [--images N] [--size PX] [--steps N] [--fi
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import subprocess
@@ -46,6 +43,7 @@ import anyio
 
 from dropkiln.bench.cache import link_models
 from dropkiln.bench.clean import CleanBatched, CleanDiffusers
+from dropkiln.bench.daemon_figures import clean_turn, outside_ms, print_figures, same_threads
 from dropkiln.bench.daemon_process import start_daemon, stop_daemon
 from dropkiln.bench.generate import script_per_job, write_prompt_files
 from dropkiln.bench.generate_profile import generation_parts, start_spy
@@ -97,8 +95,10 @@ def bench_daemon(
             for process in [clean, *alike, *clean_batched]:
                 process.close()
         row = run.row(files, file_images)
-        if processes:
-            row.update(_processes(run, folder, files, file_images, clean.threads))
+        if processes:  # the script-per-job way: a process per file, each loading the model
+            sets = [run.prompt_sets[f"row{number:02d}"] for number in range(files)]
+            seconds = script_per_job(folder, root / "scripts", sets, steps, size, clean.threads)
+            row.update({"processes_s": round(sum(seconds), 3), "process_file_s": seconds})
     return {
         "model": model,
         "device": device,
@@ -159,13 +159,13 @@ class _DaemonRun:
                 prompts = [f"a lighthouse, drop {attempt} image {n}" for n in range(self.images)]
                 outs = [self._clean_out(f"{attempt}-{arm}") for arm in range(len(cleans))]
                 if attempt % 2:  # the sides swap who goes first (_batched says why)
-                    _clean_turn(cleans, baselines, outs, self._request(prompts))
+                    clean_turn(cleans, baselines, outs, self._request(prompts))
                 (job,) = self._drop_and_wait([f"warm{attempt:02d}"], [prompts])
                 pickup.append(job["pickup_s"])
                 run.append(job["run_s"])
                 outside.append(job["outside_s"])
                 if not attempt % 2:
-                    _clean_turn(cleans, baselines, outs, self._request(prompts))
+                    clean_turn(cleans, baselines, outs, self._request(prompts))
                 same = same and same_pixels(Path(job["images"][0]), outs[-1] / "000.png")
             self._unspy(spy, "single", repeat)
             batched = {}
@@ -190,8 +190,8 @@ class _DaemonRun:
             "ratio_best": round(min(run) / min(baseline), 3),
             "pickup_p95_s": round(percentile(pickup, 95), 4),
             "same_images": same,
-            "same_threads": _same_threads(run, baselines),
-            "outside_pipeline_ms": _outside(outside, cleans, repeat),
+            "same_threads": same_threads(run, baselines),
+            "outside_pipeline_ms": outside_ms(outside, cleans, repeat),
             "batched": batched,
             "speedup_batched_vs_single": (
                 round(statistics.median(run) / statistics.median(batched["run_s"]), 3)
@@ -229,14 +229,14 @@ class _DaemonRun:
             # job will write (the same settings and seeds; only the prompts differ).
             if attempt % 2:
                 request = self._batch_request(self._last_batched, prompts)
-                _clean_turn(cleans, baselines, outs, request, batch)
+                clean_turn(cleans, baselines, outs, request, batch)
             (job,) = self._drop_and_wait([f"batch{attempt:02d}"], [prompts], batch)
             self._last_batched = job
             run.append(job["run_s"])
             done.append(job["done_s"])
             outside.append(job["outside_s"])
             if not attempt % 2:
-                _clean_turn(cleans, baselines, outs, self._batch_request(job, prompts), batch)
+                clean_turn(cleans, baselines, outs, self._batch_request(job, prompts), batch)
             pairs = zip(sorted(job["images"]), sorted(outs[-1].glob("*.png")), strict=True)
             same = same and all(same_file(Path(mine), theirs) for mine, theirs in pairs)
         self._unspy(spy, "batched", repeat)
@@ -260,8 +260,8 @@ class _DaemonRun:
             "images_per_s_ratio_spread": [round(1 / paired["max"], 3), round(1 / paired["min"], 3)],
             "images_per_s_ratio_ci95": [round(1 / bound, 3) for bound in paired["ci95"][::-1]],
             "same_images": same,
-            "same_threads": _same_threads(run, baselines),
-            "outside_pipeline_ms": _outside(outside, cleans, repeat),
+            "same_threads": same_threads(run, baselines),
+            "outside_pipeline_ms": outside_ms(outside, cleans, repeat),
         }
 
     def _spy(self, daemon: subprocess.Popen[bytes], name: str) -> subprocess.Popen[bytes] | None:
@@ -377,78 +377,6 @@ class _DaemonRun:
         return [jobs.get(stem) for stem in stems]
 
 
-def _clean_turn(
-    cleans: Sequence[CleanDiffusers | CleanBatched], baselines: list[list[float]],
-    outs: list[Path], request: list[dict[str, Any]], batch: int = 1,
-) -> None:  # fmt: skip
-    """One turn of each clean process, back to back, each into its own folder."""
-    for clean, seconds, out in zip(cleans, baselines, outs, strict=True):
-        seconds.append(clean.render(request, out, batch))
-
-
-def _outside(
-    daemon: list[float], cleans: Sequence[CleanDiffusers | CleanBatched], turns: int
-) -> dict[str, Any]:
-    """Median milliseconds per drop outside diffusers' pipeline calls: the daemon's from
-    JobStarted to its last PNG (set-up, records, infotext, PNG writes), each clean process's
-    its scheduler set-up and PNG saves. Less noisy than the ratios: the calls' own time,
-    which moves with the box's speed from one second to the next, is left out."""
-    figures = {"daemon": round(1000 * statistics.median(daemon), 1)}
-    names = ["clean", "clean_same_threads"][: len(cleans)]
-    for name, clean in zip(names, cleans, strict=True):
-        figures[name] = round(1000 * statistics.median(clean.outside_s[-turns:]), 1)
-    return figures
-
-
-def _same_threads(run: list[float], baselines: list[list[float]]) -> dict[str, Any] | None:
-    """The daemon against the clean process at its own thread count (None: the counts are
-    equal, and the main ratio is that figure): the median of the turns' ratios, the spread,
-    and how many times as fast the clean process at torch's default count ran (its seconds
-    at the daemon's count ÷ at the default: the thread policy's part of the main ratio)."""
-    if len(baselines) < 2:
-        return None
-    alike, default = baselines[-1], baselines[0]
-    paired = paired_ratio(run, alike)
-    return {
-        "clean_s": alike,
-        "ratio": paired["ratio"],
-        "ratio_spread": [paired["min"], paired["max"]],
-        "ratio_ci95": paired["ci95"],
-        "images_per_s_ratio": round(1 / paired["ratio"], 3),
-        "default_threads_speedup": paired_ratio(alike, default)["ratio"],
-    }
-
-
-def _processes(
-    run: _DaemonRun, folder: Path, files: int, file_images: int, threads: int
-) -> dict[str, Any]:
-    """The script-per-job way: one Python process per prompt file, each loading the model."""
-    prompt_sets = [run.prompt_sets[f"row{number:02d}"] for number in range(files)]
-    seconds = script_per_job(
-        folder, run.settings.root / "scripts", prompt_sets, run.steps, run.size, threads
-    )
-    return {"processes_s": round(sum(seconds), 3), "process_file_s": seconds}
-
-
-def _print_apart(part: dict[str, Any], threads: int) -> None:
-    """The same turns against the clean process at the daemon's thread count, and each side's
-    time outside diffusers' calls."""
-    alike = part["same_threads"]
-    if alike:
-        low, high = alike["ratio_spread"]
-        print(f"  against a clean process at the daemon's {threads} torch threads: time ratio "
-              f"{alike['ratio']:.3f} (per turn {low:.3f}-{high:.3f}, the median's 95% interval "
-              f"{_interval(alike)}; images/s {alike['images_per_s_ratio']:.3f}); at torch's "
-              f"default count that process ran {alike['default_threads_speedup']:.3f}x as "
-              f"fast")  # fmt: skip
-    print(f"  outside diffusers' calls, ms per drop (median): {part['outside_pipeline_ms']}")
-
-
-def _interval(figures: dict[str, Any], key: str = "ratio_ci95") -> str:
-    low, high = figures[key]
-    return f"{low:.3f}-{high:.3f}"
-
-
 def main(argv: Sequence[str] = ()) -> None:
     parser = argparse.ArgumentParser(prog="python -m dropkiln.bench.daemon")
     parser.add_argument("--images", type=int, default=4, help="images per warm prompt file")
@@ -465,36 +393,7 @@ def main(argv: Sequence[str] = ()) -> None:
         args.images, args.size, args.steps, args.repeat, args.files,
         settle_seconds=args.settle, threads=args.threads, profile=args.profile,
     )  # fmt: skip
-    warm, row = figures["warm"], figures["row"]
-    print(f"{figures['model']}, {args.size}x{args.size}, {args.steps} steps, settle_seconds "
-          f"{figures['settle_seconds']}, torch threads {figures['torch_threads']}, load average "
-          f"before {figures['load_average_before']}, after "
-          f"{figures['load_average_after']}")  # fmt: skip
-    print(f"run (JobStarted → last PNG): daemon {warm['run_median_s']:.3f}s, clean "
-          f"diffusers process {warm['clean_median_s']:.3f}s: ratio {warm['ratio']:.3f}, median "
-          f"of {warm['repeat']} turns' ratios, {warm['ratio_spread'][0]:.3f}-"
-          f"{warm['ratio_spread'][1]:.3f}, the median's 95% interval {_interval(warm)} (goal "
-          f"<= 1.05)")  # fmt: skip
-    threads = figures["torch_threads"]["daemon"]
-    _print_apart(warm, threads)
-    print(f"pickup (drop → JobStarted): p95 {warm['pickup_p95_s']:.3f}s "
-          f"(goal <= settle + 0.05 s)")  # fmt: skip
-    batched = warm["batched"]
-    if batched:
-        print(f"batch {batched['batch']}: daemon {batched['images_per_s']} images/s (to the last "
-              f"PNG), clean batched process {batched['clean_images_per_s']} images/s: images/s "
-              f"ratio {batched['images_per_s_ratio']:.3f} (per turn "
-              f"{batched['images_per_s_ratio_spread'][0]:.3f}-"
-              f"{batched['images_per_s_ratio_spread'][1]:.3f}, the median's 95% interval "
-              f"{_interval(batched, 'images_per_s_ratio_ci95')}; goal >= 0.97), to JobSucceeded "
-              f"{batched['ratio_done']:.3f}; batch {batched['batch']} vs 1 in the daemon: "
-              f"{warm['speedup_batched_vs_single']}x")  # fmt: skip
-        _print_apart(batched, threads)
-    print(f"{row['files']} files: daemon {row['daemon_s']:.2f}s, "
-          f"one process each {row.get('processes_s')}s")  # fmt: skip
-    for name, parts in figures["profile"].items():
-        print(f"profile, {name} drops: {json.dumps(parts)}")
-    print(json.dumps(figures))
+    print_figures(figures)
 
 
 if __name__ == "__main__":
