@@ -96,7 +96,7 @@ def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
         "rendered": run.rendered,
         "skipped": run.skipped,
         # inside diffusers' calls, this attempt: the job's other time is dropkiln's own
-        "pipeline_seconds": round(run.pipeline_seconds, 4),
+        "pipeline_seconds": round(run.in_pipeline.seconds, 4),
     }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
@@ -19,6 +20,20 @@ if TYPE_CHECKING:
 ZERO_SNR_GUIDANCE_RESCALE = 0.7
 
 StepCallback = Callable[[Any, int, Any, dict[str, Any]], dict[str, Any]]
+
+
+class PipelineTime:
+    """Wall seconds spent inside pipeline calls made ``with`` it."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self.seconds += time.perf_counter() - self._started
 
 
 def inference_dtype(device: str) -> torch.dtype:

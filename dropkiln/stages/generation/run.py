@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from functools import cached_property, partial
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -45,6 +44,7 @@ from dropkiln.stages.generation.references import (
     reference_inputs,
 )
 from dropkiln.stages.generation.render import (
+    PipelineTime,
     StepCallback,
     batch_key,
     inference_dtype,
@@ -103,8 +103,8 @@ class GenerationRun:
         """Each batch's checkpoint, committed while the next batch denoises."""
         self._written: list[Artifact] = []
         """Images written and not yet recorded: recorded with their batch's checkpoint."""
-        self.pipeline_seconds = 0.0
-        """Wall time inside diffusers' pipeline calls: the rest of a job's time is dropkiln's."""
+        self.in_pipeline = PipelineTime()  # the rest of a job's time is dropkiln's own
+        self._checkpoint_sha256 = checkpoint_hashes(model).sha256  # the infotext's, once a job
 
     @contextmanager
     def prepared(self, pipe: Any) -> Iterator[None]:
@@ -161,7 +161,7 @@ class GenerationRun:
             if lead.reference is not None:
                 inputs.update(reference_inputs(pipe, lead.reference, f"image[{lead.entry}]"))
             on_step_end = self._on_step_end("image", self.tasks[first].index, len(missing))
-            with self._in_pipeline():
+            with self.in_pipeline:
                 images = render_batch(pipe, tasks, on_step_end, inputs)
             self._writer.settle()  # the batch before was written while this one denoised
             if self._stopping:
@@ -248,7 +248,7 @@ class GenerationRun:
             self._use_scheduler(pipe, lead.scheduler)
             first_embeds, first_noise = self._keyframe(pipe, frame.first)
             second_embeds, second_noise = self._keyframe(pipe, frame.second)
-            with self._in_pipeline():
+            with self.in_pipeline:
                 image = render_from_embeddings(
                     pipe,
                     lead,
@@ -264,22 +264,8 @@ class GenerationRun:
             self.ctx.checkpoint({"phase": "walk", "done": frame.index + 1, "last": target.name})
         return paths
 
-    @contextmanager
-    def _in_pipeline(self) -> Iterator[None]:
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.pipeline_seconds += time.perf_counter() - started
-
     def _model_label(self) -> str:
         return model_label(self.model.name)
-
-    @cached_property
-    def _checkpoint_sha256(self) -> str:
-        """The weights' hash for the infotext, once a job: the job renders with the weights
-        loaded at its start (looking the memo up stats every weights file: 0.5 ms an image)."""
-        return checkpoint_hashes(self.model).sha256
 
     def _write_frame(
         self, image: Image.Image, target: Path, record: dict[str, Any], parameters: str
