@@ -38,12 +38,12 @@ SERVER = (
     + r"""
 for line in sys.stdin:
     request = json.loads(line)
-    started, inside = time.perf_counter(), 0.0
+    started, inside, cpu = time.perf_counter(), 0.0, 0.0
     images, batch = request["images"], request.get("batch", 1)
     for first in range(0, len(images), batch):
         group = images[first:first + batch]  # one call, one generator per image
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        called = time.perf_counter()
+        called, on_cpu = time.perf_counter(), time.thread_time()
         pictures = pipe(prompt=[image["prompt"] for image in group],
                         num_inference_steps=group[0]["steps"],
                         guidance_scale=group[0]["guidance"], width=group[0]["width"],
@@ -51,9 +51,11 @@ for line in sys.stdin:
                         generator=[torch.Generator().manual_seed(image["seed"])
                                    for image in group]).images
         inside += time.perf_counter() - called
+        cpu += time.thread_time() - on_cpu
         for number, picture in enumerate(pictures, start=first):
             picture.save(f"{request['out']}/{number:03d}.png")
-    print(json.dumps({"seconds": time.perf_counter() - started, "pipeline": inside}), flush=True)
+    print(json.dumps({"seconds": time.perf_counter() - started, "pipeline": inside,
+                      "pipeline_cpu": cpu}), flush=True)
 """
 )
 
@@ -75,6 +77,8 @@ class CleanProcess:
         self.threads = int(self._answer()["threads"])
         self.outside_s: list[float] = []
         """Per render: its seconds outside pipeline calls (scheduler set-up, PNG saves)."""
+        self.inside_s: list[tuple[float, float]] = []
+        """Per render: wall and main-thread CPU seconds inside pipeline calls."""
 
     def ask(self, request: dict[str, Any]) -> dict[str, Any]:
         assert self.process.stdin is not None
@@ -94,6 +98,8 @@ class CleanProcess:
         """A render's seconds; those outside its pipeline calls are kept in ``outside_s``."""
         seconds = float(answer["seconds"])
         self.outside_s.append(seconds - float(answer["pipeline"]))
+        if "pipeline_cpu" in answer:
+            self.inside_s.append((float(answer["pipeline"]), float(answer["pipeline_cpu"])))
         return seconds
 
     def close(self) -> None:

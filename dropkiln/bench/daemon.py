@@ -43,7 +43,13 @@ import anyio
 
 from dropkiln.bench.cache import link_models
 from dropkiln.bench.clean import CleanBatched, CleanDiffusers
-from dropkiln.bench.daemon_figures import clean_turn, outside_ms, print_figures, same_threads
+from dropkiln.bench.daemon_figures import (
+    clean_turn,
+    inside_ms,
+    outside_ms,
+    print_figures,
+    same_threads,
+)
 from dropkiln.bench.daemon_process import start_daemon, stop_daemon
 from dropkiln.bench.generate import script_per_job, write_prompt_files
 from dropkiln.bench.generate_profile import generation_parts, start_spy
@@ -152,6 +158,7 @@ class _DaemonRun:
             pickup: list[float] = []
             run: list[float] = []
             outside: list[float] = []
+            inside: list[tuple[float, float]] = []
             baselines: list[list[float]] = [[] for _ in cleans]
             same = True
             spy = self._spy(daemon, "single")
@@ -164,6 +171,7 @@ class _DaemonRun:
                 pickup.append(job["pickup_s"])
                 run.append(job["run_s"])
                 outside.append(job["outside_s"])
+                inside.append(job["inside_s"])
                 if not attempt % 2:
                     clean_turn(cleans, baselines, outs, self._request(prompts))
                 same = same and same_pixels(Path(job["images"][0]), outs[-1] / "000.png")
@@ -192,6 +200,7 @@ class _DaemonRun:
             "same_images": same,
             "same_threads": same_threads(run, baselines),
             "outside_pipeline_ms": outside_ms(outside, cleans, repeat),
+            "inside_pipeline_ms": inside_ms(inside, cleans, repeat),
             "batched": batched,
             "speedup_batched_vs_single": (
                 round(statistics.median(run) / statistics.median(batched["run_s"]), 3)
@@ -357,6 +366,10 @@ class _DaemonRun:
                     "run_s": last_png - started,
                     # JobStarted → last PNG less the time in diffusers' calls: dropkiln's own
                     "outside_s": last_png - started - job.result["pipeline_seconds"],
+                    "inside_s": (
+                        job.result["pipeline_seconds"],
+                        job.result["pipeline_cpu_seconds"],
+                    ),
                     "done_s": finished - started,
                     "latency_s": last_png - dropped_at,
                 }

@@ -41,6 +41,27 @@ def outside_ms(
     return figures
 
 
+def inside_ms(
+    daemon: list[tuple[float, float]], cleans: Sequence[CleanDiffusers | CleanBatched],
+    turns: int,
+) -> dict[str, Any]:  # fmt: skip
+    """Median milliseconds per drop inside diffusers' calls, wall and the calling thread's
+    CPU, each side: wall above CPU is time the thread waited (the GIL, a core); CPU above
+    wall is torch's other threads at work."""
+    sides = {"daemon": daemon}
+    names = ["clean", "clean_same_threads"][: len(cleans)]
+    sides.update({name: clean.inside_s[-turns:] for name, clean in zip(names, cleans, strict=True)})
+    return {
+        name: {
+            "wall": round(1000 * statistics.median(wall for wall, _ in pairs), 1),
+            "cpu": round(1000 * statistics.median(cpu for _, cpu in pairs), 1),
+            "wall_less_cpu": round(1000 * statistics.median(w - c for w, c in pairs), 1),
+        }
+        for name, pairs in sides.items()
+        if pairs
+    }
+
+
 def same_threads(run: list[float], baselines: list[list[float]]) -> dict[str, Any] | None:
     """The daemon against the clean process at its own thread count (None: the counts are
     equal, and the main ratio is that figure): the median of the turns' ratios, the spread,
@@ -72,6 +93,8 @@ def _print_apart(part: dict[str, Any], threads: int) -> None:
               f"default count that process ran {alike['default_threads_speedup']:.3f}x as "
               f"fast")  # fmt: skip
     print(f"  outside diffusers' calls, ms per drop (median): {part['outside_pipeline_ms']}")
+    if "inside_pipeline_ms" in part:
+        print(f"  inside them, ms per drop (median): {part['inside_pipeline_ms']}")
 
 
 def _interval(figures: dict[str, Any], key: str = "ratio_ci95") -> str:

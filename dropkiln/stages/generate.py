@@ -97,6 +97,7 @@ def run_generate(spec: GenerateSpec, ctx: StageContext) -> dict[str, Any]:
         "skipped": run.skipped,
         # inside diffusers' calls, this attempt: the job's other time is dropkiln's own
         "pipeline_seconds": round(run.in_pipeline.seconds, 4),
+        "pipeline_cpu_seconds": round(run.in_pipeline.cpu_seconds, 4),  # the device thread's
     }
 
 

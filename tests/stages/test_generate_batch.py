@@ -136,7 +136,8 @@ def test_a_job_reports_the_seconds_it_spent_inside_diffusers_calls(
     gen_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The time inside the pipeline's calls, measured where diffusers is entered, is in the
-    result; the rest of the job (set-up, PNGs, records, contact sheet) is dropkiln's own."""
+    result; the rest of the job (set-up, PNGs, records, contact sheet) is dropkiln's own. The
+    calling thread's CPU seconds in them leave out the time it slept."""
     import time
 
     from diffusers import StableDiffusionXLPipeline
@@ -162,6 +163,8 @@ def test_a_job_reports_the_seconds_it_spent_inside_diffusers_calls(
     assert len(calls) == 2  # a batch of two, then one
     assert sum(calls) <= result["pipeline_seconds"] <= sum(calls) + 0.01
     assert result["pipeline_seconds"] < wall
+    # one torch thread: the thread's CPU time is at most the wall time less the two sleeps
+    assert 0 < result["pipeline_cpu_seconds"] <= result["pipeline_seconds"] - 0.4
 
 
 def test_the_contact_sheet_is_built_from_memory_not_by_reading_the_images_again(

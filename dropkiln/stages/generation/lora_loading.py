@@ -9,14 +9,35 @@ was built against, and transformers 5.24 asks for a peft that does not exist.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from dropkiln.stages.base import StageError
+
+if TYPE_CHECKING:
+    from dropkiln.stages.generate import LoraFile
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
 
 
 class LoraMismatch(ValueError):
     """The file's LoRA does not fit the pipeline's models."""
+
+
+def load_loras(pipe: Any, loras: Sequence[LoraFile], model_name: str) -> None:
+    """A job's LoRAs into ``pipe`` at their weights, as adapters ``dropkiln_0``, ``_1``...;
+    a file that does not fit the model is a StageError that names it."""
+    names = []
+    for number, lora in enumerate(loras):
+        adapter = f"dropkiln_{number}"
+        try:
+            load_lora(pipe, Path(lora.path), adapter)
+        except (ValueError, KeyError, RuntimeError, OSError) as exc:
+            raise StageError(f"LoRA {lora.name} does not fit {model_name}: {exc}") from exc
+        names.append(adapter)
+    if names:
+        pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
 
 
 def load_lora(pipe: Any, path: Path, adapter: str) -> None:

@@ -69,6 +69,16 @@ def apply_rung(pipe: DiffusionPipeline, options: dict[str, object], device: str)
         _sequential_offload(pipe, device)
 
 
+def moves_weights(pipe: DiffusionPipeline, options: dict[str, object]) -> bool:
+    """A pipeline call at this rung moves or recasts weights: the offload rungs' hooks move
+    them in and out, and diffusers' SDXL pipelines cast a float16 VAE whose config says it
+    overflows (``force_upcast``) to float32 for the decode, then back."""
+    import torch
+
+    vae = pipe.vae
+    return bool(options.get("offload")) or (vae.dtype == torch.float16 and vae.config.force_upcast)
+
+
 def _away_from(pipe: DiffusionPipeline, device: torch.device) -> bool:
     """A component's weights are not on ``device`` (``pipe.device`` says the same, but first
     looks for group-offloading hooks through every submodule: 2-3 ms a job on the CPU)."""

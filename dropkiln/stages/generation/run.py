@@ -12,7 +12,6 @@ from dropkiln.stages.base import (
     Artifact,
     MemoryRung,
     StageContext,
-    StageError,
     StageStopped,
 )
 from dropkiln.stages.generation.batch_records import BatchRecords
@@ -25,7 +24,13 @@ from dropkiln.stages.generation.controlnet import (
 from dropkiln.stages.generation.image_records import ImageRecords
 from dropkiln.stages.generation.img2img import image_mode, init_inputs, init_pipeline
 from dropkiln.stages.generation.latent_walk import WalkFrame, lerp_embeddings, slerp, walk_plan
-from dropkiln.stages.generation.memory_ladder import apply_rung, batch_limit, undo_rung
+from dropkiln.stages.generation.lora_loading import load_loras
+from dropkiln.stages.generation.memory_ladder import (
+    apply_rung,
+    batch_limit,
+    moves_weights,
+    undo_rung,
+)
 from dropkiln.stages.generation.png_files import (
     a1111_parameters,
     contact_sheet,
@@ -44,7 +49,7 @@ from dropkiln.stages.generation.references import (
     reference_inputs,
 )
 from dropkiln.stages.generation.render import (
-    PipelineTime,
+    PipelineCalls,
     StepCallback,
     batch_key,
     inference_dtype,
@@ -103,7 +108,7 @@ class GenerationRun:
         """Each batch's checkpoint, committed while the next batch denoises."""
         self._written: list[Artifact] = []
         """Images written and not yet recorded: recorded with their batch's checkpoint."""
-        self.in_pipeline = PipelineTime()  # the rest of a job's time is dropkiln's own
+        self.in_pipeline = PipelineCalls()  # the rest of a job's time is dropkiln's own
         self._checkpoint_sha256 = checkpoint_hashes(model).sha256  # the infotext's, once a job
 
     @contextmanager
@@ -114,7 +119,7 @@ class GenerationRun:
         original_scheduler = pipe.scheduler
         self._base, self._base_scheduler_config = pipe, original_scheduler.config
         try:
-            self._load_loras(pipe)
+            load_loras(pipe, self.spec.loras, self.model.name)
             with inside(middle_block(pipe.vae.decoder), self._in_decode):
                 yield
         finally:
@@ -351,6 +356,7 @@ class GenerationRun:
             attach_references(pipeline, adapter, len(references), self.ctx.device, self.dtype)
         self._active = (key, pipeline)
         apply_rung(pipeline, self.rung.options, self.ctx.device)
+        self.in_pipeline.inference = not moves_weights(pipeline, self.rung.options)
         return pipeline
 
     def _deactivate(self) -> None:
@@ -372,23 +378,10 @@ class GenerationRun:
         if index not in self._keyframes:
             # the keyframe's own prompt and seed, the walk's guidance (it decides on CFG)
             task = self.tasks[index].model_copy(update={"guidance": self.tasks[0].guidance})
-            noise = initial_noise(pipe, task, self.dtype)
-            self._keyframes[index] = (prompt_embeddings(pipe, task), noise)
+            with self.in_pipeline:
+                noise = initial_noise(pipe, task, self.dtype)
+                self._keyframes[index] = (prompt_embeddings(pipe, task), noise)
         return self._keyframes[index]
-
-    def _load_loras(self, pipe: Any) -> None:
-        from dropkiln.stages.generation.lora_loading import load_lora
-
-        names = []
-        for number, lora in enumerate(self.spec.loras):
-            adapter = f"dropkiln_{number}"
-            try:
-                load_lora(pipe, Path(lora.path), adapter)
-            except (ValueError, KeyError, RuntimeError, OSError) as exc:
-                raise StageError(f"LoRA {lora.name} does not fit {self.model.name}: {exc}") from exc
-            names.append(adapter)
-        if names:
-            pipe.set_adapters(names, adapter_weights=[lora.weight for lora in self.spec.loras])
 
 
 def _finished(target: Path, digest: str) -> bool:
