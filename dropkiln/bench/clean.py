@@ -44,12 +44,13 @@ for line in sys.stdin:
         group = images[first:first + batch]  # one call, one generator per image
         pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
         called, on_cpu = time.perf_counter(), time.thread_time()
-        pictures = pipe(prompt=[image["prompt"] for image in group],
-                        num_inference_steps=group[0]["steps"],
-                        guidance_scale=group[0]["guidance"], width=group[0]["width"],
-                        height=group[0]["height"],
-                        generator=[torch.Generator().manual_seed(image["seed"])
-                                   for image in group]).images
+        with torch.inference_mode(request.get("inference_mode", False)):
+            pictures = pipe(prompt=[image["prompt"] for image in group],
+                            num_inference_steps=group[0]["steps"],
+                            guidance_scale=group[0]["guidance"], width=group[0]["width"],
+                            height=group[0]["height"],
+                            generator=[torch.Generator().manual_seed(image["seed"])
+                                       for image in group]).images
         inside += time.perf_counter() - called
         cpu += time.thread_time() - on_cpu
         for number, picture in enumerate(pictures, start=first):
@@ -120,12 +121,16 @@ class CleanDiffusers(CleanProcess):
     def __init__(self, model_folder: Path, threads: int = 0) -> None:
         super().__init__(SERVER, model_folder, threads)
 
-    def render(self, images: list[dict[str, Any]], out: Path, batch: int = 1) -> float:
+    def render(
+        self, images: list[dict[str, Any]], out: Path, batch: int = 1, inference_mode: bool = False
+    ) -> float:
         """Seconds from the request to the last PNG saved in ``out``; ``batch`` images of the
-        same settings per pipeline call, each from its own seed."""
+        same settings per pipeline call, each from its own seed (with ``inference_mode``, the
+        calls under ``torch.inference_mode``, as the daemon makes them; a user's script
+        relies on the ``torch.no_grad`` diffusers puts on its calls)."""
         out.mkdir(parents=True, exist_ok=True)
         request = {"images": images, "out": str(out), "batch": batch}
-        return self._timed(self.ask(request))
+        return self._timed(self.ask({**request, "inference_mode": inference_mode}))
 
 
 BATCHED_SERVER = (

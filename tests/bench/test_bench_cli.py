@@ -321,7 +321,11 @@ def test_cli_start_benchmark_times_commands_from_their_bytecode_cache(
 def test_threads_benchmark_times_one_clean_process_per_thread_count(tiny_models: Path) -> None:
     from dropkiln.bench.threads import bench_threads
 
-    figures = bench_threads((1, 2), busy=1, turns=2, size=32, models_dir=tiny_models)
-    assert set(figures["seconds"]) == {"1", "2"}
+    figures = bench_threads(
+        (1, 2), busy=1, turns=2, size=32, models_dir=tiny_models, inference_mode=True
+    )
+    assert set(figures["seconds"]) == {"1", "2", "1 inference", "2 inference"}
+    assert set(figures["inference_mode_ratio"]) == {"1", "2"}
+    assert all(paired["ratio"] > 0 for paired in figures["inference_mode_ratio"].values())
     assert all(len(values) == 2 and min(values) > 0 for values in figures["seconds"].values())
     assert figures["busy_loops"] == 1 and len(figures["load_average_after"]) == 3
