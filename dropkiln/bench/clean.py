@@ -29,9 +29,23 @@ if threads > 0:
 pipe = DiffusionPipeline.from_pretrained(folder, use_safetensors=True, local_files_only=True)
 pipe.set_progress_bar_config(disable=True)
 print(json.dumps({"threads": torch.get_num_threads()}), flush=True)
+
+def render(group, inference=False):
+    # one call for the images of group, one generator each: the images, and the wall and
+    # CPU seconds inside the call
+    pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    called, on_cpu = time.perf_counter(), time.thread_time()
+    with torch.inference_mode(inference):
+        pictures = pipe(prompt=[image["prompt"] for image in group],
+                        num_inference_steps=group[0]["steps"],
+                        guidance_scale=group[0]["guidance"], width=group[0]["width"],
+                        height=group[0]["height"],
+                        generator=[torch.Generator().manual_seed(image["seed"])
+                                   for image in group]).images
+    return pictures, time.perf_counter() - called, time.thread_time() - on_cpu
 """
 """The start both clean image servers share: load the pipeline from the folder, set the
-thread count, and say which count torch runs with."""
+thread count, say which count torch runs with, and define the one call they make."""
 
 SERVER = (
     _LOAD_PIPELINE
@@ -41,18 +55,9 @@ for line in sys.stdin:
     started, inside, cpu = time.perf_counter(), 0.0, 0.0
     images, batch = request["images"], request.get("batch", 1)
     for first in range(0, len(images), batch):
-        group = images[first:first + batch]  # one call, one generator per image
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        called, on_cpu = time.perf_counter(), time.thread_time()
-        with torch.inference_mode(request.get("inference_mode", False)):
-            pictures = pipe(prompt=[image["prompt"] for image in group],
-                            num_inference_steps=group[0]["steps"],
-                            guidance_scale=group[0]["guidance"], width=group[0]["width"],
-                            height=group[0]["height"],
-                            generator=[torch.Generator().manual_seed(image["seed"])
-                                       for image in group]).images
-        inside += time.perf_counter() - called
-        cpu += time.thread_time() - on_cpu
+        group = images[first:first + batch]
+        pictures, wall, on_cpu = render(group, request.get("inference_mode", False))
+        inside, cpu = inside + wall, cpu + on_cpu
         for number, picture in enumerate(pictures, start=first):
             picture.save(f"{request['out']}/{number:03d}.png")
     print(json.dumps({"seconds": time.perf_counter() - started, "pipeline": inside,
@@ -138,24 +143,18 @@ BATCHED_SERVER = (
     + r"""
 for line in sys.stdin:
     request = json.loads(line)
-    started, inside = time.perf_counter(), 0.0
+    started, inside, cpu = time.perf_counter(), 0.0, 0.0
     images, batch = request["images"], request["batch"]
     for first in range(0, len(images), batch):
-        group = images[first:first + batch]  # one call, one generator per image
-        pipe.scheduler = EulerDiscreteScheduler.from_config(pipe.scheduler.config)
-        called = time.perf_counter()
-        pictures = pipe(prompt=[image["prompt"] for image in group],
-                        num_inference_steps=group[0]["steps"],
-                        guidance_scale=group[0]["guidance"], width=group[0]["width"],
-                        height=group[0]["height"],
-                        generator=[torch.Generator().manual_seed(image["seed"])
-                                   for image in group]).images
-        inside += time.perf_counter() - called
+        group = images[first:first + batch]
+        pictures, wall, on_cpu = render(group)
+        inside, cpu = inside + wall, cpu + on_cpu
         for image, picture in zip(group, pictures):
             info = PngInfo()
             info.add_text("parameters", image["parameters"])
             picture.save(f"{request['out']}/{image['stem']}.png", pnginfo=info)
-    print(json.dumps({"seconds": time.perf_counter() - started, "pipeline": inside}), flush=True)
+    print(json.dumps({"seconds": time.perf_counter() - started, "pipeline": inside,
+                      "pipeline_cpu": cpu}), flush=True)
 """
 )
 """What a user's batched script does to get the daemon's files: a diffusers call per batch,

@@ -43,13 +43,7 @@ import anyio
 
 from dropkiln.bench.cache import link_models
 from dropkiln.bench.clean import CleanBatched, CleanDiffusers
-from dropkiln.bench.daemon_figures import (
-    clean_turn,
-    inside_ms,
-    outside_ms,
-    print_figures,
-    same_threads,
-)
+from dropkiln.bench.daemon_figures import clean_turn, pipeline_ms, print_figures, same_threads
 from dropkiln.bench.daemon_process import start_daemon, stop_daemon
 from dropkiln.bench.generate import script_per_job, write_prompt_files
 from dropkiln.bench.generate_profile import generation_parts, start_spy
@@ -157,8 +151,7 @@ class _DaemonRun:
                     clean.render(self._request([f"warm-up {number}"]), self._clean_out("warm-up"))
             pickup: list[float] = []
             run: list[float] = []
-            outside: list[float] = []
-            inside: list[tuple[float, float]] = []
+            jobs: list[dict[str, Any]] = []
             baselines: list[list[float]] = [[] for _ in cleans]
             same = True
             spy = self._spy(daemon, "single")
@@ -170,8 +163,7 @@ class _DaemonRun:
                 (job,) = self._drop_and_wait([f"warm{attempt:02d}"], [prompts])
                 pickup.append(job["pickup_s"])
                 run.append(job["run_s"])
-                outside.append(job["outside_s"])
-                inside.append(job["inside_s"])
+                jobs.append(job)
                 if not attempt % 2:
                     clean_turn(cleans, baselines, outs, self._request(prompts))
                 same = same and same_pixels(Path(job["images"][0]), outs[-1] / "000.png")
@@ -199,8 +191,7 @@ class _DaemonRun:
             "pickup_p95_s": round(percentile(pickup, 95), 4),
             "same_images": same,
             "same_threads": same_threads(run, baselines),
-            "outside_pipeline_ms": outside_ms(outside, cleans, repeat),
-            "inside_pipeline_ms": inside_ms(inside, cleans, repeat),
+            **pipeline_ms(jobs, cleans, repeat),
             "batched": batched,
             "speedup_batched_vs_single": (
                 round(statistics.median(run) / statistics.median(batched["run_s"]), 3)
@@ -223,8 +214,7 @@ class _DaemonRun:
                 out = self._clean_out(f"batch-warm-up{number}-{arm}")
                 clean.render(self._batch_request(job, prompts), out, batch)
         run: list[float] = []
-        done: list[float] = []
-        outside: list[float] = []
+        jobs: list[dict[str, Any]] = []
         baselines: list[list[float]] = [[] for _ in cleans]
         same = True
         spy = self._spy(daemon, "batched")
@@ -242,26 +232,25 @@ class _DaemonRun:
             (job,) = self._drop_and_wait([f"batch{attempt:02d}"], [prompts], batch)
             self._last_batched = job
             run.append(job["run_s"])
-            done.append(job["done_s"])
-            outside.append(job["outside_s"])
+            jobs.append(job)
             if not attempt % 2:
                 clean_turn(cleans, baselines, outs, self._batch_request(job, prompts), batch)
             pairs = zip(sorted(job["images"]), sorted(outs[-1].glob("*.png")), strict=True)
             same = same and all(same_file(Path(mine), theirs) for mine, theirs in pairs)
         self._unspy(spy, "batched", repeat)
-        baseline = baselines[0]
+        baseline, done_s = baselines[0], [job["done_s"] for job in jobs]
         paired = paired_ratio(run, baseline)
         return {
             "batch": batch,
             "run_s": run,
-            "done_s": done,
+            "done_s": done_s,
             "clean_s": baseline,
             "ratio": paired["ratio"],
             "ratio_spread": [paired["min"], paired["max"]],
             "ratio_ci95": paired["ci95"],
             "ratio_per_turn": paired["per_turn"],
             "ratio_of_medians": round(statistics.median(run) / statistics.median(baseline), 3),
-            "ratio_done": paired_ratio(done, baseline)["ratio"],
+            "ratio_done": paired_ratio(done_s, baseline)["ratio"],
             "ratio_best": round(min(run) / min(baseline), 3),
             "images_per_s": round(self.images / statistics.median(run), 3),
             "clean_images_per_s": round(self.images / statistics.median(baseline), 3),
@@ -270,7 +259,7 @@ class _DaemonRun:
             "images_per_s_ratio_ci95": [round(1 / bound, 3) for bound in paired["ci95"][::-1]],
             "same_images": same,
             "same_threads": same_threads(run, baselines),
-            "outside_pipeline_ms": outside_ms(outside, cleans, repeat),
+            **pipeline_ms(jobs, cleans, repeat),
         }
 
     def _spy(self, daemon: subprocess.Popen[bytes], name: str) -> subprocess.Popen[bytes] | None:
@@ -355,21 +344,19 @@ class _DaemonRun:
         for stem, job in zip(stems, mine, strict=True):
             if job.state != JobState.SUCCEEDED or job.result is None or job.started_at is None:
                 raise RuntimeError(f"generate job {job.name} ended {job.state}: {job.error}")
-            last_png = max(Path(p).stat().st_mtime for p in job.result["images"])
+            result = job.result
+            last_png = max(Path(p).stat().st_mtime for p in result["images"])
             started = datetime.fromisoformat(job.started_at).timestamp()
             finished = datetime.fromisoformat(job.finished_at or job.started_at).timestamp()
             results.append(
                 {
-                    "images": job.result["images"],
+                    "images": result["images"],
                     "prompts": self.prompt_sets[stem],
                     "pickup_s": started - dropped_at,
                     "run_s": last_png - started,
                     # JobStarted → last PNG less the time in diffusers' calls: dropkiln's own
-                    "outside_s": last_png - started - job.result["pipeline_seconds"],
-                    "inside_s": (
-                        job.result["pipeline_seconds"],
-                        job.result["pipeline_cpu_seconds"],
-                    ),
+                    "outside_s": last_png - started - result["pipeline_seconds"],
+                    "inside_s": (result["pipeline_seconds"], result["pipeline_cpu_seconds"]),
                     "done_s": finished - started,
                     "latency_s": last_png - dropped_at,
                 }

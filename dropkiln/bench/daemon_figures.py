@@ -2,8 +2,9 @@
 
 Each turn runs the clean process at torch's default thread count and, when the daemon's
 default count differs, one at the daemon's count (``clean_turn``). ``same_threads`` sets the
-daemon against the latter and says how much the default count gained; ``outside_ms`` gives
-each side's time outside diffusers' calls, which the box's speed drift leaves alone.
+daemon against the latter and says how much the default count gained; ``pipeline_ms`` gives
+each side's time outside diffusers' calls, which the box's speed drift leaves alone, and
+inside them.
 """
 
 from __future__ import annotations
@@ -27,39 +28,38 @@ def clean_turn(
         seconds.append(clean.render(request, out, batch))
 
 
-def outside_ms(
-    daemon: list[float], cleans: Sequence[CleanDiffusers | CleanBatched], turns: int
+def pipeline_ms(
+    jobs: list[dict[str, Any]], cleans: Sequence[CleanDiffusers | CleanBatched], turns: int
 ) -> dict[str, Any]:
-    """Median milliseconds per drop outside diffusers' pipeline calls: the daemon's from
-    JobStarted to its last PNG (set-up, records, infotext, PNG writes), each clean process's
-    its scheduler set-up and PNG saves. Less noisy than the ratios: the calls' own time,
-    which moves with the box's speed from one second to the next, is left out."""
-    figures = {"daemon": round(1000 * statistics.median(daemon), 1)}
+    """Median milliseconds per drop outside diffusers' pipeline calls and inside them, each
+    side (the clean processes' last ``turns``).
+
+    Outside: the daemon's from JobStarted to its last PNG (set-up, records, infotext, PNG
+    writes), each clean process's its scheduler set-up and PNG saves; less noisy than the
+    ratios, since the calls' own time, which moves with the box's speed from one second to
+    the next, is left out. Inside: the wall and the calling thread's CPU; wall above CPU is
+    time the thread waited (the GIL, a core), CPU above wall torch's other threads at work."""
+    outside = {"daemon": [job["outside_s"] for job in jobs]}
+    inside = {"daemon": [job["inside_s"] for job in jobs]}
     names = ["clean", "clean_same_threads"][: len(cleans)]
     for name, clean in zip(names, cleans, strict=True):
-        figures[name] = round(1000 * statistics.median(clean.outside_s[-turns:]), 1)
-    return figures
-
-
-def inside_ms(
-    daemon: list[tuple[float, float]], cleans: Sequence[CleanDiffusers | CleanBatched],
-    turns: int,
-) -> dict[str, Any]:  # fmt: skip
-    """Median milliseconds per drop inside diffusers' calls, wall and the calling thread's
-    CPU, each side: wall above CPU is time the thread waited (the GIL, a core); CPU above
-    wall is torch's other threads at work."""
-    sides = {"daemon": daemon}
-    names = ["clean", "clean_same_threads"][: len(cleans)]
-    sides.update({name: clean.inside_s[-turns:] for name, clean in zip(names, cleans, strict=True)})
+        outside[name] = clean.outside_s[-turns:]
+        inside[name] = clean.inside_s[-turns:]
     return {
-        name: {
-            "wall": round(1000 * statistics.median(wall for wall, _ in pairs), 1),
-            "cpu": round(1000 * statistics.median(cpu for _, cpu in pairs), 1),
-            "wall_less_cpu": round(1000 * statistics.median(w - c for w, c in pairs), 1),
-        }
-        for name, pairs in sides.items()
-        if pairs
+        "outside_pipeline_ms": {name: _ms(values) for name, values in outside.items()},
+        "inside_pipeline_ms": {
+            name: {
+                "wall": _ms([wall for wall, _ in pairs]),
+                "cpu": _ms([cpu for _, cpu in pairs]),
+                "wall_less_cpu": _ms([wall - cpu for wall, cpu in pairs]),
+            }
+            for name, pairs in inside.items()
+        },
     }
+
+
+def _ms(seconds: Sequence[float]) -> float:
+    return round(1000 * statistics.median(seconds), 1)
 
 
 def same_threads(run: list[float], baselines: list[list[float]]) -> dict[str, Any] | None:

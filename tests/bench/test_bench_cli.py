@@ -248,6 +248,9 @@ def test_daemon_benchmark_drops_into_a_daemon_process_against_a_clean_process(
         outside = figures_of["outside_pipeline_ms"]
         assert 0 < outside["daemon"] < 1000 * min(figures_of["run_s"])
         assert 0 < outside["clean"] < 1000 * max(figures_of["clean_s"])
+        # inside them: the calling thread's CPU, at most its wall time plus rounding
+        for side in figures_of["inside_pipeline_ms"].values():
+            assert 0 < side["cpu"] <= side["wall"] + 0.1 and side["wall_less_cpu"] >= -0.1
     # a second clean process at the daemon's own count, when that is not torch's default:
     # the thread policy's share of the ratio, apart from the daemon's own cost
     for figures_of, runs in ((warm, warm["run_s"]), (batched, batched["run_s"])):
