@@ -104,8 +104,7 @@ class CleanProcess:
         """A render's seconds; those outside its pipeline calls are kept in ``outside_s``."""
         seconds = float(answer["seconds"])
         self.outside_s.append(seconds - float(answer["pipeline"]))
-        if "pipeline_cpu" in answer:
-            self.inside_s.append((float(answer["pipeline"]), float(answer["pipeline_cpu"])))
+        self.inside_s.append((float(answer["pipeline"]), float(answer["pipeline_cpu"])))
         return seconds
 
     def close(self) -> None:

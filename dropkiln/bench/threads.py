@@ -89,8 +89,7 @@ def bench_threads(
         "median_s": {name: statistics.median(values) for name, values in seconds.items()},
         "inference_mode_ratio": {
             str(count): paired_ratio(seconds[f"{count} inference"], seconds[str(count)])
-            for count in counts
-            if f"{count} inference" in seconds
+            for count in (counts if inference_mode else ())
         },
         "load_average_before": [round(x, 2) for x in load_before],
         "load_average_after": [round(x, 2) for x in load_after],

@@ -118,6 +118,8 @@ class GenerationRun:
 
         original_scheduler = pipe.scheduler
         self._base, self._base_scheduler_config = pipe, original_scheduler.config
+        # every pipeline of the job (ControlNet, img2img) shares the base's VAE and the rung
+        self.in_pipeline.inference = not moves_weights(pipe, self.rung.options)
         try:
             load_loras(pipe, self.spec.loras, self.model.name)
             with inside(middle_block(pipe.vae.decoder), self._in_decode):
@@ -356,7 +358,6 @@ class GenerationRun:
             attach_references(pipeline, adapter, len(references), self.ctx.device, self.dtype)
         self._active = (key, pipeline)
         apply_rung(pipeline, self.rung.options, self.ctx.device)
-        self.in_pipeline.inference = not moves_weights(pipeline, self.rung.options)
         return pipeline
 
     def _deactivate(self) -> None:
